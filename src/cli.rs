@@ -1,0 +1,125 @@
+//! The command line, exactly as typed (clap types stay here; the rest of the
+//! code sees plain settings).
+
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand};
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "drydock",
+    version,
+    about = "Upgrade a small server offline: pull its disk, upgrade it in a local VM, push back what changed",
+    after_help = "Exit codes: 0 ok, 1 failed, 2 bad usage, 3 refused (nothing changed), \
+                  69 host unreachable or login refused, 130 interrupted (resumable)."
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+
+    /// Machine-readable output on stdout; no progress bars.
+    #[arg(long, global = true)]
+    pub json: bool,
+
+    /// More detail on stderr (repeat for more).
+    #[arg(short, long, global = true, action = clap::ArgAction::Count)]
+    pub verbose: u8,
+}
+
+#[derive(Debug, Args, Clone)]
+pub struct Conn {
+    /// [user@]host[:port], or an alias from ~/.ssh/config.
+    pub host: String,
+
+    /// Use this private key (and no other).
+    #[arg(short = 'i', long = "identity", value_name = "KEY")]
+    pub identity: Option<PathBuf>,
+
+    /// Record the host key if known_hosts does not know the host yet
+    /// (a changed key is always refused).
+    #[arg(long)]
+    pub accept_new_host_key: bool,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// What is on the host: OS and release, disk, RAM, firmware, network, upgrades.
+    Probe {
+        #[command(flatten)]
+        conn: Conn,
+    },
+    /// Stop the host's services, make its disk read-only, turn its swap off.
+    Freeze {
+        #[command(flatten)]
+        conn: Conn,
+        /// The disk (default: the disk that holds /).
+        #[arg(long, value_name = "DEV")]
+        device: Option<String>,
+        /// Do not ask for confirmation.
+        #[arg(long, short = 'y')]
+        yes: bool,
+    },
+    /// Undo a freeze: filesystems read-write again, stopped services restarted.
+    Thaw {
+        #[command(flatten)]
+        conn: Conn,
+        #[arg(long, value_name = "DEV")]
+        device: Option<String>,
+    },
+    /// Copy the host's disk to a local sparse image, with a manifest of block hashes.
+    Pull {
+        #[command(flatten)]
+        conn: Conn,
+        /// The local image to write (IMAGE.manifest is written beside it).
+        #[arg(short = 'o', long = "output", value_name = "IMAGE")]
+        output: PathBuf,
+        /// The disk, or a regular file standing for one (default: the disk that holds /).
+        #[arg(long, value_name = "DEV")]
+        device: Option<String>,
+        /// Copy a disk that is mounted read-write (the copy may be inconsistent).
+        #[arg(long)]
+        live: bool,
+    },
+    /// Write an image back to the host's disk: only the blocks that differ, verified.
+    Push {
+        /// The local image (its manifest says what the disk holds now).
+        image: PathBuf,
+        #[command(flatten)]
+        conn: Conn,
+        /// The disk, or a regular file standing for one (default: the disk that holds /).
+        #[arg(long, value_name = "DEV")]
+        device: Option<String>,
+        /// Do not ask for confirmation.
+        #[arg(long, short = 'y')]
+        yes: bool,
+        /// Write every block without checking what the disk holds (restoring
+        /// onto another disk). Overwrites whatever is there.
+        #[arg(long)]
+        full: bool,
+    },
+    /// Start a local VM from an image.
+    Boot {
+        image: PathBuf,
+        #[arg(long, default_value = "8G")]
+        memory: String,
+        #[arg(long)]
+        cpus: Option<u32>,
+    },
+    /// The whole pipeline: freeze, pull, upgrade in a local VM, verify, push, reboot.
+    Upgrade {
+        #[command(flatten)]
+        conn: Conn,
+        /// The target release: debian-13, nixos-23.11, ...
+        #[arg(long)]
+        to: Option<String>,
+        /// Run this command in the local VM instead of a release upgrade.
+        #[arg(long, value_name = "COMMAND")]
+        run: Option<String>,
+    },
+    /// Continue an interrupted run.
+    Resume { run: String },
+    /// Give the VPS back as it was before the run.
+    Abort { run: String },
+    /// List runs and where each stands.
+    Runs,
+}

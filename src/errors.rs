@@ -1,0 +1,108 @@
+//! Errors a caller (or the exit code) decides something from, and the exit
+//! codes drydock documents.
+//!
+//! | code | meaning                                                        |
+//! |------|----------------------------------------------------------------|
+//! | 0    | success                                                        |
+//! | 1    | the operation failed (the message says where)                  |
+//! | 2    | bad command line                                               |
+//! | 3    | refused by a safety check or a host key check; nothing changed |
+//! | 69   | the host could not be reached or would not let us in           |
+//! | 130  | interrupted; run the same command again to resume              |
+
+use std::path::PathBuf;
+
+pub const EXIT_FAILURE: u8 = 1;
+pub const EXIT_REFUSED: u8 = 3;
+pub const EXIT_UNAVAILABLE: u8 = 69;
+pub const EXIT_INTERRUPTED: u8 = 130;
+
+#[derive(Debug, thiserror::Error)]
+pub enum SshError {
+    #[error("cannot reach {addr}: {reason}; check the address and port, and that sshd runs there")]
+    Unreachable { addr: String, reason: String },
+
+    #[error(
+        "the host key of {name} is not known (fingerprint {fingerprint}); check it out of band \
+         (`ssh-keygen -lf /etc/ssh/ssh_host_*_key.pub` on the host), then run again with \
+         --accept-new-host-key to record it in {record}"
+    )]
+    UnknownHostKey {
+        name: String,
+        fingerprint: String,
+        record: PathBuf,
+    },
+
+    #[error(
+        "the host key of {name} has CHANGED (now {fingerprint}; {path}:{line} holds another): \
+         someone may be intercepting the connection, or the host was reinstalled; drydock will \
+         not connect. If the change is expected, remove the old key with \
+         `ssh-keygen -R '{name}'` and connect again"
+    )]
+    ChangedHostKey {
+        name: String,
+        fingerprint: String,
+        path: PathBuf,
+        line: usize,
+    },
+
+    #[error(
+        "the host key of {name} ({fingerprint}) is marked @revoked in {path}:{line}; drydock will not connect"
+    )]
+    RevokedHostKey {
+        name: String,
+        fingerprint: String,
+        path: PathBuf,
+        line: usize,
+    },
+
+    #[error("{target} refused every key drydock tried ({tried}); {hint}")]
+    AuthFailed {
+        target: String,
+        tried: String,
+        hint: String,
+    },
+}
+
+impl SshError {
+    pub fn exit_code(&self) -> u8 {
+        match self {
+            SshError::Unreachable { .. } | SshError::AuthFailed { .. } => EXIT_UNAVAILABLE,
+            _ => EXIT_REFUSED,
+        }
+    }
+}
+
+/// A safety check said no. Nothing was changed; the message says what to do.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct Refused(pub String);
+
+/// The user interrupted (Ctrl-C); what was done is recorded and resumable.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct Interrupted(pub String);
+
+/// The exit code for an error chain: the first classified error wins.
+pub fn exit_code(err: &anyhow::Error) -> u8 {
+    for cause in err.chain() {
+        if let Some(e) = cause.downcast_ref::<SshError>() {
+            return e.exit_code();
+        }
+        if cause.downcast_ref::<Refused>().is_some() {
+            return EXIT_REFUSED;
+        }
+        if cause.downcast_ref::<Interrupted>().is_some() {
+            return EXIT_INTERRUPTED;
+        }
+    }
+    EXIT_FAILURE
+}
+
+/// `return Err(refused!("..."))`-style helper.
+#[macro_export]
+macro_rules! refused {
+    ($($arg:tt)*) => {
+        anyhow::Error::new($crate::errors::Refused(format!($($arg)*)))
+    };
+}

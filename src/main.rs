@@ -1,0 +1,37 @@
+use std::io::IsTerminal;
+use std::process::ExitCode;
+
+use clap::Parser;
+
+fn main() -> ExitCode {
+    let cli = drydock::cli::Cli::parse();
+    let filter = match cli.verbose {
+        0 => "warn,russh=off,drydock=info",
+        1 => "info,drydock=debug",
+        _ => "debug",
+    };
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("DRYDOCK_LOG")
+                .unwrap_or_else(|_| filter.into()),
+        )
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal() && std::env::var_os("NO_COLOR").is_none())
+        .without_time()
+        .with_target(false)
+        .init();
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("drydock: cannot start the async runtime: {e}");
+            return ExitCode::from(drydock::errors::EXIT_FAILURE);
+        }
+    };
+    match runtime.block_on(drydock::run(cli)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("drydock: {e:#}");
+            ExitCode::from(drydock::errors::exit_code(&e))
+        }
+    }
+}

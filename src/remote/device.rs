@@ -1,0 +1,135 @@
+//! The disk a pull reads or a push writes: which one, how big, and whether
+//! anything has it mounted read-write.
+
+use anyhow::{Context, Result, bail};
+
+use super::facts::{Facts, Mount};
+use crate::refused;
+use crate::ssh::{Session, shell_quote};
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Kind {
+    /// A whole-disk block device, /dev/NAME.
+    Block { name: String },
+    /// A regular file standing in for a disk (tests, or a disk image on the host).
+    File { loop_devices: Vec<String> },
+}
+
+#[derive(Debug, Clone)]
+pub struct Device {
+    pub path: String,
+    pub kind: Kind,
+    pub size: u64,
+    /// Every mount whose filesystem is on this device.
+    pub mounts: Vec<Mount>,
+}
+
+impl Device {
+    pub fn is_block(&self) -> bool {
+        matches!(self.kind, Kind::Block { .. })
+    }
+
+    pub fn rw_mounts(&self) -> Vec<&Mount> {
+        self.mounts.iter().filter(|m| !m.read_only).collect()
+    }
+
+    /// "/ (ext4 from /dev/vda1), /boot (…)", for messages.
+    pub fn describe_mounts(mounts: &[&Mount]) -> String {
+        mounts
+            .iter()
+            .map(|m| format!("{} ({} from {})", m.mount_point, m.fstype, m.source))
+            .collect::<Vec<_>>()
+            .join(", ")
+    }
+}
+
+/// Resolve `--device` (or the disk holding `/`) on the host.
+pub async fn inspect(session: &Session, facts: &Facts, device: Option<&str>) -> Result<Device> {
+    let path = match device {
+        Some(d) => d.to_string(),
+        None => facts.root_disk()?,
+    };
+    let q = shell_quote(&path);
+    let script = format!(
+        r#"export LC_ALL=C; d={q}
+if [ -b "$d" ]; then echo block; readlink -f "$d"
+elif [ -f "$d" ]; then echo file; readlink -f "$d"; wc -c < "$d"
+  for b in /sys/class/block/loop*/loop/backing_file; do
+    [ -e "$b" ] || continue
+    [ "$(cat "$b")" = "$(readlink -f "$d")" ] && echo "loop ${{b#/sys/class/block/}}"
+  done
+elif [ -e "$d" ]; then echo other
+else echo missing
+fi"#
+    );
+    let out = session.run("inspecting the device", &script).await?;
+    let mut lines = out.lines();
+    match lines.next() {
+        Some("block") => {
+            let real = lines.next().context("no path for the device")?.to_string();
+            let name = real.trim_start_matches("/dev/").to_string();
+            let b = facts.block_device(&name).with_context(|| {
+                format!(
+                    "{path} ({real}) is a block device the host does not list in /sys/class/block"
+                )
+            })?;
+            if b.is_partition {
+                let parent = b.parent.clone().unwrap_or_default();
+                return Err(refused!(
+                    "{path} is a partition of /dev/{parent}; drydock moves whole disks: use --device /dev/{parent}"
+                ));
+            }
+            let mounts = facts.mounts_on_disk(&name).into_iter().cloned().collect();
+            Ok(Device {
+                path,
+                kind: Kind::Block { name },
+                size: b.size_bytes,
+                mounts,
+            })
+        }
+        Some("file") => {
+            let _real = lines.next();
+            let size: u64 = lines
+                .next()
+                .and_then(|l| l.trim().parse().ok())
+                .context("the host did not say how big the file is")?;
+            let loop_devices: Vec<String> = lines
+                .filter_map(|l| l.strip_prefix("loop "))
+                .map(|l| l.split('/').next().unwrap_or("").to_string())
+                .collect();
+            let mounts = loop_devices
+                .iter()
+                .flat_map(|l| facts.mounts_on_disk(l))
+                .cloned()
+                .collect();
+            Ok(Device {
+                path,
+                kind: Kind::File { loop_devices },
+                size,
+                mounts,
+            })
+        }
+        Some("other") => bail!(
+            "{path} on {} is neither a block device nor a regular file",
+            session.host()
+        ),
+        _ => Err(refused!(
+            "{path} does not exist on {}; `drydock probe {}` lists the disks",
+            session.host(),
+            session.target.alias
+        )),
+    }
+}
+
+/// Drydock reads and writes raw disks: it must be root there.
+pub fn require_root(facts: &Facts, session: &Session) -> Result<()> {
+    if facts.uid != 0 {
+        return Err(refused!(
+            "drydock needs root on the host and {} is uid {}; connect as root@{}",
+            session.host(),
+            facts.uid,
+            session.target.alias
+        ));
+    }
+    Ok(())
+}

@@ -1,0 +1,566 @@
+//! `drydock pull` in dd mode: the disk streamed over one exec channel into a
+//! sparse local image, every 64 MiB segment hashed on the VPS by a second
+//! reader running beside the sender (the two read the same range together,
+//! so the page cache serves one of them; measured faster than a `tee` into
+//! the hasher) and compared with the hash of what arrived. Verified segments are appended to
+//! `IMAGE.pull`; an interrupted pull resumes after the last of them.
+
+use std::collections::HashMap;
+use std::fs::{File, OpenOptions};
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::fs::{FileExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Instant;
+
+use anyhow::{Context, Result, anyhow, bail};
+use bytes::Bytes;
+use russh::ChannelMsg;
+use serde::{Deserialize, Serialize};
+
+use crate::errors::Interrupted;
+use crate::image::manifest::{
+    BLOCK_SIZE, Manifest, SEGMENT_BLOCKS, SegmentHasher, Source, block_count, block_len, is_zero,
+};
+use crate::remote::Facts;
+use crate::remote::device::{self, Device};
+use crate::ssh::{Session, shell_quote};
+use crate::ui::{Ui, human_bytes};
+use crate::{refused, transfer};
+
+#[derive(Debug, Clone)]
+pub struct PullOptions {
+    pub output: PathBuf,
+    pub device: Option<String>,
+    pub live: bool,
+}
+
+#[derive(Debug, Serialize)]
+pub struct PullReport {
+    pub host: String,
+    pub device: String,
+    pub image: PathBuf,
+    pub manifest: PathBuf,
+    pub size: u64,
+    pub resumed_at: u64,
+    pub bytes_received: u64,
+    pub seconds: f64,
+    pub digest: String,
+    pub hasher: String,
+}
+
+/// The first line of `IMAGE.pull`: what is being pulled.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+struct PullHeader {
+    format: String,
+    host: String,
+    device: String,
+    size: u64,
+    boot_id: String,
+    started_at: String,
+}
+
+const STATE_FORMAT: &str = "drydock-pull/1";
+
+pub fn state_path(image: &Path) -> PathBuf {
+    let mut p = image.as_os_str().to_owned();
+    p.push(".pull");
+    PathBuf::from(p)
+}
+
+/// One verified segment, as a line of `IMAGE.pull`.
+#[derive(Debug, Clone)]
+struct Verified {
+    first_block: u64,
+    segment: String,
+    blocks: Vec<String>,
+}
+
+impl Verified {
+    fn line(&self) -> String {
+        format!(
+            "S {} {} {}\n",
+            self.first_block,
+            self.segment,
+            self.blocks.join(",")
+        )
+    }
+
+    fn parse(line: &str) -> Option<Verified> {
+        let mut w = line.split(' ');
+        (w.next()? == "S").then_some(())?;
+        let first_block = w.next()?.parse().ok()?;
+        let segment = w.next()?.to_string();
+        let blocks = w.next()?.split(',').map(str::to_string).collect();
+        Some(Verified {
+            first_block,
+            segment,
+            blocks,
+        })
+    }
+}
+
+/// What an earlier, interrupted pull left.
+fn read_state(path: &Path) -> Result<Option<(PullHeader, Vec<Verified>)>> {
+    let f = match File::open(path) {
+        Ok(f) => f,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(e).with_context(|| format!("cannot read {}", path.display())),
+    };
+    let mut lines = BufReader::new(f).lines();
+    let header: PullHeader = match lines.next() {
+        Some(l) => {
+            serde_json::from_str(&l?).with_context(|| format!("{} is damaged", path.display()))?
+        }
+        None => return Ok(None),
+    };
+    let mut segs = Vec::new();
+    let mut next = 0;
+    for l in lines {
+        let l = l?;
+        // A torn last line (crash mid-append) is simply not counted.
+        match Verified::parse(&l) {
+            Some(v) if v.first_block == next => {
+                next += v.blocks.len() as u64;
+                segs.push(v);
+            }
+            _ => break,
+        }
+    }
+    Ok(Some((header, segs)))
+}
+
+/// The remote half: read blocks [start, end) of $DEV to stdout, and for each
+/// segment print `H first count hash` on stderr, hashed from the same read.
+fn remote_script(dev: &str, start: u64, end: u64) -> String {
+    format!(
+        r#"export LC_ALL=C; DEV={dev}; BS={bs}; SEG={seg}; i={start}; END={end}
+if command -v openssl >/dev/null 2>&1 && echo | openssl dgst -sha256 -r >/dev/null 2>&1; then H="openssl dgst -sha256 -r"; else H=sha256sum; fi
+echo "hasher $H" >&2
+Q=; dd if=/dev/null of=/dev/null status=none 2>/dev/null && Q=status=none
+T=$(mktemp -d /dev/shm/drydock.XXXXXX 2>/dev/null || mktemp -d /run/drydock.XXXXXX 2>/dev/null || mktemp -d) || exit 1
+trap 'rm -rf "$T"' EXIT
+while [ "$i" -lt "$END" ]; do
+  n=$SEG; [ $((i + n)) -gt "$END" ] && n=$((END - i))
+  dd if="$DEV" bs=$BS skip=$i count=$n $Q | $H > "$T/h" &
+  hp=$!
+  dd if="$DEV" bs=$BS skip=$i count=$n $Q 2>"$T/e"
+  wait $hp || {{ echo "hashing failed at block $i" >&2; exit 1; }}
+  if [ -s "$T/e" ]; then cat "$T/e" >&2; exit 1; fi
+  read h _ < "$T/h"
+  echo "H $i $n $h" >&2
+  i=$((i + n))
+done
+"#,
+        dev = shell_quote(dev),
+        bs = BLOCK_SIZE,
+        seg = SEGMENT_BLOCKS,
+    )
+}
+
+enum Work {
+    Data(Bytes),
+    RemoteHash { first_block: u64, hash: String },
+}
+
+/// The local half, on its own thread (hashing and disk writes are blocking
+/// work): assemble blocks, hash them, write the non-zero ones, and record a
+/// segment once the VPS's hash of it has arrived and matches.
+struct Writer {
+    image: File,
+    state: File,
+    size: u64,
+    next_block: u64,
+    buf: Vec<u8>,
+    seg: SegmentHasher,
+    seg_first: u64,
+    local: HashMap<u64, (String, Vec<String>)>,
+    remote: HashMap<u64, String>,
+    /// Blocks verified and durable (what a resume would skip).
+    verified_blocks: Arc<AtomicU64>,
+    /// Blocks verified, durable or not yet.
+    verified_upto: u64,
+    pending: Vec<Verified>,
+    end_block: u64,
+}
+
+impl Writer {
+    fn feed(&mut self, mut data: &[u8]) -> Result<()> {
+        while !data.is_empty() {
+            if self.next_block >= self.end_block {
+                bail!("the host sent more data than the disk holds");
+            }
+            let want = block_len(self.size, self.next_block) as usize;
+            let take = (want - self.buf.len()).min(data.len());
+            self.buf.extend_from_slice(&data[..take]);
+            data = &data[take..];
+            if self.buf.len() == want {
+                self.block_done()?;
+            }
+        }
+        Ok(())
+    }
+
+    fn block_done(&mut self) -> Result<()> {
+        let off = self.next_block * BLOCK_SIZE;
+        if !is_zero(&self.buf) {
+            self.image
+                .write_all_at(&self.buf, off)
+                .context("cannot write the local image")?;
+        }
+        self.seg.add_block(&self.buf);
+        self.buf.clear();
+        self.next_block += 1;
+        if self.next_block.is_multiple_of(SEGMENT_BLOCKS) || self.next_block == self.end_block {
+            let done = std::mem::take(&mut self.seg).finish();
+            self.local.insert(self.seg_first, done);
+            self.seg_first = self.next_block;
+            self.settle()?;
+        }
+        Ok(())
+    }
+
+    fn remote_hash(&mut self, first: u64, hash: String) -> Result<()> {
+        self.remote.insert(first, hash);
+        self.settle()
+    }
+
+    /// Record, in order, every segment whose two hashes are both known.
+    fn settle(&mut self) -> Result<()> {
+        loop {
+            let first = self.verified_upto;
+            let (Some(local), Some(remote)) = (self.local.get(&first), self.remote.get(&first))
+            else {
+                return Ok(());
+            };
+            if local.0 != *remote {
+                bail!(
+                    "the data received for bytes {}.. does not match what the host read \
+                     (host {remote}, here {}); nothing after the last verified segment was kept: \
+                     run the same command again",
+                    first * BLOCK_SIZE,
+                    local.0
+                );
+            }
+            let (segment, blocks) = self.local.remove(&first).expect("present");
+            self.remote.remove(&first);
+            self.verified_upto = first + blocks.len() as u64;
+            self.pending.push(Verified {
+                first_block: first,
+                segment,
+                blocks,
+            });
+            if self.pending.len() >= FLUSH_SEGMENTS {
+                self.flush()?;
+            }
+        }
+    }
+
+    /// Make the verified segments durable: image data first, then the
+    /// state lines that claim it (so a crash never claims unsynced data).
+    fn flush(&mut self) -> Result<()> {
+        if self.pending.is_empty() {
+            return Ok(());
+        }
+        self.image
+            .sync_data()
+            .context("cannot sync the local image")?;
+        let mut text = String::new();
+        for v in self.pending.drain(..) {
+            text.push_str(&v.line());
+        }
+        self.state.write_all(text.as_bytes())?;
+        self.state.sync_data()?;
+        self.verified_blocks
+            .store(self.verified_upto, Ordering::Relaxed);
+        Ok(())
+    }
+}
+
+/// Verified segments are made durable in batches of this many (1 GiB):
+/// an fsync per 64 MiB segment would cost more than the hashing.
+const FLUSH_SEGMENTS: usize = 16;
+
+pub async fn pull(
+    session: &Session,
+    facts: &Facts,
+    opts: &PullOptions,
+    ui: &Ui,
+) -> Result<PullReport> {
+    device::require_root(facts, session)?;
+    let dev = device::inspect(session, facts, opts.device.as_deref()).await?;
+    check_mounts(&dev, opts.live, session, ui)?;
+    let image = &opts.output;
+    let state_file = state_path(image);
+    let manifest_file = Manifest::path_for(image);
+
+    let header = PullHeader {
+        format: STATE_FORMAT.to_string(),
+        host: session.host(),
+        device: dev.path.clone(),
+        size: dev.size,
+        boot_id: facts.boot_id.clone(),
+        started_at: transfer::now(),
+    };
+    let (header, done) = match read_state(&state_file)? {
+        Some((h, segs)) => {
+            if h.host != header.host || h.device != header.device || h.size != header.size {
+                return Err(refused!(
+                    "{} belongs to an interrupted pull of {}:{} ({} bytes), not {}:{}; \
+                     finish that one, or delete {} and {} to start over",
+                    state_file.display(),
+                    h.host,
+                    h.device,
+                    h.size,
+                    header.host,
+                    header.device,
+                    state_file.display(),
+                    image.display()
+                ));
+            }
+            if h.boot_id != header.boot_id {
+                ui.say(format!(
+                    "{} rebooted since the interrupted pull: what was pulled may be stale, starting over",
+                    session.host()
+                ));
+                (header, Vec::new())
+            } else {
+                (h, segs)
+            }
+        }
+        None => {
+            if image.exists() {
+                let what = if manifest_file.exists() {
+                    "a finished pull"
+                } else {
+                    "a file drydock did not write"
+                };
+                return Err(refused!(
+                    "{} already exists ({what}); drydock will not overwrite it: choose another \
+                     path with -o, or delete it",
+                    image.display()
+                ));
+            }
+            (header, Vec::new())
+        }
+    };
+
+    let start_block: u64 = done.iter().map(|v| v.blocks.len() as u64).sum();
+    let end_block = block_count(dev.size);
+    let resumed_at = start_block * BLOCK_SIZE;
+    transfer::check_local_space(image, dev.size.saturating_sub(resumed_at))?;
+
+    let image_file = OpenOptions::new()
+        .create(true)
+        .write(true)
+        .truncate(start_block == 0)
+        .mode(0o600)
+        .open(image)
+        .with_context(|| format!("cannot create {}", image.display()))?;
+    image_file.set_len(dev.size)?;
+    let mut state = OpenOptions::new()
+        .create(true)
+        .write(true)
+        .append(start_block != 0)
+        .truncate(start_block == 0)
+        .mode(0o600)
+        .open(&state_file)
+        .with_context(|| format!("cannot write {}", state_file.display()))?;
+    if start_block == 0 {
+        state.write_all(format!("{}\n", serde_json::to_string(&header)?).as_bytes())?;
+        state.sync_all()?;
+    } else {
+        ui.say(format!(
+            "resuming the pull of {}:{} at {} of {}",
+            session.host(),
+            dev.path,
+            human_bytes(resumed_at),
+            human_bytes(dev.size)
+        ));
+    }
+
+    let verified = Arc::new(AtomicU64::new(start_block));
+    let started = Instant::now();
+    let mut received: u64 = 0;
+    let mut hasher = String::new();
+    let mut stderr_text = String::new();
+    let mut status = None;
+    let mut interrupted = false;
+
+    if start_block < end_block {
+        let (tx, mut rx) = tokio::sync::mpsc::channel::<Work>(256);
+        let mut writer = Writer {
+            image: image_file,
+            state,
+            size: dev.size,
+            next_block: start_block,
+            buf: Vec::with_capacity(BLOCK_SIZE as usize),
+            seg: SegmentHasher::default(),
+            seg_first: start_block,
+            local: HashMap::new(),
+            remote: HashMap::new(),
+            verified_blocks: verified.clone(),
+            verified_upto: start_block,
+            pending: Vec::new(),
+            end_block,
+        };
+        let worker = std::thread::spawn(move || -> Result<()> {
+            let mut res = Ok(());
+            while let Some(w) = rx.blocking_recv() {
+                res = match w {
+                    Work::Data(d) => writer.feed(&d),
+                    Work::RemoteHash { first_block, hash } => writer.remote_hash(first_block, hash),
+                };
+                if res.is_err() {
+                    break;
+                }
+            }
+            // Whatever was verified is kept, even when the pull failed.
+            let flushed = writer.flush();
+            res.and(flushed)
+        });
+
+        let bar = ui.bytes_bar(dev.size, "pull");
+        bar.set_position(resumed_at);
+        let mut channel = session
+            .open_exec(&remote_script(&dev.path, start_block, end_block))
+            .await?;
+        let mut partial_line = String::new();
+        let ctrl_c = tokio::signal::ctrl_c();
+        tokio::pin!(ctrl_c);
+        let mut worker_gone = false;
+        loop {
+            tokio::select! {
+                msg = channel.wait() => {
+                    let Some(msg) = msg else { break };
+                    match msg {
+                        ChannelMsg::Data { data } => {
+                            received += data.len() as u64;
+                            bar.inc(data.len() as u64);
+                            if tx.send(Work::Data(data)).await.is_err() {
+                                break;
+                            }
+                        }
+                        ChannelMsg::ExtendedData { data, .. } => {
+                            partial_line.push_str(&String::from_utf8_lossy(&data));
+                            while let Some(nl) = partial_line.find('\n') {
+                                let line: String = partial_line.drain(..=nl).collect();
+                                let line = line.trim_end();
+                                if let Some(rest) = line.strip_prefix("H ") {
+                                    let w: Vec<&str> = rest.split(' ').collect();
+                                    if let [first, _n, hash] = w[..] {
+                                        let first_block = first.parse().context("bad hash line from the host")?;
+                                        if tx.send(Work::RemoteHash { first_block, hash: hash.to_string() }).await.is_err() {
+                                            worker_gone = true;
+                                        }
+                                    }
+                                } else if let Some(h) = line.strip_prefix("hasher ") {
+                                    hasher = h.to_string();
+                                } else {
+                                    stderr_text.push_str(line);
+                                    stderr_text.push('\n');
+                                }
+                            }
+                        }
+                        ChannelMsg::ExitStatus { exit_status } => status = Some(exit_status),
+                        ChannelMsg::ExitSignal { signal_name, .. } => {
+                            stderr_text.push_str(&format!("killed by signal {signal_name:?}\n"));
+                        }
+                        _ => {}
+                    }
+                    if worker_gone { break; }
+                }
+                _ = &mut ctrl_c => {
+                    interrupted = true;
+                    break;
+                }
+            }
+        }
+        bar.finish_and_clear();
+        drop(tx);
+        drop(channel);
+        let worker_result = worker
+            .join()
+            .map_err(|_| anyhow!("the image writer panicked"))?;
+        let kept = verified.load(Ordering::Relaxed) * BLOCK_SIZE;
+        let kept = kept.min(dev.size);
+        let resume_hint = format!(
+            "{} of {} verified and kept in {}; run the same command to resume",
+            human_bytes(kept),
+            human_bytes(dev.size),
+            image.display()
+        );
+        worker_result.map_err(|e| e.context(format!("the pull stopped: {resume_hint}")))?;
+        if interrupted {
+            return Err(Interrupted(format!("interrupted: {resume_hint}")).into());
+        }
+        if status != Some(0) || verified.load(Ordering::Relaxed) < end_block {
+            let why = match status {
+                Some(s) if s != 0 => {
+                    format!("the reading side on the host failed (exit status {s})")
+                }
+                Some(_) => "the host's stream ended early".to_string(),
+                None => format!("the connection to {} was lost", session.host()),
+            };
+            let stderr_text = stderr_text.trim();
+            if stderr_text.is_empty() {
+                bail!("{why}: {resume_hint}");
+            }
+            bail!(
+                "{why}: {resume_hint}; the host said:\n  {}",
+                stderr_text.replace('\n', "\n  ")
+            );
+        }
+    }
+
+    // Every segment verified: the manifest replaces the state file.
+    let (_, segs) = read_state(&state_file)?.context("the pull state vanished")?;
+    let segments: Vec<String> = segs.iter().map(|v| v.segment.clone()).collect();
+    let blocks: Vec<String> = segs.into_iter().flat_map(|v| v.blocks).collect();
+    let source = Source {
+        host: header.host.clone(),
+        device: dev.path.clone(),
+        boot_id: header.boot_id.clone(),
+        pulled_at: header.started_at.clone(),
+    };
+    let manifest = Manifest::new(dev.size, Some(source), segments, blocks)?;
+    manifest.save(&manifest_file)?;
+    std::fs::remove_file(&state_file).ok();
+    Ok(PullReport {
+        host: session.host(),
+        device: dev.path,
+        image: image.clone(),
+        manifest: manifest_file,
+        size: dev.size,
+        resumed_at,
+        bytes_received: received,
+        seconds: started.elapsed().as_secs_f64(),
+        digest: manifest.digest,
+        hasher,
+    })
+}
+
+fn check_mounts(dev: &Device, live: bool, session: &Session, ui: &Ui) -> Result<()> {
+    let rw = dev.rw_mounts();
+    if rw.is_empty() {
+        return Ok(());
+    }
+    if live {
+        ui.say(format!(
+            "warning: {} is mounted read-write on {} ({}): the copy may be inconsistent (--live)",
+            dev.path,
+            session.host(),
+            Device::describe_mounts(&rw)
+        ));
+        return Ok(());
+    }
+    Err(refused!(
+        "{} is mounted read-write on {}: {}; a copy of a disk in use may not boot. Freeze the \
+         host first (`drydock freeze {}`), or pass --live to copy it anyway",
+        dev.path,
+        session.host(),
+        Device::describe_mounts(&rw),
+        session.target.alias
+    ))
+}
