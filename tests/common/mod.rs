@@ -1,0 +1,252 @@
+//! Shared test helpers: a real OpenSSH `sshd` on a loopback port with its
+//! own host key and authorized key, a HOME of its own for drydock, and
+//! disk files to pull and push.
+
+#![allow(dead_code)]
+
+use std::net::{TcpListener, TcpStream};
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use sha2::{Digest, Sha256};
+
+pub const SSHD: &str = "/usr/sbin/sshd";
+
+fn run_ok(cmd: &mut Command) {
+    let out = cmd
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e}"));
+    assert!(
+        out.status.success(),
+        "{cmd:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+pub fn keygen(path: &Path) {
+    run_ok(
+        Command::new("ssh-keygen")
+            .args(["-q", "-t", "ed25519", "-N", "", "-C", "drydock-test", "-f"])
+            .arg(path),
+    );
+}
+
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// A real sshd, stopped (with every session it forked) on drop.
+pub struct Sshd {
+    pub dir: tempfile::TempDir,
+    pub port: u16,
+    child: Child,
+    pub client_key: PathBuf,
+    pub home: PathBuf,
+}
+
+impl Sshd {
+    pub fn start() -> Sshd {
+        assert!(
+            Path::new(SSHD).exists(),
+            "{SSHD} is missing: scripts/test installs openssh-server"
+        );
+        let dir = tempfile::Builder::new()
+            .prefix("drydock-sshd")
+            .tempdir_in(test_root())
+            .unwrap();
+        let d = dir.path();
+        keygen(&d.join("host_key"));
+        keygen(&d.join("client_key"));
+        std::fs::copy(d.join("client_key.pub"), d.join("authorized_keys")).unwrap();
+        std::fs::create_dir_all("/run/sshd").unwrap();
+        let port = free_port();
+        let config = format!(
+            "Port {port}\nListenAddress 127.0.0.1\nHostKey {d}/host_key\nAuthorizedKeysFile {d}/authorized_keys\n\
+             PidFile {d}/sshd.pid\nUsePAM no\nStrictModes no\nPermitRootLogin prohibit-password\n\
+             PasswordAuthentication no\nKbdInteractiveAuthentication no\nLogLevel ERROR\nMaxStartups 50\n",
+            d = d.display()
+        );
+        std::fs::write(d.join("sshd_config"), config).unwrap();
+        let child = Command::new(SSHD)
+            .args(["-D", "-e", "-f"])
+            .arg(d.join("sshd_config"))
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(d.join("sshd.log")).unwrap())
+            .spawn()
+            .expect("start sshd");
+        let home = d.join("home");
+        std::fs::create_dir_all(home.join(".ssh")).unwrap();
+        let mut s = Sshd {
+            client_key: d.join("client_key"),
+            home,
+            port,
+            child,
+            dir,
+        };
+        s.wait_ready();
+        s.trust_host_key();
+        s
+    }
+
+    fn wait_ready(&mut self) {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            if let Some(st) = self.child.try_wait().unwrap() {
+                panic!(
+                    "sshd exited ({st}): {}",
+                    std::fs::read_to_string(self.dir.path().join("sshd.log")).unwrap_or_default()
+                );
+            }
+            if TcpStream::connect(("127.0.0.1", self.port)).is_ok() {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "sshd did not listen on {}",
+                self.port
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// What `ssh` users have: the host's key in ~/.ssh/known_hosts.
+    pub fn trust_host_key(&self) {
+        let pubkey = std::fs::read_to_string(self.dir.path().join("host_key.pub")).unwrap();
+        let mut w = pubkey.split_whitespace();
+        let line = format!(
+            "[127.0.0.1]:{} {} {}\n",
+            self.port,
+            w.next().unwrap(),
+            w.next().unwrap()
+        );
+        std::fs::write(self.known_hosts(), line).unwrap();
+    }
+
+    pub fn known_hosts(&self) -> PathBuf {
+        self.home.join(".ssh/known_hosts")
+    }
+
+    pub fn host(&self) -> String {
+        format!("root@127.0.0.1:{}", self.port)
+    }
+
+    /// `drydock` with this test's HOME, no agent, and `-i` the authorized key
+    /// added after the subcommand's arguments.
+    pub fn drydock(&self, args: &[&str]) -> Command {
+        let mut c = self.drydock_bare(args);
+        c.arg("-i").arg(&self.client_key);
+        c
+    }
+
+    pub fn drydock_bare(&self, args: &[&str]) -> Command {
+        let mut c = Command::new(env!("CARGO_BIN_EXE_drydock"));
+        c.args(args)
+            .env("HOME", &self.home)
+            .env_remove("SSH_AUTH_SOCK")
+            .env_remove("DRYDOCK_LOG")
+            .stdin(Stdio::null());
+        c
+    }
+
+    /// Cut every open SSH session (the listener stays), as a dropped link would.
+    pub fn cut_sessions(&self) {
+        let _ = Command::new("pkill")
+            .args(["-KILL", "-P", &self.child.id().to_string()])
+            .status();
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+}
+
+impl Drop for Sshd {
+    fn drop(&mut self) {
+        self.cut_sessions();
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Temporary files live on the real disk (not a tmpfs), as disks do.
+pub fn test_root() -> PathBuf {
+    let p = std::env::var_os("DRYDOCK_TEST_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_TARGET_TMPDIR")));
+    std::fs::create_dir_all(&p).unwrap();
+    p
+}
+
+pub fn tempdir() -> tempfile::TempDir {
+    tempfile::Builder::new()
+        .prefix("drydock-test")
+        .tempdir_in(test_root())
+        .unwrap()
+}
+
+/// A deterministic pseudo-random byte stream (xorshift), so failures reproduce.
+pub fn pattern(seed: u64, len: usize) -> Vec<u8> {
+    let mut x = seed | 1;
+    let mut v = Vec::with_capacity(len + 8);
+    while v.len() < len {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        v.extend_from_slice(&x.to_le_bytes());
+    }
+    v.truncate(len);
+    v
+}
+
+/// A disk file of `size` bytes: holes, explicit zero blocks and data runs.
+pub fn make_disk(path: &Path, size: u64, data_runs: &[(u64, usize)], zero_runs: &[(u64, usize)]) {
+    use std::os::unix::fs::FileExt;
+    let f = std::fs::File::create(path).unwrap();
+    f.set_len(size).unwrap();
+    for (i, (off, len)) in data_runs.iter().enumerate() {
+        f.write_all_at(&pattern(i as u64 + 7, *len), *off).unwrap();
+    }
+    for (off, len) in zero_runs {
+        f.write_all_at(&vec![0u8; *len], *off).unwrap();
+    }
+    f.sync_all().unwrap();
+}
+
+pub fn sha256_file(path: &Path) -> String {
+    let data = std::fs::read(path).unwrap();
+    hex::encode(Sha256::digest(&data))
+}
+
+pub fn allocated_bytes(path: &Path) -> u64 {
+    std::fs::metadata(path).unwrap().blocks() * 512
+}
+
+pub fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+pub fn stdout(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+/// Assert an exit code, showing both streams when it is not.
+pub fn assert_exit(o: &Output, code: i32) {
+    assert_eq!(
+        o.status.code(),
+        Some(code),
+        "expected exit {code}\nstdout: {}\nstderr: {}",
+        stdout(o),
+        stderr(o)
+    );
+}
+
+pub fn json(o: &Output) -> serde_json::Value {
+    serde_json::from_slice(&o.stdout).unwrap_or_else(|e| panic!("not JSON ({e}): {}", stdout(o)))
+}

@@ -1,0 +1,781 @@
+//! The SSH tier: drydock against a real OpenSSH sshd on loopback, with
+//! regular files standing in for the disk.
+
+mod common;
+
+use std::os::unix::fs::FileExt;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::*;
+use sha2::{Digest, Sha256};
+
+const MIB: u64 = 1 << 20;
+
+/// 70 MiB + 12345 bytes: two segments, a short last block, data, explicit
+/// zero blocks and holes.
+fn standard_disk(path: &std::path::Path) -> u64 {
+    let size = 70 * MIB + 12345;
+    make_disk(
+        path,
+        size,
+        &[
+            (0, 3 * MIB as usize + 100),
+            (20 * MIB + 4096, 5 * MIB as usize),
+            (size - 9000, 9000),
+        ],
+        &[(40 * MIB, 2 * MIB as usize)],
+    );
+    size
+}
+
+fn pull(sshd: &Sshd, dev: &std::path::Path, img: &std::path::Path) -> std::process::Output {
+    sshd.drydock(&[
+        "pull",
+        &sshd.host(),
+        "--device",
+        dev.to_str().unwrap(),
+        "-o",
+        img.to_str().unwrap(),
+        "--json",
+    ])
+    .output()
+    .unwrap()
+}
+
+fn push(
+    sshd: &Sshd,
+    img: &std::path::Path,
+    dev: &std::path::Path,
+    extra: &[&str],
+) -> std::process::Output {
+    let host = sshd.host();
+    let mut args = vec![
+        "push",
+        img.to_str().unwrap(),
+        &host,
+        "--device",
+        dev.to_str().unwrap(),
+        "--json",
+    ];
+    args.extend_from_slice(extra);
+    sshd.drydock(&args).output().unwrap()
+}
+
+#[test]
+fn probe_reports_what_the_host_runs() {
+    let sshd = Sshd::start();
+    let o = sshd
+        .drydock(&["probe", &sshd.host(), "--json"])
+        .output()
+        .unwrap();
+    assert_exit(&o, 0);
+    let j = json(&o);
+    let os_release = std::fs::read_to_string("/etc/os-release").unwrap();
+    let id = os_release
+        .lines()
+        .find_map(|l| l.strip_prefix("ID="))
+        .unwrap()
+        .trim_matches('"');
+    assert_eq!(j["os_id"], id);
+    let mem = std::fs::read_to_string("/proc/meminfo").unwrap();
+    let kb: u64 = mem
+        .lines()
+        .next()
+        .unwrap()
+        .split_whitespace()
+        .nth(1)
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert_eq!(j["memory_bytes"], kb * 1024);
+    assert_eq!(j["arch"], std::env::consts::ARCH);
+    let fw = if std::path::Path::new("/sys/firmware/efi").exists() {
+        "uefi"
+    } else {
+        "bios"
+    };
+    assert_eq!(j["firmware"], fw);
+    assert!(
+        j["disk"]["device"]
+            .as_str()
+            .unwrap_or("")
+            .starts_with("/dev/")
+            || j["disk_error"].is_string()
+    );
+    // And the human form names the release.
+    let o = sshd.drydock(&["probe", &sshd.host()]).output().unwrap();
+    assert_exit(&o, 0);
+    assert!(stdout(&o).contains("os         "), "{}", stdout(&o));
+}
+
+#[test]
+fn pull_then_push_round_trip_is_bit_exact_and_sparse() {
+    let sshd = Sshd::start();
+    let t = tempdir();
+    let dev = t.path().join("disk");
+    let img = t.path().join("image");
+    let size = standard_disk(&dev);
+
+    let o = pull(&sshd, &dev, &img);
+    assert_exit(&o, 0);
+    let j = json(&o);
+    assert_eq!(j["size"], size);
+    assert_eq!(sha256_file(&img), sha256_file(&dev));
+    // Sparse: about 8 MiB of data, not 70.
+    assert!(
+        allocated_bytes(&img) < 12 * MIB,
+        "image allocates {} bytes",
+        allocated_bytes(&img)
+    );
+    // The manifest's block hashes are the blocks' SHA-256.
+    let m: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(t.path().join("image.manifest")).unwrap())
+            .unwrap();
+    let data = std::fs::read(&dev).unwrap();
+    let blocks = m["blocks"].as_array().unwrap();
+    assert_eq!(blocks.len() as u64, size.div_ceil(MIB));
+    for (i, chunk) in data.chunks(MIB as usize).enumerate() {
+        assert_eq!(blocks[i], hex::encode(Sha256::digest(chunk)), "block {i}");
+    }
+    assert_eq!(m["digest"], j["digest"]);
+    let mode = std::fs::metadata(&img).unwrap();
+    assert_eq!(
+        std::os::unix::fs::PermissionsExt::mode(&mode.permissions()) & 0o777,
+        0o600
+    );
+
+    // Push it to a fresh, different disk: --full writes every block.
+    let other = t.path().join("other-disk");
+    make_disk(&other, size, &[(0, size as usize)], &[]);
+    let o = push(&sshd, &img, &other, &["--yes", "--full"]);
+    assert_exit(&o, 0);
+    assert_eq!(json(&o)["blocks_written"], size.div_ceil(MIB));
+    assert_eq!(sha256_file(&other), sha256_file(&img));
+}
+
+#[test]
+fn delta_push_writes_only_the_changed_blocks() {
+    let sshd = Sshd::start();
+    let t = tempdir();
+    let dev = t.path().join("disk");
+    let img = t.path().join("image");
+    let size = standard_disk(&dev);
+    assert_exit(&pull(&sshd, &dev, &img), 0);
+
+    // Change three blocks: one byte in block 5, blocks 30-31, and the short last block.
+    let f = std::fs::OpenOptions::new().write(true).open(&img).unwrap();
+    f.write_all_at(b"X", 5 * MIB + 17).unwrap();
+    f.write_all_at(&pattern(99, 2 * MIB as usize), 30 * MIB)
+        .unwrap();
+    f.write_all_at(b"tail", size - 4).unwrap();
+    drop(f);
+    let before = std::fs::read(&dev).unwrap();
+
+    let o = push(&sshd, &img, &dev, &["--yes"]);
+    assert_exit(&o, 0);
+    let j = json(&o);
+    assert_eq!(j["blocks_written"], 4, "{j}");
+    assert_eq!(j["ranges"], 3);
+    assert_eq!(j["bytes_sent"], 3 * MIB + (size % MIB));
+    assert_eq!(sha256_file(&dev), sha256_file(&img));
+    // Count what changed on the disk: exactly those blocks.
+    let after = std::fs::read(&dev).unwrap();
+    let changed: Vec<usize> = before
+        .chunks(MIB as usize)
+        .zip(after.chunks(MIB as usize))
+        .enumerate()
+        .filter(|(_, (a, b))| a != b)
+        .map(|(i, _)| i)
+        .collect();
+    assert_eq!(changed, vec![5, 30, 31, 70]);
+
+    // Pushing again writes nothing: the manifest now describes the disk.
+    let o = push(&sshd, &img, &dev, &["--yes"]);
+    assert_exit(&o, 0);
+    assert_eq!(json(&o)["blocks_written"], 0);
+}
+
+#[test]
+fn push_needs_confirmation_without_a_terminal() {
+    let sshd = Sshd::start();
+    let t = tempdir();
+    let dev = t.path().join("disk");
+    let img = t.path().join("image");
+    standard_disk(&dev);
+    assert_exit(&pull(&sshd, &dev, &img), 0);
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&img)
+        .unwrap()
+        .write_all_at(b"Y", 10)
+        .unwrap();
+    let before = sha256_file(&dev);
+    let o = push(&sshd, &img, &dev, &[]);
+    assert_exit(&o, 3);
+    assert!(
+        stderr(&o)
+            .contains("this needs confirmation (Write 1.00 MiB (1 of 71 blocks, 1 ranges) of")
+            && stderr(&o).contains("nothing was changed: run again with --yes to go ahead"),
+        "{}",
+        stderr(&o)
+    );
+    assert_eq!(sha256_file(&dev), before);
+}
+
+#[test]
+fn push_refuses_a_disk_that_changed_since_the_pull() {
+    let sshd = Sshd::start();
+    let t = tempdir();
+    let dev = t.path().join("disk");
+    let img = t.path().join("image");
+    standard_disk(&dev);
+    assert_exit(&pull(&sshd, &dev, &img), 0);
+    // The host wrote to its disk after the pull; the image changed too.
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&dev)
+        .unwrap()
+        .write_all_at(b"host wrote", 50 * MIB)
+        .unwrap();
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&img)
+        .unwrap()
+        .write_all_at(b"upgrade", 2 * MIB)
+        .unwrap();
+    let before = sha256_file(&dev);
+    let o = push(&sshd, &img, &dev, &["--yes"]);
+    assert_exit(&o, 3);
+    assert!(
+        stderr(&o).contains(&format!(
+            "{} on {} no longer holds what was pulled: 1 block(s) of 1 MiB differ from both the manifest and the image (the first at byte {})",
+            dev.display(),
+            sshd.host(),
+            50 * MIB
+        )),
+        "{}",
+        stderr(&o)
+    );
+    assert_eq!(
+        sha256_file(&dev),
+        before,
+        "a refused push wrote to the disk"
+    );
+}
+
+#[test]
+fn push_refuses_an_image_larger_than_the_disk() {
+    let sshd = Sshd::start();
+    let t = tempdir();
+    let dev = t.path().join("disk");
+    let img = t.path().join("image");
+    make_disk(&dev, 8 * MIB, &[(0, MIB as usize)], &[]);
+    make_disk(&img, 9 * MIB, &[(0, 2 * MIB as usize)], &[]);
+    let before = sha256_file(&dev);
+    let o = push(&sshd, &img, &dev, &["--yes", "--full"]);
+    assert_exit(&o, 3);
+    assert!(
+        stderr(&o).contains(&format!(
+            "the image {} (9.00 MiB) is larger than {} on {} (8.00 MiB); it would not fit",
+            img.display(),
+            dev.display(),
+            sshd.host()
+        )),
+        "{}",
+        stderr(&o)
+    );
+    assert_eq!(sha256_file(&dev), before);
+}
+
+#[test]
+fn push_without_manifest_is_refused_unless_full() {
+    let sshd = Sshd::start();
+    let t = tempdir();
+    let dev = t.path().join("disk");
+    let img = t.path().join("image");
+    make_disk(&dev, 8 * MIB, &[(0, MIB as usize)], &[]);
+    make_disk(&img, 8 * MIB, &[(MIB, MIB as usize)], &[]);
+    let o = push(&sshd, &img, &dev, &["--yes"]);
+    assert_exit(&o, 3);
+    assert!(stderr(&o).contains("has no manifest"), "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains("push with --full to overwrite the whole disk"),
+        "{}",
+        stderr(&o)
+    );
+}
+
+/// A loop device with an ext4 on the disk file, mounted read-write: the
+/// refusals a mounted disk must get.
+struct Mounted {
+    dir: tempfile::TempDir,
+    loopdev: String,
+}
+
+impl Mounted {
+    fn new(dev: &std::path::Path) -> Option<Mounted> {
+        let ok = Command::new("mkfs.ext4")
+            .args(["-q", "-F"])
+            .arg(dev)
+            .status()
+            .map(|s| s.success())
+            .unwrap_or(false);
+        assert!(ok, "mkfs.ext4 failed");
+        let out = Command::new("losetup")
+            .args(["-f", "--show"])
+            .arg(dev)
+            .output()
+            .unwrap();
+        if !out.status.success() {
+            eprintln!(
+                "no loop devices here: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            return None;
+        }
+        let loopdev = String::from_utf8_lossy(&out.stdout).trim().to_string();
+        let dir = tempdir();
+        let st = Command::new("mount")
+            .arg(&loopdev)
+            .arg(dir.path())
+            .status()
+            .unwrap();
+        assert!(st.success(), "mount {loopdev} failed");
+        Some(Mounted { dir, loopdev })
+    }
+}
+
+impl Drop for Mounted {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg(self.dir.path()).status();
+        let _ = Command::new("losetup").args(["-d", &self.loopdev]).status();
+    }
+}
+
+#[test]
+fn a_disk_mounted_read_write_is_refused() {
+    let sshd = Sshd::start();
+    let t = tempdir();
+    let dev = t.path().join("disk");
+    let img = t.path().join("image");
+    make_disk(&dev, 64 * MIB, &[], &[]);
+    let Some(m) = Mounted::new(&dev) else {
+        panic!(
+            "this test needs loop devices (losetup -f); the SSH tier runs as root on a machine with them"
+        );
+    };
+    std::fs::write(m.dir.path().join("file"), b"in use").unwrap();
+
+    let o = pull(&sshd, &dev, &img);
+    assert_exit(&o, 3);
+    let e = stderr(&o);
+    assert!(
+        e.contains(&format!(
+            "{} is mounted read-write on {}: {} (ext4 from {})",
+            dev.display(),
+            sshd.host(),
+            m.dir.path().display(),
+            m.loopdev
+        )),
+        "{e}"
+    );
+    assert!(e.contains("or pass --live to copy it anyway"), "{e}");
+    assert!(!img.exists(), "a refused pull left an image");
+
+    // --live copies it anyway, with a warning.
+    let o = sshd
+        .drydock(&[
+            "pull",
+            &sshd.host(),
+            "--device",
+            dev.to_str().unwrap(),
+            "-o",
+            img.to_str().unwrap(),
+            "--live",
+        ])
+        .output()
+        .unwrap();
+    assert_exit(&o, 0);
+    assert!(
+        stderr(&o).contains("the copy may be inconsistent (--live)"),
+        "{}",
+        stderr(&o)
+    );
+
+    // A push to it is refused whatever the flags, and writes nothing (the
+    // filesystem is idle after a sync; its unmount would write, so compare
+    // while it is still mounted).
+    let _ = Command::new("sync").status();
+    let before = sha256_file(&dev);
+    let o = push(&sshd, &img, &dev, &["--yes", "--full"]);
+    assert_exit(&o, 3);
+    assert!(
+        stderr(&o).contains("drydock never writes under a mounted filesystem"),
+        "{}",
+        stderr(&o)
+    );
+    assert_eq!(sha256_file(&dev), before);
+    drop(m);
+}
+
+#[test]
+fn an_existing_image_is_not_overwritten() {
+    let sshd = Sshd::start();
+    let t = tempdir();
+    let dev = t.path().join("disk");
+    let img = t.path().join("image");
+    make_disk(&dev, 4 * MIB, &[(0, 100)], &[]);
+    std::fs::write(&img, b"precious").unwrap();
+    let o = pull(&sshd, &dev, &img);
+    assert_exit(&o, 3);
+    assert!(
+        stderr(&o).contains(&format!(
+            "{} already exists (a file drydock did not write); drydock will not overwrite it",
+            img.display()
+        )),
+        "{}",
+        stderr(&o)
+    );
+    assert_eq!(std::fs::read(&img).unwrap(), b"precious");
+}
+
+#[test]
+fn a_missing_device_is_refused() {
+    let sshd = Sshd::start();
+    let t = tempdir();
+    let o = pull(
+        &sshd,
+        std::path::Path::new("/dev/drydock-no-such-disk"),
+        &t.path().join("i"),
+    );
+    assert_exit(&o, 3);
+    assert!(
+        stderr(&o).contains(&format!(
+            "/dev/drydock-no-such-disk does not exist on {}",
+            sshd.host()
+        )),
+        "{}",
+        stderr(&o)
+    );
+}
+
+#[test]
+fn host_keys_are_checked_like_openssh() {
+    let sshd = Sshd::start();
+    let fp = {
+        let o = Command::new("ssh-keygen")
+            .arg("-lf")
+            .arg(sshd.dir.path().join("host_key.pub"))
+            .output()
+            .unwrap();
+        stdout(&o).split_whitespace().nth(1).unwrap().to_string()
+    };
+    let name = format!("[127.0.0.1]:{}", sshd.port);
+
+    // Unknown: refused with the fingerprint and the flag.
+    std::fs::remove_file(sshd.known_hosts()).unwrap();
+    let o = sshd.drydock(&["probe", &sshd.host()]).output().unwrap();
+    assert_exit(&o, 3);
+    assert!(
+        stderr(&o).contains(&format!(
+            "the host key of {name} is not known (fingerprint {fp})"
+        )),
+        "{}",
+        stderr(&o)
+    );
+    assert!(
+        stderr(&o).contains("--accept-new-host-key"),
+        "{}",
+        stderr(&o)
+    );
+
+    // Accepted and recorded, then known without the flag.
+    let o = sshd
+        .drydock(&["probe", &sshd.host(), "--accept-new-host-key"])
+        .output()
+        .unwrap();
+    assert_exit(&o, 0);
+    assert!(
+        std::fs::read_to_string(sshd.known_hosts())
+            .unwrap()
+            .starts_with(&format!("{name} ssh-ed25519 "))
+    );
+    assert_exit(&sshd.drydock(&["probe", &sshd.host()]).output().unwrap(), 0);
+
+    // Hashed entries (ssh-keygen -H) are understood.
+    let st = Command::new("ssh-keygen")
+        .arg("-H")
+        .arg("-f")
+        .arg(sshd.known_hosts())
+        .output()
+        .unwrap();
+    assert!(st.status.success());
+    assert!(
+        std::fs::read_to_string(sshd.known_hosts())
+            .unwrap()
+            .starts_with("|1|")
+    );
+    assert_exit(&sshd.drydock(&["probe", &sshd.host()]).output().unwrap(), 0);
+
+    // Changed: refused, even with --accept-new-host-key.
+    let t = tempdir();
+    keygen(&t.path().join("other"));
+    let other = std::fs::read_to_string(t.path().join("other.pub")).unwrap();
+    let mut w = other.split_whitespace();
+    std::fs::write(
+        sshd.known_hosts(),
+        format!("{name} {} {}\n", w.next().unwrap(), w.next().unwrap()),
+    )
+    .unwrap();
+    let o = sshd
+        .drydock(&["probe", &sshd.host(), "--accept-new-host-key"])
+        .output()
+        .unwrap();
+    assert_exit(&o, 3);
+    assert!(
+        stderr(&o).contains(&format!(
+            "the host key of {name} has CHANGED (now {fp}; {}:1 holds another)",
+            sshd.known_hosts().display()
+        )),
+        "{}",
+        stderr(&o)
+    );
+}
+
+#[test]
+fn a_wrong_key_and_an_unreachable_host_say_so() {
+    let sshd = Sshd::start();
+    let t = tempdir();
+    let wrong = t.path().join("wrong");
+    keygen(&wrong);
+    let o = sshd
+        .drydock_bare(&["probe", &sshd.host(), "-i", wrong.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert_exit(&o, 69);
+    assert!(
+        stderr(&o).contains(&format!(
+            "{} refused every key drydock tried ({}); add its public key to ~root/.ssh/authorized_keys",
+            sshd.host(),
+            wrong.display()
+        )),
+        "{}",
+        stderr(&o)
+    );
+
+    // No key at all (no agent, no ~/.ssh/id_*).
+    let o = sshd
+        .drydock_bare(&["probe", &sshd.host()])
+        .output()
+        .unwrap();
+    assert_exit(&o, 69);
+    assert!(
+        stderr(&o).contains("no key found: no ssh-agent and no ~/.ssh/id_* file"),
+        "{}",
+        stderr(&o)
+    );
+
+    let port = free_port();
+    let o = sshd
+        .drydock(&["probe", &format!("root@127.0.0.1:{port}")])
+        .output()
+        .unwrap();
+    assert_exit(&o, 69);
+    assert!(
+        stderr(&o).contains(&format!(
+            "cannot reach 127.0.0.1:{port}: Connection refused"
+        )),
+        "{}",
+        stderr(&o)
+    );
+}
+
+#[test]
+fn ssh_config_aliases_and_default_keys_work() {
+    let sshd = Sshd::start();
+    // The user's key as ~/.ssh/id_ed25519 and the host behind an alias.
+    std::fs::copy(&sshd.client_key, sshd.home.join(".ssh/id_ed25519")).unwrap();
+    std::fs::write(
+        sshd.home.join(".ssh/config"),
+        format!(
+            "Host myvps\n\tHostName 127.0.0.1\n\tPort={}\n  User root\n",
+            sshd.port
+        ),
+    )
+    .unwrap();
+    let o = sshd
+        .drydock_bare(&["probe", "myvps", "--json"])
+        .output()
+        .unwrap();
+    assert_exit(&o, 0);
+    assert_eq!(
+        json(&o)["host"],
+        "root@myvps:".to_string() + &sshd.port.to_string()
+    );
+}
+
+/// Start a pull in the background and return once `min` bytes of the image
+/// are on disk.
+fn pull_until(
+    sshd: &Sshd,
+    dev: &std::path::Path,
+    img: &std::path::Path,
+    min: u64,
+) -> std::process::Child {
+    let child = sshd
+        .drydock(&[
+            "pull",
+            &sshd.host(),
+            "--device",
+            dev.to_str().unwrap(),
+            "-o",
+            img.to_str().unwrap(),
+        ])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while !(img.exists() && allocated_bytes(img) >= min) {
+        assert!(Instant::now() < deadline, "the pull did not get going");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    child
+}
+
+fn big_disk(path: &std::path::Path) -> u64 {
+    // 640 MiB of data: long enough to cut in the middle on a fast machine.
+    let size = 640 * MIB + 512;
+    let runs: Vec<(u64, usize)> = (0..10).map(|i| (i * 64 * MIB, 64 * MIB as usize)).collect();
+    make_disk(path, size, &runs, &[]);
+    size
+}
+
+#[test]
+fn a_pull_cut_mid_transfer_resumes_where_it_stopped() {
+    let sshd = Sshd::start();
+    let t = tempdir();
+    let dev = t.path().join("disk");
+    let img = t.path().join("image");
+    let size = big_disk(&dev);
+
+    let child = pull_until(&sshd, &dev, &img, 200 * MIB);
+    sshd.cut_sessions();
+    let o = child.wait_with_output().unwrap();
+    assert_exit(&o, 1);
+    let e = stderr(&o);
+    assert!(
+        e.contains(&format!("the connection to {} was lost", sshd.host())),
+        "{e}"
+    );
+    assert!(
+        e.contains("verified and kept in") && e.contains("run the same command to resume"),
+        "{e}"
+    );
+
+    let o = sshd
+        .drydock(&[
+            "pull",
+            &sshd.host(),
+            "--device",
+            dev.to_str().unwrap(),
+            "-o",
+            img.to_str().unwrap(),
+            "--json",
+        ])
+        .output()
+        .unwrap();
+    assert_exit(&o, 0);
+    let j = json(&o);
+    let resumed = j["resumed_at"].as_u64().unwrap();
+    assert!(
+        resumed >= 128 * MIB && resumed < size,
+        "resumed at {resumed}"
+    );
+    assert!(
+        stderr(&o).contains("resuming the pull of"),
+        "{}",
+        stderr(&o)
+    );
+    assert_eq!(j["bytes_received"].as_u64().unwrap(), size - resumed);
+    assert_eq!(sha256_file(&img), sha256_file(&dev));
+    assert!(!t.path().join("image.pull").exists());
+}
+
+#[test]
+fn ctrl_c_leaves_a_resumable_pull() {
+    let sshd = Sshd::start();
+    let t = tempdir();
+    let dev = t.path().join("disk");
+    let img = t.path().join("image");
+    big_disk(&dev);
+
+    let child = pull_until(&sshd, &dev, &img, 150 * MIB);
+    let _ = Command::new("kill")
+        .args(["-INT", &child.id().to_string()])
+        .status();
+    let o = child.wait_with_output().unwrap();
+    assert_exit(&o, 130);
+    let e = stderr(&o);
+    assert!(
+        e.contains("interrupted: ") && e.contains("run the same command to resume"),
+        "{e}"
+    );
+
+    let o = pull(&sshd, &dev, &img);
+    assert_exit(&o, 0);
+    assert!(json(&o)["resumed_at"].as_u64().unwrap() > 0);
+    assert_eq!(sha256_file(&img), sha256_file(&dev));
+}
+
+#[test]
+fn a_device_that_is_not_a_disk_is_refused() {
+    let sshd = Sshd::start();
+    let t = tempdir();
+    let o = pull(
+        &sshd,
+        std::path::Path::new("/dev/null"),
+        &t.path().join("i"),
+    );
+    assert_exit(&o, 1);
+    assert!(
+        stderr(&o).contains(&format!(
+            "/dev/null on {} is neither a block device nor a regular file",
+            sshd.host()
+        )),
+        "{}",
+        stderr(&o)
+    );
+}
+
+#[test]
+fn a_failing_remote_command_shows_its_status_and_stderr() {
+    let sshd = Sshd::start();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    // The target is built by hand so this process's own HOME is not read.
+    let spec = drydock::ssh::HostSpec::parse(&sshd.host()).unwrap();
+    let mut target = drydock::ssh::Target::resolve_with(&spec, "", &sshd.home);
+    target.user_known_hosts = vec![sshd.known_hosts()];
+    let opts = drydock::ssh::ConnectOptions {
+        identity: Some(sshd.client_key.clone()),
+        accept_new_host_key: false,
+    };
+    let err = rt
+        .block_on(async {
+            let s = drydock::ssh::Session::connect(&target, &opts).await?;
+            s.run(
+                "listing the widgets",
+                "echo first >&2; echo 'no widgets here' >&2; exit 7",
+            )
+            .await
+        })
+        .unwrap_err();
+    assert_eq!(
+        format!("{err:#}"),
+        format!(
+            "listing the widgets failed on {} (exit status 7); its stderr:\n  first\n  no widgets here",
+            sshd.host()
+        )
+    );
+}
