@@ -174,9 +174,40 @@ pub fn write_atomic(path: &Path, data: &[u8]) -> Result<()> {
     Ok(())
 }
 
-/// Hashes of one segment's blocks, and of the segment as a whole.
+/// SHA-256 of `len` zero bytes, computed once per length (a disk is mostly
+/// zero blocks and whole zero segments: their hashes are constants).
+fn zero_hash(len: u64) -> Hash {
+    use std::collections::HashMap;
+    use std::sync::{Mutex, OnceLock};
+    static CACHE: OnceLock<Mutex<HashMap<u64, Hash>>> = OnceLock::new();
+    let cache = CACHE.get_or_init(Default::default);
+    if let Some(h) = cache.lock().expect("not poisoned").get(&len) {
+        return *h;
+    }
+    let mut h = Sha256::new();
+    feed_zeros(&mut h, len);
+    let h: Hash = h.finalize().into();
+    cache.lock().expect("not poisoned").insert(len, h);
+    h
+}
+
+fn feed_zeros(h: &mut Sha256, mut len: u64) {
+    static ZEROS: [u8; 1 << 16] = [0; 1 << 16];
+    while len > 0 {
+        let n = len.min(ZEROS.len() as u64);
+        h.update(&ZEROS[..n as usize]);
+        len -= n;
+    }
+}
+
+/// Hashes of one segment's blocks, and of the segment as a whole. Zero
+/// blocks are recognised (a fast compare) rather than hashed; leading zeros
+/// are fed to the segment hash only once something else follows, so an
+/// all-zero segment costs no hashing at all.
 pub struct SegmentHasher {
     whole: Sha256,
+    leading_zeros: u64,
+    nonzero_seen: bool,
     pub blocks: Vec<String>,
 }
 
@@ -184,6 +215,8 @@ impl Default for SegmentHasher {
     fn default() -> Self {
         SegmentHasher {
             whole: Sha256::new(),
+            leading_zeros: 0,
+            nonzero_seen: false,
             blocks: Vec::with_capacity(SEGMENT_BLOCKS as usize),
         }
     }
@@ -191,12 +224,30 @@ impl Default for SegmentHasher {
 
 impl SegmentHasher {
     pub fn add_block(&mut self, data: &[u8]) {
+        if is_zero(data) {
+            self.blocks.push(hex::encode(zero_hash(data.len() as u64)));
+            if self.nonzero_seen {
+                self.whole.update(data);
+            } else {
+                self.leading_zeros += data.len() as u64;
+            }
+            return;
+        }
+        if !self.nonzero_seen {
+            feed_zeros(&mut self.whole, self.leading_zeros);
+            self.nonzero_seen = true;
+        }
         self.whole.update(data);
         self.blocks.push(hex::encode(sha256(data)));
     }
 
     pub fn finish(self) -> (String, Vec<String>) {
-        (hex::encode(self.whole.finalize()), self.blocks)
+        let whole = if self.nonzero_seen {
+            self.whole.finalize().into()
+        } else {
+            zero_hash(self.leading_zeros)
+        };
+        (hex::encode(whole), self.blocks)
     }
 }
 
@@ -237,6 +288,26 @@ mod tests {
         v[4096] = 0;
         v[17] = 1;
         assert!(!is_zero(&v));
+    }
+
+    #[test]
+    fn zero_shortcuts_give_the_plain_sha256() {
+        for layout in [[0u8, 0, 0], [0, 1, 0], [1, 0, 0], [0, 0, 1]] {
+            let mut data = Vec::new();
+            let mut seg = SegmentHasher::default();
+            for (i, &b) in layout.iter().enumerate() {
+                let len = if i == 2 { 1000 } else { BLOCK_SIZE as usize };
+                let block = vec![b; len];
+                seg.add_block(&block);
+                data.extend_from_slice(&block);
+            }
+            let (whole, blocks) = seg.finish();
+            assert_eq!(whole, hex::encode(sha256(&data)), "{layout:?}");
+            assert_eq!(
+                blocks[2],
+                hex::encode(sha256(&data[2 * BLOCK_SIZE as usize..]))
+            );
+        }
     }
 
     #[test]

@@ -389,7 +389,8 @@ pub async fn pull(
     let mut interrupted = false;
 
     if start_block < end_block {
-        let (tx, mut rx) = tokio::sync::mpsc::channel::<Work>(256);
+        // 64 messages of at most 255 KiB: 16 MiB in flight at most.
+        let (tx, mut rx) = tokio::sync::mpsc::channel::<Work>(64);
         let mut writer = Writer {
             image: image_file,
             state,

@@ -342,7 +342,7 @@ fn writer_script(st: &Staged, dev: &Device, size: u64, rs: &[Range]) -> String {
             // The image's last, short block: 512-byte units when they fit
             // (always, for a real disk), else single bytes.
             let off = (r.first + full) * BLOCK_SIZE;
-            let unit = if rest % 512 == 0 { 512 } else { 1 };
+            let unit = if rest.is_multiple_of(512) { 512 } else { 1 };
             s.push_str(&format!(
                 "{dd} of=\"$DEV\" bs={unit} seek={} count={} iflag=fullblock conv=notrunc $Q || exit 1\n",
                 off / unit,
