@@ -594,13 +594,14 @@ fn a_wrong_key_and_an_unreachable_host_say_so() {
 #[test]
 fn ssh_config_aliases_and_default_keys_work() {
     let sshd = Sshd::start();
-    // The user's key as ~/.ssh/id_ed25519 and the host behind an alias.
-    std::fs::copy(&sshd.client_key, sshd.home.join(".ssh/id_ed25519")).unwrap();
+    // The host behind an alias, its key named by IdentityFile (tab- and
+    // '='-separated lines, as real configs have them).
     std::fs::write(
         sshd.home.join(".ssh/config"),
         format!(
-            "Host myvps\n\tHostName 127.0.0.1\n\tPort={}\n  User root\n",
-            sshd.port
+            "Host myvps\n\tHostName 127.0.0.1\n\tPort={}\n  User root\n  IdentityFile {}\n",
+            sshd.port,
+            sshd.client_key.display()
         ),
     )
     .unwrap();
@@ -609,10 +610,28 @@ fn ssh_config_aliases_and_default_keys_work() {
         .output()
         .unwrap();
     assert_exit(&o, 0);
-    assert_eq!(
-        json(&o)["host"],
-        "root@myvps:".to_string() + &sshd.port.to_string()
-    );
+    assert_eq!(json(&o)["host"], format!("root@myvps:{}", sshd.port));
+
+    // No IdentityFile: the usual ~/.ssh/id_ed25519 is found.
+    std::fs::write(
+        sshd.home.join(".ssh/config"),
+        format!(
+            "Host myvps\n  HostName 127.0.0.1\n  Port {}\n  User root\n",
+            sshd.port
+        ),
+    )
+    .unwrap();
+    let o = sshd
+        .drydock_bare(&["probe", "myvps", "--json"])
+        .output()
+        .unwrap();
+    assert_exit(&o, 69);
+    std::fs::copy(&sshd.client_key, sshd.home.join(".ssh/id_ed25519")).unwrap();
+    let o = sshd
+        .drydock_bare(&["probe", "myvps", "--json"])
+        .output()
+        .unwrap();
+    assert_exit(&o, 0);
 }
 
 /// Start a pull in the background and return once `min` bytes of the image
@@ -778,4 +797,106 @@ fn a_failing_remote_command_shows_its_status_and_stderr() {
             sshd.host()
         )
     );
+}
+
+fn mount_is_read_only(mount_point: &std::path::Path) -> bool {
+    let mi = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+    let mp = mount_point.to_str().unwrap();
+    mi.lines()
+        .rfind(|l| l.split(' ').nth(4) == Some(mp))
+        .map(|l| l.split(' ').nth(5).unwrap().split(',').any(|o| o == "ro"))
+        .expect("mounted")
+}
+
+#[test]
+fn freeze_makes_the_disk_read_only_and_thaw_undoes_it() {
+    let sshd = Sshd::start();
+    let t = tempdir();
+    let dev = t.path().join("disk");
+    let img = t.path().join("image");
+    make_disk(&dev, 64 * MIB, &[], &[]);
+    let m = Mounted::new(&dev).expect("loop devices (losetup -f)");
+    std::fs::write(m.dir.path().join("file"), b"written before the freeze").unwrap();
+
+    let o = sshd
+        .drydock(&[
+            "freeze",
+            &sshd.host(),
+            "--device",
+            dev.to_str().unwrap(),
+            "--yes",
+        ])
+        .output()
+        .unwrap();
+    assert_exit(&o, 0);
+    assert!(
+        stdout(&o).contains(&format!(
+            "{} frozen: {} read-only ({})",
+            sshd.host(),
+            dev.display(),
+            m.dir.path().display()
+        )),
+        "{}",
+        stdout(&o)
+    );
+    assert!(mount_is_read_only(m.dir.path()));
+    assert!(
+        std::fs::write(m.dir.path().join("other"), b"x").is_err(),
+        "a frozen filesystem took a write"
+    );
+
+    // Frozen: the pull needs no --live, and the copy holds the file.
+    assert_exit(&pull(&sshd, &dev, &img), 0);
+    assert_eq!(sha256_file(&img), sha256_file(&dev));
+
+    let o = sshd
+        .drydock(&["thaw", &sshd.host(), "--device", dev.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert_exit(&o, 0);
+    assert!(!mount_is_read_only(m.dir.path()));
+    std::fs::write(m.dir.path().join("other"), b"after the thaw").unwrap();
+}
+
+#[test]
+fn a_filesystem_in_use_is_not_frozen_and_its_writers_are_named() {
+    let sshd = Sshd::start();
+    let t = tempdir();
+    let dev = t.path().join("disk");
+    make_disk(&dev, 64 * MIB, &[], &[]);
+    let m = Mounted::new(&dev).expect("loop devices (losetup -f)");
+    let busy = m.dir.path().join("busy.log");
+    let held = std::fs::File::create(&busy).unwrap();
+
+    let o = sshd
+        .drydock(&[
+            "freeze",
+            &sshd.host(),
+            "--device",
+            dev.to_str().unwrap(),
+            "--yes",
+        ])
+        .output()
+        .unwrap();
+    assert_exit(&o, 3);
+    let e = stderr(&o);
+    assert!(
+        e.contains(&format!(
+            "cannot make {} read-only on {}",
+            m.dir.path().display(),
+            sshd.host()
+        )),
+        "{e}"
+    );
+    assert!(e.contains("these hold files open for writing:"), "{e}");
+    assert!(
+        e.contains(&format!("{} (", std::process::id())) && e.contains(busy.to_str().unwrap()),
+        "{e}"
+    );
+    assert!(
+        e.contains("run `drydock thaw 127.0.0.1` to undo what was done"),
+        "{e}"
+    );
+    assert!(!mount_is_read_only(m.dir.path()));
+    drop(held);
 }

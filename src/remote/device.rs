@@ -56,11 +56,12 @@ if [ -b "$d" ]; then echo block; readlink -f "$d"
 elif [ -f "$d" ]; then echo file; readlink -f "$d"; wc -c < "$d"
   for b in /sys/class/block/loop*/loop/backing_file; do
     [ -e "$b" ] || continue
-    [ "$(cat "$b")" = "$(readlink -f "$d")" ] && echo "loop ${{b#/sys/class/block/}}"
+    if [ "$(cat "$b")" = "$(readlink -f "$d")" ]; then echo "loop ${{b#/sys/class/block/}}"; fi
   done
 elif [ -e "$d" ]; then echo other
 else echo missing
-fi"#
+fi
+exit 0"#
     );
     let out = session.run("inspecting the device", &script).await?;
     let mut lines = out.lines();

@@ -102,13 +102,18 @@ pub async fn freeze(
 ) -> Result<FreezeReport> {
     require_root(facts, session)?;
     let dev = inspect(session, facts, device).await?;
-    let out = session
-        .run("stopping services", &stop_services_script())
-        .await?;
-    let stopped: Vec<String> = out
-        .lines()
-        .filter_map(|l| l.strip_prefix("stopped ").map(str::to_string))
-        .collect();
+    // Services write to the host's disks; a regular file standing in for a
+    // disk (a loop-mounted image) is frozen without touching them.
+    let stopped: Vec<String> = if dev.is_block() {
+        session
+            .run("stopping services", &stop_services_script())
+            .await?
+            .lines()
+            .filter_map(|l| l.strip_prefix("stopped ").map(str::to_string))
+            .collect()
+    } else {
+        Vec::new()
+    };
 
     // Deepest mount points first, so /boot goes read-only before /.
     let mut mounts = dev.rw_mounts().into_iter().cloned().collect::<Vec<_>>();
@@ -157,7 +162,8 @@ pub async fn freeze(
             .await?;
     }
     let after = gather(session).await?;
-    check_frozen(&after, &dev, session)?;
+    let dev_after = inspect(session, &after, Some(&dev.path)).await?;
+    check_frozen(&after, &dev_after, session)?;
     Ok(FreezeReport {
         host: session.host(),
         device: dev.path.clone(),
@@ -170,15 +176,13 @@ pub async fn freeze(
 
 /// Rule 6: the freeze is checked, not assumed.
 pub fn check_frozen(facts: &Facts, dev: &Device, session: &Session) -> Result<()> {
-    let name = dev.path.trim_start_matches("/dev/");
-    let rw: Vec<String> = facts
-        .mounts_on_disk(name)
+    let rw: Vec<String> = dev
+        .rw_mounts()
         .iter()
-        .filter(|m| !m.read_only)
         .map(|m| m.mount_point.clone())
         .collect();
     let swap: Vec<String> = facts
-        .swaps_on_disk(name)
+        .swaps_on_disk(dev.path.trim_start_matches("/dev/"))
         .iter()
         .map(|s| s.path.clone())
         .collect();
