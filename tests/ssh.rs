@@ -176,6 +176,16 @@ fn delta_push_writes_only_the_changed_blocks() {
     assert_exit(&o, 0);
     let j = json(&o);
     assert_eq!(j["blocks_written"], 4, "{j}");
+    // The writer ran from a tmpfs of its own, gone afterwards.
+    assert_eq!(j["writer_own_tmpfs"], true, "{j}");
+    let wdir = j["writer_dir"].as_str().unwrap();
+    assert!(wdir.starts_with("/run/drydock-writer."), "{wdir}");
+    assert!(!std::path::Path::new(wdir).exists(), "{wdir} left behind");
+    assert!(
+        !std::fs::read_to_string("/proc/self/mountinfo")
+            .unwrap()
+            .contains(wdir)
+    );
     assert_eq!(j["ranges"], 3);
     assert_eq!(j["bytes_sent"], 3 * MIB + (size % MIB));
     assert_eq!(sha256_file(&dev), sha256_file(&img));

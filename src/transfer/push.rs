@@ -42,6 +42,10 @@ pub struct PushReport {
     pub bytes_sent: u64,
     pub seconds: f64,
     pub digest: String,
+    /// Where the writer ran on the host (removed afterwards), and whether
+    /// that was a tmpfs mounted for it.
+    pub writer_dir: Option<String>,
+    pub writer_own_tmpfs: bool,
 }
 
 /// A run of blocks [first, first + count).
@@ -275,6 +279,8 @@ pub async fn push(
         bytes_sent: bytes,
         seconds: 0.0,
         digest: new.digest.clone(),
+        writer_dir: None,
+        writer_own_tmpfs: false,
     };
     if rs.is_empty() {
         ui.say(format!(
@@ -302,6 +308,8 @@ pub async fn push(
     ))?;
 
     let staged = Staged::stage(session).await?;
+    report.writer_dir = Some(staged.dir.clone());
+    report.writer_own_tmpfs = staged.mounted;
     let result = write_ranges(session, &staged, &dev, &opts.image, image_len, &rs, ui).await;
     let removed = staged.remove(session).await;
     result?;

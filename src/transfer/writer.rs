@@ -35,7 +35,7 @@ fi
 #[derive(Debug, Clone)]
 pub struct Staged {
     pub dir: String,
-    mounted: bool,
+    pub mounted: bool,
     loader: bool,
 }
 
