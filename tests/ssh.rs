@@ -257,15 +257,14 @@ fn push_refuses_a_disk_that_changed_since_the_pull() {
     let before = sha256_file(&dev);
     let o = push(&sshd, &img, &dev, &["--yes"]);
     assert_exit(&o, 3);
-    assert!(
-        stderr(&o).contains(&format!(
+    assert_stderr(
+        &o,
+        format!(
             "{} on {} no longer holds what was pulled: 1 block(s) of 1 MiB differ from both the manifest and the image (the first at byte {})",
             dev.display(),
             sshd.host(),
             50 * MIB
-        )),
-        "{}",
-        stderr(&o)
+        ),
     );
     assert_eq!(
         sha256_file(&dev),
@@ -285,15 +284,14 @@ fn push_refuses_an_image_larger_than_the_disk() {
     let before = sha256_file(&dev);
     let o = push(&sshd, &img, &dev, &["--yes", "--full"]);
     assert_exit(&o, 3);
-    assert!(
-        stderr(&o).contains(&format!(
+    assert_stderr(
+        &o,
+        format!(
             "the image {} (9.00 MiB) is larger than {} on {} (8.00 MiB); it would not fit",
             img.display(),
             dev.display(),
             sshd.host()
-        )),
-        "{}",
-        stderr(&o)
+        ),
     );
     assert_eq!(sha256_file(&dev), before);
 }
@@ -308,12 +306,8 @@ fn push_without_manifest_is_refused_unless_full() {
     make_disk(&img, 8 * MIB, &[(MIB, MIB as usize)], &[]);
     let o = push(&sshd, &img, &dev, &["--yes"]);
     assert_exit(&o, 3);
-    assert!(stderr(&o).contains("has no manifest"), "{}", stderr(&o));
-    assert!(
-        stderr(&o).contains("push with --full to overwrite the whole disk"),
-        "{}",
-        stderr(&o)
-    );
+    assert_stderr(&o, "has no manifest");
+    assert_stderr(&o, "push with --full to overwrite the whole disk");
 }
 
 /// A loop device with an ext4 on the disk file, mounted read-write: the
@@ -407,11 +401,7 @@ fn a_disk_mounted_read_write_is_refused() {
         .output()
         .unwrap();
     assert_exit(&o, 0);
-    assert!(
-        stderr(&o).contains("the copy may be inconsistent (--live)"),
-        "{}",
-        stderr(&o)
-    );
+    assert_stderr(&o, "the copy may be inconsistent (--live)");
 
     // A push to it is refused whatever the flags, and writes nothing (the
     // filesystem is idle after a sync; its unmount would write, so compare
@@ -420,11 +410,7 @@ fn a_disk_mounted_read_write_is_refused() {
     let before = sha256_file(&dev);
     let o = push(&sshd, &img, &dev, &["--yes", "--full"]);
     assert_exit(&o, 3);
-    assert!(
-        stderr(&o).contains("drydock never writes under a mounted filesystem"),
-        "{}",
-        stderr(&o)
-    );
+    assert_stderr(&o, "drydock never writes under a mounted filesystem");
     assert_eq!(sha256_file(&dev), before);
     drop(m);
 }
@@ -439,13 +425,12 @@ fn an_existing_image_is_not_overwritten() {
     std::fs::write(&img, b"precious").unwrap();
     let o = pull(&sshd, &dev, &img);
     assert_exit(&o, 3);
-    assert!(
-        stderr(&o).contains(&format!(
+    assert_stderr(
+        &o,
+        format!(
             "{} already exists (a file drydock did not write); drydock will not overwrite it",
             img.display()
-        )),
-        "{}",
-        stderr(&o)
+        ),
     );
     assert_eq!(std::fs::read(&img).unwrap(), b"precious");
 }
@@ -460,13 +445,12 @@ fn a_missing_device_is_refused() {
         &t.path().join("i"),
     );
     assert_exit(&o, 3);
-    assert!(
-        stderr(&o).contains(&format!(
+    assert_stderr(
+        &o,
+        format!(
             "/dev/drydock-no-such-disk does not exist on {}",
             sshd.host()
-        )),
-        "{}",
-        stderr(&o)
+        ),
     );
 }
 
@@ -487,18 +471,11 @@ fn host_keys_are_checked_like_openssh() {
     std::fs::remove_file(sshd.known_hosts()).unwrap();
     let o = sshd.drydock(&["probe", &sshd.host()]).output().unwrap();
     assert_exit(&o, 3);
-    assert!(
-        stderr(&o).contains(&format!(
-            "the host key of {name} is not known (fingerprint {fp})"
-        )),
-        "{}",
-        stderr(&o)
+    assert_stderr(
+        &o,
+        format!("the host key of {name} is not known (fingerprint {fp})"),
     );
-    assert!(
-        stderr(&o).contains("--accept-new-host-key"),
-        "{}",
-        stderr(&o)
-    );
+    assert_stderr(&o, "--accept-new-host-key");
 
     // Accepted and recorded, then known without the flag.
     let o = sshd
@@ -543,13 +520,12 @@ fn host_keys_are_checked_like_openssh() {
         .output()
         .unwrap();
     assert_exit(&o, 3);
-    assert!(
-        stderr(&o).contains(&format!(
+    assert_stderr(
+        &o,
+        format!(
             "the host key of {name} has CHANGED (now {fp}; {}:1 holds another)",
             sshd.known_hosts().display()
-        )),
-        "{}",
-        stderr(&o)
+        ),
     );
 }
 
@@ -564,14 +540,13 @@ fn a_wrong_key_and_an_unreachable_host_say_so() {
         .output()
         .unwrap();
     assert_exit(&o, 69);
-    assert!(
-        stderr(&o).contains(&format!(
+    assert_stderr(
+        &o,
+        format!(
             "{} refused every key drydock tried ({}); add its public key to ~root/.ssh/authorized_keys",
             sshd.host(),
             wrong.display()
-        )),
-        "{}",
-        stderr(&o)
+        ),
     );
 
     // No key at all (no agent, no ~/.ssh/id_*).
@@ -580,11 +555,7 @@ fn a_wrong_key_and_an_unreachable_host_say_so() {
         .output()
         .unwrap();
     assert_exit(&o, 69);
-    assert!(
-        stderr(&o).contains("no key found: no ssh-agent and no ~/.ssh/id_* file"),
-        "{}",
-        stderr(&o)
-    );
+    assert_stderr(&o, "no key found: no ssh-agent and no ~/.ssh/id_* file");
 
     let port = free_port();
     let o = sshd
@@ -592,12 +563,9 @@ fn a_wrong_key_and_an_unreachable_host_say_so() {
         .output()
         .unwrap();
     assert_exit(&o, 69);
-    assert!(
-        stderr(&o).contains(&format!(
-            "cannot reach 127.0.0.1:{port}: Connection refused"
-        )),
-        "{}",
-        stderr(&o)
+    assert_stderr(
+        &o,
+        format!("cannot reach 127.0.0.1:{port}: Connection refused"),
     );
 }
 
@@ -722,11 +690,7 @@ fn a_pull_cut_mid_transfer_resumes_where_it_stopped() {
         resumed >= 128 * MIB && resumed < size,
         "resumed at {resumed}"
     );
-    assert!(
-        stderr(&o).contains("resuming the pull of"),
-        "{}",
-        stderr(&o)
-    );
+    assert_stderr(&o, "resuming the pull of");
     assert_eq!(j["bytes_received"].as_u64().unwrap(), size - resumed);
     assert_eq!(sha256_file(&img), sha256_file(&dev));
     assert!(!t.path().join("image.pull").exists());
@@ -768,13 +732,12 @@ fn a_device_that_is_not_a_disk_is_refused() {
         &t.path().join("i"),
     );
     assert_exit(&o, 1);
-    assert!(
-        stderr(&o).contains(&format!(
+    assert_stderr(
+        &o,
+        format!(
             "/dev/null on {} is neither a block device nor a regular file",
             sshd.host()
-        )),
-        "{}",
-        stderr(&o)
+        ),
     );
 }
 

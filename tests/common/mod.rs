@@ -247,6 +247,16 @@ pub fn assert_exit(o: &Output, code: i32) {
     );
 }
 
+/// Assert that stderr says `text` (the exact words a user would read).
+pub fn assert_stderr(o: &Output, text: impl AsRef<str>) {
+    let e = stderr(o);
+    assert!(
+        e.contains(text.as_ref()),
+        "stderr lacks {:?}:\n{e}",
+        text.as_ref()
+    );
+}
+
 pub fn json(o: &Output) -> serde_json::Value {
     serde_json::from_slice(&o.stdout).unwrap_or_else(|e| panic!("not JSON ({e}): {}", stdout(o)))
 }
