@@ -873,3 +873,55 @@ fn a_filesystem_in_use_is_not_frozen_and_its_writers_are_named() {
     assert!(!mount_is_read_only(m.dir.path()));
     drop(held);
 }
+
+#[test]
+fn keys_in_ssh_agent_are_used() {
+    let sshd = Sshd::start();
+    let t = tempdir();
+    let sock = t.path().join("agent.sock");
+    let mut agent = Command::new("ssh-agent")
+        .arg("-D")
+        .arg("-a")
+        .arg(&sock)
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !sock.exists() {
+        assert!(Instant::now() < deadline, "ssh-agent did not start");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let added = Command::new("ssh-add")
+        .arg(&sshd.client_key)
+        .env("SSH_AUTH_SOCK", &sock)
+        .output()
+        .unwrap();
+    assert!(added.status.success(), "{}", stderr(&added));
+    let o = sshd
+        .drydock_bare(&["probe", &sshd.host(), "--json"])
+        .env("SSH_AUTH_SOCK", &sock)
+        .output()
+        .unwrap();
+    let _ = agent.kill();
+    let _ = agent.wait();
+    assert_exit(&o, 0);
+}
+
+#[test]
+fn a_proxy_in_ssh_config_is_refused_not_bypassed() {
+    let sshd = Sshd::start();
+    std::fs::write(
+        sshd.home.join(".ssh/config"),
+        format!(
+            "Host hidden\n  HostName 127.0.0.1\n  Port {}\n  ProxyJump bastion.example.org\n",
+            sshd.port
+        ),
+    )
+    .unwrap();
+    let o = sshd.drydock(&["probe", "root@hidden"]).output().unwrap();
+    assert_exit(&o, 1);
+    assert_stderr(
+        &o,
+        "~/.ssh/config reaches hidden through a proxy (proxyjump bastion.example.org), which drydock does not follow yet",
+    );
+}

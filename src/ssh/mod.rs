@@ -148,6 +148,13 @@ pub struct Session {
 
 impl Session {
     pub async fn connect(target: &Target, opts: &ConnectOptions) -> Result<Session> {
+        if let Some(proxy) = &target.proxy {
+            bail!(
+                "~/.ssh/config reaches {} through a proxy ({proxy}), which drydock does not \
+                 follow yet; connect to an address drydock can reach directly",
+                target.alias
+            );
+        }
         let name = host_key_name(
             target.host_key_alias.as_deref().unwrap_or(&target.hostname),
             if target.host_key_alias.is_some() {

@@ -71,6 +71,9 @@ pub struct Target {
     pub global_known_hosts: Vec<PathBuf>,
     /// HostKeyAlias: the name known_hosts entries are looked up under.
     pub host_key_alias: Option<String>,
+    /// ProxyJump / ProxyCommand, which drydock does not follow (it refuses
+    /// rather than connect directly to a host the user reaches otherwise).
+    pub proxy: Option<String>,
 }
 
 impl Target {
@@ -146,6 +149,7 @@ impl Target {
             user_known_hosts,
             global_known_hosts,
             host_key_alias: opts.host_key_alias,
+            proxy: opts.proxy,
         }
     }
 }
@@ -235,6 +239,7 @@ struct SshOptions {
     user_known_hosts: Vec<String>,
     global_known_hosts: Vec<String>,
     host_key_alias: Option<String>,
+    proxy: Option<String>,
 }
 
 impl SshOptions {
@@ -275,6 +280,11 @@ impl SshOptions {
                     o.global_known_hosts = value.split_whitespace().map(str::to_string).collect()
                 }
                 "hostkeyalias" if o.host_key_alias.is_none() => o.host_key_alias = Some(v),
+                "proxyjump" | "proxycommand"
+                    if o.proxy.is_none() && !v.eq_ignore_ascii_case("none") =>
+                {
+                    o.proxy = Some(format!("{key} {v}"))
+                }
                 _ => {}
             }
         }
