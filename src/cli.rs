@@ -97,13 +97,22 @@ pub enum Command {
         #[arg(long)]
         full: bool,
     },
-    /// Start a local VM from an image.
+    /// Start a local VM from an image (a qcow2 overlay over it; the image is not written).
     Boot {
         image: PathBuf,
+        /// Guest memory: 8G, 2048M, ...
         #[arg(long, default_value = "8G")]
         memory: String,
+        /// Guest CPUs (default: this machine's).
         #[arg(long)]
         cpus: Option<u32>,
+        /// Where to keep the overlay, QMP socket and serial log
+        /// (default: $XDG_STATE_HOME/drydock/boots/IMAGE-TIME).
+        #[arg(long, value_name = "DIR")]
+        dir: Option<PathBuf>,
+        /// Seconds the guest may take to answer on SSH before drydock gives up.
+        #[arg(long, value_name = "SECONDS", default_value_t = 600)]
+        wait: u64,
     },
     /// The whole pipeline: freeze, pull, upgrade in a local VM, verify, push, reboot.
     Upgrade {

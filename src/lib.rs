@@ -11,6 +11,7 @@ pub mod remote;
 pub mod ssh;
 pub mod transfer;
 pub mod ui;
+pub mod vm;
 
 use anyhow::Result;
 use serde::Serialize;
@@ -152,7 +153,27 @@ pub async fn run(cli: Cli) -> Result<()> {
             }
             s.close().await;
         }
-        Command::Boot { .. } => not_built("boot", "the local VM (QEMU over QMP)"),
+        Command::Boot {
+            image,
+            memory,
+            cpus,
+            dir,
+            wait,
+        } => {
+            let ui = Ui { json, yes: false };
+            let dir = match dir {
+                Some(d) => d,
+                None => vm::boot::default_dir(&image)?,
+            };
+            let opts = vm::boot::BootOptions {
+                image,
+                memory,
+                cpus,
+                dir,
+                ready_within: std::time::Duration::from_secs(wait),
+            };
+            vm::boot::boot(&opts, &ui).await?;
+        }
         Command::Upgrade { .. } => not_built("upgrade", "the whole pipeline"),
         Command::Resume { .. } => not_built("resume", "runs and their journal"),
         Command::Abort { .. } => not_built("abort", "runs and their journal"),
@@ -164,8 +185,8 @@ pub async fn run(cli: Cli) -> Result<()> {
 /// Said at run time, never pretended: these come with the QEMU half.
 fn not_built(cmd: &str, what: &str) -> ! {
     eprintln!(
-        "drydock {cmd}: not built yet in this version ({what} comes with the QEMU half); \
-         probe, freeze, thaw, pull and push work today"
+        "drydock {cmd}: not built yet in this version ({what} comes with the pipeline); \
+         probe, freeze, thaw, pull, push and boot work today"
     );
     std::process::exit(i32::from(errors::EXIT_FAILURE));
 }

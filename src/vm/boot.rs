@@ -1,0 +1,149 @@
+//! `drydock boot IMAGE`: a local VM of an image, for manual work on a copy
+//! of a server. The image is the backing file of a qcow2 overlay and is
+//! never written; Ctrl-C powers the guest off (deadline, then forced).
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use serde::Serialize;
+
+use super::{Accel, Vm, VmSpec, cmdline, create_overlay};
+use crate::ui::Ui;
+
+#[derive(Debug, Clone)]
+pub struct BootOptions {
+    pub image: PathBuf,
+    pub memory: String,
+    pub cpus: Option<u32>,
+    /// Where the overlay, QMP socket and serial log go.
+    pub dir: PathBuf,
+    /// How long the guest may take to answer on SSH.
+    pub ready_within: Duration,
+}
+
+#[derive(Debug, Serialize)]
+pub struct BootInfo {
+    pub ssh_port: u16,
+    pub ssh_command: String,
+    pub overlay: PathBuf,
+    pub serial_log: PathBuf,
+    pub accel: String,
+}
+
+/// Where `boot` keeps a VM's files: $XDG_STATE_HOME/drydock/boots/NAME-TIME.
+pub fn default_dir(image: &Path) -> Result<PathBuf> {
+    let state = std::env::var_os("XDG_STATE_HOME")
+        .map(PathBuf::from)
+        .or_else(|| std::env::home_dir().map(|h| h.join(".local/state")))
+        .context("cannot find a state directory ($XDG_STATE_HOME or $HOME)")?;
+    let stem = image
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "image".into());
+    let stamp = crate::transfer::now().replace(':', "");
+    Ok(state
+        .join("drydock/boots")
+        .join(format!("{stem}-{}", &stamp[..15.min(stamp.len())])))
+}
+
+fn free_port() -> Result<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port())
+}
+
+pub async fn boot(opts: &BootOptions, ui: &Ui) -> Result<()> {
+    use std::os::unix::fs::DirBuilderExt;
+    let memory_mib = cmdline::parse_memory(&opts.memory).with_context(|| {
+        format!(
+            "--memory {}: expected a size such as 4G or 2048M (at least 128M)",
+            opts.memory
+        )
+    })?;
+    if !opts.image.is_file() {
+        anyhow::bail!("{} is not an image file", opts.image.display());
+    }
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(&opts.dir)
+        .with_context(|| format!("cannot create {}", opts.dir.display()))?;
+    let accel = cmdline::detect_accel();
+    if accel == Accel::Tcg {
+        ui.say("warning: no usable KVM (no vmx/svm CPU flag, or /dev/kvm does not open): the VM runs under software emulation (TCG), several times slower");
+    }
+    let overlay = opts.dir.join("overlay.qcow2");
+    if !overlay.exists() {
+        create_overlay(&opts.image, &overlay)?;
+    }
+    let spec = VmSpec {
+        disk: overlay.clone(),
+        disk_format: "qcow2".into(),
+        memory_mib,
+        cpus: opts.cpus.unwrap_or_else(|| {
+            std::thread::available_parallelism()
+                .map(|n| n.get() as u32)
+                .unwrap_or(2)
+        }),
+        accel,
+        ssh_port: free_port()?,
+        qmp_socket: opts.dir.join("qmp.sock"),
+        serial_log: opts.dir.join("serial.log"),
+        mac: None,
+    };
+    let mut vm = Vm::start(spec, opts.dir.join("qemu.stderr")).await?;
+    ui.say(format!(
+        "booting {} ({} MiB, {} CPUs, {}); serial console in {}",
+        opts.image.display(),
+        memory_mib,
+        vm.spec.cpus,
+        if accel == Accel::Kvm { "KVM" } else { "TCG" },
+        vm.spec.serial_log.display()
+    ));
+    tokio::select! {
+        r = vm.wait_for_ssh(opts.ready_within) => r?,
+        _ = tokio::signal::ctrl_c() => {
+            ui.say("interrupted: powering the guest off");
+            vm.power_off(Duration::from_secs(60)).await?;
+            return Err(crate::errors::Interrupted("interrupted before the guest was up".into()).into());
+        }
+    }
+    let info = BootInfo {
+        ssh_port: vm.spec.ssh_port,
+        ssh_command: format!(
+            "ssh -p {} -o UserKnownHostsFile={} -o StrictHostKeyChecking=accept-new root@127.0.0.1",
+            vm.spec.ssh_port,
+            opts.dir.join("known_hosts").display()
+        ),
+        overlay,
+        serial_log: vm.spec.serial_log.clone(),
+        accel: format!("{accel:?}").to_lowercase(),
+    };
+    if ui.json {
+        println!("{}", serde_json::to_string(&info)?);
+    } else {
+        println!("{}", info.ssh_command);
+    }
+    ui.say(format!(
+        "the guest is up; changes go to {} (the image is not written). Ctrl-C powers it off.",
+        info.overlay.display()
+    ));
+    // Run until Ctrl-C or until the guest powers itself off.
+    loop {
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {
+                ui.say("powering the guest off (up to 60 s, then forced)");
+                let clean = vm.power_off(Duration::from_secs(60)).await?;
+                ui.say(if clean { "the guest powered off" } else { "the guest did not power off in time: QEMU was stopped" });
+                return Ok(());
+            }
+            _ = tokio::time::sleep(Duration::from_millis(500)) => {
+                if !vm.is_running() {
+                    ui.say("the guest powered off");
+                    return Ok(());
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,220 @@
+//! The local VM: QEMU started in its own process group and owned by a
+//! guard (no QEMU outlives drydock), controlled over QMP, reached over SSH
+//! through a port forward on 127.0.0.1.
+
+pub mod boot;
+pub mod cmdline;
+pub mod qmp;
+
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+
+pub use cmdline::{Accel, VmSpec};
+use qmp::Qmp;
+
+pub const QEMU: &str = "qemu-system-x86_64";
+
+/// The last lines of the serial console, for errors.
+pub fn serial_tail(path: &Path, lines: usize) -> String {
+    let text = std::fs::read(path).unwrap_or_default();
+    let text = String::from_utf8_lossy(&text);
+    let all: Vec<&str> = text.lines().filter(|l| !l.trim().is_empty()).collect();
+    let start = all.len().saturating_sub(lines);
+    if all.is_empty() {
+        return "(nothing was printed on the serial console)".to_string();
+    }
+    all[start..].join("\n  ")
+}
+
+pub struct Vm {
+    child: Option<tokio::process::Child>,
+    pub qmp: Qmp,
+    pub spec: VmSpec,
+    stderr_log: PathBuf,
+}
+
+impl Vm {
+    /// Start QEMU and connect to its QMP socket.
+    pub async fn start(spec: VmSpec, stderr_log: PathBuf) -> Result<Vm> {
+        let args = cmdline::qemu_args(&spec);
+        tracing::debug!(
+            "{QEMU} {}",
+            args.iter()
+                .map(|a| a.to_string_lossy())
+                .collect::<Vec<_>>()
+                .join(" ")
+        );
+        let _ = std::fs::remove_file(&spec.qmp_socket);
+        let stderr = std::fs::File::create(&stderr_log)
+            .with_context(|| format!("cannot create {}", stderr_log.display()))?;
+        let mut cmd = std::process::Command::new(QEMU);
+        cmd.args(&args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(stderr)
+            // Its own process group: Ctrl-C reaches drydock, which then
+            // powers the guest off cleanly instead of QEMU dying mid-write.
+            .process_group(0);
+        let mut child = tokio::process::Command::from(cmd)
+            .kill_on_drop(true)
+            .spawn()
+            .with_context(|| format!("cannot start {QEMU} (is qemu-system-x86 installed?)"))?;
+
+        // Readiness: QEMU alive first, then its socket, with a deadline.
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Some(status) = child.try_wait()? {
+                bail!(
+                    "{QEMU} exited at start ({status}); it said:\n  {}",
+                    std::fs::read_to_string(&stderr_log)
+                        .unwrap_or_default()
+                        .trim()
+                        .replace('\n', "\n  ")
+                );
+            }
+            if spec.qmp_socket.exists() {
+                break;
+            }
+            if Instant::now() > deadline {
+                bail!(
+                    "{QEMU} did not open its QMP socket {} within 30 s",
+                    spec.qmp_socket.display()
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let qmp = Qmp::connect(&spec.qmp_socket).await?;
+        Ok(Vm {
+            child: Some(child),
+            qmp,
+            spec,
+            stderr_log,
+        })
+    }
+
+    pub fn is_running(&mut self) -> bool {
+        matches!(self.child.as_mut().map(|c| c.try_wait()), Some(Ok(None)))
+    }
+
+    /// The guest's run state as QEMU reports it ("running", "paused", ...).
+    pub async fn status(&mut self) -> Result<String> {
+        let st = self.qmp.execute(qapi::qmp::query_status {}).await?;
+        Ok(serde_json::to_value(st.status)?
+            .as_str()
+            .unwrap_or("?")
+            .to_string())
+    }
+
+    /// Ask the guest to power off (ACPI), wait up to `deadline`; then make
+    /// QEMU quit; then kill it. Returns true when the guest shut down itself.
+    pub async fn power_off(&mut self, deadline: Duration) -> Result<bool> {
+        let Some(child) = self.child.as_mut() else {
+            return Ok(true);
+        };
+        if child.try_wait()?.is_some() {
+            self.child = None;
+            return Ok(true);
+        }
+        let _ = self.qmp.execute(qapi::qmp::system_powerdown {}).await;
+        let clean = tokio::time::timeout(deadline, child.wait()).await.is_ok();
+        if !clean {
+            tracing::warn!(
+                "the guest did not power off within {}s; stopping QEMU",
+                deadline.as_secs()
+            );
+            let _ = self.qmp.execute(qapi::qmp::quit {}).await;
+            if tokio::time::timeout(Duration::from_secs(10), child.wait())
+                .await
+                .is_err()
+            {
+                let _ = child.kill().await;
+            }
+        }
+        self.child = None;
+        Ok(clean)
+    }
+
+    /// Wait until the guest's sshd answers on the forwarded port (its banner).
+    pub async fn wait_for_ssh(&mut self, deadline: Duration) -> Result<()> {
+        let until = Instant::now() + deadline;
+        loop {
+            if !self.is_running() {
+                bail!(
+                    "the guest stopped before its SSH server answered; QEMU said: {}\n  serial console (last lines):\n  {}",
+                    std::fs::read_to_string(&self.stderr_log)
+                        .unwrap_or_default()
+                        .trim(),
+                    serial_tail(&self.spec.serial_log, 25)
+                );
+            }
+            if ssh_banner(self.spec.ssh_port).await {
+                return Ok(());
+            }
+            if Instant::now() > until {
+                bail!(
+                    "the guest's SSH server did not answer within {}s; serial console (last lines):\n  {}",
+                    deadline.as_secs(),
+                    serial_tail(&self.spec.serial_log, 25)
+                );
+            }
+            tokio::time::sleep(Duration::from_secs(1)).await;
+        }
+    }
+}
+
+/// QEMU's user network accepts the forwarded connection at once even when
+/// nothing listens in the guest; only an SSH banner proves sshd is up.
+async fn ssh_banner(port: u16) -> bool {
+    use tokio::io::AsyncReadExt;
+    let Ok(Ok(mut s)) = tokio::time::timeout(
+        Duration::from_secs(2),
+        tokio::net::TcpStream::connect(("127.0.0.1", port)),
+    )
+    .await
+    else {
+        return false;
+    };
+    let mut buf = [0u8; 4];
+    matches!(
+        tokio::time::timeout(Duration::from_secs(3), s.read_exact(&mut buf)).await,
+        Ok(Ok(_)) if &buf == b"SSH-"
+    )
+}
+
+impl Drop for Vm {
+    fn drop(&mut self) {
+        if let Some(child) = self.child.as_mut()
+            && let Some(pid) = child.id()
+        {
+            // The whole group: QEMU and anything it started.
+            let _ = rustix::process::kill_process_group(
+                rustix::process::Pid::from_raw(pid as i32).expect("a child's pid is positive"),
+                rustix::process::Signal::KILL,
+            );
+        }
+    }
+}
+
+/// A qcow2 overlay whose backing file is `base` (never written).
+pub fn create_overlay(base: &Path, overlay: &Path) -> Result<()> {
+    let base_abs = std::fs::canonicalize(base)
+        .with_context(|| format!("cannot find the image {}", base.display()))?;
+    let out = std::process::Command::new("qemu-img")
+        .args(["create", "-q", "-f", "qcow2", "-F", "raw", "-b"])
+        .arg(&base_abs)
+        .arg(overlay)
+        .output()
+        .context("cannot run qemu-img (is qemu-utils installed?)")?;
+    if !out.status.success() {
+        bail!(
+            "qemu-img could not create the overlay {}: {}",
+            overlay.display(),
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(())
+}
