@@ -118,17 +118,37 @@ pub enum Command {
     Upgrade {
         #[command(flatten)]
         conn: Conn,
-        /// The target release: debian-13, nixos-23.11, ...
+        /// The target release: debian-13 (or trixie), nixos-23.11, ...
         #[arg(long)]
         to: Option<String>,
         /// Run this command in the local VM instead of a release upgrade.
-        #[arg(long, value_name = "COMMAND")]
+        #[arg(long, value_name = "COMMAND", conflicts_with = "to")]
         run: Option<String>,
+        /// The disk (default: the disk that holds /).
+        #[arg(long, value_name = "DEV")]
+        device: Option<String>,
+        /// Worker VM memory.
+        #[arg(long, default_value = "4G")]
+        memory: String,
+        /// Worker VM CPUs (default: this machine's).
+        #[arg(long)]
+        cpus: Option<u32>,
+        /// Do not ask before the freeze and the push.
+        #[arg(long, short = 'y')]
+        yes: bool,
     },
-    /// Continue an interrupted run.
-    Resume { run: String },
+    /// Continue an interrupted run (a run folder, or its name from `drydock runs`).
+    Resume {
+        run: String,
+        #[arg(long, short = 'y')]
+        yes: bool,
+    },
     /// Give the VPS back as it was before the run.
-    Abort { run: String },
+    Abort {
+        run: String,
+        #[arg(long, short = 'y')]
+        yes: bool,
+    },
     /// List runs and where each stands.
     Runs,
 }

@@ -6,6 +6,8 @@
 pub mod cli;
 pub mod errors;
 pub mod image;
+pub mod pipeline;
+pub mod recipes;
 pub mod releases;
 pub mod remote;
 pub mod ssh;
@@ -13,7 +15,7 @@ pub mod transfer;
 pub mod ui;
 pub mod vm;
 
-use anyhow::Result;
+use anyhow::{Context, Result};
 use serde::Serialize;
 
 use cli::{Cli, Command, Conn};
@@ -174,19 +176,77 @@ pub async fn run(cli: Cli) -> Result<()> {
             };
             vm::boot::boot(&opts, &ui).await?;
         }
-        Command::Upgrade { .. } => not_built("upgrade", "the whole pipeline"),
-        Command::Resume { .. } => not_built("resume", "runs and their journal"),
-        Command::Abort { .. } => not_built("abort", "runs and their journal"),
-        Command::Runs => not_built("runs", "runs and their journal"),
+        Command::Upgrade {
+            conn,
+            to,
+            run,
+            device,
+            memory,
+            cpus,
+            yes,
+        } => {
+            let ui = Ui { json, yes };
+            let memory_mib = vm::cmdline::parse_memory(&memory).with_context(|| {
+                format!("--memory {memory}: expected a size such as 4G or 2048M")
+            })?;
+            let req = pipeline::Request {
+                host: conn.host,
+                identity: conn.identity,
+                accept_new_host_key: conn.accept_new_host_key,
+                device,
+                to,
+                run,
+                memory_mib,
+                cpus: cpus.unwrap_or_else(default_cpus),
+            };
+            let r = pipeline::start(&req, &ui).await?;
+            print_report(&r, json)?;
+        }
+        Command::Resume { run, yes } => {
+            let ui = Ui { json, yes };
+            let dir = pipeline::journal::find_run(&run)?;
+            let r = pipeline::resume(&dir, &ui).await?;
+            print_report(&r, json)?;
+        }
+        Command::Abort { run, yes } => {
+            let ui = Ui { json, yes };
+            let dir = pipeline::journal::find_run(&run)?;
+            pipeline::abort(&dir, &ui).await?;
+            if !json {
+                println!("run {} aborted", dir.display());
+            }
+        }
+        Command::Runs => {
+            let runs = pipeline::list()?;
+            if json {
+                let v: Vec<_> = runs
+                    .iter()
+                    .map(|(p, j)| serde_json::json!({"run": p, "host": j.host, "state": j.where_it_stands(), "created_at": j.created_at}))
+                    .collect();
+                print_json(&v)?;
+            } else if runs.is_empty() {
+                println!("no runs in {}", pipeline::journal::runs_dir()?.display());
+            } else {
+                for (p, j) in runs {
+                    println!("{}  {}  {}", p.display(), j.host, j.where_it_stands());
+                }
+            }
+        }
     }
     Ok(())
 }
 
-/// Said at run time, never pretended: these come with the QEMU half.
-fn not_built(cmd: &str, what: &str) -> ! {
-    eprintln!(
-        "drydock {cmd}: not built yet in this version ({what} comes with the pipeline); \
-         probe, freeze, thaw, pull, push and boot work today"
-    );
-    std::process::exit(i32::from(errors::EXIT_FAILURE));
+fn default_cpus() -> u32 {
+    std::thread::available_parallelism()
+        .map(|n| n.get() as u32)
+        .unwrap_or(2)
+}
+
+fn print_report(r: &pipeline::Report, json: bool) -> Result<()> {
+    if json {
+        print_json(r)
+    } else {
+        print!("{}", r.human());
+        Ok(())
+    }
 }

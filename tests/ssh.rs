@@ -691,7 +691,13 @@ fn a_pull_cut_mid_transfer_resumes_where_it_stopped() {
         "resumed at {resumed}"
     );
     assert_stderr(&o, "resuming the pull of");
-    assert_eq!(j["bytes_received"].as_u64().unwrap(), size - resumed);
+    // Only what was missing crossed the wire again (plus a header a segment).
+    let received = j["bytes_received"].as_u64().unwrap();
+    assert!(
+        received >= size - resumed && received < size - resumed + 8192,
+        "received {received} for {} missing bytes",
+        size - resumed
+    );
     assert_eq!(sha256_file(&img), sha256_file(&dev));
     assert!(!t.path().join("image.pull").exists());
 }

@@ -167,3 +167,241 @@ fn a_guest_that_never_answers_is_reported_with_its_serial_console() {
     );
     assert!(!qemu_running_in(&dir), "QEMU outlived drydock boot");
 }
+
+/// The fixture booted as "the VPS" (1 GB RAM, one CPU, SSH on a loopback
+/// port) with `drydock boot`: a qcow2 overlay, so the fixture is untouched.
+struct Vps {
+    child: std::process::Child,
+    port: u16,
+    key: PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+impl Vps {
+    fn start(release: u32) -> Vps {
+        let (img, key) = fixture(release);
+        let dir = tempdir();
+        let mut child = Command::new(env!("CARGO_BIN_EXE_drydock"))
+            .args([
+                "boot",
+                img.to_str().unwrap(),
+                "--memory",
+                "1G",
+                "--cpus",
+                "2",
+                "--json",
+                "--dir",
+            ])
+            .arg(dir.path().join("vps"))
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let mut line = String::new();
+        BufReader::new(child.stdout.take().unwrap())
+            .read_line(&mut line)
+            .unwrap();
+        let info: serde_json::Value = serde_json::from_str(&line).expect("the VPS did not come up");
+        Vps {
+            child,
+            port: info["ssh_port"].as_u64().unwrap() as u16,
+            key,
+            _dir: dir,
+        }
+    }
+
+    fn host(&self) -> String {
+        format!("root@127.0.0.1:{}", self.port)
+    }
+
+    fn ssh(&self, cmd: &str) -> String {
+        let o = ssh_guest(self.port, &self.key, cmd);
+        assert!(
+            o.status.success(),
+            "`{cmd}` on the VPS failed: {}",
+            stderr(&o)
+        );
+        stdout(&o)
+    }
+
+    /// drydock as a user of this VPS: its own HOME and state folder.
+    fn drydock(&self, home: &std::path::Path, args: &[&str]) -> Command {
+        let mut c = Command::new(env!("CARGO_BIN_EXE_drydock"));
+        c.args(args)
+            .env("HOME", home)
+            .env("XDG_STATE_HOME", home.join("state"))
+            .env_remove("SSH_AUTH_SOCK")
+            .stdin(Stdio::null());
+        c
+    }
+}
+
+impl Drop for Vps {
+    fn drop(&mut self) {
+        let _ = Command::new("kill")
+            .args(["-INT", &self.child.id().to_string()])
+            .status();
+        let t0 = Instant::now();
+        while self.child.try_wait().unwrap().is_none() && t0.elapsed() < Duration::from_secs(120) {
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+const CHANGE: &str =
+    "echo 'upgraded offline by drydock' > /etc/drydock-was-here && rm -f /etc/motd";
+
+#[test]
+fn upgrade_with_run_goes_end_to_end_and_the_vps_comes_back_changed() {
+    let vps = Vps::start(12);
+    let home = tempdir();
+    let boot_before = vps.ssh("cat /proc/sys/kernel/random/boot_id");
+    assert!(vps.ssh("cat /etc/motd").contains("Debian"));
+
+    let o = vps
+        .drydock(
+            home.path(),
+            &[
+                "upgrade",
+                &vps.host(),
+                "-i",
+                vps.key.to_str().unwrap(),
+                "--accept-new-host-key",
+                "--run",
+                CHANGE,
+                "--yes",
+                "--memory",
+                "2G",
+                "--cpus",
+                "2",
+                "--json",
+            ],
+        )
+        .output()
+        .unwrap();
+    assert_exit(&o, 0);
+    let r = json(&o);
+    eprintln!("{}", serde_json::to_string_pretty(&r).unwrap());
+
+    // What a user checks on the VPS afterwards: the change, a new boot, rw again.
+    assert_eq!(
+        vps.ssh("cat /etc/drydock-was-here").trim(),
+        "upgraded offline by drydock"
+    );
+    assert_eq!(
+        vps.ssh("test -e /etc/motd && echo yes || echo no").trim(),
+        "no"
+    );
+    assert_ne!(vps.ssh("cat /proc/sys/kernel/random/boot_id"), boot_before);
+    assert_eq!(
+        vps.ssh("grep ' / ' /proc/self/mounts | cut -d' ' -f4 | cut -d, -f1")
+            .trim(),
+        "rw"
+    );
+    assert_eq!(r["os_after"], "Debian GNU/Linux 12 (bookworm)");
+    assert!(r["bytes_pushed"].as_u64().unwrap() > 0);
+    assert!(
+        r["bytes_pushed"].as_u64().unwrap() < r["bytes_pulled"].as_u64().unwrap() / 4,
+        "a delta push moves little"
+    );
+    assert!(r["downtime_seconds"].as_f64().unwrap() > 0.0);
+
+    let o = vps.drydock(home.path(), &["runs"]).output().unwrap();
+    assert_exit(&o, 0);
+    assert!(
+        stdout(&o).contains(&format!("{}  done", vps.host())),
+        "{}",
+        stdout(&o)
+    );
+}
+
+#[test]
+fn a_run_killed_during_the_upgrade_resumes_to_the_end() {
+    let vps = Vps::start(12);
+    let home = tempdir();
+    // Slow enough to be killed in the middle of.
+    let cmd = format!("sleep 20; {CHANGE}");
+    let mut child = vps
+        .drydock(
+            home.path(),
+            &[
+                "upgrade",
+                &vps.host(),
+                "-i",
+                vps.key.to_str().unwrap(),
+                "--accept-new-host-key",
+                "--run",
+                &cmd,
+                "--yes",
+                "--memory",
+                "2G",
+                "--cpus",
+                "2",
+            ],
+        )
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Wait for the worker VM to be running the command.
+    let runs = home.path().join("state/drydock/runs");
+    let t0 = Instant::now();
+    let run_dir = loop {
+        let found = std::fs::read_dir(&runs)
+            .ok()
+            .and_then(|mut d| d.next())
+            .and_then(|e| e.ok())
+            .map(|e| e.path());
+        if let Some(d) = found
+            && std::fs::read_to_string(d.join("run.log"))
+                .map(|l| l.contains("sleep 20"))
+                .unwrap_or(false)
+        {
+            break d;
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(900),
+            "the run never reached the upgrade step"
+        );
+        assert!(child.try_wait().unwrap().is_none(), "drydock ended early");
+        std::thread::sleep(Duration::from_millis(500));
+    };
+    // Killed outright: no chance to clean up. The worker VM must die with it.
+    child.kill().unwrap();
+    child.wait().unwrap();
+    std::thread::sleep(Duration::from_secs(2));
+    assert!(
+        !qemu_running_in(&run_dir),
+        "the worker VM outlived a killed drydock"
+    );
+    let j: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(run_dir.join("journal.json")).unwrap())
+            .unwrap();
+    let done: Vec<&str> = j["done"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["step"].as_str().unwrap())
+        .collect();
+    assert_eq!(done, vec!["probe", "freeze", "pull"]);
+    // The VPS is still frozen, waiting.
+    assert_eq!(
+        vps.ssh("grep ' / ' /proc/self/mounts | cut -d' ' -f4 | cut -d, -f1")
+            .trim(),
+        "ro"
+    );
+
+    let o = vps
+        .drydock(home.path(), &["resume", run_dir.to_str().unwrap(), "--yes"])
+        .output()
+        .unwrap();
+    assert_exit(&o, 0);
+    assert_stderr(&o, "resuming");
+    assert_eq!(
+        vps.ssh("cat /etc/drydock-was-here").trim(),
+        "upgraded offline by drydock"
+    );
+}

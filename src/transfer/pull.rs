@@ -1,11 +1,9 @@
 //! `drydock pull` in dd mode: the disk streamed over one exec channel into a
-//! sparse local image, every 64 MiB segment hashed on the VPS by a second
-//! reader running beside the sender (the two read the same range together,
-//! so the page cache serves one of them; measured faster than a `tee` into
-//! the hasher) and compared with the hash of what arrived. Verified segments are appended to
+//! sparse local image. Every 16 MiB segment is hashed on the VPS before it
+//! is sent, a segment of zeros is not sent at all, and the hash of what
+//! arrived is compared with the VPS's. Verified segments are appended to
 //! `IMAGE.pull`; an interrupted pull resumes after the last of them.
 
-use std::collections::HashMap;
 use std::fs::{File, OpenOptions};
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
@@ -22,6 +20,7 @@ use serde::{Deserialize, Serialize};
 use crate::errors::Interrupted;
 use crate::image::manifest::{
     BLOCK_SIZE, Manifest, SEGMENT_BLOCKS, SegmentHasher, Source, block_count, block_len, is_zero,
+    zero_hash,
 };
 use crate::remote::Facts;
 use crate::remote::device::{self, Device};
@@ -131,25 +130,39 @@ fn read_state(path: &Path) -> Result<Option<(PullHeader, Vec<Verified>)>> {
     Ok(Some((header, segs)))
 }
 
-/// The remote half: read blocks [start, end) of $DEV to stdout, and for each
-/// segment print `H first count hash` on stderr, hashed from the same read.
-fn remote_script(dev: &str, start: u64, end: u64) -> String {
+/// The remote half. For each segment of blocks [start, end) it reads and
+/// hashes the segment first; a segment whose hash is that of zeros is sent
+/// as a header alone (`Z first count`), any other as `D first count hash`
+/// followed by its bytes (a second read, from the page cache). Headers are
+/// in-band on stdout, so the local side always knows what the next bytes
+/// are. The hasher is chosen by measuring both on the host: openssl wins
+/// where SHA-NI runs natively, sha256sum under emulation.
+fn remote_script(dev: &str, start: u64, end: u64, zfull: &str, zlast: &str) -> String {
     format!(
-        r#"export LC_ALL=C; DEV={dev}; BS={bs}; SEG={seg}; i={start}; END={end}
-if command -v openssl >/dev/null 2>&1 && echo | openssl dgst -sha256 -r >/dev/null 2>&1; then H="openssl dgst -sha256 -r"; else H=sha256sum; fi
+        r#"export LC_ALL=C; DEV={dev}; BS={bs}; SEG={seg}; i={start}; END={end}; ZFULL={zfull}; ZLAST={zlast}
+H=sha256sum
+if command -v openssl >/dev/null 2>&1 && echo | openssl dgst -sha256 -r >/dev/null 2>&1; then
+  H="openssl dgst -sha256 -r"
+  t0=$(date +%s%N 2>/dev/null)
+  case "$t0" in *N*|"") ;; *)
+    head -c 16777216 /dev/zero | openssl dgst -sha256 -r >/dev/null; t1=$(date +%s%N)
+    head -c 16777216 /dev/zero | sha256sum >/dev/null; t2=$(date +%s%N)
+    if command -v sha256sum >/dev/null 2>&1 && [ $((t2 - t1)) -lt $((t1 - t0)) ]; then H=sha256sum; fi ;;
+  esac
+fi
 echo "hasher $H" >&2
 Q=; dd if=/dev/null of=/dev/null status=none 2>/dev/null && Q=status=none
-T=$(mktemp -d /dev/shm/drydock.XXXXXX 2>/dev/null || mktemp -d /run/drydock.XXXXXX 2>/dev/null || mktemp -d) || exit 1
-trap 'rm -rf "$T"' EXIT
 while [ "$i" -lt "$END" ]; do
   n=$SEG; [ $((i + n)) -gt "$END" ] && n=$((END - i))
-  dd if="$DEV" bs=$BS skip=$i count=$n $Q | $H > "$T/h" &
-  hp=$!
-  dd if="$DEV" bs=$BS skip=$i count=$n $Q 2>"$T/e"
-  wait $hp || {{ echo "hashing failed at block $i" >&2; exit 1; }}
-  if [ -s "$T/e" ]; then cat "$T/e" >&2; exit 1; fi
-  read h _ < "$T/h"
-  echo "H $i $n $h" >&2
+  h=$(dd if="$DEV" bs=$BS skip=$i count=$n $Q | $H) || exit 1
+  h=${{h%% *}}
+  z=$ZFULL; [ $((i + n)) -eq "$END" ] && z=$ZLAST
+  if [ "$h" = "$z" ]; then
+    printf 'Z %s %s\n' "$i" "$n"
+  else
+    printf 'D %s %s %s\n' "$i" "$n" "$h"
+    dd if="$DEV" bs=$BS skip=$i count=$n $Q || exit 1
+  fi
   i=$((i + n))
 done
 "#,
@@ -159,14 +172,18 @@ done
     )
 }
 
-enum Work {
-    Data(Bytes),
-    RemoteHash { first_block: u64, hash: String },
+/// What the next bytes of the stream are.
+enum Expect {
+    Header(Vec<u8>),
+    /// Data of the segment starting at `first`, whose host hash is `hash`.
+    Data {
+        hash: String,
+    },
 }
 
 /// The local half, on its own thread (hashing and disk writes are blocking
-/// work): assemble blocks, hash them, write the non-zero ones, and record a
-/// segment once the VPS's hash of it has arrived and matches.
+/// work): parse headers, assemble blocks, hash them, write the non-zero
+/// ones, and record a segment once its hash matches the host's.
 struct Writer {
     image: File,
     state: File,
@@ -175,8 +192,9 @@ struct Writer {
     buf: Vec<u8>,
     seg: SegmentHasher,
     seg_first: u64,
-    local: HashMap<u64, (String, Vec<String>)>,
-    remote: HashMap<u64, String>,
+    expect: Expect,
+    /// Blocks received or known zero (for the progress bar).
+    covered: Arc<AtomicU64>,
     /// Blocks verified and durable (what a resume would skip).
     verified_blocks: Arc<AtomicU64>,
     /// Blocks verified, durable or not yet.
@@ -188,17 +206,78 @@ struct Writer {
 impl Writer {
     fn feed(&mut self, mut data: &[u8]) -> Result<()> {
         while !data.is_empty() {
-            if self.next_block >= self.end_block {
-                bail!("the host sent more data than the disk holds");
-            }
-            let want = block_len(self.size, self.next_block) as usize;
-            let take = (want - self.buf.len()).min(data.len());
-            self.buf.extend_from_slice(&data[..take]);
-            data = &data[take..];
-            if self.buf.len() == want {
-                self.block_done()?;
+            match &mut self.expect {
+                Expect::Header(line) => {
+                    let nl = data.iter().position(|&b| b == b'\n');
+                    let take = nl.map(|p| p + 1).unwrap_or(data.len());
+                    line.extend_from_slice(&data[..take]);
+                    data = &data[take..];
+                    if line.len() > 200 {
+                        bail!("the host sent something that is not a drydock stream");
+                    }
+                    if nl.is_some() {
+                        let text = String::from_utf8_lossy(line).trim_end().to_string();
+                        self.header(&text)?;
+                    }
+                }
+                Expect::Data { .. } => {
+                    let want = block_len(self.size, self.next_block) as usize;
+                    let take = (want - self.buf.len()).min(data.len());
+                    self.buf.extend_from_slice(&data[..take]);
+                    data = &data[take..];
+                    if self.buf.len() == want {
+                        self.block_done()?;
+                    }
+                }
             }
         }
+        Ok(())
+    }
+
+    fn segment_end(&self, first: u64) -> u64 {
+        (first + SEGMENT_BLOCKS).min(self.end_block)
+    }
+
+    fn header(&mut self, text: &str) -> Result<()> {
+        let w: Vec<&str> = text.split(' ').collect();
+        let first: u64 = w.get(1).and_then(|x| x.parse().ok()).unwrap_or(u64::MAX);
+        if first != self.seg_first {
+            bail!(
+                "the host's stream is out of order (expected block {}, got '{text}')",
+                self.seg_first
+            );
+        }
+        match w[..] {
+            ["Z", _, _] => {
+                // A segment of zeros: nothing was sent; make sure the image
+                // holds zeros there (a hole), even over an earlier attempt.
+                let end = self.segment_end(first);
+                let off = first * BLOCK_SIZE;
+                let len = (end * BLOCK_SIZE).min(self.size) - off;
+                rustix::fs::fallocate(
+                    &self.image,
+                    rustix::fs::FallocateFlags::PUNCH_HOLE | rustix::fs::FallocateFlags::KEEP_SIZE,
+                    off,
+                    len,
+                )
+                .context("cannot punch a hole in the local image")?;
+                let blocks = (first..end)
+                    .map(|b| hex::encode(zero_hash(block_len(self.size, b))))
+                    .collect();
+                self.next_block = end;
+                self.seg_first = end;
+                self.covered.store(end, Ordering::Relaxed);
+                self.verified(first, hex::encode(zero_hash(len)), blocks)?;
+            }
+            ["D", _, _, hash] => {
+                self.expect = Expect::Data {
+                    hash: hash.to_string(),
+                };
+                return Ok(());
+            }
+            _ => bail!("the host sent a header drydock does not understand: '{text}'"),
+        }
+        self.expect = Expect::Header(Vec::new());
         Ok(())
     }
 
@@ -212,49 +291,40 @@ impl Writer {
         self.seg.add_block(&self.buf);
         self.buf.clear();
         self.next_block += 1;
-        if self.next_block.is_multiple_of(SEGMENT_BLOCKS) || self.next_block == self.end_block {
-            let done = std::mem::take(&mut self.seg).finish();
-            self.local.insert(self.seg_first, done);
+        self.covered.store(self.next_block, Ordering::Relaxed);
+        if self.next_block == self.segment_end(self.seg_first) {
+            let (local, blocks) = std::mem::take(&mut self.seg).finish();
+            let Expect::Data { hash } =
+                std::mem::replace(&mut self.expect, Expect::Header(Vec::new()))
+            else {
+                unreachable!("blocks only arrive as data");
+            };
+            let first = self.seg_first;
+            if local != hash {
+                bail!(
+                    "the data received for bytes {}.. does not match what the host read \
+                     (host {hash}, here {local}); nothing after the last verified segment was kept: \
+                     run the same command again",
+                    first * BLOCK_SIZE
+                );
+            }
             self.seg_first = self.next_block;
-            self.settle()?;
+            self.verified(first, local, blocks)?;
         }
         Ok(())
     }
 
-    fn remote_hash(&mut self, first: u64, hash: String) -> Result<()> {
-        self.remote.insert(first, hash);
-        self.settle()
-    }
-
-    /// Record, in order, every segment whose two hashes are both known.
-    fn settle(&mut self) -> Result<()> {
-        loop {
-            let first = self.verified_upto;
-            let (Some(local), Some(remote)) = (self.local.get(&first), self.remote.get(&first))
-            else {
-                return Ok(());
-            };
-            if local.0 != *remote {
-                bail!(
-                    "the data received for bytes {}.. does not match what the host read \
-                     (host {remote}, here {}); nothing after the last verified segment was kept: \
-                     run the same command again",
-                    first * BLOCK_SIZE,
-                    local.0
-                );
-            }
-            let (segment, blocks) = self.local.remove(&first).expect("present");
-            self.remote.remove(&first);
-            self.verified_upto = first + blocks.len() as u64;
-            self.pending.push(Verified {
-                first_block: first,
-                segment,
-                blocks,
-            });
-            if self.pending.len() >= FLUSH_SEGMENTS {
-                self.flush()?;
-            }
+    fn verified(&mut self, first: u64, segment: String, blocks: Vec<String>) -> Result<()> {
+        self.verified_upto = first + blocks.len() as u64;
+        self.pending.push(Verified {
+            first_block: first,
+            segment,
+            blocks,
+        });
+        if self.pending.len() >= FLUSH_SEGMENTS {
+            self.flush()?;
         }
+        Ok(())
     }
 
     /// Make the verified segments durable: image data first, then the
@@ -279,8 +349,8 @@ impl Writer {
 }
 
 /// Verified segments are made durable in batches of this many (1 GiB):
-/// an fsync per 64 MiB segment would cost more than the hashing.
-const FLUSH_SEGMENTS: usize = 16;
+/// an fsync per 16 MiB segment would cost more than the hashing.
+const FLUSH_SEGMENTS: usize = 64;
 
 pub async fn pull(
     session: &Session,
@@ -390,7 +460,8 @@ pub async fn pull(
 
     if start_block < end_block {
         // 64 messages of at most 255 KiB: 16 MiB in flight at most.
-        let (tx, mut rx) = tokio::sync::mpsc::channel::<Work>(64);
+        let (tx, mut rx) = tokio::sync::mpsc::channel::<Bytes>(64);
+        let covered = Arc::new(AtomicU64::new(start_block));
         let mut writer = Writer {
             image: image_file,
             state,
@@ -399,8 +470,8 @@ pub async fn pull(
             buf: Vec::with_capacity(BLOCK_SIZE as usize),
             seg: SegmentHasher::default(),
             seg_first: start_block,
-            local: HashMap::new(),
-            remote: HashMap::new(),
+            expect: Expect::Header(Vec::new()),
+            covered: covered.clone(),
             verified_blocks: verified.clone(),
             verified_upto: start_block,
             pending: Vec::new(),
@@ -408,11 +479,8 @@ pub async fn pull(
         };
         let worker = std::thread::spawn(move || -> Result<()> {
             let mut res = Ok(());
-            while let Some(w) = rx.blocking_recv() {
-                res = match w {
-                    Work::Data(d) => writer.feed(&d),
-                    Work::RemoteHash { first_block, hash } => writer.remote_hash(first_block, hash),
-                };
+            while let Some(d) = rx.blocking_recv() {
+                res = writer.feed(&d);
                 if res.is_err() {
                     break;
                 }
@@ -425,12 +493,19 @@ pub async fn pull(
         let bar = ui.bytes_bar(dev.size, "pull");
         bar.set_position(resumed_at);
         let mut channel = session
-            .open_exec(&remote_script(&dev.path, start_block, end_block))
+            .open_exec(&remote_script(
+                &dev.path,
+                start_block,
+                end_block,
+                &hex::encode(zero_hash(SEGMENT_BLOCKS * BLOCK_SIZE)),
+                &hex::encode(zero_hash(
+                    dev.size - (end_block - 1) / SEGMENT_BLOCKS * SEGMENT_BLOCKS * BLOCK_SIZE,
+                )),
+            ))
             .await?;
         let mut partial_line = String::new();
         let ctrl_c = tokio::signal::ctrl_c();
         tokio::pin!(ctrl_c);
-        let mut worker_gone = false;
         loop {
             tokio::select! {
                 msg = channel.wait() => {
@@ -438,8 +513,8 @@ pub async fn pull(
                     match msg {
                         ChannelMsg::Data { data } => {
                             received += data.len() as u64;
-                            bar.inc(data.len() as u64);
-                            if tx.send(Work::Data(data)).await.is_err() {
+                            bar.set_position((covered.load(Ordering::Relaxed) * BLOCK_SIZE).min(dev.size));
+                            if tx.send(data).await.is_err() {
                                 break;
                             }
                         }
@@ -448,15 +523,7 @@ pub async fn pull(
                             while let Some(nl) = partial_line.find('\n') {
                                 let line: String = partial_line.drain(..=nl).collect();
                                 let line = line.trim_end();
-                                if let Some(rest) = line.strip_prefix("H ") {
-                                    let w: Vec<&str> = rest.split(' ').collect();
-                                    if let [first, _n, hash] = w[..] {
-                                        let first_block = first.parse().context("bad hash line from the host")?;
-                                        if tx.send(Work::RemoteHash { first_block, hash: hash.to_string() }).await.is_err() {
-                                            worker_gone = true;
-                                        }
-                                    }
-                                } else if let Some(h) = line.strip_prefix("hasher ") {
+                                if let Some(h) = line.strip_prefix("hasher ") {
                                     hasher = h.to_string();
                                 } else {
                                     stderr_text.push_str(line);
@@ -470,7 +537,6 @@ pub async fn pull(
                         }
                         _ => {}
                     }
-                    if worker_gone { break; }
                 }
                 _ = &mut ctrl_c => {
                     interrupted = true;

@@ -59,6 +59,17 @@ impl Vm {
             // Its own process group: Ctrl-C reaches drydock, which then
             // powers the guest off cleanly instead of QEMU dying mid-write.
             .process_group(0);
+        // And if drydock itself is killed (SIGKILL, a crash), the kernel
+        // kills QEMU: no VM outlives drydock.
+        // SAFETY: prctl is async-signal-safe and touches no Rust state.
+        unsafe {
+            cmd.pre_exec(|| {
+                rustix::process::set_parent_process_death_signal(Some(
+                    rustix::process::Signal::KILL,
+                ))
+                .map_err(std::io::Error::from)
+            });
+        }
         let mut child = tokio::process::Command::from(cmd)
             .kill_on_drop(true)
             .spawn()
