@@ -136,6 +136,7 @@ pub async fn run(cli: Cli) -> Result<()> {
                 image,
                 device,
                 full,
+                frozen_boot_id: None,
             };
             let r = transfer::push::push(&s, &facts, &opts, &ui).await?;
             if json {

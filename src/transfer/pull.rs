@@ -140,18 +140,7 @@ fn read_state(path: &Path) -> Result<Option<(PullHeader, Vec<Verified>)>> {
 fn remote_script(dev: &str, start: u64, end: u64, zfull: &str, zlast: &str) -> String {
     format!(
         r#"export LC_ALL=C; DEV={dev}; BS={bs}; SEG={seg}; i={start}; END={end}; ZFULL={zfull}; ZLAST={zlast}
-H=sha256sum
-if command -v openssl >/dev/null 2>&1 && echo | openssl dgst -sha256 -r >/dev/null 2>&1; then
-  H="openssl dgst -sha256 -r"
-  t0=$(date +%s%N 2>/dev/null)
-  case "$t0" in *N*|"") ;; *)
-    head -c 16777216 /dev/zero | openssl dgst -sha256 -r >/dev/null; t1=$(date +%s%N)
-    head -c 16777216 /dev/zero | sha256sum >/dev/null; t2=$(date +%s%N)
-    if command -v sha256sum >/dev/null 2>&1 && [ $((t2 - t1)) -lt $((t1 - t0)) ]; then H=sha256sum; fi ;;
-  esac
-fi
-echo "hasher $H" >&2
-Q=; dd if=/dev/null of=/dev/null status=none 2>/dev/null && Q=status=none
+{pick}echo "hasher $H" >&2
 while [ "$i" -lt "$END" ]; do
   n=$SEG; [ $((i + n)) -gt "$END" ] && n=$((END - i))
   h=$(dd if="$DEV" bs=$BS skip=$i count=$n $Q | $H) || exit 1
@@ -169,6 +158,7 @@ done
         dev = shell_quote(dev),
         bs = BLOCK_SIZE,
         seg = SEGMENT_BLOCKS,
+        pick = transfer::HASHER_PICK,
     )
 }
 

@@ -1,0 +1,166 @@
+//! Working inside a guest over SSH: commands with their output in the run
+//! log, a reboot that is proved by a new boot id, the release it reports.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use russh::ChannelMsg;
+
+use crate::ssh::{ConnectOptions, Session, Target};
+
+/// How to reach a guest: its forwarded port, the VPS's credentials, and a
+/// known_hosts file of the run's own (the guest presents the VPS's key).
+pub fn guest_target(
+    port: u16,
+    identity: Option<&Path>,
+    known_hosts: PathBuf,
+    name: &str,
+) -> (Target, ConnectOptions) {
+    let home = std::env::home_dir().unwrap_or_default();
+    let t = Target {
+        alias: name.to_string(),
+        hostname: "127.0.0.1".into(),
+        port,
+        user: "root".into(),
+        identity_files: ["id_ed25519", "id_ecdsa", "id_rsa"]
+            .iter()
+            .map(|n| home.join(".ssh").join(n))
+            .collect(),
+        user_known_hosts: vec![known_hosts],
+        global_known_hosts: vec![],
+        host_key_alias: None,
+        proxy: None,
+    };
+    let o = ConnectOptions {
+        identity: identity.map(Path::to_path_buf),
+        accept_new_host_key: true,
+    };
+    (t, o)
+}
+
+/// Connect, retrying until `deadline` (a guest still booting refuses or resets).
+pub async fn connect_retry(t: &Target, o: &ConnectOptions, deadline: Duration) -> Result<Session> {
+    let until = Instant::now() + deadline;
+    loop {
+        match Session::connect(t, o).await {
+            Ok(s) => return Ok(s),
+            Err(e) if Instant::now() < until => {
+                tracing::debug!("{}: not yet ({e:#})", t.display());
+                tokio::time::sleep(Duration::from_secs(3)).await;
+            }
+            Err(e) => {
+                return Err(e).with_context(|| {
+                    format!(
+                        "{} did not let drydock in within {}s",
+                        t.display(),
+                        deadline.as_secs()
+                    )
+                });
+            }
+        }
+    }
+}
+
+/// Run a command, its output appended to the run log as it comes; the
+/// last lines of it in the error when it fails.
+pub async fn run_logged(s: &Session, cmd: &str, log: &Path) -> Result<()> {
+    let mut f = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(log)?;
+    writeln!(f, "\n$ {cmd}")?;
+    let mut ch = s.open_exec(cmd).await?;
+    let mut tail: Vec<u8> = Vec::new();
+    let mut status = None;
+    while let Some(msg) = ch.wait().await {
+        match msg {
+            ChannelMsg::Data { data } | ChannelMsg::ExtendedData { data, .. } => {
+                f.write_all(&data)?;
+                tail.extend_from_slice(&data);
+                if tail.len() > 64 << 10 {
+                    tail.drain(..tail.len() - (32 << 10));
+                }
+            }
+            ChannelMsg::ExitStatus { exit_status } => status = Some(exit_status),
+            _ => {}
+        }
+    }
+    if status != Some(0) {
+        let text = String::from_utf8_lossy(&tail);
+        let last: Vec<&str> = text.lines().rev().take(15).collect();
+        bail!(
+            "`{cmd}` failed in the guest ({}); its last lines (all of it is in {}):\n  {}",
+            status
+                .map(|s| format!("exit status {s}"))
+                .unwrap_or("connection lost".into()),
+            log.display(),
+            last.into_iter().rev().collect::<Vec<_>>().join("\n  ")
+        );
+    }
+    Ok(())
+}
+
+pub async fn boot_id(s: &Session) -> Result<String> {
+    Ok(
+        s.run("reading the boot id", "cat /proc/sys/kernel/random/boot_id")
+            .await?
+            .trim()
+            .to_string(),
+    )
+}
+
+/// (ID, VERSION_ID, PRETTY_NAME) from os-release.
+pub async fn os_release(s: &Session) -> Result<(String, String, String)> {
+    let text = s
+        .run(
+            "reading os-release",
+            "cat /etc/os-release 2>/dev/null || cat /usr/lib/os-release",
+        )
+        .await?;
+    let get = |k: &str| {
+        text.lines()
+            .find_map(|l| l.strip_prefix(&format!("{k}=")))
+            .map(|v| v.trim_matches('"').to_string())
+            .unwrap_or_default()
+    };
+    Ok((get("ID"), get("VERSION_ID"), get("PRETTY_NAME")))
+}
+
+/// Reboot through the guest's own init and wait until it is back with a
+/// new boot id. Right after a systemd upgrade the old systemd may refuse a
+/// polite reboot; `reboot -f` is the fallback.
+pub async fn reboot_and_wait(
+    s: Session,
+    t: &Target,
+    o: &ConnectOptions,
+    deadline: Duration,
+) -> Result<Session> {
+    let before = boot_id(&s).await?;
+    let _ = tokio::time::timeout(
+        Duration::from_secs(20),
+        s.exec("(sleep 1; systemctl reboot || reboot || reboot -f) >/dev/null 2>&1 &"),
+    )
+    .await;
+    s.close().await;
+    let until = Instant::now() + deadline;
+    loop {
+        tokio::time::sleep(Duration::from_secs(5)).await;
+        if let Ok(s) = Session::connect(t, o).await
+            && let Ok(id) = boot_id(&s).await
+        {
+            if id != before {
+                return Ok(s);
+            }
+            s.close().await;
+        }
+        if Instant::now() > until {
+            bail!(
+                "{} did not come back from its reboot within {}s",
+                t.display(),
+                deadline.as_secs()
+            );
+        }
+    }
+}

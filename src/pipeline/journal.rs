@@ -1,0 +1,156 @@
+//! A run's journal: what was asked, which steps are done, what they found.
+//! Written atomically after every step, so a crash leaves a run that
+//! `resume` continues and `abort` can undo.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result};
+use serde::{Deserialize, Serialize};
+
+use crate::image::manifest::write_atomic;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Step {
+    Probe,
+    Freeze,
+    Pull,
+    Upgrade,
+    Push,
+    Reboot,
+    Check,
+}
+
+pub const STEPS: &[Step] = &[
+    Step::Probe,
+    Step::Freeze,
+    Step::Pull,
+    Step::Upgrade,
+    Step::Push,
+    Step::Reboot,
+    Step::Check,
+];
+
+impl Step {
+    pub fn name(self) -> &'static str {
+        match self {
+            Step::Probe => "probe",
+            Step::Freeze => "freeze",
+            Step::Pull => "pull",
+            Step::Upgrade => "upgrade in the local VM (boot, run, reboot, verify, power off)",
+            Step::Push => "push",
+            Step::Reboot => "reboot the VPS",
+            Step::Check => "check",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct StepRecord {
+    pub step: Step,
+    pub seconds: f64,
+    pub finished_at: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum State {
+    Running,
+    Done,
+    Aborted,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Journal {
+    pub format: String,
+    pub host: String,
+    pub identity: Option<PathBuf>,
+    pub device: Option<String>,
+    pub to: Option<String>,
+    pub run: Option<String>,
+    pub memory_mib: u64,
+    pub cpus: u32,
+    pub created_at: String,
+    pub state: State,
+    pub done: Vec<StepRecord>,
+    /// Facts found on the way.
+    pub os_before: Option<String>,
+    pub os_after: Option<String>,
+    pub frozen_boot_id: Option<String>,
+    pub frozen_at: Option<String>,
+    pub back_at: Option<String>,
+    pub bytes_pulled: u64,
+    pub bytes_pushed: u64,
+    /// Set before the first byte is pushed: from then on, abort must push
+    /// the base image back.
+    pub push_started: bool,
+}
+
+pub const FORMAT: &str = "drydock-run/1";
+
+impl Journal {
+    pub fn path(dir: &Path) -> PathBuf {
+        dir.join("journal.json")
+    }
+
+    pub fn load(dir: &Path) -> Result<Journal> {
+        let p = Self::path(dir);
+        let text = std::fs::read_to_string(&p).with_context(|| {
+            format!(
+                "{} is not a drydock run (no readable journal.json)",
+                dir.display()
+            )
+        })?;
+        serde_json::from_str(&text).with_context(|| format!("{} is damaged", p.display()))
+    }
+
+    pub fn save(&self, dir: &Path) -> Result<()> {
+        write_atomic(
+            &Self::path(dir),
+            serde_json::to_string_pretty(self)?.as_bytes(),
+        )
+    }
+
+    pub fn is_done(&self, step: Step) -> bool {
+        self.done.iter().any(|r| r.step == step)
+    }
+
+    /// The first step not yet done.
+    pub fn next_step(&self) -> Option<Step> {
+        STEPS.iter().copied().find(|s| !self.is_done(*s))
+    }
+
+    pub fn where_it_stands(&self) -> String {
+        match (&self.state, self.next_step()) {
+            (State::Done, _) => "done".into(),
+            (State::Aborted, _) => "aborted".into(),
+            (State::Running, Some(s)) => format!("stopped before: {}", s.name()),
+            (State::Running, None) => "all steps done".into(),
+        }
+    }
+}
+
+/// `$XDG_STATE_HOME/drydock/runs` (else ~/.local/state/drydock/runs).
+pub fn runs_dir() -> Result<PathBuf> {
+    let state = std::env::var_os("XDG_STATE_HOME")
+        .map(PathBuf::from)
+        .or_else(|| std::env::home_dir().map(|h| h.join(".local/state")))
+        .context("cannot find a state directory ($XDG_STATE_HOME or $HOME)")?;
+    Ok(state.join("drydock/runs"))
+}
+
+/// A run named by path, or by its name under the runs folder.
+pub fn find_run(name: &str) -> Result<PathBuf> {
+    let p = PathBuf::from(name);
+    if Journal::path(&p).exists() {
+        return Ok(p);
+    }
+    let under = runs_dir()?.join(name);
+    if Journal::path(&under).exists() {
+        return Ok(under);
+    }
+    Err(crate::refused!(
+        "no run named '{name}' (neither a folder with a journal.json nor one under {}); `drydock runs` lists them",
+        runs_dir()?.display()
+    ))
+}

@@ -1,0 +1,581 @@
+//! `drydock upgrade`: probe → freeze → pull → upgrade in a local VM (boot,
+//! run, reboot, verify, power off) → push → reboot the VPS → check. Each
+//! step is idempotent and recorded in the run's journal when it completes;
+//! `resume` continues from the first step not recorded, `abort` gives the
+//! VPS back.
+
+pub mod guest;
+pub mod journal;
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use serde::Serialize;
+
+use crate::errors::Interrupted;
+use crate::image::manifest::{Manifest, hash_image};
+use crate::recipes::{self, Plan};
+use crate::refused;
+use crate::remote::{self, device, freeze};
+use crate::ssh::{ConnectOptions, HostSpec, Session, Target};
+use crate::transfer::{self, pull, push};
+use crate::ui::{Ui, human_bytes};
+use crate::vm::{self, Accel, Vm, VmSpec, cmdline};
+use journal::{Journal, State, Step, StepRecord};
+
+#[derive(Debug, Clone)]
+pub struct Request {
+    pub host: String,
+    pub identity: Option<PathBuf>,
+    pub accept_new_host_key: bool,
+    pub device: Option<String>,
+    pub to: Option<String>,
+    pub run: Option<String>,
+    pub memory_mib: u64,
+    pub cpus: u32,
+}
+
+#[derive(Debug, Serialize)]
+pub struct Report {
+    pub run: PathBuf,
+    pub host: String,
+    pub os_before: Option<String>,
+    pub os_after: Option<String>,
+    pub downtime_seconds: Option<f64>,
+    pub steps: Vec<(String, f64)>,
+    pub bytes_pulled: u64,
+    pub bytes_pushed: u64,
+}
+
+fn plan_of(j: &Journal, id: &str, version: &str) -> Result<Plan> {
+    match (&j.to, &j.run) {
+        (_, Some(cmd)) => Ok(recipes::run_plan(cmd)),
+        (Some(to), None) => recipes::plan(id, version, to),
+        (None, None) => bail!("nothing to do: name a release with --to, or a command with --run"),
+    }
+}
+
+async fn connect(j: &Journal, accept_new: bool) -> Result<Session> {
+    let spec = HostSpec::parse(&j.host)?;
+    let target = Target::resolve(&spec)?;
+    Session::connect(
+        &target,
+        &ConnectOptions {
+            identity: j.identity.clone(),
+            accept_new_host_key: accept_new,
+        },
+    )
+    .await
+}
+
+/// Start a run: refuse what cannot work before anything changes, then go.
+pub async fn start(req: &Request, ui: &Ui) -> Result<Report> {
+    if req.to.is_none() && req.run.is_none() {
+        return Err(refused!(
+            "nothing to do: name a release with --to (e.g. debian-13), or a command with --run"
+        ));
+    }
+    if let Some(to) = &req.to {
+        recipes::parse_release(to)?;
+    }
+    let spec = HostSpec::parse(&req.host)?;
+    let name = format!(
+        "{}-{}",
+        spec.host.replace(['/', ':'], "_"),
+        transfer::now()
+            .replace(':', "")
+            .chars()
+            .take(17)
+            .collect::<String>()
+    );
+    let dir = journal::runs_dir()?.join(name);
+    {
+        use std::os::unix::fs::DirBuilderExt;
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(&dir)
+            .with_context(|| format!("cannot create the run folder {}", dir.display()))?;
+    }
+    let j = Journal {
+        format: journal::FORMAT.into(),
+        host: req.host.clone(),
+        identity: req.identity.clone(),
+        device: req.device.clone(),
+        to: req.to.clone(),
+        run: req.run.clone(),
+        memory_mib: req.memory_mib,
+        cpus: req.cpus,
+        created_at: transfer::now(),
+        state: State::Running,
+        done: Vec::new(),
+        os_before: None,
+        os_after: None,
+        frozen_boot_id: None,
+        frozen_at: None,
+        back_at: None,
+        bytes_pulled: 0,
+        bytes_pushed: 0,
+        push_started: false,
+    };
+    j.save(&dir)?;
+    ui.say(format!(
+        "run {} (resume with `drydock resume {}`)",
+        dir.display(),
+        dir.display()
+    ));
+    drive(&dir, j, ui, req.accept_new_host_key).await
+}
+
+pub async fn resume(dir: &Path, ui: &Ui) -> Result<Report> {
+    let j = Journal::load(dir)?;
+    match j.state {
+        State::Done => {
+            return Err(refused!(
+                "the run {} is done; nothing to resume",
+                dir.display()
+            ));
+        }
+        State::Aborted => {
+            return Err(refused!(
+                "the run {} was aborted; start a new one",
+                dir.display()
+            ));
+        }
+        State::Running => {}
+    }
+    ui.say(format!(
+        "resuming {} at: {}",
+        dir.display(),
+        j.next_step().map(Step::name).unwrap_or("the end")
+    ));
+    drive(dir, j, ui, false).await
+}
+
+async fn drive(dir: &Path, mut j: Journal, ui: &Ui, accept_new: bool) -> Result<Report> {
+    while let Some(step) = j.next_step() {
+        ui.say(format!("== {}", step.name()));
+        let t0 = Instant::now();
+        let res = tokio::select! {
+            r = do_step(step, dir, &mut j, ui, accept_new) => r,
+            _ = tokio::signal::ctrl_c() => Err(Interrupted(format!(
+                "interrupted during {}; the VPS is left as the journal says: run `drydock resume {}` to go on, or `drydock abort {}` to give it back",
+                step.name(), dir.display(), dir.display()
+            )).into()),
+        };
+        // Whatever the step learnt before failing is kept.
+        j.save(dir)?;
+        res.with_context(|| {
+            format!(
+                "step '{}' of run {} did not finish; `drydock resume {}` retries it",
+                step.name(),
+                dir.display(),
+                dir.display()
+            )
+        })?;
+        j.done.push(StepRecord {
+            step,
+            seconds: t0.elapsed().as_secs_f64(),
+            finished_at: transfer::now(),
+        });
+        j.save(dir)?;
+    }
+    j.state = State::Done;
+    j.save(dir)?;
+    Ok(report(dir, &j))
+}
+
+fn report(dir: &Path, j: &Journal) -> Report {
+    let downtime = match (&j.frozen_at, &j.back_at) {
+        (Some(a), Some(b)) => {
+            let p = |s: &str| {
+                time::OffsetDateTime::parse(s, &time::format_description::well_known::Rfc3339).ok()
+            };
+            match (p(a), p(b)) {
+                (Some(a), Some(b)) => Some((b - a).as_seconds_f64()),
+                _ => None,
+            }
+        }
+        _ => None,
+    };
+    Report {
+        run: dir.to_path_buf(),
+        host: j.host.clone(),
+        os_before: j.os_before.clone(),
+        os_after: j.os_after.clone(),
+        downtime_seconds: downtime,
+        steps: j
+            .done
+            .iter()
+            .map(|r| (r.step.name().to_string(), r.seconds))
+            .collect(),
+        bytes_pulled: j.bytes_pulled,
+        bytes_pushed: j.bytes_pushed,
+    }
+}
+
+impl Report {
+    pub fn human(&self) -> String {
+        let mut s = format!(
+            "{}: {} -> {}\n",
+            self.host,
+            self.os_before.as_deref().unwrap_or("?"),
+            self.os_after.as_deref().unwrap_or("?")
+        );
+        if let Some(d) = self.downtime_seconds {
+            s.push_str(&format!("downtime (freeze to back up): {d:.0} s\n"));
+        }
+        for (name, secs) in &self.steps {
+            s.push_str(&format!("  {secs:>7.1} s  {name}\n"));
+        }
+        s.push_str(&format!(
+            "pulled {}, pushed {}; run folder {}\n",
+            human_bytes(self.bytes_pulled),
+            human_bytes(self.bytes_pushed),
+            self.run.display()
+        ));
+        s
+    }
+}
+
+async fn do_step(step: Step, dir: &Path, j: &mut Journal, ui: &Ui, accept_new: bool) -> Result<()> {
+    match step {
+        Step::Probe => {
+            let s = connect(j, accept_new).await?;
+            let facts = remote::gather(&s).await?;
+            device::require_root(&facts, &s)?;
+            let dev = device::inspect(&s, &facts, j.device.as_deref()).await?;
+            let id = facts.os.get("ID").cloned().unwrap_or_default();
+            let ver = facts.os.get("VERSION_ID").cloned().unwrap_or_default();
+            let plan = plan_of(j, &id, &ver)?;
+            // The base image and, worst case, a full upgraded copy of it.
+            transfer::check_local_space(&dir.join("base.raw"), dev.size.saturating_mul(2))?;
+            ui.say(format!(
+                "{}: {}, disk {} ({}); plan: {}",
+                s.host(),
+                facts.pretty_name(),
+                dev.path,
+                human_bytes(dev.size),
+                plan.description
+            ));
+            j.os_before = Some(facts.pretty_name());
+            j.device = Some(dev.path);
+            s.close().await;
+        }
+        Step::Freeze => {
+            let s = connect(j, false).await?;
+            let facts = remote::gather(&s).await?;
+            let dev = device::inspect(&s, &facts, j.device.as_deref()).await?;
+            if dev.rw_mounts().is_empty()
+                && j.frozen_boot_id.as_deref() == Some(facts.boot_id.as_str())
+            {
+                ui.say("already frozen");
+            } else {
+                ui.confirm(&format!(
+                    "Freeze {}: stop its services and make {} read-only until the run ends?",
+                    s.host(),
+                    dev.path
+                ))?;
+                j.frozen_at = Some(transfer::now());
+                let r = freeze::freeze(&s, &facts, Some(&dev.path)).await?;
+                ui.say(format!(
+                    "frozen: {} read-only, {} service(s) stopped",
+                    r.read_only.join(", "),
+                    r.stopped.len()
+                ));
+                j.frozen_boot_id = Some(r.boot_id);
+            }
+            s.close().await;
+        }
+        Step::Pull => {
+            let s = connect(j, false).await?;
+            let facts = remote::gather(&s).await?;
+            let r = pull::pull(
+                &s,
+                &facts,
+                &pull::PullOptions {
+                    output: dir.join("base.raw"),
+                    device: j.device.clone(),
+                    live: false,
+                },
+                ui,
+            )
+            .await?;
+            j.bytes_pulled += r.bytes_received;
+            s.close().await;
+        }
+        Step::Upgrade => upgrade_in_vm(dir, j, ui).await?,
+        Step::Push => {
+            let s = connect(j, false).await?;
+            let facts = remote::gather(&s).await?;
+            if j.frozen_boot_id.as_deref() != Some(facts.boot_id.as_str()) {
+                return Err(refused!(
+                    "{} rebooted since it was frozen, so its disk may have changed; drydock will not push. \
+                     `drydock abort {}` ends this run",
+                    s.host(),
+                    dir.display()
+                ));
+            }
+            let upgraded = dir.join("upgraded.raw");
+            let m = Manifest::path_for(&upgraded);
+            if !m.exists() {
+                std::fs::copy(Manifest::path_for(&dir.join("base.raw")), &m)?;
+            }
+            j.push_started = true;
+            j.save(dir)?;
+            let r = push::push(
+                &s,
+                &facts,
+                &push::PushOptions {
+                    image: upgraded,
+                    device: j.device.clone(),
+                    full: false,
+                    frozen_boot_id: j.frozen_boot_id.clone(),
+                },
+                ui,
+            )
+            .await?;
+            j.bytes_pushed += r.bytes_sent;
+            s.close().await;
+        }
+        Step::Reboot => reboot_vps(j).await?,
+        Step::Check => {
+            let s = connect(j, false).await?;
+            let (id, ver, pretty) = guest::os_release(&s).await?;
+            if let Some(to) = &j.to {
+                let (want_id, want_ver) = recipes::parse_release(to)?;
+                if want_id != id || want_ver != ver {
+                    bail!(
+                        "{} came back running {pretty} ({id} {ver}), not {to}",
+                        s.host()
+                    );
+                }
+            }
+            ui.say(format!("{} is back, running {pretty}", s.host()));
+            j.os_after = Some(pretty);
+            j.back_at = Some(transfer::now());
+            s.close().await;
+        }
+    }
+    Ok(())
+}
+
+/// Reboot the VPS with sysrq (never a clean shutdown, which could write
+/// stale metadata over the new image) and wait for it to come back.
+async fn reboot_vps(j: &mut Journal) -> Result<()> {
+    let s = connect(j, false).await?;
+    let before = guest::boot_id(&s).await?;
+    if j.frozen_boot_id.as_deref() == Some(before.as_str()) {
+        let _ = tokio::time::timeout(
+            Duration::from_secs(15),
+            s.exec("echo 1 > /proc/sys/kernel/sysrq; (sleep 1; echo b > /proc/sysrq-trigger) >/dev/null 2>&1 &"),
+        )
+        .await;
+    }
+    s.close().await;
+    let until = Instant::now() + Duration::from_secs(900);
+    loop {
+        tokio::time::sleep(Duration::from_secs(5)).await;
+        if let Ok(s) = connect(j, false).await
+            && let Ok(id) = guest::boot_id(&s).await
+        {
+            s.close().await;
+            if j.frozen_boot_id.as_deref() != Some(id.as_str()) {
+                return Ok(());
+            }
+        }
+        if Instant::now() > until {
+            bail!(
+                "{} did not come back within 15 minutes of its reboot; look at its console",
+                j.host
+            );
+        }
+    }
+}
+
+/// The worker VM: a fresh overlay on the base image, the plan run inside,
+/// a reboot that must come back on the expected release, a power-off, and
+/// the result as a sparse raw image for the push.
+async fn upgrade_in_vm(dir: &Path, j: &mut Journal, ui: &Ui) -> Result<()> {
+    let base = dir.join("base.raw");
+    let overlay = dir.join("overlay.qcow2");
+    // Idempotent: a resumed upgrade starts again from the untouched base.
+    let _ = std::fs::remove_file(&overlay);
+    let _ = std::fs::remove_file(dir.join("upgraded.raw"));
+    vm::create_overlay(&base, &overlay)?;
+    let accel = cmdline::detect_accel();
+    if accel == Accel::Tcg {
+        ui.say("warning: no usable KVM: the worker VM runs under software emulation (TCG), several times slower");
+    }
+    let port = std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port();
+    let spec = VmSpec {
+        disk: overlay.clone(),
+        disk_format: "qcow2".into(),
+        memory_mib: j.memory_mib,
+        cpus: j.cpus,
+        accel,
+        ssh_port: port,
+        qmp_socket: dir.join("qmp.sock"),
+        serial_log: dir.join("serial.log"),
+        mac: None,
+    };
+    let mut vm = Vm::start(spec, dir.join("qemu.stderr")).await?;
+    vm.wait_for_ssh(Duration::from_secs(900)).await?;
+    let (t, o) = guest::guest_target(
+        port,
+        j.identity.as_deref(),
+        dir.join("guest_known_hosts"),
+        "the worker VM",
+    );
+    let s = guest::connect_retry(&t, &o, Duration::from_secs(120)).await?;
+    let (id, ver, pretty) = guest::os_release(&s).await?;
+    let plan = plan_of(j, &id, &ver)?;
+    ui.say(format!(
+        "worker VM up ({pretty}); {}; output in {}",
+        plan.description,
+        dir.join("run.log").display()
+    ));
+    for cmd in &plan.commands {
+        guest::run_logged(&s, cmd, &dir.join("run.log")).await?;
+    }
+    ui.say("rebooting the worker VM to prove the result boots");
+    let s = guest::reboot_and_wait(s, &t, &o, Duration::from_secs(900))
+        .await
+        .map_err(|e| {
+            e.context(format!(
+                "serial console (last lines):\n  {}",
+                vm::serial_tail(&vm.spec.serial_log, 25)
+            ))
+        })?;
+    let (id2, ver2, pretty2) = guest::os_release(&s).await?;
+    if let (Some(want_id), Some(want_ver)) = (&plan.expect_id, &plan.expect_version)
+        && (want_id != &id2 || want_ver != &ver2)
+    {
+        bail!(
+            "the worker VM came back running {pretty2} ({id2} {ver2}), not {want_id} {want_ver}; nothing was pushed"
+        );
+    }
+    ui.say(format!(
+        "the worker VM came back running {pretty2}; powering it off"
+    ));
+    let _ = tokio::time::timeout(
+        Duration::from_secs(10),
+        s.exec("(sleep 1; systemctl poweroff || poweroff) >/dev/null 2>&1 &"),
+    )
+    .await;
+    s.close().await;
+    vm.power_off(Duration::from_secs(180)).await?;
+    drop(vm);
+    let out = std::process::Command::new("qemu-img")
+        .args(["convert", "-O", "raw"])
+        .arg(&overlay)
+        .arg(dir.join("upgraded.raw"))
+        .output()
+        .context("cannot run qemu-img")?;
+    if !out.status.success() {
+        bail!(
+            "qemu-img convert failed: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(())
+}
+
+/// `drydock abort RUN`: give the VPS back as it was before the freeze.
+pub async fn abort(dir: &Path, ui: &Ui) -> Result<()> {
+    let mut j = Journal::load(dir)?;
+    match j.state {
+        State::Done => {
+            return Err(refused!(
+                "the run {} is done: the VPS runs the pushed image; to go back, push {} with `drydock push --full`",
+                dir.display(),
+                dir.join("base.raw").display()
+            ));
+        }
+        State::Aborted => return Err(refused!("the run {} is already aborted", dir.display())),
+        State::Running => {}
+    }
+    if j.is_done(Step::Reboot) {
+        return Err(refused!(
+            "the VPS already rebooted on the pushed image; to go back, push {} with `drydock push --full`",
+            dir.join("base.raw").display()
+        ));
+    }
+    if !j.is_done(Step::Freeze) && j.frozen_boot_id.is_none() {
+        ui.say("the VPS was never frozen: nothing to give back");
+    } else if j.push_started {
+        rollback_push(dir, &mut j, ui).await?;
+    } else {
+        let s = connect(&j, false).await?;
+        let facts = remote::gather(&s).await?;
+        if j.frozen_boot_id.as_deref() == Some(facts.boot_id.as_str()) {
+            let started = freeze::thaw(&s, &facts, j.device.as_deref()).await?;
+            ui.say(format!(
+                "{} thawed: filesystems read-write, restarted: {}",
+                s.host(),
+                started.join(" ")
+            ));
+        } else {
+            ui.say(format!(
+                "{} rebooted since the freeze: it is running normally",
+                s.host()
+            ));
+        }
+        s.close().await;
+    }
+    j.state = State::Aborted;
+    j.save(dir)
+}
+
+/// After a partial push: push the base image back (the disk holds, block
+/// by block, either the base or the upgraded image), then reboot.
+async fn rollback_push(dir: &Path, j: &mut Journal, ui: &Ui) -> Result<()> {
+    let upgraded = dir.join("upgraded.raw");
+    let rollback = dir.join("rollback.raw");
+    if !rollback.exists() {
+        // Same content as the base, read-only use: a hard link, no copy.
+        std::fs::hard_link(dir.join("base.raw"), &rollback)?;
+    }
+    let m = Manifest::path_for(&rollback);
+    if !m.exists() {
+        hash_image(&upgraded, |_| {})?.save(&m)?;
+    }
+    let s = connect(j, false).await?;
+    let facts = remote::gather(&s).await?;
+    ui.say("the push had started: pushing the base image back");
+    push::push(
+        &s,
+        &facts,
+        &push::PushOptions {
+            image: rollback,
+            device: j.device.clone(),
+            full: false,
+            // Partly written: only its hashes can say which blocks are which.
+            frozen_boot_id: None,
+        },
+        ui,
+    )
+    .await?;
+    s.close().await;
+    reboot_vps(j).await?;
+    ui.say("the VPS is back on its disk as it was before the run");
+    Ok(())
+}
+
+/// `drydock runs`: every run and where it stands.
+pub fn list() -> Result<Vec<(PathBuf, Journal)>> {
+    let dir = journal::runs_dir()?;
+    let mut out = Vec::new();
+    if let Ok(rd) = std::fs::read_dir(&dir) {
+        for e in rd.flatten() {
+            if let Ok(j) = Journal::load(&e.path()) {
+                out.push((e.path(), j));
+            }
+        }
+    }
+    out.sort_by(|a, b| a.1.created_at.cmp(&b.1.created_at));
+    Ok(out)
+}

@@ -1,0 +1,144 @@
+//! Debian: rewrite the suite in sources.list and deb822 .sources files,
+//! `apt-get update`, a minimal upgrade, then the full upgrade, keeping the
+//! existing configuration files, then autoremove. One release at a time, as
+//! Debian supports.
+
+use anyhow::Result;
+
+use super::Plan;
+use crate::refused;
+
+const CODENAMES: &[(&str, &str)] = &[
+    ("10", "buster"),
+    ("11", "bullseye"),
+    ("12", "bookworm"),
+    ("13", "trixie"),
+];
+
+pub fn codename_version(s: &str) -> Option<&'static str> {
+    CODENAMES.iter().find(|(_, c)| *c == s).map(|(v, _)| *v)
+}
+
+fn codename(version: &str) -> Option<&'static str> {
+    CODENAMES
+        .iter()
+        .find(|(v, _)| *v == version)
+        .map(|(_, c)| *c)
+}
+
+/// Non-interactive apt, keeping the configuration files the admin has.
+const APT: &str = "DEBIAN_FRONTEND=noninteractive NEEDRESTART_MODE=a apt-get -y -q \
+                   -o Dpkg::Options::=--force-confdef -o Dpkg::Options::=--force-confold";
+
+pub fn plan(current: &str, target: &str) -> Result<Plan> {
+    let (Some(from), Some(to)) = (codename(current), codename(target)) else {
+        return Err(refused!(
+            "drydock knows Debian {} only; {current} -> {target} is not among them",
+            CODENAMES
+                .iter()
+                .map(|(v, c)| format!("{v} ({c})"))
+                .collect::<Vec<_>>()
+                .join(", ")
+        ));
+    };
+    let (cur, tgt): (u32, u32) = (current.parse()?, target.parse()?);
+    if tgt <= cur {
+        return Err(refused!(
+            "the host already runs Debian {current}; {target} is not newer"
+        ));
+    }
+    if tgt != cur + 1 {
+        return Err(refused!(
+            "Debian upgrades one release at a time: {current} -> {target} must go through {}; run --to debian-{} first",
+            cur + 1,
+            cur + 1
+        ));
+    }
+    // Whole words only: "bookworm-security", "bookworm-updates" follow, a
+    // mirror path that happens to contain the word does not. Applied twice:
+    // a match eats the space after it, so the next word of a deb822
+    // "Suites: bookworm bookworm-updates" line needs a second pass.
+    let s = format!(r"s/([[:space:]]){from}([[:space:]]|-|$)/\1{to}\2/g");
+    let sed = format!("sed -i -E '{s};{s}'");
+    let commands = vec![
+        format!(
+            "set -e; for f in /etc/apt/sources.list /etc/apt/sources.list.d/*.list /etc/apt/sources.list.d/*.sources; do [ -f \"$f\" ] && {sed} \"$f\"; done; grep -rhs '^[^#]' /etc/apt/sources.list /etc/apt/sources.list.d/ | grep -q {to}"
+        ),
+        format!("{APT} update"),
+        format!("{APT} upgrade --without-new-pkgs"),
+        format!("{APT} full-upgrade"),
+        format!("{APT} autoremove --purge"),
+        format!("{APT} clean"),
+    ];
+    Ok(Plan {
+        description: format!("Debian {current} ({from}) -> {target} ({to})"),
+        commands,
+        expect_version: Some(target.to_string()),
+        expect_id: Some("debian".into()),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn twelve_to_thirteen() {
+        let p = plan("12", "13").unwrap();
+        assert_eq!(p.description, "Debian 12 (bookworm) -> 13 (trixie)");
+        assert!(p.commands[0].contains("s/([[:space:]])bookworm([[:space:]]|-|$)/\\1trixie\\2/g;"));
+        assert!(p.commands[2].ends_with("upgrade --without-new-pkgs"));
+        assert!(
+            p.commands[3].contains("--force-confold") && p.commands[3].ends_with("full-upgrade")
+        );
+        assert_eq!(p.expect_version.as_deref(), Some("13"));
+    }
+
+    #[test]
+    fn impossible_jumps_are_refused() {
+        let e = plan("11", "13").unwrap_err().to_string();
+        assert_eq!(
+            e,
+            "Debian upgrades one release at a time: 11 -> 13 must go through 12; run --to debian-12 first"
+        );
+        let e = plan("13", "12").unwrap_err().to_string();
+        assert_eq!(e, "the host already runs Debian 13; 12 is not newer");
+        assert!(plan("12", "14").is_err());
+    }
+
+    #[test]
+    fn the_rewrite_touches_suites_not_words_inside_paths() {
+        // Run the generated sed on real sources lines.
+        let dir = tempfile::tempdir().unwrap();
+        let f = dir.path().join("sources.list");
+        std::fs::write(
+            &f,
+            "deb http://deb.debian.org/debian bookworm main\n\
+             deb http://security.debian.org/debian-security bookworm-security main\n\
+             deb http://mirror.example/bookworm-archive/debian bookworm-updates main\n\
+             Suites: bookworm bookworm-updates bookworm-backports\n",
+        )
+        .unwrap();
+        let sed = plan("12", "13").unwrap().commands[0]
+            .split("&& ")
+            .nth(1)
+            .unwrap()
+            .split(" \"$f\"")
+            .next()
+            .unwrap()
+            .to_string();
+        let st = std::process::Command::new("sh")
+            .arg("-c")
+            .arg(format!("{sed} {}", f.display()))
+            .status()
+            .unwrap();
+        assert!(st.success());
+        assert_eq!(
+            std::fs::read_to_string(&f).unwrap(),
+            "deb http://deb.debian.org/debian trixie main\n\
+             deb http://security.debian.org/debian-security trixie-security main\n\
+             deb http://mirror.example/bookworm-archive/debian trixie-updates main\n\
+             Suites: trixie trixie-updates trixie-backports\n"
+        );
+    }
+}
