@@ -130,13 +130,18 @@ impl Journal {
     }
 }
 
-/// `$XDG_STATE_HOME/drydock/runs` (else ~/.local/state/drydock/runs).
-pub fn runs_dir() -> Result<PathBuf> {
+/// `$XDG_STATE_HOME/drydock` (else ~/.local/state/drydock).
+pub fn state_dir() -> Result<PathBuf> {
     let state = std::env::var_os("XDG_STATE_HOME")
         .map(PathBuf::from)
         .or_else(|| std::env::home_dir().map(|h| h.join(".local/state")))
         .context("cannot find a state directory ($XDG_STATE_HOME or $HOME)")?;
-    Ok(state.join("drydock/runs"))
+    Ok(state.join("drydock"))
+}
+
+/// Where runs live: `$XDG_STATE_HOME/drydock/runs`.
+pub fn runs_dir() -> Result<PathBuf> {
+    Ok(state_dir()?.join("runs"))
 }
 
 /// A run named by path, or by its name under the runs folder.

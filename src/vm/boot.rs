@@ -33,10 +33,7 @@ pub struct BootInfo {
 
 /// Where `boot` keeps a VM's files: $XDG_STATE_HOME/drydock/boots/NAME-TIME.
 pub fn default_dir(image: &Path) -> Result<PathBuf> {
-    let state = std::env::var_os("XDG_STATE_HOME")
-        .map(PathBuf::from)
-        .or_else(|| std::env::home_dir().map(|h| h.join(".local/state")))
-        .context("cannot find a state directory ($XDG_STATE_HOME or $HOME)")?;
+    let state = crate::pipeline::journal::state_dir()?;
     let stem = image
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())
