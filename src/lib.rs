@@ -19,17 +19,11 @@ use anyhow::{Context, Result};
 use serde::Serialize;
 
 use cli::{Cli, Command, Conn};
-use ssh::{ConnectOptions, HostSpec, Session, Target};
+use ssh::Session;
 use ui::{Ui, human_bytes};
 
 async fn connect(conn: &Conn) -> Result<Session> {
-    let spec = HostSpec::parse(&conn.host)?;
-    let target = Target::resolve(&spec)?;
-    let opts = ConnectOptions {
-        identity: conn.identity.clone(),
-        accept_new_host_key: conn.accept_new_host_key,
-    };
-    Session::connect(&target, &opts).await
+    ssh::connect_to(&conn.host, conn.identity.clone(), conn.accept_new_host_key).await
 }
 
 fn print_json<T: Serialize>(v: &T) -> Result<()> {

@@ -96,13 +96,34 @@ fn probe_reports_what_the_host_runs() {
         "bios"
     };
     assert_eq!(j["firmware"], fw);
-    assert!(
-        j["disk"]["device"]
-            .as_str()
-            .unwrap_or("")
-            .starts_with("/dev/")
-            || j["disk_error"].is_string()
-    );
+    // The disk that holds / here, as the kernel says: the block device of
+    // /'s major:minor, or its parent disk when that is a partition.
+    let mi = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+    let root = mi
+        .lines()
+        .rfind(|l| l.split(' ').nth(4) == Some("/"))
+        .unwrap();
+    let majmin = root.split(' ').nth(2).unwrap();
+    let sys = std::path::Path::new("/sys/dev/block").join(majmin);
+    if sys.exists() {
+        let real = std::fs::canonicalize(&sys).unwrap();
+        let disk = if real.join("partition").exists() {
+            real.parent().unwrap().to_path_buf()
+        } else {
+            real
+        };
+        let name = disk.file_name().unwrap().to_str().unwrap();
+        assert_eq!(j["disk"]["device"], format!("/dev/{name}"), "{j}");
+    } else {
+        // / on no block device (overlayfs, a container): said, not guessed.
+        assert!(
+            j["disk_error"]
+                .as_str()
+                .unwrap()
+                .contains("name it with --device"),
+            "{j}"
+        );
+    }
     // And the human form names the release.
     let o = sshd.drydock(&["probe", &sshd.host()]).output().unwrap();
     assert_exit(&o, 0);

@@ -51,12 +51,13 @@ fn qemu_running_in(dir: &std::path::Path) -> bool {
     stdout(&out).contains(dir.to_str().unwrap())
 }
 
-#[test]
-fn boot_gives_a_shell_on_a_copy_and_powers_off_on_ctrl_c() {
-    let (img, key) = fixture(12);
-    let before = sha256_file(&img);
-    let t = tempdir();
-    let dir = t.path().join("vm");
+/// `drydock boot IMAGE --json` (1 GB, two CPUs) in the background, and the
+/// JSON it prints once the guest's sshd answers (how to reach it).
+fn boot_json(
+    img: &std::path::Path,
+    dir: &std::path::Path,
+    stderr: Stdio,
+) -> (std::process::Child, serde_json::Value) {
     let mut child = Command::new(env!("CARGO_BIN_EXE_drydock"))
         .args([
             "boot",
@@ -67,24 +68,32 @@ fn boot_gives_a_shell_on_a_copy_and_powers_off_on_ctrl_c() {
             "2",
             "--json",
             "--dir",
-            dir.to_str().unwrap(),
         ])
+        .arg(dir)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
+        .stderr(stderr)
         .spawn()
         .unwrap();
-
-    // The first stdout line is the JSON that says how to reach the guest.
-    let mut out = BufReader::new(child.stdout.take().unwrap());
     let mut line = String::new();
-    let started = Instant::now();
-    out.read_line(&mut line).unwrap();
+    BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
     assert!(
         !line.is_empty(),
         "drydock boot ended without saying how to reach the guest"
     );
-    let info: serde_json::Value = serde_json::from_str(&line).unwrap();
+    (child, serde_json::from_str(&line).unwrap())
+}
+
+#[test]
+fn boot_gives_a_shell_on_a_copy_and_powers_off_on_ctrl_c() {
+    let (img, key) = fixture(12);
+    let before = sha256_file(&img);
+    let t = tempdir();
+    let dir = t.path().join("vm");
+    let started = Instant::now();
+    let (mut child, info) = boot_json(&img, &dir, Stdio::piped());
     eprintln!("guest up after {:.0?}", started.elapsed());
     let port = info["ssh_port"].as_u64().unwrap() as u16;
     assert_eq!(
@@ -92,7 +101,8 @@ fn boot_gives_a_shell_on_a_copy_and_powers_off_on_ctrl_c() {
         if std::path::Path::new("/dev/kvm").exists()
             && std::fs::read_to_string("/proc/cpuinfo")
                 .unwrap()
-                .contains(" vmx")
+                .split_whitespace()
+                .any(|f| f == "vmx" || f == "svm")
         {
             "kvm"
         } else {
@@ -181,28 +191,7 @@ impl Vps {
     fn start(release: u32) -> Vps {
         let (img, key) = fixture(release);
         let dir = tempdir();
-        let mut child = Command::new(env!("CARGO_BIN_EXE_drydock"))
-            .args([
-                "boot",
-                img.to_str().unwrap(),
-                "--memory",
-                "1G",
-                "--cpus",
-                "2",
-                "--json",
-                "--dir",
-            ])
-            .arg(dir.path().join("vps"))
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap();
-        let mut line = String::new();
-        BufReader::new(child.stdout.take().unwrap())
-            .read_line(&mut line)
-            .unwrap();
-        let info: serde_json::Value = serde_json::from_str(&line).expect("the VPS did not come up");
+        let (child, info) = boot_json(&img, &dir.path().join("vps"), Stdio::null());
         Vps {
             child,
             port: info["ssh_port"].as_u64().unwrap() as u16,

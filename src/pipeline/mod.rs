@@ -18,7 +18,7 @@ use crate::image::manifest::{Manifest, hash_image};
 use crate::recipes::{self, Plan};
 use crate::refused;
 use crate::remote::{self, device, freeze};
-use crate::ssh::{ConnectOptions, HostSpec, Session, Target};
+use crate::ssh::{HostSpec, Session};
 use crate::transfer::{self, pull, push};
 use crate::ui::{Ui, human_bytes};
 use crate::vm::{self, Accel, Vm, VmSpec, cmdline};
@@ -57,16 +57,7 @@ fn plan_of(j: &Journal, id: &str, version: &str) -> Result<Plan> {
 }
 
 async fn connect(j: &Journal, accept_new: bool) -> Result<Session> {
-    let spec = HostSpec::parse(&j.host)?;
-    let target = Target::resolve(&spec)?;
-    Session::connect(
-        &target,
-        &ConnectOptions {
-            identity: j.identity.clone(),
-            accept_new_host_key: accept_new,
-        },
-    )
-    .await
+    crate::ssh::connect_to(&j.host, j.identity.clone(), accept_new).await
 }
 
 /// Start a run: refuse what cannot work before anything changes, then go.
@@ -164,6 +155,13 @@ async fn drive(dir: &Path, mut j: Journal, ui: &Ui, accept_new: bool) -> Result<
                 step.name(), dir.display(), dir.display()
             )).into()),
         };
+        if step == Step::Probe
+            && let Err(e) = res
+        {
+            // A refusal before anything changed leaves no run behind.
+            let _ = std::fs::remove_dir_all(dir);
+            return Err(e.context("nothing was changed on the VPS; no run was kept"));
+        }
         // Whatever the step learnt before failing is kept.
         j.save(dir)?;
         res.with_context(|| {
@@ -277,7 +275,12 @@ async fn do_step(step: Step, dir: &Path, j: &mut Journal, ui: &Ui, accept_new: b
                     s.host(),
                     dev.path
                 ))?;
+                // Recorded before anything is stopped: a freeze that fails
+                // half-way (services stopped, some mounts read-only) must
+                // still be undone by `abort`, which keys on this boot id.
                 j.frozen_at = Some(transfer::now());
+                j.frozen_boot_id = Some(facts.boot_id.clone());
+                j.save(dir)?;
                 let r = freeze::freeze(&s, &facts, Some(&dev.path)).await?;
                 ui.say(format!(
                     "frozen: {} read-only, {} service(s) stopped",
@@ -504,7 +507,7 @@ pub async fn abort(dir: &Path, ui: &Ui) -> Result<()> {
             dir.join("base.raw").display()
         ));
     }
-    if !j.is_done(Step::Freeze) && j.frozen_boot_id.is_none() {
+    if j.frozen_boot_id.is_none() {
         ui.say("the VPS was never frozen: nothing to give back");
     } else if j.push_started {
         rollback_push(dir, &mut j, ui).await?;

@@ -111,8 +111,10 @@ exit 0"#
             })
         }
         Some("other") => bail!(
-            "{path} on {} is neither a block device nor a regular file",
-            session.host()
+            "{path} on {} is neither a block device nor a regular file; name the disk with \
+             --device (`drydock probe {}` shows the one that holds /)",
+            session.host(),
+            session.target.alias
         ),
         _ => Err(refused!(
             "{path} does not exist on {}; `drydock probe {}` lists the disks",

@@ -395,6 +395,24 @@ impl Session {
     }
 }
 
+/// Connect to a host as the user typed it (`[user@]host[:port]` or an
+/// ssh_config alias).
+pub async fn connect_to(
+    host: &str,
+    identity: Option<PathBuf>,
+    accept_new_host_key: bool,
+) -> Result<Session> {
+    let target = Target::resolve(&HostSpec::parse(host)?)?;
+    Session::connect(
+        &target,
+        &ConnectOptions {
+            identity,
+            accept_new_host_key,
+        },
+    )
+    .await
+}
+
 /// Read a channel to its end: stdout, stderr, exit status or signal.
 pub async fn collect(channel: &mut Channel<client::Msg>) -> Result<Output> {
     let mut out = Output {
