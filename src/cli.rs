@@ -1,6 +1,7 @@
 //! The command line, exactly as typed (clap types stay here; the rest of the
 //! code sees plain settings).
 
+use crate::transfer::helper::Mode;
 use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand};
@@ -79,6 +80,10 @@ pub enum Command {
         /// Copy a disk that is mounted read-write (the copy may be inconsistent).
         #[arg(long)]
         live: bool,
+        /// How the disk moves: the helper (drydock's own static program, copied
+        /// to the host's RAM) when the host can run it, else dd.
+        #[arg(long, value_enum, default_value = "auto")]
+        transfer: Mode,
     },
     /// Write an image back to the host's disk: only the blocks that differ, verified.
     Push {
@@ -96,6 +101,10 @@ pub enum Command {
         /// onto another disk). Overwrites whatever is there.
         #[arg(long)]
         full: bool,
+        /// How the disk moves: the helper (drydock's own static program, copied
+        /// to the host's RAM) when the host can run it, else dd.
+        #[arg(long, value_enum, default_value = "auto")]
+        transfer: Mode,
     },
     /// Start a local VM from an image (a qcow2 overlay over it; the image is not written).
     Boot {
@@ -136,6 +145,10 @@ pub enum Command {
         /// Do not ask before the freeze and the push.
         #[arg(long, short = 'y')]
         yes: bool,
+        /// How the disk moves: the helper (drydock's own static program, copied
+        /// to the host's RAM) when the host can run it, else dd.
+        #[arg(long, value_enum, default_value = "auto")]
+        transfer: Mode,
     },
     /// Continue an interrupted run (a run folder, or its name from `drydock runs`).
     Resume {

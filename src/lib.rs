@@ -84,6 +84,7 @@ pub async fn run(cli: Cli) -> Result<()> {
             output,
             device,
             live,
+            transfer,
         } => {
             let ui = Ui { json, yes: false };
             let s = connect(&conn).await?;
@@ -92,18 +93,20 @@ pub async fn run(cli: Cli) -> Result<()> {
                 output,
                 device,
                 live,
+                transfer,
             };
             let r = transfer::pull::pull(&s, &facts, &opts, &ui).await?;
             if json {
                 print_json(&r)?;
             } else {
                 println!(
-                    "pulled {}:{} to {} ({} in {:.1}s, {}/s{}); verified by {} on the host, digest {}",
+                    "pulled {}:{} to {} ({} in {:.1}s, {} on the wire at {}/s{}); verified by {} on the host{}, digest {}",
                     r.host,
                     r.device,
                     r.image.display(),
                     human_bytes(r.size),
                     r.seconds,
+                    human_bytes(r.bytes_received),
                     human_bytes((r.bytes_received as f64 / r.seconds.max(0.001)) as u64),
                     if r.resumed_at > 0 {
                         format!(", resumed at {}", human_bytes(r.resumed_at))
@@ -111,6 +114,9 @@ pub async fn run(cli: Cli) -> Result<()> {
                         String::new()
                     },
                     r.hasher,
+                    r.helper_peak_rss_kib
+                        .map(|k| format!(" (helper peak memory {})", human_bytes(k * 1024)))
+                        .unwrap_or_default(),
                     r.digest
                 );
             }
@@ -122,6 +128,7 @@ pub async fn run(cli: Cli) -> Result<()> {
             device,
             yes,
             full,
+            transfer,
         } => {
             let ui = Ui { json, yes };
             let s = connect(&conn).await?;
@@ -131,21 +138,28 @@ pub async fn run(cli: Cli) -> Result<()> {
                 device,
                 full,
                 frozen_boot_id: None,
+                transfer,
+                base_image: None,
             };
             let r = transfer::push::push(&s, &facts, &opts, &ui).await?;
             if json {
                 print_json(&r)?;
             } else {
                 println!(
-                    "pushed {} to {}:{}: {} of {} blocks written ({} in {} ranges, {:.1}s), read back and verified",
+                    "pushed {} to {}:{}: {} of {} blocks changed; {} written in {} ranges, {} on the wire, {:.1}s ({} mode{}); read back and verified",
                     r.image.display(),
                     r.host,
                     r.device,
                     r.blocks_written,
                     r.blocks_total,
-                    human_bytes(r.bytes_sent),
+                    human_bytes(r.bytes_written),
                     r.ranges,
-                    r.seconds
+                    human_bytes(r.bytes_on_wire),
+                    r.seconds,
+                    mode_name(r.transfer),
+                    r.helper_peak_rss_kib
+                        .map(|k| format!(", helper peak memory {}", human_bytes(k * 1024)))
+                        .unwrap_or_default()
                 );
             }
             s.close().await;
@@ -179,6 +193,7 @@ pub async fn run(cli: Cli) -> Result<()> {
             memory,
             cpus,
             yes,
+            transfer,
         } => {
             let ui = Ui { json, yes };
             let memory_mib = vm::cmdline::parse_memory(&memory).with_context(|| {
@@ -193,6 +208,7 @@ pub async fn run(cli: Cli) -> Result<()> {
                 run,
                 memory_mib,
                 cpus: cpus.unwrap_or_else(default_cpus),
+                transfer,
             };
             let r = pipeline::start(&req, &ui).await?;
             print_report(&r, json)?;
@@ -243,5 +259,12 @@ fn print_report(r: &pipeline::Report, json: bool) -> Result<()> {
     } else {
         print!("{}", r.human());
         Ok(())
+    }
+}
+
+fn mode_name(m: transfer::helper::Mode) -> &'static str {
+    match m {
+        transfer::helper::Mode::Helper => "helper",
+        _ => "dd",
     }
 }

@@ -2,6 +2,7 @@
 //! Written atomically after every step, so a crash leaves a run that
 //! `resume` continues and `abort` can undo.
 
+use crate::transfer::helper::Mode;
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result};
@@ -84,6 +85,13 @@ pub struct Journal {
     /// Set before the first byte is pushed: from then on, abort must push
     /// the base image back.
     pub push_started: bool,
+    /// How the disk moves (`--transfer`); older journals: auto.
+    #[serde(default = "auto")]
+    pub transfer: Mode,
+}
+
+fn auto() -> Mode {
+    Mode::Auto
 }
 
 pub const FORMAT: &str = "drydock-run/1";

@@ -34,6 +34,7 @@ pub struct Request {
     pub run: Option<String>,
     pub memory_mib: u64,
     pub cpus: u32,
+    pub transfer: crate::transfer::helper::Mode,
 }
 
 #[derive(Debug, Serialize)]
@@ -109,6 +110,7 @@ pub async fn start(req: &Request, ui: &Ui) -> Result<Report> {
         bytes_pulled: 0,
         bytes_pushed: 0,
         push_started: false,
+        transfer: req.transfer,
     };
     j.save(&dir)?;
     ui.say(format!(
@@ -301,6 +303,7 @@ async fn do_step(step: Step, dir: &Path, j: &mut Journal, ui: &Ui, accept_new: b
                     output: dir.join("base.raw"),
                     device: j.device.clone(),
                     live: false,
+                    transfer: j.transfer,
                 },
                 ui,
             )
@@ -335,11 +338,13 @@ async fn do_step(step: Step, dir: &Path, j: &mut Journal, ui: &Ui, accept_new: b
                     device: j.device.clone(),
                     full: false,
                     frozen_boot_id: j.frozen_boot_id.clone(),
+                    transfer: j.transfer,
+                    base_image: Some(dir.join("base.raw")),
                 },
                 ui,
             )
             .await?;
-            j.bytes_pushed += r.bytes_sent;
+            j.bytes_pushed += r.bytes_on_wire;
             s.close().await;
         }
         Step::Reboot => reboot_vps(j).await?,
@@ -558,6 +563,9 @@ async fn rollback_push(dir: &Path, j: &mut Journal, ui: &Ui) -> Result<()> {
             full: false,
             // Partly written: only its hashes can say which blocks are which.
             frozen_boot_id: None,
+            transfer: j.transfer,
+            // What the disk may hold besides the base: the upgraded image.
+            base_image: Some(upgraded.clone()),
         },
         ui,
     )

@@ -1,5 +1,6 @@
 //! Moving a disk between the VPS and a local image.
 
+pub mod helper;
 pub mod pull;
 pub mod push;
 pub mod writer;

@@ -18,8 +18,10 @@ use russh::ChannelMsg;
 use serde::{Deserialize, Serialize};
 
 use crate::errors::Interrupted;
+use crate::transfer::helper::{self, Mode};
 use crate::image::manifest::{
     BLOCK_SIZE, Manifest, SEGMENT_BLOCKS, SegmentHasher, Source, block_count, block_len, is_zero,
+    sha256,
     zero_hash,
 };
 use crate::remote::Facts;
@@ -33,6 +35,7 @@ pub struct PullOptions {
     pub output: PathBuf,
     pub device: Option<String>,
     pub live: bool,
+    pub transfer: Mode,
 }
 
 #[derive(Debug, Serialize)]
@@ -47,6 +50,11 @@ pub struct PullReport {
     pub seconds: f64,
     pub digest: String,
     pub hasher: String,
+    pub transfer: Mode,
+    /// Helper mode: where it ran on the host (removed afterwards) and its
+    /// own peak resident memory.
+    pub helper_dir: Option<String>,
+    pub helper_peak_rss_kib: Option<u64>,
 }
 
 /// The first line of `IMAGE.pull`: what is being pulled.
@@ -162,27 +170,26 @@ done
     )
 }
 
-/// What the next bytes of the stream are.
+/// What the next bytes of the dd stream are.
 enum Expect {
     Header(Vec<u8>),
-    /// Data of the segment starting at `first`, whose host hash is `hash`.
-    Data {
-        hash: String,
-    },
+    /// Data of a segment (its host hash is in the sink's `expected`).
+    Data,
 }
 
-/// The local half, on its own thread (hashing and disk writes are blocking
-/// work): parse headers, assemble blocks, hash them, write the non-zero
-/// ones, and record a segment once its hash matches the host's.
-struct Writer {
+/// The local image, filled in block order, and the state file recording
+/// each verified segment. Shared by both transfer modes; runs on the
+/// writer thread (hashing and disk writes are blocking work).
+struct Sink {
     image: File,
     state: File,
     size: u64,
     next_block: u64,
-    buf: Vec<u8>,
     seg: SegmentHasher,
     seg_first: u64,
-    expect: Expect,
+    /// The host's hash of the current segment (dd mode); in helper mode
+    /// every block was checked on arrival.
+    expected: Option<String>,
     /// Blocks received or known zero (for the progress bar).
     covered: Arc<AtomicU64>,
     /// Blocks verified and durable (what a resume would skip).
@@ -193,115 +200,31 @@ struct Writer {
     end_block: u64,
 }
 
-impl Writer {
-    fn feed(&mut self, mut data: &[u8]) -> Result<()> {
-        while !data.is_empty() {
-            match &mut self.expect {
-                Expect::Header(line) => {
-                    let nl = data.iter().position(|&b| b == b'\n');
-                    let take = nl.map(|p| p + 1).unwrap_or(data.len());
-                    line.extend_from_slice(&data[..take]);
-                    data = &data[take..];
-                    if line.len() > 200 {
-                        bail!("the host sent something that is not a drydock stream");
-                    }
-                    if nl.is_some() {
-                        let text = String::from_utf8_lossy(line).trim_end().to_string();
-                        self.header(&text)?;
-                    }
-                }
-                Expect::Data { .. } => {
-                    let want = block_len(self.size, self.next_block) as usize;
-                    let take = (want - self.buf.len()).min(data.len());
-                    self.buf.extend_from_slice(&data[..take]);
-                    data = &data[take..];
-                    if self.buf.len() == want {
-                        self.block_done()?;
-                    }
-                }
-            }
-        }
-        Ok(())
+impl Sink {
+    fn segment_end(&self) -> u64 {
+        (self.seg_first + SEGMENT_BLOCKS).min(self.end_block)
     }
 
-    fn segment_end(&self, first: u64) -> u64 {
-        (first + SEGMENT_BLOCKS).min(self.end_block)
-    }
-
-    fn header(&mut self, text: &str) -> Result<()> {
-        let w: Vec<&str> = text.split(' ').collect();
-        let first: u64 = w.get(1).and_then(|x| x.parse().ok()).unwrap_or(u64::MAX);
-        if first != self.seg_first {
-            bail!(
-                "the host's stream is out of order (expected block {}, got '{text}')",
-                self.seg_first
-            );
-        }
-        match w[..] {
-            ["Z", _, _] => {
-                // A segment of zeros: nothing was sent; make sure the image
-                // holds zeros there (a hole), even over an earlier attempt.
-                let end = self.segment_end(first);
-                let off = first * BLOCK_SIZE;
-                let len = (end * BLOCK_SIZE).min(self.size) - off;
-                rustix::fs::fallocate(
-                    &self.image,
-                    rustix::fs::FallocateFlags::PUNCH_HOLE | rustix::fs::FallocateFlags::KEEP_SIZE,
-                    off,
-                    len,
-                )
-                .context("cannot punch a hole in the local image")?;
-                let blocks = (first..end)
-                    .map(|b| hex::encode(zero_hash(block_len(self.size, b))))
-                    .collect();
-                self.next_block = end;
-                self.seg_first = end;
-                self.covered.store(end, Ordering::Relaxed);
-                self.verified(first, hex::encode(zero_hash(len)), blocks)?;
-            }
-            ["D", _, _, hash] => {
-                self.expect = Expect::Data {
-                    hash: hash.to_string(),
-                };
-                return Ok(());
-            }
-            _ => bail!("the host sent a header drydock does not understand: '{text}'"),
-        }
-        self.expect = Expect::Header(Vec::new());
-        Ok(())
-    }
-
-    fn block_done(&mut self) -> Result<()> {
-        let off = self.next_block * BLOCK_SIZE;
-        if !is_zero(&self.buf) {
-            self.image
-                .write_all_at(&self.buf, off)
-                .context("cannot write the local image")?;
-        }
-        self.seg.add_block(&self.buf);
-        self.buf.clear();
+    fn advanced(&mut self) -> Result<()> {
         self.next_block += 1;
         self.covered.store(self.next_block, Ordering::Relaxed);
-        if self.next_block == self.segment_end(self.seg_first) {
-            let (local, blocks) = std::mem::take(&mut self.seg).finish();
-            let Expect::Data { hash } =
-                std::mem::replace(&mut self.expect, Expect::Header(Vec::new()))
-            else {
-                unreachable!("blocks only arrive as data");
-            };
-            let first = self.seg_first;
-            if local != hash {
-                bail!(
-                    "the data received for bytes {}.. does not match what the host read \
-                     (host {hash}, here {local}); nothing after the last verified segment was kept: \
-                     run the same command again",
-                    first * BLOCK_SIZE
-                );
-            }
-            self.seg_first = self.next_block;
-            self.verified(first, local, blocks)?;
+        if self.next_block < self.segment_end() {
+            return Ok(());
         }
-        Ok(())
+        let (local, blocks) = std::mem::take(&mut self.seg).finish();
+        let first = self.seg_first;
+        if let Some(hash) = self.expected.take()
+            && local != hash
+        {
+            bail!(
+                "the data received for bytes {}.. does not match what the host read \
+                 (host {hash}, here {local}); nothing after the last verified segment was kept: \
+                 run the same command again",
+                first * BLOCK_SIZE
+            );
+        }
+        self.seg_first = self.next_block;
+        self.verified(first, local, blocks)
     }
 
     fn verified(&mut self, first: u64, segment: String, blocks: Vec<String>) -> Result<()> {
@@ -338,10 +261,144 @@ impl Writer {
     }
 }
 
+impl helper::BlockSink for Sink {
+    fn next_block(&self) -> u64 {
+        self.next_block
+    }
+
+    fn zeros(&mut self, count: u64) -> Result<()> {
+        if self.next_block + count > self.end_block {
+            bail!("the host sent zeros past the end of the disk");
+        }
+        // Nothing was sent: make sure the image holds zeros there (a
+        // hole), even over an earlier attempt's data.
+        let off = self.next_block * BLOCK_SIZE;
+        let len = ((self.next_block + count) * BLOCK_SIZE).min(self.size) - off;
+        rustix::fs::fallocate(
+            &self.image,
+            rustix::fs::FallocateFlags::PUNCH_HOLE | rustix::fs::FallocateFlags::KEEP_SIZE,
+            off,
+            len,
+        )
+        .context("cannot punch a hole in the local image")?;
+        for _ in 0..count {
+            self.seg
+                .add_zero_block(block_len(self.size, self.next_block));
+            self.advanced()?;
+        }
+        Ok(())
+    }
+
+    fn block(&mut self, data: &[u8], hash: [u8; 32]) -> Result<()> {
+        if self.next_block >= self.end_block {
+            bail!("the host sent data past the end of the disk");
+        }
+        if !is_zero(data) {
+            self.image
+                .write_all_at(data, self.next_block * BLOCK_SIZE)
+                .context("cannot write the local image")?;
+        }
+        self.seg.add_block_hashed(data, hash);
+        self.advanced()
+    }
+}
+
+/// The local half of dd mode: parse the in-band headers, assemble blocks.
+struct DdWriter {
+    sink: Sink,
+    buf: Vec<u8>,
+    expect: Expect,
+}
+
+impl DdWriter {
+    fn feed(&mut self, mut data: &[u8]) -> Result<()> {
+        while !data.is_empty() {
+            match &mut self.expect {
+                Expect::Header(line) => {
+                    let nl = data.iter().position(|&b| b == b'\n');
+                    let take = nl.map(|p| p + 1).unwrap_or(data.len());
+                    line.extend_from_slice(&data[..take]);
+                    data = &data[take..];
+                    if line.len() > 200 {
+                        bail!("the host sent something that is not a drydock stream");
+                    }
+                    if nl.is_some() {
+                        let text = String::from_utf8_lossy(line).trim_end().to_string();
+                        self.header(&text)?;
+                    }
+                }
+                Expect::Data => {
+                    let want = block_len(self.sink.size, self.sink.next_block) as usize;
+                    let take = (want - self.buf.len()).min(data.len());
+                    self.buf.extend_from_slice(&data[..take]);
+                    data = &data[take..];
+                    if self.buf.len() == want {
+                        let hash = sha256(&self.buf);
+                        helper::BlockSink::block(&mut self.sink, &self.buf, hash)?;
+                        self.buf.clear();
+                        if self.sink.next_block == self.sink.seg_first {
+                            // The segment ended (and was checked).
+                            self.expect = Expect::Header(Vec::new());
+                        }
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn header(&mut self, text: &str) -> Result<()> {
+        let w: Vec<&str> = text.split(' ').collect();
+        let first: u64 = w.get(1).and_then(|x| x.parse().ok()).unwrap_or(u64::MAX);
+        if first != self.sink.seg_first {
+            bail!(
+                "the host's stream is out of order (expected block {}, got '{text}')",
+                self.sink.seg_first
+            );
+        }
+        match w[..] {
+            ["Z", _, _] => {
+                let n = self.sink.segment_end() - first;
+                helper::BlockSink::zeros(&mut self.sink, n)?;
+                self.expect = Expect::Header(Vec::new());
+            }
+            ["D", _, _, hash] => {
+                self.sink.expected = Some(hash.to_string());
+                self.expect = Expect::Data;
+            }
+            _ => bail!("the host sent a header drydock does not understand: '{text}'"),
+        }
+        Ok(())
+    }
+}
+
+/// The local half of a pull, in either mode.
+enum Feed {
+    Dd(DdWriter),
+    Helper(Box<helper::PullFeed>, Sink),
+}
+
+impl Feed {
+    fn feed(&mut self, data: &[u8]) -> Result<()> {
+        match self {
+            Feed::Dd(w) => w.feed(data),
+            Feed::Helper(f, sink) => f.feed(data, sink),
+        }
+    }
+
+    fn flush(&mut self) -> Result<()> {
+        match self {
+            Feed::Dd(w) => w.sink.flush(),
+            Feed::Helper(_, sink) => sink.flush(),
+        }
+    }
+}
+
 /// Verified segments are made durable in batches of this many (1 GiB):
 /// an fsync per 16 MiB segment would cost more than the hashing.
 const FLUSH_SEGMENTS: usize = 64;
 
+#[allow(clippy::too_many_lines)]
 pub async fn pull(
     session: &Session,
     facts: &Facts,
@@ -351,6 +408,11 @@ pub async fn pull(
     device::require_root(facts, session)?;
     let dev = device::inspect(session, facts, opts.device.as_deref()).await?;
     check_mounts(&dev, opts.live, session, ui)?;
+    let mut hasher = String::new();
+    let mode = helper::choose(opts.transfer, facts)?;
+    if mode == Mode::Helper {
+        hasher = "helper (SHA-256 and zstd on the host)".to_string();
+    }
     let image = &opts.output;
     let state_file = state_path(image);
     let manifest_file = Manifest::path_for(image);
@@ -443,56 +505,83 @@ pub async fn pull(
     let verified = Arc::new(AtomicU64::new(start_block));
     let started = Instant::now();
     let mut received: u64 = 0;
-    let mut hasher = String::new();
     let mut stderr_text = String::new();
     let mut status = None;
     let mut interrupted = false;
+    let mut helper_done = None;
+    let mut helper_remote: Option<helper::Remote> = None;
 
     if start_block < end_block {
         // 64 messages of at most 255 KiB: 16 MiB in flight at most.
         let (tx, mut rx) = tokio::sync::mpsc::channel::<Bytes>(64);
         let covered = Arc::new(AtomicU64::new(start_block));
-        let mut writer = Writer {
+        let sink = Sink {
             image: image_file,
             state,
             size: dev.size,
             next_block: start_block,
-            buf: Vec::with_capacity(BLOCK_SIZE as usize),
             seg: SegmentHasher::default(),
             seg_first: start_block,
-            expect: Expect::Header(Vec::new()),
+            expected: None,
             covered: covered.clone(),
             verified_blocks: verified.clone(),
             verified_upto: start_block,
             pending: Vec::new(),
             end_block,
         };
+        let (mut feed, command, input) = match mode {
+            Mode::Helper => {
+                let remote = helper::Remote::install(session).await?;
+                let f = helper::PullFeed::new(dev.size)?;
+                helper_done = Some(f.done.clone());
+                let command = remote.command();
+                helper_remote = Some(remote);
+                (
+                    Feed::Helper(Box::new(f), sink),
+                    command,
+                    Some(helper::pull_request(&dev.path, start_block, end_block)),
+                )
+            }
+            Mode::Dd | Mode::Auto => (
+                Feed::Dd(DdWriter {
+                    sink,
+                    buf: Vec::with_capacity(BLOCK_SIZE as usize),
+                    expect: Expect::Header(Vec::new()),
+                }),
+                remote_script(
+                    &dev.path,
+                    start_block,
+                    end_block,
+                    &hex::encode(zero_hash(SEGMENT_BLOCKS * BLOCK_SIZE)),
+                    &hex::encode(zero_hash(
+                        dev.size - (end_block - 1) / SEGMENT_BLOCKS * SEGMENT_BLOCKS * BLOCK_SIZE,
+                    )),
+                ),
+                None,
+            ),
+        };
         let worker = std::thread::spawn(move || -> Result<()> {
             let mut res = Ok(());
             while let Some(d) = rx.blocking_recv() {
-                res = writer.feed(&d);
+                res = feed.feed(&d);
                 if res.is_err() {
                     break;
                 }
             }
             // Whatever was verified is kept, even when the pull failed.
-            let flushed = writer.flush();
+            let flushed = feed.flush();
             res.and(flushed)
         });
 
         let bar = ui.bytes_bar(dev.size, "pull");
         bar.set_position(resumed_at);
-        let mut channel = session
-            .open_exec(&remote_script(
-                &dev.path,
-                start_block,
-                end_block,
-                &hex::encode(zero_hash(SEGMENT_BLOCKS * BLOCK_SIZE)),
-                &hex::encode(zero_hash(
-                    dev.size - (end_block - 1) / SEGMENT_BLOCKS * SEGMENT_BLOCKS * BLOCK_SIZE,
-                )),
-            ))
-            .await?;
+        let mut channel = session.open_exec(&command).await?;
+        if let Some(input) = input {
+            channel.data(&input[..]).await.with_context(|| {
+                format!("the connection to {} broke", session.host())
+            })?;
+            channel.eof().await.ok();
+        }
         let mut partial_line = String::new();
         let ctrl_c = tokio::signal::ctrl_c();
         tokio::pin!(ctrl_c);
@@ -540,6 +629,11 @@ pub async fn pull(
         let worker_result = worker
             .join()
             .map_err(|_| anyhow!("the image writer panicked"))?;
+        if let Some(r) = &helper_remote
+            && let Err(e) = r.remove(session).await
+        {
+            ui.say(format!("warning: {e:#}"));
+        }
         let kept = verified.load(Ordering::Relaxed) * BLOCK_SIZE;
         let kept = kept.min(dev.size);
         let resume_hint = format!(
@@ -552,10 +646,16 @@ pub async fn pull(
         if interrupted {
             return Err(Interrupted(format!("interrupted: {resume_hint}")).into());
         }
-        if status != Some(0) || verified.load(Ordering::Relaxed) < end_block {
+        let helper_finished = helper_done
+            .as_ref()
+            .is_none_or(|d| d.lock().expect("not poisoned").is_some());
+        if status != Some(0) || verified.load(Ordering::Relaxed) < end_block || !helper_finished {
             let why = match status {
                 Some(s) if s != 0 => {
                     format!("the reading side on the host failed (exit status {s})")
+                }
+                Some(_) if !helper_finished => {
+                    "the helper stopped without syncing and reporting".to_string()
                 }
                 Some(_) => "the host's stream ended early".to_string(),
                 None => format!("the connection to {} was lost", session.host()),
@@ -595,6 +695,11 @@ pub async fn pull(
         seconds: started.elapsed().as_secs_f64(),
         digest: manifest.digest,
         hasher,
+        transfer: mode,
+        helper_dir: helper_remote.map(|r| r.tmpfs.dir),
+        helper_peak_rss_kib: helper_done
+            .and_then(|d| *d.lock().expect("not poisoned"))
+            .map(|d| d.peak_rss_kib),
     })
 }
 

@@ -12,12 +12,13 @@ use serde::Serialize;
 use sha2::{Digest, Sha256};
 
 use crate::image::manifest::{
-    BLOCK_SIZE, Manifest, SEGMENT_BLOCKS, Source, block_count, block_len, hash_image,
+    self, BLOCK_SIZE, Manifest, SEGMENT_BLOCKS, Source, block_count, block_len, hash_image,
 };
 use crate::refused;
 use crate::remote::Facts;
 use crate::remote::device::{self, Device};
 use crate::ssh::{Session, shell_quote};
+use crate::transfer::helper::{self, Link, Mode, Patch, Remote};
 use crate::transfer::writer::Staged;
 use crate::ui::{Ui, human_bytes};
 
@@ -33,6 +34,11 @@ pub struct PushOptions {
     /// to it since the pull (safety rule 1, first proof) and the disk is
     /// not hashed again; otherwise its hashes are checked.
     pub frozen_boot_id: Option<String>,
+    pub transfer: Mode,
+    /// The image as pulled, when it is still at hand (the pipeline's
+    /// base.raw): lets helper mode finish a push that was cut inside a
+    /// block, by proving each 4 KiB page holds the old or the new data.
+    pub base_image: Option<PathBuf>,
 }
 
 #[derive(Debug, Serialize)]
@@ -51,6 +57,12 @@ pub struct PushReport {
     /// that was a tmpfs mounted for it.
     pub writer_dir: Option<String>,
     pub writer_own_tmpfs: bool,
+    pub transfer: Mode,
+    /// Bytes sent on the SSH channel (frames and compressed data in helper
+    /// mode, raw blocks in dd mode) and bytes written to the disk.
+    pub bytes_on_wire: u64,
+    pub bytes_written: u64,
+    pub helper_peak_rss_kib: Option<u64>,
 }
 
 /// A run of blocks [first, first + count).
@@ -251,23 +263,33 @@ pub async fn push(
         ));
     };
 
+    let mode = helper::choose(opts.transfer, facts)?;
     let started = Instant::now();
     let bar = ui.bytes_bar(image_len, "hash");
     let new = hash_image(&opts.image, |n| bar.inc(n))?;
     bar.finish_and_clear();
+    let proven = match &base {
+        Some(base) => {
+            opts.frozen_boot_id.as_deref() == Some(facts.boot_id.as_str())
+                && dev.mounts.iter().all(|m| m.read_only)
+                && base.size == new.size
+        }
+        None => false,
+    };
+    if proven {
+        ui.say(format!(
+            "{} has run the same boot since the freeze and {} is still read-only: \
+             its content is what was pulled",
+            session.host(),
+            dev.path
+        ));
+    }
+    if mode == Mode::Helper {
+        return push_helper(session, facts, &dev, opts, base, new, proven, started, ui).await;
+    }
 
     let blocks: Vec<u64> = match &base {
-        Some(base)
-            if opts.frozen_boot_id.as_deref() == Some(facts.boot_id.as_str())
-                && dev.mounts.iter().all(|m| m.read_only)
-                && base.size == new.size =>
-        {
-            ui.say(format!(
-                "{} has run the same boot since the freeze and {} is still read-only: \
-                 its content is what was pulled",
-                session.host(),
-                dev.path
-            ));
+        Some(base) if proven => {
             (0..new.blocks.len() as u64)
                 .filter(|&b| base.blocks[b as usize] != new.blocks[b as usize])
                 .collect()
@@ -300,6 +322,10 @@ pub async fn push(
         digest: new.digest.clone(),
         writer_dir: None,
         writer_own_tmpfs: false,
+        transfer: Mode::Dd,
+        bytes_on_wire: bytes,
+        bytes_written: bytes,
+        helper_peak_rss_kib: None,
     };
     if rs.is_empty() {
         ui.say(format!(
@@ -327,8 +353,8 @@ pub async fn push(
     ))?;
 
     let staged = Staged::stage(session).await?;
-    report.writer_dir = Some(staged.dir.clone());
-    report.writer_own_tmpfs = staged.mounted;
+    report.writer_dir = Some(staged.tmpfs.dir.clone());
+    report.writer_own_tmpfs = staged.tmpfs.mounted;
     let result = write_ranges(session, &staged, &dev, &opts.image, image_len, &rs, ui).await;
     let removed = staged.remove(session).await;
     result?;
@@ -340,6 +366,358 @@ pub async fn push(
     .save(&manifest_path)?;
     report.seconds = started.elapsed().as_secs_f64();
     Ok(report)
+}
+
+/// Blocks asked about but not answered yet, at most (a window, so that the
+/// requests and the answers flow at once without either side waiting on
+/// the other's buffers).
+const HASH_WINDOW: u64 = 256;
+/// Bytes of writes sent but not yet confirmed, at most.
+const WRITE_WINDOW: u64 = 32 << 20;
+
+/// Helper mode: ask the helper for the hashes of the blocks that may need
+/// writing (and of their 4 KiB pages), decide page by page, refuse before
+/// writing anything if the disk holds something unexpected, then send only
+/// the differing pages; each range is written with O_DIRECT, read back and
+/// confirmed by the helper.
+#[allow(clippy::too_many_arguments)]
+async fn push_helper(
+    session: &Session,
+    facts: &Facts,
+    dev: &Device,
+    opts: &PushOptions,
+    base: Option<Manifest>,
+    new: Manifest,
+    proven: bool,
+    started: Instant,
+    ui: &Ui,
+) -> Result<PushReport> {
+    let size = new.size;
+    if let Some(b) = &base
+        && b.size != size
+    {
+        return Err(refused!(
+            "the image is {} bytes and its manifest says {}: the manifest is not this image's; \
+             push with --full to write every block without the check",
+            size,
+            b.size
+        ));
+    }
+    let remote = Remote::install(session).await?;
+    let res = push_with(session, dev, opts, base.as_ref(), &new, proven, &remote, ui).await;
+    let removed = remote.remove(session).await;
+    let (bytes_on_wire, bytes_written, pages_bytes, ranges, done) = res?;
+    removed?;
+    let source = Source {
+        host: session.host(),
+        device: dev.path.clone(),
+        boot_id: facts.boot_id.clone(),
+        pulled_at: base
+            .as_ref()
+            .and_then(|b| b.source.as_ref())
+            .map(|s| s.pulled_at.clone())
+            .unwrap_or_default(),
+    };
+    let blocks_written = base
+        .as_ref()
+        .map(|b| {
+            b.blocks
+                .iter()
+                .zip(&new.blocks)
+                .filter(|(a, b)| a != b)
+                .count() as u64
+        })
+        .unwrap_or(new.blocks.len() as u64);
+    let digest = new.digest.clone();
+    Manifest {
+        source: Some(source),
+        ..new
+    }
+    .save(&Manifest::path_for(&opts.image))?;
+    Ok(PushReport {
+        host: session.host(),
+        device: dev.path.clone(),
+        image: opts.image.clone(),
+        size,
+        blocks_total: block_count(size),
+        blocks_written,
+        ranges,
+        bytes_sent: pages_bytes,
+        seconds: started.elapsed().as_secs_f64(),
+        digest,
+        writer_dir: Some(remote.tmpfs.dir.clone()),
+        writer_own_tmpfs: remote.tmpfs.mounted,
+        transfer: Mode::Helper,
+        bytes_on_wire,
+        bytes_written,
+        helper_peak_rss_kib: done.map(|d| d.peak_rss_kib),
+    })
+}
+
+type PushCounts = (u64, u64, u64, usize, Option<helper::Done>);
+
+#[allow(clippy::too_many_arguments)]
+async fn push_with(
+    session: &Session,
+    dev: &Device,
+    opts: &PushOptions,
+    base: Option<&Manifest>,
+    new: &Manifest,
+    proven: bool,
+    remote: &Remote,
+    ui: &Ui,
+) -> Result<PushCounts> {
+    let size = new.size;
+    let nblocks = block_count(size);
+    let mut link = Link::start(session, remote).await?;
+    link.send(
+        drydock_helper::proto::Msg::Open {
+            version: drydock_helper::proto::VERSION,
+            device: dev.path.clone(),
+            write: true,
+        }
+        .encode(),
+    )
+    .await?;
+    match link.recv().await? {
+        drydock_helper::proto::Msg::Opened { size: s, .. } if s == dev.size => {}
+        drydock_helper::proto::Msg::Opened { size: s, .. } => bail!(
+            "the helper sees {} as {s} bytes where drydock saw {}",
+            dev.path,
+            dev.size
+        ),
+        m => bail!("the helper answered Open with {}", m.name()),
+    }
+
+    // Which blocks to look at page by page.
+    let mut candidates: Vec<u64> = match base {
+        Some(b) if proven => (0..nblocks)
+            .filter(|&i| b.blocks[i as usize] != new.blocks[i as usize])
+            .collect(),
+        Some(b) => {
+            // No proof that the disk is untouched: hash all of it on the
+            // host (blocks of zeros cost no hashing there).
+            let bar = ui.bytes_bar(size, "check");
+            let mut out = Vec::new();
+            let answers = hash_blocks(&mut link, &[(0, nblocks)], false, |i, h, _| {
+                bar.inc(block_len(size, i));
+                let (old, neu) = (&b.blocks[i as usize], &new.blocks[i as usize]);
+                if helper::same(h, neu) {
+                    // Already written (an earlier push), or unchanged.
+                } else if helper::same(h, old) || opts.base_image.is_some() {
+                    out.push(i);
+                } else {
+                    return Err(format!(
+                        "block {i} (byte {}) differs from both the manifest and the image",
+                        i * BLOCK_SIZE
+                    ));
+                }
+                Ok(())
+            })
+            .await;
+            bar.finish_and_clear();
+            refuse_changed(answers, dev, session)?;
+            out
+        }
+        None => (0..nblocks).collect(),
+    };
+    candidates.sort_unstable();
+
+    // Page hashes of the candidates, and what to write.
+    let image = File::open(&opts.image)
+        .with_context(|| format!("cannot open {}", opts.image.display()))?;
+    let base_img = match &opts.base_image {
+        Some(p) => Some(File::open(p).with_context(|| format!("cannot open {}", p.display()))?),
+        None => None,
+    };
+    let runs: Vec<(u64, u64)> = ranges(&candidates)
+        .iter()
+        .map(|r| (r.first, r.first + r.count))
+        .collect();
+    let mut patches: Vec<Patch> = Vec::new();
+    let bar = ui.bytes_bar(candidates.len() as u64 * BLOCK_SIZE, "compare");
+    let mut nb = vec![0u8; BLOCK_SIZE as usize];
+    let mut bb = vec![0u8; BLOCK_SIZE as usize];
+    let answers = hash_blocks(&mut link, &runs, true, |i, h, pages| {
+        bar.inc(BLOCK_SIZE);
+        let len = block_len(size, i) as usize;
+        image
+            .read_exact_at(&mut nb[..len], i * BLOCK_SIZE)
+            .map_err(|e| format!("cannot read the image: {e}"))?;
+        let base_block = match &base_img {
+            Some(f) => {
+                f.read_exact_at(&mut bb[..len], i * BLOCK_SIZE)
+                    .map_err(|e| format!("cannot read the base image: {e}"))?;
+                Some(&bb[..len])
+            }
+            None => None,
+        };
+        let old = match base {
+            Some(b) => Some(
+                manifest::from_hex(&b.blocks[i as usize]).map_err(|e| e.to_string())?,
+            ),
+            None => None,
+        };
+        let p = helper::plan_block(i, h, pages, old.as_ref(), &nb[..len], base_block)?;
+        patches.extend(p);
+        Ok(())
+    })
+    .await;
+    bar.finish_and_clear();
+    refuse_changed(answers, dev, session)?;
+
+    let total: u64 = patches.iter().map(|p| p.len as u64).sum();
+    if patches.is_empty() {
+        ui.say(format!(
+            "{} on {} already holds this image; nothing to write",
+            dev.path,
+            session.host()
+        ));
+    } else {
+        ui.confirm(&format!(
+            "Write {} ({} ranges of 4 KiB pages) of {} to {} on {}?",
+            human_bytes(total),
+            patches.len(),
+            opts.image.display(),
+            dev.path,
+            session.host()
+        ))?;
+    }
+
+    // Send the pages, at most WRITE_WINDOW bytes unconfirmed.
+    let bar = ui.bytes_bar(total, "push");
+    let mut z = zstd::bulk::Compressor::new(helper::PUSH_LEVEL)?;
+    let mut in_flight: std::collections::VecDeque<Patch> = Default::default();
+    let mut in_flight_bytes = 0u64;
+    let mut next = 0;
+    let partly = |e: anyhow::Error| {
+        e.context(format!(
+            "the push stopped with {} partly written: run the same push again to finish it \
+             (ranges already written are recognised)",
+            dev.path
+        ))
+    };
+    while next < patches.len() || !in_flight.is_empty() {
+        if next < patches.len() && in_flight_bytes < WRITE_WINDOW {
+            let p = patches[next];
+            next += 1;
+            let frame = helper::write_frame(&image, p, &mut z)?;
+            link.send(frame).await.map_err(partly)?;
+            in_flight.push_back(p);
+            in_flight_bytes += p.len as u64;
+            continue;
+        }
+        match link.recv().await.map_err(partly)? {
+            drydock_helper::proto::Msg::Written { offset, len } => {
+                let p = in_flight.pop_front().context("the helper confirmed a write not sent")?;
+                if p.offset != offset || p.len != len {
+                    bail!("the helper confirmed {len} bytes at {offset}, not the range sent");
+                }
+                in_flight_bytes -= len as u64;
+                bar.inc(len as u64);
+            }
+            m => bail!("the helper sent {} during the writes", m.name()),
+        }
+    }
+    bar.finish_and_clear();
+    link.send(drydock_helper::proto::Msg::Finish.encode()).await?;
+    let done = match link.recv().await.map_err(partly)? {
+        drydock_helper::proto::Msg::Done {
+            peak_rss_kib,
+            bytes_read,
+            bytes_written,
+        } => helper::Done {
+            peak_rss_kib,
+            bytes_read,
+            bytes_written,
+        },
+        m => bail!("the helper answered Finish with {}", m.name()),
+    };
+    if !patches.is_empty() {
+        ui.say(format!(
+            "wrote, read back and checked {} in {} ranges on {} (helper peak memory {})",
+            human_bytes(total),
+            patches.len(),
+            dev.path,
+            human_bytes(done.peak_rss_kib * 1024)
+        ));
+    }
+    Ok((link.sent, done.bytes_written, total, patches.len(), Some(done)))
+}
+
+/// Ask for the hashes of blocks in `runs` ([first, end) each), keeping at
+/// most HASH_WINDOW blocks asked and unanswered; `each` sees every answer
+/// in order and may refuse (its message ends the exchange, nothing
+/// written). The outer `Result` is a failure of the exchange itself.
+async fn hash_blocks(
+    link: &mut Link,
+    runs: &[(u64, u64)],
+    pages: bool,
+    mut each: impl FnMut(u64, &[u8; 32], &[u8]) -> Result<(), String>,
+) -> Result<Result<(), String>> {
+    // Split the runs so that no request exceeds the window.
+    let mut reqs = Vec::new();
+    for &(a, b) in runs {
+        let mut x = a;
+        while x < b {
+            let y = (x + HASH_WINDOW).min(b);
+            reqs.push((x, y));
+            x = y;
+        }
+    }
+    let expected: Vec<u64> = runs.iter().flat_map(|&(a, b)| a..b).collect();
+    let mut asked = 0u64;
+    let mut answered = 0usize;
+    let mut r = 0;
+    let mut verdict = Ok(());
+    while answered < expected.len() {
+        while r < reqs.len() && asked - answered as u64 + (reqs[r].1 - reqs[r].0) <= HASH_WINDOW {
+            let (first, end) = reqs[r];
+            link.send(
+                drydock_helper::proto::Msg::HashBlocks { first, end, pages }.encode(),
+            )
+            .await?;
+            asked += end - first;
+            r += 1;
+        }
+        match link.recv().await? {
+            drydock_helper::proto::Msg::BlockHash {
+                index,
+                hash,
+                pages: p,
+            } => {
+                if index != expected[answered] {
+                    bail!(
+                        "the helper answered for block {index}, expected {}",
+                        expected[answered]
+                    );
+                }
+                answered += 1;
+                if verdict.is_ok() {
+                    verdict = each(index, &hash, &p);
+                }
+            }
+            m => bail!("the helper sent {} while hashing", m.name()),
+        }
+    }
+    Ok(verdict)
+}
+
+fn refuse_changed(
+    answers: Result<Result<(), String>>,
+    dev: &Device,
+    session: &Session,
+) -> Result<()> {
+    match answers? {
+        Ok(()) => Ok(()),
+        Err(why) => Err(refused!(
+            "{} on {} no longer holds what was pulled: {why}. Writing would mix two versions \
+             of the disk; nothing was written. Pull it again, or push with --full to overwrite \
+             it whole",
+            dev.path,
+            session.host()
+        )),
+    }
 }
 
 /// The writer script: each range read from stdin by its own dd, a sync,
@@ -401,7 +779,7 @@ async fn write_ranges(
     ui: &Ui,
 ) -> Result<()> {
     let script = writer_script(st, dev, size, rs);
-    let path = format!("{}/write.sh", st.dir);
+    let path = format!("{}/write.sh", st.tmpfs.dir);
     session.upload(&path, script.as_bytes(), false).await?;
     let total: u64 = rs.iter().map(|r| range_bytes(size, *r)).sum();
     let bar = ui.bytes_bar(total, "push");

@@ -9,10 +9,63 @@ use crate::ssh::{Session, shell_quote};
 
 const TOOLS: &[&str] = &["sh", "dd", "head", "sha256sum", "sync"];
 
-const STAGE_SCRIPT: &str = r#"export LC_ALL=C
-T=$(mktemp -d /run/drydock-writer.XXXXXX 2>/dev/null || mktemp -d /dev/shm/drydock-writer.XXXXXX) || { echo "cannot make a folder on a tmpfs (/run or /dev/shm)" >&2; exit 1; }
-if mount -t tmpfs -o size=64m,mode=0700 drydock-writer "$T" 2>/dev/null; then echo mounted; fi
-for b in TOOLS; do
+/// A folder on the host's RAM: a tmpfs of its own mounted on a fresh
+/// folder under /run (or /dev/shm), so that what runs from it reads
+/// nothing of the disk and may execute (/run itself is often noexec).
+const TMPFS_SCRIPT: &str = r#"export LC_ALL=C
+T=$(mktemp -d /run/drydock-NAME.XXXXXX 2>/dev/null || mktemp -d /dev/shm/drydock-NAME.XXXXXX) || { echo "cannot make a folder on a tmpfs (/run or /dev/shm)" >&2; exit 1; }
+if mount -t tmpfs -o size=SIZE,mode=0700 drydock-NAME "$T" 2>/dev/null; then echo mounted; fi
+echo "dir $T"
+"#;
+
+#[derive(Debug, Clone)]
+pub struct Tmpfs {
+    pub dir: String,
+    /// A tmpfs was mounted for it (else it is a folder on /run or /dev/shm).
+    pub mounted: bool,
+}
+
+impl Tmpfs {
+    pub async fn make(session: &Session, name: &str, size: &str) -> Result<Tmpfs> {
+        let script = TMPFS_SCRIPT.replace("NAME", name).replace("SIZE", size);
+        let out = session
+            .run(&format!("making a tmpfs for the {name}"), &script)
+            .await?;
+        Tmpfs::parse(&out, session)
+    }
+
+    fn parse(out: &str, session: &Session) -> Result<Tmpfs> {
+        let mounted = out.lines().any(|l| l == "mounted");
+        let dir = out
+            .lines()
+            .find_map(|l| l.strip_prefix("dir "))
+            .map(str::to_string);
+        match dir {
+            Some(dir) => Ok(Tmpfs { dir, mounted }),
+            None => bail!("making a tmpfs on {} gave no folder", session.host()),
+        }
+    }
+
+    pub async fn remove(&self, session: &Session) -> Result<()> {
+        let d = shell_quote(&self.dir);
+        // What ran from it may take a moment to exit after its channel
+        // closed: retry the unmount for up to ten seconds.
+        let cmd = if self.mounted {
+            format!(
+                "i=0; until umount {d} 2>/dev/null; do i=$((i+1)); [ $i -ge 20 ] && {{ umount {d}; exit 1; }}; sleep 0.5; done; rmdir {d}"
+            )
+        } else {
+            format!("rm -rf {d}")
+        };
+        session
+            .run("removing drydock's tmpfs", &cmd)
+            .await
+            .with_context(|| format!("{} may be left on the host", self.dir))?;
+        Ok(())
+    }
+}
+
+const STAGE_SCRIPT: &str = r#"for b in TOOLS; do
   p=$(command -v "$b") || { echo "the host has no $b" >&2; exit 1; }
   p=$(readlink -f "$p")
   cp "$p" "$T/$b" || exit 1
@@ -22,7 +75,6 @@ for b in TOOLS; do
   if [ -n "$ld" ] && [ ! -e "$T/ld.so" ]; then cp -L "$ld" "$T/ld.so" || exit 1; fi
 done
 rm -f "$T/.libs"
-echo "dir $T"
 if [ -e "$T/ld.so" ]; then
   "$T/ld.so" --library-path "$T" "$T/dd" if=/dev/null of=/dev/null 2>&1 || { echo "the copied dd does not run from $T" >&2; exit 1; }
   echo loader
@@ -34,43 +86,38 @@ fi
 /// Tools copied to a tmpfs on the host; removed by [`Staged::remove`].
 #[derive(Debug, Clone)]
 pub struct Staged {
-    pub dir: String,
-    pub mounted: bool,
+    pub tmpfs: Tmpfs,
     loader: bool,
 }
 
 impl Staged {
     /// Copy the tools into a fresh tmpfs on the host.
     pub async fn stage(session: &Session) -> Result<Staged> {
-        let script = STAGE_SCRIPT.replace("TOOLS", &TOOLS.join(" "));
-        let out = session
+        let tmpfs = Tmpfs::make(session, "writer", "64m").await?;
+        let script = format!(
+            "export LC_ALL=C; T={}\n{}",
+            shell_quote(&tmpfs.dir),
+            STAGE_SCRIPT.replace("TOOLS", &TOOLS.join(" "))
+        );
+        let out = match session
             .run("copying the writer's tools to a tmpfs", &script)
-            .await?;
-        let mut st = Staged {
-            dir: String::new(),
-            mounted: false,
-            loader: false,
-        };
-        for l in out.lines() {
-            match l {
-                "mounted" => st.mounted = true,
-                "loader" => st.loader = true,
-                _ => {
-                    if let Some(d) = l.strip_prefix("dir ") {
-                        st.dir = d.to_string();
-                    }
-                }
+            .await
+        {
+            Ok(out) => out,
+            Err(e) => {
+                let _ = tmpfs.remove(session).await;
+                return Err(e);
             }
-        }
-        if st.dir.is_empty() {
-            bail!("staging the writer on {} gave no folder", session.host());
-        }
-        Ok(st)
+        };
+        Ok(Staged {
+            tmpfs,
+            loader: out.lines().any(|l| l == "loader"),
+        })
     }
 
     /// How to run tool `name` from the tmpfs, as a shell command prefix.
     pub fn tool(&self, name: &str) -> String {
-        let d = shell_quote(&self.dir);
+        let d = shell_quote(&self.tmpfs.dir);
         if self.loader {
             format!("{d}/ld.so --library-path {d} {d}/{name}")
         } else {
@@ -85,16 +132,6 @@ impl Staged {
     }
 
     pub async fn remove(&self, session: &Session) -> Result<()> {
-        let d = shell_quote(&self.dir);
-        let cmd = if self.mounted {
-            format!("umount {d} && rmdir {d}")
-        } else {
-            format!("rm -rf {d}")
-        };
-        session
-            .run("removing the writer's tmpfs", &cmd)
-            .await
-            .context("the writer's tools may be left on the host's tmpfs")?;
-        Ok(())
+        self.tmpfs.remove(session).await
     }
 }

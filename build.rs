@@ -1,0 +1,70 @@
+//! Builds the helper (helper/) as a static x86_64 executable and puts it in
+//! OUT_DIR, where `src/transfer/helper.rs` embeds it with `include_bytes!`.
+//!
+//! It is a separate cargo invocation because it needs other flags than
+//! drydock itself: `-C target-feature=+crt-static` (no dependency on the
+//! VPS's C library, which may be older than this machine's) and an
+//! explicit `--target`, so the flag does not reach build scripts and proc
+//! macros. Its own target folder (target/helper) avoids waiting on the
+//! lock of the build that runs this script. `DRYDOCK_HELPER=path` uses a
+//! helper built elsewhere instead.
+
+use std::env;
+use std::path::PathBuf;
+use std::process::Command;
+
+const TARGET: &str = "x86_64-unknown-linux-gnu";
+
+fn main() {
+    println!("cargo:rerun-if-changed=helper/src");
+    println!("cargo:rerun-if-changed=helper/Cargo.toml");
+    println!("cargo:rerun-if-changed=Cargo.lock");
+    println!("cargo:rerun-if-env-changed=DRYDOCK_HELPER");
+    let out = PathBuf::from(env::var_os("OUT_DIR").expect("cargo sets OUT_DIR"));
+    let dest = out.join("drydock-helper");
+    if let Some(prebuilt) = env::var_os("DRYDOCK_HELPER") {
+        std::fs::copy(&prebuilt, &dest).expect("copy DRYDOCK_HELPER");
+        return;
+    }
+    let root = PathBuf::from(env::var_os("CARGO_MANIFEST_DIR").expect("cargo sets it"));
+    // OUT_DIR is TARGET_DIR/<profile>/build/drydock-*/out.
+    let target_dir = out
+        .ancestors()
+        .nth(4)
+        .map(|t| t.join("helper"))
+        .unwrap_or_else(|| out.join("helper-target"));
+    let cargo = env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+    let mut cmd = Command::new(cargo);
+    cmd.current_dir(&root)
+        .args([
+            "build",
+            "--quiet",
+            "--profile",
+            "helper",
+            "-p",
+            "drydock-helper",
+            "--bin",
+            "drydock-helper",
+            "--target",
+            TARGET,
+            "--target-dir",
+        ])
+        .arg(&target_dir);
+    for v in [
+        "RUSTFLAGS",
+        "CARGO_ENCODED_RUSTFLAGS",
+        "CARGO_BUILD_RUSTFLAGS",
+        "CARGO_TARGET_DIR",
+        "CARGO_BUILD_TARGET",
+        "RUSTC_WRAPPER",
+        "RUSTC_WORKSPACE_WRAPPER",
+        "CARGO_PROFILE_RELEASE_DEBUG",
+    ] {
+        cmd.env_remove(v);
+    }
+    cmd.env("CARGO_ENCODED_RUSTFLAGS", "-Ctarget-feature=+crt-static");
+    let status = cmd.status().expect("cannot run cargo to build the helper");
+    assert!(status.success(), "building the helper failed");
+    let built = target_dir.join(TARGET).join("helper").join("drydock-helper");
+    std::fs::copy(&built, &dest).expect("copy the built helper");
+}

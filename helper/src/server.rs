@@ -1,0 +1,415 @@
+//! The helper's side of the protocol: answers drydock's requests on one
+//! disk. Generic over its input and output so that tests run it in-process
+//! over pipes; `main.rs` gives it stdin and stdout.
+
+use std::fs::{File, OpenOptions};
+use std::io::{BufWriter, Read, Seek, SeekFrom, Write};
+use std::os::unix::fs::{FileExt, FileTypeExt, OpenOptionsExt};
+
+use crate::proto::{self, BLOCK, Hash, Msg, VERSION, read_msg, write_msg};
+
+/// A buffer aligned for O_DIRECT (4 KiB covers every logical block size).
+pub struct Aligned {
+    v: Vec<u8>,
+    off: usize,
+    len: usize,
+}
+
+const ALIGN: usize = 4096;
+
+impl Aligned {
+    pub fn new(len: usize) -> Aligned {
+        let v = vec![0u8; len + ALIGN];
+        let off = v.as_ptr().align_offset(ALIGN);
+        Aligned { v, off, len }
+    }
+    pub fn get(&mut self, n: usize) -> &mut [u8] {
+        assert!(n <= self.len);
+        &mut self.v[self.off..self.off + n]
+    }
+}
+
+/// The disk, opened twice when O_DIRECT works: `direct` for aligned I/O,
+/// `buffered` for the unaligned tail of an image whose size is not a
+/// multiple of 4 KiB (then synced and read back).
+pub struct Disk {
+    direct: Option<File>,
+    buffered: File,
+    pub size: u64,
+    /// A regular file: its holes can be found without reading them.
+    pub is_file: bool,
+}
+
+impl Disk {
+    pub fn open(path: &str, write: bool) -> Result<Disk, String> {
+        let open = |flags: i32| {
+            OpenOptions::new()
+                .read(true)
+                .write(write)
+                .custom_flags(flags)
+                .open(path)
+        };
+        let mut buffered = open(0).map_err(|e| format!("cannot open {path}: {e}"))?;
+        let meta = buffered
+            .metadata()
+            .map_err(|e| format!("cannot stat {path}: {e}"))?;
+        let ft = meta.file_type();
+        if !ft.is_block_device() && !ft.is_file() {
+            return Err(format!("{path} is neither a block device nor a file"));
+        }
+        let size = buffered
+            .seek(SeekFrom::End(0))
+            .map_err(|e| format!("cannot tell the size of {path}: {e}"))?;
+        // tmpfs and some file systems refuse O_DIRECT (EINVAL): then the
+        // buffered descriptor does everything, with syncs.
+        let direct = open(rustix::fs::OFlags::DIRECT.bits() as i32).ok();
+        Ok(Disk {
+            direct,
+            buffered,
+            size,
+            is_file: ft.is_file(),
+        })
+    }
+
+    pub fn is_direct(&self) -> bool {
+        self.direct.is_some()
+    }
+
+    fn block_len(&self, i: u64) -> usize {
+        BLOCK.min(self.size - i * BLOCK) as usize
+    }
+
+    /// Read `n` bytes at `off` into `buf` (aligned) and return them.
+    fn read_at<'a>(&self, buf: &'a mut Aligned, off: u64, n: usize) -> Result<&'a [u8], String> {
+        let err = |e: std::io::Error| format!("cannot read the disk at byte {off}: {e}");
+        match &self.direct {
+            Some(f) if off.is_multiple_of(ALIGN as u64) => {
+                // Whole aligned units; the kernel stops at the end of the disk.
+                let want = n.next_multiple_of(ALIGN);
+                let b = buf.get(want);
+                let mut got = 0;
+                while got < n {
+                    let k = f.read_at(&mut b[got..], off + got as u64).map_err(err)?;
+                    if k == 0 {
+                        return Err(format!("the disk ended at byte {}", off + got as u64));
+                    }
+                    got += k;
+                }
+                Ok(&buf.get(n)[..n])
+            }
+            _ => {
+                let b = buf.get(n);
+                self.buffered.read_exact_at(b, off).map_err(err)?;
+                Ok(b)
+            }
+        }
+    }
+
+    fn write_at(&self, buf: &mut Aligned, off: u64, n: usize) -> Result<(), String> {
+        let err = |e: std::io::Error| format!("cannot write the disk at byte {off}: {e}");
+        match &self.direct {
+            Some(f) if off.is_multiple_of(ALIGN as u64) && n.is_multiple_of(ALIGN) => {
+                f.write_all_at(buf.get(n), off).map_err(err)
+            }
+            _ => {
+                self.buffered.write_all_at(buf.get(n), off).map_err(err)?;
+                self.buffered.sync_data().map_err(err)?;
+                // Drop the cached pages so the read-back comes from the disk.
+                let _ = rustix::fs::fadvise(
+                    &self.buffered,
+                    off,
+                    std::num::NonZeroU64::new(n as u64),
+                    rustix::fs::Advice::DontNeed,
+                );
+                Ok(())
+            }
+        }
+    }
+
+    /// For a regular file: the end of the hole at `off` (`off` itself when
+    /// there is data there). Block devices have no holes to find.
+    fn hole_end(&self, off: u64) -> u64 {
+        if !self.is_file {
+            return off;
+        }
+        match rustix::fs::seek(&self.buffered, rustix::fs::SeekFrom::Data(off)) {
+            Ok(d) => d.max(off),
+            // ENXIO: no data after `off`.
+            Err(_) => self.size,
+        }
+    }
+
+    pub fn sync(&self) -> Result<(), String> {
+        let f = self.direct.as_ref().unwrap_or(&self.buffered);
+        f.sync_all()
+            .map_err(|e| format!("cannot sync the disk: {e}"))?;
+        self.buffered
+            .sync_all()
+            .map_err(|e| format!("cannot sync the disk: {e}"))
+    }
+}
+
+fn zero_hash(len: usize) -> Hash {
+    use sha2::{Digest, Sha256};
+    static ZEROS: [u8; 1 << 16] = [0; 1 << 16];
+    let mut h = Sha256::new();
+    let mut left = len;
+    while left > 0 {
+        let n = left.min(ZEROS.len());
+        h.update(&ZEROS[..n]);
+        left -= n;
+    }
+    h.finalize().into()
+}
+
+/// Peak resident memory of this process, from /proc (kB).
+pub fn peak_rss_kib() -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmHWM:"))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|v| v.parse().ok())
+        })
+        .unwrap_or(0)
+}
+
+struct Counters {
+    read: u64,
+    written: u64,
+}
+
+/// Serve one session. Errors are sent to drydock as `Error` frames (best
+/// effort) and returned; nothing is read or written after one.
+pub fn serve(input: impl Read, output: impl Write) -> Result<(), String> {
+    let mut input = input;
+    let mut out = BufWriter::with_capacity(1 << 18, output);
+    let res = session(&mut input, &mut out);
+    if let Err(e) = &res {
+        let _ = write_msg(&mut out, &Msg::Error { message: e.clone() });
+    }
+    let _ = out.flush();
+    res
+}
+
+fn send(out: &mut impl Write, m: &Msg) -> Result<(), String> {
+    write_msg(out, m).map_err(|e| format!("cannot send to drydock: {e}"))
+}
+
+fn recv(input: &mut impl Read) -> Result<Msg, String> {
+    match read_msg(input) {
+        Ok(Some(Msg::Error { message })) => Err(format!("drydock stopped: {message}")),
+        Ok(Some(m)) => Ok(m),
+        Ok(None) => Err("drydock closed the stream before saying Finish".into()),
+        Err(e) => Err(format!("from drydock: {e}")),
+    }
+}
+
+fn session(input: &mut impl Read, out: &mut impl Write) -> Result<(), String> {
+    send(out, &Msg::Hello { version: VERSION })?;
+    out.flush().map_err(|e| e.to_string())?;
+    let (device, write) = match recv(input)? {
+        Msg::Open {
+            version,
+            device,
+            write,
+        } => {
+            if version != VERSION {
+                return Err(format!(
+                    "protocol version mismatch: this helper speaks version {VERSION}, drydock \
+                     sent version {version}; use the helper that comes with your drydock"
+                ));
+            }
+            (device, write)
+        }
+        m => return Err(format!("expected Open, got {}", m.name())),
+    };
+    let disk = Disk::open(&device, write)?;
+    send(
+        out,
+        &Msg::Opened {
+            size: disk.size,
+            direct: disk.is_direct(),
+        },
+    )?;
+    let mut buf = Aligned::new(BLOCK as usize);
+    let mut back = Aligned::new(BLOCK as usize);
+    let mut zbuf: Vec<u8> = Vec::with_capacity(zstd::zstd_safe::compress_bound(BLOCK as usize));
+    let mut compressor: Option<(i32, zstd::bulk::Compressor<'static>)> = None;
+    let mut decompressor =
+        zstd::bulk::Decompressor::new().map_err(|e| format!("zstd: {e}"))?;
+    let mut n = Counters {
+        read: 0,
+        written: 0,
+    };
+    loop {
+        out.flush()
+            .map_err(|e| format!("cannot send to drydock: {e}"))?;
+        match recv(input)? {
+            Msg::Read { first, end, level } => {
+                if compressor.as_ref().map(|c| c.0) != Some(level) {
+                    let c = zstd::bulk::Compressor::new(level)
+                        .map_err(|e| format!("zstd level {level}: {e}"))?;
+                    compressor = Some((level, c));
+                }
+                let (_, c) = compressor.as_mut().expect("set above");
+                read_blocks(&disk, first, end, &mut buf, &mut zbuf, c, out, &mut n)?;
+            }
+            Msg::HashBlocks { first, end, pages } => {
+                check_range(&disk, first, end)?;
+                for i in first..end {
+                    let len = disk.block_len(i);
+                    let off = i * BLOCK;
+                    let data: &[u8] = if disk.hole_end(off) >= off + len as u64 {
+                        let b = buf.get(len);
+                        b.fill(0);
+                        b
+                    } else {
+                        n.read += len as u64;
+                        disk.read_at(&mut buf, off, len)?
+                    };
+                    let hash = if proto::is_zero(data) {
+                        zero_hash(len)
+                    } else {
+                        proto::sha256(data)
+                    };
+                    let pages = if pages {
+                        proto::page_hashes(data)
+                    } else {
+                        Vec::new()
+                    };
+                    send(
+                        out,
+                        &Msg::BlockHash {
+                            index: i,
+                            hash,
+                            pages,
+                        },
+                    )?;
+                }
+            }
+            Msg::Write {
+                offset,
+                len,
+                hash,
+                data,
+            } => {
+                if !write {
+                    return Err("a Write on a disk opened for reading".into());
+                }
+                let n_len = len as usize;
+                if n_len > BLOCK as usize || offset.checked_add(len as u64).is_none_or(|e| e > disk.size)
+                {
+                    return Err(format!(
+                        "a write of {len} bytes at byte {offset} does not fit a disk of {} bytes",
+                        disk.size
+                    ));
+                }
+                let dst = buf.get(n_len);
+                let got = decompressor
+                    .decompress_to_buffer(&data, dst)
+                    .map_err(|e| format!("the data for byte {offset} does not decompress: {e}"))?;
+                if got != n_len || proto::sha256(&dst[..n_len]) != hash {
+                    return Err(format!(
+                        "the data for byte {offset} arrived damaged (its hash does not match); nothing of it was written"
+                    ));
+                }
+                disk.write_at(&mut buf, offset, n_len)?;
+                n.written += len as u64;
+                let again = disk.read_at(&mut back, offset, n_len)?;
+                if proto::sha256(again) != hash {
+                    return Err(format!(
+                        "reading back the {len} bytes written at byte {offset} gives other data: the disk does not keep what is written"
+                    ));
+                }
+                send(out, &Msg::Written { offset, len })?;
+            }
+            Msg::Finish => {
+                disk.sync()?;
+                send(
+                    out,
+                    &Msg::Done {
+                        peak_rss_kib: peak_rss_kib(),
+                        bytes_read: n.read,
+                        bytes_written: n.written,
+                    },
+                )?;
+                return Ok(());
+            }
+            m => return Err(format!("unexpected {} from drydock", m.name())),
+        }
+    }
+}
+
+fn check_range(disk: &Disk, first: u64, end: u64) -> Result<(), String> {
+    if first > end || end > disk.size.div_ceil(BLOCK) {
+        return Err(format!(
+            "blocks {first}..{end} are outside a disk of {} bytes",
+            disk.size
+        ));
+    }
+    Ok(())
+}
+
+#[allow(clippy::too_many_arguments)]
+fn read_blocks(
+    disk: &Disk,
+    first: u64,
+    end: u64,
+    buf: &mut Aligned,
+    zbuf: &mut Vec<u8>,
+    c: &mut zstd::bulk::Compressor<'static>,
+    out: &mut impl Write,
+    n: &mut Counters,
+) -> Result<(), String> {
+    check_range(disk, first, end)?;
+    let mut zero_from: Option<u64> = None;
+    let mut hole_until = 0u64;
+    for i in first..end {
+        let len = disk.block_len(i);
+        let off = i * BLOCK;
+        if hole_until <= off {
+            hole_until = disk.hole_end(off);
+        }
+        let zero = if hole_until >= off + len as u64 {
+            true
+        } else {
+            let data = disk.read_at(buf, off, len)?;
+            n.read += len as u64;
+            if proto::is_zero(data) {
+                true
+            } else {
+                if let Some(z) = zero_from.take() {
+                    send(
+                        out,
+                        &Msg::Zero {
+                            first: z,
+                            count: i - z,
+                        },
+                    )?;
+                }
+                let hash = proto::sha256(data);
+                zbuf.clear();
+                c.compress_to_buffer(data, zbuf)
+                    .map_err(|e| format!("zstd: {e}"))?;
+                proto::write_block(out, i, &hash, zbuf)
+                    .map_err(|e| format!("cannot send to drydock: {e}"))?;
+                false
+            }
+        };
+        if zero && zero_from.is_none() {
+            zero_from = Some(i);
+        }
+    }
+    if let Some(z) = zero_from {
+        send(
+            out,
+            &Msg::Zero {
+                first: z,
+                count: end - z,
+            },
+        )?;
+    }
+    Ok(())
+}
