@@ -65,6 +65,9 @@ fn main() {
     cmd.env("CARGO_ENCODED_RUSTFLAGS", "-Ctarget-feature=+crt-static");
     let status = cmd.status().expect("cannot run cargo to build the helper");
     assert!(status.success(), "building the helper failed");
-    let built = target_dir.join(TARGET).join("helper").join("drydock-helper");
+    let built = target_dir
+        .join(TARGET)
+        .join("helper")
+        .join("drydock-helper");
     std::fs::copy(&built, &dest).expect("copy the built helper");
 }

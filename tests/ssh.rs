@@ -212,7 +212,12 @@ fn round_trip(mode: &str) {
     // Push it to a fresh, different disk: --full writes every block.
     let other = t.path().join("other-disk");
     make_disk(&other, size, &[(0, size as usize)], &[]);
-    let o = push(&sshd, &img, &other, &["--yes", "--full", "--transfer", mode]);
+    let o = push(
+        &sshd,
+        &img,
+        &other,
+        &["--yes", "--full", "--transfer", mode],
+    );
     assert_exit(&o, 0);
     assert_eq!(json(&o)["blocks_written"], size.div_ceil(MIB));
     assert_eq!(sha256_file(&other), sha256_file(&img));
@@ -312,8 +317,7 @@ fn push_needs_confirmation_without_a_terminal() {
     let o = push(&sshd, &img, &dev, &[]);
     assert_exit(&o, 3);
     assert!(
-        stderr(&o)
-            .contains("this needs confirmation (Write 4.00 KiB (1 ranges of 4 KiB pages) of")
+        stderr(&o).contains("this needs confirmation (Write 4.00 KiB (1 ranges of 4 KiB pages) of")
             && stderr(&o).contains("nothing was changed: run again with --yes to go ahead"),
         "{}",
         stderr(&o)

@@ -13,9 +13,9 @@ fn main() {
     }
     // Locked memory: nothing of the helper is paged out to (or in from) a
     // swap device while it writes the disk.
-    if let Err(e) = rustix::mm::mlockall(
-        rustix::mm::MlockAllFlags::CURRENT | rustix::mm::MlockAllFlags::FUTURE,
-    ) {
+    if let Err(e) =
+        rustix::mm::mlockall(rustix::mm::MlockAllFlags::CURRENT | rustix::mm::MlockAllFlags::FUTURE)
+    {
         eprintln!("drydock-helper: warning: cannot lock memory: {e}");
     }
     let stdin = std::io::stdin().lock();

@@ -209,9 +209,7 @@ impl Msg {
     fn decode(kind: u8, payload: &[u8]) -> Result<Msg, ProtoError> {
         let mut c = Cursor { b: payload, kind };
         let m = match kind {
-            1 => Msg::Hello {
-                version: c.u32()?,
-            },
+            1 => Msg::Hello { version: c.u32()? },
             2 => Msg::Open {
                 version: c.u32()?,
                 device: c.string()?,
@@ -329,8 +327,14 @@ impl Cursor<'_> {
 pub enum ProtoError {
     Io(io::Error),
     /// The stream ended inside a frame (`got` of `want` bytes).
-    Truncated { got: usize, want: usize },
-    Checksum { kind: u8, len: usize },
+    Truncated {
+        got: usize,
+        want: usize,
+    },
+    Checksum {
+        kind: u8,
+        len: usize,
+    },
     TooLarge(usize),
     UnknownKind(u8),
     Malformed(u8, &'static str),
@@ -459,7 +463,7 @@ impl Decoder {
     }
 
     /// The next whole frame, if one has arrived.
-    pub fn next(&mut self) -> Result<Option<Msg>, ProtoError> {
+    pub fn next_msg(&mut self) -> Result<Option<Msg>, ProtoError> {
         let avail = &self.buf[self.pos..];
         if avail.len() < 5 {
             self.compact();
@@ -589,7 +593,7 @@ mod tests {
         let mut back = Vec::new();
         for b in &stream {
             d.feed(std::slice::from_ref(b));
-            while let Some(m) = d.next().unwrap() {
+            while let Some(m) = d.next_msg().unwrap() {
                 back.push(m);
             }
         }

@@ -237,8 +237,7 @@ fn session(input: &mut impl Read, out: &mut impl Write) -> Result<(), String> {
     let mut back = Aligned::new(BLOCK as usize);
     let mut zbuf: Vec<u8> = Vec::with_capacity(zstd::zstd_safe::compress_bound(BLOCK as usize));
     let mut compressor: Option<(i32, zstd::bulk::Compressor<'static>)> = None;
-    let mut decompressor =
-        zstd::bulk::Decompressor::new().map_err(|e| format!("zstd: {e}"))?;
+    let mut decompressor = zstd::bulk::Decompressor::new().map_err(|e| format!("zstd: {e}"))?;
     let mut n = Counters {
         read: 0,
         written: 0,
@@ -299,7 +298,8 @@ fn session(input: &mut impl Read, out: &mut impl Write) -> Result<(), String> {
                     return Err("a Write on a disk opened for reading".into());
                 }
                 let n_len = len as usize;
-                if n_len > BLOCK as usize || offset.checked_add(len as u64).is_none_or(|e| e > disk.size)
+                if n_len > BLOCK as usize
+                    || offset.checked_add(len as u64).is_none_or(|e| e > disk.size)
                 {
                     return Err(format!(
                         "a write of {len} bytes at byte {offset} does not fit a disk of {} bytes",

@@ -18,15 +18,14 @@ use russh::ChannelMsg;
 use serde::{Deserialize, Serialize};
 
 use crate::errors::Interrupted;
-use crate::transfer::helper::{self, Mode};
 use crate::image::manifest::{
     BLOCK_SIZE, Manifest, SEGMENT_BLOCKS, SegmentHasher, Source, block_count, block_len, is_zero,
-    sha256,
-    zero_hash,
+    sha256, zero_hash,
 };
 use crate::remote::Facts;
 use crate::remote::device::{self, Device};
 use crate::ssh::{Session, shell_quote};
+use crate::transfer::helper::{self, Mode};
 use crate::ui::{Ui, human_bytes};
 use crate::{refused, transfer};
 
@@ -577,9 +576,10 @@ pub async fn pull(
         bar.set_position(resumed_at);
         let mut channel = session.open_exec(&command).await?;
         if let Some(input) = input {
-            channel.data(&input[..]).await.with_context(|| {
-                format!("the connection to {} broke", session.host())
-            })?;
+            channel
+                .data(&input[..])
+                .await
+                .with_context(|| format!("the connection to {} broke", session.host()))?;
             channel.eof().await.ok();
         }
         let mut partial_line = String::new();

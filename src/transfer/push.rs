@@ -289,11 +289,9 @@ pub async fn push(
     }
 
     let blocks: Vec<u64> = match &base {
-        Some(base) if proven => {
-            (0..new.blocks.len() as u64)
-                .filter(|&b| base.blocks[b as usize] != new.blocks[b as usize])
-                .collect()
-        }
+        Some(base) if proven => (0..new.blocks.len() as u64)
+            .filter(|&b| base.blocks[b as usize] != new.blocks[b as usize])
+            .collect(),
         Some(base) => plan(session, &dev, base, &new).await?,
         None => (0..block_count(image_len)).collect(),
     };
@@ -524,8 +522,8 @@ async fn push_with(
     candidates.sort_unstable();
 
     // Page hashes of the candidates, and what to write.
-    let image = File::open(&opts.image)
-        .with_context(|| format!("cannot open {}", opts.image.display()))?;
+    let image =
+        File::open(&opts.image).with_context(|| format!("cannot open {}", opts.image.display()))?;
     let base_img = match &opts.base_image {
         Some(p) => Some(File::open(p).with_context(|| format!("cannot open {}", p.display()))?),
         None => None,
@@ -553,9 +551,7 @@ async fn push_with(
             None => None,
         };
         let old = match base {
-            Some(b) => Some(
-                manifest::from_hex(&b.blocks[i as usize]).map_err(|e| e.to_string())?,
-            ),
+            Some(b) => Some(manifest::from_hex(&b.blocks[i as usize]).map_err(|e| e.to_string())?),
             None => None,
         };
         let p = helper::plan_block(i, h, pages, old.as_ref(), &nb[..len], base_block)?;
@@ -609,7 +605,9 @@ async fn push_with(
         }
         match link.recv().await.map_err(partly)? {
             drydock_helper::proto::Msg::Written { offset, len } => {
-                let p = in_flight.pop_front().context("the helper confirmed a write not sent")?;
+                let p = in_flight
+                    .pop_front()
+                    .context("the helper confirmed a write not sent")?;
                 if p.offset != offset || p.len != len {
                     bail!("the helper confirmed {len} bytes at {offset}, not the range sent");
                 }
@@ -620,7 +618,8 @@ async fn push_with(
         }
     }
     bar.finish_and_clear();
-    link.send(drydock_helper::proto::Msg::Finish.encode()).await?;
+    link.send(drydock_helper::proto::Msg::Finish.encode())
+        .await?;
     let done = match link.recv().await.map_err(partly)? {
         drydock_helper::proto::Msg::Done {
             peak_rss_kib,
@@ -642,7 +641,13 @@ async fn push_with(
             human_bytes(done.peak_rss_kib * 1024)
         ));
     }
-    Ok((link.sent, done.bytes_written, total, patches.len(), Some(done)))
+    Ok((
+        link.sent,
+        done.bytes_written,
+        total,
+        patches.len(),
+        Some(done),
+    ))
 }
 
 /// Ask for the hashes of blocks in `runs` ([first, end) each), keeping at
@@ -673,10 +678,8 @@ async fn hash_blocks(
     while answered < expected.len() {
         while r < reqs.len() && asked - answered as u64 + (reqs[r].1 - reqs[r].0) <= HASH_WINDOW {
             let (first, end) = reqs[r];
-            link.send(
-                drydock_helper::proto::Msg::HashBlocks { first, end, pages }.encode(),
-            )
-            .await?;
+            link.send(drydock_helper::proto::Msg::HashBlocks { first, end, pages }.encode())
+                .await?;
             asked += end - first;
             r += 1;
         }
