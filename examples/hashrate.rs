@@ -1,5 +1,5 @@
 //! Hashing throughput of the manifest code per block size (used by
-//! scripts/bench-transfer): how fast a local image can be hashed, and how
+//! scripts/bench): how fast a local image can be hashed, and how
 //! much per-block overhead smaller blocks cost.
 
 use std::time::Instant;

@@ -1,4 +1,4 @@
-# Shared by scripts/demo and scripts/bench-transfer: a throwaway OpenSSH
+# Shared by scripts/demo and scripts/bench: a throwaway OpenSSH
 # server on a loopback port, standing in for a VPS, with its own host key
 # and an authorized client key. Source it, then `start_sshd DIR`.
 

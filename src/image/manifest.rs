@@ -4,7 +4,7 @@
 //! layout (a block of zeros is never written locally). Smaller blocks give a
 //! finer delta but a dd-mode push pays one `dd` per changed range and the
 //! manifest grows (a 25 GB disk is 25,600 hashes, 1.7 MB of JSON, at 1 MiB;
-//! 16 times that at 64 KiB). `scripts/bench-transfer` prints the hashing
+//! 16 times that at 64 KiB). `scripts/bench` prints the hashing
 //! rate per block size so the choice can be checked on a given machine.
 //!
 //! A segment is 16 blocks: in dd mode the VPS hashes each segment before it

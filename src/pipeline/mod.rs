@@ -477,6 +477,16 @@ async fn upgrade_in_vm(dir: &Path, j: &mut Journal, ui: &Ui) -> Result<()> {
     s.close().await;
     vm.power_off(Duration::from_secs(180)).await?;
     drop(vm);
+    // What the guest wrote, as the overlay's allocated clusters (kept for
+    // scripts/bench, which compares it with the blocks that differ).
+    if let Ok(map) = std::process::Command::new("qemu-img")
+        .args(["map", "--output=json"])
+        .arg(&overlay)
+        .output()
+        && map.status.success()
+    {
+        let _ = std::fs::write(dir.join("overlay.json"), &map.stdout);
+    }
     let out = std::process::Command::new("qemu-img")
         .args(["convert", "-O", "raw"])
         .arg(&overlay)
