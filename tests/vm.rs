@@ -366,6 +366,11 @@ fn upgrade_killed_mid_upgrade_resumes_and_the_vps_comes_back_changed() {
         "a delta push moves little: pulled {pulled}, pushed {pushed}"
     );
     assert!(r["downtime_seconds"].as_f64().unwrap() > 0.0);
+    // Helper mode by default, within its memory budget on the 1 GB VPS.
+    assert_eq!(r["pull_transfer"], "helper", "{r}");
+    assert_eq!(r["push_transfer"], "helper", "{r}");
+    let rss = r["helper_peak_rss_kib"].as_u64().unwrap();
+    assert!(rss > 0 && rss <= 16 * 1024, "helper peak RSS {rss} KiB");
 
     let o = vps.drydock(home.path(), &["runs"]).output().unwrap();
     assert!(

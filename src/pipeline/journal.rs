@@ -88,6 +88,12 @@ pub struct Journal {
     /// How the disk moves (`--transfer`); older journals: auto.
     #[serde(default = "auto")]
     pub transfer: Mode,
+    #[serde(default)]
+    pub pull_transfer: Option<Mode>,
+    #[serde(default)]
+    pub push_transfer: Option<Mode>,
+    #[serde(default)]
+    pub helper_peak_rss_kib: Option<u64>,
 }
 
 fn auto() -> Mode {

@@ -7,6 +7,7 @@
 pub mod guest;
 pub mod journal;
 
+use crate::transfer::helper::Mode;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
@@ -47,6 +48,12 @@ pub struct Report {
     pub steps: Vec<(String, f64)>,
     pub bytes_pulled: u64,
     pub bytes_pushed: u64,
+    /// How the pull and the push moved the disk (helper or dd).
+    pub pull_transfer: Option<Mode>,
+    pub push_transfer: Option<Mode>,
+    /// The helper's own peak resident memory on the VPS, the larger of the
+    /// pull's and the push's.
+    pub helper_peak_rss_kib: Option<u64>,
 }
 
 fn plan_of(j: &Journal, id: &str, version: &str) -> Result<Plan> {
@@ -111,6 +118,9 @@ pub async fn start(req: &Request, ui: &Ui) -> Result<Report> {
         bytes_pushed: 0,
         push_started: false,
         transfer: req.transfer,
+        pull_transfer: None,
+        push_transfer: None,
+        helper_peak_rss_kib: None,
     };
     j.save(&dir)?;
     ui.say(format!(
@@ -212,6 +222,9 @@ fn report(dir: &Path, j: &Journal) -> Report {
             .collect(),
         bytes_pulled: j.bytes_pulled,
         bytes_pushed: j.bytes_pushed,
+        pull_transfer: j.pull_transfer,
+        push_transfer: j.push_transfer,
+        helper_peak_rss_kib: j.helper_peak_rss_kib,
     }
 }
 
@@ -229,10 +242,20 @@ impl Report {
         for (name, secs) in &self.steps {
             s.push_str(&format!("  {secs:>7.1} s  {name}\n"));
         }
+        let how = |m: Option<Mode>| match m {
+            Some(Mode::Helper) => " (helper)",
+            Some(_) => " (dd)",
+            None => "",
+        };
         s.push_str(&format!(
-            "pulled {}, pushed {}; run folder {}\n",
+            "pulled {}{}, pushed {}{}{}; run folder {}\n",
             human_bytes(self.bytes_pulled),
+            how(self.pull_transfer),
             human_bytes(self.bytes_pushed),
+            how(self.push_transfer),
+            self.helper_peak_rss_kib
+                .map(|k| format!("; helper peak memory {}", human_bytes(k * 1024)))
+                .unwrap_or_default(),
             self.run.display()
         ));
         s
@@ -309,6 +332,8 @@ async fn do_step(step: Step, dir: &Path, j: &mut Journal, ui: &Ui, accept_new: b
             )
             .await?;
             j.bytes_pulled += r.bytes_received;
+            j.pull_transfer = Some(r.transfer);
+            j.helper_peak_rss_kib = j.helper_peak_rss_kib.max(r.helper_peak_rss_kib);
             s.close().await;
         }
         Step::Upgrade => upgrade_in_vm(dir, j, ui).await?,
@@ -345,6 +370,8 @@ async fn do_step(step: Step, dir: &Path, j: &mut Journal, ui: &Ui, accept_new: b
             )
             .await?;
             j.bytes_pushed += r.bytes_on_wire;
+            j.push_transfer = Some(r.transfer);
+            j.helper_peak_rss_kib = j.helper_peak_rss_kib.max(r.helper_peak_rss_kib);
             s.close().await;
         }
         Step::Reboot => reboot_vps(j).await?,
