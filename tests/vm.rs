@@ -385,3 +385,97 @@ fn upgrade_killed_mid_upgrade_resumes_and_the_vps_comes_back_changed() {
     assert_exit(&o, 3);
     assert_stderr(&o, "is done; nothing to resume");
 }
+
+/// Abort after the push: the run is killed right after its push step
+/// completed (the VPS's disk now holds the change, the VPS not yet
+/// rebooted); `drydock abort` must push the base image back over it and
+/// reboot, and the VPS comes back as it was. Opt-in (another ten minutes
+/// under TCG): `cargo test --test vm -- --ignored`.
+#[test]
+#[ignore]
+fn abort_after_the_push_gives_the_vps_back_as_it_was() {
+    let vps = Vps::start(12);
+    let home = tempdir();
+    let motd = vps.ssh("sha256sum /etc/motd");
+    let mut child = vps
+        .drydock(
+            home.path(),
+            &[
+                "upgrade",
+                &vps.host(),
+                "-i",
+                vps.key.to_str().unwrap(),
+                "--accept-new-host-key",
+                "--run",
+                CHANGE,
+                "--yes",
+                "--memory",
+                "2G",
+                "--cpus",
+                "2",
+            ],
+        )
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let runs = home.path().join("state/drydock/runs");
+    let t0 = Instant::now();
+    let (run_dir, frozen) = loop {
+        let found = std::fs::read_dir(&runs)
+            .ok()
+            .and_then(|mut d| d.next())
+            .and_then(|e| e.ok())
+            .map(|e| e.path());
+        if let Some(d) = found
+            && let Ok(text) = std::fs::read_to_string(d.join("journal.json"))
+            && let Ok(j) = serde_json::from_str::<serde_json::Value>(&text)
+            && j["done"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|r| r["step"] == "push")
+        {
+            child.kill().unwrap();
+            break (d, j["frozen_boot_id"].as_str().unwrap().to_string());
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(2400),
+            "the run never finished its push"
+        );
+        assert!(child.try_wait().unwrap().is_none(), "drydock ended early");
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    child.wait().unwrap();
+    // Killed before it rebooted the VPS: the pushed disk, still frozen.
+    assert_eq!(
+        vps.ssh("cat /proc/sys/kernel/random/boot_id").trim(),
+        frozen,
+        "drydock was killed too late: the VPS had rebooted already"
+    );
+
+    let o = vps
+        .drydock(home.path(), &["abort", run_dir.to_str().unwrap(), "--yes"])
+        .output()
+        .unwrap();
+    assert_exit(&o, 0);
+    assert_stderr(&o, "the push had started: pushing the base image back");
+    assert_stderr(&o, "the VPS is back on its disk as it was before the run");
+
+    // As it was: no change, the old motd, a new boot, read-write.
+    assert_eq!(
+        vps.ssh("test -e /etc/drydock-was-here && echo yes || echo no")
+            .trim(),
+        "no"
+    );
+    assert_eq!(vps.ssh("sha256sum /etc/motd"), motd);
+    assert_ne!(
+        vps.ssh("cat /proc/sys/kernel/random/boot_id").trim(),
+        frozen
+    );
+    assert_eq!(
+        vps.ssh("grep ' / ' /proc/self/mounts | cut -d' ' -f4 | cut -d, -f1")
+            .trim(),
+        "rw"
+    );
+}
