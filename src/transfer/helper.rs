@@ -78,6 +78,23 @@ pub fn choose(asked: Mode, facts: &Facts) -> Result<Mode> {
     }
 }
 
+/// Install the helper when it was chosen. If it cannot be started (a
+/// tmpfs that cannot be mounted and a noexec /run, say), `auto` falls back
+/// to dd mode with a warning; an explicit `--transfer helper` fails.
+pub async fn install(session: &Session, asked: Mode, ui: &crate::ui::Ui) -> Result<Option<Remote>> {
+    match Remote::install(session).await {
+        Ok(r) => Ok(Some(r)),
+        Err(e) if asked == Mode::Auto => {
+            ui.say(format!(
+                "warning: drydock's helper does not run on {} ({e:#}); using dd mode",
+                session.host()
+            ));
+            Ok(None)
+        }
+        Err(e) => Err(e.context("--transfer helper: the helper cannot run on this host")),
+    }
+}
+
 /// The helper, copied to its own tmpfs on the host.
 pub struct Remote {
     pub tmpfs: Tmpfs,

@@ -408,10 +408,7 @@ pub async fn pull(
     let dev = device::inspect(session, facts, opts.device.as_deref()).await?;
     check_mounts(&dev, opts.live, session, ui)?;
     let mut hasher = String::new();
-    let mode = helper::choose(opts.transfer, facts)?;
-    if mode == Mode::Helper {
-        hasher = "helper (SHA-256 and zstd on the host)".to_string();
-    }
+    let mut mode = helper::choose(opts.transfer, facts)?;
     let image = &opts.output;
     let state_file = state_path(image);
     let manifest_file = Manifest::path_for(image);
@@ -528,9 +525,16 @@ pub async fn pull(
             pending: Vec::new(),
             end_block,
         };
-        let (mut feed, command, input) = match mode {
-            Mode::Helper => {
-                let remote = helper::Remote::install(session).await?;
+        let remote = match mode {
+            Mode::Helper => helper::install(session, opts.transfer, ui).await?,
+            _ => None,
+        };
+        if remote.is_none() {
+            mode = Mode::Dd;
+        }
+        let (mut feed, command, input) = match remote {
+            Some(remote) => {
+                hasher = "helper (SHA-256 and zstd on the host)".to_string();
                 let f = helper::PullFeed::new(dev.size)?;
                 helper_done = Some(f.done.clone());
                 let command = remote.command();
@@ -541,7 +545,7 @@ pub async fn pull(
                     Some(helper::pull_request(&dev.path, start_block, end_block)),
                 )
             }
-            Mode::Dd | Mode::Auto => (
+            None => (
                 Feed::Dd(DdWriter {
                     sink,
                     buf: Vec::with_capacity(BLOCK_SIZE as usize),

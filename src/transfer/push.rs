@@ -284,8 +284,13 @@ pub async fn push(
             dev.path
         ));
     }
-    if mode == Mode::Helper {
-        return push_helper(session, facts, &dev, opts, base, new, proven, started, ui).await;
+    if mode == Mode::Helper
+        && let Some(remote) = helper::install(session, opts.transfer, ui).await?
+    {
+        return push_helper(
+            session, facts, &dev, opts, base, new, proven, started, remote, ui,
+        )
+        .await;
     }
 
     let blocks: Vec<u64> = match &base {
@@ -388,12 +393,14 @@ async fn push_helper(
     new: Manifest,
     proven: bool,
     started: Instant,
+    remote: Remote,
     ui: &Ui,
 ) -> Result<PushReport> {
     let size = new.size;
     if let Some(b) = &base
         && b.size != size
     {
+        let _ = remote.remove(session).await;
         return Err(refused!(
             "the image is {} bytes and its manifest says {}: the manifest is not this image's; \
              push with --full to write every block without the check",
@@ -401,7 +408,6 @@ async fn push_helper(
             b.size
         ));
     }
-    let remote = Remote::install(session).await?;
     let res = push_with(session, dev, opts, base.as_ref(), &new, proven, &remote, ui).await;
     let removed = remote.remove(session).await;
     let (bytes_on_wire, bytes_written, pages_bytes, ranges, done) = res?;
