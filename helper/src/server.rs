@@ -253,7 +253,7 @@ fn session(input: &mut impl Read, out: &mut impl Write) -> Result<(), String> {
                     compressor = Some((level, c));
                 }
                 let (_, c) = compressor.as_mut().expect("set above");
-                read_blocks(&disk, first, end, &mut buf, &mut zbuf, c, out, &mut n)?;
+                read_blocks(&disk, first, end, &mut zbuf, c, out, &mut n)?;
             }
             Msg::HashBlocks { first, end, pages } => {
                 check_range(&disk, first, end)?;
@@ -352,64 +352,116 @@ fn check_range(disk: &Disk, first: u64, end: u64) -> Result<(), String> {
     Ok(())
 }
 
-#[allow(clippy::too_many_arguments)]
+/// What the reader thread found at one block.
+enum Item {
+    Zero(u64),
+    Data(u64, Aligned, usize, Hash),
+}
+
+/// Blocks [first, end) to drydock. A reader thread reads (skipping a
+/// file's holes) and hashes ahead while this thread compresses and sends:
+/// disk reads and hashing overlap with compression. Three 1 MiB buffers
+/// go round between the two.
 fn read_blocks(
     disk: &Disk,
     first: u64,
     end: u64,
-    buf: &mut Aligned,
     zbuf: &mut Vec<u8>,
     c: &mut zstd::bulk::Compressor<'static>,
     out: &mut impl Write,
     n: &mut Counters,
 ) -> Result<(), String> {
     check_range(disk, first, end)?;
-    let mut zero_from: Option<u64> = None;
-    let mut hole_until = 0u64;
-    for i in first..end {
-        let len = disk.block_len(i);
-        let off = i * BLOCK;
-        if hole_until <= off {
-            hole_until = disk.hole_end(off);
-        }
-        let zero = if hole_until >= off + len as u64 {
-            true
-        } else {
-            let data = disk.read_at(buf, off, len)?;
-            n.read += len as u64;
-            if proto::is_zero(data) {
-                true
-            } else {
-                if let Some(z) = zero_from.take() {
-                    send(
-                        out,
-                        &Msg::Zero {
-                            first: z,
-                            count: i - z,
-                        },
-                    )?;
+    let (tx, rx) = std::sync::mpsc::sync_channel::<Result<Item, String>>(2);
+    let (back_tx, back_rx) = std::sync::mpsc::channel::<Aligned>();
+    for _ in 0..3 {
+        back_tx.send(Aligned::new(BLOCK as usize)).expect("open");
+    }
+    std::thread::scope(|scope| {
+        let reader = scope.spawn(move || -> u64 {
+            let mut read = 0u64;
+            let mut hole_until = 0u64;
+            let mut spare: Option<Aligned> = None;
+            for i in first..end {
+                let len = disk.block_len(i);
+                let off = i * BLOCK;
+                if hole_until <= off {
+                    hole_until = disk.hole_end(off);
                 }
-                let hash = proto::sha256(data);
-                zbuf.clear();
-                c.compress_to_buffer(data, zbuf)
-                    .map_err(|e| format!("zstd: {e}"))?;
-                proto::write_block(out, i, &hash, zbuf)
-                    .map_err(|e| format!("cannot send to drydock: {e}"))?;
-                false
+                let item = if hole_until >= off + len as u64 {
+                    Ok(Item::Zero(i))
+                } else {
+                    let mut buf = match spare.take() {
+                        Some(b) => b,
+                        None => match back_rx.recv() {
+                            Ok(b) => b,
+                            Err(_) => return read,
+                        },
+                    };
+                    match disk.read_at(&mut buf, off, len) {
+                        Err(e) => Err(e),
+                        Ok(data) if proto::is_zero(data) => {
+                            read += len as u64;
+                            spare = Some(buf);
+                            Ok(Item::Zero(i))
+                        }
+                        Ok(data) => {
+                            read += len as u64;
+                            let hash = proto::sha256(data);
+                            Ok(Item::Data(i, buf, len, hash))
+                        }
+                    }
+                };
+                let stop = item.is_err();
+                if tx.send(item).is_err() || stop {
+                    return read;
+                }
             }
-        };
-        if zero && zero_from.is_none() {
-            zero_from = Some(i);
-        }
-    }
-    if let Some(z) = zero_from {
-        send(
-            out,
-            &Msg::Zero {
-                first: z,
-                count: end - z,
-            },
-        )?;
-    }
-    Ok(())
+            read
+        });
+        let mut zero_from: Option<u64> = None;
+        let res = (|| {
+            for item in rx.iter() {
+                match item? {
+                    Item::Zero(i) => {
+                        if zero_from.is_none() {
+                            zero_from = Some(i);
+                        }
+                    }
+                    Item::Data(i, mut buf, len, hash) => {
+                        if let Some(z) = zero_from.take() {
+                            send(
+                                out,
+                                &Msg::Zero {
+                                    first: z,
+                                    count: i - z,
+                                },
+                            )?;
+                        }
+                        zbuf.clear();
+                        c.compress_to_buffer(&buf.get(len)[..], zbuf)
+                            .map_err(|e| format!("zstd: {e}"))?;
+                        proto::write_block(out, i, &hash, zbuf)
+                            .map_err(|e| format!("cannot send to drydock: {e}"))?;
+                        let _ = back_tx.send(buf);
+                    }
+                }
+            }
+            if let Some(z) = zero_from {
+                send(
+                    out,
+                    &Msg::Zero {
+                        first: z,
+                        count: end - z,
+                    },
+                )?;
+            }
+            Ok(())
+        })();
+        // On an error here the reader stops at its next send.
+        drop(rx);
+        drop(back_tx);
+        n.read += reader.join().unwrap_or(0);
+        res
+    })
 }
