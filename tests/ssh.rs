@@ -1048,3 +1048,39 @@ fn a_proxy_in_ssh_config_is_refused_not_bypassed() {
         "~/.ssh/config reaches hidden through a proxy (proxyjump bastion.example.org), which drydock does not follow yet",
     );
 }
+
+/// Hundreds of small, scattered changes: many more answers in flight than
+/// russh buffers per channel (an unread channel stalls the connection).
+#[test]
+fn a_push_of_many_scattered_pages_completes() {
+    let sshd = Sshd::start();
+    let t = tempdir();
+    let dev = t.path().join("disk");
+    let img = t.path().join("image");
+    let size = standard_disk(&dev);
+    assert_exit(&pull(&sshd, &dev, &img), 0);
+    let f = std::fs::OpenOptions::new().write(true).open(&img).unwrap();
+    let mut n = 0;
+    let mut off = 4096 * 3;
+    while off < size - 4096 {
+        f.write_all_at(b"#", off).unwrap();
+        off += 50 * 4096;
+        n += 1;
+    }
+    drop(f);
+    assert!(n > 300, "{n}");
+    // (Where the data already held a '#', that page did not change.)
+    let differing = std::fs::read(&dev)
+        .unwrap()
+        .chunks(4096)
+        .zip(std::fs::read(&img).unwrap().chunks(4096))
+        .filter(|(a, b)| a != b)
+        .count() as u64;
+    assert!(differing > 300, "{differing}");
+    let o = push(&sshd, &img, &dev, &["--yes", "--transfer", "helper"]);
+    assert_exit(&o, 0);
+    let j = json(&o);
+    assert_eq!(j["ranges"], differing, "{j}");
+    assert_eq!(j["bytes_written"], differing * 4096, "{j}");
+    assert_eq!(sha256_file(&dev), sha256_file(&img));
+}

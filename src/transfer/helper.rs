@@ -380,9 +380,13 @@ pub fn write_frame(
 }
 
 /// The channel to a running helper, for the request/answer exchanges of a
-/// push.
+/// push. Its read half is drained by a task of its own into an unbounded
+/// queue: russh gives each channel a small bounded buffer, and a channel
+/// whose answers are not read while requests are being sent would stall
+/// the whole connection. The queue stays small: the helper only answers
+/// requests, and those are kept within a window.
 pub struct Link {
-    pub read: russh::ChannelReadHalf,
+    read: tokio::sync::mpsc::UnboundedReceiver<ChannelMsg>,
     pub write: russh::ChannelWriteHalf<client::Msg>,
     dec: Decoder,
     stderr: String,
@@ -394,7 +398,15 @@ pub struct Link {
 impl Link {
     pub async fn start(session: &Session, remote: &Remote) -> Result<Link> {
         let channel = session.open_exec(&remote.command()).await?;
-        let (read, write) = channel.split();
+        let (mut half, write) = channel.split();
+        let (tx, read) = tokio::sync::mpsc::unbounded_channel();
+        tokio::spawn(async move {
+            while let Some(m) = half.wait().await {
+                if tx.send(m).is_err() {
+                    break;
+                }
+            }
+        });
         let mut link = Link {
             read,
             write,
@@ -427,7 +439,7 @@ impl Link {
                 }
                 return Ok(m);
             }
-            match self.read.wait().await {
+            match self.read.recv().await {
                 Some(ChannelMsg::Data { data }) => self.dec.feed(&data),
                 Some(ChannelMsg::ExtendedData { data, .. }) => {
                     self.stderr.push_str(&String::from_utf8_lossy(&data))
