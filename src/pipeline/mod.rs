@@ -272,6 +272,13 @@ async fn do_step(step: Step, dir: &Path, j: &mut Journal, ui: &Ui, accept_new: b
             let id = facts.os.get("ID").cloned().unwrap_or_default();
             let ver = facts.os.get("VERSION_ID").cloned().unwrap_or_default();
             let plan = plan_of(j, &id, &ver)?;
+            if let Some(check) = &plan.preflight {
+                let out = s.exec_input("sh -s", Some(check.as_bytes())).await?;
+                if !out.success() {
+                    let said = out.stdout_str();
+                    return Err(refused!("{}", said.trim()));
+                }
+            }
             // The base image and, worst case, a full upgraded copy of it.
             transfer::check_local_space(&dir.join("base.raw"), dev.size.saturating_mul(2))?;
             ui.say(format!(

@@ -30,6 +30,16 @@ fn codename(version: &str) -> Option<&'static str> {
 const APT: &str = "DEBIAN_FRONTEND=noninteractive NEEDRESTART_MODE=a apt-get -y -q \
                    -o Dpkg::Options::=--force-confdef -o Dpkg::Options::=--force-confold";
 
+/// grub-pc's upgrade reinstalls GRUB on the disks debconf recorded
+/// (grub-pc/install_devices) and stops, half-way through the upgrade, when
+/// none is recorded or none exists. Found before the freeze instead.
+const GRUB_PC_CHECK: &str = r#"dpkg-query -W -f='${Status}' grub-pc 2>/dev/null | grep -q 'ok installed' || exit 0
+v=$(debconf-show grub-pc 2>/dev/null | sed -n 's/^[* ] grub-pc\/install_devices: *//p')
+for d in $(echo "$v" | tr ',' ' '); do [ -e "$d" ] && exit 0; done
+echo "grub-pc is installed but debconf records no disk for it that exists on this host (grub-pc/install_devices: '$v'); Debian's upgrade of grub-pc would stop half-way. Record the disk GRUB boots from, e.g. \`echo 'grub-pc grub-pc/install_devices multiselect /dev/vda' | debconf-set-selections\` (or \`dpkg-reconfigure grub-pc\`) on the VPS, then run drydock again"
+exit 3
+"#;
+
 pub fn plan(current: &str, target: &str) -> Result<Plan> {
     let (Some(from), Some(to)) = (codename(current), codename(target)) else {
         return Err(refused!(
@@ -75,12 +85,63 @@ pub fn plan(current: &str, target: &str) -> Result<Plan> {
         commands,
         expect_version: Some(target.to_string()),
         expect_id: Some("debian".into()),
+        preflight: Some(GRUB_PC_CHECK.to_string()),
     })
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The grub-pc check, run by sh with fake dpkg-query and debconf-show
+    /// first in PATH.
+    fn grub_check(installed: bool, devices: &str) -> (i32, String) {
+        let d = tempfile::tempdir().unwrap();
+        let status = if installed {
+            "install ok installed"
+        } else {
+            ""
+        };
+        std::fs::write(
+            d.path().join("dpkg-query"),
+            format!("#!/bin/sh\nprintf '%s' '{status}'\n"),
+        )
+        .unwrap();
+        std::fs::write(
+            d.path().join("debconf-show"),
+            format!("#!/bin/sh\necho '  grub-pc/postrm_purge_boot_grub: false'\necho '* grub-pc/install_devices: {devices}'\n"),
+        )
+        .unwrap();
+        for f in ["dpkg-query", "debconf-show"] {
+            std::process::Command::new("chmod")
+                .args(["+x", d.path().join(f).to_str().unwrap()])
+                .status()
+                .unwrap();
+        }
+        let path = format!("{}:{}", d.path().display(), std::env::var("PATH").unwrap());
+        let o = std::process::Command::new("sh")
+            .args(["-c", GRUB_PC_CHECK])
+            .env("PATH", path)
+            .output()
+            .unwrap();
+        (
+            o.status.code().unwrap(),
+            String::from_utf8_lossy(&o.stdout).into_owned(),
+        )
+    }
+
+    #[test]
+    fn grub_pc_without_an_existing_install_device_is_refused_before_the_freeze() {
+        assert_eq!(grub_check(false, "").0, 0);
+        assert_eq!(grub_check(true, "/dev/null").0, 0);
+        assert_eq!(grub_check(true, "/dev/disk/by-id/gone, /dev/null").0, 0);
+        let (code, out) = grub_check(true, "");
+        assert_eq!(code, 3);
+        assert!(out.starts_with("grub-pc is installed but debconf records no disk for it that exists on this host (grub-pc/install_devices: '')"), "{out}");
+        let (code, out) = grub_check(true, "/dev/disk/by-id/gone");
+        assert_eq!(code, 3);
+        assert!(out.contains("'/dev/disk/by-id/gone'"), "{out}");
+    }
 
     #[test]
     fn twelve_to_thirteen() {

@@ -19,6 +19,9 @@ pub struct Plan {
     /// (None for `--run`, which promises nothing about the release).
     pub expect_version: Option<String>,
     pub expect_id: Option<String>,
+    /// A read-only check run on the VPS before anything changes: a
+    /// non-zero exit refuses the run, its output saying why and what to do.
+    pub preflight: Option<String>,
 }
 
 /// A target such as `debian-13` or `trixie`, as (id, version).
@@ -61,6 +64,7 @@ pub fn run_plan(command: &str) -> Plan {
         commands: vec![command.to_string()],
         expect_version: None,
         expect_id: None,
+        preflight: None,
     }
 }
 
