@@ -1,24 +1,41 @@
-# Shared by scripts/demo and scripts/bench: a throwaway OpenSSH
+# Shared by scripts/test, scripts/demo and scripts/bench: installing
+# Debian packages, and a throwaway OpenSSH
 # server on a loopback port, standing in for a VPS, with its own host key
 # and an authorized client key. Source it, then `start_sshd DIR`.
 
+missing_of() {
+  # missing_of CMD=PACKAGE ...: the packages whose command is not there.
+  local pair cmd
+  for pair in "$@"; do
+    cmd=${pair%%=*}
+    command -v "$cmd" >/dev/null 2>&1 || [ -x "$cmd" ] || echo "${pair#*=}"
+  done | sort -u
+}
+
 need_packages() {
   # need_packages CMD=PACKAGE ...: install from Debian what is missing.
-  local missing=() pair cmd pkg
-  for pair in "$@"; do
-    cmd=${pair%%=*}; pkg=${pair#*=}
-    command -v "$cmd" >/dev/null 2>&1 || [ -x "$cmd" ] || missing+=("$pkg")
+  # Two passes: installing one package can remove another (this machine's
+  # qemu-utils from backports is removed by Debian 12's qemu-system-x86),
+  # and the second pass puts Debian 12's back.
+  local missing=() attempt made
+  for attempt in 1 2; do
+    mapfile -t missing < <(missing_of "$@")
+    [ ${#missing[@]} -eq 0 ] && return 0
+    echo "installing ${missing[*]} from Debian's packages" >&2
+    # Installing openssh-server must not start a system sshd on port 22.
+    made=
+    if [ ! -e /usr/sbin/policy-rc.d ]; then
+      printf '#!/bin/sh\nexit 101\n' > /usr/sbin/policy-rc.d && chmod +x /usr/sbin/policy-rc.d && made=1
+    fi
+    if [ "$attempt" = 1 ]; then apt-get update -qq; fi
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+    if [ -n "$made" ]; then rm -f /usr/sbin/policy-rc.d; fi
   done
-  [ ${#missing[@]} -eq 0 ] && return 0
-  echo "installing ${missing[*]} from Debian's packages" >&2
-  local made=
-  if [ ! -e /usr/sbin/policy-rc.d ]; then
-    printf '#!/bin/sh\nexit 101\n' > /usr/sbin/policy-rc.d && chmod +x /usr/sbin/policy-rc.d && made=1
+  mapfile -t missing < <(missing_of "$@")
+  if [ ${#missing[@]} -gt 0 ]; then
+    echo "still missing after apt-get install: ${missing[*]}; install them and run again" >&2
+    return 1
   fi
-  apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
-  [ -n "$made" ] && rm -f /usr/sbin/policy-rc.d
-  return 0
 }
 
 free_port() {
