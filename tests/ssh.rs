@@ -69,6 +69,47 @@ fn assert_helper_gone(j: &serde_json::Value, dir_key: &str) {
     assert!(rss > 0 && rss <= 16 * 1024, "helper peak RSS {rss} KiB");
 }
 
+/// The helpers running under this sshd: (pid, the folder they came from).
+fn helpers_under(sshd: &Sshd) -> Vec<(u32, String)> {
+    let parent = |pid: u32| -> Option<u32> {
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("PPid:"))
+            .and_then(|v| v.trim().parse().ok())
+    };
+    let mut found = Vec::new();
+    for e in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(pid) = e.file_name().to_string_lossy().parse::<u32>() else {
+            continue;
+        };
+        let Ok(cmd) = std::fs::read(format!("/proc/{pid}/cmdline")) else {
+            continue;
+        };
+        let args: Vec<String> = cmd
+            .split(|&b| b == 0)
+            .map(|a| String::from_utf8_lossy(a).into_owned())
+            .collect();
+        if !args[0].ends_with("/drydock-helper")
+            || args.get(1).map(String::as_str) != Some("--remove")
+        {
+            continue;
+        }
+        let mut p = pid;
+        while let Some(pp) = parent(p) {
+            if pp == sshd.pid() {
+                found.push((pid, args[2].clone()));
+                break;
+            }
+            if pp <= 1 {
+                break;
+            }
+            p = pp;
+        }
+    }
+    found
+}
+
 fn push(
     sshd: &Sshd,
     img: &std::path::Path,
@@ -769,8 +810,25 @@ fn a_pull_cut_mid_transfer_resumes_where_it_stopped() {
     let img = t.path().join("image");
     let size = big_disk(&dev);
 
-    // Helper mode (the default).
+    // Helper mode (the default). The running helper has already removed
+    // its copy and its tmpfs, so the cut leaves nothing behind on the host.
     let child = pull_until(&sshd, &dev, &img, 200 * MIB, &[]);
+    let helpers = helpers_under(&sshd);
+    assert_eq!(helpers.len(), 1, "{helpers:?}");
+    let (pid, dir) = &helpers[0];
+    assert!(dir.starts_with("/run/drydock-helper."), "{dir}");
+    assert!(!std::path::Path::new(dir).exists(), "{dir} is still there");
+    assert!(
+        std::fs::read_link(format!("/proc/{pid}/exe"))
+            .unwrap()
+            .to_string_lossy()
+            .ends_with(" (deleted)")
+    );
+    assert!(
+        !std::fs::read_to_string("/proc/self/mountinfo")
+            .unwrap()
+            .contains(dir.as_str())
+    );
     sshd.cut_sessions();
     let o = child.wait_with_output().unwrap();
     assert_exit(&o, 1);

@@ -1,9 +1,31 @@
-//! The helper's entry point on the VPS: lock memory, serve one session on
-//! stdin/stdout, exit 0 on success and 1 after an error (already sent to
-//! drydock as an `Error` frame, and printed on stderr).
+//! The helper's entry point on the VPS: lock memory, remove its own copy
+//! from the host, serve one session on stdin/stdout, exit 0 on success and
+//! 1 after an error (already sent to drydock as an `Error` frame, and
+//! printed on stderr).
+//!
+//! `drydock-helper --remove DIR [--unmount]`: before serving, unlink the
+//! executable in DIR, detach DIR's tmpfs (lazily: the running program keeps
+//! its pages until it exits) and remove DIR, so that nothing of drydock is
+//! left on the host however the session ends, and no round trip is spent
+//! on cleaning up. It says Hello only after that; if the removal fails it
+//! sends an `Error` frame instead and exits, and drydock, having had no
+//! Hello, removes the folder itself.
+
+use std::path::Path;
+
+fn remove_own_copy(dir: &Path, unmount: bool) -> Result<(), String> {
+    let exe = dir.join("drydock-helper");
+    std::fs::remove_file(&exe).map_err(|e| format!("{}: {e}", exe.display()))?;
+    if unmount {
+        rustix::mount::unmount(dir, rustix::mount::UnmountFlags::DETACH)
+            .map_err(|e| format!("unmount {}: {e}", dir.display()))?;
+    }
+    std::fs::remove_dir(dir).map_err(|e| format!("{}: {e}", dir.display()))
+}
 
 fn main() {
-    if std::env::args().nth(1).as_deref() == Some("--version") {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    if args.first().map(String::as_str) == Some("--version") {
         println!(
             "drydock-helper {} protocol {}",
             env!("CARGO_PKG_VERSION"),
@@ -17,6 +39,23 @@ fn main() {
         rustix::mm::mlockall(rustix::mm::MlockAllFlags::CURRENT | rustix::mm::MlockAllFlags::FUTURE)
     {
         eprintln!("drydock-helper: warning: cannot lock memory: {e}");
+    }
+    if args.first().map(String::as_str) == Some("--remove")
+        && let Some(dir) = args.get(1)
+        && let Err(e) = remove_own_copy(
+            Path::new(dir),
+            args.get(2).map(String::as_str) == Some("--unmount"),
+        )
+    {
+        let message = format!("cannot remove its own copy: {e}");
+        eprintln!("drydock-helper: {message}");
+        let mut out = std::io::stdout().lock();
+        let _ = drydock_helper::proto::write_msg(
+            &mut out,
+            &drydock_helper::proto::Msg::Error { message },
+        );
+        let _ = std::io::Write::flush(&mut out);
+        std::process::exit(1);
     }
     let stdin = std::io::stdin().lock();
     let stdout = std::io::stdout().lock();

@@ -11,6 +11,7 @@
 
 use std::fs::File;
 use std::os::unix::fs::FileExt;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
 use anyhow::{Context, Result, anyhow, bail};
@@ -22,7 +23,7 @@ use serde::Serialize;
 use crate::image::manifest::{BLOCK_SIZE, block_len};
 use crate::remote::Facts;
 use crate::ssh::{Session, shell_quote};
-use crate::transfer::writer::Tmpfs;
+use crate::transfer::writer::{Tmpfs, tmpfs_script};
 
 /// The helper built for x86_64 with a static C library (build.rs).
 pub static BINARY: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/drydock-helper"));
@@ -98,34 +99,40 @@ pub async fn install(session: &Session, asked: Mode, ui: &crate::ui::Ui) -> Resu
 /// The helper, copied to its own tmpfs on the host.
 pub struct Remote {
     pub tmpfs: Tmpfs,
+    /// Set when the helper said Hello, i.e. after it removed its own copy.
+    pub said_hello: Arc<AtomicBool>,
 }
+
+/// Copy, check and start in one round trip: the tmpfs, the binary from
+/// stdin, its `--version`; on any failure the script removes what it made.
+const INSTALL_SCRIPT: &str = r#"fail() { echo "$1" >&2; [ -n "$m" ] && umount "$T"; rm -rf "$T"; exit 1; }
+umask 077
+cat > "$T/drydock-helper" || fail "cannot write the helper to $T"
+chmod 700 "$T/drydock-helper" || fail "cannot make $T/drydock-helper executable"
+"$T/drydock-helper" --version || fail "the helper copied to $T does not start (is the folder mounted noexec?)"
+"#;
 
 impl Remote {
     pub async fn install(session: &Session) -> Result<Remote> {
-        let tmpfs = Tmpfs::make(session, "helper", "16m").await?;
-        let remote = Remote { tmpfs };
-        let path = remote.path();
-        let res = async {
-            session.upload(&path, BINARY, true).await?;
-            let v = session
-                .run(
-                    "starting drydock's helper",
-                    &format!("{} --version", shell_quote(&path)),
-                )
-                .await?;
-            if !v.contains(&format!("protocol {VERSION}")) {
-                bail!(
-                    "the helper copied to {} says '{}'",
-                    session.host(),
-                    v.trim()
-                );
-            }
-            Ok(())
+        // The tmpfs script sets T (and m when it mounted one) and prints
+        // "mounted" and "dir T" for the parse.
+        let script = format!("{}{INSTALL_SCRIPT}", tmpfs_script("helper", "16m"));
+        let out = session.exec_input(&script, Some(BINARY)).await?;
+        if !out.success() {
+            return Err(out.failure("starting drydock's helper", &session.host()));
         }
-        .await;
-        if let Err(e) = res {
+        let text = out.stdout_str();
+        let remote = Remote {
+            tmpfs: Tmpfs::parse(&text, session)?,
+            said_hello: Arc::default(),
+        };
+        if !text.contains(&format!("protocol {VERSION}")) {
             let _ = remote.remove(session).await;
-            return Err(e);
+            bail!(
+                "the helper copied to {} says '{}'",
+                session.host(),
+                text.lines().last().unwrap_or("").trim()
+            );
         }
         Ok(remote)
     }
@@ -134,9 +141,24 @@ impl Remote {
         format!("{}/drydock-helper", self.tmpfs.dir)
     }
 
-    /// The command that runs it, replacing the login shell.
+    /// The command that runs it, replacing the login shell. The helper
+    /// removes its own copy (and detaches its tmpfs) before it says Hello.
     pub fn command(&self) -> String {
-        format!("exec {}", shell_quote(&self.path()))
+        format!(
+            "exec {} --remove {}{}",
+            shell_quote(&self.path()),
+            shell_quote(&self.tmpfs.dir),
+            if self.tmpfs.mounted { " --unmount" } else { "" }
+        )
+    }
+
+    /// After a session: nothing to do when the helper said Hello (it had
+    /// removed itself by then); otherwise remove the folder from here.
+    pub async fn finish(&self, session: &Session) -> Result<()> {
+        if self.said_hello.load(Ordering::Relaxed) {
+            return Ok(());
+        }
+        self.remove(session).await
     }
 
     pub async fn remove(&self, session: &Session) -> Result<()> {
@@ -160,6 +182,9 @@ pub fn check_hello(m: &Msg) -> Result<()> {
             "protocol version mismatch: the helper on the host speaks version {version}, this \
              drydock speaks version {VERSION}; nothing was read or written"
         ),
+        Msg::Error { message } => {
+            bail!("the helper on the host stopped before it started: {message}")
+        }
         m => bail!("the helper did not say Hello first (it sent {})", m.name()),
     }
 }
@@ -172,7 +197,8 @@ pub struct PullFeed {
     unz: zstd::bulk::Decompressor<'static>,
     buf: Vec<u8>,
     size: u64,
-    pub hello: bool,
+    /// Shared with [`Remote::said_hello`].
+    pub hello: Arc<AtomicBool>,
     pub done: Arc<Mutex<Option<Done>>>,
 }
 
@@ -192,7 +218,7 @@ impl PullFeed {
             unz: zstd::bulk::Decompressor::new()?,
             buf: vec![0u8; BLOCK as usize],
             size,
-            hello: false,
+            hello: Arc::default(),
             done: Arc::default(),
         })
     }
@@ -211,9 +237,9 @@ impl PullFeed {
     }
 
     fn handle(&mut self, m: Msg, sink: &mut impl BlockSink) -> Result<()> {
-        if !self.hello {
+        if !self.hello.load(Ordering::Relaxed) {
             check_hello(&m)?;
-            self.hello = true;
+            self.hello.store(true, Ordering::Relaxed);
             return Ok(());
         }
         match m {
@@ -418,6 +444,7 @@ impl Link {
         };
         let hello = link.recv().await?;
         check_hello(&hello)?;
+        remote.said_hello.store(true, Ordering::Relaxed);
         Ok(link)
     }
 
@@ -806,6 +833,47 @@ mod tests {
                 "protocol version mismatch: the helper on the host speaks version 9, this drydock \
                  speaks version {VERSION}; nothing was read or written"
             )
+        );
+    }
+
+    /// The real static helper removes its own copy before it says Hello;
+    /// when it cannot, it says why in an Error frame instead of Hello.
+    #[test]
+    fn the_helper_removes_its_own_copy_before_hello() {
+        use std::os::unix::fs::PermissionsExt;
+        use std::process::{Command, Stdio};
+        let run = |dir: &std::path::Path| {
+            let exe = dir.join("drydock-helper");
+            std::fs::write(&exe, BINARY).unwrap();
+            std::fs::set_permissions(&exe, std::fs::Permissions::from_mode(0o700)).unwrap();
+            let o = Command::new(&exe)
+                .args(["--remove", dir.to_str().unwrap()])
+                .stdin(Stdio::null())
+                .output()
+                .unwrap();
+            let mut dec = Decoder::default();
+            dec.feed(&o.stdout);
+            (o.status.code(), dec.next_msg().unwrap().unwrap())
+        };
+        let t = tempfile::tempdir().unwrap();
+        let dir = t.path().join("helper");
+        std::fs::create_dir(&dir).unwrap();
+        let (_, first) = run(&dir);
+        check_hello(&first).unwrap();
+        assert!(!dir.exists(), "the helper's folder is still there");
+
+        // A folder it cannot remove (something else in it): no Hello.
+        std::fs::create_dir(&dir).unwrap();
+        std::fs::write(dir.join("other"), b"x").unwrap();
+        let (code, first) = run(&dir);
+        assert_eq!(code, Some(1));
+        let e = check_hello(&first).unwrap_err().to_string();
+        assert!(
+            e.starts_with(&format!(
+                "the helper on the host stopped before it started: cannot remove its own copy: {}:",
+                dir.display()
+            )),
+            "{e}"
         );
     }
 

@@ -535,7 +535,8 @@ pub async fn pull(
         let (mut feed, command, input) = match remote {
             Some(remote) => {
                 hasher = "helper (SHA-256 and zstd on the host)".to_string();
-                let f = helper::PullFeed::new(dev.size)?;
+                let mut f = helper::PullFeed::new(dev.size)?;
+                f.hello = remote.said_hello.clone();
                 helper_done = Some(f.done.clone());
                 let command = remote.command();
                 helper_remote = Some(remote);
@@ -634,7 +635,7 @@ pub async fn pull(
             .join()
             .map_err(|_| anyhow!("the image writer panicked"))?;
         if let Some(r) = &helper_remote
-            && let Err(e) = r.remove(session).await
+            && let Err(e) = r.finish(session).await
         {
             ui.say(format!("warning: {e:#}"));
         }

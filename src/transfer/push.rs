@@ -409,7 +409,7 @@ async fn push_helper(
         ));
     }
     let res = push_with(session, dev, opts, base.as_ref(), &new, proven, &remote, ui).await;
-    let removed = remote.remove(session).await;
+    let removed = remote.finish(session).await;
     let (bytes_on_wire, bytes_written, pages_bytes, ranges, done) = res?;
     removed?;
     let source = Source {

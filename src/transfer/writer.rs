@@ -13,10 +13,17 @@ const TOOLS: &[&str] = &["sh", "dd", "head", "sha256sum", "sync"];
 /// folder under /run (or /dev/shm), so that what runs from it reads
 /// nothing of the disk and may execute (/run itself is often noexec).
 const TMPFS_SCRIPT: &str = r#"export LC_ALL=C
+m=
 T=$(mktemp -d /run/drydock-NAME.XXXXXX 2>/dev/null || mktemp -d /dev/shm/drydock-NAME.XXXXXX) || { echo "cannot make a folder on a tmpfs (/run or /dev/shm)" >&2; exit 1; }
-if mount -t tmpfs -o size=SIZE,mode=0700 drydock-NAME "$T" 2>/dev/null; then echo mounted; fi
+if mount -t tmpfs -o size=SIZE,mode=0700 drydock-NAME "$T" 2>/dev/null; then m=1; echo mounted; fi
 echo "dir $T"
 "#;
+
+/// The script that makes the folder: sets `T` to it and `m` to 1 when a
+/// tmpfs was mounted on it; prints "mounted" and "dir T".
+pub fn tmpfs_script(name: &str, size: &str) -> String {
+    TMPFS_SCRIPT.replace("NAME", name).replace("SIZE", size)
+}
 
 #[derive(Debug, Clone)]
 pub struct Tmpfs {
@@ -27,14 +34,14 @@ pub struct Tmpfs {
 
 impl Tmpfs {
     pub async fn make(session: &Session, name: &str, size: &str) -> Result<Tmpfs> {
-        let script = TMPFS_SCRIPT.replace("NAME", name).replace("SIZE", size);
+        let script = tmpfs_script(name, size);
         let out = session
             .run(&format!("making a tmpfs for the {name}"), &script)
             .await?;
         Tmpfs::parse(&out, session)
     }
 
-    fn parse(out: &str, session: &Session) -> Result<Tmpfs> {
+    pub fn parse(out: &str, session: &Session) -> Result<Tmpfs> {
         let mounted = out.lines().any(|l| l == "mounted");
         let dir = out
             .lines()
@@ -50,9 +57,10 @@ impl Tmpfs {
         let d = shell_quote(&self.dir);
         // What ran from it may take a moment to exit after its channel
         // closed: retry the unmount for up to ten seconds.
+        // Gone already (the helper removes its own): nothing to do.
         let cmd = if self.mounted {
             format!(
-                "i=0; until umount {d} 2>/dev/null; do i=$((i+1)); [ $i -ge 20 ] && {{ umount {d}; exit 1; }}; sleep 0.5; done; rmdir {d}"
+                "[ -e {d} ] || exit 0; i=0; until umount {d} 2>/dev/null; do i=$((i+1)); [ $i -ge 20 ] && {{ umount {d}; exit 1; }}; sleep 0.5; done; rmdir {d}"
             )
         } else {
             format!("rm -rf {d}")
