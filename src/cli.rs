@@ -149,6 +149,10 @@ pub enum Command {
         /// to the host's RAM) when the host can run it, else dd.
         #[arg(long, value_enum, default_value = "auto")]
         transfer: Mode,
+        /// Probe the host, run the read-only checks, print the plan and the
+        /// commands; change nothing and keep no run.
+        #[arg(long)]
+        dry_run: bool,
     },
     /// Continue an interrupted run (a run folder, or its name from `drydock runs`).
     Resume {

@@ -194,6 +194,7 @@ pub async fn run(cli: Cli) -> Result<()> {
             cpus,
             yes,
             transfer,
+            dry_run,
         } => {
             let ui = Ui { json, yes };
             let memory_mib = vm::cmdline::parse_memory(&memory).with_context(|| {
@@ -210,6 +211,15 @@ pub async fn run(cli: Cli) -> Result<()> {
                 cpus: cpus.unwrap_or_else(default_cpus),
                 transfer,
             };
+            if dry_run {
+                let d = pipeline::dry_run(&req).await?;
+                if json {
+                    println!("{}", serde_json::to_string_pretty(&d)?);
+                } else {
+                    print!("{}", d.human());
+                }
+                return Ok(());
+            }
             let r = pipeline::start(&req, &ui).await?;
             print_report(&r, json)?;
         }

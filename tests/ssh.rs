@@ -1142,3 +1142,81 @@ fn a_push_of_many_scattered_pages_completes() {
     assert_eq!(j["bytes_written"], differing * 4096, "{j}");
     assert_eq!(sha256_file(&dev), sha256_file(&img));
 }
+
+/// `upgrade --dry-run` probes the host (this machine, Debian 12), runs the
+/// read-only checks and prints the plan with its commands; it changes
+/// nothing and keeps no run. A target that is not newer is refused the same
+/// way as without --dry-run.
+#[test]
+fn upgrade_dry_run_prints_the_plan_and_changes_nothing() {
+    let os = std::fs::read_to_string("/etc/os-release").unwrap();
+    assert!(
+        os.contains("ID=debian") && os.contains("VERSION_ID=\"12\""),
+        "this test expects a Debian 12 test machine, as CI is"
+    );
+    let sshd = Sshd::start();
+    let t = tempdir();
+    let dev = t.path().join("disk");
+    make_disk(&dev, 3 * MIB, &[(MIB, 4096)], &[]);
+    let before = sha256_file(&dev);
+    let state = t.path().join("state");
+    let upgrade = |to: &str, extra: &[&str]| {
+        let host = sshd.host();
+        let mut args = vec![
+            "upgrade",
+            &host,
+            "--to",
+            to,
+            "--dry-run",
+            "--device",
+            dev.to_str().unwrap(),
+            "--cpus",
+            "2",
+        ];
+        args.extend_from_slice(extra);
+        sshd.drydock(&args)
+            .env("XDG_STATE_HOME", &state)
+            .output()
+            .unwrap()
+    };
+
+    let o = upgrade("debian-13", &["--json"]);
+    assert_exit(&o, 0);
+    let j = json(&o);
+    assert_eq!(j["os"], "Debian GNU/Linux 12 (bookworm)");
+    assert_eq!(j["device"], dev.to_str().unwrap());
+    assert_eq!(j["size"], 3 * MIB);
+    assert_eq!(j["plan"], "Debian 12 (bookworm) -> 13 (trixie)");
+    assert_eq!(j["transfer"], "helper");
+    assert_eq!(j["expect"], "debian 13");
+    let commands: Vec<&str> = j["commands"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c.as_str().unwrap())
+        .collect();
+    assert!(commands[0].contains("s/([[:space:]])bookworm([[:space:]]|-|$)/\\1trixie\\2/g"));
+    assert!(commands.iter().any(|c| c.ends_with(" full-upgrade")));
+    assert!(commands.iter().any(|c| c.ends_with(" autoremove --purge")));
+
+    let o = upgrade("trixie", &[]);
+    assert_exit(&o, 0);
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert!(
+        out.starts_with(&format!(
+            "dry run: nothing was changed on {}, and no run was kept\n",
+            sshd.host()
+        )),
+        "{out}"
+    );
+    assert!(
+        out.contains("  4. reboot the worker VM and check it reports debian 13, power it off\n")
+    );
+
+    let o = upgrade("debian-12", &[]);
+    assert_exit(&o, 3);
+    assert_stderr(&o, "the host already runs Debian 12; 12 is not newer");
+
+    assert_eq!(sha256_file(&dev), before);
+    assert!(!state.exists(), "a run folder was made");
+}

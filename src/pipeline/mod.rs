@@ -64,8 +64,185 @@ fn plan_of(j: &Journal, id: &str, version: &str) -> Result<Plan> {
     }
 }
 
+/// The probe step's checks, all read-only: root, the disk, the plan for
+/// this host's release, the recipe's preflight on the host, local space
+/// for the images (in `dir`, the run folder or where it would go).
+async fn probe(
+    s: &Session,
+    j: &Journal,
+    dir: &Path,
+) -> Result<(remote::Facts, device::Device, Plan)> {
+    let facts = remote::gather(s).await?;
+    device::require_root(&facts, s)?;
+    let dev = device::inspect(s, &facts, j.device.as_deref()).await?;
+    let id = facts.os.get("ID").cloned().unwrap_or_default();
+    let ver = facts.os.get("VERSION_ID").cloned().unwrap_or_default();
+    let plan = plan_of(j, &id, &ver)?;
+    if let Some(check) = &plan.preflight {
+        let out = s.exec_input("sh -s", Some(check.as_bytes())).await?;
+        if !out.success() {
+            let said = out.stdout_str();
+            return Err(refused!("{}", said.trim()));
+        }
+    }
+    // The base image and, worst case, a full upgraded copy of it.
+    transfer::check_local_space(&dir.join("base.raw"), dev.size.saturating_mul(2))?;
+    Ok((facts, dev, plan))
+}
+
+/// What `upgrade --dry-run` found and would do.
+#[derive(Debug, Serialize)]
+pub struct DryRun {
+    pub host: String,
+    pub os: String,
+    pub device: String,
+    pub size: u64,
+    pub plan: String,
+    pub transfer: Mode,
+    pub memory_mib: u64,
+    pub cpus: u32,
+    /// Run in the worker VM, in order.
+    pub commands: Vec<String>,
+    /// The release the worker VM and then the VPS must report afterwards.
+    pub expect: Option<String>,
+}
+
+impl DryRun {
+    pub fn human(&self) -> String {
+        let mut s = format!(
+            "dry run: nothing was changed on {}, and no run was kept\n{}: {}, disk {} ({})\n\
+             plan: {}\nsteps:\n",
+            self.host,
+            self.host,
+            self.os,
+            self.device,
+            human_bytes(self.size),
+            self.plan
+        );
+        let mode = match self.transfer {
+            Mode::Helper => "helper",
+            _ => "dd",
+        };
+        let expect = self
+            .expect
+            .as_deref()
+            .map(|e| format!(" and check it reports {e}"))
+            .unwrap_or_default();
+        s.push_str(&format!(
+            "  1. freeze {}: stop its services, make {} read-only, turn swap off
+",
+            self.host, self.device
+        ));
+        s.push_str(&format!(
+            "  2. pull {} ({mode} mode) into the run folder
+",
+            self.device
+        ));
+        s.push_str(&format!(
+            "  3. boot it in a local worker VM on an overlay ({} MiB, {} CPUs) and run, in order:
+",
+            self.memory_mib, self.cpus
+        ));
+        for c in &self.commands {
+            s.push_str(&format!(
+                "       $ {c}
+"
+            ));
+        }
+        s.push_str(&format!(
+            "  4. reboot the worker VM{expect}, power it off
+"
+        ));
+        s.push_str(&format!(
+            "  5. push the changed blocks to {} ({mode} mode), each read back and checked
+",
+            self.device
+        ));
+        s.push_str(&format!(
+            "  6. reboot {}{expect}
+",
+            self.host
+        ));
+        s
+    }
+}
+
+/// `upgrade --dry-run`: the probe step's checks and the plan, printed;
+/// nothing is changed on the host and no run folder is made.
+pub async fn dry_run(req: &Request) -> Result<DryRun> {
+    if req.to.is_none() && req.run.is_none() {
+        return Err(refused!(
+            "nothing to do: name a release with --to (e.g. debian-13), or a command with --run"
+        ));
+    }
+    if let Some(to) = &req.to {
+        recipes::parse_release(to)?;
+    }
+    let j = new_journal(req);
+    let s = connect(&j, req.accept_new_host_key).await?;
+    // Where the run folder would be made: its nearest existing ancestor.
+    let mut dir = journal::runs_dir()?;
+    while !dir.exists()
+        && let Some(parent) = dir.parent()
+    {
+        dir = parent.to_path_buf();
+    }
+    let res = probe(&s, &j, &dir).await;
+    let facts_for_mode = match &res {
+        Ok((facts, ..)) => Some(crate::transfer::helper::choose(req.transfer, facts)),
+        Err(_) => None,
+    };
+    s.close().await;
+    let (facts, dev, plan) = res?;
+    let transfer = facts_for_mode.expect("set when the probe worked")?;
+    Ok(DryRun {
+        host: req.host.clone(),
+        os: facts.pretty_name(),
+        device: dev.path,
+        size: dev.size,
+        plan: plan.description,
+        transfer,
+        memory_mib: req.memory_mib,
+        cpus: req.cpus,
+        commands: plan.commands,
+        expect: match (plan.expect_id, plan.expect_version) {
+            (Some(id), Some(v)) => Some(format!("{id} {v}")),
+            _ => None,
+        },
+    })
+}
+
 async fn connect(j: &Journal, accept_new: bool) -> Result<Session> {
     crate::ssh::connect_to(&j.host, j.identity.clone(), accept_new).await
+}
+
+/// A new run's journal: nothing done yet.
+fn new_journal(req: &Request) -> Journal {
+    Journal {
+        format: journal::FORMAT.into(),
+        host: req.host.clone(),
+        identity: req.identity.clone(),
+        device: req.device.clone(),
+        to: req.to.clone(),
+        run: req.run.clone(),
+        memory_mib: req.memory_mib,
+        cpus: req.cpus,
+        created_at: transfer::now(),
+        state: State::Running,
+        done: Vec::new(),
+        os_before: None,
+        os_after: None,
+        frozen_boot_id: None,
+        frozen_at: None,
+        back_at: None,
+        bytes_pulled: 0,
+        bytes_pushed: 0,
+        push_started: false,
+        transfer: req.transfer,
+        pull_transfer: None,
+        push_transfer: None,
+        helper_peak_rss_kib: None,
+    }
 }
 
 /// Start a run: refuse what cannot work before anything changes, then go.
@@ -97,31 +274,7 @@ pub async fn start(req: &Request, ui: &Ui) -> Result<Report> {
             .create(&dir)
             .with_context(|| format!("cannot create the run folder {}", dir.display()))?;
     }
-    let j = Journal {
-        format: journal::FORMAT.into(),
-        host: req.host.clone(),
-        identity: req.identity.clone(),
-        device: req.device.clone(),
-        to: req.to.clone(),
-        run: req.run.clone(),
-        memory_mib: req.memory_mib,
-        cpus: req.cpus,
-        created_at: transfer::now(),
-        state: State::Running,
-        done: Vec::new(),
-        os_before: None,
-        os_after: None,
-        frozen_boot_id: None,
-        frozen_at: None,
-        back_at: None,
-        bytes_pulled: 0,
-        bytes_pushed: 0,
-        push_started: false,
-        transfer: req.transfer,
-        pull_transfer: None,
-        push_transfer: None,
-        helper_peak_rss_kib: None,
-    };
+    let j = new_journal(req);
     j.save(&dir)?;
     ui.say(format!(
         "run {} (resume with `drydock resume {}`)",
@@ -266,21 +419,7 @@ async fn do_step(step: Step, dir: &Path, j: &mut Journal, ui: &Ui, accept_new: b
     match step {
         Step::Probe => {
             let s = connect(j, accept_new).await?;
-            let facts = remote::gather(&s).await?;
-            device::require_root(&facts, &s)?;
-            let dev = device::inspect(&s, &facts, j.device.as_deref()).await?;
-            let id = facts.os.get("ID").cloned().unwrap_or_default();
-            let ver = facts.os.get("VERSION_ID").cloned().unwrap_or_default();
-            let plan = plan_of(j, &id, &ver)?;
-            if let Some(check) = &plan.preflight {
-                let out = s.exec_input("sh -s", Some(check.as_bytes())).await?;
-                if !out.success() {
-                    let said = out.stdout_str();
-                    return Err(refused!("{}", said.trim()));
-                }
-            }
-            // The base image and, worst case, a full upgraded copy of it.
-            transfer::check_local_space(&dir.join("base.raw"), dev.size.saturating_mul(2))?;
+            let (facts, dev, plan) = probe(&s, j, dir).await?;
             ui.say(format!(
                 "{}: {}, disk {} ({}); plan: {}",
                 s.host(),
