@@ -56,8 +56,13 @@ fn qemu_running_in(dir: &std::path::Path) -> bool {
 fn boot_json(
     img: &std::path::Path,
     dir: &std::path::Path,
-    stderr: Stdio,
+    err_log: Option<&std::path::Path>,
 ) -> (std::process::Child, serde_json::Value) {
+    // Piped when the test reads it; else to a file, shown if the boot fails.
+    let stderr = match err_log {
+        Some(p) => Stdio::from(std::fs::File::create(p).unwrap()),
+        None => Stdio::piped(),
+    };
     let mut child = Command::new(env!("CARGO_BIN_EXE_drydock"))
         .args([
             "boot",
@@ -79,10 +84,19 @@ fn boot_json(
     BufReader::new(child.stdout.take().unwrap())
         .read_line(&mut line)
         .unwrap();
-    assert!(
-        !line.is_empty(),
-        "drydock boot ended without saying how to reach the guest"
-    );
+    if line.is_empty() {
+        let status = child.wait().unwrap();
+        let said = match (err_log, child.stderr.take()) {
+            (Some(p), _) => std::fs::read_to_string(p).unwrap_or_default(),
+            (None, Some(mut e)) => {
+                let mut s = String::new();
+                let _ = std::io::Read::read_to_string(&mut e, &mut s);
+                s
+            }
+            (None, None) => String::new(),
+        };
+        panic!("drydock boot ended ({status}) without saying how to reach the guest: {said}");
+    }
     (child, serde_json::from_str(&line).unwrap())
 }
 
@@ -93,7 +107,7 @@ fn boot_gives_a_shell_on_a_copy_and_powers_off_on_ctrl_c() {
     let t = tempdir();
     let dir = t.path().join("vm");
     let started = Instant::now();
-    let (mut child, info) = boot_json(&img, &dir, Stdio::piped());
+    let (mut child, info) = boot_json(&img, &dir, None);
     eprintln!("guest up after {:.0?}", started.elapsed());
     let port = info["ssh_port"].as_u64().unwrap() as u16;
     assert_eq!(
@@ -191,7 +205,8 @@ impl Vps {
     fn start(release: u32) -> Vps {
         let (img, key) = fixture(release);
         let dir = tempdir();
-        let (child, info) = boot_json(&img, &dir.path().join("vps"), Stdio::null());
+        let log = dir.path().join("vps-boot.err");
+        let (child, info) = boot_json(&img, &dir.path().join("vps"), Some(&log));
         Vps {
             child,
             port: info["ssh_port"].as_u64().unwrap() as u16,
