@@ -214,7 +214,7 @@ pub async fn run(cli: Cli) -> Result<()> {
             if dry_run {
                 let d = pipeline::dry_run(&req).await?;
                 if json {
-                    println!("{}", serde_json::to_string_pretty(&d)?);
+                    print_json(&d)?;
                 } else {
                     print!("{}", d.human());
                 }

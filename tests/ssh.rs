@@ -1186,6 +1186,7 @@ fn upgrade_dry_run_prints_the_plan_and_changes_nothing() {
     assert_eq!(j["os"], "Debian GNU/Linux 12 (bookworm)");
     assert_eq!(j["device"], dev.to_str().unwrap());
     assert_eq!(j["size"], 3 * MIB);
+    assert_eq!(j["block_device"], false);
     assert_eq!(j["plan"], "Debian 12 (bookworm) -> 13 (trixie)");
     assert_eq!(j["transfer"], "helper");
     assert_eq!(j["expect"], "debian 13");
@@ -1206,6 +1207,15 @@ fn upgrade_dry_run_prints_the_plan_and_changes_nothing() {
         out.starts_with(&format!(
             "dry run: nothing was changed on {}, and no run was kept\n",
             sshd.host()
+        )),
+        "{out}"
+    );
+    // A file standing for a disk: the freeze stops no service.
+    assert!(
+        out.contains(&format!(
+            "  1. freeze {}: make {} read-only, turn swap off\n",
+            sshd.host(),
+            dev.display()
         )),
         "{out}"
     );

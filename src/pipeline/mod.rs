@@ -97,6 +97,9 @@ pub struct DryRun {
     pub os: String,
     pub device: String,
     pub size: u64,
+    /// A block device: the freeze stops services (a regular file standing
+    /// for a disk is frozen without stopping any).
+    pub block_device: bool,
     pub plan: String,
     pub transfer: Mode,
     pub memory_mib: u64,
@@ -109,16 +112,8 @@ pub struct DryRun {
 
 impl DryRun {
     pub fn human(&self) -> String {
-        let mut s = format!(
-            "dry run: nothing was changed on {}, and no run was kept\n{}: {}, disk {} ({})\n\
-             plan: {}\nsteps:\n",
-            self.host,
-            self.host,
-            self.os,
-            self.device,
-            human_bytes(self.size),
-            self.plan
-        );
+        use std::fmt::Write;
+        let (host, dev) = (&self.host, &self.device);
         let mode = match self.transfer {
             Mode::Helper => "helper",
             _ => "dd",
@@ -128,48 +123,49 @@ impl DryRun {
             .as_deref()
             .map(|e| format!(" and check it reports {e}"))
             .unwrap_or_default();
-        s.push_str(&format!(
-            "  1. freeze {}: stop its services, make {} read-only, turn swap off
-",
-            self.host, self.device
-        ));
-        s.push_str(&format!(
-            "  2. pull {} ({mode} mode) into the run folder
-",
-            self.device
-        ));
-        s.push_str(&format!(
-            "  3. boot it in a local worker VM on an overlay ({} MiB, {} CPUs) and run, in order:
-",
+        let services = if self.block_device {
+            "stop its services, "
+        } else {
+            ""
+        };
+        let mut s = String::new();
+        // Writing to a String cannot fail.
+        let _ = writeln!(
+            s,
+            "dry run: nothing was changed on {host}, and no run was kept"
+        );
+        let _ = writeln!(
+            s,
+            "{host}: {}, disk {dev} ({})",
+            self.os,
+            human_bytes(self.size)
+        );
+        let _ = writeln!(s, "plan: {}\nsteps:", self.plan);
+        let _ = writeln!(
+            s,
+            "  1. freeze {host}: {services}make {dev} read-only, turn swap off"
+        );
+        let _ = writeln!(s, "  2. pull {dev} ({mode} mode) into the run folder");
+        let _ = writeln!(
+            s,
+            "  3. boot it in a local worker VM on an overlay ({} MiB, {} CPUs) and run, in order:",
             self.memory_mib, self.cpus
-        ));
+        );
         for c in &self.commands {
-            s.push_str(&format!(
-                "       $ {c}
-"
-            ));
+            let _ = writeln!(s, "       $ {c}");
         }
-        s.push_str(&format!(
-            "  4. reboot the worker VM{expect}, power it off
-"
-        ));
-        s.push_str(&format!(
-            "  5. push the changed blocks to {} ({mode} mode), each read back and checked
-",
-            self.device
-        ));
-        s.push_str(&format!(
-            "  6. reboot {}{expect}
-",
-            self.host
-        ));
+        let _ = writeln!(s, "  4. reboot the worker VM{expect}, power it off");
+        let _ = writeln!(
+            s,
+            "  5. push the changed blocks to {dev} ({mode} mode), each read back and checked"
+        );
+        let _ = writeln!(s, "  6. reboot {host}{expect}");
         s
     }
 }
 
-/// `upgrade --dry-run`: the probe step's checks and the plan, printed;
-/// nothing is changed on the host and no run folder is made.
-pub async fn dry_run(req: &Request) -> Result<DryRun> {
+/// What both `upgrade` and `upgrade --dry-run` refuse before connecting.
+fn check_request(req: &Request) -> Result<()> {
     if req.to.is_none() && req.run.is_none() {
         return Err(refused!(
             "nothing to do: name a release with --to (e.g. debian-13), or a command with --run"
@@ -178,6 +174,13 @@ pub async fn dry_run(req: &Request) -> Result<DryRun> {
     if let Some(to) = &req.to {
         recipes::parse_release(to)?;
     }
+    Ok(())
+}
+
+/// `upgrade --dry-run`: the probe step's checks and the plan, printed;
+/// nothing is changed on the host and no run folder is made.
+pub async fn dry_run(req: &Request) -> Result<DryRun> {
+    check_request(req)?;
     let j = new_journal(req);
     let s = connect(&j, req.accept_new_host_key).await?;
     // Where the run folder would be made: its nearest existing ancestor.
@@ -188,20 +191,16 @@ pub async fn dry_run(req: &Request) -> Result<DryRun> {
         dir = parent.to_path_buf();
     }
     let res = probe(&s, &j, &dir).await;
-    let facts_for_mode = match &res {
-        Ok((facts, ..)) => Some(crate::transfer::helper::choose(req.transfer, facts)),
-        Err(_) => None,
-    };
     s.close().await;
     let (facts, dev, plan) = res?;
-    let transfer = facts_for_mode.expect("set when the probe worked")?;
     Ok(DryRun {
         host: req.host.clone(),
         os: facts.pretty_name(),
+        block_device: dev.is_block(),
         device: dev.path,
         size: dev.size,
         plan: plan.description,
-        transfer,
+        transfer: crate::transfer::helper::choose(req.transfer, &facts)?,
         memory_mib: req.memory_mib,
         cpus: req.cpus,
         commands: plan.commands,
@@ -247,14 +246,7 @@ fn new_journal(req: &Request) -> Journal {
 
 /// Start a run: refuse what cannot work before anything changes, then go.
 pub async fn start(req: &Request, ui: &Ui) -> Result<Report> {
-    if req.to.is_none() && req.run.is_none() {
-        return Err(refused!(
-            "nothing to do: name a release with --to (e.g. debian-13), or a command with --run"
-        ));
-    }
-    if let Some(to) = &req.to {
-        recipes::parse_release(to)?;
-    }
+    check_request(req)?;
     let spec = HostSpec::parse(&req.host)?;
     let name = format!(
         "{}-{}",

@@ -182,9 +182,10 @@ pub fn check_hello(m: &Msg) -> Result<()> {
             "protocol version mismatch: the helper on the host speaks version {version}, this \
              drydock speaks version {VERSION}; nothing was read or written"
         ),
-        Msg::Error { message } => {
-            bail!("the helper on the host stopped before it started: {message}")
-        }
+        Msg::Error { message } => bail!(
+            "the helper on the host stopped before it started: {message}; nothing was read or \
+             written: run the same command again, or use --transfer dd"
+        ),
         m => bail!("the helper did not say Hello first (it sent {})", m.name()),
     }
 }
@@ -872,7 +873,9 @@ mod tests {
             e.starts_with(&format!(
                 "the helper on the host stopped before it started: cannot remove its own copy: {}:",
                 dir.display()
-            )),
+            )) && e.ends_with(
+                "; nothing was read or written: run the same command again, or use --transfer dd"
+            ),
             "{e}"
         );
     }

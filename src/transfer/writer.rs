@@ -55,9 +55,9 @@ impl Tmpfs {
 
     pub async fn remove(&self, session: &Session) -> Result<()> {
         let d = shell_quote(&self.dir);
-        // What ran from it may take a moment to exit after its channel
-        // closed: retry the unmount for up to ten seconds.
-        // Gone already (the helper removes its own): nothing to do.
+        // Gone already (the helper removes its own): nothing to do. What
+        // ran from it may take a moment to exit after its channel closed:
+        // retry the unmount for up to ten seconds.
         let cmd = if self.mounted {
             format!(
                 "[ -e {d} ] || exit 0; i=0; until umount {d} 2>/dev/null; do i=$((i+1)); [ $i -ge 20 ] && {{ umount {d}; exit 1; }}; sleep 0.5; done; rmdir {d}"
