@@ -8,7 +8,7 @@ missing_of() {
   local pair cmd
   for pair in "$@"; do
     cmd=${pair%%=*}
-    command -v "$cmd" >/dev/null 2>&1 || [ -x "$cmd" ] || echo "${pair#*=}"
+    command -v "$cmd" >/dev/null 2>&1 || [ -e "$cmd" ] || echo "${pair#*=}"
   done | sort -u
 }
 

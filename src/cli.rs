@@ -122,6 +122,10 @@ pub enum Command {
         /// Seconds the guest may take to answer on SSH before drydock gives up.
         #[arg(long, value_name = "SECONDS", default_value_t = 600)]
         wait: u64,
+        /// Boot the image as the VPS it came from: FILE is `drydock probe
+        /// HOST --json` output (firmware, disk bus, MAC, network).
+        #[arg(long, value_name = "FILE")]
+        like: Option<PathBuf>,
     },
     /// The whole pipeline: freeze, pull, upgrade in a local VM, verify, push, reboot.
     Upgrade {
@@ -153,6 +157,10 @@ pub enum Command {
         /// commands; change nothing and keep no run.
         #[arg(long)]
         dry_run: bool,
+        /// NixOS: once the new generation has booted in the worker VM,
+        /// delete the old generations (and their boot entries) before the push.
+        #[arg(long, requires = "to")]
+        gc: bool,
     },
     /// Continue an interrupted run (a run folder, or its name from `drydock runs`).
     Resume {

@@ -170,6 +170,7 @@ pub async fn run(cli: Cli) -> Result<()> {
             cpus,
             dir,
             wait,
+            like,
         } => {
             let ui = Ui { json, yes: false };
             let dir = match dir {
@@ -182,6 +183,7 @@ pub async fn run(cli: Cli) -> Result<()> {
                 cpus,
                 dir,
                 ready_within: std::time::Duration::from_secs(wait),
+                like,
             };
             vm::boot::boot(&opts, &ui).await?;
         }
@@ -195,6 +197,7 @@ pub async fn run(cli: Cli) -> Result<()> {
             yes,
             transfer,
             dry_run,
+            gc,
         } => {
             let ui = Ui { json, yes };
             let memory_mib = vm::cmdline::parse_memory(&memory).with_context(|| {
@@ -210,6 +213,7 @@ pub async fn run(cli: Cli) -> Result<()> {
                 memory_mib,
                 cpus: cpus.unwrap_or_else(default_cpus),
                 transfer,
+                gc,
             };
             if dry_run {
                 let d = pipeline::dry_run(&req).await?;

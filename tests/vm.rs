@@ -57,6 +57,7 @@ fn boot_json(
     img: &std::path::Path,
     dir: &std::path::Path,
     err_log: Option<&std::path::Path>,
+    like: Option<&std::path::Path>,
 ) -> (std::process::Child, serde_json::Value) {
     // Piped when the test reads it; else to a file, shown if the boot fails.
     let stderr = match err_log {
@@ -75,6 +76,10 @@ fn boot_json(
             "--dir",
         ])
         .arg(dir)
+        .args(
+            like.map(|l| vec![std::ffi::OsStr::new("--like"), l.as_os_str()])
+                .unwrap_or_default(),
+        )
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(stderr)
@@ -107,7 +112,7 @@ fn boot_gives_a_shell_on_a_copy_and_powers_off_on_ctrl_c() {
     let t = tempdir();
     let dir = t.path().join("vm");
     let started = Instant::now();
-    let (mut child, info) = boot_json(&img, &dir, None);
+    let (mut child, info) = boot_json(&img, &dir, None, None);
     eprintln!("guest up after {:.0?}", started.elapsed());
     let port = info["ssh_port"].as_u64().unwrap() as u16;
     assert_eq!(
@@ -204,9 +209,25 @@ struct Vps {
 impl Vps {
     fn start(release: u32) -> Vps {
         let (img, key) = fixture(release);
+        Vps::start_image(&img, key, None)
+    }
+
+    /// A variant of the Debian 12 fixture (vm-fixtures/build-variant),
+    /// booted as the VPS it stands for (`--like IMAGE.like.json`).
+    fn start_variant(variant: &str) -> Vps {
+        let (base, key) = fixture(12);
+        let img = base.with_file_name(format!("debian-12-{variant}.raw"));
+        assert!(
+            img.with_extension("raw.ok").exists(),
+            "the {variant} fixture is not built: run vm-fixtures/build-variant {variant} (scripts/test does)"
+        );
+        Vps::start_image(&img, key, Some(&img.with_extension("raw.like.json")))
+    }
+
+    fn start_image(img: &std::path::Path, key: PathBuf, like: Option<&std::path::Path>) -> Vps {
         let dir = tempdir();
         let log = dir.path().join("vps-boot.err");
-        let (child, info) = boot_json(&img, &dir.path().join("vps"), Some(&log));
+        let (child, info) = boot_json(img, &dir.path().join("vps"), Some(&log), like);
         Vps {
             child,
             port: info["ssh_port"].as_u64().unwrap() as u16,
@@ -491,5 +512,72 @@ fn abort_after_the_push_gives_the_vps_back_as_it_was() {
         vps.ssh("grep ' / ' /proc/self/mounts | cut -d' ' -f4 | cut -d, -f1")
             .trim(),
         "rw"
+    );
+}
+
+/// Boot parity, network: a VPS with a static address and no DHCP at all
+/// (matched by its MAC). The worker VM must come up with the VPS's MAC on a
+/// network shaped as its subnet, gateway and nameserver, or the --run
+/// command (run over SSH to that address) never starts; inside, it proves
+/// the address, name resolution through the VPS's nameserver and a
+/// connection through its gateway to Debian's mirror, and leaves what it
+/// saw on the disk, which the VPS then has after its reboot.
+#[test]
+fn a_static_network_vps_is_upgraded_in_a_worker_vm_shaped_like_it() {
+    let vps = Vps::start_variant("static");
+    let home = tempdir();
+    assert!(
+        vps.ssh("ip -4 -o addr show")
+            .contains("inet 198.51.100.45/24"),
+        "the static fixture did not come up on its address"
+    );
+    let check = "set -e; ip -4 -o addr show | grep -o 'inet 198.51.100.45/24' > /etc/drydock-net-check; \
+                 cat /sys/class/net/e*/address >> /etc/drydock-net-check; \
+                 getent hosts deb.debian.org >/dev/null && echo resolved >> /etc/drydock-net-check; \
+                 exec 3<>/dev/tcp/deb.debian.org/80; \
+                 printf 'HEAD /debian/ HTTP/1.1\\r\\nHost: deb.debian.org\\r\\nConnection: close\\r\\n\\r\\n' >&3; \
+                 head -1 <&3 | cut -d' ' -f2 >> /etc/drydock-net-check";
+    let o = vps
+        .drydock(
+            home.path(),
+            &[
+                "upgrade",
+                &vps.host(),
+                "-i",
+                vps.key.to_str().unwrap(),
+                "--accept-new-host-key",
+                "--run",
+                check,
+                "--yes",
+                "--json",
+                "--memory",
+                "2G",
+                "--cpus",
+                "2",
+            ],
+        )
+        .output()
+        .unwrap();
+    assert_exit(&o, 0);
+    assert_stderr(
+        &o,
+        "worker VM: BIOS, disk vda on virtio-blk, NIC enp0s1 52:54:00:d7:d0:c4 at PCI slot 01.0, network 198.51.100.45/24 via 198.51.100.1, DNS 198.51.100.53",
+    );
+    // What the worker VM saw, now on the VPS's own disk.
+    let seen = vps.ssh("cat /etc/drydock-net-check");
+    let lines: Vec<&str> = seen.lines().map(str::trim).collect();
+    assert_eq!(
+        lines,
+        [
+            "inet 198.51.100.45/24",
+            "52:54:00:d7:d0:c4",
+            "resolved",
+            "200"
+        ],
+        "{seen}"
+    );
+    assert!(
+        vps.ssh("ip -4 -o addr show")
+            .contains("inet 198.51.100.45/24")
     );
 }

@@ -94,6 +94,13 @@ pub struct Journal {
     pub push_transfer: Option<Mode>,
     #[serde(default)]
     pub helper_peak_rss_kib: Option<u64>,
+    /// The VPS's firmware, disk bus and network, as probed: the worker VM
+    /// is built to match.
+    #[serde(default)]
+    pub shape: Option<crate::vm::shape::Shape>,
+    /// `--gc` (NixOS).
+    #[serde(default)]
+    pub gc: bool,
 }
 
 fn auto() -> Mode {

@@ -22,6 +22,7 @@ use crate::remote::{self, device, freeze};
 use crate::ssh::{HostSpec, Session};
 use crate::transfer::{self, pull, push};
 use crate::ui::{Ui, human_bytes};
+use crate::vm::shape::Shape;
 use crate::vm::{self, Accel, Vm, VmSpec, cmdline};
 use journal::{Journal, State, Step, StepRecord};
 
@@ -36,6 +37,8 @@ pub struct Request {
     pub memory_mib: u64,
     pub cpus: u32,
     pub transfer: crate::transfer::helper::Mode,
+    /// NixOS: delete old generations before the push.
+    pub gc: bool,
 }
 
 #[derive(Debug, Serialize)]
@@ -56,10 +59,10 @@ pub struct Report {
     pub helper_peak_rss_kib: Option<u64>,
 }
 
-fn plan_of(j: &Journal, id: &str, version: &str) -> Result<Plan> {
+fn plan_of(j: &Journal, host: &recipes::Host) -> Result<Plan> {
     match (&j.to, &j.run) {
         (_, Some(cmd)) => Ok(recipes::run_plan(cmd)),
-        (Some(to), None) => recipes::plan(id, version, to),
+        (Some(to), None) => recipes::plan(host, to, &recipes::Options { gc: j.gc }),
         (None, None) => bail!("nothing to do: name a release with --to, or a command with --run"),
     }
 }
@@ -75,9 +78,7 @@ async fn probe(
     let facts = remote::gather(s).await?;
     device::require_root(&facts, s)?;
     let dev = device::inspect(s, &facts, j.device.as_deref()).await?;
-    let id = facts.os.get("ID").cloned().unwrap_or_default();
-    let ver = facts.os.get("VERSION_ID").cloned().unwrap_or_default();
-    let plan = plan_of(j, &id, &ver)?;
+    let plan = plan_of(j, &recipes::Host::from_facts(&facts))?;
     if let Some(check) = &plan.preflight {
         let out = s.exec_input("sh -s", Some(check.as_bytes())).await?;
         if !out.success() {
@@ -88,6 +89,24 @@ async fn probe(
     // The base image and, worst case, a full upgraded copy of it.
     transfer::check_local_space(&dir.join("base.raw"), dev.size.saturating_mul(2))?;
     Ok((facts, dev, plan))
+}
+
+/// The worker VM's shape for the VPS's disk.
+fn shape_of(facts: &remote::Facts, dev: &device::Device) -> Shape {
+    match &dev.kind {
+        device::Kind::Block { name } => Shape::from_facts(facts, name),
+        device::Kind::File { .. } => {
+            let mut s = Shape::from_facts(facts, "vda");
+            s.notes.insert(
+                0,
+                format!(
+                    "{} is a file on the host, not its disk: the worker VM puts it on virtio-blk (vda)",
+                    dev.path
+                ),
+            );
+            s
+        }
+    }
 }
 
 /// What `upgrade --dry-run` found and would do.
@@ -106,8 +125,12 @@ pub struct DryRun {
     pub cpus: u32,
     /// Run in the worker VM, in order.
     pub commands: Vec<String>,
+    /// Run in the worker VM after its reboot into the result.
+    pub after_reboot: Vec<String>,
     /// The release the worker VM and then the VPS must report afterwards.
     pub expect: Option<String>,
+    /// How the worker VM is built to match the VPS, and what it cannot match.
+    pub worker_vm: Shape,
 }
 
 impl DryRun {
@@ -148,18 +171,31 @@ impl DryRun {
         let _ = writeln!(s, "  2. pull {dev} ({mode} mode) into the run folder");
         let _ = writeln!(
             s,
-            "  3. boot it in a local worker VM on an overlay ({} MiB, {} CPUs) and run, in order:",
-            self.memory_mib, self.cpus
+            "  3. boot it in a local worker VM on an overlay ({} MiB, {} CPUs; {}) and run, in order:",
+            self.memory_mib,
+            self.cpus,
+            self.worker_vm.describe()
         );
         for c in &self.commands {
             let _ = writeln!(s, "       $ {c}");
         }
-        let _ = writeln!(s, "  4. reboot the worker VM{expect}, power it off");
+        if self.after_reboot.is_empty() {
+            let _ = writeln!(s, "  4. reboot the worker VM{expect}, power it off");
+        } else {
+            let _ = writeln!(s, "  4. reboot the worker VM{expect}, run:");
+            for c in &self.after_reboot {
+                let _ = writeln!(s, "       $ {c}");
+            }
+            let _ = writeln!(s, "     and power it off");
+        }
         let _ = writeln!(
             s,
             "  5. push the changed blocks to {dev} ({mode} mode), each read back and checked"
         );
         let _ = writeln!(s, "  6. reboot {host}{expect}");
+        for n in &self.worker_vm.notes {
+            let _ = writeln!(s, "note: {n}");
+        }
         s
     }
 }
@@ -193,7 +229,9 @@ pub async fn dry_run(req: &Request) -> Result<DryRun> {
     let res = probe(&s, &j, &dir).await;
     s.close().await;
     let (facts, dev, plan) = res?;
+    let worker_vm = shape_of(&facts, &dev);
     Ok(DryRun {
+        worker_vm,
         host: req.host.clone(),
         os: facts.pretty_name(),
         block_device: dev.is_block(),
@@ -204,6 +242,7 @@ pub async fn dry_run(req: &Request) -> Result<DryRun> {
         memory_mib: req.memory_mib,
         cpus: req.cpus,
         commands: plan.commands,
+        after_reboot: plan.after_reboot,
         expect: match (plan.expect_id, plan.expect_version) {
             (Some(id), Some(v)) => Some(format!("{id} {v}")),
             _ => None,
@@ -237,6 +276,8 @@ fn new_journal(req: &Request) -> Journal {
         bytes_pulled: 0,
         bytes_pushed: 0,
         push_started: false,
+        shape: None,
+        gc: req.gc,
         transfer: req.transfer,
         pull_transfer: None,
         push_transfer: None,
@@ -420,6 +461,12 @@ async fn do_step(step: Step, dir: &Path, j: &mut Journal, ui: &Ui, accept_new: b
                 human_bytes(dev.size),
                 plan.description
             ));
+            let shape = shape_of(&facts, &dev);
+            ui.say(format!("worker VM: {}", shape.describe()));
+            for n in &shape.notes {
+                ui.say(format!("note: {n}"));
+            }
+            j.shape = Some(shape);
             j.os_before = Some(facts.pretty_name());
             j.device = Some(dev.path);
             s.close().await;
@@ -576,7 +623,20 @@ async fn upgrade_in_vm(dir: &Path, j: &mut Journal, ui: &Ui) -> Result<()> {
     // Idempotent: a resumed upgrade starts again from the untouched base.
     let _ = std::fs::remove_file(&overlay);
     let _ = std::fs::remove_file(dir.join("upgraded.raw"));
+    let _ = std::fs::remove_file(dir.join("efivars.fd"));
     vm::create_overlay(&base, &overlay)?;
+    // Runs from before boot parity have no shape: QEMU's defaults, as then.
+    let shape = j.shape.clone().unwrap_or_default();
+    let efi = vm::efi_for(&shape, dir)?;
+    let parity = format!(
+        "the worker VM was built as probed on the VPS: {}{}",
+        shape.describe(),
+        shape
+            .notes
+            .iter()
+            .map(|n| format!("\n  note: {n}"))
+            .collect::<String>()
+    );
     let accel = cmdline::detect_accel();
     if accel == Accel::Tcg {
         ui.say("warning: no usable KVM: the worker VM runs under software emulation (TCG), several times slower");
@@ -593,10 +653,13 @@ async fn upgrade_in_vm(dir: &Path, j: &mut Journal, ui: &Ui) -> Result<()> {
         ssh_port: port,
         qmp_socket: dir.join("qmp.sock"),
         serial_log: dir.join("serial.log"),
-        mac: None,
+        shape,
+        efi,
     };
     let mut vm = Vm::start(spec, dir.join("qemu.stderr")).await?;
-    vm.wait_for_ssh(Duration::from_secs(900)).await?;
+    vm.wait_for_ssh(Duration::from_secs(900))
+        .await
+        .map_err(|e| anyhow::anyhow!("{e:#}\n{parity}"))?;
     let (t, o) = guest::guest_target(
         port,
         j.identity.as_deref(),
@@ -604,8 +667,10 @@ async fn upgrade_in_vm(dir: &Path, j: &mut Journal, ui: &Ui) -> Result<()> {
         "the worker VM",
     );
     let s = guest::connect_retry(&t, &o, Duration::from_secs(120)).await?;
-    let (id, ver, pretty) = guest::os_release(&s).await?;
-    let plan = plan_of(j, &id, &ver)?;
+    let (_, _, pretty) = guest::os_release(&s).await?;
+    // The same facts as the probe's, read from the same disk in the VM.
+    let guest_facts = remote::gather(&s).await?;
+    let plan = plan_of(j, &recipes::Host::from_facts(&guest_facts))?;
     ui.say(format!(
         "worker VM up ({pretty}); {}; output in {}",
         plan.description,
@@ -618,10 +683,10 @@ async fn upgrade_in_vm(dir: &Path, j: &mut Journal, ui: &Ui) -> Result<()> {
     let s = guest::reboot_and_wait(s, &t, &o, Duration::from_secs(900))
         .await
         .map_err(|e| {
-            e.context(format!(
-                "serial console (last lines):\n  {}",
+            anyhow::anyhow!(
+                "{e:#}\nserial console (last lines):\n  {}\n{parity}",
                 vm::serial_tail(&vm.spec.serial_log, 25)
-            ))
+            )
         })?;
     let (id2, ver2, pretty2) = guest::os_release(&s).await?;
     if let (Some(want_id), Some(want_ver)) = (&plan.expect_id, &plan.expect_version)
@@ -630,6 +695,9 @@ async fn upgrade_in_vm(dir: &Path, j: &mut Journal, ui: &Ui) -> Result<()> {
         bail!(
             "the worker VM came back running {pretty2} ({id2} {ver2}), not {want_id} {want_ver}; nothing was pushed"
         );
+    }
+    for cmd in &plan.after_reboot {
+        guest::run_logged(&s, cmd, &dir.join("run.log")).await?;
     }
     ui.say(format!(
         "the worker VM came back running {pretty2}; powering it off"

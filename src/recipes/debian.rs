@@ -27,18 +27,39 @@ fn codename(version: &str) -> Option<&'static str> {
 }
 
 /// Non-interactive apt, keeping the configuration files the admin has.
-const APT: &str = "DEBIAN_FRONTEND=noninteractive NEEDRESTART_MODE=a apt-get -y -q \
+pub const APT: &str = "DEBIAN_FRONTEND=noninteractive NEEDRESTART_MODE=a apt-get -y -q \
                    -o Dpkg::Options::=--force-confdef -o Dpkg::Options::=--force-confold";
 
 /// grub-pc's upgrade reinstalls GRUB on the disks debconf recorded
 /// (grub-pc/install_devices) and stops, half-way through the upgrade, when
 /// none is recorded or none exists. Found before the freeze instead.
-const GRUB_PC_CHECK: &str = r#"dpkg-query -W -f='${Status}' grub-pc 2>/dev/null | grep -q 'ok installed' || exit 0
+pub const GRUB_PC_CHECK: &str = r#"dpkg-query -W -f='${Status}' grub-pc 2>/dev/null | grep -q 'ok installed' || exit 0
 v=$(debconf-show grub-pc 2>/dev/null | sed -n 's/^[* ] grub-pc\/install_devices: *//p')
 for d in $(echo "$v" | tr ',' ' '); do [ -e "$d" ] && exit 0; done
 echo "grub-pc is installed but debconf records no disk for it that exists on this host (grub-pc/install_devices: '$v'); Debian's upgrade of grub-pc would stop half-way. Record the disk GRUB boots from, e.g. \`echo 'grub-pc grub-pc/install_devices multiselect /dev/vda' | debconf-set-selections\` (or \`dpkg-reconfigure grub-pc\`) on the VPS, then run drydock again"
 exit 3
 "#;
+
+/// The suite rewrite in every apt source, then the upgrade: Debian's own
+/// procedure, and Ubuntu's when do-release-upgrade is not used.
+pub fn apt_release_upgrade(from: &str, to: &str) -> Vec<String> {
+    // Whole words only: "bookworm-security", "bookworm-updates" follow, a
+    // mirror path that happens to contain the word does not. Applied twice:
+    // a match eats the space after it, so the next word of a deb822
+    // "Suites: bookworm bookworm-updates" line needs a second pass.
+    let s = format!(r"s/([[:space:]]){from}([[:space:]]|-|$)/\1{to}\2/g");
+    let sed = format!("sed -i -E '{s};{s}'");
+    vec![
+        format!(
+            "set -e; for f in /etc/apt/sources.list /etc/apt/sources.list.d/*.list /etc/apt/sources.list.d/*.sources; do [ -f \"$f\" ] && {sed} \"$f\"; done; grep -rhs '^[^#]' /etc/apt/sources.list /etc/apt/sources.list.d/ | grep -q {to}"
+        ),
+        format!("{APT} update"),
+        format!("{APT} upgrade --without-new-pkgs"),
+        format!("{APT} full-upgrade"),
+        format!("{APT} autoremove --purge"),
+        format!("{APT} clean"),
+    ]
+}
 
 pub fn plan(current: &str, target: &str) -> Result<Plan> {
     let (Some(from), Some(to)) = (codename(current), codename(target)) else {
@@ -64,28 +85,14 @@ pub fn plan(current: &str, target: &str) -> Result<Plan> {
             cur + 1
         ));
     }
-    // Whole words only: "bookworm-security", "bookworm-updates" follow, a
-    // mirror path that happens to contain the word does not. Applied twice:
-    // a match eats the space after it, so the next word of a deb822
-    // "Suites: bookworm bookworm-updates" line needs a second pass.
-    let s = format!(r"s/([[:space:]]){from}([[:space:]]|-|$)/\1{to}\2/g");
-    let sed = format!("sed -i -E '{s};{s}'");
-    let commands = vec![
-        format!(
-            "set -e; for f in /etc/apt/sources.list /etc/apt/sources.list.d/*.list /etc/apt/sources.list.d/*.sources; do [ -f \"$f\" ] && {sed} \"$f\"; done; grep -rhs '^[^#]' /etc/apt/sources.list /etc/apt/sources.list.d/ | grep -q {to}"
-        ),
-        format!("{APT} update"),
-        format!("{APT} upgrade --without-new-pkgs"),
-        format!("{APT} full-upgrade"),
-        format!("{APT} autoremove --purge"),
-        format!("{APT} clean"),
-    ];
+    let commands = apt_release_upgrade(from, to);
     Ok(Plan {
         description: format!("Debian {current} ({from}) -> {target} ({to})"),
         commands,
         expect_version: Some(target.to_string()),
         expect_id: Some("debian".into()),
         preflight: Some(GRUB_PC_CHECK.to_string()),
+        after_reboot: Vec::new(),
     })
 }
 

@@ -2,11 +2,41 @@
 //! runs inside the worker VM. Each recipe checks the current release first
 //! and refuses what the distribution itself does not support.
 
+pub mod alpine;
 pub mod debian;
+pub mod nixos;
+pub mod ubuntu;
 
 use anyhow::Result;
 
 use crate::refused;
+use crate::remote::facts::Facts;
+
+/// What a recipe needs to know of the host (or of the worker VM: the same
+/// disk).
+#[derive(Debug, Clone, Default)]
+pub struct Host {
+    pub id: String,
+    pub version: String,
+    pub nix: nixos::NixSetup,
+}
+
+impl Host {
+    pub fn from_facts(f: &Facts) -> Host {
+        Host {
+            id: f.os.get("ID").cloned().unwrap_or_default(),
+            version: f.os.get("VERSION_ID").cloned().unwrap_or_default(),
+            nix: nixos::NixSetup::parse(&f.nix),
+        }
+    }
+}
+
+/// What the user asked of a recipe beyond the release.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Options {
+    /// NixOS: delete the old generations before the push.
+    pub gc: bool,
+}
 
 /// What the worker VM runs, and what the guest must say afterwards.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -22,6 +52,9 @@ pub struct Plan {
     /// A read-only check run on the VPS before anything changes: a
     /// non-zero exit refuses the run, its output saying why and what to do.
     pub preflight: Option<String>,
+    /// Run in the worker VM after its reboot into the result, each must
+    /// succeed (NixOS: `nixos-version` names the new release).
+    pub after_reboot: Vec<String>,
 }
 
 /// A target such as `debian-13` or `trixie`, as (id, version).
@@ -41,19 +74,26 @@ pub fn parse_release(s: &str) -> Result<(String, String)> {
     ))
 }
 
-/// The plan for taking a host at (id, version) to `target`.
-pub fn plan(current_id: &str, current_version: &str, target: &str) -> Result<Plan> {
+/// The plan for taking `host` to `target`.
+pub fn plan(host: &Host, target: &str, opts: &Options) -> Result<Plan> {
     let (id, version) = parse_release(target)?;
+    let (current_id, current_version) = (host.id.as_str(), host.version.as_str());
     if id != current_id {
         return Err(refused!(
             "the host runs {current_id} {current_version}; drydock cannot turn it into {id} {version}"
         ));
     }
+    if opts.gc && id != "nixos" {
+        return Err(refused!(
+            "--gc deletes old NixOS generations; the host runs {current_id}"
+        ));
+    }
     match id.as_str() {
         "debian" => debian::plan(current_version, &version),
-        other => Err(refused!(
-            "release upgrades of {other} are not built yet; only debian-N is (use --run 'COMMAND' to run your own)"
-        )),
+        "ubuntu" => ubuntu::plan(current_version, &version),
+        "alpine" => alpine::plan(current_version, &version),
+        "nixos" => nixos::plan(current_version, &version, &host.nix, opts),
+        other => Err(refused!("drydock has no recipe for {other}")),
     }
 }
 
@@ -65,6 +105,7 @@ pub fn run_plan(command: &str) -> Plan {
         expect_version: None,
         expect_id: None,
         preflight: None,
+        after_reboot: Vec::new(),
     }
 }
 
@@ -90,19 +131,30 @@ mod tests {
         assert!(e.starts_with("unknown release 'windows-11'"), "{e}");
     }
 
+    fn host(id: &str, version: &str) -> Host {
+        Host {
+            id: id.into(),
+            version: version.into(),
+            ..Default::default()
+        }
+    }
+
     #[test]
     fn other_distributions_are_refused_with_the_reason() {
-        let e = plan("debian", "12", "nixos-23.11").unwrap_err().to_string();
+        let none = Options::default();
+        let e = plan(&host("debian", "12"), "nixos-23.11", &none)
+            .unwrap_err()
+            .to_string();
         assert_eq!(
             e,
             "the host runs debian 12; drydock cannot turn it into nixos 23.11"
         );
-        let e = plan("nixos", "23.05", "nixos-23.11")
+        let e = plan(&host("debian", "12"), "debian-13", &Options { gc: true })
             .unwrap_err()
             .to_string();
-        assert!(
-            e.starts_with("release upgrades of nixos are not built yet"),
-            "{e}"
+        assert_eq!(
+            e,
+            "--gc deletes old NixOS generations; the host runs debian"
         );
     }
 }

@@ -36,6 +36,10 @@ s links; ip -o link show 2>/dev/null
 s addrs; ip -o addr show 2>/dev/null
 s routes; ip route show 2>/dev/null; ip -6 route show 2>/dev/null
 s resolv; cat /etc/resolv.conf 2>/dev/null
+s sysfs
+for d in /sys/class/net/*; do [ -e "$d" ] && echo "net ${d##*/} $(readlink -f "$d")"; done
+for d in /sys/class/block/*; do [ -e "$d/partition" ] || echo "block ${d##*/} $(readlink -f "$d")"; done
+s nix; if grep -qs '^ID=nixos' /etc/os-release; then [ -e /etc/nixos/flake.nix ] && echo "flake /etc/nixos/flake.nix"; nix-channel --list 2>/dev/null | sed 's/^/channel /'; fi
 s tools; for t in dd sha256sum openssl split ldd mount systemctl sync; do command -v "$t" >/dev/null 2>&1 && echo "$t"; done
 s end
 "#;
@@ -83,6 +87,11 @@ pub struct Facts {
     pub addrs: Vec<String>,
     pub routes: Vec<String>,
     pub dns: Vec<String>,
+    /// ("net" | "block", name, resolved /sys path): which bus a NIC or a
+    /// disk sits on.
+    pub sysfs: Vec<(String, String, String)>,
+    /// NixOS: "flake PATH", "channel NAME URL" (root's channels).
+    pub nix: Vec<String>,
     pub tools: Vec<String>,
 }
 
@@ -223,6 +232,18 @@ pub fn parse(text: &str) -> Result<Facts> {
             .iter()
             .filter_map(|l| l.strip_prefix("nameserver").map(|v| v.trim().to_string()))
             .collect(),
+        sysfs: get("sysfs")
+            .iter()
+            .filter_map(|l| {
+                let mut w = l.splitn(3, ' ');
+                Some((
+                    w.next()?.to_string(),
+                    w.next()?.to_string(),
+                    w.next()?.to_string(),
+                ))
+            })
+            .collect(),
+        nix: get("nix"),
         tools: get("tools"),
     })
 }

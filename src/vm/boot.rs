@@ -8,7 +8,8 @@ use std::time::Duration;
 use anyhow::{Context, Result};
 use serde::Serialize;
 
-use super::{Accel, Vm, VmSpec, cmdline, create_overlay};
+use super::shape::Shape;
+use super::{Accel, Vm, VmSpec, cmdline, create_overlay, efi_for};
 use crate::ui::Ui;
 
 #[derive(Debug, Clone)]
@@ -20,6 +21,24 @@ pub struct BootOptions {
     pub dir: PathBuf,
     /// How long the guest may take to answer on SSH.
     pub ready_within: Duration,
+    /// `--like FILE`: the shape of a VPS (`drydock probe --json` output,
+    /// or a shape of its own) to boot the image as.
+    pub like: Option<PathBuf>,
+}
+
+/// A shape from `--like FILE`: a probe report's `worker_vm`, or a shape.
+pub fn load_shape(path: &Path) -> Result<Shape> {
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("--like: cannot read {}", path.display()))?;
+    let v: serde_json::Value = serde_json::from_str(&text)
+        .with_context(|| format!("--like: {} is not JSON", path.display()))?;
+    let v = v.get("worker_vm").cloned().unwrap_or(v);
+    serde_json::from_value(v).with_context(|| {
+        format!(
+            "--like: {} is neither `drydock probe --json` output nor a VM shape",
+            path.display()
+        )
+    })
 }
 
 #[derive(Debug, Serialize)]
@@ -70,6 +89,11 @@ pub async fn boot(opts: &BootOptions, ui: &Ui) -> Result<()> {
     if accel == Accel::Tcg {
         ui.say("warning: no usable KVM (no vmx/svm CPU flag, or /dev/kvm does not open): the VM runs under software emulation (TCG), several times slower");
     }
+    let shape = match &opts.like {
+        Some(p) => load_shape(p)?,
+        None => Shape::default(),
+    };
+    let efi = efi_for(&shape, &opts.dir)?;
     let overlay = opts.dir.join("overlay.qcow2");
     if !overlay.exists() {
         create_overlay(&opts.image, &overlay)?;
@@ -87,17 +111,22 @@ pub async fn boot(opts: &BootOptions, ui: &Ui) -> Result<()> {
         ssh_port: free_port()?,
         qmp_socket: opts.dir.join("qmp.sock"),
         serial_log: opts.dir.join("serial.log"),
-        mac: None,
+        shape,
+        efi,
     };
     let mut vm = Vm::start(spec, opts.dir.join("qemu.stderr")).await?;
     ui.say(format!(
-        "booting {} ({} MiB, {} CPUs, {}); serial console in {}",
+        "booting {} ({} MiB, {} CPUs, {}; {}); serial console in {}",
         opts.image.display(),
         memory_mib,
         vm.spec.cpus,
         if accel == Accel::Kvm { "KVM" } else { "TCG" },
+        vm.spec.shape.describe(),
         vm.spec.serial_log.display()
     ));
+    for n in &vm.spec.shape.notes {
+        ui.say(format!("note: {n}"));
+    }
     tokio::select! {
         r = vm.wait_for_ssh(opts.ready_within) => r?,
         _ = tokio::signal::ctrl_c() => {

@@ -4,6 +4,8 @@
 use std::ffi::OsString;
 use std::path::{Path, PathBuf};
 
+use super::shape::{DiskBus, Shape};
+
 /// How the guest's CPU is run.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Accel {
@@ -49,7 +51,11 @@ pub struct VmSpec {
     pub ssh_port: u16,
     pub qmp_socket: PathBuf,
     pub serial_log: PathBuf,
-    pub mac: Option<String>,
+    /// Boot parity with the VPS: firmware, disk bus, NIC and network.
+    pub shape: Shape,
+    /// UEFI: OVMF's code (read-only) and this VM's own copy of its
+    /// variables store. None boots with SeaBIOS.
+    pub efi: Option<(PathBuf, PathBuf)>,
 }
 
 fn os(s: impl Into<String>) -> OsString {
@@ -73,27 +79,87 @@ pub fn resource_args(memory_mib: u64, cpus: u32) -> Vec<OsString> {
     ]
 }
 
-pub fn drive_args(disk: &Path, format: &str) -> Vec<OsString> {
-    let mut spec = OsString::from("file=");
+fn qemu_path(p: &Path) -> String {
     // QEMU's option syntax doubles commas in values.
-    spec.push(disk.as_os_str().to_string_lossy().replace(',', ",,"));
-    spec.push(format!(
-        ",format={format},if=virtio,cache=writeback,discard=unmap"
-    ));
-    vec![os("-drive"), spec]
+    p.to_string_lossy().replace(',', ",,")
 }
 
-pub fn net_args(ssh_port: u16, mac: Option<&str>) -> Vec<OsString> {
-    let mut dev = "virtio-net-pci,netdev=n0".to_string();
-    if let Some(m) = mac {
-        dev.push_str(&format!(",mac={m}"));
+/// The disk on the VPS's bus, so the guest sees it under the same name.
+pub fn drive_args(disk: &Path, format: &str, bus: DiskBus) -> Vec<OsString> {
+    let file = format!(
+        "file={},format={format},cache=writeback,discard=unmap",
+        qemu_path(disk)
+    );
+    match bus {
+        DiskBus::VirtioBlk => vec![os("-drive"), os(format!("{file},if=virtio"))],
+        other => {
+            let mut a = vec![os("-drive"), os(format!("{file},if=none,id=disk0"))];
+            match other {
+                DiskBus::VirtioScsi => a.extend([
+                    os("-device"),
+                    os("virtio-scsi-pci,id=scsi0"),
+                    os("-device"),
+                    os("scsi-hd,drive=disk0,bus=scsi0.0"),
+                ]),
+                // q35's own AHCI controller is called "ide".
+                DiskBus::Sata => a.extend([os("-device"), os("ide-hd,drive=disk0,bus=ide.0")]),
+                DiskBus::Nvme => a.extend([os("-device"), os("nvme,drive=disk0,serial=drydock0")]),
+                DiskBus::VirtioBlk => unreachable!(),
+            }
+            a
+        }
     }
+}
+
+/// UEFI: OVMF as two flash devices, its code read-only and a variables
+/// store of this VM's own.
+pub fn firmware_args(efi: Option<&(PathBuf, PathBuf)>) -> Vec<OsString> {
+    let Some((code, vars)) = efi else {
+        return Vec::new();
+    };
     vec![
-        os("-netdev"),
-        os(format!("user,id=n0,hostfwd=tcp:127.0.0.1:{ssh_port}-:22")),
-        os("-device"),
-        os(dev),
+        os("-drive"),
+        os(format!(
+            "if=pflash,format=raw,unit=0,readonly=on,file={}",
+            qemu_path(code)
+        )),
+        os("-drive"),
+        os(format!(
+            "if=pflash,format=raw,unit=1,file={}",
+            qemu_path(vars)
+        )),
     ]
+}
+
+/// The NIC with the VPS's MAC and PCI slot, on a user network shaped as
+/// the VPS's (subnet, gateway, DNS, the VPS's address as the first DHCP
+/// lease); SSH forwarded from 127.0.0.1 to the guest's address.
+pub fn net_args(ssh_port: u16, shape: &Shape) -> Vec<OsString> {
+    let mut dev = "virtio-net-pci,netdev=n0".to_string();
+    if let Some(nic) = &shape.nic {
+        if let Some(m) = &nic.mac {
+            dev.push_str(&format!(",mac={m}"));
+        }
+        if let Some(slot) = &nic.pci_slot {
+            dev.push_str(&format!(",addr={slot}"));
+        }
+    }
+    let mut user = "user,id=n0".to_string();
+    let guest = match shape.user_net().0 {
+        Some(u) => {
+            user.push_str(&format!(
+                ",net={}/{},host={},dhcpstart={}",
+                u.net, u.prefix, u.host, u.guest
+            ));
+            if let Some(d) = u.dns {
+                user.push_str(&format!(",dns={d}"));
+            }
+            u.guest.to_string()
+        }
+        None => String::new(),
+    };
+    user.push_str(&format!(",hostfwd=tcp:127.0.0.1:{ssh_port}-{guest}:22"));
+    vec![os("-netdev"), os(user), os("-device"), os(dev)]
 }
 
 pub fn control_args(qmp_socket: &Path, serial_log: &Path) -> Vec<OsString> {
@@ -118,8 +184,14 @@ pub fn qemu_args(spec: &VmSpec) -> Vec<OsString> {
     let mut a = Vec::new();
     a.extend(machine_args(spec.accel));
     a.extend(resource_args(spec.memory_mib, spec.cpus));
-    a.extend(drive_args(&spec.disk, &spec.disk_format));
-    a.extend(net_args(spec.ssh_port, spec.mac.as_deref()));
+    a.extend(firmware_args(spec.efi.as_ref()));
+    // The NIC first: its PCI slot is fixed, the disk's is not.
+    a.extend(net_args(spec.ssh_port, &spec.shape));
+    a.extend(drive_args(
+        &spec.disk,
+        &spec.disk_format,
+        spec.shape.disk_bus,
+    ));
     a.extend(control_args(&spec.qmp_socket, &spec.serial_log));
     a
 }
@@ -164,7 +236,14 @@ mod tests {
             ssh_port: 2222,
             qmp_socket: PathBuf::from("/runs/x/qmp.sock"),
             serial_log: PathBuf::from("/runs/x/serial.log"),
-            mac: Some("52:54:00:12:34:56".into()),
+            shape: Shape {
+                nic: Some(crate::vm::shape::Nic {
+                    mac: Some("52:54:00:12:34:56".into()),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            },
+            efi: None,
         };
         let a: Vec<String> = qemu_args(&spec)
             .into_iter()
@@ -176,7 +255,7 @@ mod tests {
             "{joined}"
         );
         assert!(
-            joined.contains("-drive file=/runs/a,,b/overlay.qcow2,format=qcow2,if=virtio"),
+            joined.contains("-drive file=/runs/a,,b/overlay.qcow2,format=qcow2,cache=writeback,discard=unmap,if=virtio"),
             "{joined}"
         );
         assert!(
@@ -187,6 +266,7 @@ mod tests {
             joined.contains("virtio-net-pci,netdev=n0,mac=52:54:00:12:34:56"),
             "{joined}"
         );
+        assert!(!joined.contains("pflash"), "{joined}");
         assert!(
             joined.contains("-qmp unix:/runs/x/qmp.sock,server=on,wait=off"),
             "{joined}"
@@ -194,6 +274,52 @@ mod tests {
         assert!(
             joined.contains("-serial file:/runs/x/serial.log"),
             "{joined}"
+        );
+    }
+
+    #[test]
+    fn a_shaped_vm() {
+        use crate::vm::shape::{Firmware, Nic};
+        let shape = Shape {
+            firmware: Firmware::Uefi,
+            disk_bus: DiskBus::Sata,
+            disk_name: Some("sda".into()),
+            nic: Some(Nic {
+                name: "ens3".into(),
+                mac: Some("96:00:01:02:03:04".into()),
+                pci_slot: Some("03.0".into()),
+                address: Some("192.0.2.10".parse().unwrap()),
+                prefix: Some(24),
+                gateway: Some("192.0.2.1".parse().unwrap()),
+                dns: Some("192.0.2.53".parse().unwrap()),
+            }),
+            notes: vec![],
+        };
+        let a: Vec<String> = net_args(2222, &shape)
+            .into_iter()
+            .chain(drive_args(Path::new("/d/o.qcow2"), "qcow2", shape.disk_bus))
+            .chain(firmware_args(Some(&(
+                PathBuf::from("/usr/share/OVMF/OVMF_CODE_4M.fd"),
+                PathBuf::from("/runs/x/efivars.fd"),
+            ))))
+            .map(|s| s.into_string().unwrap())
+            .collect();
+        assert_eq!(
+            a,
+            [
+                "-netdev",
+                "user,id=n0,net=192.0.2.0/24,host=192.0.2.1,dhcpstart=192.0.2.10,dns=192.0.2.53,hostfwd=tcp:127.0.0.1:2222-192.0.2.10:22",
+                "-device",
+                "virtio-net-pci,netdev=n0,mac=96:00:01:02:03:04,addr=03.0",
+                "-drive",
+                "file=/d/o.qcow2,format=qcow2,cache=writeback,discard=unmap,if=none,id=disk0",
+                "-device",
+                "ide-hd,drive=disk0,bus=ide.0",
+                "-drive",
+                "if=pflash,format=raw,unit=0,readonly=on,file=/usr/share/OVMF/OVMF_CODE_4M.fd",
+                "-drive",
+                "if=pflash,format=raw,unit=1,file=/runs/x/efivars.fd",
+            ]
         );
     }
 

@@ -5,6 +5,7 @@
 pub mod boot;
 pub mod cmdline;
 pub mod qmp;
+pub mod shape;
 
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
@@ -207,6 +208,48 @@ impl Drop for Vm {
                 rustix::process::Signal::KILL,
             );
         }
+    }
+}
+
+/// OVMF from Debian's `ovmf` package: (code, variables template).
+const OVMF: &[(&str, &str)] = &[
+    (
+        "/usr/share/OVMF/OVMF_CODE_4M.fd",
+        "/usr/share/OVMF/OVMF_VARS_4M.fd",
+    ),
+    (
+        "/usr/share/OVMF/OVMF_CODE.fd",
+        "/usr/share/OVMF/OVMF_VARS.fd",
+    ),
+];
+
+/// For a UEFI guest: OVMF's code and a variables store of the VM's own in
+/// `dir` (made from the template once, then kept: the boot entries the
+/// guest writes survive its reboots, as on the VPS). An empty store boots
+/// the disk's fallback loader, EFI/BOOT/BOOTX64.EFI.
+pub fn efi_files(dir: &Path) -> Result<(PathBuf, PathBuf)> {
+    let Some((code, template)) = OVMF
+        .iter()
+        .find(|(c, v)| Path::new(c).is_file() && Path::new(v).is_file())
+    else {
+        bail!(
+            "the VPS boots with UEFI and this machine has no OVMF firmware for QEMU ({} not found); install Debian's package: apt-get install ovmf",
+            OVMF[0].0
+        );
+    };
+    let vars = dir.join("efivars.fd");
+    if !vars.exists() {
+        std::fs::copy(template, &vars)
+            .with_context(|| format!("cannot copy {template} to {}", vars.display()))?;
+    }
+    Ok((PathBuf::from(code), vars))
+}
+
+/// The spec's firmware files, when its shape says UEFI.
+pub fn efi_for(shape: &shape::Shape, dir: &Path) -> Result<Option<(PathBuf, PathBuf)>> {
+    match shape.firmware {
+        shape::Firmware::Uefi => efi_files(dir).map(Some),
+        shape::Firmware::Bios => Ok(None),
     }
 }
 

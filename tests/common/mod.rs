@@ -52,6 +52,15 @@ pub struct Sshd {
 
 impl Sshd {
     pub fn start() -> Sshd {
+        Sshd::start_as(&[])
+    }
+
+    /// An sshd whose sessions see this machine with `files` (absolute
+    /// path, content) laid over it: in a mount namespace of its own, /etc
+    /// and /root are overlays with those files written into their upper
+    /// layer, so another system's real os-release and configuration are
+    /// what the probe reads, and this machine is not changed.
+    pub fn start_as(files: &[(&str, &str)]) -> Sshd {
         assert!(
             Path::new(SSHD).exists(),
             "{SSHD} is missing: scripts/test installs openssh-server"
@@ -73,9 +82,37 @@ impl Sshd {
             d = d.display()
         );
         std::fs::write(d.join("sshd_config"), config).unwrap();
-        let child = Command::new(SSHD)
-            .args(["-D", "-e", "-f"])
-            .arg(d.join("sshd_config"))
+        let mut cmd = Command::new(SSHD);
+        cmd.args(["-D", "-e", "-f"]).arg(d.join("sshd_config"));
+        if !files.is_empty() {
+            let mut prelude = String::from("set -e; mount --make-rprivate /\n");
+            for top in ["etc", "root"] {
+                let (up, work) = (d.join("upper").join(top), d.join("work").join(top));
+                std::fs::create_dir_all(&up).unwrap();
+                std::fs::create_dir_all(&work).unwrap();
+                prelude.push_str(&format!(
+                    "mount -t overlay overlay -o lowerdir=/{top},upperdir={},workdir={} /{top}\n",
+                    up.display(),
+                    work.display()
+                ));
+            }
+            for (path, content) in files {
+                let f = d.join("files").join(path.trim_start_matches('/'));
+                std::fs::create_dir_all(f.parent().unwrap()).unwrap();
+                std::fs::write(&f, content).unwrap();
+                prelude.push_str(&format!(
+                    "mkdir -p \"$(dirname {path})\"; rm -f {path}; cp {} {path}\n",
+                    f.display()
+                ));
+            }
+            prelude.push_str("exec \"$@\"\n");
+            let argv: Vec<std::ffi::OsString> = std::iter::once(cmd.get_program().to_owned())
+                .chain(cmd.get_args().map(|a| a.to_owned()))
+                .collect();
+            cmd = Command::new("unshare");
+            cmd.args(["--mount", "sh", "-c", &prelude, "sh"]).args(argv);
+        }
+        let child = cmd
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(std::fs::File::create(d.join("sshd.log")).unwrap())
