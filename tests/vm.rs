@@ -250,6 +250,30 @@ impl Vps {
         stdout(&o)
     }
 
+    /// `drydock upgrade VPS --run CMD --yes --json` to the end (2 GB, 2 CPUs).
+    fn upgrade_run(&self, home: &std::path::Path, cmd: &str) -> std::process::Output {
+        self.drydock(
+            home,
+            &[
+                "upgrade",
+                &self.host(),
+                "-i",
+                self.key.to_str().unwrap(),
+                "--accept-new-host-key",
+                "--run",
+                cmd,
+                "--yes",
+                "--json",
+                "--memory",
+                "2G",
+                "--cpus",
+                "2",
+            ],
+        )
+        .output()
+        .unwrap()
+    }
+
     /// drydock as a user of this VPS: its own HOME and state folder.
     fn drydock(&self, home: &std::path::Path, args: &[&str]) -> Command {
         let mut c = Command::new(env!("CARGO_BIN_EXE_drydock"));
@@ -537,27 +561,8 @@ fn a_static_network_vps_is_upgraded_in_a_worker_vm_shaped_like_it() {
                  exec 3<>/dev/tcp/deb.debian.org/80; \
                  printf 'HEAD /debian/ HTTP/1.1\\r\\nHost: deb.debian.org\\r\\nConnection: close\\r\\n\\r\\n' >&3; \
                  head -1 <&3 | cut -d' ' -f2 >> /etc/drydock-net-check";
-    let o = vps
-        .drydock(
-            home.path(),
-            &[
-                "upgrade",
-                &vps.host(),
-                "-i",
-                vps.key.to_str().unwrap(),
-                "--accept-new-host-key",
-                "--run",
-                check,
-                "--yes",
-                "--json",
-                "--memory",
-                "2G",
-                "--cpus",
-                "2",
-            ],
-        )
-        .output()
-        .unwrap();
+    let o = vps.upgrade_run(home.path(), check);
+    eprintln!("{}", stderr(&o));
     assert_exit(&o, 0);
     assert_stderr(
         &o,
@@ -580,4 +585,34 @@ fn a_static_network_vps_is_upgraded_in_a_worker_vm_shaped_like_it() {
         vps.ssh("ip -4 -o addr show")
             .contains("inet 198.51.100.45/24")
     );
+}
+
+/// Boot parity, firmware: a VPS that boots only with UEFI (a GPT disk, an
+/// EFI system partition with GRUB at the fallback path, no NVRAM entry,
+/// no BIOS boot code). The probe must find UEFI, the worker VM must boot
+/// it with OVMF, the change come back, and the VPS boot it again.
+#[test]
+fn a_uefi_vps_is_upgraded_in_a_worker_vm_booted_with_uefi() {
+    let vps = Vps::start_variant("uefi");
+    let home = tempdir();
+    assert_eq!(
+        vps.ssh("test -d /sys/firmware/efi && echo uefi || echo bios")
+            .trim(),
+        "uefi"
+    );
+    let change = "set -e; test -d /sys/firmware/efi; echo 'upgraded offline by drydock under UEFI' > /etc/drydock-was-here";
+    let o = vps.upgrade_run(home.path(), change);
+    eprintln!("{}", stderr(&o));
+    assert_exit(&o, 0);
+    assert_stderr(&o, "worker VM: UEFI (OVMF), disk vda on virtio-blk");
+    assert_eq!(
+        vps.ssh("cat /etc/drydock-was-here").trim(),
+        "upgraded offline by drydock under UEFI"
+    );
+    assert_eq!(
+        vps.ssh("test -d /sys/firmware/efi && echo uefi || echo bios")
+            .trim(),
+        "uefi"
+    );
+    assert_eq!(json(&o)["os_after"], "Debian GNU/Linux 12 (bookworm)");
 }
