@@ -166,7 +166,13 @@ fn disk_bus(name: &str, sysfs_path: Option<&str>) -> (DiskBus, Option<String>) {
     let path = sysfs_path.unwrap_or("");
     if name.starts_with("sd") || name.starts_with("hd") {
         if path.contains("/ata") {
-            return (DiskBus::Sata, None);
+            // i440fx's PIIX IDE sits at 00:01.1; QEMU's q35 has AHCI only.
+            let note = path.contains("/0000:00:01.1/").then(|| {
+                format!(
+                    "the disk {name} is on an IDE controller (PIIX); the worker VM offers it on SATA (AHCI), which boots only if the VPS's initramfs has the ahci driver"
+                )
+            });
+            return (DiskBus::Sata, note);
         }
         if path.contains("/virtio") {
             return (DiskBus::VirtioScsi, None);
@@ -431,6 +437,12 @@ block sda /sys/devices/pci0000:00/0000:00:02.5/0000:06:00.0/virtio5/host0/target
             .0,
             DiskBus::Sata
         );
+        let (b, note) = disk_bus(
+            "sda",
+            Some("/sys/devices/pci0000:00/0000:00:01.1/ata1/host0/target0:0:0/0:0:0:0/block/sda"),
+        );
+        assert_eq!(b, DiskBus::Sata);
+        assert!(note.unwrap().contains("IDE controller (PIIX)"));
         let (b, note) = disk_bus("xvda", None);
         assert_eq!(b, DiskBus::VirtioBlk);
         assert!(note.unwrap().starts_with("the disk xvda is of a kind"));

@@ -57,9 +57,9 @@ impl Sshd {
 
     /// An sshd whose sessions see this machine with `files` (absolute
     /// path, content) laid over it: in a mount namespace of its own, /etc
-    /// and /root are overlays with those files written into their upper
-    /// layer, so another system's real os-release and configuration are
-    /// what the probe reads, and this machine is not changed.
+    /// is an overlay and /root an empty tmpfs, the files written there, so
+    /// another system's real os-release and configuration are what the
+    /// probe reads, and this machine is not changed.
     pub fn start_as(files: &[(&str, &str)]) -> Sshd {
         assert!(
             Path::new(SSHD).exists(),
@@ -85,17 +85,21 @@ impl Sshd {
         let mut cmd = Command::new(SSHD);
         cmd.args(["-D", "-e", "-f"]).arg(d.join("sshd_config"));
         if !files.is_empty() {
-            let mut prelude = String::from("set -e; mount --make-rprivate /\n");
-            for top in ["etc", "root"] {
-                let (up, work) = (d.join("upper").join(top), d.join("work").join(top));
-                std::fs::create_dir_all(&up).unwrap();
-                std::fs::create_dir_all(&work).unwrap();
-                prelude.push_str(&format!(
-                    "mount -t overlay overlay -o lowerdir=/{top},upperdir={},workdir={} /{top}\n",
-                    up.display(),
-                    work.display()
-                ));
-            }
+            // /root is a tmpfs of its own, not an overlay: the lower layer
+            // of an overlay must not change while it is mounted, and this
+            // machine's root shell writes under /root (pyenv's rehash lock)
+            // at every login, which then stalled each session here for 60 s.
+            let mut prelude = String::from(
+                "set -e; mount --make-rprivate /\nmount -t tmpfs -o mode=0700 tmpfs /root\n",
+            );
+            let (up, work) = (d.join("upper/etc"), d.join("work/etc"));
+            std::fs::create_dir_all(&up).unwrap();
+            std::fs::create_dir_all(&work).unwrap();
+            prelude.push_str(&format!(
+                "mount -t overlay overlay -o lowerdir=/etc,upperdir={},workdir={} /etc\n",
+                up.display(),
+                work.display()
+            ));
             for (path, content) in files {
                 let f = d.join("files").join(path.trim_start_matches('/'));
                 std::fs::create_dir_all(f.parent().unwrap()).unwrap();
