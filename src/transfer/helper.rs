@@ -208,15 +208,8 @@ pub trait BlockSink {
     fn next_block(&self) -> u64;
     /// `count` blocks of zeros.
     fn zeros(&mut self, count: u64) -> Result<()>;
-    /// One block whose SHA-256 the host said is `hash`. `checked` is the
-    /// check of that, running meanwhile on another thread: the sink may
-    /// write and hash the block, but counts it only once `checked` is Ok.
-    fn block(
-        &mut self,
-        data: &[u8],
-        hash: [u8; 32],
-        checked: impl FnOnce() -> Result<()>,
-    ) -> Result<()>;
+    /// One block whose SHA-256 is already known to be `hash`.
+    fn block(&mut self, data: &[u8], hash: [u8; 32]) -> Result<()>;
 }
 
 impl PullFeed {
@@ -270,23 +263,14 @@ impl PullFeed {
                     .unz
                     .decompress_to_buffer(&data, &mut self.buf[..len])
                     .map_err(|e| anyhow!("block {index} does not decompress: {e}"))?;
-                let block = &self.buf[..len];
-                // The check's SHA-256 on a second core while the sink
-                // writes the block and hashes it into its segment.
-                std::thread::scope(|s| {
-                    let check = s.spawn(|| sha256(block));
-                    sink.block(block, hash, || {
-                        let sum = check.join().expect("hashing does not panic");
-                        if got != len || sum != hash {
-                            bail!(
-                                "block {index} (byte {}) arrived damaged: its hash is not the \
-                                 one the helper read on the host",
-                                index * BLOCK_SIZE
-                            );
-                        }
-                        Ok(())
-                    })
-                })?;
+                if got != len || sha256(&self.buf[..len]) != hash {
+                    bail!(
+                        "block {index} (byte {}) arrived damaged: its hash is not the one the \
+                         helper read on the host",
+                        index * BLOCK_SIZE
+                    );
+                }
+                sink.block(&self.buf[..len], hash)?;
             }
             Msg::Done {
                 peak_rss_kib,
@@ -541,13 +525,7 @@ mod tests {
             }
             Ok(())
         }
-        fn block(
-            &mut self,
-            data: &[u8],
-            _: [u8; 32],
-            checked: impl FnOnce() -> Result<()>,
-        ) -> Result<()> {
-            checked()?;
+        fn block(&mut self, data: &[u8], _: [u8; 32]) -> Result<()> {
             self.data.extend_from_slice(data);
             self.next += 1;
             Ok(())
