@@ -67,17 +67,24 @@ fn plan_of(j: &Journal, host: &recipes::Host) -> Result<Plan> {
     }
 }
 
+/// What the probe step found.
+struct Probed {
+    facts: remote::Facts,
+    dev: device::Device,
+    plan: Plan,
+    shape: Shape,
+}
+
 /// The probe step's checks, all read-only: root, the disk, the plan for
-/// this host's release, the recipe's preflight on the host, local space
-/// for the images (in `dir`, the run folder or where it would go).
-async fn probe(
-    s: &Session,
-    j: &Journal,
-    dir: &Path,
-) -> Result<(remote::Facts, device::Device, Plan)> {
+/// this host's release, the recipe's preflight on the host, that the
+/// worker VM can be built here (OVMF for a UEFI VPS), local space for the
+/// images (in `dir`, the run folder or where it would go).
+async fn probe(s: &Session, j: &Journal, dir: &Path) -> Result<Probed> {
     let facts = remote::gather(s).await?;
     device::require_root(&facts, s)?;
     let dev = device::inspect(s, &facts, j.device.as_deref()).await?;
+    let shape = shape_of(&facts, &dev);
+    vm::check_firmware(&shape)?;
     let plan = plan_of(j, &recipes::Host::from_facts(&facts))?;
     if let Some(check) = &plan.preflight {
         let out = s.exec_input("sh -s", Some(check.as_bytes())).await?;
@@ -88,7 +95,12 @@ async fn probe(
     }
     // The base image and, worst case, a full upgraded copy of it.
     transfer::check_local_space(&dir.join("base.raw"), dev.size.saturating_mul(2))?;
-    Ok((facts, dev, plan))
+    Ok(Probed {
+        facts,
+        dev,
+        plan,
+        shape,
+    })
 }
 
 /// The worker VM's shape for the VPS's disk.
@@ -228,10 +240,14 @@ pub async fn dry_run(req: &Request) -> Result<DryRun> {
     }
     let res = probe(&s, &j, &dir).await;
     s.close().await;
-    let (facts, dev, plan) = res?;
-    let worker_vm = shape_of(&facts, &dev);
+    let Probed {
+        facts,
+        dev,
+        plan,
+        shape,
+    } = res?;
     Ok(DryRun {
-        worker_vm,
+        worker_vm: shape,
         host: req.host.clone(),
         os: facts.pretty_name(),
         block_device: dev.is_block(),
@@ -452,7 +468,12 @@ async fn do_step(step: Step, dir: &Path, j: &mut Journal, ui: &Ui, accept_new: b
     match step {
         Step::Probe => {
             let s = connect(j, accept_new).await?;
-            let (facts, dev, plan) = probe(&s, j, dir).await?;
+            let Probed {
+                facts,
+                dev,
+                plan,
+                shape,
+            } = probe(&s, j, dir).await?;
             ui.say(format!(
                 "{}: {}, disk {} ({}); plan: {}",
                 s.host(),
@@ -461,7 +482,6 @@ async fn do_step(step: Step, dir: &Path, j: &mut Journal, ui: &Ui, accept_new: b
                 human_bytes(dev.size),
                 plan.description
             ));
-            let shape = shape_of(&facts, &dev);
             ui.say(format!("worker VM: {}", shape.describe()));
             for n in &shape.notes {
                 ui.say(format!("note: {n}"));
@@ -667,9 +687,9 @@ async fn upgrade_in_vm(dir: &Path, j: &mut Journal, ui: &Ui) -> Result<()> {
         "the worker VM",
     );
     let s = guest::connect_retry(&t, &o, Duration::from_secs(120)).await?;
-    let (_, _, pretty) = guest::os_release(&s).await?;
     // The same facts as the probe's, read from the same disk in the VM.
     let guest_facts = remote::gather(&s).await?;
+    let pretty = guest_facts.pretty_name();
     let plan = plan_of(j, &recipes::Host::from_facts(&guest_facts))?;
     ui.say(format!(
         "worker VM up ({pretty}); {}; output in {}",

@@ -223,34 +223,46 @@ const OVMF: &[(&str, &str)] = &[
     ),
 ];
 
-/// For a UEFI guest: OVMF's code and a variables store of the VM's own in
-/// `dir` (made from the template once, then kept: the boot entries the
-/// guest writes survive its reboots, as on the VPS). An empty store boots
-/// the disk's fallback loader, EFI/BOOT/BOOTX64.EFI.
-pub fn efi_files(dir: &Path) -> Result<(PathBuf, PathBuf)> {
-    let Some((code, template)) = OVMF
+/// OVMF's (code, variables template) among `candidates`, or the refusal
+/// that says what to install.
+fn find_ovmf<'a>(candidates: &[(&'a str, &'a str)]) -> Result<(&'a str, &'a str)> {
+    candidates
         .iter()
         .find(|(c, v)| Path::new(c).is_file() && Path::new(v).is_file())
-    else {
-        bail!(
-            "the VPS boots with UEFI and this machine has no OVMF firmware for QEMU ({} not found); install Debian's package: apt-get install ovmf",
-            OVMF[0].0
-        );
-    };
+        .copied()
+        .ok_or_else(|| {
+            crate::refused!(
+                "the VPS boots with UEFI and this machine has no OVMF firmware for QEMU ({} not found); install Debian's package: apt-get install ovmf",
+                candidates[0].0
+            )
+        })
+}
+
+/// Whether a VM of this shape can be started here (UEFI needs OVMF):
+/// checked in the probe step, before the VPS is frozen.
+pub fn check_firmware(shape: &shape::Shape) -> Result<()> {
+    match shape.firmware {
+        shape::Firmware::Uefi => find_ovmf(OVMF).map(|_| ()),
+        shape::Firmware::Bios => Ok(()),
+    }
+}
+
+/// The spec's firmware files, when its shape says UEFI: OVMF's code and a
+/// variables store of the VM's own in `dir` (made from the template once,
+/// then kept: the boot entries the guest writes survive its reboots, as on
+/// the VPS). An empty store boots the disk's fallback loader,
+/// EFI/BOOT/BOOTX64.EFI.
+pub fn efi_for(shape: &shape::Shape, dir: &Path) -> Result<Option<(PathBuf, PathBuf)>> {
+    if shape.firmware == shape::Firmware::Bios {
+        return Ok(None);
+    }
+    let (code, template) = find_ovmf(OVMF)?;
     let vars = dir.join("efivars.fd");
     if !vars.exists() {
         std::fs::copy(template, &vars)
             .with_context(|| format!("cannot copy {template} to {}", vars.display()))?;
     }
-    Ok((PathBuf::from(code), vars))
-}
-
-/// The spec's firmware files, when its shape says UEFI.
-pub fn efi_for(shape: &shape::Shape, dir: &Path) -> Result<Option<(PathBuf, PathBuf)>> {
-    match shape.firmware {
-        shape::Firmware::Uefi => efi_files(dir).map(Some),
-        shape::Firmware::Bios => Ok(None),
-    }
+    Ok(Some((PathBuf::from(code), vars)))
 }
 
 /// A qcow2 overlay whose backing file is `base` (never written).
@@ -271,4 +283,25 @@ pub fn create_overlay(base: &Path, overlay: &Path) -> Result<()> {
         );
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_machine_without_ovmf_is_refused_with_what_to_install() {
+        let e = find_ovmf(&[(
+            "/nonexistent/OVMF_CODE_4M.fd",
+            "/nonexistent/OVMF_VARS_4M.fd",
+        )])
+        .unwrap_err();
+        assert!(e.downcast_ref::<crate::errors::Refused>().is_some(), "{e}");
+        assert_eq!(
+            e.to_string(),
+            "the VPS boots with UEFI and this machine has no OVMF firmware for QEMU (/nonexistent/OVMF_CODE_4M.fd not found); install Debian's package: apt-get install ovmf"
+        );
+        let bios = shape::Shape::default();
+        assert!(check_firmware(&bios).is_ok());
+    }
 }
