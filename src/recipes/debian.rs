@@ -6,25 +6,7 @@
 use anyhow::Result;
 
 use super::Plan;
-use crate::refused;
-
-const CODENAMES: &[(&str, &str)] = &[
-    ("10", "buster"),
-    ("11", "bullseye"),
-    ("12", "bookworm"),
-    ("13", "trixie"),
-];
-
-pub fn codename_version(s: &str) -> Option<&'static str> {
-    CODENAMES.iter().find(|(_, c)| *c == s).map(|(v, _)| *v)
-}
-
-fn codename(version: &str) -> Option<&'static str> {
-    CODENAMES
-        .iter()
-        .find(|(v, _)| *v == version)
-        .map(|(_, c)| *c)
-}
+use crate::releases;
 
 /// Non-interactive apt, keeping the configuration files the admin has.
 pub const APT: &str = "DEBIAN_FRONTEND=noninteractive NEEDRESTART_MODE=a apt-get -y -q \
@@ -62,29 +44,7 @@ pub fn apt_release_upgrade(from: &str, to: &str) -> Vec<String> {
 }
 
 pub fn plan(current: &str, target: &str) -> Result<Plan> {
-    let (Some(from), Some(to)) = (codename(current), codename(target)) else {
-        return Err(refused!(
-            "drydock knows Debian {} only; {current} -> {target} is not among them",
-            CODENAMES
-                .iter()
-                .map(|(v, c)| format!("{v} ({c})"))
-                .collect::<Vec<_>>()
-                .join(", ")
-        ));
-    };
-    let (cur, tgt): (u32, u32) = (current.parse()?, target.parse()?);
-    if tgt <= cur {
-        return Err(refused!(
-            "the host already runs Debian {current}; {target} is not newer"
-        ));
-    }
-    if tgt != cur + 1 {
-        return Err(refused!(
-            "Debian upgrades one release at a time: {current} -> {target} must go through {}; run --to debian-{} first",
-            cur + 1,
-            cur + 1
-        ));
-    }
+    let (_, from, to) = releases::one_step("debian", "Debian", current, target)?;
     let commands = apt_release_upgrade(from, to);
     Ok(Plan {
         description: format!("Debian {current} ({from}) -> {target} ({to})"),

@@ -60,8 +60,12 @@ pub struct Plan {
 /// A target such as `debian-13` or `trixie`, as (id, version).
 pub fn parse_release(s: &str) -> Result<(String, String)> {
     let lower = s.to_ascii_lowercase();
-    if let Some(v) = debian::codename_version(&lower) {
-        return Ok(("debian".into(), v.into()));
+    // Debian's codenames stand for its releases (trixie = debian-13).
+    if let Some((v, _)) = crate::releases::known("debian")
+        .iter()
+        .find(|(_, c)| *c == lower)
+    {
+        return Ok(("debian".into(), v.to_string()));
     }
     if let Some((id, v)) = lower.split_once('-')
         && !v.is_empty()

@@ -46,14 +46,12 @@ impl NixSetup {
 /// A URL with the release in it moved to `to`: nixos-23.05(-small),
 /// nixpkgs-23.05, release-23.05 (home-manager); None when it follows none.
 fn moved(url: &str, from: &str, to: &str) -> Option<String> {
-    ["nixos-", "nixpkgs-", "release-"]
+    let new = ["nixos-", "nixpkgs-", "release-"]
         .iter()
-        .find(|p| url.contains(&format!("{p}{from}")))
-        .map(|_| {
-            url.replace(&format!("nixos-{from}"), &format!("nixos-{to}"))
-                .replace(&format!("nixpkgs-{from}"), &format!("nixpkgs-{to}"))
-                .replace(&format!("release-{from}"), &format!("release-{to}"))
-        })
+        .fold(url.to_string(), |u, p| {
+            u.replace(&format!("{p}{from}"), &format!("{p}{to}"))
+        });
+    (new != url).then_some(new)
 }
 
 const NIX: &str = "nix --extra-experimental-features 'nix-command flakes'";

@@ -90,25 +90,23 @@ pub fn drive_args(disk: &Path, format: &str, bus: DiskBus) -> Vec<OsString> {
         "file={},format={format},cache=writeback,discard=unmap",
         qemu_path(disk)
     );
-    match bus {
-        DiskBus::VirtioBlk => vec![os("-drive"), os(format!("{file},if=virtio"))],
-        other => {
-            let mut a = vec![os("-drive"), os(format!("{file},if=none,id=disk0"))];
-            match other {
-                DiskBus::VirtioScsi => a.extend([
-                    os("-device"),
-                    os("virtio-scsi-pci,id=scsi0"),
-                    os("-device"),
-                    os("scsi-hd,drive=disk0,bus=scsi0.0"),
-                ]),
-                // q35's own AHCI controller is called "ide".
-                DiskBus::Sata => a.extend([os("-device"), os("ide-hd,drive=disk0,bus=ide.0")]),
-                DiskBus::Nvme => a.extend([os("-device"), os("nvme,drive=disk0,serial=drydock0")]),
-                DiskBus::VirtioBlk => unreachable!(),
-            }
-            a
+    let devices: &[&str] = match bus {
+        DiskBus::VirtioBlk => {
+            return vec![os("-drive"), os(format!("{file},if=virtio"))];
         }
+        DiskBus::VirtioScsi => &[
+            "virtio-scsi-pci,id=scsi0",
+            "scsi-hd,drive=disk0,bus=scsi0.0",
+        ],
+        // q35's own AHCI controller is called "ide".
+        DiskBus::Sata => &["ide-hd,drive=disk0,bus=ide.0"],
+        DiskBus::Nvme => &["nvme,drive=disk0,serial=drydock0"],
+    };
+    let mut a = vec![os("-drive"), os(format!("{file},if=none,id=disk0"))];
+    for d in devices {
+        a.extend([os("-device"), os(*d)]);
     }
+    a
 }
 
 /// UEFI: OVMF as two flash devices, its code read-only and a variables
@@ -320,6 +318,29 @@ mod tests {
                 "-drive",
                 "if=pflash,format=raw,unit=1,file=/runs/x/efivars.fd",
             ]
+        );
+    }
+
+    #[test]
+    fn each_disk_bus() {
+        let line = |bus| {
+            drive_args(Path::new("/d/i.raw"), "raw", bus)
+                .into_iter()
+                .map(|s| s.into_string().unwrap())
+                .collect::<Vec<_>>()
+                .join(" ")
+        };
+        let file = "-drive file=/d/i.raw,format=raw,cache=writeback,discard=unmap";
+        assert_eq!(line(DiskBus::VirtioBlk), format!("{file},if=virtio"));
+        assert_eq!(
+            line(DiskBus::VirtioScsi),
+            format!(
+                "{file},if=none,id=disk0 -device virtio-scsi-pci,id=scsi0 -device scsi-hd,drive=disk0,bus=scsi0.0"
+            )
+        );
+        assert_eq!(
+            line(DiskBus::Nvme),
+            format!("{file},if=none,id=disk0 -device nvme,drive=disk0,serial=drydock0")
         );
     }
 
