@@ -1143,6 +1143,34 @@ fn a_push_of_many_scattered_pages_completes() {
     assert_eq!(sha256_file(&dev), sha256_file(&img));
 }
 
+/// `drydock upgrade HOST --to TO --dry-run --device DEV --cpus 2 EXTRA...`
+/// with its state folder at `state` (which a dry run must not create).
+fn dry_run(
+    sshd: &Sshd,
+    dev: &std::path::Path,
+    state: &std::path::Path,
+    to: &str,
+    extra: &[&str],
+) -> std::process::Output {
+    let host = sshd.host();
+    let mut args = vec![
+        "upgrade",
+        &host,
+        "--to",
+        to,
+        "--dry-run",
+        "--device",
+        dev.to_str().unwrap(),
+        "--cpus",
+        "2",
+    ];
+    args.extend_from_slice(extra);
+    sshd.drydock(&args)
+        .env("XDG_STATE_HOME", state)
+        .output()
+        .unwrap()
+}
+
 /// `upgrade --dry-run` probes the host (this machine, Debian 12), runs the
 /// read-only checks and prints the plan with its commands; it changes
 /// nothing and keeps no run. A target that is not newer is refused the same
@@ -1160,25 +1188,7 @@ fn upgrade_dry_run_prints_the_plan_and_changes_nothing() {
     make_disk(&dev, 3 * MIB, &[(MIB, 4096)], &[]);
     let before = sha256_file(&dev);
     let state = t.path().join("state");
-    let upgrade = |to: &str, extra: &[&str]| {
-        let host = sshd.host();
-        let mut args = vec![
-            "upgrade",
-            &host,
-            "--to",
-            to,
-            "--dry-run",
-            "--device",
-            dev.to_str().unwrap(),
-            "--cpus",
-            "2",
-        ];
-        args.extend_from_slice(extra);
-        sshd.drydock(&args)
-            .env("XDG_STATE_HOME", &state)
-            .output()
-            .unwrap()
-    };
+    let upgrade = |to: &str, extra: &[&str]| dry_run(&sshd, &dev, &state, to, extra);
 
     let o = upgrade("debian-13", &["--json"]);
     assert_exit(&o, 0);
@@ -1339,23 +1349,8 @@ BUG_REPORT_URL="https://gitlab.alpinelinux.org/alpine/aports/-/issues"
         let t = tempdir();
         let dev = t.path().join("disk");
         make_disk(&dev, 3 * MIB, &[(MIB, 4096)], &[]);
-        let host = sshd.host();
-        let args = [
-            "upgrade",
-            &host,
-            "--to",
-            to,
-            "--dry-run",
-            "--device",
-            dev.to_str().unwrap(),
-            "--cpus",
-            "2",
-        ];
-        let o = sshd
-            .drydock(&args)
-            .env("XDG_STATE_HOME", t.path().join("state"))
-            .output()
-            .unwrap();
+        let state = t.path().join("state");
+        let o = dry_run(&sshd, &dev, &state, to, &[]);
         assert_exit(&o, 0);
         let out = stdout(&o);
         eprintln!("$ drydock upgrade HOST --to {to} --dry-run ...\n{out}");
@@ -1363,13 +1358,7 @@ BUG_REPORT_URL="https://gitlab.alpinelinux.org/alpine/aports/-/issues"
         for c in commands {
             assert!(out.contains(c), "{c} missing from:\n{out}");
         }
-        let o = sshd
-            .drydock(&args)
-            .arg("--json")
-            .env("XDG_STATE_HOME", t.path().join("state"))
-            .output()
-            .unwrap();
-        let j = json(&o);
+        let j = json(&dry_run(&sshd, &dev, &state, to, &["--json"]));
         assert_eq!(j["plan"], plan);
         let (id, v) = to.split_once('-').unwrap();
         assert_eq!(j["expect"], format!("{id} {v}"));
@@ -1379,7 +1368,7 @@ BUG_REPORT_URL="https://gitlab.alpinelinux.org/alpine/aports/-/issues"
                 "the nixos-version check is missing:\n{out}"
             );
         }
-        assert!(!t.path().join("state").exists(), "a dry run kept a run");
+        assert!(!state.exists(), "a dry run kept a run");
     }
 }
 
@@ -1400,21 +1389,8 @@ fn impossible_upgrades_of_other_systems_are_refused_before_anything_changes() {
     let t = tempdir();
     let dev = t.path().join("disk");
     make_disk(&dev, 3 * MIB, &[(MIB, 4096)], &[]);
-    let host = sshd.host();
-    let run = |to: &str| {
-        sshd.drydock(&[
-            "upgrade",
-            &host,
-            "--to",
-            to,
-            "--dry-run",
-            "--device",
-            dev.to_str().unwrap(),
-        ])
-        .env("XDG_STATE_HOME", t.path().join("state"))
-        .output()
-        .unwrap()
-    };
+    let state = t.path().join("state");
+    let run = |to: &str| dry_run(&sshd, &dev, &state, to, &[]);
     let o = run("alpine-3.21");
     assert_exit(&o, 3);
     assert_stderr(
