@@ -380,8 +380,10 @@ async fn drive(dir: &Path, mut j: Journal, ui: &Ui, accept_new: bool) -> Result<
         j.save(dir)?;
         res.with_context(|| {
             format!(
-                "step '{}' of run {} did not finish; `drydock resume {}` retries it",
+                "step '{}' of run {} did not finish; `drydock resume {}` retries it, \
+                 `drydock abort {}` gives the VPS back as it was",
                 step.name(),
+                dir.display(),
                 dir.display(),
                 dir.display()
             )
