@@ -347,24 +347,31 @@ mod tests {
         parse(&format!("@@ id\n0\n@@ firmware\nuefi\n{extra}\n@@ end\n")).unwrap()
     }
 
-    /// Captured from the static-network fixture (ip -o ..., readlink -f).
+    /// Captured on the static-network fixture booted as the VPS
+    /// (vm-fixtures/build-variant static): the facts script's network and
+    /// sysfs sections, loop devices left out. Its IPv6 default route (via
+    /// fe80::2, QEMU's router advertisement) is not the one to follow.
     const STATIC: &str = "@@ links
 1: lo: <LOOPBACK,UP,LOWER_UP> mtu 65536 qdisc noqueue state UNKNOWN mode DEFAULT group default qlen 1000\\    link/loopback 00:00:00:00:00:00 brd 00:00:00:00:00:00
-2: enp0s2: <BROADCAST,MULTICAST,UP,LOWER_UP> mtu 1500 qdisc fq_codel state UP mode DEFAULT group default qlen 1000\\    link/ether 52:54:00:D7:D0:C4 brd ff:ff:ff:ff:ff:ff
+2: enp0s1: <BROADCAST,MULTICAST,UP,LOWER_UP> mtu 1500 qdisc fq_codel state UP mode DEFAULT group default qlen 1000\\    link/ether 52:54:00:d7:d0:c4 brd ff:ff:ff:ff:ff:ff
 @@ addrs
 1: lo    inet 127.0.0.1/8 scope host lo\\       valid_lft forever preferred_lft forever
-2: enp0s2    inet 203.0.113.45/24 brd 203.0.113.255 scope global enp0s2\\       valid_lft forever preferred_lft forever
-2: enp0s2    inet6 fe80::5054:ff:fed7:d0c4/64 scope link \\       valid_lft forever preferred_lft forever
+1: lo    inet6 ::1/128 scope host noprefixroute \\       valid_lft forever preferred_lft forever
+2: enp0s1    inet 198.51.100.45/24 brd 198.51.100.255 scope global enp0s1\\       valid_lft forever preferred_lft forever
+2: enp0s1    inet6 fec0::5054:ff:fed7:d0c4/64 scope site dynamic mngtmpaddr noprefixroute \\       valid_lft 86341sec preferred_lft 14341sec
+2: enp0s1    inet6 fe80::5054:ff:fed7:d0c4/64 scope link \\       valid_lft forever preferred_lft forever
 @@ routes
-default via 203.0.113.1 dev enp0s2 proto static
-203.0.113.0/24 dev enp0s2 proto kernel scope link src 203.0.113.45
-fe80::/64 dev enp0s2 proto kernel metric 256 pref medium
+default via 198.51.100.1 dev enp0s1 proto static 
+198.51.100.0/24 dev enp0s1 proto kernel scope link src 198.51.100.45 
+fe80::/64 dev enp0s1 proto kernel metric 256 pref medium
+fec0::/64 dev enp0s1 proto ra metric 1024 expires 86340sec pref medium
+default via fe80::2 dev enp0s1 proto ra metric 1024 expires 1740sec pref medium
 @@ resolv
-nameserver 203.0.113.53
+nameserver 198.51.100.53
 @@ sysfs
+net enp0s1 /sys/devices/pci0000:00/0000:00:01.0/virtio0/net/enp0s1
 net lo /sys/devices/virtual/net/lo
-net enp0s2 /sys/devices/pci0000:00/0000:00:02.0/virtio1/net/enp0s2
-block vda /sys/devices/pci0000:00/0000:00:03.0/virtio2/block/vda";
+block vda /sys/devices/pci0000:00/0000:00:02.0/virtio1/block/vda";
 
     #[test]
     fn a_static_vps_is_reproduced() {
@@ -372,25 +379,25 @@ block vda /sys/devices/pci0000:00/0000:00:03.0/virtio2/block/vda";
         assert_eq!(s.firmware, Firmware::Uefi);
         assert_eq!(s.disk_bus, DiskBus::VirtioBlk);
         let n = s.nic.clone().unwrap();
-        assert_eq!(n.name, "enp0s2");
+        assert_eq!(n.name, "enp0s1");
         assert_eq!(n.mac.as_deref(), Some("52:54:00:d7:d0:c4"));
-        assert_eq!(n.pci_slot.as_deref(), Some("02.0"));
+        assert_eq!(n.pci_slot.as_deref(), Some("01.0"));
         let (u, notes) = s.user_net();
         assert!(notes.is_empty(), "{notes:?}");
         assert_eq!(
             u.unwrap(),
             UserNet {
-                net: "203.0.113.0".parse().unwrap(),
+                net: "198.51.100.0".parse().unwrap(),
                 prefix: 24,
-                host: "203.0.113.1".parse().unwrap(),
-                dns: Some("203.0.113.53".parse().unwrap()),
-                guest: "203.0.113.45".parse().unwrap(),
+                host: "198.51.100.1".parse().unwrap(),
+                dns: Some("198.51.100.53".parse().unwrap()),
+                guest: "198.51.100.45".parse().unwrap(),
             }
         );
         assert!(s.notes.is_empty(), "{:?}", s.notes);
         assert_eq!(
             s.describe(),
-            "UEFI (OVMF), disk vda on virtio-blk, NIC enp0s2 52:54:00:d7:d0:c4 at PCI slot 02.0, network 203.0.113.45/24 via 203.0.113.1, DNS 203.0.113.53"
+            "UEFI (OVMF), disk vda on virtio-blk, NIC enp0s1 52:54:00:d7:d0:c4 at PCI slot 01.0, network 198.51.100.45/24 via 198.51.100.1, DNS 198.51.100.53"
         );
     }
 
@@ -459,11 +466,11 @@ block sda /sys/devices/pci0000:00/0000:00:02.5/0000:06:00.0/virtio5/host0/target
 
     #[test]
     fn dns_at_the_gateway_is_said() {
-        let f = facts(&STATIC.replace("nameserver 203.0.113.53", "nameserver 203.0.113.1"));
+        let f = facts(&STATIC.replace("nameserver 198.51.100.53", "nameserver 198.51.100.1"));
         let s = Shape::from_facts(&f, "vda");
         assert!(s.user_net().0.unwrap().dns.is_none());
         assert!(
-            s.notes[0].starts_with("the VPS's nameserver 203.0.113.1 is its gateway"),
+            s.notes[0].starts_with("the VPS's nameserver 198.51.100.1 is its gateway"),
             "{:?}",
             s.notes
         );
