@@ -249,6 +249,25 @@ pub fn parse(text: &str) -> Result<Facts> {
 }
 
 impl Facts {
+    /// Each interface of `ip -o link show` with its link-layer address:
+    /// "2: ens3: <...> mtu 1500 ... link/ether 52:54:00:.. brd ..." gives
+    /// ("ens3", Some("52:54:00:..")); "ens3@if2" is named "ens3".
+    pub fn interfaces(&self) -> Vec<(String, Option<String>)> {
+        self.links
+            .iter()
+            .filter_map(|l| {
+                let w: Vec<&str> = l.split_whitespace().collect();
+                let name = w.get(1)?.trim_end_matches(':').split('@').next()?;
+                let addr = w
+                    .iter()
+                    .position(|x| x.starts_with("link/"))
+                    .and_then(|i| w.get(i + 1))
+                    .map(|m| m.to_ascii_lowercase());
+                Some((name.to_string(), addr))
+            })
+            .collect()
+    }
+
     pub fn has_tool(&self, t: &str) -> bool {
         self.tools.iter().any(|x| x == t)
     }
@@ -425,6 +444,24 @@ sha256sum
         assert_eq!(f.swaps_on_disk("vda").len(), 1);
         assert_eq!(f.swaps_on_disk("vdb").len(), 0);
         assert_eq!(f.block_device("vda").unwrap().size_bytes, 52428800 * 512);
+    }
+
+    #[test]
+    fn interfaces_with_their_addresses() {
+        let f = parse(
+            "@@ id\n0\n@@ links\n\
+             1: lo: <LOOPBACK,UP,LOWER_UP> mtu 65536 qdisc noqueue state UNKNOWN mode DEFAULT group default qlen 1000\\    link/loopback 00:00:00:00:00:00 brd 00:00:00:00:00:00\n\
+             2: ens3: <BROADCAST,MULTICAST,UP,LOWER_UP> mtu 1500 qdisc fq_codel state UP mode DEFAULT group default qlen 1000\\    link/ether 96:00:01:AB:CD:EF brd ff:ff:ff:ff:ff:ff\n\
+             3: veth0@if2: <BROADCAST,MULTICAST> mtu 1500 qdisc noop state DOWN mode DEFAULT group default qlen 1000\\    link/ether 0a:58:0a:f4:00:01 brd ff:ff:ff:ff:ff:ff link-netnsid 0\n\
+             4: wg0: <POINTOPOINT,NOARP,UP,LOWER_UP> mtu 1420 qdisc noqueue state UNKNOWN mode DEFAULT group default qlen 1000\\    link/none \n\
+             @@ end\n",
+        )
+        .unwrap();
+        let i = f.interfaces();
+        assert_eq!(i[0], ("lo".into(), Some("00:00:00:00:00:00".into())));
+        assert_eq!(i[1], ("ens3".into(), Some("96:00:01:ab:cd:ef".into())));
+        assert_eq!(i[2].0, "veth0");
+        assert_eq!(i[3], ("wg0".into(), None));
     }
 
     #[test]

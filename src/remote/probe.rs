@@ -78,21 +78,10 @@ pub fn report(host: String, f: &Facts) -> ProbeReport {
         init: f.init.clone(),
         disk,
         disk_error,
-        // `ip -o link`: "2: eth0: <...> ... link/ether 52:54:00:12:34:56 brd ..."
         interfaces: f
-            .links
-            .iter()
-            .filter_map(|l| {
-                let w: Vec<&str> = l.split_whitespace().collect();
-                let name = w.get(1)?.trim_end_matches(':');
-                let mac = w
-                    .iter()
-                    .position(|x| x.starts_with("link/"))
-                    .and_then(|i| w.get(i + 1))
-                    .copied()
-                    .unwrap_or("-");
-                Some(format!("{name} {mac}"))
-            })
+            .interfaces()
+            .into_iter()
+            .map(|(name, mac)| format!("{name} {}", mac.as_deref().unwrap_or("-")))
             .collect(),
         addresses: f
             .addrs

@@ -92,20 +92,6 @@ fn in_net(a: Ipv4Addr, net: Ipv4Addr, prefix: u8) -> bool {
     u32::from(a) & mask(prefix) == u32::from(net) & mask(prefix)
 }
 
-/// `ip -o link show`: "2: ens3: <...> mtu 1500 ... link/ether 52:54:00:.. brd ..."
-fn link_mac(links: &[String], name: &str) -> Option<String> {
-    links.iter().find_map(|l| {
-        let w: Vec<&str> = l.split_whitespace().collect();
-        let n = w.get(1)?.trim_end_matches(':');
-        // "ens3@if2" for veth-style names.
-        if n.split('@').next()? != name {
-            return None;
-        }
-        let i = w.iter().position(|x| *x == "link/ether")?;
-        w.get(i + 1).map(|m| m.to_ascii_lowercase())
-    })
-}
-
 /// `ip -o addr show`: "2: ens3    inet 203.0.113.45/24 brd ... scope global ens3".
 fn link_ipv4(addrs: &[String], name: &str) -> Option<(Ipv4Addr, u8)> {
     addrs.iter().find_map(|l| {
@@ -224,7 +210,11 @@ impl Shape {
                 let ip = link_ipv4(&f.addrs, &dev);
                 let dns = f.dns.iter().find_map(|d| d.parse::<Ipv4Addr>().ok());
                 Some(Nic {
-                    mac: link_mac(&f.links, &dev),
+                    mac: f
+                        .interfaces()
+                        .into_iter()
+                        .find(|(n, _)| *n == dev)
+                        .and_then(|(_, mac)| mac),
                     pci_slot: f
                         .sysfs
                         .iter()
