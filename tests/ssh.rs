@@ -588,10 +588,13 @@ fn an_existing_image_is_not_overwritten() {
 fn a_missing_device_is_refused() {
     let sshd = Sshd::start();
     let t = tempdir();
-    let o = pull(
+    // -v: the helper's folder is named when made and when removed (it is
+    // copied in the same login shell that looks at the device).
+    let o = pull_with(
         &sshd,
         std::path::Path::new("/dev/drydock-no-such-disk"),
         &t.path().join("i"),
+        &["-v"],
     );
     assert_exit(&o, 3);
     assert_stderr(
@@ -600,6 +603,20 @@ fn a_missing_device_is_refused() {
             "/dev/drydock-no-such-disk does not exist on {}",
             sshd.host()
         ),
+    );
+    let e = stderr(&o);
+    let dir = e
+        .lines()
+        .find_map(|l| l.split("the helper is in ").nth(1))
+        .and_then(|l| l.split(' ').next())
+        .unwrap_or_else(|| panic!("no helper folder named in:\n{e}"));
+    assert!(dir.starts_with("/run/drydock-helper."), "{dir}");
+    assert_stderr(&o, format!("removed {dir} on {}", sshd.host()));
+    assert!(!std::path::Path::new(dir).exists(), "{dir} is still there");
+    assert!(
+        !std::fs::read_to_string("/proc/self/mountinfo")
+            .unwrap()
+            .contains(dir)
     );
 }
 

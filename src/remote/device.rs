@@ -45,12 +45,28 @@ impl Device {
 
 /// Resolve `--device` (or the disk holding `/`) on the host.
 pub async fn inspect(session: &Session, facts: &Facts, device: Option<&str>) -> Result<Device> {
-    let path = match device {
-        Some(d) => d.to_string(),
-        None => facts.root_disk()?,
-    };
-    let q = shell_quote(&path);
-    let script = format!(
+    let path = path_of(facts, device)?;
+    let out = session
+        .run("inspecting the device", &inspect_script(&path))
+        .await?;
+    parse_inspection(&out, path, facts, session)
+}
+
+/// The path to inspect: `--device`, or the disk holding `/`.
+pub fn path_of(facts: &Facts, device: Option<&str>) -> Result<String> {
+    match device {
+        Some(d) => Ok(d.to_string()),
+        None => facts.root_disk(),
+    }
+}
+
+/// The shell lines that look at `path` on the host: what it is, its real
+/// path, a file's size and the loop devices backed by it. Reads nothing
+/// from stdin (a caller may run it before a command that does) and ends
+/// with status 0 whatever it finds.
+pub fn inspect_script(path: &str) -> String {
+    let q = shell_quote(path);
+    format!(
         r#"export LC_ALL=C; d={q}
 if [ -b "$d" ]; then echo block; readlink -f "$d"
 elif [ -f "$d" ]; then echo file; readlink -f "$d"; wc -c < "$d"
@@ -62,8 +78,16 @@ elif [ -e "$d" ]; then echo other
 else echo missing
 fi
 exit 0"#
-    );
-    let out = session.run("inspecting the device", &script).await?;
+    )
+}
+
+/// Read what [`inspect_script`] printed.
+pub fn parse_inspection(
+    out: &str,
+    path: String,
+    facts: &Facts,
+    session: &Session,
+) -> Result<Device> {
     let mut lines = out.lines();
     match lines.next() {
         Some("block") => {

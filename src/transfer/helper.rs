@@ -83,7 +83,41 @@ pub fn choose(asked: Mode, facts: &Facts) -> Result<Mode> {
 /// tmpfs that cannot be mounted and a noexec /run, say), `auto` falls back
 /// to dd mode with a warning; an explicit `--transfer helper` fails.
 pub async fn install(session: &Session, asked: Mode, ui: &crate::ui::Ui) -> Result<Option<Remote>> {
-    match Remote::install(session).await {
+    install_after(session, asked, ui, None).await?.1
+}
+
+/// The line between a prelude's output and the installer's.
+const PRELUDE_END: &str = "@@ drydock-helper install";
+
+/// [`install`], after `prelude`: shell lines run first, in a subshell of
+/// the same login shell, that read nothing from stdin and exit 0. Their
+/// stdout is returned, with the installation's outcome. Each command on the host starts a login shell
+/// (with the user's shell start-up files), so one shell for both saves a
+/// round trip and that start-up.
+pub async fn install_after(
+    session: &Session,
+    asked: Mode,
+    ui: &crate::ui::Ui,
+    prelude: Option<&str>,
+) -> Result<(String, Result<Option<Remote>>)> {
+    let mut script = match prelude {
+        Some(p) => format!("(\n{p}\n)\necho '{PRELUDE_END}'\n"),
+        None => String::new(),
+    };
+    // The tmpfs script sets T (and m when it mounted one) and prints
+    // "mounted" and "dir T" for the parse.
+    script.push_str(&tmpfs_script("helper", "16m"));
+    script.push_str(INSTALL_SCRIPT);
+    let out = session.exec_input(&script, Some(BINARY)).await?;
+    let text = out.stdout_str();
+    let (before, after) = match prelude {
+        None => (String::new(), text.as_str()),
+        Some(_) => match text.split_once(&format!("{PRELUDE_END}\n")) {
+            Some((b, a)) => (b.to_string(), a),
+            None => return Err(out.failure("inspecting the host", &session.host())),
+        },
+    };
+    let remote = match Remote::from_install(session, &out, after).await {
         Ok(r) => Ok(Some(r)),
         Err(e) if asked == Mode::Auto => {
             ui.say(format!(
@@ -93,7 +127,8 @@ pub async fn install(session: &Session, asked: Mode, ui: &crate::ui::Ui) -> Resu
             Ok(None)
         }
         Err(e) => Err(e.context("--transfer helper: the helper cannot run on this host")),
-    }
+    };
+    Ok((before, remote))
 }
 
 /// The helper, copied to its own tmpfs on the host.
@@ -113,19 +148,24 @@ chmod 700 "$T/drydock-helper" || fail "cannot make $T/drydock-helper executable"
 "#;
 
 impl Remote {
-    pub async fn install(session: &Session) -> Result<Remote> {
-        // The tmpfs script sets T (and m when it mounted one) and prints
-        // "mounted" and "dir T" for the parse.
-        let script = format!("{}{INSTALL_SCRIPT}", tmpfs_script("helper", "16m"));
-        let out = session.exec_input(&script, Some(BINARY)).await?;
+    /// Read what the installer printed (`text`: its part of stdout).
+    async fn from_install(
+        session: &Session,
+        out: &crate::ssh::Output,
+        text: &str,
+    ) -> Result<Remote> {
         if !out.success() {
             return Err(out.failure("starting drydock's helper", &session.host()));
         }
-        let text = out.stdout_str();
         let remote = Remote {
-            tmpfs: Tmpfs::parse(&text, session)?,
+            tmpfs: Tmpfs::parse(text, session)?,
             said_hello: Arc::default(),
         };
+        tracing::debug!(
+            "the helper is in {} on {}",
+            remote.tmpfs.dir,
+            session.host()
+        );
         if !text.contains(&format!("protocol {VERSION}")) {
             let _ = remote.remove(session).await;
             bail!(

@@ -420,7 +420,6 @@ fn start_writeback(image: &File, offset: u64, len: u64) {
 /// an fsync per 16 MiB segment would cost more than the hashing.
 const FLUSH_SEGMENTS: usize = 64;
 
-#[allow(clippy::too_many_lines)]
 pub async fn pull(
     session: &Session,
     facts: &Facts,
@@ -428,10 +427,61 @@ pub async fn pull(
     ui: &Ui,
 ) -> Result<PullReport> {
     device::require_root(facts, session)?;
-    let dev = device::inspect(session, facts, opts.device.as_deref()).await?;
+    let mode = helper::choose(opts.transfer, facts)?;
+    let (dev, remote) = match mode {
+        Mode::Helper => {
+            // The device's inspection and the helper's installation in one
+            // login shell on the host: each shell costs a round trip and
+            // the user's start-up files (0.15 s for root here).
+            let path = device::path_of(facts, opts.device.as_deref())?;
+            let script = device::inspect_script(&path);
+            let (text, remote) =
+                helper::install_after(session, opts.transfer, ui, Some(&script)).await?;
+            match device::parse_inspection(&text, path, facts, session) {
+                Ok(dev) => (dev, remote?),
+                Err(e) => {
+                    // The helper went up for nothing: take it down again.
+                    if let Ok(Some(r)) = remote
+                        && let Err(re) = r.remove(session).await
+                    {
+                        ui.say(format!("warning: {re:#}"));
+                    }
+                    return Err(e);
+                }
+            }
+        }
+        _ => (
+            device::inspect(session, facts, opts.device.as_deref()).await?,
+            None,
+        ),
+    };
+    let res = pull_with(session, facts, opts, ui, dev, remote.as_ref()).await;
+    // Nothing to do when the helper said Hello (it removed itself then);
+    // otherwise, whatever stopped the pull, its folder goes.
+    if let Some(r) = &remote
+        && let Err(e) = r.finish(session).await
+    {
+        ui.say(format!("warning: {e:#}"));
+    }
+    res
+}
+
+#[allow(clippy::too_many_lines)]
+async fn pull_with(
+    session: &Session,
+    facts: &Facts,
+    opts: &PullOptions,
+    ui: &Ui,
+    dev: Device,
+    remote: Option<&helper::Remote>,
+) -> Result<PullReport> {
     check_mounts(&dev, opts.live, session, ui)?;
     let mut hasher = String::new();
-    let mut mode = helper::choose(opts.transfer, facts)?;
+    let mode = if remote.is_some() {
+        Mode::Helper
+    } else {
+        Mode::Dd
+    };
     let image = &opts.output;
     let state_file = state_path(image);
     let manifest_file = Manifest::path_for(image);
@@ -528,7 +578,6 @@ pub async fn pull(
     let mut status = None;
     let mut interrupted = false;
     let mut helper_done = None;
-    let mut helper_remote: Option<helper::Remote> = None;
 
     if start_block < end_block {
         // 64 messages of at most 255 KiB: 16 MiB in flight at most.
@@ -548,13 +597,6 @@ pub async fn pull(
             pending: Vec::new(),
             end_block,
         };
-        let remote = match mode {
-            Mode::Helper => helper::install(session, opts.transfer, ui).await?,
-            _ => None,
-        };
-        if remote.is_none() {
-            mode = Mode::Dd;
-        }
         let (mut feed, command, input) = match remote {
             Some(remote) => {
                 hasher = "helper (SHA-256 and zstd on the host)".to_string();
@@ -562,7 +604,6 @@ pub async fn pull(
                 f.hello = remote.said_hello.clone();
                 helper_done = Some(f.done.clone());
                 let command = remote.command();
-                helper_remote = Some(remote);
                 (
                     Feed::Helper(Box::new(f), sink),
                     command,
@@ -657,11 +698,6 @@ pub async fn pull(
         let worker_result = worker
             .join()
             .map_err(|_| anyhow!("the image writer panicked"))?;
-        if let Some(r) = &helper_remote
-            && let Err(e) = r.finish(session).await
-        {
-            ui.say(format!("warning: {e:#}"));
-        }
         let kept = verified.load(Ordering::Relaxed) * BLOCK_SIZE;
         let kept = kept.min(dev.size);
         let resume_hint = format!(
@@ -724,7 +760,7 @@ pub async fn pull(
         digest: manifest.digest,
         hasher,
         transfer: mode,
-        helper_dir: helper_remote.map(|r| r.tmpfs.dir),
+        helper_dir: remote.map(|r| r.tmpfs.dir.clone()),
         helper_peak_rss_kib: helper_done
             .and_then(|d| *d.lock().expect("not poisoned"))
             .map(|d| d.peak_rss_kib),

@@ -69,6 +69,7 @@ impl Tmpfs {
             .run("removing drydock's tmpfs", &cmd)
             .await
             .with_context(|| format!("{} may be left on the host", self.dir))?;
+        tracing::debug!("removed {} on {}", self.dir, session.host());
         Ok(())
     }
 }
