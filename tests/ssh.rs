@@ -572,7 +572,7 @@ fn an_existing_image_is_not_overwritten() {
     let img = t.path().join("image");
     make_disk(&dev, 4 * MIB, &[(0, 100)], &[]);
     std::fs::write(&img, b"precious").unwrap();
-    let o = pull(&sshd, &dev, &img);
+    let o = pull_with(&sshd, &dev, &img, &["-v"]);
     assert_exit(&o, 3);
     assert_stderr(
         &o,
@@ -582,6 +582,9 @@ fn an_existing_image_is_not_overwritten() {
         ),
     );
     assert_eq!(std::fs::read(&img).unwrap(), b"precious");
+    // The helper was copied before the refusal (in the shell that looked
+    // at the device): it was waiting for its word and is removed.
+    assert_helper_removed(&sshd, &o);
 }
 
 #[test]
@@ -604,14 +607,20 @@ fn a_missing_device_is_refused() {
             sshd.host()
         ),
     );
-    let e = stderr(&o);
+    assert_helper_removed(&sshd, &o);
+}
+
+/// A pull run with -v that stopped before the helper ran: the folder it
+/// was copied to (named in the log) is gone, and its tmpfs unmounted.
+fn assert_helper_removed(sshd: &Sshd, o: &std::process::Output) {
+    let e = stderr(o);
     let dir = e
         .lines()
         .find_map(|l| l.split("the helper is in ").nth(1))
         .and_then(|l| l.split(' ').next())
         .unwrap_or_else(|| panic!("no helper folder named in:\n{e}"));
     assert!(dir.starts_with("/run/drydock-helper."), "{dir}");
-    assert_stderr(&o, format!("removed {dir} on {}", sshd.host()));
+    assert_stderr(o, format!("removed {dir} on {}", sshd.host()));
     assert!(!std::path::Path::new(dir).exists(), "{dir} is still there");
     assert!(
         !std::fs::read_to_string("/proc/self/mountinfo")

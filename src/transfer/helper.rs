@@ -16,8 +16,8 @@ use std::sync::{Arc, Mutex};
 
 use anyhow::{Context, Result, anyhow, bail};
 use drydock_helper::proto::{BLOCK, Decoder, Msg, PAGE, PAGE_HASH, VERSION, page_hashes, sha256};
-use russh::ChannelMsg;
 use russh::client;
+use russh::{Channel, ChannelMsg};
 use serde::Serialize;
 
 use crate::image::manifest::{BLOCK_SIZE, block_len};
@@ -79,56 +79,175 @@ pub fn choose(asked: Mode, facts: &Facts) -> Result<Mode> {
     }
 }
 
-/// Install the helper when it was chosen. If it cannot be started (a
-/// tmpfs that cannot be mounted and a noexec /run, say), `auto` falls back
-/// to dd mode with a warning; an explicit `--transfer helper` fails.
+/// Install the helper when it was chosen (a push; a pull uses [`stage`]).
+/// If it cannot be started (a tmpfs that cannot be mounted and a noexec
+/// /run, say), `auto` falls back to dd mode with a warning; an explicit
+/// `--transfer helper` fails.
 pub async fn install(session: &Session, asked: Mode, ui: &crate::ui::Ui) -> Result<Option<Remote>> {
-    install_after(session, asked, ui, None).await?.1
+    // The tmpfs script sets T (and m when it mounted one) and prints
+    // "mounted" and "dir T" for the parse.
+    let script = format!("{}{INSTALL_SCRIPT}", tmpfs_script("helper", "16m"));
+    let out = session.exec_input(&script, Some(BINARY)).await?;
+    match Remote::from_install(session, &out, &out.stdout_str()).await {
+        Ok(r) => Ok(Some(r)),
+        Err(e) => fall_back(session, asked, ui, e),
+    }
+}
+
+/// `auto`: dd mode, with a warning; `--transfer helper`: the error.
+fn fall_back<T>(
+    session: &Session,
+    asked: Mode,
+    ui: &crate::ui::Ui,
+    e: anyhow::Error,
+) -> Result<Option<T>> {
+    if asked == Mode::Auto {
+        ui.say(format!(
+            "warning: drydock's helper does not run on {} ({e:#}); using dd mode",
+            session.host()
+        ));
+        Ok(None)
+    } else {
+        Err(e.context("--transfer helper: the helper cannot run on this host"))
+    }
 }
 
 /// The line between a prelude's output and the installer's.
 const PRELUDE_END: &str = "@@ drydock-helper install";
 
-/// [`install`], after `prelude`: shell lines run first, in a subshell of
-/// the same login shell, that read nothing from stdin and exit 0. Their
-/// stdout is returned, with the installation's outcome. Each command on the host starts a login shell
-/// (with the user's shell start-up files), so one shell for both saves a
-/// round trip and that start-up.
-pub async fn install_after(
+/// The installer's last line before it waits for drydock's word.
+const READY: &str = "@@ drydock-helper ready";
+
+/// After the installer: wait on stdin for one line. `go` runs the helper
+/// in place of this shell, on the same channel; anything else, or the
+/// channel closing, removes it. `read` takes stdin a byte at a time, so
+/// the frames after `go` are left to the helper.
+const STAGE_TAIL: &str = r#"echo '@@ drydock-helper ready'
+read go || go=
+[ "$go" = go ] || { [ -n "$m" ] && umount "$T"; rm -rf "$T"; exit 0; }
+exec "$T/drydock-helper" --remove "$T" ${m:+--unmount}
+"#;
+
+/// A helper installed and waiting, in the login shell that installed it,
+/// for [`Staged::go`]. One login shell on the host for the prelude, the
+/// installation and the run: each costs a round trip and a run of the
+/// user's shell start-up files (0.15 s for root on the test machines).
+pub struct Staged {
+    pub remote: Remote,
+    pub channel: Channel<client::Msg>,
+    went: bool,
+}
+
+/// Run `prelude` (shell lines that read nothing from stdin and exit 0;
+/// their stdout is returned), then install the helper, in one login shell
+/// that stays open: the helper then runs in it, on [`Staged::go`]. The
+/// outcome's `Ok(None)`: `auto`, and the helper cannot run here (a warning
+/// was shown), so dd mode.
+pub async fn stage(
     session: &Session,
     asked: Mode,
     ui: &crate::ui::Ui,
-    prelude: Option<&str>,
-) -> Result<(String, Result<Option<Remote>>)> {
-    let mut script = match prelude {
-        Some(p) => format!("(\n{p}\n)\necho '{PRELUDE_END}'\n"),
-        None => String::new(),
+    prelude: &str,
+) -> Result<(String, Result<Option<Staged>>)> {
+    let script = format!(
+        "(\n{prelude}\n)\necho '{PRELUDE_END}'\n{}{}{STAGE_TAIL}",
+        tmpfs_script("helper", "16m"),
+        // Exactly the binary's bytes: nothing follows them on stdin until
+        // drydock has read READY, so even a buffered head cannot take more.
+        INSTALL_SCRIPT.replace("cat > ", &format!("head -c {} > ", BINARY.len()))
+    );
+    let mut channel = session.open_exec(&script).await?;
+    channel
+        .data(BINARY)
+        .await
+        .with_context(|| format!("the connection to {} broke", session.host()))?;
+    // Read until READY, or until the shell ends (the installer failed).
+    let mut out = crate::ssh::Output {
+        status: None,
+        signal: None,
+        stdout: Vec::new(),
+        stderr: Vec::new(),
     };
-    // The tmpfs script sets T (and m when it mounted one) and prints
-    // "mounted" and "dir T" for the parse.
-    script.push_str(&tmpfs_script("helper", "16m"));
-    script.push_str(INSTALL_SCRIPT);
-    let out = session.exec_input(&script, Some(BINARY)).await?;
-    let text = out.stdout_str();
-    let (before, after) = match prelude {
-        None => (String::new(), text.as_str()),
-        Some(_) => match text.split_once(&format!("{PRELUDE_END}\n")) {
-            Some((b, a)) => (b.to_string(), a),
-            None => return Err(out.failure("inspecting the host", &session.host())),
-        },
-    };
-    let remote = match Remote::from_install(session, &out, after).await {
-        Ok(r) => Ok(Some(r)),
-        Err(e) if asked == Mode::Auto => {
-            ui.say(format!(
-                "warning: drydock's helper does not run on {} ({e:#}); using dd mode",
-                session.host()
-            ));
-            Ok(None)
+    let ready = format!("{READY}\n");
+    let mut is_ready = false;
+    while let Some(msg) = channel.wait().await {
+        match msg {
+            ChannelMsg::Data { data } => {
+                out.stdout.extend_from_slice(&data);
+                if out.stdout.ends_with(ready.as_bytes()) {
+                    is_ready = true;
+                    break;
+                }
+            }
+            ChannelMsg::ExtendedData { data, ext: 1 } => out.stderr.extend_from_slice(&data),
+            ChannelMsg::ExitStatus { exit_status } => out.status = Some(exit_status),
+            ChannelMsg::ExitSignal { signal_name, .. } => {
+                out.signal = Some(format!("{signal_name:?}"));
+            }
+            ChannelMsg::Failure => bail!("{} refused to run the command", session.host()),
+            _ => {}
         }
-        Err(e) => Err(e.context("--transfer helper: the helper cannot run on this host")),
+    }
+    let text = out.stdout_str();
+    let Some((before, after)) = text.split_once(&format!("{PRELUDE_END}\n")) else {
+        return Err(out.failure("inspecting the host", &session.host()));
+    };
+    let before = before.to_string();
+    if is_ready {
+        // from_install wants the status of a finished installer.
+        out.status = Some(0);
+    }
+    let remote = match Remote::from_install(session, &out, after).await {
+        Ok(remote) => Ok(Some(Staged {
+            remote,
+            channel,
+            went: false,
+        })),
+        Err(e) => {
+            // A helper that answered with another protocol is removed by
+            // from_install; the shell waiting for its word goes with the
+            // channel.
+            drop(channel);
+            fall_back(session, asked, ui, e)
+        }
     };
     Ok((before, remote))
+}
+
+impl Staged {
+    /// Run the helper and send it `input` (its first frames), then EOF.
+    pub async fn go(&mut self, input: &[u8], host: &str) -> Result<()> {
+        self.went = true;
+        let mut data = b"go\n".to_vec();
+        data.extend_from_slice(input);
+        self.channel
+            .data(&data[..])
+            .await
+            .with_context(|| format!("the connection to {host} broke"))?;
+        self.channel.eof().await.ok();
+        Ok(())
+    }
+
+    /// After the session, or instead of it: a helper that never ran is
+    /// told to go away and its shell removes it (waited for); one that ran
+    /// and said Hello had removed itself; otherwise the folder is removed
+    /// from here.
+    pub async fn finish(mut self, session: &Session) -> Result<()> {
+        if !self.went {
+            if self.channel.data(&b"stop\n"[..]).await.is_ok() {
+                self.channel.eof().await.ok();
+                if let Ok(out) = crate::ssh::collect(&mut self.channel).await
+                    && out.success()
+                {
+                    tracing::debug!("removed {} on {}", self.remote.tmpfs.dir, session.host());
+                    return Ok(());
+                }
+            }
+            return self.remote.remove(session).await;
+        }
+        drop(self.channel);
+        self.remote.finish(session).await
+    }
 }
 
 /// The helper, copied to its own tmpfs on the host.

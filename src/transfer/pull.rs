@@ -428,21 +428,19 @@ pub async fn pull(
 ) -> Result<PullReport> {
     device::require_root(facts, session)?;
     let mode = helper::choose(opts.transfer, facts)?;
-    let (dev, remote) = match mode {
+    let (dev, mut staged) = match mode {
         Mode::Helper => {
-            // The device's inspection and the helper's installation in one
-            // login shell on the host: each shell costs a round trip and
-            // the user's start-up files (0.15 s for root here).
+            // The device's inspection, the helper's installation and its
+            // run in one login shell on the host (see helper::Staged).
             let path = device::path_of(facts, opts.device.as_deref())?;
             let script = device::inspect_script(&path);
-            let (text, remote) =
-                helper::install_after(session, opts.transfer, ui, Some(&script)).await?;
+            let (text, staged) = helper::stage(session, opts.transfer, ui, &script).await?;
             match device::parse_inspection(&text, path, facts, session) {
-                Ok(dev) => (dev, remote?),
+                Ok(dev) => (dev, staged?),
                 Err(e) => {
                     // The helper went up for nothing: take it down again.
-                    if let Ok(Some(r)) = remote
-                        && let Err(re) = r.remove(session).await
+                    if let Ok(Some(s)) = staged
+                        && let Err(re) = s.finish(session).await
                     {
                         ui.say(format!("warning: {re:#}"));
                     }
@@ -455,11 +453,10 @@ pub async fn pull(
             None,
         ),
     };
-    let res = pull_with(session, facts, opts, ui, dev, remote.as_ref()).await;
-    // Nothing to do when the helper said Hello (it removed itself then);
-    // otherwise, whatever stopped the pull, its folder goes.
-    if let Some(r) = &remote
-        && let Err(e) = r.finish(session).await
+    let res = pull_with(session, facts, opts, ui, dev, staged.as_mut()).await;
+    // Whatever stopped the pull, the helper does not stay on the host.
+    if let Some(s) = staged
+        && let Err(e) = s.finish(session).await
     {
         ui.say(format!("warning: {e:#}"));
     }
@@ -473,11 +470,12 @@ async fn pull_with(
     opts: &PullOptions,
     ui: &Ui,
     dev: Device,
-    remote: Option<&helper::Remote>,
+    staged: Option<&mut helper::Staged>,
 ) -> Result<PullReport> {
     check_mounts(&dev, opts.live, session, ui)?;
     let mut hasher = String::new();
-    let mode = if remote.is_some() {
+    let helper_dir = staged.as_ref().map(|s| s.remote.tmpfs.dir.clone());
+    let mode = if staged.is_some() {
         Mode::Helper
     } else {
         Mode::Dd
@@ -597,16 +595,15 @@ async fn pull_with(
             pending: Vec::new(),
             end_block,
         };
-        let (mut feed, command, input) = match remote {
-            Some(remote) => {
+        let (mut feed, command, input) = match &staged {
+            Some(staged) => {
                 hasher = "helper (SHA-256 and zstd on the host)".to_string();
                 let mut f = helper::PullFeed::new(dev.size)?;
-                f.hello = remote.said_hello.clone();
+                f.hello = staged.remote.said_hello.clone();
                 helper_done = Some(f.done.clone());
-                let command = remote.command();
                 (
                     Feed::Helper(Box::new(f), sink),
-                    command,
+                    String::new(),
                     Some(helper::pull_request(&dev.path, start_block, end_block)),
                 )
             }
@@ -643,14 +640,17 @@ async fn pull_with(
 
         let bar = ui.bytes_bar(dev.size, "pull");
         bar.set_position(resumed_at);
-        let mut channel = session.open_exec(&command).await?;
-        if let Some(input) = input {
-            channel
-                .data(&input[..])
-                .await
-                .with_context(|| format!("the connection to {} broke", session.host()))?;
-            channel.eof().await.ok();
-        }
+        let mut own;
+        let channel = match staged {
+            Some(s) => {
+                s.go(&input.unwrap_or_default(), &session.host()).await?;
+                &mut s.channel
+            }
+            None => {
+                own = session.open_exec(&command).await?;
+                &mut own
+            }
+        };
         let mut partial_line = String::new();
         let ctrl_c = tokio::signal::ctrl_c();
         tokio::pin!(ctrl_c);
@@ -694,7 +694,6 @@ async fn pull_with(
         }
         bar.finish_and_clear();
         drop(tx);
-        drop(channel);
         let worker_result = worker
             .join()
             .map_err(|_| anyhow!("the image writer panicked"))?;
@@ -760,7 +759,7 @@ async fn pull_with(
         digest: manifest.digest,
         hasher,
         transfer: mode,
-        helper_dir: remote.map(|r| r.tmpfs.dir.clone()),
+        helper_dir,
         helper_peak_rss_kib: helper_done
             .and_then(|d| *d.lock().expect("not poisoned"))
             .map(|d| d.peak_rss_kib),
