@@ -415,15 +415,31 @@ pub async fn connect_to(
 
 /// Read a channel to its end: stdout, stderr, exit status or signal.
 pub async fn collect(channel: &mut Channel<client::Msg>) -> Result<Output> {
+    Ok(collect_until(channel, "").await?.0)
+}
+
+/// Collect until stdout ends with the line `line` (true: the command is
+/// still running, its channel open) or until the channel closes (false).
+/// An empty `line` waits for the close.
+pub async fn collect_until(
+    channel: &mut Channel<client::Msg>,
+    line: &str,
+) -> Result<(Output, bool)> {
     let mut out = Output {
         status: None,
         signal: None,
         stdout: Vec::new(),
         stderr: Vec::new(),
     };
+    let end = format!("{line}\n");
     while let Some(msg) = channel.wait().await {
         match msg {
-            ChannelMsg::Data { data } => out.stdout.extend_from_slice(&data),
+            ChannelMsg::Data { data } => {
+                out.stdout.extend_from_slice(&data);
+                if !line.is_empty() && out.stdout.ends_with(end.as_bytes()) {
+                    return Ok((out, true));
+                }
+            }
             ChannelMsg::ExtendedData { data, ext: 1 } => out.stderr.extend_from_slice(&data),
             ChannelMsg::ExitStatus { exit_status } => out.status = Some(exit_status),
             ChannelMsg::ExitSignal { signal_name, .. } => {
@@ -433,7 +449,7 @@ pub async fn collect(channel: &mut Channel<client::Msg>) -> Result<Output> {
             _ => {}
         }
     }
-    Ok(out)
+    Ok((out, false))
 }
 
 fn is_rsa(key: &PublicKey) -> bool {

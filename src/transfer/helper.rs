@@ -161,33 +161,8 @@ pub async fn stage(
         .data(BINARY)
         .await
         .with_context(|| format!("the connection to {} broke", session.host()))?;
-    // Read until READY, or until the shell ends (the installer failed).
-    let mut out = crate::ssh::Output {
-        status: None,
-        signal: None,
-        stdout: Vec::new(),
-        stderr: Vec::new(),
-    };
-    let ready = format!("{READY}\n");
-    let mut is_ready = false;
-    while let Some(msg) = channel.wait().await {
-        match msg {
-            ChannelMsg::Data { data } => {
-                out.stdout.extend_from_slice(&data);
-                if out.stdout.ends_with(ready.as_bytes()) {
-                    is_ready = true;
-                    break;
-                }
-            }
-            ChannelMsg::ExtendedData { data, ext: 1 } => out.stderr.extend_from_slice(&data),
-            ChannelMsg::ExitStatus { exit_status } => out.status = Some(exit_status),
-            ChannelMsg::ExitSignal { signal_name, .. } => {
-                out.signal = Some(format!("{signal_name:?}"));
-            }
-            ChannelMsg::Failure => bail!("{} refused to run the command", session.host()),
-            _ => {}
-        }
-    }
+    // Until READY, or until the shell ends (the installer failed).
+    let (mut out, is_ready) = crate::ssh::collect_until(&mut channel, READY).await?;
     let text = out.stdout_str();
     let Some((before, after)) = text.split_once(&format!("{PRELUDE_END}\n")) else {
         return Err(out.failure("inspecting the host", &session.host()));
