@@ -84,14 +84,19 @@ pub fn choose(asked: Mode, facts: &Facts) -> Result<Mode> {
 /// /run, say), `auto` falls back to dd mode with a warning; an explicit
 /// `--transfer helper` fails.
 pub async fn install(session: &Session, asked: Mode, ui: &crate::ui::Ui) -> Result<Option<Remote>> {
-    // The tmpfs script sets T (and m when it mounted one) and prints
-    // "mounted" and "dir T" for the parse.
-    let script = format!("{}{INSTALL_SCRIPT}", tmpfs_script("helper", "16m"));
-    let out = session.exec_input(&script, Some(BINARY)).await?;
-    match Remote::from_install(session, &out, &out.stdout_str()).await {
-        Ok(r) => Ok(Some(r)),
-        Err(e) => fall_back(session, asked, ui, e),
+    let out = session.exec_input(&install_script(), Some(BINARY)).await?;
+    let text = out.stdout_str();
+    let remote = match Remote::from_install(session, &out, out.success(), &text) {
+        Ok(r) => r,
+        Err(e) => return fall_back(session, asked, ui, e),
+    };
+    if let Err(e) = check_version(session, &text) {
+        if let Err(re) = remote.remove(session).await {
+            ui.say(format!("warning: {re:#}"));
+        }
+        return fall_back(session, asked, ui, e);
     }
+    Ok(Some(remote))
 }
 
 /// `auto`: dd mode, with a warning; `--transfer helper`: the error.
@@ -120,13 +125,18 @@ const READY: &str = "@@ drydock-helper ready";
 
 /// After the installer: wait on stdin for one line. `go` runs the helper
 /// in place of this shell, on the same channel; anything else, or the
-/// channel closing, removes it. `read` takes stdin a byte at a time, so
-/// the frames after `go` are left to the helper.
-const STAGE_TAIL: &str = r#"echo '@@ drydock-helper ready'
+/// channel closing, removes it, and the shell's status says whether that
+/// worked. `read` takes stdin a byte at a time, so the frames after `go`
+/// are left to the helper.
+fn stage_tail() -> String {
+    format!(
+        r#"echo '{READY}'
 read go || go=
-[ "$go" = go ] || { [ -n "$m" ] && umount "$T"; rm -rf "$T"; exit 0; }
-exec "$T/drydock-helper" --remove "$T" ${m:+--unmount}
-"#;
+[ "$go" = go ] && exec "$T/drydock-helper" --remove "$T" ${{m:+--unmount}}
+if [ -n "$m" ]; then umount "$T" && rmdir "$T"; else rm -rf "$T"; fi
+"#
+    )
+}
 
 /// A helper installed and waiting, in the login shell that installed it,
 /// for [`Staged::go`]. One login shell on the host for the prelude, the
@@ -150,11 +160,9 @@ pub async fn stage(
     prelude: &str,
 ) -> Result<(String, Result<Option<Staged>>)> {
     let script = format!(
-        "(\n{prelude}\n)\necho '{PRELUDE_END}'\n{}{}{STAGE_TAIL}",
-        tmpfs_script("helper", "16m"),
-        // Exactly the binary's bytes: nothing follows them on stdin until
-        // drydock has read READY, so even a buffered head cannot take more.
-        INSTALL_SCRIPT.replace("cat > ", &format!("head -c {} > ", BINARY.len()))
+        "(\n{prelude}\n)\necho '{PRELUDE_END}'\n{}{}",
+        install_script(),
+        stage_tail()
     );
     let mut channel = session.open_exec(&script).await?;
     channel
@@ -162,31 +170,30 @@ pub async fn stage(
         .await
         .with_context(|| format!("the connection to {} broke", session.host()))?;
     // Until READY, or until the shell ends (the installer failed).
-    let (mut out, is_ready) = crate::ssh::collect_until(&mut channel, READY).await?;
+    let (out, is_ready) = crate::ssh::collect_until(&mut channel, READY).await?;
     let text = out.stdout_str();
     let Some((before, after)) = text.split_once(&format!("{PRELUDE_END}\n")) else {
         return Err(out.failure("inspecting the host", &session.host()));
     };
     let before = before.to_string();
-    if is_ready {
-        // from_install wants the status of a finished installer.
-        out.status = Some(0);
-    }
-    let remote = match Remote::from_install(session, &out, after).await {
-        Ok(remote) => Ok(Some(Staged {
-            remote,
-            channel,
-            went: false,
-        })),
-        Err(e) => {
-            // A helper that answered with another protocol is removed by
-            // from_install; the shell waiting for its word goes with the
-            // channel.
-            drop(channel);
-            fall_back(session, asked, ui, e)
-        }
+    let remote = match Remote::from_install(session, &out, is_ready, after) {
+        Ok(r) => r,
+        // The installer failed and removed what it made.
+        Err(e) => return Ok((before, fall_back(session, asked, ui, e))),
     };
-    Ok((before, remote))
+    let staged = Staged {
+        remote,
+        channel,
+        went: false,
+    };
+    if let Err(e) = check_version(session, after) {
+        // Told to stop, the waiting shell removes it.
+        if let Err(re) = staged.finish(session).await {
+            ui.say(format!("warning: {re:#}"));
+        }
+        return Ok((before, fall_back(session, asked, ui, e)));
+    }
+    Ok((before, Ok(Some(staged))))
 }
 
 impl Staged {
@@ -232,23 +239,46 @@ pub struct Remote {
     pub said_hello: Arc<AtomicBool>,
 }
 
-/// Copy, check and start in one round trip: the tmpfs, the binary from
-/// stdin, its `--version`; on any failure the script removes what it made.
-const INSTALL_SCRIPT: &str = r#"fail() { echo "$1" >&2; [ -n "$m" ] && umount "$T"; rm -rf "$T"; exit 1; }
+/// Copy and check in one round trip: a tmpfs (the tmpfs script sets T,
+/// and m when it mounted one, and prints "mounted" and "dir T"), exactly
+/// the binary's bytes from stdin (`head -c`: a staged install keeps stdin
+/// open and sends more after them), its `--version`. On any failure the
+/// script removes what it made.
+fn install_script() -> String {
+    format!(
+        r#"{}fail() {{ echo "$1" >&2; [ -n "$m" ] && umount "$T"; rm -rf "$T"; exit 1; }}
 umask 077
-cat > "$T/drydock-helper" || fail "cannot write the helper to $T"
+head -c {} > "$T/drydock-helper" || fail "cannot write the helper to $T"
 chmod 700 "$T/drydock-helper" || fail "cannot make $T/drydock-helper executable"
 "$T/drydock-helper" --version || fail "the helper copied to $T does not start (is the folder mounted noexec?)"
-"#;
+"#,
+        tmpfs_script("helper", "16m"),
+        BINARY.len()
+    )
+}
+
+/// The copy answered `--version` with this drydock's protocol.
+fn check_version(session: &Session, text: &str) -> Result<()> {
+    if text.contains(&format!("protocol {VERSION}")) {
+        return Ok(());
+    }
+    bail!(
+        "the helper copied to {} says '{}'",
+        session.host(),
+        text.lines().last().unwrap_or("").trim()
+    )
+}
 
 impl Remote {
-    /// Read what the installer printed (`text`: its part of stdout).
-    async fn from_install(
+    /// What the installer made, from its part of stdout (`text`);
+    /// `installed`: it got to its end.
+    fn from_install(
         session: &Session,
         out: &crate::ssh::Output,
+        installed: bool,
         text: &str,
     ) -> Result<Remote> {
-        if !out.success() {
+        if !installed {
             return Err(out.failure("starting drydock's helper", &session.host()));
         }
         let remote = Remote {
@@ -260,14 +290,6 @@ impl Remote {
             remote.tmpfs.dir,
             session.host()
         );
-        if !text.contains(&format!("protocol {VERSION}")) {
-            let _ = remote.remove(session).await;
-            bail!(
-                "the helper copied to {} says '{}'",
-                session.host(),
-                text.lines().last().unwrap_or("").trim()
-            );
-        }
         Ok(remote)
     }
 
