@@ -113,7 +113,10 @@ fn fall_back<T>(
         ));
         Ok(None)
     } else {
-        Err(e.context("--transfer helper: the helper cannot run on this host"))
+        Err(e.context(
+            "--transfer helper: the helper cannot run on this host; --transfer dd moves the disk \
+             with the host's own tools",
+        ))
     }
 }
 
