@@ -27,6 +27,15 @@ pub struct Cli {
     pub verbose: u8,
 }
 
+/// The worker VM's network.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Network {
+    /// Only the package sources, through drydock's proxy; everything else refused and logged.
+    Sealed,
+    /// The internet, as the VPS itself reaches it (a live copy can then talk to the world).
+    Open,
+}
+
 #[derive(Debug, Args, Clone)]
 pub struct Conn {
     /// [user@]host[:port], or an alias from ~/.ssh/config.
@@ -126,6 +135,14 @@ pub enum Command {
         /// HOST --json` output (firmware, disk bus, MAC, network).
         #[arg(long, value_name = "FILE")]
         like: Option<PathBuf>,
+        /// Start the image's own services (its apps, timers, cron): by
+        /// default they are held back, as in the worker VM.
+        #[arg(long)]
+        services: bool,
+        /// The VM's network: sealed (only the image's package sources) or
+        /// open (the internet).
+        #[arg(long, value_enum, default_value = "sealed")]
+        network: Network,
     },
     /// The whole pipeline: freeze, pull, upgrade in a local VM, verify, push, reboot.
     Upgrade {
@@ -161,6 +178,13 @@ pub enum Command {
         /// delete the old generations (and their boot entries) before the push.
         #[arg(long, requires = "to")]
         gc: bool,
+        /// The worker VM's network: sealed (only the VPS's package sources,
+        /// through drydock's proxy) or open (the internet).
+        #[arg(long, value_enum, default_value = "sealed")]
+        network: Network,
+        /// One more host the sealed worker VM may reach (repeatable).
+        #[arg(long = "allow-host", value_name = "HOST")]
+        allow_host: Vec<String>,
     },
     /// Continue an interrupted run (a run folder, or its name from `drydock runs`).
     Resume {
@@ -176,4 +200,8 @@ pub enum Command {
     },
     /// List runs and where each stands.
     Runs,
+    /// Internal: what QEMU spawns for each connection of a sealed guest to
+    /// drydock's proxy.
+    #[command(name = "__relay", hide = true)]
+    Relay { socket: PathBuf },
 }

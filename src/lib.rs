@@ -96,6 +96,9 @@ pub async fn run(cli: Cli) -> Result<()> {
                 transfer,
             };
             let r = transfer::pull::pull(&s, &facts, &opts, &ui).await?;
+            if r.device.starts_with("/dev/") {
+                record_boot(&s, &facts, &opts.output, &ui).await;
+            }
             if json {
                 print_json(&r)?;
             } else {
@@ -171,6 +174,8 @@ pub async fn run(cli: Cli) -> Result<()> {
             dir,
             wait,
             like,
+            services,
+            network,
         } => {
             let ui = Ui { json, yes: false };
             let dir = match dir {
@@ -184,6 +189,8 @@ pub async fn run(cli: Cli) -> Result<()> {
                 dir,
                 ready_within: std::time::Duration::from_secs(wait),
                 like,
+                services,
+                network_open: network == cli::Network::Open,
             };
             vm::boot::boot(&opts, &ui).await?;
         }
@@ -198,6 +205,8 @@ pub async fn run(cli: Cli) -> Result<()> {
             transfer,
             dry_run,
             gc,
+            network,
+            allow_host,
         } => {
             let ui = Ui { json, yes };
             let memory_mib = vm::cmdline::parse_memory(&memory).with_context(|| {
@@ -214,6 +223,8 @@ pub async fn run(cli: Cli) -> Result<()> {
                 cpus: cpus.unwrap_or_else(default_cpus),
                 transfer,
                 gc,
+                network_open: network == cli::Network::Open,
+                allow_hosts: allow_host,
             };
             if dry_run {
                 let d = pipeline::dry_run(&req).await?;
@@ -241,6 +252,7 @@ pub async fn run(cli: Cli) -> Result<()> {
                 println!("run {} aborted", dir.display());
             }
         }
+        Command::Relay { socket } => vm::proxy::relay(&socket)?,
         Command::Runs => {
             let runs = pipeline::list()?;
             if json {
@@ -259,6 +271,38 @@ pub async fn run(cli: Cli) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// Beside a pulled image, IMAGE.boot/: the kernel, initrd and command line
+/// the VPS runs and its seal, so `drydock boot IMAGE` can hold its services
+/// back. Best effort: the image itself is complete without it.
+async fn record_boot(s: &Session, facts: &remote::Facts, image: &std::path::Path, ui: &Ui) {
+    let dir = vm::boot::boot_dir(image);
+    let res = async {
+        let seal = vm::seal::Seal::from_facts(facts, &s.host())?;
+        let allowed = vm::proxy::allow_list(
+            &facts.sources,
+            facts.os.get("ID").map(String::as_str).unwrap_or(""),
+            &[],
+        );
+        remote::bootfiles::fetch(s, &facts.cmdline, &dir).await?;
+        let rec = vm::boot::Recorded {
+            seal,
+            allowed_hosts: allowed,
+        };
+        std::fs::write(dir.join("seal.json"), serde_json::to_string_pretty(&rec)?)?;
+        anyhow::Ok(())
+    }
+    .await;
+    match res {
+        Ok(()) => ui.say(format!(
+            "recorded the kernel it runs in {}: `drydock boot` holds its services back",
+            dir.display()
+        )),
+        Err(e) => ui.say(format!(
+            "note: no kernel recorded for `drydock boot` ({e:#}); boot the image with --services"
+        )),
+    }
 }
 
 fn default_cpus() -> u32 {

@@ -73,6 +73,9 @@ fn boot_json(
             "--cpus",
             "2",
             "--json",
+            // The fixture is the VPS: its own services run; its network
+            // stays sealed (it only answers on its SSH forward).
+            "--services",
             "--dir",
         ])
         .arg(dir)
@@ -183,6 +186,7 @@ fn a_guest_that_never_answers_is_reported_with_its_serial_console() {
             "1",
             "--wait",
             "20",
+            "--services",
             "--dir",
             dir.to_str().unwrap(),
         ])
@@ -252,26 +256,36 @@ impl Vps {
 
     /// `drydock upgrade VPS --run CMD --yes --json` to the end (2 GB, 2 CPUs).
     fn upgrade_run(&self, home: &std::path::Path, cmd: &str) -> std::process::Output {
-        self.drydock(
-            home,
-            &[
-                "upgrade",
-                &self.host(),
-                "-i",
-                self.key.to_str().unwrap(),
-                "--accept-new-host-key",
-                "--run",
-                cmd,
-                "--yes",
-                "--json",
-                "--memory",
-                "2G",
-                "--cpus",
-                "2",
-            ],
-        )
-        .output()
-        .unwrap()
+        self.upgrade_run_with(home, cmd, &[])
+    }
+
+    fn upgrade_run_with(
+        &self,
+        home: &std::path::Path,
+        cmd: &str,
+        extra: &[&str],
+    ) -> std::process::Output {
+        let mut args = vec![
+            "upgrade",
+            &self.host(),
+            "-i",
+            self.key.to_str().unwrap(),
+            "--accept-new-host-key",
+            "--run",
+            cmd,
+            "--yes",
+            "--json",
+            "--memory",
+            "2G",
+            "--cpus",
+            "2",
+        ]
+        .into_iter()
+        .map(String::from)
+        .collect::<Vec<_>>();
+        args.extend(extra.iter().map(|s| s.to_string()));
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        self.drydock(home, &args).output().unwrap()
     }
 
     /// drydock as a user of this VPS: its own HOME and state folder.
@@ -561,7 +575,8 @@ fn a_static_network_vps_is_upgraded_in_a_worker_vm_shaped_like_it() {
                  exec 3<>/dev/tcp/deb.debian.org/80; \
                  printf 'HEAD /debian/ HTTP/1.1\\r\\nHost: deb.debian.org\\r\\nConnection: close\\r\\n\\r\\n' >&3; \
                  head -1 <&3 | cut -d' ' -f2 >> /etc/drydock-net-check";
-    let o = vps.upgrade_run(home.path(), check);
+    // Boot parity of the network: the open network, as the VPS has it.
+    let o = vps.upgrade_run_with(home.path(), check, &["--network", "open"]);
     eprintln!("{}", stderr(&o));
     assert_exit(&o, 0);
     assert_stderr(
@@ -615,4 +630,271 @@ fn a_uefi_vps_is_upgraded_in_a_worker_vm_booted_with_uefi() {
         "uefi"
     );
     assert_eq!(json(&o)["os_after"], "Debian GNU/Linux 12 (bookworm)");
+}
+
+/// What a user compares on the VPS before and after a run: the enabled
+/// units, and every file and symlink under /etc with its checksum.
+const ETC_STATE: &str = "systemctl list-unit-files --no-legend --no-pager --state=enabled | sort; \
+     find /etc -xdev \\( -type f -o -type l \\) ! -name drydock-was-here -printf '%p %l\\n' | sort; \
+     find /etc -xdev -type f ! -name drydock-was-here -print0 | sort -z | xargs -0 sha256sum";
+
+/// The sealed worker VM (issue 11): the VPS runs an app that logs its boot
+/// id every second, a timer and a cron entry that log theirs, and a service
+/// that keeps trying to reach a listener on the workstation and to resolve
+/// a name. After `upgrade --run`, whose command itself tries the same and
+/// then updates apt's lists through the proxy: no line on the VPS comes
+/// from a worker boot, the listener saw nothing, the refusals are named in
+/// the run log and the report, and the enabled units and /etc are as they
+/// were, apart from the --run change.
+#[test]
+fn the_worker_vm_is_sealed_no_copy_of_the_vps_runs_or_reaches_out() {
+    let vps = Vps::start(12);
+    let home = tempdir();
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    listener.set_nonblocking(true).unwrap();
+    let setup = format!(
+        r#"set -e
+cat > /etc/systemd/system/drydock-app.service <<'U'
+[Unit]
+Description=an app that logs its boot id every second
+[Service]
+ExecStart=/bin/sh -c 'while :; do echo "$(cat /proc/sys/kernel/random/boot_id) app" >> /var/lib/drydock-app.log; sleep 1; done'
+[Install]
+WantedBy=multi-user.target
+U
+cat > /etc/systemd/system/drydock-marker.service <<'U'
+[Service]
+Type=oneshot
+ExecStart=/bin/sh -c 'echo "$(cat /proc/sys/kernel/random/boot_id) timer" >> /var/lib/drydock-timer.log'
+U
+cat > /etc/systemd/system/drydock-marker.timer <<'U'
+[Timer]
+OnBootSec=5
+OnUnitActiveSec=10
+[Install]
+WantedBy=timers.target
+U
+cat > /etc/systemd/system/drydock-phone.service <<'U'
+[Service]
+ExecStart=/bin/sh -c 'while :; do (exec 3<>/dev/tcp/10.0.2.2/{port}) 2>/dev/null && echo "$(cat /proc/sys/kernel/random/boot_id) reached" >> /var/lib/drydock-phone.log; getent hosts phone-home.example >/dev/null && echo "$(cat /proc/sys/kernel/random/boot_id) resolved" >> /var/lib/drydock-phone.log; sleep 2; done'
+[Install]
+WantedBy=multi-user.target
+U
+echo '* * * * * root echo "$(cat /proc/sys/kernel/random/boot_id) cron" >> /var/lib/drydock-cron.log' > /etc/cron.d/drydock-test
+systemctl daemon-reload
+systemctl enable --now drydock-app.service drydock-marker.timer drydock-phone.service >/dev/null 2>&1
+sleep 3; grep -c app /var/lib/drydock-app.log"#
+    );
+    assert!(vps.ssh(&setup).trim().parse::<u32>().unwrap() > 0);
+    let boot_before = vps
+        .ssh("cat /proc/sys/kernel/random/boot_id")
+        .trim()
+        .to_string();
+    let etc_before = vps.ssh(ETC_STATE);
+
+    let cmd = format!(
+        "{CHANGE}; (exec 3<>/dev/tcp/10.0.2.2/{port}) 2>/dev/null && echo reached > /etc/drydock-reached; \
+         getent hosts phone-home.example && echo resolved > /etc/drydock-resolved; \
+         apt-get -q update"
+    );
+    let o = vps.upgrade_run(home.path(), &cmd);
+    eprintln!("{}", stderr(&o));
+    assert_exit(&o, 0);
+    let r = json(&o);
+    eprintln!("{}", serde_json::to_string_pretty(&r).unwrap());
+    let list = |k: &str| -> Vec<String> {
+        r[k].as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v.as_str().unwrap().to_string())
+            .collect()
+    };
+    let held = list("held_back");
+    for u in [
+        "drydock-app.service",
+        "drydock-marker.timer",
+        "drydock-phone.service",
+        "cron.service",
+    ] {
+        assert!(held.contains(&u.to_string()), "{u} not held back: {held:?}");
+    }
+    assert_eq!(r["network"], "sealed");
+    assert!(
+        list("allowed_hosts").contains(&"deb.debian.org".to_string()),
+        "{r}"
+    );
+    let refused = list("refused_connections");
+    assert!(
+        refused.contains(&format!("tcp 10.0.2.2:{port}")),
+        "{refused:?}"
+    );
+    assert!(
+        refused
+            .iter()
+            .any(|x| x.starts_with("DNS query for phone-home.example")),
+        "{refused:?}"
+    );
+    let run = r["run"].as_str().unwrap();
+    let log = std::fs::read_to_string(std::path::Path::new(run).join("run.log")).unwrap();
+    assert!(
+        log.contains(&format!("network: refused tcp 10.0.2.2:{port}")),
+        "{log}"
+    );
+    assert!(
+        log.contains("network: refused DNS query for phone-home.example"),
+        "{log}"
+    );
+    assert!(
+        log.contains("network: allowed http://deb.debian.org"),
+        "{log}"
+    );
+
+    // On the VPS afterwards.
+    assert!(
+        listener.accept().is_err(),
+        "the workstation's listener saw a connection"
+    );
+    assert_eq!(
+        vps.ssh("cat /etc/drydock-was-here").trim(),
+        "upgraded offline by drydock"
+    );
+    assert_eq!(
+        vps.ssh("ls /etc/drydock-reached /etc/drydock-resolved /usr/sbin/policy-rc.d /etc/systemd/system.control 2>/dev/null | wc -l").trim(),
+        "0"
+    );
+    let boot_after = vps
+        .ssh("cat /proc/sys/kernel/random/boot_id")
+        .trim()
+        .to_string();
+    assert_ne!(boot_after, boot_before);
+    let ids = vps.ssh("cat /var/lib/drydock-app.log /var/lib/drydock-timer.log /var/lib/drydock-cron.log /var/lib/drydock-phone.log 2>/dev/null | cut -d' ' -f1 | sort -u");
+    for id in ids.lines() {
+        assert!(
+            id == boot_before || id == boot_after,
+            "a line on the VPS from a boot that is not the VPS's own ({id}): {ids}"
+        );
+    }
+    assert!(
+        !vps.ssh("cat /var/lib/drydock-phone.log 2>/dev/null; true")
+            .contains("reached"),
+        "the phone service reached the workstation"
+    );
+    // Enabled units and /etc as before (the --run change is excluded).
+    let etc_after = vps.ssh(ETC_STATE);
+    if etc_after != etc_before {
+        let a: Vec<&str> = etc_before.lines().collect();
+        let b: Vec<&str> = etc_after.lines().collect();
+        let gone: Vec<&&str> = a.iter().filter(|l| !b.contains(l)).collect();
+        let new: Vec<&&str> = b.iter().filter(|l| !a.contains(l)).collect();
+        panic!("/etc or the enabled units changed: before only {gone:?}, after only {new:?}");
+    }
+}
+
+/// `drydock boot` of a pulled image holds its services back by default
+/// (the app that runs on the VPS does not run in the VM), and says so;
+/// `--services` lets them run; an image with no recorded kernel is refused
+/// with what to do.
+#[test]
+fn boot_of_a_pulled_image_holds_its_services_back_unless_asked() {
+    let vps = Vps::start(12);
+    let home = tempdir();
+    vps.ssh(
+        "printf '[Service]\\nExecStart=/bin/sleep infinity\\n[Install]\\nWantedBy=multi-user.target\\n' > /etc/systemd/system/drydock-app.service; \
+         systemctl daemon-reload; systemctl enable --now drydock-app.service 2>/dev/null; sync",
+    );
+    let img = home.path().join("vps.img");
+    let o = vps
+        .drydock(
+            home.path(),
+            &[
+                "pull",
+                &vps.host(),
+                "-i",
+                vps.key.to_str().unwrap(),
+                "--accept-new-host-key",
+                "-o",
+                img.to_str().unwrap(),
+                "--live",
+            ],
+        )
+        .output()
+        .unwrap();
+    assert_exit(&o, 0);
+    assert_stderr(&o, "`drydock boot` holds its services back");
+    for (services, want) in [(false, "inactive"), (true, "active")] {
+        let dir = home.path().join(format!("boot-{services}"));
+        let mut c = vps.drydock(
+            home.path(),
+            &[
+                "boot",
+                img.to_str().unwrap(),
+                "--memory",
+                "1G",
+                "--cpus",
+                "2",
+                "--json",
+                "--dir",
+                dir.to_str().unwrap(),
+            ],
+        );
+        if services {
+            c.arg("--services");
+        }
+        let err = home.path().join(format!("boot-{services}.err"));
+        let mut child = c
+            .stdout(Stdio::piped())
+            .stderr(std::fs::File::create(&err).unwrap())
+            .spawn()
+            .unwrap();
+        let mut line = String::new();
+        BufReader::new(child.stdout.take().unwrap())
+            .read_line(&mut line)
+            .unwrap();
+        let said = std::fs::read_to_string(&err).unwrap();
+        assert!(!line.is_empty(), "drydock boot said nothing: {said}");
+        let info: serde_json::Value = serde_json::from_str(&line).unwrap();
+        let port = info["ssh_port"].as_u64().unwrap() as u16;
+        let o = ssh_guest(
+            port,
+            &vps.key,
+            "systemctl is-active drydock-app.service; true",
+        );
+        let _ = Command::new("kill")
+            .args(["-INT", &child.id().to_string()])
+            .status();
+        let _ = child.wait();
+        assert_eq!(stdout(&o).trim(), want, "services={services}: {said}");
+        if services {
+            assert!(
+                said.contains("services: the image's own services run (--services)"),
+                "{said}"
+            );
+        } else {
+            assert!(said.contains("services: held back;"), "{said}");
+            assert!(said.contains("drydock-app.service"), "{said}");
+        }
+        assert!(
+            said.contains("network: sealed; allowed: deb.debian.org"),
+            "{said}"
+        );
+    }
+    // An image drydock did not pull: refused, with the way on.
+    let bare = home.path().join("bare.img");
+    std::fs::hard_link(&img, &bare).unwrap();
+    let o = vps
+        .drydock(
+            home.path(),
+            &[
+                "boot",
+                bare.to_str().unwrap(),
+                "--dir",
+                home.path().join("b").to_str().unwrap(),
+            ],
+        )
+        .output()
+        .unwrap();
+    assert_exit(&o, 3);
+    assert_stderr(&o, "has no recorded kernel");
+    assert_stderr(&o, "or boot with --services");
 }

@@ -66,12 +66,19 @@ pub async fn connect_retry(t: &Target, o: &ConnectOptions, deadline: Duration) -
 /// Run a command, its output appended to the run log as it comes; the
 /// last lines of it in the error when it fails.
 pub async fn run_logged(s: &Session, cmd: &str, log: &Path) -> Result<()> {
+    run_logged_as(s, cmd, cmd, log).await
+}
+
+/// `run_logged`, with `shown` written to the log and the errors in place
+/// of the command run (which has the proxy's environment before it).
+pub async fn run_logged_as(s: &Session, run: &str, shown: &str, log: &Path) -> Result<()> {
+    let cmd = shown;
     let mut f = std::fs::OpenOptions::new()
         .create(true)
         .append(true)
         .open(log)?;
     writeln!(f, "\n$ {cmd}")?;
-    let mut ch = s.open_exec(cmd).await?;
+    let mut ch = s.open_exec(run).await?;
     let mut tail: Vec<u8> = Vec::new();
     let mut status = None;
     while let Some(msg) = ch.wait().await {

@@ -101,6 +101,25 @@ pub struct Journal {
     /// `--gc` (NixOS).
     #[serde(default)]
     pub gc: bool,
+    /// What the worker VM keeps and holds back (decided in the probe step;
+    /// None in runs from before the seal).
+    #[serde(default)]
+    pub seal: Option<crate::vm::seal::Seal>,
+    /// `--network open`: the worker VM reaches the internet.
+    #[serde(default)]
+    pub network_open: bool,
+    /// The hosts the sealed worker VM may reach.
+    #[serde(default)]
+    pub allowed_hosts: Vec<String>,
+    /// `--allow-host`.
+    #[serde(default)]
+    pub allow_extra: Vec<String>,
+    /// Held back in the worker VM, as the upgraded disk has them.
+    #[serde(default)]
+    pub held_back: Vec<String>,
+    /// What the sealed worker VM tried to reach and was refused.
+    #[serde(default)]
+    pub refused: Vec<String>,
 }
 
 fn auto() -> Mode {

@@ -22,6 +22,7 @@ use crate::remote::{self, device, freeze};
 use crate::ssh::{HostSpec, Session};
 use crate::transfer::{self, pull, push};
 use crate::ui::{Ui, human_bytes};
+use crate::vm::seal::Seal;
 use crate::vm::shape::Shape;
 use crate::vm::{self, Accel, Vm, VmSpec, cmdline};
 use journal::{Journal, State, Step, StepRecord};
@@ -39,6 +40,10 @@ pub struct Request {
     pub transfer: crate::transfer::helper::Mode,
     /// NixOS: delete old generations before the push.
     pub gc: bool,
+    /// `--network open`: the worker VM reaches the internet.
+    pub network_open: bool,
+    /// `--allow-host`: more hosts the sealed worker VM may reach.
+    pub allow_hosts: Vec<String>,
 }
 
 #[derive(Debug, Serialize)]
@@ -57,6 +62,14 @@ pub struct Report {
     /// The helper's own peak resident memory on the VPS, the larger of the
     /// pull's and the push's.
     pub helper_peak_rss_kib: Option<u64>,
+    /// "sealed" or "open" (`--network open`).
+    pub network: String,
+    /// The hosts the worker VM's network allowed.
+    pub allowed_hosts: Vec<String>,
+    /// Units of the VPS held back in the worker VM.
+    pub held_back: Vec<String>,
+    /// What the worker VM tried to reach and was refused (also in run.log).
+    pub refused_connections: Vec<String>,
 }
 
 fn plan_of(j: &Journal, host: &recipes::Host) -> Result<Plan> {
@@ -73,19 +86,30 @@ struct Probed {
     dev: device::Device,
     plan: Plan,
     shape: Shape,
+    seal: Seal,
+    allowed: Vec<String>,
 }
 
 /// The probe step's checks, all read-only: root, the disk, the plan for
 /// this host's release, the recipe's preflight on the host, that the
 /// worker VM can be built here (OVMF for a UEFI VPS), local space for the
 /// images (in `dir`, the run folder or where it would go).
-async fn probe(s: &Session, j: &Journal, dir: &Path) -> Result<Probed> {
+async fn probe(s: &Session, j: &Journal, dir: &Path, dry: bool) -> Result<Probed> {
     let facts = remote::gather(s).await?;
     device::require_root(&facts, s)?;
     let dev = device::inspect(s, &facts, j.device.as_deref()).await?;
     let shape = shape_of(&facts, &dev);
     vm::check_firmware(&shape)?;
     let plan = plan_of(j, &recipes::Host::from_facts(&facts))?;
+    let allowed = if j.network_open {
+        Vec::new()
+    } else {
+        crate::vm::proxy::allow_list(
+            &facts.sources,
+            facts.os.get("ID").map(String::as_str).unwrap_or(""),
+            &j.allow_extra,
+        )
+    };
     if let Some(check) = &plan.preflight {
         let out = s.exec_input("sh -s", Some(check.as_bytes())).await?;
         if !out.success() {
@@ -95,11 +119,24 @@ async fn probe(s: &Session, j: &Journal, dir: &Path) -> Result<Probed> {
     }
     // The base image and, worst case, a full upgraded copy of it.
     transfer::check_local_space(&dir.join("base.raw"), dev.size.saturating_mul(2))?;
+    let seal = match (&dev.kind, dry) {
+        (device::Kind::Block { .. }, _) => Seal::from_facts(&facts, &j.host)?,
+        (device::Kind::File { .. }, true) => Seal::default(),
+        (device::Kind::File { .. }, false) => {
+            return Err(refused!(
+                "{} is a file on {}, not its disk: the worker VM holds back the services of the system it boots using that system's running kernel, and the system in a file is not the one running; drydock upgrades only a host's own disk",
+                dev.path,
+                j.host
+            ));
+        }
+    };
     Ok(Probed {
         facts,
         dev,
         plan,
         shape,
+        seal,
+        allowed,
     })
 }
 
@@ -143,6 +180,11 @@ pub struct DryRun {
     pub expect: Option<String>,
     /// How the worker VM is built to match the VPS, and what it cannot match.
     pub worker_vm: Shape,
+    /// What the worker VM keeps running and holds back.
+    pub seal: Seal,
+    /// "sealed" or "open".
+    pub network: String,
+    pub allowed_hosts: Vec<String>,
 }
 
 impl DryRun {
@@ -191,6 +233,36 @@ impl DryRun {
         for c in &self.commands {
             let _ = writeln!(s, "       $ {c}");
         }
+        if !self.block_device {
+            let _ = writeln!(
+                s,
+                "     not sealed: {} is a file standing for a disk, and `drydock upgrade` refuses it (the worker VM holds back the services of the running system only)",
+                self.device
+            );
+        } else {
+            let _ = writeln!(
+                s,
+                "     sealed: the VPS's kernel booted directly with only {} started; held back: {}",
+                self.seal.wants.join(" "),
+                if self.seal.held_back.is_empty() {
+                    "nothing".to_string()
+                } else {
+                    self.seal.held_back.join(" ")
+                }
+            );
+        }
+        if self.network == "open" {
+            let _ = writeln!(
+                s,
+                "     network: open (--network open): the worker VM reaches the internet"
+            );
+        } else {
+            let _ = writeln!(
+                s,
+                "     network: sealed; allowed hosts: {}",
+                self.allowed_hosts.join(" ")
+            );
+        }
         if self.after_reboot.is_empty() {
             let _ = writeln!(s, "  4. reboot the worker VM{expect}, power it off");
         } else {
@@ -238,16 +310,21 @@ pub async fn dry_run(req: &Request) -> Result<DryRun> {
     {
         dir = parent.to_path_buf();
     }
-    let res = probe(&s, &j, &dir).await;
+    let res = probe(&s, &j, &dir, true).await;
     s.close().await;
     let Probed {
         facts,
         dev,
         plan,
         shape,
+        seal,
+        allowed,
     } = res?;
     Ok(DryRun {
         worker_vm: shape,
+        seal,
+        network: if req.network_open { "open" } else { "sealed" }.into(),
+        allowed_hosts: allowed,
         host: req.host.clone(),
         os: facts.pretty_name(),
         block_device: dev.is_block(),
@@ -298,6 +375,12 @@ fn new_journal(req: &Request) -> Journal {
         pull_transfer: None,
         push_transfer: None,
         helper_peak_rss_kib: None,
+        seal: None,
+        network_open: req.network_open,
+        allowed_hosts: Vec::new(),
+        allow_extra: req.allow_hosts.clone(),
+        held_back: Vec::new(),
+        refused: Vec::new(),
     }
 }
 
@@ -429,6 +512,10 @@ fn report(dir: &Path, j: &Journal) -> Report {
         pull_transfer: j.pull_transfer,
         push_transfer: j.push_transfer,
         helper_peak_rss_kib: j.helper_peak_rss_kib,
+        network: if j.network_open { "open" } else { "sealed" }.into(),
+        allowed_hosts: j.allowed_hosts.clone(),
+        held_back: j.held_back.clone(),
+        refused_connections: j.refused.clone(),
     }
 }
 
@@ -462,6 +549,29 @@ impl Report {
                 .unwrap_or_default(),
             self.run.display()
         ));
+        s.push_str(&format!(
+            "held back in the worker VM ({}): {}\n",
+            self.held_back.len(),
+            if self.held_back.is_empty() {
+                "nothing".to_string()
+            } else {
+                self.held_back.join(" ")
+            }
+        ));
+        if self.network == "open" {
+            s.push_str("worker VM network: open (--network open)\n");
+        } else {
+            s.push_str(&format!(
+                "worker VM network: sealed; allowed: {}; refused: {}{}\n",
+                self.allowed_hosts.join(" "),
+                self.refused_connections.len(),
+                if self.refused_connections.is_empty() {
+                    String::new()
+                } else {
+                    format!(" ({})", self.refused_connections.join("; "))
+                }
+            ));
+        }
         s
     }
 }
@@ -475,7 +585,30 @@ async fn do_step(step: Step, dir: &Path, j: &mut Journal, ui: &Ui, accept_new: b
                 dev,
                 plan,
                 shape,
-            } = probe(&s, j, dir).await?;
+                seal,
+                allowed,
+            } = probe(&s, j, dir, false).await?;
+            let boot = remote::bootfiles::fetch(&s, &facts.cmdline, &dir.join("boot")).await?;
+            ui.say(format!(
+                "worker VM sealed: boots {}'s kernel {} directly with only {} started; holds back {} unit(s): {}",
+                s.host(),
+                boot.release,
+                seal.wants.join(" "),
+                seal.held_back.len(),
+                seal.held_back.join(" ")
+            ));
+            if j.network_open {
+                ui.say(
+                    "warning: --network open: the worker VM reaches the internet, as the VPS does",
+                );
+            } else {
+                ui.say(format!(
+                    "worker VM network sealed; allowed hosts: {}",
+                    allowed.join(" ")
+                ));
+            }
+            j.seal = Some(seal);
+            j.allowed_hosts = allowed;
             ui.say(format!(
                 "{}: {}, disk {} ({}); plan: {}",
                 s.host(),
@@ -636,10 +769,19 @@ async fn reboot_vps(j: &mut Journal) -> Result<()> {
     }
 }
 
-/// The worker VM: a fresh overlay on the base image, the plan run inside,
-/// a reboot that must come back on the expected release, a power-off, and
-/// the result as a sparse raw image for the push.
+/// The worker VM: a fresh overlay on the base image, the plan run inside
+/// a sealed first boot (the VPS's kernel booted directly, its services held
+/// back, the network open only to the package sources), then a reboot
+/// through the VPS's own boot loader, sealed by files written for it and
+/// removed afterwards, that must come back on the expected release; the
+/// result as a sparse raw image for the push. See `vm::seal` for why.
 async fn upgrade_in_vm(dir: &Path, j: &mut Journal, ui: &Ui) -> Result<()> {
+    let Some(seal) = j.seal.clone() else {
+        bail!(
+            "this run was started by a drydock that did not seal its worker VM; `drydock abort {}` ends it, then start a new one",
+            dir.display()
+        );
+    };
     let base = dir.join("base.raw");
     let overlay = dir.join("overlay.qcow2");
     // Idempotent: a resumed upgrade starts again from the untouched base.
@@ -647,6 +789,7 @@ async fn upgrade_in_vm(dir: &Path, j: &mut Journal, ui: &Ui) -> Result<()> {
     let _ = std::fs::remove_file(dir.join("upgraded.raw"));
     let _ = std::fs::remove_file(dir.join("efivars.fd"));
     vm::create_overlay(&base, &overlay)?;
+    let boot = remote::bootfiles::BootFiles::load(&dir.join("boot"))?;
     // Runs from before boot parity have no shape: QEMU's defaults, as then.
     let shape = j.shape.clone().unwrap_or_default();
     let efi = vm::efi_for(&shape, dir)?;
@@ -663,21 +806,76 @@ async fn upgrade_in_vm(dir: &Path, j: &mut Journal, ui: &Ui) -> Result<()> {
     if accel == Accel::Tcg {
         ui.say("warning: no usable KVM: the worker VM runs under software emulation (TCG), several times slower");
     }
-    let port = std::net::TcpListener::bind("127.0.0.1:0")?
-        .local_addr()?
-        .port();
-    let spec = VmSpec {
-        disk: overlay.clone(),
-        disk_format: "qcow2".into(),
-        memory_mib: j.memory_mib,
-        cpus: j.cpus,
-        accel,
-        ssh_port: port,
-        qmp_socket: dir.join("qmp.sock"),
-        serial_log: dir.join("serial.log"),
-        shape,
-        efi,
+    let log = dir.join("run.log");
+    let proxy_ip = cmdline::proxy_addr(&shape);
+    let proxy = if j.network_open {
+        None
+    } else {
+        Some(vm::proxy::Proxy::start(
+            &dir.join("proxy.sock"),
+            &j.allowed_hosts,
+            &log,
+        )?)
     };
+    let exe = std::env::current_exe()
+        .context("cannot find drydock's own executable for the proxy relay")?;
+    let net_seal = |pcap: &str, with_proxy: bool| -> Option<cmdline::NetSeal> {
+        proxy.as_ref().map(|p| cmdline::NetSeal {
+            proxy: with_proxy.then(|| {
+                (
+                    proxy_ip,
+                    format!(
+                        "{} __relay {}",
+                        crate::ssh::shell_quote(&exe.to_string_lossy()),
+                        crate::ssh::shell_quote(&p.socket.to_string_lossy())
+                    ),
+                )
+            }),
+            pcap: dir.join(pcap),
+        })
+    };
+    let spec_for =
+        |direct: Option<cmdline::DirectBoot>, sealed: Option<cmdline::NetSeal>| -> Result<VmSpec> {
+            Ok(VmSpec {
+                disk: overlay.clone(),
+                disk_format: "qcow2".into(),
+                memory_mib: j.memory_mib,
+                cpus: j.cpus,
+                accel,
+                ssh_port: std::net::TcpListener::bind("127.0.0.1:0")?
+                    .local_addr()?
+                    .port(),
+                qmp_socket: dir.join("qmp.sock"),
+                serial_log: dir.join("serial.log"),
+                shape: shape.clone(),
+                efi: efi.clone(),
+                direct,
+                sealed,
+            })
+        };
+    let allowed_pkt = (proxy_ip, vm::proxy::GUEST_PORT);
+    let mut refused: Vec<String> = Vec::new();
+    let note_refused = |pcap: &Path, refused: &mut Vec<String>| -> Result<()> {
+        let mut f = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&log)?;
+        for r in vm::pcap::take(pcap, allowed_pkt) {
+            use std::io::Write;
+            writeln!(f, "network: refused {} ({} packet(s))", r.what, r.packets)?;
+            refused.push(r.what);
+        }
+        Ok(())
+    };
+
+    // 1. The sealed first boot, and the upgrade.
+    let direct = cmdline::DirectBoot {
+        kernel: boot.kernel.clone(),
+        initrd: boot.initrd.clone(),
+        append: seal.kernel_cmdline(&boot.cmdline)?,
+    };
+    let spec = spec_for(Some(direct), net_seal("net1.pcap", true))?;
+    let port = spec.ssh_port;
     let mut vm = Vm::start(spec, dir.join("qemu.stderr")).await?;
     vm.wait_for_ssh(Duration::from_secs(900))
         .await
@@ -689,27 +887,92 @@ async fn upgrade_in_vm(dir: &Path, j: &mut Journal, ui: &Ui) -> Result<()> {
         "the worker VM",
     );
     let s = guest::connect_retry(&t, &o, Duration::from_secs(120)).await?;
+    let said = s
+        .run(
+            "holding the VPS's units back in the worker VM",
+            &seal.runtime_script(),
+        )
+        .await?;
+    let installed_policy = said.lines().any(|l| l == "policy-rc.d installed");
+    for l in said.lines().filter_map(|l| l.strip_prefix("running ")) {
+        ui.say(format!(
+            "warning: {l} had started in the worker VM although held back; stopped"
+        ));
+    }
     // The same facts as the probe's, read from the same disk in the VM.
     let guest_facts = remote::gather(&s).await?;
     let pretty = guest_facts.pretty_name();
     let plan = plan_of(j, &recipes::Host::from_facts(&guest_facts))?;
     ui.say(format!(
-        "worker VM up ({pretty}); {}; output in {}",
+        "worker VM up ({pretty}), sealed; {}; output in {}",
         plan.description,
-        dir.join("run.log").display()
+        log.display()
     ));
+    let env = if proxy.is_some() {
+        let u = format!("http://{proxy_ip}:{}/", vm::proxy::GUEST_PORT);
+        format!(
+            "export http_proxy={u} https_proxy={u} HTTP_PROXY={u} HTTPS_PROXY={u} no_proxy=localhost,127.0.0.1; "
+        )
+    } else {
+        String::new()
+    };
     for cmd in &plan.commands {
-        guest::run_logged(&s, cmd, &dir.join("run.log")).await?;
+        guest::run_logged_as(&s, &format!("{env}{cmd}"), cmd, &log).await?;
     }
-    ui.say("rebooting the worker VM to prove the result boots");
-    let s = guest::reboot_and_wait(s, &t, &o, Duration::from_secs(900))
+    let enabled = s
+        .run(
+            "listing the upgraded disk's enabled units",
+            vm::seal::ENABLED_UNITS_SCRIPT,
+        )
+        .await?;
+    let lines: Vec<String> = enabled.lines().map(str::to_string).collect();
+    if lines.last().map(String::as_str) != Some("end") {
+        bail!("the worker VM's list of enabled units was cut short; nothing was pushed");
+    }
+    let mut held = vm::seal::held_back(&vm::seal::enabled_units(&lines), &seal.wants);
+    // What the VPS had enabled stays held back even if the upgrade moved it.
+    for u in &seal.held_back {
+        if !held.contains(u) {
+            held.push(u.clone());
+        }
+    }
+    held.sort();
+    let said = s
+        .run(
+            "writing the verify reboot's seal",
+            &seal.disk_seal_script(&held, installed_policy),
+        )
+        .await?;
+    let made_dir = said.lines().any(|l| l.starts_with("made "));
+    ui.say("powering the worker VM off, to boot it again through the VPS's own boot loader");
+    let _ = tokio::time::timeout(
+        Duration::from_secs(10),
+        s.exec("(sleep 1; systemctl poweroff || poweroff) >/dev/null 2>&1 &"),
+    )
+    .await;
+    s.close().await;
+    vm.power_off(Duration::from_secs(180)).await?;
+    drop(vm);
+    note_refused(&dir.join("net1.pcap"), &mut refused)?;
+
+    // 2. The verify boot: firmware, the VPS's boot loader, the new kernel.
+    let spec = spec_for(None, net_seal("net2.pcap", false))?;
+    let port = spec.ssh_port;
+    let mut vm = Vm::start(spec, dir.join("qemu.stderr")).await?;
+    vm.wait_for_ssh(Duration::from_secs(900))
         .await
         .map_err(|e| {
             anyhow::anyhow!(
-                "{e:#}\nserial console (last lines):\n  {}\n{parity}",
-                vm::serial_tail(&vm.spec.serial_log, 25)
+                "the upgraded disk did not come back through its own boot loader: {e:#}\n{parity}"
             )
         })?;
+    let (t, o) = guest::guest_target(
+        port,
+        j.identity.as_deref(),
+        dir.join("guest_known_hosts"),
+        "the worker VM",
+    );
+    let s = guest::connect_retry(&t, &o, Duration::from_secs(120)).await?;
     let (id2, ver2, pretty2) = guest::os_release(&s).await?;
     if let (Some(want_id), Some(want_ver)) = (&plan.expect_id, &plan.expect_version)
         && (want_id != &id2 || want_ver != &ver2)
@@ -718,11 +981,36 @@ async fn upgrade_in_vm(dir: &Path, j: &mut Journal, ui: &Ui) -> Result<()> {
             "the worker VM came back running {pretty2} ({id2} {ver2}), not {want_id} {want_ver}; nothing was pushed"
         );
     }
-    for cmd in &plan.after_reboot {
-        guest::run_logged(&s, cmd, &dir.join("run.log")).await?;
+    let running = s
+        .exec(&format!(
+            "for u in {}; do systemctl -q is-active \"$u\" 2>/dev/null && echo \"$u\"; done; true",
+            held.iter()
+                .filter(|u| u
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || ":_.@-\\".contains(c)))
+                .cloned()
+                .collect::<Vec<_>>()
+                .join(" ")
+        ))
+        .await?
+        .stdout_str();
+    if !running.trim().is_empty() {
+        bail!(
+            "held-back units ran in the worker VM's verify boot: {}; nothing was pushed",
+            running.split_whitespace().collect::<Vec<_>>().join(" ")
+        );
     }
+    for cmd in &plan.after_reboot {
+        guest::run_logged(&s, cmd, &log).await?;
+    }
+    s.run(
+        "removing the verify reboot's seal",
+        &seal.disk_unseal_script(&held, made_dir),
+    )
+    .await?;
     ui.say(format!(
-        "the worker VM came back running {pretty2}; powering it off"
+        "the worker VM came back through its own boot loader running {pretty2}, {} unit(s) held back; powering it off",
+        held.len()
     ));
     let _ = tokio::time::timeout(
         Duration::from_secs(10),
@@ -732,6 +1020,20 @@ async fn upgrade_in_vm(dir: &Path, j: &mut Journal, ui: &Ui) -> Result<()> {
     s.close().await;
     vm.power_off(Duration::from_secs(180)).await?;
     drop(vm);
+    note_refused(&dir.join("net2.pcap"), &mut refused)?;
+    if let Some(p) = &proxy {
+        refused.extend(p.refused());
+    }
+    drop(proxy);
+    j.held_back = held;
+    j.refused = refused;
+    if !j.refused.is_empty() {
+        ui.say(format!(
+            "the sealed worker VM was refused {} destination(s), listed in {}",
+            j.refused.len(),
+            log.display()
+        ));
+    }
     // What the guest wrote, as the overlay's allocated clusters (kept for
     // scripts/bench, which compares it with the blocks that differ).
     if let Ok(map) = std::process::Command::new("qemu-img")

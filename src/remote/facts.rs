@@ -40,6 +40,22 @@ s sysfs
 for d in /sys/class/net/*; do [ -e "$d" ] && echo "net ${d##*/} $(readlink -f "$d")"; done
 for d in /sys/class/block/*; do [ -e "$d/partition" ] || echo "block ${d##*/} $(readlink -f "$d")"; done
 s nix; if grep -qs '^ID=nixos' /etc/os-release; then [ -e /etc/nixos/flake.nix ] && echo "flake /etc/nixos/flake.nix"; nix-channel --list 2>/dev/null | sed 's/^/channel /'; fi
+s cmdline; cat /proc/cmdline
+s units
+if [ -d /run/systemd/system ]; then
+  for d in /etc/systemd/system /run/systemd/generator /run/systemd/generator.late; do
+    for w in "$d"/*.wants "$d"/*.requires; do
+      [ -d "$w" ] || continue; t=${w##*/}; t=${t%.*}
+      for u in "$w"/*; do [ -e "$u" ] || [ -L "$u" ] || continue; echo "file ${u##*/} $t"; done
+    done
+  done
+  timeout 60 systemctl list-units --no-legend --no-pager --plain --state=active --type=service,socket 2>/dev/null | while read -r u _; do echo "active $u"; done
+fi
+s sources
+grep -hs '^[[:space:]]*deb' /etc/apt/sources.list /etc/apt/sources.list.d/*.list | sed 's/^/apt /'
+grep -hsi '^[[:space:]]*URIs:' /etc/apt/sources.list.d/*.sources | sed 's/^/apt /'
+grep -hs '^[[:space:]]*[^#[:space:]]' /etc/apk/repositories | sed 's/^/apk /'
+grep -hsE '^[[:space:]]*(extra-)?substituters[[:space:]]*=' /etc/nix/nix.conf | sed 's/^/nix /'
 s tools; for t in dd sha256sum openssl split ldd mount systemctl sync; do command -v "$t" >/dev/null 2>&1 && echo "$t"; done
 s end
 "#;
@@ -93,6 +109,14 @@ pub struct Facts {
     /// NixOS: "flake PATH", "channel NAME URL" (root's channels).
     pub nix: Vec<String>,
     pub tools: Vec<String>,
+    /// The kernel command line the VPS booted with (/proc/cmdline).
+    pub cmdline: String,
+    /// systemd's view: "file UNIT TARGET" (enabled into TARGET by a
+    /// symlink in a .wants/.requires folder of /etc or of a generator),
+    /// "active UNIT".
+    pub units: Vec<String>,
+    /// Package sources: "apt LINE", "apk LINE", "nix LINE".
+    pub sources: Vec<String>,
 }
 
 fn sections(text: &str) -> BTreeMap<String, Vec<String>> {
@@ -245,6 +269,9 @@ pub fn parse(text: &str) -> Result<Facts> {
             .collect(),
         nix: get("nix"),
         tools: get("tools"),
+        cmdline: get("cmdline").first().cloned().unwrap_or_default(),
+        units: get("units"),
+        sources: get("sources"),
     })
 }
 

@@ -1,5 +1,6 @@
 //! What drydock does on the VPS: find out what is there, and the disk.
 
+pub mod bootfiles;
 pub mod device;
 pub mod facts;
 pub mod freeze;

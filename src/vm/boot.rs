@@ -24,6 +24,25 @@ pub struct BootOptions {
     /// `--like FILE`: the shape of a VPS (`drydock probe --json` output,
     /// or a shape of its own) to boot the image as.
     pub like: Option<PathBuf>,
+    /// `--services`: the image's own services run.
+    pub services: bool,
+    /// `--network open`: the VM reaches the internet.
+    pub network_open: bool,
+}
+
+/// What `drydock pull` records beside an image for a sealed boot of it.
+#[derive(Debug, Serialize, serde::Deserialize)]
+pub struct Recorded {
+    pub seal: super::seal::Seal,
+    pub allowed_hosts: Vec<String>,
+}
+
+/// IMAGE.boot/: the kernel, initrd, command line and seal of the VPS an
+/// image was pulled from.
+pub fn boot_dir(image: &Path) -> PathBuf {
+    let mut s = image.as_os_str().to_owned();
+    s.push(".boot");
+    PathBuf::from(s)
 }
 
 /// A shape from `--like FILE`: a probe report's `worker_vm`, or a shape.
@@ -59,7 +78,7 @@ pub fn default_dir(image: &Path) -> Result<PathBuf> {
         .unwrap_or_else(|| "image".into());
     let stamp = crate::transfer::now().replace(':', "");
     Ok(state
-        .join("drydock/boots")
+        .join("boots")
         .join(format!("{stem}-{}", &stamp[..15.min(stamp.len())])))
 }
 
@@ -94,6 +113,60 @@ pub async fn boot(opts: &BootOptions, ui: &Ui) -> Result<()> {
         None => Shape::default(),
     };
     let efi = efi_for(&shape, &opts.dir)?;
+    let recorded_dir = boot_dir(&opts.image);
+    let recorded: Option<(crate::remote::bootfiles::BootFiles, Recorded)> =
+        match crate::remote::bootfiles::BootFiles::load(&recorded_dir) {
+            Ok(b) => {
+                let text =
+                    std::fs::read_to_string(recorded_dir.join("seal.json")).unwrap_or_default();
+                serde_json::from_str(&text).ok().map(|r| (b, r))
+            }
+            Err(_) => None,
+        };
+    let direct = if opts.services {
+        None
+    } else {
+        let Some((b, r)) = &recorded else {
+            return Err(crate::refused!(
+                "{} has no recorded kernel ({} is written by `drydock pull`): drydock boot holds an image's services back by booting the kernel its VPS runs, with only SSH and the network started. Pull the disk with drydock, or boot with --services to let the image's own services run (its network stays sealed unless --network open)",
+                opts.image.display(),
+                recorded_dir.display()
+            ));
+        };
+        Some(super::cmdline::DirectBoot {
+            kernel: b.kernel.clone(),
+            initrd: b.initrd.clone(),
+            append: r.seal.kernel_cmdline(&b.cmdline)?,
+        })
+    };
+    let allowed: Vec<String> = recorded
+        .as_ref()
+        .map(|(_, r)| r.allowed_hosts.clone())
+        .unwrap_or_default();
+    let proxy = if opts.network_open || allowed.is_empty() {
+        None
+    } else {
+        Some(super::proxy::Proxy::start(
+            &opts.dir.join("proxy.sock"),
+            &allowed,
+            &opts.dir.join("network.log"),
+        )?)
+    };
+    let proxy_ip = super::cmdline::proxy_addr(&shape);
+    let sealed = (!opts.network_open).then(|| super::cmdline::NetSeal {
+        proxy: proxy.as_ref().map(|p| {
+            let exe = std::env::current_exe().unwrap_or_else(|_| PathBuf::from("drydock"));
+            (
+                proxy_ip,
+                format!(
+                    "{} __relay {}",
+                    crate::ssh::shell_quote(&exe.to_string_lossy()),
+                    crate::ssh::shell_quote(&p.socket.to_string_lossy())
+                ),
+            )
+        }),
+        pcap: opts.dir.join("net.pcap"),
+    });
     let overlay = opts.dir.join("overlay.qcow2");
     if !overlay.exists() {
         create_overlay(&opts.image, &overlay)?;
@@ -113,8 +186,31 @@ pub async fn boot(opts: &BootOptions, ui: &Ui) -> Result<()> {
         serial_log: opts.dir.join("serial.log"),
         shape,
         efi,
+        direct,
+        sealed,
     };
     let mut vm = Vm::start(spec, opts.dir.join("qemu.stderr")).await?;
+    match (&recorded, opts.services) {
+        (_, true) => ui.say("services: the image's own services run (--services)"),
+        (Some((b, r)), false) => ui.say(format!(
+            "services: held back; its kernel {} booted directly with only {} started; held back: {}",
+            b.release,
+            r.seal.wants.join(" "),
+            r.seal.held_back.join(" ")
+        )),
+        (None, false) => {}
+    }
+    if opts.network_open {
+        ui.say("network: open (--network open): the VM reaches the internet");
+    } else if allowed.is_empty() {
+        ui.say("network: sealed; nothing but its SSH forward (no package sources recorded)");
+    } else {
+        ui.say(format!(
+            "network: sealed; allowed: {} (through http_proxy=http://{proxy_ip}:{}/)",
+            allowed.join(" "),
+            super::proxy::GUEST_PORT
+        ));
+    }
     ui.say(format!(
         "booting {} ({} MiB, {} CPUs, {}; {}); serial console in {}",
         opts.image.display(),

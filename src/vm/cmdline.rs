@@ -56,6 +56,66 @@ pub struct VmSpec {
     /// UEFI: OVMF's code (read-only) and this VM's own copy of its
     /// variables store. None boots with SeaBIOS.
     pub efi: Option<(PathBuf, PathBuf)>,
+    /// Boot this kernel directly instead of the disk's boot loader.
+    pub direct: Option<DirectBoot>,
+    /// The network seal: `restrict=on`, the capture, the proxy forward.
+    /// None leaves QEMU's user network open to the internet.
+    pub sealed: Option<NetSeal>,
+}
+
+/// QEMU's direct kernel boot (`-kernel`, `-initrd`, `-append`).
+#[derive(Debug, Clone)]
+pub struct DirectBoot {
+    pub kernel: PathBuf,
+    pub initrd: Option<PathBuf>,
+    pub append: String,
+}
+
+/// A sealed user network: nothing leaves but through `proxy` (the guest's
+/// address and port, and the command QEMU spawns per connection), and the
+/// guest's packets are captured to `pcap` to name what was refused.
+#[derive(Debug, Clone)]
+pub struct NetSeal {
+    pub proxy: Option<(std::net::Ipv4Addr, String)>,
+    pub pcap: PathBuf,
+}
+
+/// The proxy's address in the guest's subnet: the highest host address
+/// that is neither the gateway, the nameserver nor the guest.
+pub fn proxy_addr(shape: &Shape) -> std::net::Ipv4Addr {
+    let (net, prefix, used) = match shape.user_net().0 {
+        Some(u) => (
+            u.net,
+            u.prefix,
+            vec![u.host, u.guest, u.dns.unwrap_or(u.host)],
+        ),
+        None => (
+            std::net::Ipv4Addr::new(10, 0, 2, 0),
+            24,
+            vec![
+                std::net::Ipv4Addr::new(10, 0, 2, 2),
+                std::net::Ipv4Addr::new(10, 0, 2, 3),
+                std::net::Ipv4Addr::new(10, 0, 2, 15),
+            ],
+        ),
+    };
+    let base = u32::from(net) & (u32::MAX.checked_shl(32 - prefix as u32).unwrap_or(0));
+    let size = 1u32.checked_shl(32 - prefix as u32).unwrap_or(0);
+    (1..size.saturating_sub(1))
+        .rev()
+        .map(|i| std::net::Ipv4Addr::from(base + i))
+        .find(|a| !used.contains(a))
+        .unwrap_or(std::net::Ipv4Addr::new(10, 0, 2, 254))
+}
+
+pub fn direct_args(d: Option<&DirectBoot>) -> Vec<OsString> {
+    let Some(d) = d else { return Vec::new() };
+    let mut a = vec![os("-kernel"), d.kernel.clone().into_os_string()];
+    if let Some(i) = &d.initrd {
+        a.extend([os("-initrd"), i.clone().into_os_string()]);
+    }
+    a.extend([os("-append"), os(d.append.clone())]);
+    a
 }
 
 fn os(s: impl Into<String>) -> OsString {
@@ -132,7 +192,7 @@ pub fn firmware_args(efi: Option<&(PathBuf, PathBuf)>) -> Vec<OsString> {
 /// The NIC with the VPS's MAC and PCI slot, on a user network shaped as
 /// the VPS's (subnet, gateway, DNS, the VPS's address as the first DHCP
 /// lease); SSH forwarded from 127.0.0.1 to the guest's address.
-pub fn net_args(ssh_port: u16, shape: &Shape) -> Vec<OsString> {
+pub fn net_args(ssh_port: u16, shape: &Shape, sealed: Option<&NetSeal>) -> Vec<OsString> {
     let mut dev = "virtio-net-pci,netdev=n0".to_string();
     if let Some(nic) = &shape.nic {
         if let Some(m) = &nic.mac {
@@ -157,7 +217,27 @@ pub fn net_args(ssh_port: u16, shape: &Shape) -> Vec<OsString> {
         None => String::new(),
     };
     user.push_str(&format!(",hostfwd=tcp:127.0.0.1:{ssh_port}-{guest}:22"));
-    vec![os("-netdev"), os(user), os("-device"), os(dev)]
+    let mut extra = Vec::new();
+    if let Some(seal) = sealed {
+        user.push_str(",restrict=on,ipv6=off");
+        if let Some((ip, cmd)) = &seal.proxy {
+            user.push_str(&format!(
+                ",guestfwd=tcp:{ip}:{}-cmd:{}",
+                super::proxy::GUEST_PORT,
+                cmd.replace(',', ",,")
+            ));
+        }
+        extra = vec![
+            os("-object"),
+            os(format!(
+                "filter-dump,id=seal0,netdev=n0,maxlen=160,file={}",
+                qemu_path(&seal.pcap)
+            )),
+        ];
+    }
+    let mut a = vec![os("-netdev"), os(user), os("-device"), os(dev)];
+    a.extend(extra);
+    a
 }
 
 pub fn control_args(qmp_socket: &Path, serial_log: &Path) -> Vec<OsString> {
@@ -183,8 +263,9 @@ pub fn qemu_args(spec: &VmSpec) -> Vec<OsString> {
     a.extend(machine_args(spec.accel));
     a.extend(resource_args(spec.memory_mib, spec.cpus));
     a.extend(firmware_args(spec.efi.as_ref()));
+    a.extend(direct_args(spec.direct.as_ref()));
     // The NIC first: its PCI slot is fixed, the disk's is not.
-    a.extend(net_args(spec.ssh_port, &spec.shape));
+    a.extend(net_args(spec.ssh_port, &spec.shape, spec.sealed.as_ref()));
     a.extend(drive_args(
         &spec.disk,
         &spec.disk_format,
@@ -242,6 +323,8 @@ mod tests {
                 ..Default::default()
             },
             efi: None,
+            direct: None,
+            sealed: None,
         };
         let a: Vec<String> = qemu_args(&spec)
             .into_iter()
@@ -293,7 +376,7 @@ mod tests {
             }),
             notes: vec![],
         };
-        let a: Vec<String> = net_args(2222, &shape)
+        let a: Vec<String> = net_args(2222, &shape, None)
             .into_iter()
             .chain(drive_args(Path::new("/d/o.qcow2"), "qcow2", shape.disk_bus))
             .chain(firmware_args(Some(&(
@@ -341,6 +424,43 @@ mod tests {
         assert_eq!(
             line(DiskBus::Nvme),
             format!("{file},if=none,id=disk0 -device nvme,drive=disk0,serial=drydock0")
+        );
+    }
+
+    #[test]
+    fn a_sealed_network_and_a_direct_boot() {
+        let shape = Shape::default();
+        let ip = proxy_addr(&shape);
+        assert_eq!(ip.to_string(), "10.0.2.254");
+        let seal = NetSeal {
+            proxy: Some((ip, "'/usr/bin/drydock' __relay '/r,1/proxy.sock'".into())),
+            pcap: PathBuf::from("/r/net.pcap"),
+        };
+        let a: Vec<String> = net_args(2222, &shape, Some(&seal))
+            .into_iter()
+            .chain(direct_args(Some(&DirectBoot {
+                kernel: "/r/boot/vmlinuz".into(),
+                initrd: Some("/r/boot/initrd".into()),
+                append: "root=/dev/vda1 systemd.unit=sysinit.target".into(),
+            })))
+            .map(|s| s.into_string().unwrap())
+            .collect();
+        assert_eq!(
+            a,
+            [
+                "-netdev",
+                "user,id=n0,hostfwd=tcp:127.0.0.1:2222-:22,restrict=on,ipv6=off,guestfwd=tcp:10.0.2.254:3128-cmd:'/usr/bin/drydock' __relay '/r,,1/proxy.sock'",
+                "-device",
+                "virtio-net-pci,netdev=n0",
+                "-object",
+                "filter-dump,id=seal0,netdev=n0,maxlen=160,file=/r/net.pcap",
+                "-kernel",
+                "/r/boot/vmlinuz",
+                "-initrd",
+                "/r/boot/initrd",
+                "-append",
+                "root=/dev/vda1 systemd.unit=sysinit.target",
+            ]
         );
     }
 

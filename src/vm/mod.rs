@@ -4,7 +4,10 @@
 
 pub mod boot;
 pub mod cmdline;
+pub mod pcap;
+pub mod proxy;
 pub mod qmp;
+pub mod seal;
 pub mod shape;
 
 use std::os::unix::process::CommandExt;

@@ -1,0 +1,135 @@
+//! The kernel, initrd and command line the VPS is running, copied from it:
+//! the sealed worker VM boots them directly (see `vm::seal` for why), and
+//! `drydock boot` boots a pulled image the same way. Read before the
+//! freeze, checked with SHA-256 on both ends, kept 0600 (an initrd can hold
+//! keys).
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result, bail};
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+use crate::refused;
+use crate::ssh::{Session, shell_quote};
+
+/// Where the running kernel's files are, on Debian/Ubuntu, Fedora-like,
+/// NixOS (the booted generation) and Alpine (by flavour) systems.
+const FIND_SCRIPT: &str = r#"export LC_ALL=C
+r=$(uname -r); f=${r##*-}
+k=; for c in "/boot/vmlinuz-$r" "/boot/vmlinux-$r" "/boot/kernel-$r" /run/booted-system/kernel "/boot/vmlinuz-$f"; do [ -f "$c" ] && { k=$c; break; }; done
+i=; for c in "/boot/initrd.img-$r" "/boot/initramfs-$r.img" "/boot/initrd-$r" /run/booted-system/initrd "/boot/initramfs-$f"; do [ -f "$c" ] && { i=$c; break; }; done
+echo "release $r"
+[ -n "$k" ] && echo "kernel $(sha256sum < "$k" | cut -d' ' -f1) $k"
+[ -n "$i" ] && echo "initrd $(sha256sum < "$i" | cut -d' ' -f1) $i"
+exit 0
+"#;
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BootFiles {
+    /// `uname -r` on the VPS.
+    pub release: String,
+    pub kernel: PathBuf,
+    pub initrd: Option<PathBuf>,
+    /// /proc/cmdline on the VPS.
+    pub cmdline: String,
+    /// Where they came from on the VPS, for messages.
+    pub source: Vec<String>,
+}
+
+impl BootFiles {
+    pub fn load(dir: &Path) -> Result<BootFiles> {
+        let p = dir.join("boot.json");
+        let text =
+            std::fs::read_to_string(&p).with_context(|| format!("cannot read {}", p.display()))?;
+        serde_json::from_str(&text).with_context(|| format!("{} is damaged", p.display()))
+    }
+}
+
+fn write_private(path: &Path, data: &[u8]) -> Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let tmp = path.with_extension("part");
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(&tmp)
+        .with_context(|| format!("cannot write {}", tmp.display()))?;
+    f.write_all(data)?;
+    f.sync_all()?;
+    std::fs::rename(&tmp, path)?;
+    Ok(())
+}
+
+async fn copy_one(s: &Session, remote: &str, sha: &str, local: &Path) -> Result<()> {
+    let out = s.exec(&format!("cat {}", shell_quote(remote))).await?;
+    if !out.success() {
+        return Err(out.failure(&format!("reading {remote}"), &s.host()));
+    }
+    let got = hex::encode(Sha256::digest(&out.stdout));
+    if got != sha {
+        bail!(
+            "{remote} from {} arrived damaged (SHA-256 {got}, the host says {sha}); run drydock again",
+            s.host()
+        );
+    }
+    write_private(local, &out.stdout)
+}
+
+/// Copy the running kernel and initrd of the VPS into `dir` (made 0700),
+/// with boot.json beside them. Refuses, changing nothing on the VPS, when
+/// the running kernel's files are not on its disk.
+pub async fn fetch(s: &Session, cmdline: &str, dir: &Path) -> Result<BootFiles> {
+    use std::os::unix::fs::DirBuilderExt;
+    let text = s
+        .run("finding the running kernel's files", FIND_SCRIPT)
+        .await?;
+    let field = |tag: &str| {
+        text.lines().find_map(|l| {
+            let rest = l.strip_prefix(tag)?.strip_prefix(' ')?;
+            Some(rest.to_string())
+        })
+    };
+    let release = field("release").unwrap_or_default();
+    let split = |v: String| -> Option<(String, String)> {
+        let (sha, path) = v.split_once(' ')?;
+        Some((sha.to_string(), path.to_string()))
+    };
+    let Some((ksha, kpath)) = field("kernel").and_then(split) else {
+        return Err(refused!(
+            "the kernel {} is running but none of its files is on its disk (/boot/vmlinuz-{release} and the like): the worker VM boots the VPS's running kernel to hold its services back; reboot the VPS into an installed kernel first",
+            s.host(),
+        ));
+    };
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
+        .with_context(|| format!("cannot create {}", dir.display()))?;
+    let kernel = dir.join("vmlinuz");
+    copy_one(s, &kpath, &ksha, &kernel).await?;
+    let mut source = vec![kpath];
+    let initrd = match field("initrd").and_then(split) {
+        Some((isha, ipath)) => {
+            let p = dir.join("initrd");
+            copy_one(s, &ipath, &isha, &p).await?;
+            source.push(ipath);
+            Some(p)
+        }
+        None => None,
+    };
+    let b = BootFiles {
+        release,
+        kernel,
+        initrd,
+        cmdline: cmdline.trim().to_string(),
+        source,
+    };
+    write_private(
+        &dir.join("boot.json"),
+        serde_json::to_string_pretty(&b)?.as_bytes(),
+    )?;
+    Ok(b)
+}

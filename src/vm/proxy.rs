@@ -1,0 +1,303 @@
+//! The network half of the seal: the worker VM's user network runs with
+//! `restrict=on` (libslirp then drops every UDP packet but DHCP, DNS
+//! included, and resets every TCP connection that is not a forward), and
+//! its one way out is a guestfwd to this proxy: plain HTTP requests and
+//! CONNECT tunnels to the hosts of the allow list (the package sources),
+//! nothing else. The guest is told of it through `http_proxy` and
+//! `https_proxy`, which apt, apk, nix (curl) and wget honour. Every request
+//! is logged in the run log; a refused one with its destination.
+//!
+//! QEMU spawns `drydock __relay SOCKET` for each connection the guest opens
+//! to the proxy's address (guestfwd's `cmd:` form, one process per
+//! connection), which joins it to the unix socket this proxy listens on.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+use anyhow::{Context, Result};
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full, combinators::BoxBody};
+use hyper::body::Incoming;
+use hyper::{Method, Request, Response, StatusCode};
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+
+/// The port the guest connects to, on the proxy's address in its subnet.
+pub const GUEST_PORT: u16 = 3128;
+
+type Body = BoxBody<Bytes, hyper::Error>;
+
+struct State {
+    allow: Vec<String>,
+    log: Mutex<Option<std::fs::File>>,
+    refused: Mutex<Vec<String>>,
+    allowed: Mutex<Vec<String>>,
+    client: Client<HttpConnector, Incoming>,
+}
+
+impl State {
+    fn note(&self, line: &str) {
+        if let Some(f) = self.log.lock().expect("log lock").as_mut() {
+            let _ = writeln!(f, "network: {line}");
+        }
+    }
+    fn allows(&self, host: &str) -> bool {
+        let h = host.trim_end_matches('.').to_ascii_lowercase();
+        self.allow.contains(&h)
+    }
+    fn refuse(&self, what: String) -> Response<Body> {
+        self.note(&format!("refused {what} (not in the allow list)"));
+        self.refused.lock().expect("lock").push(what.clone());
+        text(
+            StatusCode::FORBIDDEN,
+            format!(
+                "drydock: the worker VM's network is sealed; {what} is not in its allow list\n"
+            ),
+        )
+    }
+    fn allowed(&self, what: &str) {
+        let mut a = self.allowed.lock().expect("lock");
+        if !a.iter().any(|x| x == what) {
+            self.note(&format!("allowed {what}"));
+            a.push(what.to_string());
+        }
+    }
+}
+
+fn text(code: StatusCode, s: String) -> Response<Body> {
+    let mut r = Response::new(Full::new(Bytes::from(s)).map_err(|e| match e {}).boxed());
+    *r.status_mut() = code;
+    r
+}
+
+async fn handle(
+    mut req: Request<Incoming>,
+    st: Arc<State>,
+) -> Result<Response<Body>, hyper::Error> {
+    if req.method() == Method::CONNECT {
+        let Some(auth) = req.uri().authority().cloned() else {
+            return Ok(text(
+                StatusCode::BAD_REQUEST,
+                "CONNECT needs host:port\n".into(),
+            ));
+        };
+        let (host, port) = (auth.host().to_string(), auth.port_u16().unwrap_or(443));
+        let what = format!("CONNECT {host}:{port}");
+        if !st.allows(&host) || !(port == 443 || port == 80) {
+            return Ok(st.refuse(what));
+        }
+        let upstream = match tokio::net::TcpStream::connect((host.as_str(), port)).await {
+            Ok(t) => t,
+            Err(e) => {
+                st.note(&format!("{what}: cannot connect: {e}"));
+                return Ok(text(
+                    StatusCode::BAD_GATEWAY,
+                    format!("drydock: {what}: {e}\n"),
+                ));
+            }
+        };
+        st.allowed(&what);
+        tokio::spawn(async move {
+            if let Ok(up) = hyper::upgrade::on(req).await {
+                let mut up = TokioIo::new(up);
+                let mut upstream = upstream;
+                let _ = tokio::io::copy_bidirectional(&mut up, &mut upstream).await;
+            }
+        });
+        return Ok(Response::new(
+            Full::new(Bytes::new()).map_err(|e| match e {}).boxed(),
+        ));
+    }
+    let uri = req.uri().clone();
+    let Some(host) = uri.host().map(str::to_string) else {
+        return Ok(text(
+            StatusCode::BAD_REQUEST,
+            "drydock: a proxy request needs an absolute URL\n".into(),
+        ));
+    };
+    if uri.scheme_str() != Some("http") || !st.allows(&host) {
+        return Ok(st.refuse(format!("http://{host}")));
+    }
+    st.allowed(&format!("http://{host}"));
+    req.headers_mut().remove("proxy-connection");
+    req.headers_mut().remove("proxy-authorization");
+    match st.client.request(req).await {
+        Ok(resp) => Ok(resp.map(|b| b.boxed())),
+        Err(e) => {
+            st.note(&format!("http://{host}: {e}"));
+            Ok(text(
+                StatusCode::BAD_GATEWAY,
+                format!("drydock: http://{host}: {e}\n"),
+            ))
+        }
+    }
+}
+
+/// A running proxy; dropping it stops it.
+pub struct Proxy {
+    pub socket: PathBuf,
+    state: Arc<State>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Proxy {
+    /// Listen on `socket` (inside the run folder), forwarding to the hosts
+    /// of `allow` only; requests are logged to `log`.
+    pub fn start(socket: &Path, allow: &[String], log: &Path) -> Result<Proxy> {
+        let _ = std::fs::remove_file(socket);
+        let listener = tokio::net::UnixListener::bind(socket)
+            .with_context(|| format!("cannot listen on {}", socket.display()))?;
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(log)
+            .ok();
+        let state = Arc::new(State {
+            allow: allow.iter().map(|h| h.to_ascii_lowercase()).collect(),
+            log: Mutex::new(file),
+            refused: Mutex::new(Vec::new()),
+            allowed: Mutex::new(Vec::new()),
+            client: Client::builder(TokioExecutor::new()).build_http(),
+        });
+        state.note(&format!("sealed; the proxy allows: {}", allow.join(" ")));
+        let st = state.clone();
+        let task = tokio::spawn(async move {
+            while let Ok((conn, _)) = listener.accept().await {
+                let st = st.clone();
+                tokio::spawn(async move {
+                    let svc = hyper::service::service_fn(move |r| handle(r, st.clone()));
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(TokioIo::new(conn), svc)
+                        .with_upgrades()
+                        .await;
+                });
+            }
+        });
+        Ok(Proxy {
+            socket: socket.to_path_buf(),
+            state,
+            task,
+        })
+    }
+
+    /// What the guest was refused, in order.
+    pub fn refused(&self) -> Vec<String> {
+        self.state.refused.lock().expect("lock").clone()
+    }
+}
+
+impl Drop for Proxy {
+    fn drop(&mut self) {
+        self.task.abort();
+        let _ = std::fs::remove_file(&self.socket);
+    }
+}
+
+/// `drydock __relay SOCKET`: what QEMU spawns for each guest connection to
+/// the proxy; stdin and stdout are that connection.
+pub fn relay(socket: &Path) -> Result<()> {
+    use std::io::Read;
+    let s = std::os::unix::net::UnixStream::connect(socket)
+        .with_context(|| format!("cannot reach the proxy at {}", socket.display()))?;
+    let mut to = s.try_clone()?;
+    let up = std::thread::spawn(move || {
+        let mut stdin = std::io::stdin().lock();
+        let mut buf = vec![0u8; 64 << 10];
+        while let Ok(n) = stdin.read(&mut buf) {
+            if n == 0 || to.write_all(&buf[..n]).is_err() {
+                break;
+            }
+        }
+        let _ = to.shutdown(std::net::Shutdown::Write);
+    });
+    let mut from = s;
+    let mut out = std::io::stdout().lock();
+    let mut buf = vec![0u8; 64 << 10];
+    while let Ok(n) = from.read(&mut buf) {
+        if n == 0 || out.write_all(&buf[..n]).is_err() {
+            break;
+        }
+        let _ = out.flush();
+    }
+    drop(up);
+    Ok(())
+}
+
+/// The hosts a worker VM may reach: those of the VPS's package sources
+/// (apt's sources.list and deb822 files, apk's repositories, nix's
+/// substituters), then what the user added with `--allow-host`.
+pub fn allow_list(sources: &[String], os_id: &str, extra: &[String]) -> Vec<String> {
+    let mut hosts: Vec<String> = Vec::new();
+    for line in sources {
+        for w in line.split_whitespace() {
+            let w = w.trim_start_matches('[');
+            if let Some(rest) = w.split_once("://").map(|x| x.1) {
+                let authority = rest.split(['/', ']']).next().unwrap_or("");
+                let hostport = authority.rsplit('@').next().unwrap_or(authority);
+                let host = hostport.split(':').next().unwrap_or("");
+                if !host.is_empty() {
+                    hosts.push(host.to_ascii_lowercase());
+                }
+            }
+        }
+    }
+    // Where these systems' own tools go besides the sources they list.
+    match os_id {
+        "nixos" => hosts.extend(
+            [
+                "cache.nixos.org",
+                "channels.nixos.org",
+                "releases.nixos.org",
+                "nixos.org",
+                "github.com",
+                "api.github.com",
+                "codeload.github.com",
+            ]
+            .map(String::from),
+        ),
+        "ubuntu" => hosts.push("changelogs.ubuntu.com".into()),
+        _ => {}
+    }
+    hosts.extend(extra.iter().map(|h| h.to_ascii_lowercase()));
+    let mut seen = Vec::new();
+    for h in hosts {
+        if !seen.contains(&h) {
+            seen.push(h);
+        }
+    }
+    seen
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_allow_list_is_the_package_sources() {
+        let src: Vec<String> = [
+            "apt deb http://deb.debian.org/debian bookworm main",
+            "apt deb [signed-by=/usr/share/keyrings/x.gpg] https://download.docker.com/linux/debian bookworm stable",
+            "apt deb http://security.debian.org/debian-security bookworm-security main",
+            "apt URIs: http://deb.debian.org/debian https://mirror.example:8443/debian",
+            "apk https://dl-cdn.alpinelinux.org/alpine/v3.19/main",
+            "nix substituters = https://cache.nixos.org https://user:pw@my.cachix.org",
+        ]
+        .map(String::from)
+        .to_vec();
+        assert_eq!(
+            allow_list(&src, "debian", &["extra.example".into()]),
+            [
+                "deb.debian.org",
+                "download.docker.com",
+                "security.debian.org",
+                "mirror.example",
+                "dl-cdn.alpinelinux.org",
+                "cache.nixos.org",
+                "my.cachix.org",
+                "extra.example"
+            ]
+        );
+    }
+}
