@@ -88,7 +88,16 @@ async fn handle(
         if !st.allows(&host) || !(port == 443 || port == 80) {
             return Ok(st.refuse(what));
         }
-        let upstream = match tokio::net::TcpStream::connect((host.as_str(), port)).await {
+        let dial = tokio::time::timeout(
+            std::time::Duration::from_secs(30),
+            tokio::net::TcpStream::connect((host.as_str(), port)),
+        );
+        let upstream = match dial.await.unwrap_or_else(|_| {
+            Err(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                "no answer within 30 s",
+            ))
+        }) {
             Ok(t) => t,
             Err(e) => {
                 st.note(&format!("{what}: cannot connect: {e}"));
@@ -159,7 +168,11 @@ impl Proxy {
             log: Mutex::new(file),
             refused: Mutex::new(Vec::new()),
             allowed: Mutex::new(Vec::new()),
-            client: Client::builder(TokioExecutor::new()).build_http(),
+            client: {
+                let mut c = HttpConnector::new();
+                c.set_connect_timeout(Some(std::time::Duration::from_secs(30)));
+                Client::builder(TokioExecutor::new()).build(c)
+            },
         });
         state.note(&format!("sealed; the proxy allows: {}", allow.join(" ")));
         let st = state.clone();

@@ -329,7 +329,9 @@ for u in default.target sysinit.target.wants {held}; do
   if [ -e "$D/$u" ] || [ -L "$D/$u" ]; then echo "$D/$u exists already: drydock will not write over it" >&2; exit 3; fi
 done
 t=$(systemctl show -p FragmentPath --value sysinit.target)
-[ -n "$t" ] && ln -s "$t" "$D/default.target"
+# Without the alias the verify boot would reach the VPS's default target.
+[ -n "$t" ] || {{ echo "systemd did not say where sysinit.target is" >&2; exit 1; }}
+ln -s "$t" "$D/default.target"
 mkdir "$D/sysinit.target.wants"
 for u in {wants}; do
   f=$(systemctl show -p FragmentPath --value "$u" 2>/dev/null || true)
