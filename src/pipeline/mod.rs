@@ -945,14 +945,7 @@ async fn upgrade_in_vm(dir: &Path, j: &mut Journal, ui: &Ui) -> Result<()> {
         .await?;
     let made_dir = said.lines().any(|l| l.starts_with("made "));
     ui.say("powering the worker VM off, to boot it again through the VPS's own boot loader");
-    let _ = tokio::time::timeout(
-        Duration::from_secs(10),
-        s.exec("(sleep 1; systemctl poweroff || poweroff) >/dev/null 2>&1 &"),
-    )
-    .await;
-    s.close().await;
-    vm.power_off(Duration::from_secs(180)).await?;
-    drop(vm);
+    power_off(s, vm).await?;
     note_refused(&dir.join("net1.pcap"), &mut refused)?;
 
     // 2. The verify boot: firmware, the VPS's boot loader, the new kernel.
@@ -1012,14 +1005,7 @@ async fn upgrade_in_vm(dir: &Path, j: &mut Journal, ui: &Ui) -> Result<()> {
         "the worker VM came back through its own boot loader running {pretty2}, {} unit(s) held back; powering it off",
         held.len()
     ));
-    let _ = tokio::time::timeout(
-        Duration::from_secs(10),
-        s.exec("(sleep 1; systemctl poweroff || poweroff) >/dev/null 2>&1 &"),
-    )
-    .await;
-    s.close().await;
-    vm.power_off(Duration::from_secs(180)).await?;
-    drop(vm);
+    power_off(s, vm).await?;
     note_refused(&dir.join("net2.pcap"), &mut refused)?;
     if let Some(p) = &proxy {
         refused.extend(p.refused());
@@ -1056,6 +1042,19 @@ async fn upgrade_in_vm(dir: &Path, j: &mut Journal, ui: &Ui) -> Result<()> {
             String::from_utf8_lossy(&out.stderr).trim()
         );
     }
+    Ok(())
+}
+
+/// Power the worker VM off through its own init (a deadline on the request),
+/// then through QEMU (ACPI, then forced after 180 s): the VM is gone after.
+async fn power_off(s: Session, mut vm: Vm) -> Result<()> {
+    let _ = tokio::time::timeout(
+        Duration::from_secs(10),
+        s.exec("(sleep 1; systemctl poweroff || poweroff) >/dev/null 2>&1 &"),
+    )
+    .await;
+    s.close().await;
+    vm.power_off(Duration::from_secs(180)).await?;
     Ok(())
 }
 
