@@ -10,6 +10,7 @@ use anyhow::{Context, Result, bail};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
+use crate::image::manifest::write_atomic;
 use crate::refused;
 use crate::ssh::{Session, shell_quote};
 
@@ -46,23 +47,6 @@ impl BootFiles {
     }
 }
 
-fn write_private(path: &Path, data: &[u8]) -> Result<()> {
-    use std::io::Write;
-    use std::os::unix::fs::OpenOptionsExt;
-    let tmp = path.with_extension("part");
-    let mut f = std::fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o600)
-        .open(&tmp)
-        .with_context(|| format!("cannot write {}", tmp.display()))?;
-    f.write_all(data)?;
-    f.sync_all()?;
-    std::fs::rename(&tmp, path)?;
-    Ok(())
-}
-
 async fn copy_one(s: &Session, remote: &str, sha: &str, local: &Path) -> Result<()> {
     let out = s.exec(&format!("cat {}", shell_quote(remote))).await?;
     if !out.success() {
@@ -75,7 +59,7 @@ async fn copy_one(s: &Session, remote: &str, sha: &str, local: &Path) -> Result<
             s.host()
         );
     }
-    write_private(local, &out.stdout)
+    write_atomic(local, &out.stdout)
 }
 
 /// Copy the running kernel and initrd of the VPS into `dir` (made 0700),
@@ -127,7 +111,7 @@ pub async fn fetch(s: &Session, cmdline: &str, dir: &Path) -> Result<BootFiles> 
         cmdline: cmdline.trim().to_string(),
         source,
     };
-    write_private(
+    write_atomic(
         &dir.join("boot.json"),
         serde_json::to_string_pretty(&b)?.as_bytes(),
     )?;
