@@ -887,12 +887,12 @@ async fn upgrade_in_vm(dir: &Path, j: &mut Journal, ui: &Ui) -> Result<()> {
         "the worker VM",
     );
     let s = guest::connect_retry(&t, &o, Duration::from_secs(120)).await?;
-    let said = s
-        .run(
-            "holding the VPS's units back in the worker VM",
-            &seal.runtime_script(),
-        )
-        .await?;
+    let said = seal_step(
+        &s,
+        "holding the VPS's units back in the worker VM",
+        &seal.runtime_script(),
+    )
+    .await?;
     let installed_policy = said.lines().any(|l| l == "policy-rc.d installed");
     for l in said.lines().filter_map(|l| l.strip_prefix("running ")) {
         ui.say(format!(
@@ -919,12 +919,12 @@ async fn upgrade_in_vm(dir: &Path, j: &mut Journal, ui: &Ui) -> Result<()> {
     for cmd in &plan.commands {
         guest::run_logged_as(&s, &format!("{env}{cmd}"), cmd, &log).await?;
     }
-    let enabled = s
-        .run(
-            "listing the upgraded disk's enabled units",
-            vm::seal::ENABLED_UNITS_SCRIPT,
-        )
-        .await?;
+    let enabled = seal_step(
+        &s,
+        "listing the upgraded disk's enabled units",
+        vm::seal::ENABLED_UNITS_SCRIPT,
+    )
+    .await?;
     let lines: Vec<String> = enabled.lines().map(str::to_string).collect();
     if lines.last().map(String::as_str) != Some("end") {
         bail!("the worker VM's list of enabled units was cut short; nothing was pushed");
@@ -937,12 +937,12 @@ async fn upgrade_in_vm(dir: &Path, j: &mut Journal, ui: &Ui) -> Result<()> {
         }
     }
     held.sort();
-    let said = s
-        .run(
-            "writing the verify reboot's seal",
-            &seal.disk_seal_script(&held, installed_policy),
-        )
-        .await?;
+    let said = seal_step(
+        &s,
+        "writing the verify reboot's seal",
+        &seal.disk_seal_script(&held, installed_policy),
+    )
+    .await?;
     let made_dir = said.lines().any(|l| l.starts_with("made "));
     ui.say("powering the worker VM off, to boot it again through the VPS's own boot loader");
     power_off(s, vm).await?;
@@ -996,7 +996,8 @@ async fn upgrade_in_vm(dir: &Path, j: &mut Journal, ui: &Ui) -> Result<()> {
     for cmd in &plan.after_reboot {
         guest::run_logged(&s, cmd, &log).await?;
     }
-    s.run(
+    seal_step(
+        &s,
         "removing the verify reboot's seal",
         &seal.disk_unseal_script(&held, made_dir),
     )
@@ -1043,6 +1044,18 @@ async fn upgrade_in_vm(dir: &Path, j: &mut Journal, ui: &Ui) -> Result<()> {
         );
     }
     Ok(())
+}
+
+/// One of the seal's scripts in the worker VM, with a deadline: a guest
+/// whose PID 1 stops answering must not hold the run (and the frozen VPS)
+/// forever.
+async fn seal_step(s: &Session, what: &str, script: &str) -> Result<String> {
+    match tokio::time::timeout(Duration::from_secs(600), s.run(what, script)).await {
+        Ok(r) => r,
+        Err(_) => {
+            bail!("{what} did not finish within 10 minutes in the worker VM; nothing was pushed")
+        }
+    }
 }
 
 /// Power the worker VM off through its own init (a deadline on the request),
