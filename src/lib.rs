@@ -58,24 +58,30 @@ pub async fn run(cli: Cli) -> Result<()> {
                 print_json(&r)?;
             } else {
                 println!(
-                    "{} frozen: {} read-only ({}), {} service(s) and timer(s) stopped, swap off: [{}]",
+                    "{} frozen: {} read-only ({}), {} unit(s) stopped, swap off: [{}]{}",
                     r.host,
                     r.device,
                     r.read_only.join(", "),
                     r.stopped.len(),
-                    r.swap_off.join(", ")
+                    r.swap_off.join(", "),
+                    if r.killed.is_empty() {
+                        String::new()
+                    } else {
+                        format!(", stopped (addresses kept): {}", r.killed.join(", "))
+                    }
                 );
+                println!("`drydock thaw {}` undoes it", s.target.typed_arg());
             }
             s.close().await;
         }
         Command::Thaw { conn, device } => {
             let s = connect(&conn).await?;
             let facts = remote::gather(&s).await?;
-            let started = remote::freeze::thaw(&s, &facts, device.as_deref()).await?;
+            let r = remote::freeze::thaw(&s, &facts, device.as_deref()).await?;
             if json {
-                print_json(&started)?;
+                print_json(&r)?;
             } else {
-                println!("{} thawed; restarted: {}", s.host(), started.join(" "));
+                println!("{}", r.human());
             }
             s.close().await;
         }

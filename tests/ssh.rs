@@ -979,17 +979,109 @@ fn a_failing_remote_command_shows_its_status_and_stderr() {
     );
 }
 
+/// Read-only for this process: its mount, or the filesystem under it (a
+/// remount in the test sshd's mount namespace sets the latter).
 fn mount_is_read_only(mount_point: &std::path::Path) -> bool {
     let mi = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
     let mp = mount_point.to_str().unwrap();
     mi.lines()
         .rfind(|l| l.split(' ').nth(4) == Some(mp))
-        .map(|l| l.split(' ').nth(5).unwrap().split(',').any(|o| o == "ro"))
+        .map(|l| {
+            let per_mount = l.split(' ').nth(5).unwrap();
+            let super_opts = l.rsplit(' ').next().unwrap();
+            per_mount
+                .split(',')
+                .chain(super_opts.split(','))
+                .any(|o| o == "ro")
+        })
         .expect("mounted")
+}
+
+/// A second ext4 filesystem in the disk file, at OFFSET, loop-mounted at
+/// DIR (read-only if asked): a disk with two filesystems.
+struct SecondFs {
+    dir: std::path::PathBuf,
+    loopdev: String,
+}
+
+impl SecondFs {
+    fn new(
+        disk: &std::path::Path,
+        offset: u64,
+        size: u64,
+        dir: &std::path::Path,
+        ro: bool,
+    ) -> SecondFs {
+        let out = Command::new("losetup")
+            .args([
+                "-f",
+                "--show",
+                "-o",
+                &offset.to_string(),
+                "--sizelimit",
+                &size.to_string(),
+            ])
+            .arg(disk)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "losetup: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let loopdev = String::from_utf8_lossy(&out.stdout).trim().to_string();
+        assert!(
+            Command::new("mkfs.ext4")
+                .args(["-q", "-F", &loopdev])
+                .status()
+                .unwrap()
+                .success()
+        );
+        std::fs::create_dir_all(dir).unwrap();
+        let mut m = Command::new("mount");
+        if ro {
+            m.args(["-o", "ro"]);
+        }
+        assert!(
+            m.arg(&loopdev).arg(dir).status().unwrap().success(),
+            "mount {loopdev}"
+        );
+        SecondFs {
+            dir: dir.to_path_buf(),
+            loopdev,
+        }
+    }
+}
+
+impl Drop for SecondFs {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg(&self.dir).status();
+        let _ = Command::new("losetup").args(["-d", &self.loopdev]).status();
+    }
+}
+
+/// The freeze records what it changed in this machine's /run/drydock-freeze
+/// (this machine is every test's "host"): tests that freeze take turns.
+fn freeze_lock() -> std::sync::MutexGuard<'static, ()> {
+    static LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    LOCK.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+fn freeze_cmd(sshd: &Sshd, dev: &std::path::Path) -> std::process::Output {
+    sshd.drydock(&[
+        "freeze",
+        &sshd.host(),
+        "--device",
+        dev.to_str().unwrap(),
+        "--yes",
+    ])
+    .output()
+    .unwrap()
 }
 
 #[test]
 fn freeze_makes_the_disk_read_only_and_thaw_undoes_it() {
+    let _one = freeze_lock();
     let sshd = Sshd::start();
     let t = tempdir();
     let dev = t.path().join("disk");
@@ -1040,6 +1132,7 @@ fn freeze_makes_the_disk_read_only_and_thaw_undoes_it() {
 
 #[test]
 fn a_filesystem_in_use_is_not_frozen_and_its_writers_are_named() {
+    let _one = freeze_lock();
     let sshd = Sshd::start();
     let t = tempdir();
     let dev = t.path().join("disk");
@@ -1074,11 +1167,116 @@ fn a_filesystem_in_use_is_not_frozen_and_its_writers_are_named() {
         "{e}"
     );
     assert!(
-        e.contains("run `drydock thaw 127.0.0.1` to undo what was done"),
+        e.ends_with(&format!("nothing on {} was changed\n", sshd.host())),
         "{e}"
     );
     assert!(!mount_is_read_only(m.dir.path()));
     drop(held);
+}
+
+#[test]
+fn a_freeze_that_fails_half_way_undoes_what_it_did_and_says_so() {
+    // Two filesystems on the disk: the deeper one goes read-only first,
+    // then the one above it cannot (a file is open for writing there).
+    let _one = freeze_lock();
+    let sshd = Sshd::start();
+    let t = tempdir();
+    let dev = t.path().join("disk");
+    make_disk(&dev, 64 * MIB, &[], &[]);
+    let outer = SecondFs::new(&dev, 0, 32 * MIB, &t.path().join("outer"), false);
+    let inner = SecondFs::new(&dev, 32 * MIB, 32 * MIB, &outer.dir.join("inner"), false);
+    let held = std::fs::File::create(outer.dir.join("busy.log")).unwrap();
+
+    let o = freeze_cmd(&sshd, &dev);
+    assert_exit(&o, 3);
+    let e = stderr(&o);
+    assert!(
+        e.contains(&format!(
+            "cannot make {} read-only on {}",
+            outer.dir.display(),
+            sshd.host()
+        )),
+        "{e}"
+    );
+    assert!(
+        e.ends_with(&format!(
+            "drydock undid what it had done ({} read-only): nothing on {} is left changed\n",
+            inner.dir.display(),
+            sshd.host()
+        )),
+        "{e}"
+    );
+    // What a user checks: the filesystem frozen first takes writes again.
+    assert!(!mount_is_read_only(&inner.dir));
+    std::fs::write(inner.dir.join("after"), b"writable again").unwrap();
+    drop(held);
+    // And nothing is left for a thaw to do.
+    let o = sshd
+        .drydock(&["thaw", &sshd.host(), "--device", dev.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert_exit(&o, 0);
+    assert_eq!(
+        stdout(&o),
+        format!(
+            "{}: no freeze by drydock is recorded there since it booted; nothing to thaw\n",
+            sshd.host()
+        )
+    );
+}
+
+#[test]
+fn thaw_leaves_read_only_what_was_read_only_before_the_freeze() {
+    let _one = freeze_lock();
+    let sshd = Sshd::start();
+    let t = tempdir();
+    let dev = t.path().join("disk");
+    make_disk(&dev, 64 * MIB, &[], &[]);
+    let rw = SecondFs::new(&dev, 0, 32 * MIB, &t.path().join("rw"), false);
+    let ro = SecondFs::new(&dev, 32 * MIB, 32 * MIB, &t.path().join("ro"), true);
+
+    let o = freeze_cmd(&sshd, &dev);
+    assert_exit(&o, 0);
+    assert!(
+        stdout(&o).contains(&format!("`drydock thaw {}` undoes it", sshd.host())),
+        "{}",
+        stdout(&o)
+    );
+    assert!(mount_is_read_only(&rw.dir));
+    let o = sshd
+        .drydock(&["thaw", &sshd.host(), "--device", dev.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert_exit(&o, 0);
+    assert_eq!(
+        stdout(&o),
+        format!("{} thawed: read-write {}\n", sshd.host(), rw.dir.display())
+    );
+    assert!(!mount_is_read_only(&rw.dir));
+    assert!(
+        mount_is_read_only(&ro.dir),
+        "thaw made writable a filesystem drydock had not frozen"
+    );
+}
+
+#[test]
+fn hints_name_the_host_as_it_was_typed() {
+    let sshd = Sshd::start();
+    let o = sshd
+        .drydock(&[
+            "freeze",
+            &sshd.host(),
+            "--device",
+            "/dev/drydock-no-such-disk",
+            "--yes",
+        ])
+        .output()
+        .unwrap();
+    assert_exit(&o, 3);
+    assert_stderr(
+        &o,
+        format!("`drydock probe {}` lists the disks", sshd.host()),
+    );
 }
 
 #[test]

@@ -21,6 +21,7 @@ pub fn guest_target(
     let home = std::env::home_dir().unwrap_or_default();
     let t = Target {
         alias: name.to_string(),
+        typed: name.to_string(),
         hostname: "127.0.0.1".into(),
         port,
         user: "root".into(),

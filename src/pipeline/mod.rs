@@ -646,7 +646,19 @@ async fn do_step(step: Step, dir: &Path, j: &mut Journal, ui: &Ui, accept_new: b
                 j.frozen_at = Some(transfer::now());
                 j.frozen_boot_id = Some(facts.boot_id.clone());
                 j.save(dir)?;
-                let r = freeze::freeze(&s, &facts, Some(&dev.path)).await?;
+                let r = match freeze::freeze(&s, &facts, Some(&dev.path)).await {
+                    Ok(r) => r,
+                    Err(e) => {
+                        // Refused: the freeze undid itself and nothing is
+                        // left changed, so abort has nothing to give back.
+                        if crate::errors::exit_code(&e) == crate::errors::EXIT_REFUSED {
+                            j.frozen_at = None;
+                            j.frozen_boot_id = None;
+                            j.save(dir)?;
+                        }
+                        return Err(e);
+                    }
+                };
                 ui.say(format!(
                     "frozen: {} read-only, {} service(s) stopped",
                     r.read_only.join(", "),
@@ -1099,12 +1111,8 @@ pub async fn abort(dir: &Path, ui: &Ui) -> Result<()> {
         let s = connect(&j, false).await?;
         let facts = remote::gather(&s).await?;
         if j.frozen_boot_id.as_deref() == Some(facts.boot_id.as_str()) {
-            let started = freeze::thaw(&s, &facts, j.device.as_deref()).await?;
-            ui.say(format!(
-                "{} thawed: filesystems read-write, restarted: {}",
-                s.host(),
-                started.join(" ")
-            ));
+            let r = freeze::thaw(&s, &facts, j.device.as_deref()).await?;
+            ui.say(r.human());
         } else {
             ui.say(format!(
                 "{} rebooted since the freeze: it is running normally",

@@ -138,12 +138,12 @@ pub fn parse_inspection(
             "{path} on {} is neither a block device nor a regular file; name the disk with \
              --device (`drydock probe {}` shows the one that holds /)",
             session.host(),
-            session.target.alias
+            session.target.typed_arg()
         ),
         _ => Err(refused!(
             "{path} does not exist on {}; `drydock probe {}` lists the disks",
             session.host(),
-            session.target.alias
+            session.target.typed_arg()
         )),
     }
 }
@@ -155,7 +155,11 @@ pub fn require_root(facts: &Facts, session: &Session) -> Result<()> {
             "drydock needs root on the host and {} is uid {}; connect as root@{}",
             session.host(),
             facts.uid,
-            session.target.alias
+            session
+                .target
+                .typed
+                .rsplit_once('@')
+                .map_or(session.target.typed.as_str(), |(_, host)| host)
         ));
     }
     Ok(())

@@ -1,8 +1,67 @@
 //! `drydock freeze` / `thaw`: stop what writes, make every filesystem of the
 //! disk read-only and its swap off, then check it (safety rule 6); and undo.
 //!
-//! What was stopped is recorded on the host's /run (a tmpfs that a reboot
-//! clears, as it clears the freeze), so `thaw` restarts exactly that.
+//! # A freeze completes or undoes itself
+//!
+//! Every change is recorded on the host, in `/run/drydock-freeze` (a tmpfs
+//! that a reboot clears, as a reboot undoes the freeze), *before* it is
+//! made: a connection cut between the change and its record cannot leave a
+//! change nobody knows of. Undoing something that was recorded but not done
+//! is harmless (remounting a read-write filesystem read-write, starting a
+//! running unit, turning on a swap that is on are all no-ops, and a stopped
+//! process is started again only if it is gone). When any step fails, the
+//! freeze undoes every recorded change, newest kind first, and reports:
+//! refused (exit 3) when nothing is left changed, a failure (exit 1) naming
+//! what is still changed and the `drydock thaw HOST` that undoes it when
+//! the undo could not finish. `thaw` undoes exactly what is recorded, never
+//! a filesystem that was read-only before drydock came.
+//!
+//! # What is stopped, what is kept, and why that is safe
+//!
+//! * **Timers, path units and sockets** first, so that nothing starts a
+//!   service again while the services stop (a socket such as rsyslog's
+//!   `syslog.socket` would start rsyslog at the next log line). Kept: the
+//!   sockets of sshd, D-Bus, systemd itself and the storage daemons (LVM,
+//!   device-mapper events, multipath, iSCSI), which write nothing to the
+//!   disk's filesystems and which the host needs to stay reachable.
+//! * **Running services**, except those in [`KEEP`]: sshd, journald (told
+//!   to write to /run instead of /var with `--relinquish-var`, so a
+//!   persistent journal is closed), logind, udev, D-Bus, and every network
+//!   manager (systemd-networkd, NetworkManager, ifupdown's units, dhcpcd):
+//!   they keep the address the host is reached on. Lease files they would
+//!   write on a renewal (dhcpcd's, NetworkManager's) fail to write on the
+//!   read-only disk; they log it and keep the address. Each stop has a
+//!   deadline (`timeout 300`). Docker and containerd are services: stopping
+//!   them stops their containers, which unmounts the containers' overlays
+//!   (whose upper layers, on the disk, would hold it busy), and volumes are
+//!   plain directories on the disk. Databases (PostgreSQL, MariaDB) stop
+//!   through their own units, which checkpoint: every committed row is in
+//!   the files that are copied.
+//! * **ISC dhclient** (ifupdown's DHCP client, also run as `dhclient@`)
+//!   keeps its lease file open for writing, which keeps `/` from going
+//!   read-only, and stopping the unit that started it (`networking` or
+//!   `ifup@IF`) would take the interface down. So its addresses on its
+//!   interface are made permanent (`ip addr change … valid_lft forever`:
+//!   if the lease expires during a long upgrade the kernel keeps the
+//!   address, where a lease with a lifetime would drop it and the host with
+//!   it), its command line is recorded and it is killed with SIGKILL (a
+//!   SIGTERM could run dhclient-script's STOP, which flushes the address).
+//!   The provider's DHCP server gives a VPS the same address by its MAC, so
+//!   holding it past the lease's end takes nobody's address. `thaw` starts
+//!   it again with the same command line (in a scope of its own, so it
+//!   outlives the SSH session); the reboot after a push starts it as at
+//!   every boot.
+//! * **Anything else with a file open for writing** (a user's editor in
+//!   tmux, a cron job that outlived `cron.service`, whose `KillMode=process`
+//!   leaves jobs running) is not killed: drydock cannot know what losing
+//!   it costs. The remount fails, the freeze undoes itself and names each
+//!   writer (PID, command, file) so that its owner can end it.
+//! * **Swap** on the disk (a partition, an LVM volume, or a swap file on
+//!   one of its filesystems) is turned off after the filesystems are
+//!   read-only: the kernel writes swap pages straight to the blocks, so a
+//!   swap file left on would change the disk under the copy.
+//!
+//! The check after the freeze reads the mounts and swaps again (rule 6).
 
 use anyhow::{Context, Result};
 use serde::Serialize;
@@ -40,6 +99,19 @@ const KEEP_PREFIX: &[&str] = &[
     "dhclient@",
     "session-",
 ];
+/// Socket and path units kept (by name prefix): sshd's, D-Bus's, systemd's
+/// own and the storage daemons'.
+const KEEP_TRIGGER_PREFIX: &[&str] = &[
+    "ssh.socket",
+    "sshd.socket",
+    "sshd@",
+    "dbus.socket",
+    "systemd-",
+    "lvm2-",
+    "dm-event.",
+    "multipathd.",
+    "iscsid.",
+];
 
 const STATE_DIR: &str = "/run/drydock-freeze";
 
@@ -48,30 +120,170 @@ pub struct FreezeReport {
     pub host: String,
     pub device: String,
     pub stopped: Vec<String>,
+    /// Processes outside the stopped units that were stopped (dhclient).
+    pub killed: Vec<String>,
     pub read_only: Vec<String>,
     pub swap_off: Vec<String>,
     pub boot_id: String,
 }
 
-fn stop_services_script() -> String {
+/// What `thaw` (or a freeze undoing itself) put back, and what it could not.
+#[derive(Debug, Default, Serialize)]
+pub struct ThawReport {
+    pub host: String,
+    /// "read-write /boot", "swap on /swapfile", "started cron.service", …
+    pub restored: Vec<String>,
+    /// What is still changed, with the reason.
+    pub left: Vec<String>,
+    /// False when no freeze by drydock was recorded on the host.
+    pub was_frozen: bool,
+}
+
+impl ThawReport {
+    pub fn human(&self) -> String {
+        if !self.was_frozen {
+            return format!(
+                "{}: no freeze by drydock is recorded there since it booted; nothing to thaw",
+                self.host
+            );
+        }
+        let mut s = format!(
+            "{} thawed: {}",
+            self.host,
+            if self.restored.is_empty() {
+                "nothing was left to put back".to_string()
+            } else {
+                self.restored.join(", ")
+            }
+        );
+        if !self.left.is_empty() {
+            s.push_str(&format!("; NOT put back: {}", self.left.join("; ")));
+        }
+        s
+    }
+}
+
+/// Append LINE to the record file NAME unless it is there already.
+fn record(name: &str, line: &str) -> String {
+    format!(
+        "mkdir -p {STATE_DIR} && {{ grep -qxF -- {q} {STATE_DIR}/{name} 2>/dev/null || printf '%s\\n' {q} >> {STATE_DIR}/{name}; }}",
+        q = shell_quote(line)
+    )
+}
+
+fn stop_units_script() -> String {
     let keep = KEEP.join(" ");
     let keep_prefix = KEEP_PREFIX.join(" ");
+    let keep_trigger = KEEP_TRIGGER_PREFIX.join(" ");
     format!(
         r#"export LC_ALL=C PATH="$PATH:/usr/sbin:/sbin:/run/current-system/sw/bin"
 S={STATE_DIR}; mkdir -p "$S" || exit 1
 command -v systemctl >/dev/null 2>&1 || {{ echo "no systemd: stop the host's services by hand, then freeze again" >&2; exit 0; }}
-for t in $(systemctl list-units --type=timer --state=active --no-legend --plain 2>/dev/null | cut -d' ' -f1); do
-  systemctl stop "$t" && echo "$t" >> "$S/stopped"
+rec() {{ grep -qxF -- "$1" "$S/stopped" 2>/dev/null || printf '%s\n' "$1" >> "$S/stopped"; }}
+stop() {{
+  rec "$1"
+  if timeout 300 systemctl stop "$1"; then echo "stopped $1"; return 0; fi
+  st=$(systemctl is-active "$1" 2>/dev/null)
+  case "$st" in active|activating|deactivating|reloading)
+    echo "$1 did not stop within 5 minutes (it is $st)" >&2; return 1;;
+  esac
+  echo "stopped $1"
+}}
+for u in $(systemctl list-units --type=timer --state=active --no-legend --plain 2>/dev/null | cut -d' ' -f1); do
+  stop "$u" || exit 1
+done
+for u in $(systemctl list-units --type=path,socket --state=active --no-legend --plain 2>/dev/null | cut -d' ' -f1); do
+  k=0
+  for p in {keep_trigger}; do case "$u" in "$p"*) k=1;; esac; done
+  [ $k = 1 ] && continue
+  stop "$u" || exit 1
 done
 for u in $(systemctl list-units --type=service --state=running --no-legend --plain 2>/dev/null | cut -d' ' -f1); do
   k=0
   for x in {keep}; do [ "$u" = "$x" ] && k=1; done
   for p in {keep_prefix}; do case "$u" in "$p"*) k=1;; esac; done
   [ $k = 1 ] && continue
-  if systemctl stop "$u"; then echo "$u" >> "$S/stopped"; echo "stopped $u"; fi
+  stop "$u" || exit 1
 done
-journalctl --relinquish-var >/dev/null 2>&1 || true
-sync
+"#
+    )
+}
+
+/// ISC dhclient: addresses on its interface made permanent, its command
+/// line recorded, then SIGKILL (see the module doc).
+fn stop_dhclient_script() -> String {
+    format!(
+        r#"export LC_ALL=C PATH="$PATH:/usr/sbin:/sbin"
+S={STATE_DIR}; mkdir -p "$S" || exit 1
+for p in /proc/[0-9]*; do
+  [ "$(cat "$p/comm" 2>/dev/null)" = dhclient ] || continue
+  pid=${{p#/proc/}}
+  args=$(tr '\0' '\n' < "$p/cmdline" | while IFS= read -r a; do printf "'%s' " "$(printf '%s' "$a" | sed "s/'/'\\\\''/g")"; done)
+  [ -n "$args" ] || continue
+  # The interfaces it serves: its arguments that name a link.
+  for a in $(tr '\0' ' ' < "$p/cmdline"); do
+    [ -e "/sys/class/net/$a" ] || continue
+    ip -o -4 addr show dev "$a" | while read -r _ _ fam addr rest; do
+      case "$rest" in *valid_lft\ forever*) continue;; esac
+      brd=$(printf '%s\n' "$rest" | sed -n 's/.*brd \([0-9.]*\).*/\1/p')
+      ip addr change "$addr" ${{brd:+brd "$brd"}} dev "$a" valid_lft forever preferred_lft forever \
+        && echo "permanent $a $addr"
+    done
+  done
+  grep -qF -- "$pid	" "$S/killed" 2>/dev/null || printf '%s\t%s\n' "$pid" "$args" >> "$S/killed"
+  kill -KILL "$pid" && echo "killed $pid dhclient"
+done
+exit 0
+"#
+    )
+}
+
+/// Undo what the records in STATE_DIR say was done; print "ok WHAT" or
+/// "left WHAT: REASON" lines, then "end". The records are removed when
+/// nothing was left.
+fn restore_script() -> String {
+    format!(
+        r#"export LC_ALL=C PATH="$PATH:/usr/sbin:/sbin:/run/current-system/sw/bin"
+S={STATE_DIR}
+[ -d "$S" ] || {{ echo "none"; echo end; exit 0; }}
+left=0
+if [ -f "$S/ro" ]; then
+  tac "$S/ro" > "$S/ro.rev"
+  while IFS= read -r m; do
+    if e=$(mount -o remount,rw "$m" 2>&1); then echo "ok read-write $m"; else echo "left $m read-only: $e"; left=1; fi
+  done < "$S/ro.rev"
+  rm -f "$S/ro.rev"
+fi
+if [ -f "$S/swap" ]; then
+  while IFS= read -r w; do
+    if grep -q "^$w " /proc/swaps; then echo "ok swap on $w"; continue; fi
+    if e=$(swapon "$w" 2>&1); then echo "ok swap on $w"; else echo "left swap $w off: $e"; left=1; fi
+  done < "$S/swap"
+fi
+if [ -f "$S/killed" ]; then
+  while IFS='	' read -r pid args; do
+    if [ -d "/proc/$pid" ] && [ "$(cat /proc/$pid/comm 2>/dev/null)" = dhclient ]; then echo "ok dhclient running ($pid)"; continue; fi
+    eval "set -- $args"
+    if command -v systemd-run >/dev/null 2>&1 && [ -d /run/systemd/system ]; then
+      e=$(timeout 120 systemd-run --scope --collect --quiet -- "$@" </dev/null 2>&1 >/dev/null)
+    else
+      e=$(timeout 120 setsid "$@" </dev/null 2>&1 >/dev/null)
+    fi
+    if [ $? = 0 ]; then echo "ok started $1 again"; else echo "left $1 not running: $e"; left=1; fi
+  done < "$S/killed"
+fi
+if [ -f "$S/journal" ]; then
+  journalctl --flush >/dev/null 2>&1; echo "ok journal back on /var"
+fi
+if [ -f "$S/stopped" ]; then
+  tac "$S/stopped" > "$S/stopped.rev"
+  while IFS= read -r u; do
+    if e=$(timeout 300 systemctl start "$u" 2>&1); then echo "ok started $u"; else echo "left $u stopped: $e"; left=1; fi
+  done < "$S/stopped.rev"
+  rm -f "$S/stopped.rev"
+fi
+[ $left = 0 ] && rm -rf "$S"
+echo end
 "#
     )
 }
@@ -95,6 +307,85 @@ done | sort -u | head -n 20"#,
     )
 }
 
+/// What a freeze has done so far, as a user reads it.
+#[derive(Default)]
+struct Done {
+    changes: Vec<String>,
+}
+
+impl Done {
+    fn any(&self) -> bool {
+        !self.changes.is_empty()
+    }
+}
+
+/// Undo after a failure, and turn the failure into the error to report.
+async fn undo_after(session: &Session, done: &Done, failure: String) -> anyhow::Error {
+    let host = session.host();
+    let typed = session.target.typed_arg();
+    match restore(session).await {
+        Ok(r) if r.left.is_empty() => {
+            let undone = if done.any() {
+                format!(
+                    "drydock undid what it had done ({}): nothing on {host} is left changed",
+                    done.changes.join(", ")
+                )
+            } else {
+                format!("nothing on {host} was changed")
+            };
+            refused!("{failure}\n{undone}")
+        }
+        Ok(r) => anyhow::anyhow!(
+            "{failure}\ndrydock could not undo all it had done; still changed on {host}: {}. \
+             Put back: {}. `drydock thaw {typed}` tries again (a reboot of the host also undoes the freeze)",
+            r.left.join("; "),
+            if r.restored.is_empty() {
+                "nothing".to_string()
+            } else {
+                r.restored.join(", ")
+            }
+        ),
+        Err(e) => anyhow::anyhow!(
+            "{failure}\ndrydock could not undo it ({e:#}); what it had done on {host}: {}. \
+             `drydock thaw {typed}` undoes it (a reboot of the host does too)",
+            if done.any() {
+                done.changes.join(", ")
+            } else {
+                "nothing".to_string()
+            }
+        ),
+    }
+}
+
+/// Files the swap file at PATH is on: the longest mount point holding it.
+fn mount_of<'a>(mounts: &'a [super::facts::Mount], path: &str) -> Option<&'a super::facts::Mount> {
+    mounts
+        .iter()
+        .filter(|m| {
+            let mp = m.mount_point.trim_end_matches('/');
+            mp.is_empty() || path == mp || path.starts_with(&format!("{mp}/"))
+        })
+        .max_by_key(|m| m.mount_point.len())
+}
+
+/// Swap areas that write to the device: swap partitions and volumes on it,
+/// and swap files on one of its filesystems.
+fn swaps_on(facts: &Facts, dev: &Device) -> Vec<String> {
+    let mut out: Vec<String> = facts
+        .swaps_on_disk(dev.path.trim_start_matches("/dev/"))
+        .into_iter()
+        .map(|s| s.path.clone())
+        .collect();
+    for s in facts.swaps.iter().filter(|s| s.kind == "file") {
+        if let Some(m) = mount_of(&facts.mounts, &s.path)
+            && dev.mounts.iter().any(|d| d.dev == m.dev)
+        {
+            out.push(s.path.clone());
+        }
+    }
+    out
+}
+
 pub async fn freeze(
     session: &Session,
     facts: &Facts,
@@ -102,28 +393,74 @@ pub async fn freeze(
 ) -> Result<FreezeReport> {
     require_root(facts, session)?;
     let dev = inspect(session, facts, device).await?;
+    let host = session.host();
+    let mut done = Done::default();
+
     // Services write to the host's disks; a regular file standing in for a
     // disk (a loop-mounted image) is frozen without touching them.
-    let stopped: Vec<String> = if dev.is_block() {
-        session
-            .run("stopping services", &stop_services_script())
-            .await?
+    let mut stopped = Vec::new();
+    let mut killed = Vec::new();
+    if dev.is_block() {
+        let out = session.exec(&stop_units_script()).await?;
+        stopped = out
+            .stdout_str()
             .lines()
             .filter_map(|l| l.strip_prefix("stopped ").map(str::to_string))
-            .collect()
-    } else {
-        Vec::new()
-    };
+            .collect();
+        if !stopped.is_empty() {
+            done.changes.push(format!("stopped {}", stopped.join(" ")));
+        }
+        if !out.success() {
+            let failure = format!(
+                "cannot stop the services of {host}: {}",
+                String::from_utf8_lossy(&out.stderr).trim()
+            );
+            return Err(undo_after(session, &done, failure).await);
+        }
+        match session
+            .run("stopping dhclient", &stop_dhclient_script())
+            .await
+        {
+            Ok(out) => {
+                for l in out.lines() {
+                    if let Some(k) = l.strip_prefix("killed ") {
+                        killed.push(k.to_string());
+                    }
+                }
+                if !killed.is_empty() {
+                    done.changes.push(format!(
+                        "stopped {} (its addresses kept, made permanent)",
+                        killed.join(", ")
+                    ));
+                }
+            }
+            Err(e) => return Err(undo_after(session, &done, format!("{e:#}")).await),
+        }
+        let r = session
+            .exec(&format!(
+                "{} && {{ journalctl --relinquish-var >/dev/null 2>&1 || true; }}",
+                record("journal", "relinquished")
+            ))
+            .await;
+        if let Err(e) = r {
+            return Err(undo_after(session, &done, format!("{e:#}")).await);
+        }
+    }
 
     // Deepest mount points first, so /boot goes read-only before /.
     let mut mounts = dev.rw_mounts().into_iter().cloned().collect::<Vec<_>>();
     mounts.sort_by_key(|m| std::cmp::Reverse(m.mount_point.len()));
+    let mut read_only = Vec::new();
     for m in &mounts {
         let cmd = format!(
-            "sync && mount -o remount,ro {}",
+            "{} && sync && mount -o remount,ro {}",
+            record("ro", &m.mount_point),
             shell_quote(&m.mount_point)
         );
-        let res = session.exec(&cmd).await?;
+        let res = match session.exec(&cmd).await {
+            Ok(r) => r,
+            Err(e) => return Err(undo_after(session, &done, format!("{e:#}")).await),
+        };
         if !res.success() {
             let writers = session
                 .run("listing writers", &writers_script(&m.mount_point))
@@ -133,42 +470,60 @@ pub async fn freeze(
                 "none found with a file open for writing (a deleted file still open, or a kernel user such as quota or a loop device, can also hold it)".to_string()
             } else {
                 format!(
-                    "these hold files open for writing:\n  {}",
+                    "these hold files open for writing:\n  {}\nEnd them (or have them close those files), then run again",
                     writers.trim().replace('\n', "\n  ")
                 )
             };
-            return Err(refused!(
-                "cannot make {} read-only on {} ({}): {}. Stop them, or run `drydock thaw {}` \
-                 to undo what was done",
+            let failure = format!(
+                "cannot make {} read-only on {host} ({}): {writers}",
                 m.mount_point,
-                session.host(),
                 String::from_utf8_lossy(&res.stderr).trim(),
-                writers,
-                session.target.alias
-            ));
+            );
+            return Err(undo_after(session, &done, failure).await);
         }
+        read_only.push(m.mount_point.clone());
+        done.changes.push(format!("{} read-only", m.mount_point));
     }
-    let swaps: Vec<String> = facts
-        .swaps_on_disk(dev.path.trim_start_matches("/dev/"))
-        .into_iter()
-        .map(|s| s.path.clone())
-        .collect();
+
+    let swaps = swaps_on(facts, &dev);
     for s in &swaps {
-        session
-            .run(
-                &format!("turning swap {s} off"),
-                &format!("swapoff {}", shell_quote(s)),
-            )
-            .await?;
+        let cmd = format!("{} && swapoff {}", record("swap", s), shell_quote(s));
+        let res = match session.exec(&cmd).await {
+            Ok(r) => r,
+            Err(e) => return Err(undo_after(session, &done, format!("{e:#}")).await),
+        };
+        if !res.success() {
+            let failure = format!(
+                "cannot turn swap {s} off on {host} ({}){}",
+                String::from_utf8_lossy(&res.stderr).trim(),
+                if String::from_utf8_lossy(&res.stderr).contains("memory") {
+                    ": the pages in it do not fit in free memory; stop a program that uses much of it, then run again"
+                } else {
+                    ""
+                }
+            );
+            return Err(undo_after(session, &done, failure).await);
+        }
+        done.changes.push(format!("swap {s} off"));
     }
-    let after = gather(session).await?;
-    let dev_after = inspect(session, &after, Some(&dev.path)).await?;
-    check_frozen(&after, &dev_after, session)?;
+
+    let checked = async {
+        let after = gather(session).await?;
+        let dev_after = inspect(session, &after, Some(&dev.path)).await?;
+        check_frozen(&after, &dev_after, session)?;
+        Ok::<_, anyhow::Error>(after)
+    }
+    .await;
+    let after = match checked {
+        Ok(a) => a,
+        Err(e) => return Err(undo_after(session, &done, format!("{e:#}")).await),
+    };
     Ok(FreezeReport {
-        host: session.host(),
+        host,
         device: dev.path.clone(),
         stopped,
-        read_only: mounts.iter().map(|m| m.mount_point.clone()).collect(),
+        killed,
+        read_only,
         swap_off: swaps,
         boot_id: after.boot_id,
     })
@@ -181,11 +536,7 @@ pub fn check_frozen(facts: &Facts, dev: &Device, session: &Session) -> Result<()
         .iter()
         .map(|m| m.mount_point.clone())
         .collect();
-    let swap: Vec<String> = facts
-        .swaps_on_disk(dev.path.trim_start_matches("/dev/"))
-        .iter()
-        .map(|s| s.path.clone())
-        .collect();
+    let swap = swaps_on(facts, dev);
     if !rw.is_empty() || !swap.is_empty() {
         return Err(refused!(
             "{} on {} is not frozen: still read-write: [{}], swap still on: [{}]",
@@ -198,35 +549,68 @@ pub fn check_frozen(facts: &Facts, dev: &Device, session: &Session) -> Result<()
     Ok(())
 }
 
-pub async fn thaw(session: &Session, facts: &Facts, device: Option<&str>) -> Result<Vec<String>> {
-    require_root(facts, session)?;
-    let dev = inspect(session, facts, device).await?;
-    let mut mounts = dev.mounts.clone();
-    mounts.sort_by_key(|m| m.mount_point.len());
-    for m in mounts.iter().filter(|m| m.read_only) {
-        session
-            .run(
-                &format!("remounting {} read-write", m.mount_point),
-                &format!("mount -o remount,rw {}", shell_quote(&m.mount_point)),
-            )
-            .await?;
-    }
-    let script = format!(
-        r#"export LC_ALL=C PATH="$PATH:/usr/sbin:/sbin:/run/current-system/sw/bin"
-swapon -a 2>/dev/null || true
-journalctl --flush >/dev/null 2>&1 || true
-S={STATE_DIR}
-if [ -f "$S/stopped" ]; then
-  while read -r u; do systemctl start "$u" && echo "started $u"; done < "$S/stopped"
-  rm -f "$S/stopped"
-fi"#
-    );
+/// Put back what the host's records say a freeze did.
+async fn restore(session: &Session) -> Result<ThawReport> {
     let out = session
-        .run("restarting services", &script)
-        .await
-        .context("the filesystems are read-write again, but not every service restarted")?;
-    Ok(out
-        .lines()
-        .filter_map(|l| l.strip_prefix("started ").map(str::to_string))
-        .collect())
+        .run("putting back what the freeze changed", &restore_script())
+        .await?;
+    let mut r = ThawReport {
+        host: session.host(),
+        was_frozen: true,
+        ..Default::default()
+    };
+    let mut ended = false;
+    for l in out.lines() {
+        if l == "none" {
+            r.was_frozen = false;
+        } else if l == "end" {
+            ended = true;
+        } else if let Some(x) = l.strip_prefix("ok ") {
+            r.restored.push(x.to_string());
+        } else if let Some(x) = l.strip_prefix("left ") {
+            r.left.push(x.to_string());
+        }
+    }
+    if !ended {
+        anyhow::bail!(
+            "the connection to {} ended while drydock put back what the freeze changed",
+            session.host()
+        );
+    }
+    Ok(r)
+}
+
+/// `drydock thaw`: undo exactly what the recorded freeze did. An error
+/// (exit 1) when something could not be put back.
+pub async fn thaw(session: &Session, facts: &Facts, _device: Option<&str>) -> Result<ThawReport> {
+    require_root(facts, session)?;
+    let r = restore(session).await.context("thaw")?;
+    if !r.left.is_empty() {
+        anyhow::bail!(
+            "{}\nThe record of what is left stays in {STATE_DIR} on the host: `drydock thaw {}` tries again once the reason is dealt with",
+            r.human(),
+            session.target.typed_arg()
+        );
+    }
+    Ok(r)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_swap_file_is_on_the_filesystem_that_holds_it() {
+        let m = |mp: &str, dev: &str| super::super::facts::Mount {
+            mount_point: mp.into(),
+            source: "/dev/x".into(),
+            fstype: "ext4".into(),
+            dev: dev.into(),
+            read_only: false,
+        };
+        let f = vec![m("/", "254:1"), m("/var", "254:2"), m("/varnish", "254:3")];
+        assert_eq!(mount_of(&f, "/swapfile").unwrap().dev, "254:1");
+        assert_eq!(mount_of(&f, "/var/swap").unwrap().dev, "254:2");
+        assert_eq!(mount_of(&f, "/varnish/swap").unwrap().dev, "254:3");
+    }
 }

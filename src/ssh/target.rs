@@ -12,6 +12,8 @@ use anyhow::{Context, Result, bail};
 /// The host as the user typed it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct HostSpec {
+    /// The whole argument, exactly as typed (for hints that name a command).
+    pub typed: String,
     pub user: Option<String>,
     pub host: String,
     pub port: Option<u16>,
@@ -44,7 +46,12 @@ impl HostSpec {
         if host.is_empty() {
             bail!("'{s}' names no host: expected [user@]host[:port]");
         }
-        Ok(HostSpec { user, host, port })
+        Ok(HostSpec {
+            typed: s.to_string(),
+            user,
+            host,
+            port,
+        })
     }
 }
 
@@ -58,8 +65,11 @@ fn parse_port(p: &str, whole: &str) -> Result<u16> {
 /// Where and as whom drydock connects, after `ssh_config` is applied.
 #[derive(Debug, Clone)]
 pub struct Target {
-    /// What the user typed (an alias, maybe): used in messages.
+    /// The host part of what the user typed (an alias, maybe): used in messages.
     pub alias: String,
+    /// The whole argument as typed (`root@vps:2222`, `myalias`): what a
+    /// hint naming a drydock command writes, so that it reaches this host.
+    pub typed: String,
     /// The address to connect to and to look up in known_hosts.
     pub hostname: String,
     pub port: u16,
@@ -83,6 +93,17 @@ impl Target {
             format!("{}@{}", self.user, self.alias)
         } else {
             format!("{}@{}:{}", self.user, self.alias, self.port)
+        }
+    }
+
+    /// The host as typed, quoted for a shell if it needs it: what hints
+    /// such as "run `drydock thaw HOST`" write.
+    pub fn typed_arg(&self) -> String {
+        let plain = |c: char| c.is_ascii_alphanumeric() || "@%+=:,./_-".contains(c);
+        if !self.typed.is_empty() && self.typed.chars().all(plain) {
+            self.typed.clone()
+        } else {
+            crate::ssh::shell_quote(&self.typed)
         }
     }
 
@@ -142,6 +163,7 @@ impl Target {
         };
         Target {
             alias: spec.host.clone(),
+            typed: spec.typed.clone(),
             hostname,
             port,
             user,
@@ -345,6 +367,15 @@ mod tests {
         assert_eq!(e, "'root@host:http': 'http' is not a port number (1-65535)");
         assert!(HostSpec::parse("@host").is_err());
         assert!(HostSpec::parse("root@").is_err());
+    }
+
+    #[test]
+    fn hints_write_the_host_as_typed() {
+        let home = Path::new("/home/u");
+        let t = |s: &str| Target::resolve_with(&HostSpec::parse(s).unwrap(), "", home).typed_arg();
+        assert_eq!(t("root@vps.example.org:2222"), "root@vps.example.org:2222");
+        assert_eq!(t("myalias"), "myalias");
+        assert_eq!(t("[::1]:2222"), "'[::1]:2222'");
     }
 
     #[test]

@@ -786,6 +786,6 @@ fn check_mounts(dev: &Device, live: bool, session: &Session, ui: &Ui) -> Result<
         dev.path,
         session.host(),
         Device::describe_mounts(&rw),
-        session.target.alias
+        session.target.typed_arg()
     ))
 }

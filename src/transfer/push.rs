@@ -232,7 +232,7 @@ pub async fn push(
             dev.path,
             session.host(),
             Device::describe_mounts(&rw),
-            session.target.alias
+            session.target.typed_arg()
         ));
     }
     let image_len = std::fs::metadata(&opts.image)
