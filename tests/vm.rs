@@ -1000,3 +1000,12 @@ fn boot_gives_a_shell_on_a_copy_holds_its_services_back_and_powers_off_on_ctrl_c
     assert_stderr(&o, "has no recorded kernel");
     assert_stderr(&o, "or boot with --services");
 }
+
+#[test]
+#[ignore = "zoo tier (long): scripts/test-zoo runs it"]
+fn zoo_var_partition_swap_partition_and_swap_file() {
+    zoo_upgrade(
+        "var-swap",
+        "[ \"$(findmnt -no SOURCE /var)\" = /dev/vda2 ] && swapon --show=NAME --noheadings | sort | tr '\\n' ' ' | grep -qx '/dev/vda3 /swapfile ' && echo ok",
+    );
+}

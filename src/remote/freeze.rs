@@ -57,9 +57,11 @@
 //!   it costs. The remount fails, the freeze undoes itself and names each
 //!   writer (PID, command, file) so that its owner can end it.
 //! * **Swap** on the disk (a partition, an LVM volume, or a swap file on
-//!   one of its filesystems) is turned off after the filesystems are
+//!   one of its filesystems) is turned off before the filesystems go
 //!   read-only: the kernel writes swap pages straight to the blocks, so a
-//!   swap file left on would change the disk under the copy.
+//!   swap left on would change the disk under the copy, and an active swap
+//!   file is a file open for writing, which keeps its filesystem from
+//!   going read-only.
 //!
 //! The check after the freeze reads the mounts and swaps again (rule 6).
 
@@ -447,6 +449,28 @@ pub async fn freeze(
         }
     }
 
+    let swaps = swaps_on(facts, &dev);
+    for s in &swaps {
+        let cmd = format!("{} && swapoff {}", record("swap", s), shell_quote(s));
+        let res = match session.exec(&cmd).await {
+            Ok(r) => r,
+            Err(e) => return Err(undo_after(session, &done, format!("{e:#}")).await),
+        };
+        if !res.success() {
+            let failure = format!(
+                "cannot turn swap {s} off on {host} ({}){}",
+                String::from_utf8_lossy(&res.stderr).trim(),
+                if String::from_utf8_lossy(&res.stderr).contains("memory") {
+                    ": the pages in it do not fit in free memory; stop a program that uses much of it, then run again"
+                } else {
+                    ""
+                }
+            );
+            return Err(undo_after(session, &done, failure).await);
+        }
+        done.changes.push(format!("swap {s} off"));
+    }
+
     // Deepest mount points first, so /boot goes read-only before /.
     let mut mounts = dev.rw_mounts().into_iter().cloned().collect::<Vec<_>>();
     mounts.sort_by_key(|m| std::cmp::Reverse(m.mount_point.len()));
@@ -483,28 +507,6 @@ pub async fn freeze(
         }
         read_only.push(m.mount_point.clone());
         done.changes.push(format!("{} read-only", m.mount_point));
-    }
-
-    let swaps = swaps_on(facts, &dev);
-    for s in &swaps {
-        let cmd = format!("{} && swapoff {}", record("swap", s), shell_quote(s));
-        let res = match session.exec(&cmd).await {
-            Ok(r) => r,
-            Err(e) => return Err(undo_after(session, &done, format!("{e:#}")).await),
-        };
-        if !res.success() {
-            let failure = format!(
-                "cannot turn swap {s} off on {host} ({}){}",
-                String::from_utf8_lossy(&res.stderr).trim(),
-                if String::from_utf8_lossy(&res.stderr).contains("memory") {
-                    ": the pages in it do not fit in free memory; stop a program that uses much of it, then run again"
-                } else {
-                    ""
-                }
-            );
-            return Err(undo_after(session, &done, failure).await);
-        }
-        done.changes.push(format!("swap {s} off"));
     }
 
     let checked = async {
