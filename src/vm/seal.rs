@@ -84,8 +84,11 @@ const SSH_UNITS: &[&str] = &[
     "sshd.socket",
     "dropbear.service",
 ];
-/// Units a login needs besides the server: it removes /run/nologin.
-const LOGIN_UNITS: &[&str] = &["systemd-user-sessions.service"];
+/// Units a login needs besides the server (systemd-user-sessions removes
+/// /run/nologin), and logind, which turns QEMU's ACPI power button into a
+/// clean power-off: without it `drydock boot`'s Ctrl-C, and the worker
+/// VM's fallback power-off, could only pull the plug.
+const LOGIN_UNITS: &[&str] = &["systemd-user-sessions.service", "systemd-logind.service"];
 /// Unit kinds that run something; targets, mounts, swaps are the system's.
 const KINDS: &[&str] = &[".service", ".socket", ".timer", ".path"];
 /// The targets sysinit.target pulls in: a held-back unit enabled into one
@@ -494,7 +497,8 @@ mod tests {
             [
                 "ssh.service",
                 "systemd-networkd.service",
-                "systemd-user-sessions.service"
+                "systemd-user-sessions.service",
+                "systemd-logind.service"
             ]
         );
         assert_eq!(
@@ -514,7 +518,7 @@ mod tests {
         assert_eq!(
             s.kernel_cmdline("BOOT_IMAGE=/boot/vmlinuz-6.1.0-50-cloud-amd64 root=UUID=1383 ro console=tty0 console=ttyS0,115200 systemd.unit=graphical.target")
                 .unwrap(),
-            "root=UUID=1383 ro console=tty0 console=ttyS0,115200 systemd.unit=sysinit.target systemd.wants=ssh.service systemd.wants=systemd-networkd.service systemd.wants=systemd-user-sessions.service systemd.mask=systemd-pstore.service"
+            "root=UUID=1383 ro console=tty0 console=ttyS0,115200 systemd.unit=sysinit.target systemd.wants=ssh.service systemd.wants=systemd-networkd.service systemd.wants=systemd-user-sessions.service systemd.wants=systemd-logind.service systemd.mask=systemd-pstore.service"
         );
     }
 
@@ -574,7 +578,8 @@ mod tests {
                 "ssh.service",
                 "networking.service",
                 "ifup@eth0.service",
-                "systemd-user-sessions.service"
+                "systemd-user-sessions.service",
+                "systemd-logind.service"
             ]
         );
     }
