@@ -459,24 +459,36 @@ fn push_without_manifest_is_refused_unless_full() {
     assert_stderr(&o, "push with --full to overwrite the whole disk");
 }
 
-/// A loop device with an ext4 on the disk file, mounted read-write: the
-/// refusals a mounted disk must get.
+/// An ext4 filesystem in the disk file (all of it, or SIZE bytes at
+/// OFFSET), on a loop device, mounted at DIR (read-only if asked): the
+/// refusals a mounted disk must get, and disks with two filesystems.
 struct Mounted {
-    dir: tempfile::TempDir,
+    dir: std::path::PathBuf,
     loopdev: String,
+    _tmp: Option<tempfile::TempDir>,
 }
 
 impl Mounted {
+    /// The whole file, mounted read-write in a folder of its own; None
+    /// where there are no loop devices.
     fn new(dev: &std::path::Path) -> Option<Mounted> {
-        let ok = Command::new("mkfs.ext4")
-            .args(["-q", "-F"])
-            .arg(dev)
-            .status()
-            .map(|s| s.success())
-            .unwrap_or(false);
-        assert!(ok, "mkfs.ext4 failed");
+        let tmp = tempdir();
+        let size = std::fs::metadata(dev).unwrap().len();
+        let mut m = Mounted::part(dev, 0, size, tmp.path(), false)?;
+        m._tmp = Some(tmp);
+        Some(m)
+    }
+
+    fn part(
+        dev: &std::path::Path,
+        offset: u64,
+        size: u64,
+        dir: &std::path::Path,
+        ro: bool,
+    ) -> Option<Mounted> {
         let out = Command::new("losetup")
-            .args(["-f", "--show"])
+            .args(["-f", "--show", "-o", &offset.to_string()])
+            .args(["--sizelimit", &size.to_string()])
             .arg(dev)
             .output()
             .unwrap();
@@ -488,20 +500,30 @@ impl Mounted {
             return None;
         }
         let loopdev = String::from_utf8_lossy(&out.stdout).trim().to_string();
-        let dir = tempdir();
-        let st = Command::new("mount")
-            .arg(&loopdev)
-            .arg(dir.path())
+        let ok = Command::new("mkfs.ext4")
+            .args(["-q", "-F", &loopdev])
             .status()
-            .unwrap();
+            .map(|s| s.success())
+            .unwrap_or(false);
+        assert!(ok, "mkfs.ext4 on {loopdev} failed");
+        std::fs::create_dir_all(dir).unwrap();
+        let mut m = Command::new("mount");
+        if ro {
+            m.args(["-o", "ro"]);
+        }
+        let st = m.arg(&loopdev).arg(dir).status().unwrap();
         assert!(st.success(), "mount {loopdev} failed");
-        Some(Mounted { dir, loopdev })
+        Some(Mounted {
+            dir: dir.to_path_buf(),
+            loopdev,
+            _tmp: None,
+        })
     }
 }
 
 impl Drop for Mounted {
     fn drop(&mut self) {
-        let _ = Command::new("umount").arg(self.dir.path()).status();
+        let _ = Command::new("umount").arg(&self.dir).status();
         let _ = Command::new("losetup").args(["-d", &self.loopdev]).status();
     }
 }
@@ -518,7 +540,7 @@ fn a_disk_mounted_read_write_is_refused() {
             "this test needs loop devices (losetup -f); the SSH tier runs as root on a machine with them"
         );
     };
-    std::fs::write(m.dir.path().join("file"), b"in use").unwrap();
+    std::fs::write(m.dir.as_path().join("file"), b"in use").unwrap();
 
     let o = pull(&sshd, &dev, &img);
     assert_exit(&o, 3);
@@ -528,7 +550,7 @@ fn a_disk_mounted_read_write_is_refused() {
             "{} is mounted read-write on {}: {} (ext4 from {})",
             dev.display(),
             sshd.host(),
-            m.dir.path().display(),
+            m.dir.as_path().display(),
             m.loopdev
         )),
         "{e}"
@@ -997,74 +1019,17 @@ fn mount_is_read_only(mount_point: &std::path::Path) -> bool {
         .expect("mounted")
 }
 
-/// A second ext4 filesystem in the disk file, at OFFSET, loop-mounted at
-/// DIR (read-only if asked): a disk with two filesystems.
-struct SecondFs {
-    dir: std::path::PathBuf,
-    loopdev: String,
-}
-
-impl SecondFs {
-    fn new(
-        disk: &std::path::Path,
-        offset: u64,
-        size: u64,
-        dir: &std::path::Path,
-        ro: bool,
-    ) -> SecondFs {
-        let out = Command::new("losetup")
-            .args([
-                "-f",
-                "--show",
-                "-o",
-                &offset.to_string(),
-                "--sizelimit",
-                &size.to_string(),
-            ])
-            .arg(disk)
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "losetup: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        let loopdev = String::from_utf8_lossy(&out.stdout).trim().to_string();
-        assert!(
-            Command::new("mkfs.ext4")
-                .args(["-q", "-F", &loopdev])
-                .status()
-                .unwrap()
-                .success()
-        );
-        std::fs::create_dir_all(dir).unwrap();
-        let mut m = Command::new("mount");
-        if ro {
-            m.args(["-o", "ro"]);
-        }
-        assert!(
-            m.arg(&loopdev).arg(dir).status().unwrap().success(),
-            "mount {loopdev}"
-        );
-        SecondFs {
-            dir: dir.to_path_buf(),
-            loopdev,
-        }
-    }
-}
-
-impl Drop for SecondFs {
-    fn drop(&mut self) {
-        let _ = Command::new("umount").arg(&self.dir).status();
-        let _ = Command::new("losetup").args(["-d", &self.loopdev]).status();
-    }
-}
-
 /// The freeze records what it changed in this machine's /run/drydock-freeze
 /// (this machine is every test's "host"): tests that freeze take turns.
 fn freeze_lock() -> std::sync::MutexGuard<'static, ()> {
     static LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
     LOCK.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+fn thaw_cmd(sshd: &Sshd, dev: &std::path::Path) -> std::process::Output {
+    sshd.drydock(&["thaw", &sshd.host(), "--device", dev.to_str().unwrap()])
+        .output()
+        .unwrap()
 }
 
 fn freeze_cmd(sshd: &Sshd, dev: &std::path::Path) -> std::process::Output {
@@ -1088,32 +1053,23 @@ fn freeze_makes_the_disk_read_only_and_thaw_undoes_it() {
     let img = t.path().join("image");
     make_disk(&dev, 64 * MIB, &[], &[]);
     let m = Mounted::new(&dev).expect("loop devices (losetup -f)");
-    std::fs::write(m.dir.path().join("file"), b"written before the freeze").unwrap();
+    std::fs::write(m.dir.as_path().join("file"), b"written before the freeze").unwrap();
 
-    let o = sshd
-        .drydock(&[
-            "freeze",
-            &sshd.host(),
-            "--device",
-            dev.to_str().unwrap(),
-            "--yes",
-        ])
-        .output()
-        .unwrap();
+    let o = freeze_cmd(&sshd, &dev);
     assert_exit(&o, 0);
     assert!(
         stdout(&o).contains(&format!(
             "{} frozen: {} read-only ({})",
             sshd.host(),
             dev.display(),
-            m.dir.path().display()
+            m.dir.as_path().display()
         )),
         "{}",
         stdout(&o)
     );
-    assert!(mount_is_read_only(m.dir.path()));
+    assert!(mount_is_read_only(m.dir.as_path()));
     assert!(
-        std::fs::write(m.dir.path().join("other"), b"x").is_err(),
+        std::fs::write(m.dir.as_path().join("other"), b"x").is_err(),
         "a frozen filesystem took a write"
     );
 
@@ -1121,13 +1077,10 @@ fn freeze_makes_the_disk_read_only_and_thaw_undoes_it() {
     assert_exit(&pull(&sshd, &dev, &img), 0);
     assert_eq!(sha256_file(&img), sha256_file(&dev));
 
-    let o = sshd
-        .drydock(&["thaw", &sshd.host(), "--device", dev.to_str().unwrap()])
-        .output()
-        .unwrap();
+    let o = thaw_cmd(&sshd, &dev);
     assert_exit(&o, 0);
-    assert!(!mount_is_read_only(m.dir.path()));
-    std::fs::write(m.dir.path().join("other"), b"after the thaw").unwrap();
+    assert!(!mount_is_read_only(m.dir.as_path()));
+    std::fs::write(m.dir.as_path().join("other"), b"after the thaw").unwrap();
 }
 
 #[test]
@@ -1138,25 +1091,16 @@ fn a_filesystem_in_use_is_not_frozen_and_its_writers_are_named() {
     let dev = t.path().join("disk");
     make_disk(&dev, 64 * MIB, &[], &[]);
     let m = Mounted::new(&dev).expect("loop devices (losetup -f)");
-    let busy = m.dir.path().join("busy.log");
+    let busy = m.dir.as_path().join("busy.log");
     let held = std::fs::File::create(&busy).unwrap();
 
-    let o = sshd
-        .drydock(&[
-            "freeze",
-            &sshd.host(),
-            "--device",
-            dev.to_str().unwrap(),
-            "--yes",
-        ])
-        .output()
-        .unwrap();
+    let o = freeze_cmd(&sshd, &dev);
     assert_exit(&o, 3);
     let e = stderr(&o);
     assert!(
         e.contains(&format!(
             "cannot make {} read-only on {}",
-            m.dir.path().display(),
+            m.dir.as_path().display(),
             sshd.host()
         )),
         "{e}"
@@ -1170,7 +1114,7 @@ fn a_filesystem_in_use_is_not_frozen_and_its_writers_are_named() {
         e.ends_with(&format!("nothing on {} was changed\n", sshd.host())),
         "{e}"
     );
-    assert!(!mount_is_read_only(m.dir.path()));
+    assert!(!mount_is_read_only(m.dir.as_path()));
     drop(held);
 }
 
@@ -1183,8 +1127,10 @@ fn a_freeze_that_fails_half_way_undoes_what_it_did_and_says_so() {
     let t = tempdir();
     let dev = t.path().join("disk");
     make_disk(&dev, 64 * MIB, &[], &[]);
-    let outer = SecondFs::new(&dev, 0, 32 * MIB, &t.path().join("outer"), false);
-    let inner = SecondFs::new(&dev, 32 * MIB, 32 * MIB, &outer.dir.join("inner"), false);
+    let outer = Mounted::part(&dev, 0, 32 * MIB, &t.path().join("outer"), false)
+        .expect("loop devices (losetup -f)");
+    let inner = Mounted::part(&dev, 32 * MIB, 32 * MIB, &outer.dir.join("inner"), false)
+        .expect("loop devices (losetup -f)");
     let held = std::fs::File::create(outer.dir.join("busy.log")).unwrap();
 
     let o = freeze_cmd(&sshd, &dev);
@@ -1211,10 +1157,7 @@ fn a_freeze_that_fails_half_way_undoes_what_it_did_and_says_so() {
     std::fs::write(inner.dir.join("after"), b"writable again").unwrap();
     drop(held);
     // And nothing is left for a thaw to do.
-    let o = sshd
-        .drydock(&["thaw", &sshd.host(), "--device", dev.to_str().unwrap()])
-        .output()
-        .unwrap();
+    let o = thaw_cmd(&sshd, &dev);
     assert_exit(&o, 0);
     assert_eq!(
         stdout(&o),
@@ -1232,8 +1175,10 @@ fn thaw_leaves_read_only_what_was_read_only_before_the_freeze() {
     let t = tempdir();
     let dev = t.path().join("disk");
     make_disk(&dev, 64 * MIB, &[], &[]);
-    let rw = SecondFs::new(&dev, 0, 32 * MIB, &t.path().join("rw"), false);
-    let ro = SecondFs::new(&dev, 32 * MIB, 32 * MIB, &t.path().join("ro"), true);
+    let rw = Mounted::part(&dev, 0, 32 * MIB, &t.path().join("rw"), false)
+        .expect("loop devices (losetup -f)");
+    let ro = Mounted::part(&dev, 32 * MIB, 32 * MIB, &t.path().join("ro"), true)
+        .expect("loop devices (losetup -f)");
 
     let o = freeze_cmd(&sshd, &dev);
     assert_exit(&o, 0);
@@ -1243,10 +1188,20 @@ fn thaw_leaves_read_only_what_was_read_only_before_the_freeze() {
         stdout(&o)
     );
     assert!(mount_is_read_only(&rw.dir));
-    let o = sshd
-        .drydock(&["thaw", &sshd.host(), "--device", dev.to_str().unwrap()])
-        .output()
-        .unwrap();
+    // A thaw that names another disk is refused, and thaws nothing.
+    let o = thaw_cmd(&sshd, std::path::Path::new("/dev/null"));
+    assert_exit(&o, 3);
+    assert_stderr(
+        &o,
+        format!(
+            "the freeze recorded on {} is of {}, not of /dev/null; `drydock thaw {}` (no --device) undoes it. Nothing was changed",
+            sshd.host(),
+            dev.display(),
+            sshd.host()
+        ),
+    );
+    assert!(mount_is_read_only(&rw.dir));
+    let o = thaw_cmd(&sshd, &dev);
     assert_exit(&o, 0);
     assert_eq!(
         stdout(&o),

@@ -49,8 +49,10 @@
 //!   The provider's DHCP server gives a VPS the same address by its MAC, so
 //!   holding it past the lease's end takes nobody's address. `thaw` starts
 //!   it again with the same command line (in a scope of its own, so it
-//!   outlives the SSH session); the reboot after a push starts it as at
-//!   every boot.
+//!   outlives the SSH session); the address stays permanent until its
+//!   first renewal, where Debian's dhclient-script sets the lease's
+//!   lifetime again (`ip addr change … valid_lft`). The reboot after a
+//!   push starts it as at every boot.
 //! * **Anything else with a file open for writing** (a user's editor in
 //!   tmux, a cron job that outlived `cron.service`, whose `KillMode=process`
 //!   leaves jobs running) is not killed: drydock cannot know what losing
@@ -139,6 +141,10 @@ pub struct ThawReport {
     pub left: Vec<String>,
     /// False when no freeze by drydock was recorded on the host.
     pub was_frozen: bool,
+    /// The device the recorded freeze is of, when the thaw named another
+    /// (nothing was put back).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub other_device: Option<String>,
 }
 
 impl ThawReport {
@@ -180,7 +186,7 @@ fn stop_units_script() -> String {
     format!(
         r#"export LC_ALL=C PATH="$PATH:/usr/sbin:/sbin:/run/current-system/sw/bin"
 S={STATE_DIR}; mkdir -p "$S" || exit 1
-command -v systemctl >/dev/null 2>&1 || {{ echo "no systemd: stop the host's services by hand, then freeze again" >&2; exit 0; }}
+command -v systemctl >/dev/null 2>&1 || {{ echo "note no systemd here: drydock stops no service (it stops them through systemd only); a service that writes to the disk keeps it from going read-only, and is named"; exit 0; }}
 rec() {{ grep -qxF -- "$1" "$S/stopped" 2>/dev/null || printf '%s\n' "$1" >> "$S/stopped"; }}
 stop() {{
   rec "$1"
@@ -243,11 +249,16 @@ exit 0
 /// Undo what the records in STATE_DIR say was done; print "ok WHAT" or
 /// "left WHAT: REASON" lines, then "end". The records are removed when
 /// nothing was left.
-fn restore_script() -> String {
+fn restore_script(device: Option<&str>) -> String {
+    let want = device.map(shell_quote).unwrap_or_default();
     format!(
         r#"export LC_ALL=C PATH="$PATH:/usr/sbin:/sbin:/run/current-system/sw/bin"
 S={STATE_DIR}
 [ -d "$S" ] || {{ echo "none"; echo end; exit 0; }}
+want={want}
+if [ -n "$want" ] && [ -f "$S/device" ] && [ "$(readlink -f "$want")" != "$(readlink -f "$(head -n 1 "$S/device")")" ]; then
+  echo "other $(head -n 1 "$S/device")"; echo end; exit 0
+fi
 left=0
 if [ -f "$S/ro" ]; then
   tac "$S/ro" > "$S/ro.rev"
@@ -258,7 +269,7 @@ if [ -f "$S/ro" ]; then
 fi
 if [ -f "$S/swap" ]; then
   while IFS= read -r w; do
-    if grep -q "^$w " /proc/swaps; then echo "ok swap on $w"; continue; fi
+    if awk -v w="$w" '$1 == w {{ f = 1 }} END {{ exit !f }}' /proc/swaps; then echo "ok swap on $w"; continue; fi
     if e=$(swapon "$w" 2>&1); then echo "ok swap on $w"; else echo "left swap $w off: $e"; left=1; fi
   done < "$S/swap"
 fi
@@ -325,7 +336,7 @@ impl Done {
 async fn undo_after(session: &Session, done: &Done, failure: String) -> anyhow::Error {
     let host = session.host();
     let typed = session.target.typed_arg();
-    match restore(session).await {
+    match restore(session, None).await {
         Ok(r) if r.left.is_empty() => {
             let undone = if done.any() {
                 format!(
@@ -397,6 +408,14 @@ pub async fn freeze(
     let dev = inspect(session, facts, device).await?;
     let host = session.host();
     let mut done = Done::default();
+    // Which device the records are of: a thaw naming another one is refused.
+    let res = session.exec(&record("device", &dev.path)).await?;
+    if !res.success() {
+        return Err(refused!(
+            "cannot write drydock's record of the freeze in {STATE_DIR} on {host} ({}); nothing was changed",
+            String::from_utf8_lossy(&res.stderr).trim()
+        ));
+    }
 
     // Services write to the host's disks; a regular file standing in for a
     // disk (a loop-mounted image) is frozen without touching them.
@@ -404,8 +423,11 @@ pub async fn freeze(
     let mut killed = Vec::new();
     if dev.is_block() {
         let out = session.exec(&stop_units_script()).await?;
-        stopped = out
-            .stdout_str()
+        let said = out.stdout_str();
+        for note in said.lines().filter_map(|l| l.strip_prefix("note ")) {
+            tracing::warn!("{host}: {note}");
+        }
+        stopped = said
             .lines()
             .filter_map(|l| l.strip_prefix("stopped ").map(str::to_string))
             .collect();
@@ -552,9 +574,12 @@ pub fn check_frozen(facts: &Facts, dev: &Device, session: &Session) -> Result<()
 }
 
 /// Put back what the host's records say a freeze did.
-async fn restore(session: &Session) -> Result<ThawReport> {
+async fn restore(session: &Session, device: Option<&str>) -> Result<ThawReport> {
     let out = session
-        .run("putting back what the freeze changed", &restore_script())
+        .run(
+            "putting back what the freeze changed",
+            &restore_script(device),
+        )
         .await?;
     let mut r = ThawReport {
         host: session.host(),
@@ -571,6 +596,8 @@ async fn restore(session: &Session) -> Result<ThawReport> {
             r.restored.push(x.to_string());
         } else if let Some(x) = l.strip_prefix("left ") {
             r.left.push(x.to_string());
+        } else if let Some(x) = l.strip_prefix("other ") {
+            r.other_device = Some(x.to_string());
         }
     }
     if !ended {
@@ -584,9 +611,17 @@ async fn restore(session: &Session) -> Result<ThawReport> {
 
 /// `drydock thaw`: undo exactly what the recorded freeze did. An error
 /// (exit 1) when something could not be put back.
-pub async fn thaw(session: &Session, facts: &Facts, _device: Option<&str>) -> Result<ThawReport> {
+pub async fn thaw(session: &Session, facts: &Facts, device: Option<&str>) -> Result<ThawReport> {
     require_root(facts, session)?;
-    let r = restore(session).await.context("thaw")?;
+    let r = restore(session, device).await.context("thaw")?;
+    if let Some(other) = &r.other_device {
+        return Err(refused!(
+            "the freeze recorded on {} is of {other}, not of {}; `drydock thaw {}` (no --device) undoes it. Nothing was changed",
+            session.host(),
+            device.unwrap_or_default(),
+            session.target.typed_arg()
+        ));
+    }
     if !r.left.is_empty() {
         anyhow::bail!(
             "{}\nThe record of what is left stays in {STATE_DIR} on the host: `drydock thaw {}` tries again once the reason is dealt with",
