@@ -279,29 +279,11 @@ pub async fn run(cli: Cli) -> Result<()> {
     Ok(())
 }
 
-/// Beside a pulled image, IMAGE.boot/: the kernel, initrd and command line
-/// the VPS runs and its seal, so `drydock boot IMAGE` can hold its services
+/// Beside a pulled image, what `drydock boot` needs to hold its services
 /// back. Best effort: the image itself is complete without it.
 async fn record_boot(s: &Session, facts: &remote::Facts, image: &std::path::Path, ui: &Ui) {
-    let dir = vm::boot::boot_dir(image);
-    let res = async {
-        let seal = vm::seal::Seal::from_facts(facts, &s.host())?;
-        let allowed = vm::proxy::allow_list(
-            &facts.sources,
-            facts.os.get("ID").map(String::as_str).unwrap_or(""),
-            &[],
-        );
-        remote::bootfiles::fetch(s, &facts.cmdline, &dir).await?;
-        let rec = vm::boot::Recorded {
-            seal,
-            allowed_hosts: allowed,
-        };
-        std::fs::write(dir.join("seal.json"), serde_json::to_string_pretty(&rec)?)?;
-        anyhow::Ok(())
-    }
-    .await;
-    match res {
-        Ok(()) => ui.say(format!(
+    match vm::boot::record(s, facts, image).await {
+        Ok(dir) => ui.say(format!(
             "recorded the kernel it runs in {}: `drydock boot` holds its services back",
             dir.display()
         )),

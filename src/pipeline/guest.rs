@@ -73,12 +73,11 @@ pub async fn run_logged(s: &Session, cmd: &str, log: &Path) -> Result<()> {
 /// `run_logged`, with `shown` written to the log and the errors in place
 /// of the command run (which has the proxy's environment before it).
 pub async fn run_logged_as(s: &Session, run: &str, shown: &str, log: &Path) -> Result<()> {
-    let cmd = shown;
     let mut f = std::fs::OpenOptions::new()
         .create(true)
         .append(true)
         .open(log)?;
-    writeln!(f, "\n$ {cmd}")?;
+    writeln!(f, "\n$ {shown}")?;
     let mut ch = s.open_exec(run).await?;
     let mut tail: Vec<u8> = Vec::new();
     let mut status = None;
@@ -99,7 +98,7 @@ pub async fn run_logged_as(s: &Session, run: &str, shown: &str, log: &Path) -> R
         let text = String::from_utf8_lossy(&tail);
         let last: Vec<&str> = text.lines().rev().take(15).collect();
         bail!(
-            "`{cmd}` failed in the guest ({}); its last lines (all of it is in {}):\n  {}",
+            "`{shown}` failed in the guest ({}); its last lines (all of it is in {}):\n  {}",
             status
                 .map(|s| format!("exit status {s}"))
                 .unwrap_or("connection lost".into()),

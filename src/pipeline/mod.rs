@@ -787,6 +787,31 @@ async fn reboot_vps(j: &mut Journal) -> Result<()> {
 /// through the VPS's own boot loader, sealed by files written for it and
 /// removed afterwards, that must come back on the expected release; the
 /// result as a sparse raw image for the push. See `vm::seal` for why.
+/// Start the worker VM and log in to it: QEMU up, its sshd answering
+/// within 15 minutes, drydock's session within 2 more. An error starts
+/// with `failed` and ends with the boot parity report.
+async fn start_worker(
+    dir: &Path,
+    identity: Option<&Path>,
+    spec: VmSpec,
+    failed: &str,
+    parity: &str,
+) -> Result<(Vm, crate::ssh::Session)> {
+    let port = spec.ssh_port;
+    let mut vm = Vm::start(spec, dir.join("qemu.stderr")).await?;
+    vm.wait_for_ssh(Duration::from_secs(900))
+        .await
+        .map_err(|e| anyhow::anyhow!("{failed}{e:#}\n{parity}"))?;
+    let (t, o) = guest::guest_target(
+        port,
+        identity,
+        dir.join("guest_known_hosts"),
+        "the worker VM",
+    );
+    let s = guest::connect_retry(&t, &o, Duration::from_secs(120)).await?;
+    Ok((vm, s))
+}
+
 async fn upgrade_in_vm(dir: &Path, j: &mut Journal, ui: &Ui) -> Result<()> {
     let Some(seal) = j.seal.clone() else {
         bail!(
@@ -887,18 +912,7 @@ async fn upgrade_in_vm(dir: &Path, j: &mut Journal, ui: &Ui) -> Result<()> {
         append: seal.kernel_cmdline(&boot.cmdline)?,
     };
     let spec = spec_for(Some(direct), net_seal("net1.pcap", true))?;
-    let port = spec.ssh_port;
-    let mut vm = Vm::start(spec, dir.join("qemu.stderr")).await?;
-    vm.wait_for_ssh(Duration::from_secs(900))
-        .await
-        .map_err(|e| anyhow::anyhow!("{e:#}\n{parity}"))?;
-    let (t, o) = guest::guest_target(
-        port,
-        j.identity.as_deref(),
-        dir.join("guest_known_hosts"),
-        "the worker VM",
-    );
-    let s = guest::connect_retry(&t, &o, Duration::from_secs(120)).await?;
+    let (vm, s) = start_worker(dir, j.identity.as_deref(), spec, "", &parity).await?;
     let said = seal_step(
         &s,
         "holding the VPS's units back in the worker VM",
@@ -962,22 +976,14 @@ async fn upgrade_in_vm(dir: &Path, j: &mut Journal, ui: &Ui) -> Result<()> {
 
     // 2. The verify boot: firmware, the VPS's boot loader, the new kernel.
     let spec = spec_for(None, net_seal("net2.pcap", false))?;
-    let port = spec.ssh_port;
-    let mut vm = Vm::start(spec, dir.join("qemu.stderr")).await?;
-    vm.wait_for_ssh(Duration::from_secs(900))
-        .await
-        .map_err(|e| {
-            anyhow::anyhow!(
-                "the upgraded disk did not come back through its own boot loader: {e:#}\n{parity}"
-            )
-        })?;
-    let (t, o) = guest::guest_target(
-        port,
+    let (vm, s) = start_worker(
+        dir,
         j.identity.as_deref(),
-        dir.join("guest_known_hosts"),
-        "the worker VM",
-    );
-    let s = guest::connect_retry(&t, &o, Duration::from_secs(120)).await?;
+        spec,
+        "the upgraded disk did not come back through its own boot loader: ",
+        &parity,
+    )
+    .await?;
     let (id2, ver2, pretty2) = guest::os_release(&s).await?;
     if let (Some(want_id), Some(want_ver)) = (&plan.expect_id, &plan.expect_version)
         && (want_id != &id2 || want_ver != &ver2)

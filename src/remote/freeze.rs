@@ -53,6 +53,10 @@
 //!   first renewal, where Debian's dhclient-script sets the lease's
 //!   lifetime again (`ip addr change … valid_lft`). The reboot after a
 //!   push starts it as at every boot.
+//!   A dhclient that NetworkManager runs (its `dhcp=dhclient` setting) is
+//!   NetworkManager's child and is started again by it; if it reopens its
+//!   lease file before the remount, the remount fails and the freeze
+//!   undoes itself naming it.
 //! * **Anything else with a file open for writing** (a user's editor in
 //!   tmux, a cron job that outlived `cron.service`, whose `KillMode=process`
 //!   leaves jobs running) is not killed: drydock cannot know what losing
@@ -286,7 +290,7 @@ if [ -f "$S/killed" ]; then
   done < "$S/killed"
 fi
 if [ -f "$S/journal" ]; then
-  journalctl --flush >/dev/null 2>&1; echo "ok journal back on /var"
+  if ! command -v journalctl >/dev/null 2>&1 || timeout 60 journalctl --flush >/dev/null 2>&1; then echo "ok journal back on /var"; else echo "left journal on /run: journalctl --flush did not succeed within 60 s"; left=1; fi
 fi
 if [ -f "$S/stopped" ]; then
   tac "$S/stopped" > "$S/stopped.rev"
@@ -462,7 +466,7 @@ pub async fn freeze(
         }
         let r = session
             .exec(&format!(
-                "{} && {{ journalctl --relinquish-var >/dev/null 2>&1 || true; }}",
+                "{} && {{ timeout 60 journalctl --relinquish-var >/dev/null 2>&1 || true; }}",
                 record("journal", "relinquished")
             ))
             .await;

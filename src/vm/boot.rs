@@ -45,6 +45,30 @@ pub fn boot_dir(image: &Path) -> PathBuf {
     PathBuf::from(s)
 }
 
+/// Record beside IMAGE, pulled from the host of `s`, what a sealed boot of
+/// it needs (IMAGE.boot/: the running kernel, initrd and command line, and
+/// seal.json); the folder written.
+pub async fn record(
+    s: &crate::ssh::Session,
+    facts: &crate::remote::Facts,
+    image: &Path,
+) -> Result<PathBuf> {
+    let dir = boot_dir(image);
+    let seal = super::seal::Seal::from_facts(facts, &s.host())?;
+    let allowed = super::proxy::allow_list(
+        &facts.sources,
+        facts.os.get("ID").map(String::as_str).unwrap_or(""),
+        &[],
+    );
+    crate::remote::bootfiles::fetch(s, &facts.cmdline, &dir).await?;
+    let rec = Recorded {
+        seal,
+        allowed_hosts: allowed,
+    };
+    std::fs::write(dir.join("seal.json"), serde_json::to_string_pretty(&rec)?)?;
+    Ok(dir)
+}
+
 /// A shape from `--like FILE`: a probe report's `worker_vm`, or a shape.
 pub fn load_shape(path: &Path) -> Result<Shape> {
     let text = std::fs::read_to_string(path)
