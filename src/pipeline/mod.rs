@@ -781,12 +781,6 @@ async fn reboot_vps(j: &mut Journal) -> Result<()> {
     }
 }
 
-/// The worker VM: a fresh overlay on the base image, the plan run inside
-/// a sealed first boot (the VPS's kernel booted directly, its services held
-/// back, the network open only to the package sources), then a reboot
-/// through the VPS's own boot loader, sealed by files written for it and
-/// removed afterwards, that must come back on the expected release; the
-/// result as a sparse raw image for the push. See `vm::seal` for why.
 /// Start the worker VM and log in to it: QEMU up, its sshd answering
 /// within 15 minutes, drydock's session within 2 more. An error starts
 /// with `failed` and ends with the boot parity report.
@@ -812,6 +806,12 @@ async fn start_worker(
     Ok((vm, s))
 }
 
+/// The worker VM: a fresh overlay on the base image, the plan run inside
+/// a sealed first boot (the VPS's kernel booted directly, its services held
+/// back, the network open only to the package sources), then a reboot
+/// through the VPS's own boot loader, sealed by files written for it and
+/// removed afterwards, that must come back on the expected release; the
+/// result as a sparse raw image for the push. See `vm::seal` for why.
 async fn upgrade_in_vm(dir: &Path, j: &mut Journal, ui: &Ui) -> Result<()> {
     let Some(seal) = j.seal.clone() else {
         bail!(
