@@ -626,10 +626,11 @@ fn abort_after_the_push_gives_the_vps_back_as_it_was() {
 }
 
 /// The same on the ifupdown + dhclient fixture, after a freeze/thaw round.
-/// Zoo tier: at its one run so far, beside four other guests, the VPS did
-/// not come back within the 15 minutes drydock gives a reboot; by hand, a
-/// plain sysrq reboot of that frozen fixture beside three other guests took
-/// 17 min 41 s to answer on SSH, so the load is the likely cause.
+/// Zoo tier (the default suite has the abort on the networkd fixture): at
+/// its first run, beside four other guests, the VPS did not come back
+/// within the 15 minutes drydock gives a reboot (by hand, a plain sysrq
+/// reboot of that frozen fixture beside three other guests took 17 min 41 s
+/// to answer on SSH); in scripts/test-zoo, beside one other test, it passed.
 #[test]
 #[ignore = "zoo tier (long): scripts/test-zoo runs it"]
 fn zoo_ifupdown_freeze_thaw_then_abort_after_the_push() {
