@@ -57,6 +57,18 @@
 //!   NetworkManager's child and is started again by it; if it reopens its
 //!   lease file before the remount, the remount fails and the freeze
 //!   undoes itself naming it.
+//! * **The other network managers keep running, and with them the
+//!   address.** systemd-networkd (also what netplan renders to, as on
+//!   Debian's and Ubuntu's cloud images) keeps its leases in /run and
+//!   renews them as usual. dhcpcd and NetworkManager (its internal DHCP
+//!   client, Debian's default) renew in memory; the lease file they write
+//!   under /var/lib on a renewal fails on the read-only disk, which they
+//!   log and go on. So a lease that ends during a long upgrade is renewed
+//!   as always, only not saved; the reboot after the push starts them from
+//!   their saved lease as at any boot. netplan itself is a generator (it
+//!   runs at boot, not during the window) and cloud-init's units are
+//!   oneshots that ran at boot: nothing of theirs runs to be stopped, and
+//!   they stay enabled on the disk.
 //! * **Anything else with a file open for writing** (a user's editor in
 //!   tmux, a cron job that outlived `cron.service`, whose `KillMode=process`
 //!   leaves jobs running) is not killed: drydock cannot know what losing
@@ -68,6 +80,19 @@
 //!   swap left on would change the disk under the copy, and an active swap
 //!   file is a file open for writing, which keeps its filesystem from
 //!   going read-only.
+//!
+//! * **Persistent journald** (`/var/log/journal`) is told to write to /run
+//!   (`journalctl --relinquish-var`) and closes its files there; thaw
+//!   (`journalctl --flush`) and the reboot bring it back to /var.
+//! * **Every filesystem of the disk goes read-only, deepest mount point
+//!   first**: /boot/efi before /boot before /, /var and /home (their own
+//!   partitions) before /. The same holds for filesystems on LVM volumes
+//!   of the disk (a root on LVM, with /boot beside it), for XFS (a
+//!   read-only remount writes its log out) and for btrfs, where the
+//!   subvolumes mounted at / and /home are one filesystem: the first
+//!   remount makes the whole filesystem read-only, the later ones find it
+//!   so. Thaw remounts them read-write in the reverse order; the reboot
+//!   mounts them as fstab says.
 //!
 //! The check after the freeze reads the mounts and swaps again (rule 6).
 
@@ -194,10 +219,13 @@ command -v systemctl >/dev/null 2>&1 || {{ echo "note no systemd here: drydock s
 rec() {{ grep -qxF -- "$1" "$S/stopped" 2>/dev/null || printf '%s\n' "$1" >> "$S/stopped"; }}
 stop() {{
   rec "$1"
-  if timeout 300 systemctl stop "$1"; then echo "stopped $1"; return 0; fi
+  if e=$(timeout 300 systemctl stop "$1" 2>&1); then echo "stopped $1"; return 0; else rc=$?; fi
   st=$(systemctl is-active "$1" 2>/dev/null)
   case "$st" in active|activating|deactivating|reloading)
-    echo "$1 did not stop within 5 minutes (it is $st)" >&2; return 1;;
+    if [ $rc = 124 ]; then echo "$1 did not stop within 5 minutes (it is $st)" >&2
+    else echo "$1 did not stop (it is $st): $(printf '%s' "$e" | tr '\n' ' ' | sed 's/ *$//')" >&2; fi
+    echo "stop it yourself (or end what holds it), then run again" >&2
+    return 1;;
   esac
   echo "stopped $1"
 }}
