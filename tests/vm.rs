@@ -667,7 +667,7 @@ U
 cat > /etc/systemd/system/drydock-slow.service <<'U'
 [Service]
 ExecStart=/bin/sleep infinity
-ExecStop=/bin/sleep 40
+ExecStop=/bin/sleep 20
 TimeoutStopSec=120
 U
 systemctl daemon-reload
@@ -722,9 +722,9 @@ systemctl start drydock-app.service drydock-stubborn.service"#,
     assert_stderr(&o, format!("`drydock thaw {host}` tries again"));
     assert_eq!(
         vps.ssh("systemctl is-active drydock-once.service drydock-app.service; true"),
-        "inactive\nactive\n"
+        "failed\nactive\n"
     );
-    vps.ssh("pkill -f 'sleep 900'; rm -f /run/drydock-once");
+    vps.ssh("pkill -f 'sleep 90[0]'; rm -f /run/drydock-once");
     let o = vps
         .drydock(home.path(), &[&["thaw"], &conn[..]].concat())
         .output()

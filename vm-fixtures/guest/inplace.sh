@@ -5,6 +5,11 @@ set -euo pipefail
 export DEBIAN_FRONTEND=noninteractive
 log=/root/build.log
 printf '#!/bin/sh\nexit 101\n' > /usr/sbin/policy-rc.d; chmod 755 /usr/sbin/policy-rc.d
+# The image's initramfs stays the one it booted with (a trigger would make
+# it again for busybox or a hook, under TCG for many minutes).
+conf=/etc/initramfs-tools/update-initramfs.conf
+cp $conf /root/update-initramfs.conf
+sed -i 's/^update_initramfs=.*/update_initramfs=no/' $conf
 install() {
   { apt-get -q update && apt-get -y -q install --no-install-recommends "$@" && apt-get clean; } > $log 2>&1 \
     || { tail -20 $log >&2; echo "inplace: apt-get install $* failed" >&2; exit 1; }
@@ -14,7 +19,9 @@ wait_for() { local n=$1; shift; for _ in $(seq "$n"); do "$@" && return 0; sleep
 tar -C / --no-overwrite-dir -xf /root/app.tar && rm /root/app.tar
 case $VARIANT in
   docker)
-    install docker.io busybox-static
+    # apparmor: docker loads its profile with apparmor_parser on a kernel
+    # with AppArmor (Debian's), or refuses to start a container.
+    install docker.io apparmor busybox-static
     systemctl start docker
     img=/root/zoo-image; mkdir -p $img/bin
     cp /bin/busybox $img/bin/
@@ -71,4 +78,5 @@ APP
   *) echo "inplace: unknown variant $VARIANT" >&2; exit 2 ;;
 esac
 rm -f /usr/sbin/policy-rc.d
+mv /root/update-initramfs.conf $conf
 sync

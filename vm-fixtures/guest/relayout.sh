@@ -13,6 +13,11 @@ case $LAYOUT in
   btrfs) pkgs=btrfs-progs ;;
   *) echo "relayout: unknown layout $LAYOUT" >&2; exit 2 ;;
 esac
+# The running system's initramfs is thrown away: it is made once, for the
+# new root, in its chroot below (under TCG each run takes minutes).
+conf=/etc/initramfs-tools/update-initramfs.conf
+cp $conf /root/update-initramfs.conf
+sed -i 's/^update_initramfs=.*/update_initramfs=no/' $conf
 { apt-get -q update && apt-get -y -q install --no-install-recommends rsync $pkgs && apt-get clean; } > $log 2>&1 \
   || { tail -20 $log >&2; echo "relayout: apt-get install rsync $pkgs failed" >&2; exit 1; }
 tar -C / --no-overwrite-dir -xf /root/app.tar && rm /root/app.tar
@@ -50,6 +55,7 @@ esac
 # -x: the running root only (not /proc, /run, /mnt/new, ...).
 rsync -aHAXx --exclude=/root/build.log / $n/
 echo "$fstab" > $n/etc/fstab
+cp /root/update-initramfs.conf $n$conf; rm -f $n/root/update-initramfs.conf
 rm -f /usr/sbin/policy-rc.d $n/usr/sbin/policy-rc.d
 for m in dev dev/pts proc sys run; do mount --bind /$m $n/$m; done
 chroot $n sh -c 'grub-install --target=i386-pc /dev/vdb && update-initramfs -u -k all && update-grub' >> $log 2>&1 \
