@@ -738,7 +738,8 @@ systemctl start drydock-app.service drydock-stubborn.service"#,
     assert_eq!(vps.ssh(RUNNING), before);
 
     // 4. drydock killed outright while a slow service stops.
-    vps.ssh("systemctl start drydock-slow.service");
+    // drydock-once starts once per boot: out of this round.
+    vps.ssh("systemctl stop drydock-once.service; systemctl start drydock-slow.service");
     let before = vps.ssh(RUNNING);
     let mut child = freeze()
         .stdout(Stdio::null())
