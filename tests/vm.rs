@@ -647,6 +647,11 @@ fn a_freeze_that_fails_at_each_point_on_a_systemd_host_gives_it_back() {
             &[&["freeze"], &conn[..], &["--accept-new-host-key", "--yes"]].concat(),
         )
     };
+    let thaw = || {
+        vps.drydock(home.path(), &[&["thaw"], &conn[..]].concat())
+            .output()
+            .unwrap()
+    };
     vps.ssh(
         r#"set -e
 cat > /etc/systemd/system/drydock-app.service <<'U'
@@ -727,10 +732,7 @@ timeout 300 systemctl is-system-running --wait >/dev/null || true"#,
         "failed\nactive\n"
     );
     vps.ssh("pkill -f 'sleep 90[0]'; rm -f /run/drydock-once");
-    let o = vps
-        .drydock(home.path(), &[&["thaw"], &conn[..]].concat())
-        .output()
-        .unwrap();
+    let o = thaw();
     assert_exit(&o, 0);
     assert!(
         stdout(&o).contains("started drydock-once.service"),
@@ -770,10 +772,7 @@ timeout 300 systemctl is-system-running --wait >/dev/null || true"#,
         "inactive\n",
         "killed too early: nothing was stopped yet"
     );
-    let o = vps
-        .drydock(home.path(), &[&["thaw"], &conn[..]].concat())
-        .output()
-        .unwrap();
+    let o = thaw();
     assert_exit(&o, 0);
     assert!(
         stdout(&o).contains("started drydock-app.service"),
