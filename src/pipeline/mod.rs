@@ -948,14 +948,14 @@ async fn upgrade_in_vm(dir: &Path, j: &mut Journal, ui: &Ui) -> Result<()> {
     let enabled = seal_step(
         &s,
         "listing the upgraded disk's enabled units",
-        vm::seal::ENABLED_UNITS_SCRIPT,
+        seal.enabled_script(),
     )
     .await?;
     let lines: Vec<String> = enabled.lines().map(str::to_string).collect();
     if lines.last().map(String::as_str) != Some("end") {
         bail!("the worker VM's list of enabled units was cut short; nothing was pushed");
     }
-    let mut held = vm::seal::held_back(&vm::seal::enabled_units(&lines), &seal.wants);
+    let mut held = seal.held_in(&lines);
     // What the VPS had enabled stays held back even if the upgrade moved it.
     for u in &seal.held_back {
         if !held.contains(u) {
@@ -992,19 +992,7 @@ async fn upgrade_in_vm(dir: &Path, j: &mut Journal, ui: &Ui) -> Result<()> {
             "the worker VM came back running {pretty2} ({id2} {ver2}), not {want_id} {want_ver}; nothing was pushed"
         );
     }
-    let running = s
-        .exec(&format!(
-            "for u in {}; do systemctl -q is-active \"$u\" 2>/dev/null && echo \"$u\"; done; true",
-            held.iter()
-                .filter(|u| u
-                    .chars()
-                    .all(|c| c.is_ascii_alphanumeric() || ":_.@-\\".contains(c)))
-                .cloned()
-                .collect::<Vec<_>>()
-                .join(" ")
-        ))
-        .await?
-        .stdout_str();
+    let running = s.exec(&seal.running_script(&held)).await?.stdout_str();
     if !running.trim().is_empty() {
         bail!(
             "held-back units ran in the worker VM's verify boot: {}; nothing was pushed",

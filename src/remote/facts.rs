@@ -50,6 +50,13 @@ if [ -d /run/systemd/system ]; then
     done
   done
   timeout 60 systemctl list-units --no-legend --no-pager --plain --state=active --type=service,socket 2>/dev/null | while read -r u _; do echo "active $u"; done
+elif [ -d /run/openrc ] && command -v openrc >/dev/null 2>&1; then
+  echo openrc
+  for l in /etc/runlevels/*/; do
+    [ -d "$l" ] || continue; lv=${l%/}; lv=${lv##*/}
+    for u in "$l"*; do [ -e "$u" ] || [ -L "$u" ] || continue; echo "level ${u##*/} $lv"; done
+  done
+  for u in /run/openrc/started/*; do [ -e "$u" ] || [ -L "$u" ] || continue; echo "active ${u##*/}"; done
 fi
 s sources
 grep -hs '^[[:space:]]*deb' /etc/apt/sources.list /etc/apt/sources.list.d/*.list | sed 's/^/apt /'
@@ -113,7 +120,8 @@ pub struct Facts {
     pub cmdline: String,
     /// systemd's view: "file UNIT TARGET" (enabled into TARGET by a
     /// symlink in a .wants/.requires folder of /etc or of a generator),
-    /// "active UNIT".
+    /// "active UNIT". OpenRC's: "openrc", then "level SERVICE RUNLEVEL"
+    /// (a link in /etc/runlevels/RUNLEVEL), "active SERVICE" (started).
     pub units: Vec<String>,
     /// Package sources: "apt LINE", "apk LINE", "nix LINE".
     pub sources: Vec<String>,
@@ -293,6 +301,12 @@ impl Facts {
                 Some((name.to_string(), addr))
             })
             .collect()
+    }
+
+    /// OpenRC manages the services (whatever PID 1 is: sysvinit's init,
+    /// busybox's, openrc-init).
+    pub fn openrc(&self) -> bool {
+        self.units.iter().any(|l| l == "openrc")
     }
 
     pub fn has_tool(&self, t: &str) -> bool {

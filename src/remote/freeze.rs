@@ -74,6 +74,20 @@
 //!   leaves jobs running) is not killed: drydock cannot know what losing
 //!   it costs. The remount fails, the freeze undoes itself and names each
 //!   writer (PID, command, file) so that its owner can end it.
+//! * **On OpenRC** (Alpine, Gentoo, Devuan, Debian without systemd) the
+//!   services go down through `rc-service SVC stop`: every started one
+//!   but the SSH server, the network's (networking, dhcpcd, net.*, ...)
+//!   and acpid, what those need (`rc-depend -t ineed`, for stopping it
+//!   would stop them with it), and what the sysinit and boot runlevels
+//!   start for the system itself (devices, mounts, the hostname). Of
+//!   those, the ones that write or reach out are stopped still: cron and
+//!   at, chrony and ntpd, `local`, and the loggers (syslog, rsyslog,
+//!   syslog-ng, metalog), which keep /var/log open for writing. OpenRC
+//!   stops a service's dependents with it, so the list of started
+//!   services is recorded first, and thaw starts again each of them that
+//!   is not running. ifupdown's dhclient is handled as above. A host
+//!   with neither systemd nor OpenRC gets no service stopped; a writer
+//!   keeps the remount from working and is named.
 //! * **Swap** on the disk (a partition, an LVM volume, or a swap file on
 //!   one of its filesystems) is turned off before the filesystems go
 //!   read-only: the kernel writes swap pages straight to the blocks, so a
@@ -209,13 +223,20 @@ fn record(name: &str, line: &str) -> String {
 }
 
 fn stop_units_script() -> String {
+    let openrc = openrc_stop_script();
     let keep = KEEP.join(" ");
     let keep_prefix = KEEP_PREFIX.join(" ");
     let keep_trigger = KEEP_TRIGGER_PREFIX.join(" ");
     format!(
         r#"export LC_ALL=C PATH="$PATH:/usr/sbin:/sbin:/run/current-system/sw/bin"
 S={STATE_DIR}; mkdir -p "$S" || exit 1
-command -v systemctl >/dev/null 2>&1 || {{ echo "note no systemd here: drydock stops no service (it stops them through systemd only); a service that writes to the disk keeps it from going read-only, and is named"; exit 0; }}
+if [ ! -d /run/systemd/system ]; then
+  if [ -d /run/openrc/started ] && command -v rc-service >/dev/null 2>&1; then
+{openrc}
+    exit $?
+  fi
+  echo "note neither systemd nor OpenRC runs here: drydock stops no service; a service that writes to the disk keeps it from going read-only, and is named"; exit 0
+fi
 rec() {{ grep -qxF -- "$1" "$S/stopped" 2>/dev/null || printf '%s\n' "$1" >> "$S/stopped"; }}
 stop() {{
   rec "$1"
@@ -246,6 +267,92 @@ for u in $(systemctl list-units --type=service --state=running --no-legend --pla
   stop "$u" || exit 1
 done
 "#
+    )
+}
+
+/// OpenRC's part of the stop (run in the subshell of `stop_units_script`):
+/// every started service is stopped through `openrc-run SCRIPT stop` (as
+/// `rc-service` does, but Debian's LSB scripts change OpenRC's marks only
+/// this way), except the SSH
+/// server, the network's services and acpid, what those need (OpenRC's
+/// `rc-depend -t ineed`: stopping it would stop them), and what the
+/// sysinit and boot runlevels bring up for the system itself, though
+/// their schedulers, clocks and loggers, which write, are stopped. What
+/// was started is recorded first (`rc-started`): a service that OpenRC
+/// stopped along with one it needs is started again by the thaw as well.
+fn openrc_stop_script() -> String {
+    let q = |v: &[&str]| format!("\" {} \"", v.join(" "));
+    format!(
+        r#"(
+keep={keep}
+sysheld={sysheld}
+sys=" $(ls /etc/runlevels/sysinit /etc/runlevels/boot 2>/dev/null | tr '\n' ' ') "
+dep=/lib/rc/bin/rc-depend; [ -x "$dep" ] || dep=$(command -v rc-depend)
+ks=""
+for u in $(ls /run/openrc/started); do
+  case "$keep" in *" $u "*) ks="$ks $u";; esac
+  case "$u" in net.*) ks="$ks $u";; esac
+done
+needed=" "
+[ -n "$dep" ] && [ -n "$ks" ] && needed=" $("$dep" -t ineed $ks 2>/dev/null | tr '\n' ' ') "
+# Debian's LSB scripts change OpenRC's marks only when openrc-run runs them
+# (rc-service runs them as they are): every stop and start goes through it.
+orun=$(command -v openrc-run) || {{ echo "OpenRC runs here but openrc-run is not on the PATH" >&2; exit 1; }}
+if [ ! -f "$S/rc-started" ]; then
+  for f in /run/openrc/started/*; do [ -L "$f" ] && printf '%s\t%s\n' "${{f##*/}}" "$(readlink "$f")"; done > "$S/rc-started.new" && mv "$S/rc-started.new" "$S/rc-started" || exit 1
+fi
+said() {{ while IFS='	' read -r v _; do [ -e "/run/openrc/started/$v" ] || echo "stopped $v"; done < "$S/rc-started"; }}
+for u in $(ls /run/openrc/started); do
+  case "$keep" in *" $u "*) continue;; esac
+  case "$u" in net.*) continue;; esac
+  case "$needed" in *" $u "*) continue;; esac
+  case "$sys" in *" $u "*) case "$sysheld" in *" $u "*) ;; *) continue;; esac;; esac
+  [ -e "/run/openrc/started/$u" ] || continue
+  if e=$(timeout 300 "$orun" "$(readlink "/run/openrc/started/$u")" stop 2>&1); then rc=0; else rc=$?; fi
+  if [ -e "/run/openrc/started/$u" ] || [ -e "/run/openrc/stopping/$u" ]; then
+    said
+    if [ $rc = 124 ]; then echo "$u did not stop within 5 minutes" >&2
+    else echo "$u did not stop: $(printf '%s' "$e" | tr '\n' ' ' | sed 's/ *$//')" >&2; fi
+    echo "stop it yourself (or end what holds it), then run again" >&2
+    exit 1
+  fi
+done
+said
+)"#,
+        keep = q(&[
+            "sshd",
+            "ssh",
+            "dropbear",
+            "networking",
+            "dhcpcd",
+            "NetworkManager",
+            "connman",
+            "iwd",
+            "udhcpc",
+            "network",
+            "acpid"
+        ]),
+        sysheld = q(&[
+            "cron",
+            "crond",
+            "cronie",
+            "dcron",
+            "fcron",
+            "anacron",
+            "atd",
+            "chronyd",
+            "ntpd",
+            "openntpd",
+            "ntpsec",
+            "ntp",
+            "local",
+            "syslog",
+            "rsyslog",
+            "syslog-ng",
+            "metalog",
+            "klogd",
+            "sysklogd"
+        ]),
     )
 }
 
@@ -318,7 +425,14 @@ if [ -f "$S/killed" ]; then
   done < "$S/killed"
 fi
 if [ -f "$S/journal" ]; then
-  if ! command -v journalctl >/dev/null 2>&1 || timeout 60 journalctl --flush >/dev/null 2>&1; then echo "ok journal back on /var"; else echo "left journal on /run: journalctl --flush did not succeed within 60 s"; left=1; fi
+  if ! command -v journalctl >/dev/null 2>&1 || [ ! -d /run/systemd/system ] || timeout 60 journalctl --flush >/dev/null 2>&1; then echo "ok journal back on /var"; else echo "left journal on /run: journalctl --flush did not succeed within 60 s"; left=1; fi
+fi
+if [ -f "$S/rc-started" ]; then
+  orun=$(command -v openrc-run || echo /sbin/openrc-run)
+  while IFS='	' read -r u f; do
+    [ -e "/run/openrc/started/$u" ] && continue
+    if e=$(timeout 300 "$orun" "$f" start 2>&1); then echo "ok started $u"; else echo "left $u stopped: $(printf '%s' "$e" | tr '\n' ' ' | sed 's/ *$//')"; left=1; fi
+  done < "$S/rc-started"
 fi
 if [ -f "$S/stopped" ]; then
   tac "$S/stopped" > "$S/stopped.rev"

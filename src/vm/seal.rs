@@ -45,10 +45,32 @@
 //!   removed, and checked gone, before the second power-off. A run that
 //!   dies in between never pushes that overlay: the upgrade step starts
 //!   again from the untouched base image.
-//! * **OpenRC** (Alpine) reads `softlevel=` from the kernel command line,
-//!   but only names runlevels that exist on the disk; without a runlevel
-//!   of our own on the disk there is no clean way yet, so drydock refuses
-//!   before the freeze and says so.
+//! * **OpenRC** (Alpine, Gentoo, Devuan, Debian without systemd). Its
+//!   kernel command line offers `softlevel=`, which only names a runlevel
+//!   that exists on the disk (one of drydock's own would be pushed back),
+//!   and `noinit=SVC,SVC`, read by `openrc` itself since 2009 (0.4): each
+//!   named service is marked started before a runlevel is brought up, so
+//!   neither the runlevel nor a service that needs it starts it, and marked
+//!   stopped again after; the marks live in /run/openrc. The first boot is
+//!   the same direct kernel boot with `noinit=` naming every held-back
+//!   service, the runlevels stay as they are on the disk. What is held
+//!   back: every service of the runlevels entered after `boot` (`default`
+//!   and any of the VPS's own), except the SSH server, the network's
+//!   services, acpid (the power button) and Debian's rmnologin; and, in
+//!   `sysinit` and `boot`, which bring the system itself up and are kept,
+//!   the schedulers and clocks that run or reach out (cron, at, chrony,
+//!   ntpd, `local`).
+//!   Maintainer scripts: Debian's `invoke-rc.d` asks policy-rc.d under
+//!   OpenRC too (installed as above); Alpine's apk scripts do not start or
+//!   restart services (Alpine's policy: the administrator starts them).
+//!   The verify reboot goes through the boot loader, whose command line
+//!   cannot be changed: the held-back services' runlevel links are moved
+//!   to `/etc/drydock-held-runlevels/LEVEL/` before the power-off, and
+//!   moved back (and the folder checked gone) before the second one; as
+//!   on systemd, a run that dies in between starts the upgrade again from
+//!   the untouched base image, so that state is never pushed.
+//! * Any other init system (runit, s6, sysvinit's own rc scripts) is
+//!   refused before the freeze, with the reason.
 
 use serde::{Deserialize, Serialize};
 
@@ -106,9 +128,72 @@ const SYSINIT_TARGETS: &[&str] = &[
 /// x86's COMMAND_LINE_SIZE, the terminating NUL included.
 const CMDLINE_MAX: usize = 2047;
 
+/// The init system a seal is made for.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Init {
+    #[default]
+    Systemd,
+    Openrc,
+}
+
+/// OpenRC: the SSH servers, and the services that bring up the network
+/// (by name, or by prefix: Gentoo's net.eth0).
+const OPENRC_SSH: &[&str] = &["sshd", "ssh", "dropbear"];
+const OPENRC_NET: &[&str] = &[
+    "networking",
+    "dhcpcd",
+    "NetworkManager",
+    "connman",
+    "iwd",
+    "udhcpc",
+    "network",
+];
+const OPENRC_NET_PREFIXES: &[&str] = &["net."];
+/// Kept besides: acpid turns QEMU's power button into a clean power-off;
+/// Debian's rmnologin lets logins in (bootmisc's DELAYLOGIN).
+const OPENRC_KEPT: &[&str] = &["acpid", "rmnologin"];
+/// The runlevels that bring the system itself up: kept, but for
+/// [`OPENRC_HELD_SYSTEM`].
+const OPENRC_SYSTEM_LEVELS: &[&str] = &["sysinit", "boot"];
+/// Runlevels a normal boot never enters.
+const OPENRC_UNUSED_LEVELS: &[&str] = &["shutdown", "off", "nonetwork", "recovery", "single"];
+/// Services that run jobs or reach out even when put in sysinit or boot.
+const OPENRC_HELD_SYSTEM: &[&str] = &[
+    "cron", "crond", "cronie", "dcron", "fcron", "anacron", "atd", "chronyd", "ntpd", "openntpd",
+    "ntpsec", "ntp", "local",
+];
+/// Where the verify reboot's held-back runlevel links wait.
+const OPENRC_STASH: &str = "/etc/drydock-held-runlevels";
+
+fn is_openrc_net(u: &str) -> bool {
+    OPENRC_NET.contains(&u) || OPENRC_NET_PREFIXES.iter().any(|p| u.starts_with(p))
+}
+
+/// OpenRC's held-back set among `levels` ((service, runlevel) pairs).
+pub fn openrc_held_back(levels: &[(String, String)], wants: &[String]) -> Vec<String> {
+    let mut v: Vec<String> = levels
+        .iter()
+        .filter(|(u, l)| {
+            let kept = wants.contains(u) || OPENRC_KEPT.contains(&u.as_str());
+            let unused = OPENRC_UNUSED_LEVELS.contains(&l.as_str());
+            let system = OPENRC_SYSTEM_LEVELS.contains(&l.as_str())
+                && !OPENRC_HELD_SYSTEM.contains(&u.as_str());
+            !(kept || unused || system)
+        })
+        .map(|(u, _)| u.clone())
+        .collect();
+    v.sort();
+    v.dedup();
+    v
+}
+
 /// What the worker VM keeps and holds back, from the VPS's facts.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Seal {
+    /// Runs of drydocks before OpenRC have none: systemd.
+    #[serde(default)]
+    pub init: Init,
     /// Started in the worker VM: its SSH server, its network units, and
     /// the login helper. Everything they pull in comes along.
     pub wants: Vec<String>,
@@ -180,19 +265,17 @@ impl Seal {
     /// The seal for this VPS, or the refusal that says why it cannot be
     /// sealed (and changes nothing: this runs in the probe step).
     pub fn from_facts(f: &Facts, host: &str) -> anyhow::Result<Seal> {
+        if f.init != "systemd" && f.openrc() {
+            return Self::openrc_from_facts(f, host);
+        }
         if f.init != "systemd" {
             return Err(refused!(
-                "{host} runs {} as its init system, not systemd: drydock holds the VPS's services back in the worker VM through systemd's kernel command line (systemd.unit=, systemd.mask=) and has no equivalent for {} yet, so it would run them there; nothing was changed",
+                "{host} runs {} as its init system, and neither systemd nor OpenRC manages its services: drydock holds the VPS's services back in the worker VM through systemd's kernel command line (systemd.unit=, systemd.mask=) or OpenRC's (noinit=) and has no equivalent for it, so it would run them there; nothing was changed",
                 if f.init.is_empty() {
                     "an unknown program"
                 } else {
                     &f.init
                 },
-                if f.init == "init" || f.init == "openrc-init" {
-                    "OpenRC"
-                } else {
-                    "it"
-                }
             ));
         }
         let active: Vec<&str> = tagged(&f.units, "active").collect();
@@ -234,10 +317,78 @@ impl Seal {
         boot_masks.sort();
         boot_masks.dedup();
         Ok(Seal {
+            init: Init::Systemd,
             wants,
             held_back: held,
             boot_masks,
         })
+    }
+
+    fn openrc_from_facts(f: &Facts, host: &str) -> anyhow::Result<Seal> {
+        let active: Vec<&str> = tagged(&f.units, "active").collect();
+        let ssh: Vec<String> = OPENRC_SSH
+            .iter()
+            .filter(|u| active.contains(u))
+            .map(|u| u.to_string())
+            .collect();
+        if ssh.is_empty() {
+            return Err(refused!(
+                "no SSH server service is started on {host} (OpenRC; looked for {}): drydock reaches the worker VM over SSH, and starts only the VPS's own SSH server there",
+                OPENRC_SSH.join(", ")
+            ));
+        }
+        let net: Vec<String> = active
+            .iter()
+            .filter(|u| is_openrc_net(u))
+            .map(|u| u.to_string())
+            .collect();
+        if net.is_empty() {
+            return Err(refused!(
+                "drydock cannot tell which OpenRC service brings up the network on {host} (none of {} or {}* is started), so the worker VM, which starts only those, would not come up on the network",
+                OPENRC_NET.join(", "),
+                OPENRC_NET_PREFIXES.join("*, ")
+            ));
+        }
+        let mut wants = ssh;
+        wants.extend(net);
+        let held = openrc_held_back(&runlevel_services(&f.units), &wants);
+        Ok(Seal {
+            init: Init::Openrc,
+            wants,
+            held_back: held,
+            boot_masks: Vec::new(),
+        })
+    }
+
+    /// The script that lists the upgraded disk's enabled units (systemd)
+    /// or runlevel services (OpenRC), ending in "end".
+    pub fn enabled_script(&self) -> &'static str {
+        match self.init {
+            Init::Systemd => ENABLED_UNITS_SCRIPT,
+            Init::Openrc => RUNLEVELS_SCRIPT,
+        }
+    }
+
+    /// The held-back set on the disk that `enabled_script` printed `lines` of.
+    pub fn held_in(&self, lines: &[String]) -> Vec<String> {
+        match self.init {
+            Init::Systemd => held_back(&enabled_units(lines), &self.wants),
+            Init::Openrc => openrc_held_back(&runlevel_services(lines), &self.wants),
+        }
+    }
+
+    /// Prints each of `held` that runs in the worker VM.
+    pub fn running_script(&self, held: &[String]) -> String {
+        match self.init {
+            Init::Systemd => format!(
+                "for u in {}; do systemctl -q is-active \"$u\" 2>/dev/null && echo \"$u\"; done; true",
+                words(held)
+            ),
+            Init::Openrc => format!(
+                "for u in {}; do [ -e \"/run/openrc/started/$u\" ] || [ -e \"/run/openrc/starting/$u\" ] && echo \"$u\"; done; true",
+                words(held)
+            ),
+        }
     }
 
     /// The kernel command line of the sealed first boot: the VPS's own,
@@ -264,15 +415,38 @@ impl Seal {
                 !(w.starts_with("BOOT_IMAGE=")
                     || w.starts_with("initrd=")
                     || w.starts_with("systemd.unit=")
+                    || w.starts_with("softlevel=")
+                    || w.starts_with("rc_runlevel=")
+                    || w.starts_with("noinit=")
                     || runlevels.contains(&w.as_str()))
             })
             .collect();
         if !out.iter().any(|w| w.starts_with("console=ttyS0")) {
             out.push("console=ttyS0,115200".into());
         }
-        out.push("systemd.unit=sysinit.target".into());
-        out.extend(self.wants.iter().map(|u| format!("systemd.wants={u}")));
-        out.extend(self.boot_masks.iter().map(|u| format!("systemd.mask={u}")));
+        match self.init {
+            Init::Systemd => {
+                out.push("systemd.unit=sysinit.target".into());
+                out.extend(self.wants.iter().map(|u| format!("systemd.wants={u}")));
+                out.extend(self.boot_masks.iter().map(|u| format!("systemd.mask={u}")));
+            }
+            Init::Openrc => {
+                // The VPS's own noinit= services stay held back too.
+                let mut held: Vec<String> = split_cmdline(vps)
+                    .iter()
+                    .filter_map(|w| w.strip_prefix("noinit="))
+                    .flat_map(|v| v.split(','))
+                    .filter(|v| !v.is_empty())
+                    .map(str::to_string)
+                    .collect();
+                held.extend(self.held_back.iter().cloned());
+                held.sort();
+                held.dedup();
+                if !held.is_empty() {
+                    out.push(format!("noinit={}", held.join(",")));
+                }
+            }
+        }
         let line = out.join(" ");
         if line.len() > CMDLINE_MAX {
             return Err(refused!(
@@ -292,6 +466,27 @@ impl Seal {
     /// for a held-back unit that had started, "policy-rc.d installed" or
     /// "policy-rc.d kept".
     pub fn runtime_script(&self) -> String {
+        if self.init == Init::Openrc {
+            return format!(
+                r#"set -e
+export LC_ALL=C PATH="$PATH:/usr/sbin:/sbin"
+# The boot's runlevels first (SSH answers before the default runlevel ends).
+n=0
+while [ $n -lt 300 ]; do
+  busy=0
+  for p in /proc/[0-9]*; do [ "$(cat "$p/comm" 2>/dev/null)" = openrc ] && busy=1 && break; done
+  [ $busy = 0 ] && break
+  n=$((n + 1)); sleep 1
+done
+[ $busy = 0 ] || echo "openrc still busy after 300 s" >&2
+for u in {units}; do
+  if [ -e "/run/openrc/started/$u" ] || [ -e "/run/openrc/starting/$u" ]; then echo "running $u"; rc-service "$u" stop >/dev/null 2>&1 || true; fi
+done
+{policy}"#,
+                units = words(&self.held_back),
+                policy = POLICY_RC_D
+            );
+        }
         format!(
             r#"set -e
 export LC_ALL=C
@@ -304,15 +499,9 @@ systemctl daemon-reload
 for u in {units}; do
   if systemctl -q is-active "$u" 2>/dev/null; then echo "running $u"; systemctl stop "$u" || true; fi
 done
-if [ -x /usr/sbin/invoke-rc.d ] || [ -x /usr/bin/deb-systemd-invoke ]; then
-  if [ -e /usr/sbin/policy-rc.d ]; then echo "policy-rc.d kept"; else
-    printf '%s\n' '#!/bin/sh' '# drydock: no service starts in the worker VM; removed before the power-off' 'exit 101' > /usr/sbin/policy-rc.d
-    chmod 755 /usr/sbin/policy-rc.d
-    echo "policy-rc.d installed"
-  fi
-fi
-"#,
-            units = words(&self.held_back)
+{policy}"#,
+            units = words(&self.held_back),
+            policy = POLICY_RC_D
         )
     }
 
@@ -322,6 +511,32 @@ fi
     /// held-back set as the upgraded disk has it. Prints "made DIR" when
     /// the folder did not exist.
     pub fn disk_seal_script(&self, held: &[String], installed_policy: bool) -> String {
+        let policy = if installed_policy {
+            "rm -f /usr/sbin/policy-rc.d"
+        } else {
+            ""
+        };
+        if self.init == Init::Openrc {
+            // Every runlevel's link of a held-back service, moved aside.
+            return format!(
+                r#"set -e
+export LC_ALL=C
+{policy}
+D={OPENRC_STASH}
+if [ -e "$D" ] || [ -L "$D" ]; then echo "$D exists already: drydock will not write over it" >&2; exit 3; fi
+mkdir "$D"; echo "made $D"
+for u in {held}; do
+  for l in /etc/runlevels/*/; do
+    [ -e "$l$u" ] || [ -L "$l$u" ] || continue
+    lv=${{l%/}}; lv=${{lv##*/}}
+    mkdir -p "$D/$lv"; mv "$l$u" "$D/$lv/$u"
+  done
+done
+sync
+"#,
+                held = words(held),
+            );
+        }
         format!(
             r#"set -e
 export LC_ALL=C
@@ -343,11 +558,6 @@ done
 for u in {held}; do ln -s /dev/null "$D/$u"; done
 sync
 "#,
-            policy = if installed_policy {
-                "rm -f /usr/sbin/policy-rc.d"
-            } else {
-                ""
-            },
             held = words(held),
             wants = words(&self.wants),
         )
@@ -356,6 +566,27 @@ sync
     /// Run before the last power-off: the verify reboot's seal removed
     /// from the disk, and checked gone. `made_dir`: drydock made the folder.
     pub fn disk_unseal_script(&self, held: &[String], made_dir: bool) -> String {
+        if self.init == Init::Openrc {
+            return format!(
+                r#"set -e
+D={OPENRC_STASH}
+for l in "$D"/*/; do
+  [ -d "$l" ] || continue
+  lv=${{l%/}}; lv=${{lv##*/}}
+  for u in "$l"*; do
+    [ -e "$u" ] || [ -L "$u" ] || continue
+    t=/etc/runlevels/$lv/${{u##*/}}
+    if [ -e "$t" ] || [ -L "$t" ]; then echo "$t is there again: the upgraded disk put it back itself; drydock keeps it" >&2; rm -f "$u"; else mv "$u" "$t"; fi
+  done
+  rmdir "$l"
+done
+rmdir "$D"
+if [ -e "$D" ] || [ -L "$D" ]; then echo "$D is still there" >&2; exit 1; fi
+if [ -e /usr/sbin/policy-rc.d ] && grep -qs '^# drydock:' /usr/sbin/policy-rc.d; then echo "drydock's policy-rc.d is still there" >&2; exit 1; fi
+sync
+"#
+            );
+        }
         format!(
             r#"set -e
 D=/etc/systemd/system.control
@@ -402,6 +633,36 @@ pub const ENABLED_UNITS_SCRIPT: &str = r#"for d in /etc/systemd/system /run/syst
   done
 done
 echo end"#;
+
+/// The upgraded disk's OpenRC runlevels: "level SERVICE RUNLEVEL", then "end".
+pub const RUNLEVELS_SCRIPT: &str = r#"for l in /etc/runlevels/*/; do
+  [ -d "$l" ] || continue; lv=${l%/}; lv=${lv##*/}
+  for u in "$l"*; do [ -e "$u" ] || [ -L "$u" ] || continue; echo "level ${u##*/} $lv"; done
+done
+echo end"#;
+
+/// On Debian-family systems (systemd or OpenRC), a policy-rc.d that says
+/// "do not run" unless the VPS has one of its own.
+const POLICY_RC_D: &str = r#"if [ -x /usr/sbin/invoke-rc.d ] || [ -x /usr/bin/deb-systemd-invoke ]; then
+  if [ -e /usr/sbin/policy-rc.d ]; then echo "policy-rc.d kept"; else
+    printf '%s\n' '#!/bin/sh' '# drydock: no service starts in the worker VM; removed before the power-off' 'exit 101' > /usr/sbin/policy-rc.d
+    chmod 755 /usr/sbin/policy-rc.d
+    echo "policy-rc.d installed"
+  fi
+fi
+"#;
+
+/// "level SERVICE RUNLEVEL" lines as (service, runlevel).
+pub fn runlevel_services(lines: &[String]) -> Vec<(String, String)> {
+    lines
+        .iter()
+        .filter_map(|l| {
+            let mut w = l.split_whitespace();
+            (w.next()? == "level").then_some(())?;
+            Some((w.next()?.to_string(), w.next()?.to_string()))
+        })
+        .collect()
+}
 
 /// Unit names are [A-Za-z0-9:_.@-\\]; anything else is dropped rather than
 /// given to a shell.
@@ -536,14 +797,14 @@ mod tests {
 
     #[test]
     fn hosts_that_cannot_be_sealed_are_refused_with_the_reason() {
-        let e = Seal::from_facts(&facts(fixture_units(), "init"), "root@alpine")
+        let e = Seal::from_facts(&facts(fixture_units(), "runit"), "root@void")
             .unwrap_err()
             .to_string();
         assert!(
-            e.starts_with("root@alpine runs init as its init system, not systemd"),
+            e.starts_with("root@void runs runit as its init system, and neither systemd nor OpenRC manages its services"),
             "{e}"
         );
-        assert!(e.contains("no equivalent for OpenRC yet"), "{e}");
+        assert!(e.ends_with("nothing was changed"), "{e}");
         let no_net: Vec<String> = fixture_units()
             .into_iter()
             .filter(|l| !l.starts_with("active systemd-networkd"))
@@ -581,6 +842,109 @@ mod tests {
                 "systemd-user-sessions.service",
                 "systemd-logind.service"
             ]
+        );
+    }
+
+    /// An Alpine VPS as setup-alpine leaves it, with an app and nginx.
+    fn alpine_units() -> Vec<String> {
+        [
+            "openrc",
+            "level devfs sysinit",
+            "level dmesg sysinit",
+            "level mdev sysinit",
+            "level hwdrivers sysinit",
+            "level bootmisc boot",
+            "level hostname boot",
+            "level hwclock boot",
+            "level modules boot",
+            "level networking boot",
+            "level seedrng boot",
+            "level swap boot",
+            "level sysctl boot",
+            "level syslog boot",
+            "level acpid default",
+            "level chronyd default",
+            "level crond default",
+            "level nginx default",
+            "level sshd default",
+            "level app default",
+            "level killprocs shutdown",
+            "level mount-ro shutdown",
+            "level savecache shutdown",
+            "active devfs",
+            "active networking",
+            "active sshd",
+            "active nginx",
+            "active app",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect()
+    }
+
+    #[test]
+    fn an_openrc_host_keeps_sshd_and_networking_and_holds_back_the_default_runlevel() {
+        let s = Seal::from_facts(&facts(alpine_units(), "init"), "root@alpine").unwrap();
+        assert_eq!(s.init, Init::Openrc);
+        assert_eq!(s.wants, ["sshd", "networking"]);
+        assert_eq!(s.held_back, ["app", "chronyd", "crond", "nginx"]);
+        assert_eq!(
+            s.kernel_cmdline("BOOT_IMAGE=vmlinuz-lts root=UUID=77 modules=sd-mod,usb-storage,ext4 quiet rootfstype=ext4 softlevel=default noinit=metrics")
+                .unwrap(),
+            "root=UUID=77 modules=sd-mod,usb-storage,ext4 quiet rootfstype=ext4 console=ttyS0,115200 noinit=app,chronyd,crond,metrics,nginx"
+        );
+        // The upgraded disk's runlevels, as RUNLEVELS_SCRIPT prints them:
+        // a service the upgrade added to default is held back too.
+        let mut after: Vec<String> = alpine_units()
+            .into_iter()
+            .filter(|l| l.starts_with("level "))
+            .collect();
+        after.push("level nginx-exporter default".into());
+        after.push("level crond boot".into());
+        assert_eq!(
+            s.held_in(&after),
+            ["app", "chronyd", "crond", "nginx", "nginx-exporter"]
+        );
+        let seal = s.disk_seal_script(&s.held_back, true);
+        assert!(seal.contains("rm -f /usr/sbin/policy-rc.d"), "{seal}");
+        assert!(seal.contains("D=/etc/drydock-held-runlevels"), "{seal}");
+        assert!(
+            seal.contains("for u in app chronyd crond nginx; do"),
+            "{seal}"
+        );
+        let json = serde_json::to_string(&s).unwrap();
+        assert!(json.contains("\"init\":\"openrc\""), "{json}");
+        // A journal from before OpenRC: systemd.
+        let old: Seal =
+            serde_json::from_str(r#"{"wants":[],"held_back":[],"boot_masks":[]}"#).unwrap();
+        assert_eq!(old.init, Init::Systemd);
+    }
+
+    #[test]
+    fn an_openrc_host_without_a_started_ssh_server_or_network_is_refused() {
+        let no_ssh: Vec<String> = alpine_units()
+            .into_iter()
+            .filter(|l| l != "active sshd")
+            .collect();
+        let e = Seal::from_facts(&facts(no_ssh, "init"), "h")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.starts_with(
+                "no SSH server service is started on h (OpenRC; looked for sshd, ssh, dropbear)"
+            ),
+            "{e}"
+        );
+        let no_net: Vec<String> = alpine_units()
+            .into_iter()
+            .filter(|l| l != "active networking")
+            .collect();
+        let e = Seal::from_facts(&facts(no_net, "init"), "h")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.starts_with("drydock cannot tell which OpenRC service brings up the network on h"),
+            "{e}"
         );
     }
 

@@ -2,6 +2,7 @@
 # (bash -s, VARIANT=docker|postgres|nm|cloud): installs and sets up what
 # the variant runs, on that disk.
 set -euo pipefail
+trap 'echo "inplace: line $LINENO failed: $BASH_COMMAND" >&2' ERR
 export DEBIAN_FRONTEND=noninteractive
 log=/root/build.log
 printf '#!/bin/sh\nexit 101\n' > /usr/sbin/policy-rc.d; chmod 755 /usr/sbin/policy-rc.d
@@ -74,6 +75,30 @@ APP
     printf '#cloud-config\ndisable_root: false\nssh_deletekeys: false\napt:\n  preserve_sources_list: true\n' > /var/lib/cloud/seed/nocloud/user-data
     printf 'version: 2\nethernets:\n  eth0:\n    match:\n      macaddress: "52:54:00:c1:0d:01"\n    set-name: eth0\n    dhcp4: true\n' > /var/lib/cloud/seed/nocloud/network-config
     systemctl is-enabled cloud-init.service systemd-resolved.service > /dev/null
+    ;;
+  openrc)
+    # OpenRC as the init system (Debian's openrc, run by sysvinit-core's
+    # init, as Devuan and Debian without systemd do; the same OpenRC as
+    # Alpine's and Gentoo's). The network by ifupdown with ISC dhclient
+    # (the networking script, sysinit runlevel), the kernel's eth0 name.
+    install sysvinit-core openrc ifupdown isc-dhcp-client
+    rm -f /etc/systemd/network/50-dhcp.network
+    printf 'source /etc/network/interfaces.d/*\n\nauto lo\niface lo inet loopback\n\nauto eth0\niface eth0 inet dhcp\n' > /etc/network/interfaces
+    sed -i 's/^GRUB_CMDLINE_LINUX=.*/GRUB_CMDLINE_LINUX="net.ifnames=0"/' /etc/default/grub
+    grep -q '^GRUB_CMDLINE_LINUX="net.ifnames=0"' /etc/default/grub || echo 'GRUB_CMDLINE_LINUX="net.ifnames=0"' >> /etc/default/grub
+    update-grub > /dev/null 2>&1
+    grep -q 'net.ifnames=0' /boot/grub/grub.cfg
+    # The zoo's app as an OpenRC service, in the default runlevel (the
+    # shell as its command: start-stop-daemon stops it by its executable).
+    printf '#!/sbin/openrc-run\ndescription="the zoo app: a numbered line every second"\ncommand=/bin/sh\ncommand_args=/usr/local/bin/drydock-zoo-app\ncommand_background=yes\npidfile=/run/drydock-zoo-app.pid\n' \
+      > /etc/init.d/drydock-zoo-app
+    chmod 755 /etc/init.d/drydock-zoo-app
+    for s in ssh cron; do [ -e /etc/runlevels/default/$s ] || rc-update add $s default > /dev/null; done
+    rc-update add drydock-zoo-app default > /dev/null
+    [ -e /etc/runlevels/sysinit/networking ] || [ -e /etc/runlevels/boot/networking ] || rc-update add networking boot > /dev/null
+    # sysvinit's init is PID 1 at the next boot, not systemd.
+    case "$(readlink -f /sbin/init)" in *systemd*) echo "inplace: /sbin/init is still systemd" >&2; exit 1;; esac
+    rc-update show -v | sed 's/^/inplace: /' >&2
     ;;
   *) echo "inplace: unknown variant $VARIANT" >&2; exit 2 ;;
 esac
