@@ -314,3 +314,19 @@ fn mode_name(m: transfer::helper::Mode) -> &'static str {
         _ => "dd",
     }
 }
+
+/// Asserts that SCRIPT parses as /bin/sh reads it (`sh -n`; dash here, as
+/// on Debian): a quoting slip in a format! shows in the unit tests, not on
+/// a VPS.
+#[cfg(test)]
+pub(crate) fn assert_valid_sh(what: &str, script: &str) {
+    let o = std::process::Command::new("sh")
+        .args(["-n", "-c", script])
+        .output()
+        .expect("cannot run sh");
+    assert!(
+        o.status.success(),
+        "{what}: {}\n{script}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+}

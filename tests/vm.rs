@@ -208,6 +208,13 @@ impl Vps {
         assert!(!out.contains("gap"), "the zoo app's log has a gap: {out}");
     }
 
+    /// The VPS's boot id: a new one after each boot.
+    fn boot_id(&self) -> String {
+        self.ssh("cat /proc/sys/kernel/random/boot_id")
+            .trim()
+            .to_string()
+    }
+
     fn ssh(&self, cmd: &str) -> String {
         let o = ssh_guest(self.port, &self.key, cmd);
         assert!(
@@ -290,6 +297,44 @@ const CHANGE: &str =
 const ETC_STATE: &str = "find /etc -xdev \\( -type f -o -type l \\) ! -name drydock-was-here ! -name motd -printf '%p %l\\n' | sort; \
      find /etc -xdev -type f ! -name drydock-was-here ! -name motd -print0 | sort -z | xargs -0 sha256sum";
 
+/// A report's list of strings (held_back, allowed_hosts, ...).
+fn str_list(r: &serde_json::Value, key: &str) -> Vec<String> {
+    r[key]
+        .as_array()
+        .unwrap_or_else(|| panic!("the report has no list {key}: {r}"))
+        .iter()
+        .map(|v| v.as_str().unwrap().to_string())
+        .collect()
+}
+
+/// The seal tests' phone service was refused both ways it tries out: the
+/// workstation's listener on PORT, and the name it resolves.
+fn assert_phone_refused(r: &serde_json::Value, port: u16) {
+    let refused = str_list(r, "refused_connections");
+    assert!(
+        refused.contains(&format!("tcp 10.0.2.2:{port}")),
+        "{refused:?}"
+    );
+    assert!(
+        refused
+            .iter()
+            .any(|x| x.starts_with("DNS query for phone-home.example")),
+        "{refused:?}"
+    );
+}
+
+/// /etc as ETC_STATE printed it, the same before and after; else the
+/// lines each side alone has.
+fn assert_etc_unchanged(before: &str, after: &str, what: &str) {
+    if after != before {
+        let a: Vec<&str> = before.lines().collect();
+        let b: Vec<&str> = after.lines().collect();
+        let gone: Vec<&&str> = a.iter().filter(|l| !b.contains(l)).collect();
+        let new: Vec<&&str> = b.iter().filter(|l| !a.contains(l)).collect();
+        panic!("/etc ({what}) changed: before only {gone:?}, after only {new:?}");
+    }
+}
+
 /// The seal test's VPS services (see the test below), enabled and started.
 fn seal_setup(port: u16) -> String {
     format!(
@@ -346,10 +391,7 @@ fn upgrade_killed_mid_upgrade_resumes_sealed_and_the_vps_comes_back_changed() {
     let port = listener.local_addr().unwrap().port();
     listener.set_nonblocking(true).unwrap();
     assert!(vps.ssh(&seal_setup(port)).trim().parse::<u32>().unwrap() > 0);
-    let boot_before = vps
-        .ssh("cat /proc/sys/kernel/random/boot_id")
-        .trim()
-        .to_string();
+    let boot_before = vps.boot_id();
     let etc_before = vps.ssh(ETC_STATE);
     assert!(vps.ssh("cat /etc/motd").contains("Debian"));
     // Slow enough to be killed in the middle of; then what a copy of the
@@ -454,10 +496,7 @@ fn upgrade_killed_mid_upgrade_resumes_sealed_and_the_vps_comes_back_changed() {
         vps.ssh("test -e /etc/motd && echo yes || echo no").trim(),
         "no"
     );
-    assert_ne!(
-        vps.ssh("cat /proc/sys/kernel/random/boot_id").trim(),
-        boot_before
-    );
+    assert_ne!(vps.boot_id(), boot_before);
     assert_eq!(
         vps.ssh("grep ' / ' /proc/self/mounts | cut -d' ' -f4 | cut -d, -f1")
             .trim(),
@@ -479,13 +518,7 @@ fn upgrade_killed_mid_upgrade_resumes_sealed_and_the_vps_comes_back_changed() {
     let rss = r["helper_peak_rss_kib"].as_u64().unwrap();
     assert!(rss > 0 && rss <= 16 * 1024, "helper peak RSS {rss} KiB");
 
-    let list = |k: &str| -> Vec<String> {
-        r[k].as_array()
-            .unwrap()
-            .iter()
-            .map(|v| v.as_str().unwrap().to_string())
-            .collect()
-    };
+    let list = |k: &str| str_list(&r, k);
     let held = list("held_back");
     for u in [
         "drydock-app.service",
@@ -500,17 +533,7 @@ fn upgrade_killed_mid_upgrade_resumes_sealed_and_the_vps_comes_back_changed() {
         list("allowed_hosts").contains(&"deb.debian.org".to_string()),
         "{r}"
     );
-    let refused = list("refused_connections");
-    assert!(
-        refused.contains(&format!("tcp 10.0.2.2:{port}")),
-        "{refused:?}"
-    );
-    assert!(
-        refused
-            .iter()
-            .any(|x| x.starts_with("DNS query for phone-home.example")),
-        "{refused:?}"
-    );
+    assert_phone_refused(&r, port);
     let run = r["run"].as_str().unwrap();
     let log = std::fs::read_to_string(std::path::Path::new(run).join("run.log")).unwrap();
     assert!(
@@ -535,10 +558,7 @@ fn upgrade_killed_mid_upgrade_resumes_sealed_and_the_vps_comes_back_changed() {
         vps.ssh("ls /etc/drydock-reached /etc/drydock-resolved /usr/sbin/policy-rc.d /etc/systemd/system.control 2>/dev/null | wc -l").trim(),
         "0"
     );
-    let boot_after = vps
-        .ssh("cat /proc/sys/kernel/random/boot_id")
-        .trim()
-        .to_string();
+    let boot_after = vps.boot_id();
     assert_ne!(boot_after, boot_before);
     let ids = vps.ssh("cat /var/lib/drydock-app.log /var/lib/drydock-timer.log /var/lib/drydock-cron.log /var/lib/drydock-phone.log 2>/dev/null | cut -d' ' -f1 | sort -u");
     for id in ids.lines() {
@@ -553,14 +573,7 @@ fn upgrade_killed_mid_upgrade_resumes_sealed_and_the_vps_comes_back_changed() {
         "the phone service reached the workstation"
     );
     // Enabled units and /etc as before (the --run change is excluded).
-    let etc_after = vps.ssh(ETC_STATE);
-    if etc_after != etc_before {
-        let a: Vec<&str> = etc_before.lines().collect();
-        let b: Vec<&str> = etc_after.lines().collect();
-        let gone: Vec<&&str> = a.iter().filter(|l| !b.contains(l)).collect();
-        let new: Vec<&&str> = b.iter().filter(|l| !a.contains(l)).collect();
-        panic!("/etc (enabled units included) changed: before only {gone:?}, after only {new:?}");
-    }
+    assert_etc_unchanged(&etc_before, &vps.ssh(ETC_STATE), "enabled units included");
 
     let o = vps.drydock(home.path(), &["runs"]).output().unwrap();
     assert!(
@@ -870,7 +883,7 @@ fn abort_after_the_push_on(variant: Option<&str>) {
     child.wait().unwrap();
     // Killed before it rebooted the VPS: the pushed disk, still frozen.
     assert_eq!(
-        vps.ssh("cat /proc/sys/kernel/random/boot_id").trim(),
+        vps.boot_id(),
         frozen,
         "drydock was killed too late: the VPS had rebooted already"
     );
@@ -890,10 +903,7 @@ fn abort_after_the_push_on(variant: Option<&str>) {
         "no"
     );
     assert_eq!(vps.ssh("sha256sum /etc/motd"), motd);
-    assert_ne!(
-        vps.ssh("cat /proc/sys/kernel/random/boot_id").trim(),
-        frozen
-    );
+    assert_ne!(vps.boot_id(), frozen);
     assert_eq!(
         vps.ssh("grep ' / ' /proc/self/mounts | cut -d' ' -f4 | cut -d, -f1")
             .trim(),
@@ -1354,10 +1364,7 @@ fn zoo_openrc_host_is_frozen_and_upgraded_in_a_sealed_worker_vm() {
             .unwrap()
             > 0
     );
-    let boot_before = vps
-        .ssh("cat /proc/sys/kernel/random/boot_id")
-        .trim()
-        .to_string();
+    let boot_before = vps.boot_id();
     let etc_before = vps.ssh(ETC_STATE);
     // The zoo app's log has lines from the fixture's own build boots.
     let ids_before = vps.ssh(BOOT_IDS_OPENRC);
@@ -1375,31 +1382,15 @@ fn zoo_openrc_host_is_frozen_and_upgraded_in_a_sealed_worker_vm() {
         vps.ssh("cat /etc/drydock-was-here").trim(),
         "upgraded offline by drydock"
     );
-    let boot_after = vps
-        .ssh("cat /proc/sys/kernel/random/boot_id")
-        .trim()
-        .to_string();
+    let boot_after = vps.boot_id();
     assert_ne!(boot_after, boot_before);
-    let held: Vec<String> = r["held_back"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|v| v.as_str().unwrap().to_string())
-        .collect();
+    let held = str_list(&r, "held_back");
     for u in ["drydock-app", "drydock-phone", "drydock-zoo-app", "cron"] {
         assert!(held.contains(&u.to_string()), "{u} not held back: {held:?}");
     }
     assert!(!held.contains(&"ssh".to_string()), "{held:?}");
-    let refused: Vec<String> = r["refused_connections"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|v| v.as_str().unwrap().to_string())
-        .collect();
-    assert!(
-        refused.contains(&format!("tcp 10.0.2.2:{port}")),
-        "{refused:?}"
-    );
+    assert_phone_refused(&r, port);
+    assert_eq!(r["network"], "sealed");
     assert!(
         listener.accept().is_err(),
         "the workstation's listener saw a connection"
@@ -1419,12 +1410,5 @@ fn zoo_openrc_host_is_frozen_and_upgraded_in_a_sealed_worker_vm() {
     let st = vps.ssh("for s in drydock-app drydock-phone drydock-zoo-app cron ssh; do rc-service $s status >/dev/null 2>&1 && echo \"$s up\"; done");
     assert_eq!(st.lines().count(), 5, "not every service runs again: {st}");
     vps.zoo_app_intact();
-    let etc_after = vps.ssh(ETC_STATE);
-    if etc_after != etc_before {
-        let a: Vec<&str> = etc_before.lines().collect();
-        let b: Vec<&str> = etc_after.lines().collect();
-        let gone: Vec<&&str> = a.iter().filter(|l| !b.contains(l)).collect();
-        let new: Vec<&&str> = b.iter().filter(|l| !a.contains(l)).collect();
-        panic!("/etc (the runlevels included) changed: before only {gone:?}, after only {new:?}");
-    }
+    assert_etc_unchanged(&etc_before, &vps.ssh(ETC_STATE), "the runlevels included");
 }

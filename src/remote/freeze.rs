@@ -75,10 +75,14 @@
 //!   it costs. The remount fails, the freeze undoes itself and names each
 //!   writer (PID, command, file) so that its owner can end it.
 //! * **On OpenRC** (Alpine, Gentoo, Devuan, Debian without systemd) the
-//!   services go down through `rc-service SVC stop`: every started one
-//!   but the SSH server, the network's (networking, dhcpcd, net.*, ...)
-//!   and acpid, what those need (`rc-depend -t ineed`, for stopping it
-//!   would stop them with it), and what the sysinit and boot runlevels
+//!   services go down through `openrc-run SCRIPT stop` (what
+//!   `rc-service SVC stop` runs, but the only way Debian's LSB scripts
+//!   change OpenRC's marks): every started one but the SSH server, the
+//!   network's (networking, dhcpcd, net.*, ...), acpid and rmnologin
+//!   (`remote::openrc`, the same names the worker VM's seal keeps), what
+//!   those need (`rc-depend -t ineed`, for stopping it would stop them
+//!   with it; without rc-depend nothing is stopped and the freeze says
+//!   so), and what the sysinit and boot runlevels
 //!   start for the system itself (devices, mounts, the hostname). Of
 //!   those, the ones that write or reach out are stopped still: cron and
 //!   at, chrony and ntpd, `local`, and the loggers (syslog, rsyslog,
@@ -114,7 +118,7 @@ use anyhow::{Context, Result};
 use serde::Serialize;
 
 use super::device::{Device, inspect, require_root};
-use super::{Facts, gather};
+use super::{Facts, gather, openrc};
 use crate::refused;
 use crate::ssh::{Session, shell_quote};
 
@@ -273,38 +277,43 @@ done
 /// OpenRC's part of the stop (run in the subshell of `stop_units_script`):
 /// every started service is stopped through `openrc-run SCRIPT stop` (as
 /// `rc-service` does, but Debian's LSB scripts change OpenRC's marks only
-/// this way), except the SSH
-/// server, the network's services and acpid, what those need (OpenRC's
-/// `rc-depend -t ineed`: stopping it would stop them), and what the
-/// sysinit and boot runlevels bring up for the system itself, though
-/// their schedulers, clocks and loggers, which write, are stopped. What
-/// was started is recorded first (`rc-started`): a service that OpenRC
-/// stopped along with one it needs is started again by the thaw as well.
+/// this way), except the SSH server, the network's services and the
+/// others of `openrc::KEPT`, what those need (OpenRC's `rc-depend -t
+/// ineed`: stopping it would stop them), and what the sysinit and boot
+/// runlevels bring up for the system itself, though their schedulers,
+/// clocks and loggers, which write, are stopped. What was started is
+/// recorded first (`rc-started`): a service that OpenRC stopped along with
+/// one it needs is started again by the thaw as well. Nothing is stopped
+/// when openrc-run or rc-depend cannot be found.
 fn openrc_stop_script() -> String {
-    let q = |v: &[&str]| format!("\" {} \"", v.join(" "));
+    let q = |v: &[&[&str]]| format!("\" {} \"", v.concat().join(" "));
     format!(
         r#"(
 keep={keep}
+prefixes="{prefixes}"
 sysheld={sysheld}
 sys=" $(ls /etc/runlevels/sysinit /etc/runlevels/boot 2>/dev/null | tr '\n' ' ') "
-dep=/lib/rc/bin/rc-depend; [ -x "$dep" ] || dep=$(command -v rc-depend)
-ks=""
-for u in $(ls /run/openrc/started); do
-  case "$keep" in *" $u "*) ks="$ks $u";; esac
-  case "$u" in net.*) ks="$ks $u";; esac
-done
-needed=" "
-[ -n "$dep" ] && [ -n "$ks" ] && needed=" $("$dep" -t ineed $ks 2>/dev/null | tr '\n' ' ') "
+kept() {{
+  case "$keep" in *" $1 "*) return 0;; esac
+  for p in $prefixes; do case "$1" in "$p"*) return 0;; esac; done
+  return 1
+}}
 # Debian's LSB scripts change OpenRC's marks only when openrc-run runs them
 # (rc-service runs them as they are): every stop and start goes through it.
-orun=$(command -v openrc-run) || {{ echo "OpenRC runs here but openrc-run is not on the PATH" >&2; exit 1; }}
+orun=$(command -v openrc-run) || {{ echo "OpenRC runs here but openrc-run is not on root's PATH (nor in /sbin, /usr/sbin): drydock stops OpenRC's services through it; nothing was stopped. Install OpenRC's openrc-run, then run again" >&2; exit 1; }}
+dep=
+for d in /lib/rc/bin/rc-depend /usr/libexec/rc/bin/rc-depend /libexec/rc/bin/rc-depend "$(command -v rc-depend)"; do [ -n "$d" ] && [ -x "$d" ] && dep=$d && break; done
+[ -n "$dep" ] || {{ echo "cannot find OpenRC's rc-depend (looked in /lib/rc/bin, /usr/libexec/rc/bin, /libexec/rc/bin and the PATH): without it drydock cannot tell which services SSH and the network need, and stopping one of them would stop those too; nothing was stopped" >&2; exit 1; }}
+ks=""
+for u in $(ls /run/openrc/started); do kept "$u" && ks="$ks $u"; done
+needed=" "
+[ -n "$ks" ] && needed=" $(timeout 60 "$dep" -t ineed $ks 2>/dev/null | tr '\n' ' ') "
 if [ ! -f "$S/rc-started" ]; then
   for f in /run/openrc/started/*; do [ -L "$f" ] && printf '%s\t%s\n' "${{f##*/}}" "$(readlink "$f")"; done > "$S/rc-started.new" && mv "$S/rc-started.new" "$S/rc-started" || exit 1
 fi
 said() {{ while IFS='	' read -r v _; do [ -e "/run/openrc/started/$v" ] || echo "stopped $v"; done < "$S/rc-started"; }}
 for u in $(ls /run/openrc/started); do
-  case "$keep" in *" $u "*) continue;; esac
-  case "$u" in net.*) continue;; esac
+  kept "$u" && continue
   case "$needed" in *" $u "*) continue;; esac
   case "$sys" in *" $u "*) case "$sysheld" in *" $u "*) ;; *) continue;; esac;; esac
   [ -e "/run/openrc/started/$u" ] || continue
@@ -319,40 +328,9 @@ for u in $(ls /run/openrc/started); do
 done
 said
 )"#,
-        keep = q(&[
-            "sshd",
-            "ssh",
-            "dropbear",
-            "networking",
-            "dhcpcd",
-            "NetworkManager",
-            "connman",
-            "iwd",
-            "udhcpc",
-            "network",
-            "acpid"
-        ]),
-        sysheld = q(&[
-            "cron",
-            "crond",
-            "cronie",
-            "dcron",
-            "fcron",
-            "anacron",
-            "atd",
-            "chronyd",
-            "ntpd",
-            "openntpd",
-            "ntpsec",
-            "ntp",
-            "local",
-            "syslog",
-            "rsyslog",
-            "syslog-ng",
-            "metalog",
-            "klogd",
-            "sysklogd"
-        ]),
+        keep = q(&[openrc::SSH, openrc::NET, openrc::KEPT]),
+        prefixes = openrc::NET_PREFIXES.join(" "),
+        sysheld = q(&[openrc::SCHEDULERS_AND_CLOCKS, openrc::LOGGERS]),
     )
 }
 
@@ -795,5 +773,16 @@ mod tests {
         assert_eq!(mount_of(&f, "/swapfile").unwrap().dev, "254:1");
         assert_eq!(mount_of(&f, "/var/swap").unwrap().dev, "254:2");
         assert_eq!(mount_of(&f, "/varnish/swap").unwrap().dev, "254:3");
+    }
+
+    #[test]
+    fn the_stop_and_restore_scripts_are_valid_shell() {
+        crate::assert_valid_sh("the stop script", &stop_units_script());
+        crate::assert_valid_sh("the restore script", &restore_script(Some("/dev/vda")));
+        let s = stop_units_script();
+        assert!(s.contains("keep=\" sshd ssh dropbear networking "), "{s}");
+        assert!(s.contains(" acpid rmnologin \""), "{s}");
+        assert!(s.contains("prefixes=\"net.\""), "{s}");
+        assert!(s.contains(" local syslog rsyslog "), "{s}");
     }
 }

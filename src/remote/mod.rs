@@ -4,6 +4,7 @@ pub mod bootfiles;
 pub mod device;
 pub mod facts;
 pub mod freeze;
+pub mod openrc;
 pub mod probe;
 
 use anyhow::{Context, Result};

@@ -76,6 +76,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::refused;
 use crate::remote::facts::Facts;
+use crate::remote::openrc;
 
 /// Units that bring up the network, by exact name or by prefix (templated
 /// and NixOS's scripted networking).
@@ -137,48 +138,23 @@ pub enum Init {
     Openrc,
 }
 
-/// OpenRC: the SSH servers, and the services that bring up the network
-/// (by name, or by prefix: Gentoo's net.eth0).
-const OPENRC_SSH: &[&str] = &["sshd", "ssh", "dropbear"];
-const OPENRC_NET: &[&str] = &[
-    "networking",
-    "dhcpcd",
-    "NetworkManager",
-    "connman",
-    "iwd",
-    "udhcpc",
-    "network",
-];
-const OPENRC_NET_PREFIXES: &[&str] = &["net."];
-/// Kept besides: acpid turns QEMU's power button into a clean power-off;
-/// Debian's rmnologin lets logins in (bootmisc's DELAYLOGIN).
-const OPENRC_KEPT: &[&str] = &["acpid", "rmnologin"];
 /// The runlevels that bring the system itself up: kept, but for
-/// [`OPENRC_HELD_SYSTEM`].
+/// `openrc::SCHEDULERS_AND_CLOCKS`.
 const OPENRC_SYSTEM_LEVELS: &[&str] = &["sysinit", "boot"];
 /// Runlevels a normal boot never enters.
 const OPENRC_UNUSED_LEVELS: &[&str] = &["shutdown", "off", "nonetwork", "recovery", "single"];
-/// Services that run jobs or reach out even when put in sysinit or boot.
-const OPENRC_HELD_SYSTEM: &[&str] = &[
-    "cron", "crond", "cronie", "dcron", "fcron", "anacron", "atd", "chronyd", "ntpd", "openntpd",
-    "ntpsec", "ntp", "local",
-];
 /// Where the verify reboot's held-back runlevel links wait.
 const OPENRC_STASH: &str = "/etc/drydock-held-runlevels";
-
-fn is_openrc_net(u: &str) -> bool {
-    OPENRC_NET.contains(&u) || OPENRC_NET_PREFIXES.iter().any(|p| u.starts_with(p))
-}
 
 /// OpenRC's held-back set among `levels` ((service, runlevel) pairs).
 pub fn openrc_held_back(levels: &[(String, String)], wants: &[String]) -> Vec<String> {
     let mut v: Vec<String> = levels
         .iter()
         .filter(|(u, l)| {
-            let kept = wants.contains(u) || OPENRC_KEPT.contains(&u.as_str());
+            let kept = wants.contains(u) || openrc::KEPT.contains(&u.as_str());
             let unused = OPENRC_UNUSED_LEVELS.contains(&l.as_str());
             let system = OPENRC_SYSTEM_LEVELS.contains(&l.as_str())
-                && !OPENRC_HELD_SYSTEM.contains(&u.as_str());
+                && !openrc::SCHEDULERS_AND_CLOCKS.contains(&u.as_str());
             !(kept || unused || system)
         })
         .map(|(u, _)| u.clone())
@@ -261,6 +237,55 @@ fn tagged<'a>(lines: &'a [String], tag: &str) -> impl Iterator<Item = &'a str> {
     })
 }
 
+/// An init system's names for `ssh_and_network`, and how its refusals
+/// call them.
+struct Names {
+    ssh: &'static [&'static str],
+    net: &'static [&'static str],
+    net_prefixes: &'static [&'static str],
+    is_net: fn(&str) -> bool,
+    ssh_kind: &'static str,
+    looked: &'static str,
+    net_kind: &'static str,
+    state: &'static str,
+}
+
+/// The VPS's running SSH servers, then its network's units or services:
+/// what the worker VM starts. Refused when either is missing.
+fn ssh_and_network(f: &Facts, host: &str, n: &Names) -> anyhow::Result<Vec<String>> {
+    let active: Vec<&str> = tagged(&f.units, "active").collect();
+    let mut wants: Vec<String> = n
+        .ssh
+        .iter()
+        .filter(|u| active.contains(u))
+        .map(|u| u.to_string())
+        .collect();
+    if wants.is_empty() {
+        return Err(refused!(
+            "no SSH server {} on {host} ({}looked for {}): drydock reaches the worker VM over SSH, and starts only the VPS's own SSH server there",
+            n.ssh_kind,
+            n.looked,
+            n.ssh.join(", ")
+        ));
+    }
+    let net: Vec<String> = active
+        .iter()
+        .filter(|u| (n.is_net)(u))
+        .map(|u| u.to_string())
+        .collect();
+    if net.is_empty() {
+        return Err(refused!(
+            "drydock cannot tell which {} brings up the network on {host} (none of {} or {}* is {}), so the worker VM, which starts only those, would not come up on the network",
+            n.net_kind,
+            n.net.join(", "),
+            n.net_prefixes.join("*, "),
+            n.state
+        ));
+    }
+    wants.extend(net);
+    Ok(wants)
+}
+
 impl Seal {
     /// The seal for this VPS, or the refusal that says why it cannot be
     /// sealed (and changes nothing: this runs in the probe step).
@@ -278,32 +303,20 @@ impl Seal {
                 },
             ));
         }
-        let active: Vec<&str> = tagged(&f.units, "active").collect();
-        let ssh: Vec<String> = SSH_UNITS
-            .iter()
-            .filter(|u| active.contains(u))
-            .map(|u| u.to_string())
-            .collect();
-        if ssh.is_empty() {
-            return Err(refused!(
-                "no SSH server unit is active on {host} (looked for {}): drydock reaches the worker VM over SSH, and starts only the VPS's own SSH server there",
-                SSH_UNITS.join(", ")
-            ));
-        }
-        let net: Vec<String> = active
-            .iter()
-            .filter(|u| is_network_unit(u))
-            .map(|u| u.to_string())
-            .collect();
-        if net.is_empty() {
-            return Err(refused!(
-                "drydock cannot tell which unit brings up the network on {host} (none of {} or {}* is active), so the worker VM, which starts only those, would not come up on the network",
-                NETWORK_UNITS.join(", "),
-                NETWORK_PREFIXES.join("*, ")
-            ));
-        }
-        let mut wants = ssh;
-        wants.extend(net);
+        let mut wants = ssh_and_network(
+            f,
+            host,
+            &Names {
+                ssh: SSH_UNITS,
+                net: NETWORK_UNITS,
+                net_prefixes: NETWORK_PREFIXES,
+                is_net: is_network_unit,
+                ssh_kind: "unit is active",
+                looked: "",
+                net_kind: "unit",
+                state: "active",
+            },
+        )?;
         wants.extend(LOGIN_UNITS.iter().map(|u| u.to_string()));
         let enabled = enabled_units(&f.units);
         let held = held_back(&enabled, &wants);
@@ -325,32 +338,20 @@ impl Seal {
     }
 
     fn openrc_from_facts(f: &Facts, host: &str) -> anyhow::Result<Seal> {
-        let active: Vec<&str> = tagged(&f.units, "active").collect();
-        let ssh: Vec<String> = OPENRC_SSH
-            .iter()
-            .filter(|u| active.contains(u))
-            .map(|u| u.to_string())
-            .collect();
-        if ssh.is_empty() {
-            return Err(refused!(
-                "no SSH server service is started on {host} (OpenRC; looked for {}): drydock reaches the worker VM over SSH, and starts only the VPS's own SSH server there",
-                OPENRC_SSH.join(", ")
-            ));
-        }
-        let net: Vec<String> = active
-            .iter()
-            .filter(|u| is_openrc_net(u))
-            .map(|u| u.to_string())
-            .collect();
-        if net.is_empty() {
-            return Err(refused!(
-                "drydock cannot tell which OpenRC service brings up the network on {host} (none of {} or {}* is started), so the worker VM, which starts only those, would not come up on the network",
-                OPENRC_NET.join(", "),
-                OPENRC_NET_PREFIXES.join("*, ")
-            ));
-        }
-        let mut wants = ssh;
-        wants.extend(net);
+        let wants = ssh_and_network(
+            f,
+            host,
+            &Names {
+                ssh: openrc::SSH,
+                net: openrc::NET,
+                net_prefixes: openrc::NET_PREFIXES,
+                is_net: openrc::is_net,
+                ssh_kind: "service is started",
+                looked: "OpenRC; ",
+                net_kind: "OpenRC service",
+                state: "started",
+            },
+        )?;
         let held = openrc_held_back(&runlevel_services(&f.units), &wants);
         Ok(Seal {
             init: Init::Openrc,
@@ -918,6 +919,24 @@ mod tests {
         let old: Seal =
             serde_json::from_str(r#"{"wants":[],"held_back":[],"boot_masks":[]}"#).unwrap();
         assert_eq!(old.init, Init::Systemd);
+    }
+
+    /// Every script of both seals as /bin/sh reads it (`sh -n`).
+    #[test]
+    fn the_seal_scripts_are_valid_shell() {
+        let sd = Seal::from_facts(&facts(fixture_units(), "systemd"), "h").unwrap();
+        let orc = Seal::from_facts(&facts(alpine_units(), "init"), "h").unwrap();
+        for s in [&sd, &orc] {
+            for (what, script) in [
+                ("runtime", s.runtime_script()),
+                ("disk seal", s.disk_seal_script(&s.held_back, true)),
+                ("disk unseal", s.disk_unseal_script(&s.held_back, true)),
+                ("running", s.running_script(&s.held_back)),
+                ("enabled", s.enabled_script().to_string()),
+            ] {
+                crate::assert_valid_sh(&format!("{:?} {what}", s.init), &script);
+            }
+        }
     }
 
     #[test]
