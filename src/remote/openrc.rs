@@ -25,6 +25,11 @@ pub const SCHEDULERS_AND_CLOCKS: &[&str] = &[
     "cron", "crond", "cronie", "dcron", "fcron", "anacron", "atd", "chronyd", "ntpd", "openntpd",
     "ntpsec", "ntp", "local",
 ];
+/// Services that write the clock when they stop (hwclock to the RTC and
+/// /etc/adjtime, swclock to a file): held back in the worker VM, whose
+/// clean power-off would otherwise write them into the copy (its clock is
+/// the workstation's); left running by the freeze, whose stop would write.
+pub const CLOCK_SAVERS: &[&str] = &["hwclock", "hwclock.sh", "swclock"];
 /// Loggers: they keep /var/log open for writing (the freeze stops them; in
 /// the worker VM they write to the copy and may run).
 pub const LOGGERS: &[&str] = &[

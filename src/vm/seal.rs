@@ -59,7 +59,9 @@
 //!   services, acpid (the power button) and Debian's rmnologin; and, in
 //!   `sysinit` and `boot`, which bring the system itself up and are kept,
 //!   the schedulers and clocks that run or reach out (cron, at, chrony,
-//!   ntpd, `local`).
+//!   ntpd, `local`), and the clock savers (hwclock, swclock), which the
+//!   worker VM's power-off would have write its clock into the copy
+//!   (/etc/adjtime: the zoo test caught it).
 //!   Maintainer scripts: Debian's `invoke-rc.d` asks policy-rc.d under
 //!   OpenRC too (installed as above); Alpine's apk scripts do not start or
 //!   restart services (Alpine's policy: the administrator starts them).
@@ -154,7 +156,8 @@ pub fn openrc_held_back(levels: &[(String, String)], wants: &[String]) -> Vec<St
             let kept = wants.contains(u) || openrc::KEPT.contains(&u.as_str());
             let unused = OPENRC_UNUSED_LEVELS.contains(&l.as_str());
             let system = OPENRC_SYSTEM_LEVELS.contains(&l.as_str())
-                && !openrc::SCHEDULERS_AND_CLOCKS.contains(&u.as_str());
+                && !openrc::SCHEDULERS_AND_CLOCKS.contains(&u.as_str())
+                && !openrc::CLOCK_SAVERS.contains(&u.as_str());
             !(kept || unused || system)
         })
         .map(|(u, _)| u.clone())
@@ -888,11 +891,11 @@ mod tests {
         let s = Seal::from_facts(&facts(alpine_units(), "init"), "root@alpine").unwrap();
         assert_eq!(s.init, Init::Openrc);
         assert_eq!(s.wants, ["sshd", "networking"]);
-        assert_eq!(s.held_back, ["app", "chronyd", "crond", "nginx"]);
+        assert_eq!(s.held_back, ["app", "chronyd", "crond", "hwclock", "nginx"]);
         assert_eq!(
             s.kernel_cmdline("BOOT_IMAGE=vmlinuz-lts root=UUID=77 modules=sd-mod,usb-storage,ext4 quiet rootfstype=ext4 softlevel=default noinit=metrics")
                 .unwrap(),
-            "root=UUID=77 modules=sd-mod,usb-storage,ext4 quiet rootfstype=ext4 console=ttyS0,115200 noinit=app,chronyd,crond,metrics,nginx"
+            "root=UUID=77 modules=sd-mod,usb-storage,ext4 quiet rootfstype=ext4 console=ttyS0,115200 noinit=app,chronyd,crond,hwclock,metrics,nginx"
         );
         // The upgraded disk's runlevels, as RUNLEVELS_SCRIPT prints them:
         // a service the upgrade added to default is held back too.
@@ -904,13 +907,20 @@ mod tests {
         after.push("level crond boot".into());
         assert_eq!(
             s.held_in(&after),
-            ["app", "chronyd", "crond", "nginx", "nginx-exporter"]
+            [
+                "app",
+                "chronyd",
+                "crond",
+                "hwclock",
+                "nginx",
+                "nginx-exporter"
+            ]
         );
         let seal = s.disk_seal_script(&s.held_back, true);
         assert!(seal.contains("rm -f /usr/sbin/policy-rc.d"), "{seal}");
         assert!(seal.contains("D=/etc/drydock-held-runlevels"), "{seal}");
         assert!(
-            seal.contains("for u in app chronyd crond nginx; do"),
+            seal.contains("for u in app chronyd crond hwclock nginx; do"),
             "{seal}"
         );
         let json = serde_json::to_string(&s).unwrap();
