@@ -1,8 +1,9 @@
 //! The command line, exactly as typed (clap types stay here; the rest of the
 //! code sees plain settings).
 
-use crate::transfer::helper::Mode;
 use std::path::PathBuf;
+
+use crate::transfer::helper::Mode;
 
 use clap::{Args, Parser, Subcommand};
 
@@ -25,6 +26,27 @@ pub struct Cli {
     /// More detail on stderr (repeat for more).
     #[arg(short, long, global = true, action = clap::ArgAction::Count)]
     pub verbose: u8,
+}
+
+/// How a disk moves (`--transfer`); the transfer layer sees [`Mode`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Transfer {
+    /// The helper when the host can run it, dd otherwise.
+    Auto,
+    /// Standard tools on the host (sh, dd, sha256sum): slower, no upload.
+    Dd,
+    /// drydock's helper, copied to the host's RAM.
+    Helper,
+}
+
+impl From<Transfer> for Mode {
+    fn from(t: Transfer) -> Mode {
+        match t {
+            Transfer::Auto => Mode::Auto,
+            Transfer::Dd => Mode::Dd,
+            Transfer::Helper => Mode::Helper,
+        }
+    }
 }
 
 /// The worker VM's network.
@@ -92,7 +114,7 @@ pub enum Command {
         /// How the disk moves: the helper (drydock's own static program, copied
         /// to the host's RAM) when the host can run it, else dd.
         #[arg(long, value_enum, default_value = "auto")]
-        transfer: Mode,
+        transfer: Transfer,
     },
     /// Write an image back to the host's disk: only the blocks that differ, verified.
     Push {
@@ -113,7 +135,7 @@ pub enum Command {
         /// How the disk moves: the helper (drydock's own static program, copied
         /// to the host's RAM) when the host can run it, else dd.
         #[arg(long, value_enum, default_value = "auto")]
-        transfer: Mode,
+        transfer: Transfer,
     },
     /// Start a local VM from an image (a qcow2 overlay over it; the image is not written).
     Boot {
@@ -169,7 +191,7 @@ pub enum Command {
         /// How the disk moves: the helper (drydock's own static program, copied
         /// to the host's RAM) when the host can run it, else dd.
         #[arg(long, value_enum, default_value = "auto")]
-        transfer: Mode,
+        transfer: Transfer,
         /// Probe the host, run the read-only checks, print the plan and the
         /// commands; change nothing and keep no run.
         #[arg(long)]

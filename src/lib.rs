@@ -6,6 +6,7 @@
 pub mod cli;
 pub mod errors;
 pub mod image;
+pub mod paths;
 pub mod pipeline;
 pub mod recipes;
 pub mod releases;
@@ -99,7 +100,7 @@ pub async fn run(cli: Cli) -> Result<()> {
                 output,
                 device,
                 live,
-                transfer,
+                transfer: transfer.into(),
             };
             let r = transfer::pull::pull(&s, &facts, &opts, &ui).await?;
             if r.device.starts_with("/dev/") {
@@ -147,7 +148,7 @@ pub async fn run(cli: Cli) -> Result<()> {
                 device,
                 full,
                 frozen_boot_id: None,
-                transfer,
+                transfer: transfer.into(),
                 base_image: None,
             };
             let r = transfer::push::push(&s, &facts, &opts, &ui).await?;
@@ -227,7 +228,7 @@ pub async fn run(cli: Cli) -> Result<()> {
                 run,
                 memory_mib,
                 cpus: cpus.unwrap_or_else(default_cpus),
-                transfer,
+                transfer: transfer.into(),
                 gc,
                 network_open: network == cli::Network::Open,
                 allow_hosts: allow_host,
@@ -268,7 +269,7 @@ pub async fn run(cli: Cli) -> Result<()> {
                     .collect();
                 print_json(&v)?;
             } else if runs.is_empty() {
-                println!("no runs in {}", pipeline::journal::runs_dir()?.display());
+                println!("no runs in {}", paths::runs_dir()?.display());
             } else {
                 for (p, j) in runs {
                     println!("{}  {}  {}", p.display(), j.host, j.where_it_stands());

@@ -108,13 +108,16 @@ fn boot_json(
     (child, serde_json::from_str(&line).unwrap())
 }
 
+/// Also where `boot` keeps a VM without `--dir`: under
+/// `$XDG_STATE_HOME/drydock/boots/IMAGE-TIME` (it was once
+/// `drydock/drydock/boots`, and only tests with `--dir` ran).
 #[test]
 fn a_guest_that_never_answers_is_reported_with_its_serial_console() {
     // A disk with no bootable system: QEMU's firmware finds nothing to boot.
     let t = tempdir();
     let img = t.path().join("blank.raw");
     make_disk(&img, 64 << 20, &[], &[]);
-    let dir = t.path().join("vm");
+    let state = t.path().join("state");
     let o = Command::new(env!("CARGO_BIN_EXE_drydock"))
         .args([
             "boot",
@@ -126,9 +129,8 @@ fn a_guest_that_never_answers_is_reported_with_its_serial_console() {
             "--wait",
             "20",
             "--services",
-            "--dir",
-            dir.to_str().unwrap(),
         ])
+        .env("XDG_STATE_HOME", &state)
         .stdin(Stdio::null())
         .output()
         .unwrap();
@@ -137,7 +139,20 @@ fn a_guest_that_never_answers_is_reported_with_its_serial_console() {
         &o,
         "the guest's SSH server did not answer within 20s; serial console (last lines):",
     );
-    assert!(!qemu_running_in(&dir), "QEMU outlived drydock boot");
+    let boots: Vec<_> = std::fs::read_dir(state.join("drydock/boots"))
+        .expect("no $XDG_STATE_HOME/drydock/boots")
+        .map(|e| e.unwrap().path())
+        .collect();
+    assert_eq!(boots.len(), 1, "{boots:?}");
+    let dir = &boots[0];
+    let name = dir.file_name().unwrap().to_str().unwrap();
+    assert!(name.starts_with("blank.raw-"), "{name}");
+    assert!(
+        dir.join("serial.log").exists(),
+        "{:?}",
+        std::fs::read_dir(dir)
+    );
+    assert!(!qemu_running_in(dir), "QEMU outlived drydock boot");
 }
 
 /// The fixture booted as "the VPS" (1 GB RAM, one CPU, SSH on a loopback
@@ -1264,7 +1279,9 @@ fn zoo_postgres_keeps_every_committed_row() {
         12,
         "postgres",
         "su postgres -c \"psql -XAtq zoo -c 'select max(n) from ticks'\"",
-        "sleep 5; q() { su postgres -c \"psql -XAtq zoo -c '$1'\"; }; \
+        // The query goes on psql's stdin: quoted inside `su -c '...'` a
+        // quoted boot id lost its quotes (and the check failed every time).
+        "sleep 5; q() { printf '%s\\n' \"$1\" | su postgres -c 'psql -XAtq zoo'; }; \
          [ \"$(q 'select count(*) = max(n) from ticks')\" = t ] && [ \"$(q 'select max(n) from ticks')\" -gt \"$BEFORE\" ] \
          && [ \"$(q \"select count(*) > 0 from ticks where boot = '$(cat /proc/sys/kernel/random/boot_id)'\")\" = t ] \
          && systemctl is-active --quiet drydock-zoo-db.service && echo ok",

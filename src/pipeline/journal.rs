@@ -170,32 +170,18 @@ impl Journal {
     }
 }
 
-/// `$XDG_STATE_HOME/drydock` (else ~/.local/state/drydock).
-pub fn state_dir() -> Result<PathBuf> {
-    let state = std::env::var_os("XDG_STATE_HOME")
-        .map(PathBuf::from)
-        .or_else(|| std::env::home_dir().map(|h| h.join(".local/state")))
-        .context("cannot find a state directory ($XDG_STATE_HOME or $HOME)")?;
-    Ok(state.join("drydock"))
-}
-
-/// Where runs live: `$XDG_STATE_HOME/drydock/runs`.
-pub fn runs_dir() -> Result<PathBuf> {
-    Ok(state_dir()?.join("runs"))
-}
-
 /// A run named by path, or by its name under the runs folder.
 pub fn find_run(name: &str) -> Result<PathBuf> {
     let p = PathBuf::from(name);
     if Journal::path(&p).exists() {
         return Ok(p);
     }
-    let under = runs_dir()?.join(name);
+    let under = crate::paths::runs_dir()?.join(name);
     if Journal::path(&under).exists() {
         return Ok(under);
     }
     Err(crate::refused!(
         "no run named '{name}' (neither a folder with a journal.json nor one under {}); `drydock runs` lists them",
-        runs_dir()?.display()
+        crate::paths::runs_dir()?.display()
     ))
 }

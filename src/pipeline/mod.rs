@@ -304,7 +304,7 @@ pub async fn dry_run(req: &Request) -> Result<DryRun> {
     let j = new_journal(req);
     let s = connect(&j, req.accept_new_host_key).await?;
     // Where the run folder would be made: its nearest existing ancestor.
-    let mut dir = journal::runs_dir()?;
+    let mut dir = crate::paths::runs_dir()?;
     while !dir.exists()
         && let Some(parent) = dir.parent()
     {
@@ -397,7 +397,7 @@ pub async fn start(req: &Request, ui: &Ui) -> Result<Report> {
             .take(17)
             .collect::<String>()
     );
-    let dir = journal::runs_dir()?.join(name);
+    let dir = crate::paths::runs_dir()?.join(name);
     {
         use std::os::unix::fs::DirBuilderExt;
         std::fs::DirBuilder::new()
@@ -825,7 +825,7 @@ async fn upgrade_in_vm(dir: &Path, j: &mut Journal, ui: &Ui) -> Result<()> {
     let _ = std::fs::remove_file(&overlay);
     let _ = std::fs::remove_file(dir.join("upgraded.raw"));
     let _ = std::fs::remove_file(dir.join("efivars.fd"));
-    vm::create_overlay(&base, &overlay)?;
+    vm::image::create_overlay(&base, &overlay).await?;
     let boot = remote::bootfiles::BootFiles::load(&dir.join("boot"))?;
     // Runs from before boot parity have no shape: QEMU's defaults, as then.
     let shape = j.shape.clone().unwrap_or_default();
@@ -1029,27 +1029,10 @@ async fn upgrade_in_vm(dir: &Path, j: &mut Journal, ui: &Ui) -> Result<()> {
     }
     // What the guest wrote, as the overlay's allocated clusters (kept for
     // scripts/bench, which compares it with the blocks that differ).
-    if let Ok(map) = std::process::Command::new("qemu-img")
-        .args(["map", "--output=json"])
-        .arg(&overlay)
-        .output()
-        && map.status.success()
-    {
-        let _ = std::fs::write(dir.join("overlay.json"), &map.stdout);
+    if let Ok(map) = vm::image::map_json(&overlay).await {
+        let _ = crate::image::manifest::write_atomic(&dir.join("overlay.json"), &map);
     }
-    let out = std::process::Command::new("qemu-img")
-        .args(["convert", "-O", "raw"])
-        .arg(&overlay)
-        .arg(dir.join("upgraded.raw"))
-        .output()
-        .context("cannot run qemu-img")?;
-    if !out.status.success() {
-        bail!(
-            "qemu-img convert failed: {}",
-            String::from_utf8_lossy(&out.stderr).trim()
-        );
-    }
-    Ok(())
+    vm::image::convert_to_raw(&overlay, &dir.join("upgraded.raw")).await
 }
 
 /// One of the seal's scripts in the worker VM, with a deadline: a guest
@@ -1159,7 +1142,7 @@ async fn rollback_push(dir: &Path, j: &mut Journal, ui: &Ui) -> Result<()> {
 
 /// `drydock runs`: every run and where it stands.
 pub fn list() -> Result<Vec<(PathBuf, Journal)>> {
-    let dir = journal::runs_dir()?;
+    let dir = crate::paths::runs_dir()?;
     let mut out = Vec::new();
     if let Ok(rd) = std::fs::read_dir(&dir) {
         for e in rd.flatten() {

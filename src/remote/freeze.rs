@@ -1,5 +1,5 @@
 //! `drydock freeze` / `thaw`: stop what writes, make every filesystem of the
-//! disk read-only and its swap off, then check it (safety rule 6); and undo.
+//! disk read-only and its swap off, then check it (docs/safety.md, rule 6); and undo.
 //!
 //! # A freeze completes or undoes itself
 //!
@@ -112,7 +112,7 @@
 //!   so. Thaw remounts them read-write in the reverse order; the reboot
 //!   mounts them as fstab says.
 //!
-//! The check after the freeze reads the mounts and swaps again (rule 6).
+//! The check after the freeze reads the mounts and swaps again (docs/safety.md, rule 6).
 
 use anyhow::{Context, Result};
 use serde::Serialize;

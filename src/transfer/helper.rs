@@ -34,7 +34,7 @@ pub const PULL_LEVEL: i32 = 1;
 pub const PUSH_LEVEL: i32 = 3;
 
 /// How a transfer moves data.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, Serialize, serde::Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, serde::Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Mode {
     /// The helper when the host can run it, dd otherwise.

@@ -31,7 +31,7 @@ pub struct PushOptions {
     pub full: bool,
     /// The boot id the disk was frozen under. When the host still runs
     /// that boot and the disk is still read-only, nothing can have written
-    /// to it since the pull (safety rule 1, first proof) and the disk is
+    /// to it since the pull (docs/safety.md, rule 1: the first proof) and the disk is
     /// not hashed again; otherwise its hashes are checked.
     pub frozen_boot_id: Option<String>,
     pub transfer: Mode,

@@ -1,4 +1,4 @@
-//! The writer on the VPS runs from RAM (safety rule 4): a tmpfs of its own
+//! The writer on the VPS runs from RAM (docs/safety.md, rule 4): a tmpfs of its own
 //! holding copies of sh, dd, head, sha256sum and sync with their shared
 //! libraries, run through the copied dynamic loader, so that no write
 //! depends on reading a file of the disk being overwritten.

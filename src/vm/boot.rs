@@ -9,7 +9,7 @@ use anyhow::{Context, Result};
 use serde::Serialize;
 
 use super::shape::Shape;
-use super::{Accel, Vm, VmSpec, cmdline, create_overlay, efi_for};
+use super::{Accel, Vm, VmSpec, cmdline, efi_for, image};
 use crate::ui::Ui;
 
 #[derive(Debug, Clone)]
@@ -95,15 +95,12 @@ pub struct BootInfo {
 
 /// Where `boot` keeps a VM's files: $XDG_STATE_HOME/drydock/boots/NAME-TIME.
 pub fn default_dir(image: &Path) -> Result<PathBuf> {
-    let state = crate::pipeline::journal::state_dir()?;
     let stem = image
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())
         .unwrap_or_else(|| "image".into());
     let stamp = crate::transfer::now().replace(':', "");
-    Ok(state
-        .join("boots")
-        .join(format!("{stem}-{}", &stamp[..15.min(stamp.len())])))
+    Ok(crate::paths::boots_dir()?.join(format!("{stem}-{}", &stamp[..15.min(stamp.len())])))
 }
 
 fn free_port() -> Result<u16> {
@@ -193,7 +190,7 @@ pub async fn boot(opts: &BootOptions, ui: &Ui) -> Result<()> {
     });
     let overlay = opts.dir.join("overlay.qcow2");
     if !overlay.exists() {
-        create_overlay(&opts.image, &overlay)?;
+        image::create_overlay(&opts.image, &overlay).await?;
     }
     let spec = VmSpec {
         disk: overlay.clone(),

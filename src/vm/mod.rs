@@ -4,6 +4,7 @@
 
 pub mod boot;
 pub mod cmdline;
+pub mod image;
 pub mod pcap;
 pub mod proxy;
 pub mod qmp;
@@ -266,26 +267,6 @@ pub fn efi_for(shape: &shape::Shape, dir: &Path) -> Result<Option<(PathBuf, Path
             .with_context(|| format!("cannot copy {template} to {}", vars.display()))?;
     }
     Ok(Some((PathBuf::from(code), vars)))
-}
-
-/// A qcow2 overlay whose backing file is `base` (never written).
-pub fn create_overlay(base: &Path, overlay: &Path) -> Result<()> {
-    let base_abs = std::fs::canonicalize(base)
-        .with_context(|| format!("cannot find the image {}", base.display()))?;
-    let out = std::process::Command::new("qemu-img")
-        .args(["create", "-q", "-f", "qcow2", "-F", "raw", "-b"])
-        .arg(&base_abs)
-        .arg(overlay)
-        .output()
-        .context("cannot run qemu-img (is qemu-utils installed?)")?;
-    if !out.status.success() {
-        bail!(
-            "qemu-img could not create the overlay {}: {}",
-            overlay.display(),
-            String::from_utf8_lossy(&out.stderr).trim()
-        );
-    }
-    Ok(())
 }
 
 #[cfg(test)]

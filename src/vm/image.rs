@@ -1,0 +1,129 @@
+//! qemu-img, for the worker VM's disks: the qcow2 overlay over a base image
+//! (which is never written), its map of what the guest wrote, and the raw
+//! image made from it for the push.
+//!
+//! qemu-img runs as a child of the async runtime (a convert of a few GiB
+//! takes minutes, which must not block a runtime thread), is killed if
+//! drydock stops waiting for it, and writes with umask 077: an overlay or a
+//! converted image holds the server's secrets (host keys, TLS keys,
+//! database passwords), as the base image does.
+
+use std::path::Path;
+use std::process::Output;
+
+use anyhow::{Context, Result, bail};
+
+/// A qcow2 overlay whose backing file is `base` (never written).
+pub async fn create_overlay(base: &Path, overlay: &Path) -> Result<()> {
+    let base_abs = std::fs::canonicalize(base)
+        .with_context(|| format!("cannot find the image {}", base.display()))?;
+    let out = qemu_img(&[
+        "create".as_ref(),
+        "-q".as_ref(),
+        "-f".as_ref(),
+        "qcow2".as_ref(),
+        "-F".as_ref(),
+        "raw".as_ref(),
+        "-b".as_ref(),
+        base_abs.as_os_str(),
+        overlay.as_os_str(),
+    ])
+    .await?;
+    if !out.status.success() {
+        bail!(
+            "qemu-img could not create the overlay {}: {}",
+            overlay.display(),
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(())
+}
+
+/// `qemu-img map --output=json` of an image: its allocated extents (for an
+/// overlay, what the guest wrote).
+pub async fn map_json(image: &Path) -> Result<Vec<u8>> {
+    let out = qemu_img(&["map".as_ref(), "--output=json".as_ref(), image.as_os_str()]).await?;
+    if !out.status.success() {
+        bail!(
+            "qemu-img map {} failed: {}",
+            image.display(),
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(out.stdout)
+}
+
+/// The raw image `to` made from `from` (an overlay over its base).
+pub async fn convert_to_raw(from: &Path, to: &Path) -> Result<()> {
+    let out = qemu_img(&[
+        "convert".as_ref(),
+        "-O".as_ref(),
+        "raw".as_ref(),
+        from.as_os_str(),
+        to.as_os_str(),
+    ])
+    .await?;
+    if !out.status.success() {
+        bail!(
+            "qemu-img convert {} to {} failed: {}",
+            from.display(),
+            to.display(),
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(())
+}
+
+async fn qemu_img(args: &[&std::ffi::OsStr]) -> Result<Output> {
+    let mut cmd = tokio::process::Command::new("qemu-img");
+    cmd.args(args).kill_on_drop(true);
+    // SAFETY: umask is async-signal-safe, and the closure touches nothing
+    // else of the parent between fork and exec.
+    unsafe {
+        cmd.pre_exec(|| {
+            rustix::process::umask(rustix::fs::Mode::from_raw_mode(0o077));
+            Ok(())
+        });
+    }
+    tracing::debug!(?args, "qemu-img");
+    cmd.output()
+        .await
+        .context("cannot run qemu-img (is qemu-utils installed?)")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::PermissionsExt;
+
+    /// An overlay over a base, written through, converted back: the base is
+    /// not touched, the result is the base plus what was written, and what
+    /// qemu-img made is readable by its owner only.
+    #[tokio::test]
+    async fn overlay_then_convert_leaves_the_base_and_keeps_files_private() {
+        let t = tempfile::tempdir().unwrap();
+        let base = t.path().join("base.raw");
+        std::fs::write(&base, vec![7u8; 1 << 20]).unwrap();
+        let overlay = t.path().join("overlay.qcow2");
+        create_overlay(&base, &overlay).await.unwrap();
+        let raw = t.path().join("upgraded.raw");
+        convert_to_raw(&overlay, &raw).await.unwrap();
+        assert_eq!(std::fs::read(&raw).unwrap(), vec![7u8; 1 << 20]);
+        let map = String::from_utf8(map_json(&overlay).await.unwrap()).unwrap();
+        assert!(map.trim_start().starts_with('['), "{map}");
+        for f in [&overlay, &raw] {
+            let mode = std::fs::metadata(f).unwrap().permissions().mode() & 0o777;
+            assert_eq!(mode, 0o600, "{}", f.display());
+        }
+        let e = create_overlay(&t.path().join("missing.raw"), &overlay)
+            .await
+            .unwrap_err();
+        assert!(
+            format!("{e:#}").starts_with(&format!(
+                "cannot find the image {}",
+                t.path().join("missing.raw").display()
+            )),
+            "{e:#}"
+        );
+    }
+}
