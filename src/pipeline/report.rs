@@ -1,0 +1,257 @@
+//! What a run reports at its end (and at `runs`), and what `upgrade
+//! --dry-run` found and would do: the data, and its `human()` text.
+
+use std::path::{Path, PathBuf};
+
+use serde::Serialize;
+
+use super::journal::Journal;
+use crate::transfer::helper::Mode;
+use crate::ui::human_bytes;
+use crate::vm::seal::Seal;
+use crate::vm::shape::Shape;
+
+#[derive(Debug, Serialize)]
+pub struct Report {
+    pub run: PathBuf,
+    pub host: String,
+    pub os_before: Option<String>,
+    pub os_after: Option<String>,
+    pub downtime_seconds: Option<f64>,
+    pub steps: Vec<(String, f64)>,
+    pub bytes_pulled: u64,
+    pub bytes_pushed: u64,
+    /// How the pull and the push moved the disk (helper or dd).
+    pub pull_transfer: Option<Mode>,
+    pub push_transfer: Option<Mode>,
+    /// The helper's own peak resident memory on the VPS, the larger of the
+    /// pull's and the push's.
+    pub helper_peak_rss_kib: Option<u64>,
+    /// "sealed" or "open" (`--network open`).
+    pub network: String,
+    /// The hosts the worker VM's network allowed.
+    pub allowed_hosts: Vec<String>,
+    /// Units of the VPS held back in the worker VM.
+    pub held_back: Vec<String>,
+    /// What the worker VM tried to reach and was refused (also in run.log).
+    pub refused_connections: Vec<String>,
+}
+
+pub(super) fn report(dir: &Path, j: &Journal) -> Report {
+    let downtime = match (&j.frozen_at, &j.back_at) {
+        (Some(a), Some(b)) => {
+            let p = |s: &str| {
+                time::OffsetDateTime::parse(s, &time::format_description::well_known::Rfc3339).ok()
+            };
+            match (p(a), p(b)) {
+                (Some(a), Some(b)) => Some((b - a).as_seconds_f64()),
+                _ => None,
+            }
+        }
+        _ => None,
+    };
+    Report {
+        run: dir.to_path_buf(),
+        host: j.host.clone(),
+        os_before: j.os_before.clone(),
+        os_after: j.os_after.clone(),
+        downtime_seconds: downtime,
+        steps: j
+            .done
+            .iter()
+            .map(|r| (r.step.name().to_string(), r.seconds))
+            .collect(),
+        bytes_pulled: j.bytes_pulled,
+        bytes_pushed: j.bytes_pushed,
+        pull_transfer: j.pull_transfer,
+        push_transfer: j.push_transfer,
+        helper_peak_rss_kib: j.helper_peak_rss_kib,
+        network: if j.network_open { "open" } else { "sealed" }.into(),
+        allowed_hosts: j.allowed_hosts.clone(),
+        held_back: j.held_back.clone(),
+        refused_connections: j.refused.clone(),
+    }
+}
+
+impl Report {
+    pub fn human(&self) -> String {
+        let mut s = format!(
+            "{}: {} -> {}\n",
+            self.host,
+            self.os_before.as_deref().unwrap_or("?"),
+            self.os_after.as_deref().unwrap_or("?")
+        );
+        if let Some(d) = self.downtime_seconds {
+            s.push_str(&format!("downtime (freeze to back up): {d:.0} s\n"));
+        }
+        for (name, secs) in &self.steps {
+            s.push_str(&format!("  {secs:>7.1} s  {name}\n"));
+        }
+        let how = |m: Option<Mode>| match m {
+            Some(Mode::Helper) => " (helper)",
+            Some(_) => " (dd)",
+            None => "",
+        };
+        s.push_str(&format!(
+            "pulled {}{}, pushed {}{}{}; run folder {}\n",
+            human_bytes(self.bytes_pulled),
+            how(self.pull_transfer),
+            human_bytes(self.bytes_pushed),
+            how(self.push_transfer),
+            self.helper_peak_rss_kib
+                .map(|k| format!("; helper peak memory {}", human_bytes(k * 1024)))
+                .unwrap_or_default(),
+            self.run.display()
+        ));
+        s.push_str(&format!(
+            "held back in the worker VM ({}): {}\n",
+            self.held_back.len(),
+            if self.held_back.is_empty() {
+                "nothing".to_string()
+            } else {
+                self.held_back.join(" ")
+            }
+        ));
+        if self.network == "open" {
+            s.push_str("worker VM network: open (--network open)\n");
+        } else {
+            s.push_str(&format!(
+                "worker VM network: sealed; allowed: {}; refused: {}{}\n",
+                self.allowed_hosts.join(" "),
+                self.refused_connections.len(),
+                if self.refused_connections.is_empty() {
+                    String::new()
+                } else {
+                    format!(" ({})", self.refused_connections.join("; "))
+                }
+            ));
+        }
+        s
+    }
+}
+
+/// What `upgrade --dry-run` found and would do.
+#[derive(Debug, Serialize)]
+pub struct DryRun {
+    pub host: String,
+    pub os: String,
+    pub device: String,
+    pub size: u64,
+    /// A block device: the freeze stops services (a regular file standing
+    /// for a disk is frozen without stopping any).
+    pub block_device: bool,
+    pub plan: String,
+    pub transfer: Mode,
+    pub memory_mib: u64,
+    pub cpus: u32,
+    /// Run in the worker VM, in order.
+    pub commands: Vec<String>,
+    /// Run in the worker VM after its reboot into the result.
+    pub after_reboot: Vec<String>,
+    /// The release the worker VM and then the VPS must report afterwards.
+    pub expect: Option<String>,
+    /// How the worker VM is built to match the VPS, and what it cannot match.
+    pub worker_vm: Shape,
+    /// What the worker VM keeps running and holds back.
+    pub seal: Seal,
+    /// "sealed" or "open".
+    pub network: String,
+    pub allowed_hosts: Vec<String>,
+}
+
+impl DryRun {
+    pub fn human(&self) -> String {
+        use std::fmt::Write;
+        let (host, dev) = (&self.host, &self.device);
+        let mode = match self.transfer {
+            Mode::Helper => "helper",
+            _ => "dd",
+        };
+        let expect = self
+            .expect
+            .as_deref()
+            .map(|e| format!(" and check it reports {e}"))
+            .unwrap_or_default();
+        let services = if self.block_device {
+            "stop its services, "
+        } else {
+            ""
+        };
+        let mut s = String::new();
+        // Writing to a String cannot fail.
+        let _ = writeln!(
+            s,
+            "dry run: nothing was changed on {host}, and no run was kept"
+        );
+        let _ = writeln!(
+            s,
+            "{host}: {}, disk {dev} ({})",
+            self.os,
+            human_bytes(self.size)
+        );
+        let _ = writeln!(s, "plan: {}\nsteps:", self.plan);
+        let _ = writeln!(
+            s,
+            "  1. freeze {host}: {services}make {dev} read-only, turn swap off"
+        );
+        let _ = writeln!(s, "  2. pull {dev} ({mode} mode) into the run folder");
+        let _ = writeln!(
+            s,
+            "  3. boot it in a local worker VM on an overlay ({} MiB, {} CPUs; {}) and run, in order:",
+            self.memory_mib,
+            self.cpus,
+            self.worker_vm.describe()
+        );
+        for c in &self.commands {
+            let _ = writeln!(s, "       $ {c}");
+        }
+        if !self.block_device {
+            let _ = writeln!(
+                s,
+                "     not sealed: {} is a file standing for a disk, and `drydock upgrade` refuses it (the worker VM holds back the services of the running system only)",
+                self.device
+            );
+        } else {
+            let _ = writeln!(
+                s,
+                "     sealed: the VPS's kernel booted directly with only {} started; held back: {}",
+                self.seal.wants.join(" "),
+                if self.seal.held_back.is_empty() {
+                    "nothing".to_string()
+                } else {
+                    self.seal.held_back.join(" ")
+                }
+            );
+        }
+        if self.network == "open" {
+            let _ = writeln!(
+                s,
+                "     network: open (--network open): the worker VM reaches the internet"
+            );
+        } else {
+            let _ = writeln!(
+                s,
+                "     network: sealed; allowed hosts: {}",
+                self.allowed_hosts.join(" ")
+            );
+        }
+        if self.after_reboot.is_empty() {
+            let _ = writeln!(s, "  4. reboot the worker VM{expect}, power it off");
+        } else {
+            let _ = writeln!(s, "  4. reboot the worker VM{expect}, run:");
+            for c in &self.after_reboot {
+                let _ = writeln!(s, "       $ {c}");
+            }
+            let _ = writeln!(s, "     and power it off");
+        }
+        let _ = writeln!(
+            s,
+            "  5. push the changed blocks to {dev} ({mode} mode), each read back and checked"
+        );
+        let _ = writeln!(s, "  6. reboot {host}{expect}");
+        for n in &self.worker_vm.notes {
+            let _ = writeln!(s, "note: {n}");
+        }
+        s
+    }
+}

@@ -1,0 +1,311 @@
+//! The pipeline's steps on the VPS, each idempotent: the probe's checks,
+//! then one step at a time as the journal says (`do_step`), and the
+//! sysrq reboot of the VPS after the push.
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use anyhow::{Result, bail};
+
+use super::journal::{Journal, Step};
+use super::worker::upgrade_in_vm;
+use super::{connect, guest, plan_of};
+use crate::image::manifest::Manifest;
+use crate::recipes::{self, Plan};
+use crate::refused;
+use crate::remote::{self, device, freeze};
+use crate::ssh::Session;
+use crate::transfer::{self, pull, push};
+use crate::ui::{Ui, human_bytes};
+use crate::vm;
+use crate::vm::seal::Seal;
+use crate::vm::shape::Shape;
+
+/// What the probe step found.
+pub(super) struct Probed {
+    pub(super) facts: remote::Facts,
+    pub(super) dev: device::Device,
+    pub(super) plan: Plan,
+    pub(super) shape: Shape,
+    pub(super) seal: Seal,
+    pub(super) allowed: Vec<String>,
+}
+
+/// The probe step's checks, all read-only: root, the disk, the plan for
+/// this host's release, the recipe's preflight on the host, that the
+/// worker VM can be built here (OVMF for a UEFI VPS), local space for the
+/// images (in `dir`, the run folder or where it would go).
+pub(super) async fn probe(s: &Session, j: &Journal, dir: &Path, dry: bool) -> Result<Probed> {
+    let facts = remote::gather(s).await?;
+    device::require_root(&facts, s)?;
+    let dev = device::inspect(s, &facts, j.device.as_deref()).await?;
+    let shape = shape_of(&facts, &dev);
+    vm::check_firmware(&shape)?;
+    let plan = plan_of(j, &recipes::Host::from_facts(&facts))?;
+    let allowed = if j.network_open {
+        Vec::new()
+    } else {
+        crate::vm::proxy::allow_list(
+            &facts.sources,
+            facts.os.get("ID").map(String::as_str).unwrap_or(""),
+            &j.allow_extra,
+        )
+    };
+    if let Some(check) = &plan.preflight {
+        let out = s.exec_input("sh -s", Some(check.as_bytes())).await?;
+        if !out.success() {
+            let said = out.stdout_str();
+            return Err(refused!("{}", said.trim()));
+        }
+    }
+    // The base image and, worst case, a full upgraded copy of it.
+    transfer::check_local_space(&dir.join("base.raw"), dev.size.saturating_mul(2))?;
+    let seal = match (&dev.kind, dry) {
+        (device::Kind::Block { .. }, _) => Seal::from_facts(&facts, &j.host)?,
+        (device::Kind::File { .. }, true) => Seal::default(),
+        (device::Kind::File { .. }, false) => {
+            return Err(refused!(
+                "{} is a file on {}, not its disk: the worker VM holds back the services of the system it boots using that system's running kernel, and the system in a file is not the one running; drydock upgrades only a host's own disk",
+                dev.path,
+                j.host
+            ));
+        }
+    };
+    Ok(Probed {
+        facts,
+        dev,
+        plan,
+        shape,
+        seal,
+        allowed,
+    })
+}
+
+/// The worker VM's shape for the VPS's disk.
+pub(super) fn shape_of(facts: &remote::Facts, dev: &device::Device) -> Shape {
+    match &dev.kind {
+        device::Kind::Block { name } => Shape::from_facts(facts, name),
+        device::Kind::File { .. } => {
+            let mut s = Shape::from_facts(facts, "vda");
+            s.notes.insert(
+                0,
+                format!(
+                    "{} is a file on the host, not its disk: the worker VM puts it on virtio-blk (vda)",
+                    dev.path
+                ),
+            );
+            s
+        }
+    }
+}
+
+pub(super) async fn do_step(
+    step: Step,
+    dir: &Path,
+    j: &mut Journal,
+    ui: &Ui,
+    accept_new: bool,
+) -> Result<()> {
+    match step {
+        Step::Probe => {
+            let s = connect(j, accept_new).await?;
+            let Probed {
+                facts,
+                dev,
+                plan,
+                shape,
+                seal,
+                allowed,
+            } = probe(&s, j, dir, false).await?;
+            let boot = remote::bootfiles::fetch(&s, &facts.cmdline, &dir.join("boot")).await?;
+            ui.say(format!(
+                "worker VM sealed: boots {}'s kernel {} directly with only {} started; holds back {} unit(s): {}",
+                s.host(),
+                boot.release,
+                seal.wants.join(" "),
+                seal.held_back.len(),
+                seal.held_back.join(" ")
+            ));
+            if j.network_open {
+                ui.say(
+                    "warning: --network open: the worker VM reaches the internet, as the VPS does",
+                );
+            } else {
+                ui.say(format!(
+                    "worker VM network sealed; allowed hosts: {}",
+                    allowed.join(" ")
+                ));
+            }
+            j.seal = Some(seal);
+            j.allowed_hosts = allowed;
+            ui.say(format!(
+                "{}: {}, disk {} ({}); plan: {}",
+                s.host(),
+                facts.pretty_name(),
+                dev.path,
+                human_bytes(dev.size),
+                plan.description
+            ));
+            ui.say(format!("worker VM: {}", shape.describe()));
+            for n in &shape.notes {
+                ui.say(format!("note: {n}"));
+            }
+            j.shape = Some(shape);
+            j.os_before = Some(facts.pretty_name());
+            j.device = Some(dev.path);
+            s.close().await;
+        }
+        Step::Freeze => {
+            let s = connect(j, false).await?;
+            let facts = remote::gather(&s).await?;
+            let dev = device::inspect(&s, &facts, j.device.as_deref()).await?;
+            if dev.rw_mounts().is_empty()
+                && j.frozen_boot_id.as_deref() == Some(facts.boot_id.as_str())
+            {
+                ui.say("already frozen");
+            } else {
+                ui.confirm(&format!(
+                    "Freeze {}: stop its services and make {} read-only until the run ends?",
+                    s.host(),
+                    dev.path
+                ))?;
+                // Recorded before anything is stopped: a freeze that fails
+                // half-way (services stopped, some mounts read-only) must
+                // still be undone by `abort`, which keys on this boot id.
+                j.frozen_at = Some(transfer::now());
+                j.frozen_boot_id = Some(facts.boot_id.clone());
+                j.save(dir)?;
+                let r = match freeze::freeze(&s, &facts, Some(&dev.path)).await {
+                    Ok(r) => r,
+                    Err(e) => {
+                        // Refused: the freeze undid itself and nothing is
+                        // left changed, so abort has nothing to give back.
+                        if crate::errors::exit_code(&e) == crate::errors::EXIT_REFUSED {
+                            j.frozen_at = None;
+                            j.frozen_boot_id = None;
+                            j.save(dir)?;
+                        }
+                        return Err(e);
+                    }
+                };
+                ui.say(format!(
+                    "frozen: {} read-only, {} service(s) stopped",
+                    r.read_only.join(", "),
+                    r.stopped.len()
+                ));
+                j.frozen_boot_id = Some(r.boot_id);
+            }
+            s.close().await;
+        }
+        Step::Pull => {
+            let s = connect(j, false).await?;
+            let facts = remote::gather(&s).await?;
+            let r = pull::pull(
+                &s,
+                &facts,
+                &pull::PullOptions {
+                    output: dir.join("base.raw"),
+                    device: j.device.clone(),
+                    live: false,
+                    transfer: j.transfer,
+                },
+                ui,
+            )
+            .await?;
+            j.bytes_pulled += r.bytes_received;
+            j.pull_transfer = Some(r.transfer);
+            j.helper_peak_rss_kib = j.helper_peak_rss_kib.max(r.helper_peak_rss_kib);
+            s.close().await;
+        }
+        Step::Upgrade => upgrade_in_vm(dir, j, ui).await?,
+        Step::Push => {
+            let s = connect(j, false).await?;
+            let facts = remote::gather(&s).await?;
+            if j.frozen_boot_id.as_deref() != Some(facts.boot_id.as_str()) {
+                return Err(refused!(
+                    "{} rebooted since it was frozen, so its disk may have changed; drydock will not push. \
+                     `drydock abort {}` ends this run",
+                    s.host(),
+                    dir.display()
+                ));
+            }
+            let upgraded = dir.join("upgraded.raw");
+            let m = Manifest::path_for(&upgraded);
+            if !m.exists() {
+                std::fs::copy(Manifest::path_for(&dir.join("base.raw")), &m)?;
+            }
+            j.push_started = true;
+            j.save(dir)?;
+            let r = push::push(
+                &s,
+                &facts,
+                &push::PushOptions {
+                    image: upgraded,
+                    device: j.device.clone(),
+                    full: false,
+                    frozen_boot_id: j.frozen_boot_id.clone(),
+                    transfer: j.transfer,
+                    base_image: Some(dir.join("base.raw")),
+                },
+                ui,
+            )
+            .await?;
+            j.bytes_pushed += r.bytes_on_wire;
+            j.push_transfer = Some(r.transfer);
+            j.helper_peak_rss_kib = j.helper_peak_rss_kib.max(r.helper_peak_rss_kib);
+            s.close().await;
+        }
+        Step::Reboot => reboot_vps(j).await?,
+        Step::Check => {
+            let s = connect(j, false).await?;
+            let (id, ver, pretty) = guest::os_release(&s).await?;
+            if let Some(to) = &j.to {
+                let (want_id, want_ver) = recipes::parse_release(to)?;
+                if want_id != id || want_ver != ver {
+                    bail!(
+                        "{} came back running {pretty} ({id} {ver}), not {to}",
+                        s.host()
+                    );
+                }
+            }
+            ui.say(format!("{} is back, running {pretty}", s.host()));
+            j.os_after = Some(pretty);
+            j.back_at = Some(transfer::now());
+            s.close().await;
+        }
+    }
+    Ok(())
+}
+
+/// Reboot the VPS with sysrq (never a clean shutdown, which could write
+/// stale metadata over the new image) and wait for it to come back.
+pub(super) async fn reboot_vps(j: &mut Journal) -> Result<()> {
+    let s = connect(j, false).await?;
+    let before = guest::boot_id(&s).await?;
+    if j.frozen_boot_id.as_deref() == Some(before.as_str()) {
+        let _ = tokio::time::timeout(
+            Duration::from_secs(15),
+            s.exec("echo 1 > /proc/sys/kernel/sysrq; (sleep 1; echo b > /proc/sysrq-trigger) >/dev/null 2>&1 &"),
+        )
+        .await;
+    }
+    s.close().await;
+    let until = Instant::now() + Duration::from_secs(900);
+    loop {
+        tokio::time::sleep(Duration::from_secs(5)).await;
+        if let Ok(s) = connect(j, false).await
+            && let Ok(id) = guest::boot_id(&s).await
+        {
+            s.close().await;
+            if j.frozen_boot_id.as_deref() != Some(id.as_str()) {
+                return Ok(());
+            }
+        }
+        if Instant::now() > until {
+            bail!(
+                "{} did not come back within 15 minutes of its reboot; look at its console",
+                j.host
+            );
+        }
+    }
+}

@@ -1,0 +1,296 @@
+//! The worker VM of a run: started sealed on an overlay of the base image,
+//! the plan run in it, rebooted through the VPS's own boot loader and
+//! checked, powered off, and its disk made the image to push. See
+//! `vm::seal` for why it is sealed the way it is.
+
+use std::path::Path;
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail};
+
+use super::journal::Journal;
+use super::{guest, plan_of};
+use crate::recipes;
+use crate::remote;
+use crate::ssh::Session;
+use crate::ui::Ui;
+use crate::vm::{self, Accel, Vm, VmSpec, cmdline};
+
+/// Start the worker VM and log in to it: QEMU up, its sshd answering
+/// within 15 minutes, drydock's session within 2 more. An error starts
+/// with `failed` and ends with the boot parity report.
+pub(super) async fn start_worker(
+    dir: &Path,
+    identity: Option<&Path>,
+    spec: VmSpec,
+    failed: &str,
+    parity: &str,
+) -> Result<(Vm, crate::ssh::Session)> {
+    let port = spec.ssh_port;
+    let mut vm = Vm::start(spec, dir.join("qemu.stderr")).await?;
+    vm.wait_for_ssh(Duration::from_secs(900))
+        .await
+        .map_err(|e| anyhow::anyhow!("{failed}{e:#}\n{parity}"))?;
+    let (t, o) = guest::guest_target(
+        port,
+        identity,
+        dir.join("guest_known_hosts"),
+        "the worker VM",
+    );
+    let s = guest::connect_retry(&t, &o, Duration::from_secs(120)).await?;
+    Ok((vm, s))
+}
+
+/// The worker VM: a fresh overlay on the base image, the plan run inside
+/// a sealed first boot (the VPS's kernel booted directly, its services held
+/// back, the network open only to the package sources), then a reboot
+/// through the VPS's own boot loader, sealed by files written for it and
+/// removed afterwards, that must come back on the expected release; the
+/// result as a sparse raw image for the push. See `vm::seal` for why.
+pub(super) async fn upgrade_in_vm(dir: &Path, j: &mut Journal, ui: &Ui) -> Result<()> {
+    let Some(seal) = j.seal.clone() else {
+        bail!(
+            "this run was started by a drydock that did not seal its worker VM; `drydock abort {}` ends it, then start a new one",
+            dir.display()
+        );
+    };
+    let base = dir.join("base.raw");
+    let overlay = dir.join("overlay.qcow2");
+    // Idempotent: a resumed upgrade starts again from the untouched base.
+    let _ = std::fs::remove_file(&overlay);
+    let _ = std::fs::remove_file(dir.join("upgraded.raw"));
+    let _ = std::fs::remove_file(dir.join("efivars.fd"));
+    vm::image::create_overlay(&base, &overlay).await?;
+    let boot = remote::bootfiles::BootFiles::load(&dir.join("boot"))?;
+    // Runs from before boot parity have no shape: QEMU's defaults, as then.
+    let shape = j.shape.clone().unwrap_or_default();
+    let efi = vm::efi_for(&shape, dir)?;
+    let parity = format!(
+        "the worker VM was built as probed on the VPS: {}{}",
+        shape.describe(),
+        shape
+            .notes
+            .iter()
+            .map(|n| format!("\n  note: {n}"))
+            .collect::<String>()
+    );
+    let accel = cmdline::detect_accel();
+    if accel == Accel::Tcg {
+        ui.say("warning: no usable KVM: the worker VM runs under software emulation (TCG), several times slower");
+    }
+    let log = dir.join("run.log");
+    let proxy_ip = cmdline::proxy_addr(&shape);
+    let proxy = if j.network_open {
+        None
+    } else {
+        Some(vm::proxy::Proxy::start(
+            &dir.join("proxy.sock"),
+            &j.allowed_hosts,
+            &log,
+        )?)
+    };
+    let exe = std::env::current_exe()
+        .context("cannot find drydock's own executable for the proxy relay")?;
+    let net_seal = |pcap: &str, with_proxy: bool| -> Option<cmdline::NetSeal> {
+        proxy.as_ref().map(|p| cmdline::NetSeal {
+            proxy: with_proxy.then(|| {
+                (
+                    proxy_ip,
+                    format!(
+                        "{} __relay {}",
+                        crate::ssh::shell_quote(&exe.to_string_lossy()),
+                        crate::ssh::shell_quote(&p.socket.to_string_lossy())
+                    ),
+                )
+            }),
+            pcap: dir.join(pcap),
+        })
+    };
+    let spec_for =
+        |direct: Option<cmdline::DirectBoot>, sealed: Option<cmdline::NetSeal>| -> Result<VmSpec> {
+            Ok(VmSpec {
+                disk: overlay.clone(),
+                disk_format: "qcow2".into(),
+                memory_mib: j.memory_mib,
+                cpus: j.cpus,
+                accel,
+                ssh_port: std::net::TcpListener::bind("127.0.0.1:0")?
+                    .local_addr()?
+                    .port(),
+                qmp_socket: dir.join("qmp.sock"),
+                serial_log: dir.join("serial.log"),
+                shape: shape.clone(),
+                efi: efi.clone(),
+                direct,
+                sealed,
+            })
+        };
+    let allowed_pkt = (proxy_ip, vm::proxy::GUEST_PORT);
+    let mut refused: Vec<String> = Vec::new();
+    let note_refused = |pcap: &Path, refused: &mut Vec<String>| -> Result<()> {
+        let mut f = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&log)?;
+        for r in vm::pcap::take(pcap, allowed_pkt) {
+            use std::io::Write;
+            writeln!(f, "network: refused {} ({} packet(s))", r.what, r.packets)?;
+            refused.push(r.what);
+        }
+        Ok(())
+    };
+
+    // 1. The sealed first boot, and the upgrade.
+    let direct = cmdline::DirectBoot {
+        kernel: boot.kernel.clone(),
+        initrd: boot.initrd.clone(),
+        append: seal.kernel_cmdline(&boot.cmdline)?,
+    };
+    let spec = spec_for(Some(direct), net_seal("net1.pcap", true))?;
+    let (vm, s) = start_worker(dir, j.identity.as_deref(), spec, "", &parity).await?;
+    let said = seal_step(
+        &s,
+        "holding the VPS's units back in the worker VM",
+        &seal.runtime_script(),
+    )
+    .await?;
+    let installed_policy = said.lines().any(|l| l == "policy-rc.d installed");
+    for l in said.lines().filter_map(|l| l.strip_prefix("running ")) {
+        ui.say(format!(
+            "warning: {l} had started in the worker VM although held back; stopped"
+        ));
+    }
+    // The same facts as the probe's, read from the same disk in the VM.
+    let guest_facts = remote::gather(&s).await?;
+    let pretty = guest_facts.pretty_name();
+    let plan = plan_of(j, &recipes::Host::from_facts(&guest_facts))?;
+    ui.say(format!(
+        "worker VM up ({pretty}), sealed; {}; output in {}",
+        plan.description,
+        log.display()
+    ));
+    let env = if proxy.is_some() {
+        let u = format!("http://{proxy_ip}:{}/", vm::proxy::GUEST_PORT);
+        format!(
+            "export http_proxy={u} https_proxy={u} HTTP_PROXY={u} HTTPS_PROXY={u} no_proxy=localhost,127.0.0.1; "
+        )
+    } else {
+        String::new()
+    };
+    for cmd in &plan.commands {
+        guest::run_logged_as(&s, &format!("{env}{cmd}"), cmd, &log).await?;
+    }
+    let enabled = seal_step(
+        &s,
+        "listing the upgraded disk's enabled units",
+        seal.enabled_script(),
+    )
+    .await?;
+    let lines: Vec<String> = enabled.lines().map(str::to_string).collect();
+    if lines.last().map(String::as_str) != Some("end") {
+        bail!("the worker VM's list of enabled units was cut short; nothing was pushed");
+    }
+    let mut held = seal.held_in(&lines);
+    // What the VPS had enabled stays held back even if the upgrade moved it.
+    for u in &seal.held_back {
+        if !held.contains(u) {
+            held.push(u.clone());
+        }
+    }
+    held.sort();
+    let said = seal_step(
+        &s,
+        "writing the verify reboot's seal",
+        &seal.disk_seal_script(&held, installed_policy),
+    )
+    .await?;
+    let made_dir = said.lines().any(|l| l.starts_with("made "));
+    ui.say("powering the worker VM off, to boot it again through the VPS's own boot loader");
+    power_off(s, vm).await?;
+    note_refused(&dir.join("net1.pcap"), &mut refused)?;
+
+    // 2. The verify boot: firmware, the VPS's boot loader, the new kernel.
+    let spec = spec_for(None, net_seal("net2.pcap", false))?;
+    let (vm, s) = start_worker(
+        dir,
+        j.identity.as_deref(),
+        spec,
+        "the upgraded disk did not come back through its own boot loader: ",
+        &parity,
+    )
+    .await?;
+    let (id2, ver2, pretty2) = guest::os_release(&s).await?;
+    if let (Some(want_id), Some(want_ver)) = (&plan.expect_id, &plan.expect_version)
+        && (want_id != &id2 || want_ver != &ver2)
+    {
+        bail!(
+            "the worker VM came back running {pretty2} ({id2} {ver2}), not {want_id} {want_ver}; nothing was pushed"
+        );
+    }
+    let running = s.exec(&seal.running_script(&held)).await?.stdout_str();
+    if !running.trim().is_empty() {
+        bail!(
+            "held-back units ran in the worker VM's verify boot: {}; nothing was pushed",
+            running.split_whitespace().collect::<Vec<_>>().join(" ")
+        );
+    }
+    for cmd in &plan.after_reboot {
+        guest::run_logged(&s, cmd, &log).await?;
+    }
+    seal_step(
+        &s,
+        "removing the verify reboot's seal",
+        &seal.disk_unseal_script(&held, made_dir),
+    )
+    .await?;
+    ui.say(format!(
+        "the worker VM came back through its own boot loader running {pretty2}, {} unit(s) held back; powering it off",
+        held.len()
+    ));
+    power_off(s, vm).await?;
+    note_refused(&dir.join("net2.pcap"), &mut refused)?;
+    if let Some(p) = &proxy {
+        refused.extend(p.refused());
+    }
+    drop(proxy);
+    j.held_back = held;
+    j.refused = refused;
+    if !j.refused.is_empty() {
+        ui.say(format!(
+            "the sealed worker VM was refused {} destination(s), listed in {}",
+            j.refused.len(),
+            log.display()
+        ));
+    }
+    // What the guest wrote, as the overlay's allocated clusters (kept for
+    // scripts/bench, which compares it with the blocks that differ).
+    if let Ok(map) = vm::image::map_json(&overlay).await {
+        let _ = crate::image::manifest::write_atomic(&dir.join("overlay.json"), &map);
+    }
+    vm::image::convert_to_raw(&overlay, &dir.join("upgraded.raw")).await
+}
+
+/// One of the seal's scripts in the worker VM, with a deadline: a guest
+/// whose PID 1 stops answering must not hold the run (and the frozen VPS)
+/// forever.
+pub(super) async fn seal_step(s: &Session, what: &str, script: &str) -> Result<String> {
+    match tokio::time::timeout(Duration::from_secs(600), s.run(what, script)).await {
+        Ok(r) => r,
+        Err(_) => {
+            bail!("{what} did not finish within 10 minutes in the worker VM; nothing was pushed")
+        }
+    }
+}
+
+/// Power the worker VM off through its own init (a deadline on the request),
+/// then through QEMU (ACPI, then forced after 180 s): the VM is gone after.
+pub(super) async fn power_off(s: Session, mut vm: Vm) -> Result<()> {
+    let _ = tokio::time::timeout(
+        Duration::from_secs(10),
+        s.exec("(sleep 1; systemctl poweroff || poweroff) >/dev/null 2>&1 &"),
+    )
+    .await;
+    s.close().await;
+    vm.power_off(Duration::from_secs(180)).await?;
+    Ok(())
+}
