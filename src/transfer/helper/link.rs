@@ -1,0 +1,95 @@
+//! The request/answer channel to a running helper, for a push.
+
+use std::sync::atomic::Ordering;
+
+use anyhow::{Result, anyhow, bail};
+use drydock_helper::proto::{Decoder, Msg};
+use russh::ChannelMsg;
+use russh::client;
+
+use super::{Remote, check_hello};
+use crate::ssh::Session;
+
+/// The channel to a running helper, for the request/answer exchanges of a
+/// push. Its read half is drained by a task of its own into an unbounded
+/// queue: russh gives each channel a small bounded buffer, and a channel
+/// whose answers are not read while requests are being sent would stall
+/// the whole connection. The queue stays small: the helper only answers
+/// requests, and those are kept within a window.
+pub struct Link {
+    read: tokio::sync::mpsc::UnboundedReceiver<ChannelMsg>,
+    pub write: russh::ChannelWriteHalf<client::Msg>,
+    dec: Decoder,
+    stderr: String,
+    status: Option<u32>,
+    host: String,
+    pub sent: u64,
+}
+
+impl Link {
+    pub async fn start(session: &Session, remote: &Remote) -> Result<Link> {
+        let channel = session.open_exec(&remote.command()).await?;
+        let (mut half, write) = channel.split();
+        let (tx, read) = tokio::sync::mpsc::unbounded_channel();
+        tokio::spawn(async move {
+            while let Some(m) = half.wait().await {
+                if tx.send(m).is_err() {
+                    break;
+                }
+            }
+        });
+        let mut link = Link {
+            read,
+            write,
+            dec: Decoder::default(),
+            stderr: String::new(),
+            status: None,
+            host: session.host(),
+            sent: 0,
+        };
+        let hello = link.recv().await?;
+        check_hello(&hello)?;
+        remote.said_hello.store(true, Ordering::Relaxed);
+        Ok(link)
+    }
+
+    pub async fn send(&mut self, frame: Vec<u8>) -> Result<()> {
+        self.sent += frame.len() as u64;
+        self.write.data_bytes(frame).await.map_err(|e| {
+            anyhow!(
+                "the connection to {} broke while talking to the helper: {e}",
+                self.host
+            )
+        })
+    }
+
+    pub async fn recv(&mut self) -> Result<Msg> {
+        loop {
+            if let Some(m) = self.dec.next_msg()? {
+                if let Msg::Error { message } = &m {
+                    bail!("the helper on {}: {message}", self.host);
+                }
+                return Ok(m);
+            }
+            match self.read.recv().await {
+                Some(ChannelMsg::Data { data }) => self.dec.feed(&data),
+                Some(ChannelMsg::ExtendedData { data, .. }) => {
+                    self.stderr.push_str(&String::from_utf8_lossy(&data))
+                }
+                Some(ChannelMsg::ExitStatus { exit_status }) => self.status = Some(exit_status),
+                Some(_) => {}
+                None => {
+                    let why = match self.status {
+                        Some(s) => format!("the helper on {} exited with status {s}", self.host),
+                        None => format!("the connection to {} was lost", self.host),
+                    };
+                    let said = self.stderr.trim();
+                    if said.is_empty() {
+                        bail!("{why}");
+                    }
+                    bail!("{why}; it said: {said}");
+                }
+            }
+        }
+    }
+}
