@@ -445,6 +445,41 @@ fn push_refuses_an_image_larger_than_the_disk() {
     assert_eq!(sha256_file(&dev), before);
 }
 
+/// An image whose size is not its manifest's (shrunk after the pull) is
+/// refused the same way in both modes, before anything is written or any
+/// helper is left on the host.
+#[test]
+fn push_refuses_an_image_that_is_not_its_manifests_size() {
+    let sshd = Sshd::start();
+    let t = tempdir();
+    let dev = t.path().join("disk");
+    let img = t.path().join("image");
+    make_disk(&dev, 8 * MIB, &[(0, MIB as usize)], &[]);
+    assert_exit(&pull(&sshd, &dev, &img), 0);
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&img)
+        .unwrap()
+        .set_len(7 * MIB)
+        .unwrap();
+    let before = sha256_file(&dev);
+    for mode in ["dd", "helper"] {
+        let o = push(&sshd, &img, &dev, &["--yes", "--transfer", mode]);
+        assert_exit(&o, 3);
+        assert_stderr(
+            &o,
+            format!(
+                "the image is {} bytes and its manifest says {}: the manifest is not this image's; \
+                 push with --full to write every block without the check",
+                7 * MIB,
+                8 * MIB
+            ),
+        );
+        assert_eq!(sha256_file(&dev), before, "{mode}");
+        assert!(helpers_under(&sshd).is_empty(), "{mode}: a helper is left");
+    }
+}
+
 #[test]
 fn push_without_manifest_is_refused_unless_full() {
     let sshd = Sshd::start();

@@ -1,0 +1,354 @@
+//! A push in helper mode: the helper hashes the blocks that may need
+//! writing (and their 4 KiB pages), drydock decides page by page and
+//! refuses before writing anything if the disk holds something unexpected,
+//! then sends only the differing pages; each range is written with
+//! O_DIRECT, read back and confirmed by the helper.
+
+use std::fs::File;
+use std::os::unix::fs::FileExt;
+
+use anyhow::{Context, Result, bail};
+
+use super::{Preflight, PushOptions, PushReport, ranges, save_manifest};
+use crate::image::manifest::{self, BLOCK_SIZE, block_count, block_len};
+use crate::refused;
+use crate::remote::Facts;
+use crate::remote::device::Device;
+use crate::ssh::Session;
+use crate::transfer::helper::{self, Link, Mode, Patch, Remote};
+use crate::ui::{Ui, human_bytes};
+
+/// Blocks asked about but not answered yet, at most (a window, so that the
+/// requests and the answers flow at once without either side waiting on
+/// the other's buffers).
+const HASH_WINDOW: u64 = 256;
+
+/// Bytes of writes sent but not yet confirmed, at most.
+const WRITE_WINDOW: u64 = 32 << 20;
+
+/// Push in helper mode with a helper installed on the host (removed
+/// afterwards, whatever happens).
+pub(super) async fn push(
+    session: &Session,
+    facts: &Facts,
+    opts: &PushOptions,
+    pf: Preflight,
+    remote: Remote,
+    ui: &Ui,
+) -> Result<PushReport> {
+    let res = push_with(session, &pf, opts, &remote, ui).await;
+    let removed = remote.finish(session).await;
+    let counts = res?;
+    removed?;
+    let size = pf.new.size;
+    let blocks_written = pf
+        .base
+        .as_ref()
+        .map(|b| {
+            b.blocks
+                .iter()
+                .zip(&pf.new.blocks)
+                .filter(|(a, b)| a != b)
+                .count() as u64
+        })
+        .unwrap_or(pf.new.blocks.len() as u64);
+    let report = PushReport {
+        host: session.host(),
+        device: pf.dev.path.clone(),
+        image: opts.image.clone(),
+        size,
+        blocks_total: block_count(size),
+        blocks_written,
+        ranges: counts.ranges,
+        bytes_sent: counts.page_bytes,
+        seconds: pf.started.elapsed().as_secs_f64(),
+        digest: pf.new.digest.clone(),
+        writer_dir: Some(remote.tmpfs.dir.clone()),
+        writer_own_tmpfs: remote.tmpfs.mounted,
+        transfer: Mode::Helper,
+        bytes_on_wire: counts.bytes_on_wire,
+        bytes_written: counts.bytes_written,
+        helper_peak_rss_kib: Some(counts.done.peak_rss_kib),
+    };
+    save_manifest(session, facts, opts, pf)?;
+    Ok(report)
+}
+
+/// What a helper-mode push moved.
+struct Counts {
+    /// Bytes sent on the channel: frames and compressed pages.
+    bytes_on_wire: u64,
+    /// Bytes the helper wrote to the disk.
+    bytes_written: u64,
+    /// Bytes of the pages that differed (uncompressed).
+    page_bytes: u64,
+    /// Runs of pages written.
+    ranges: usize,
+    done: helper::Done,
+}
+
+async fn push_with(
+    session: &Session,
+    pf: &Preflight,
+    opts: &PushOptions,
+    remote: &Remote,
+    ui: &Ui,
+) -> Result<Counts> {
+    let (dev, base, new, proven) = (&pf.dev, pf.base.as_ref(), &pf.new, pf.proven);
+    let size = new.size;
+    let nblocks = block_count(size);
+    let mut link = Link::start(session, remote).await?;
+    link.send(
+        drydock_helper::proto::Msg::Open {
+            version: drydock_helper::proto::VERSION,
+            device: dev.path.clone(),
+            write: true,
+        }
+        .encode(),
+    )
+    .await?;
+    match link.recv().await? {
+        drydock_helper::proto::Msg::Opened { size: s, .. } if s == dev.size => {}
+        drydock_helper::proto::Msg::Opened { size: s, .. } => bail!(
+            "the helper sees {} as {s} bytes where drydock saw {}",
+            dev.path,
+            dev.size
+        ),
+        m => bail!("the helper answered Open with {}", m.name()),
+    }
+
+    // Which blocks to look at page by page.
+    let mut candidates: Vec<u64> = match base {
+        Some(b) if proven => (0..nblocks)
+            .filter(|&i| b.blocks[i as usize] != new.blocks[i as usize])
+            .collect(),
+        Some(b) => {
+            // No proof that the disk is untouched: hash all of it on the
+            // host (blocks of zeros cost no hashing there).
+            let bar = ui.bytes_bar(size, "check");
+            let mut out = Vec::new();
+            let answers = hash_blocks(&mut link, &[(0, nblocks)], false, |i, h, _| {
+                bar.inc(block_len(size, i));
+                let (old, neu) = (&b.blocks[i as usize], &new.blocks[i as usize]);
+                if helper::same(h, neu) {
+                    // Already written (an earlier push), or unchanged.
+                } else if helper::same(h, old) || opts.base_image.is_some() {
+                    out.push(i);
+                } else {
+                    return Err(format!(
+                        "block {i} (byte {}) differs from both the manifest and the image",
+                        i * BLOCK_SIZE
+                    ));
+                }
+                Ok(())
+            })
+            .await;
+            bar.finish_and_clear();
+            refuse_changed(answers, dev, session)?;
+            out
+        }
+        None => (0..nblocks).collect(),
+    };
+    candidates.sort_unstable();
+
+    // Page hashes of the candidates, and what to write.
+    let image =
+        File::open(&opts.image).with_context(|| format!("cannot open {}", opts.image.display()))?;
+    let base_img = match &opts.base_image {
+        Some(p) => Some(File::open(p).with_context(|| format!("cannot open {}", p.display()))?),
+        None => None,
+    };
+    let runs: Vec<(u64, u64)> = ranges(&candidates)
+        .iter()
+        .map(|r| (r.first, r.first + r.count))
+        .collect();
+    let mut patches: Vec<Patch> = Vec::new();
+    let bar = ui.bytes_bar(candidates.len() as u64 * BLOCK_SIZE, "compare");
+    let mut nb = vec![0u8; BLOCK_SIZE as usize];
+    let mut bb = vec![0u8; BLOCK_SIZE as usize];
+    let answers = hash_blocks(&mut link, &runs, true, |i, h, pages| {
+        bar.inc(BLOCK_SIZE);
+        let len = block_len(size, i) as usize;
+        image
+            .read_exact_at(&mut nb[..len], i * BLOCK_SIZE)
+            .map_err(|e| format!("cannot read the image: {e}"))?;
+        let base_block = match &base_img {
+            Some(f) => {
+                f.read_exact_at(&mut bb[..len], i * BLOCK_SIZE)
+                    .map_err(|e| format!("cannot read the base image: {e}"))?;
+                Some(&bb[..len])
+            }
+            None => None,
+        };
+        let old = match base {
+            Some(b) => Some(manifest::from_hex(&b.blocks[i as usize]).map_err(|e| e.to_string())?),
+            None => None,
+        };
+        let p = helper::plan_block(i, h, pages, old.as_ref(), &nb[..len], base_block)?;
+        patches.extend(p);
+        Ok(())
+    })
+    .await;
+    bar.finish_and_clear();
+    refuse_changed(answers, dev, session)?;
+
+    let total: u64 = patches.iter().map(|p| p.len as u64).sum();
+    if patches.is_empty() {
+        ui.say(format!(
+            "{} on {} already holds this image; nothing to write",
+            dev.path,
+            session.host()
+        ));
+    } else {
+        ui.confirm(&format!(
+            "Write {} ({} ranges of 4 KiB pages) of {} to {} on {}?",
+            human_bytes(total),
+            patches.len(),
+            opts.image.display(),
+            dev.path,
+            session.host()
+        ))?;
+    }
+
+    // Send the pages, at most WRITE_WINDOW bytes unconfirmed.
+    let bar = ui.bytes_bar(total, "push");
+    let mut z = zstd::bulk::Compressor::new(helper::PUSH_LEVEL)?;
+    let mut in_flight: std::collections::VecDeque<Patch> = Default::default();
+    let mut in_flight_bytes = 0u64;
+    let mut next = 0;
+    let partly = |e: anyhow::Error| {
+        e.context(format!(
+            "the push stopped with {} partly written: run the same push again to finish it \
+             (ranges already written are recognised)",
+            dev.path
+        ))
+    };
+    while next < patches.len() || !in_flight.is_empty() {
+        if next < patches.len() && in_flight_bytes < WRITE_WINDOW {
+            let p = patches[next];
+            next += 1;
+            let frame = helper::write_frame(&image, p, &mut z)?;
+            link.send(frame).await.map_err(partly)?;
+            in_flight.push_back(p);
+            in_flight_bytes += p.len as u64;
+            continue;
+        }
+        match link.recv().await.map_err(partly)? {
+            drydock_helper::proto::Msg::Written { offset, len } => {
+                let p = in_flight
+                    .pop_front()
+                    .context("the helper confirmed a write not sent")?;
+                if p.offset != offset || p.len != len {
+                    bail!("the helper confirmed {len} bytes at {offset}, not the range sent");
+                }
+                in_flight_bytes -= len as u64;
+                bar.inc(len as u64);
+            }
+            m => bail!("the helper sent {} during the writes", m.name()),
+        }
+    }
+    bar.finish_and_clear();
+    link.send(drydock_helper::proto::Msg::Finish.encode())
+        .await?;
+    let done = match link.recv().await.map_err(partly)? {
+        drydock_helper::proto::Msg::Done {
+            peak_rss_kib,
+            bytes_read,
+            bytes_written,
+        } => helper::Done {
+            peak_rss_kib,
+            bytes_read,
+            bytes_written,
+        },
+        m => bail!("the helper answered Finish with {}", m.name()),
+    };
+    if !patches.is_empty() {
+        ui.say(format!(
+            "wrote, read back and checked {} in {} ranges on {} (helper peak memory {})",
+            human_bytes(total),
+            patches.len(),
+            dev.path,
+            human_bytes(done.peak_rss_kib * 1024)
+        ));
+    }
+    Ok(Counts {
+        bytes_on_wire: link.sent,
+        bytes_written: done.bytes_written,
+        page_bytes: total,
+        ranges: patches.len(),
+        done,
+    })
+}
+
+/// Ask for the hashes of blocks in `runs` ([first, end) each), keeping at
+/// most HASH_WINDOW blocks asked and unanswered; `each` sees every answer
+/// in order and may refuse (its message ends the exchange, nothing
+/// written). The outer `Result` is a failure of the exchange itself.
+async fn hash_blocks(
+    link: &mut Link,
+    runs: &[(u64, u64)],
+    pages: bool,
+    mut each: impl FnMut(u64, &[u8; 32], &[u8]) -> Result<(), String>,
+) -> Result<Result<(), String>> {
+    // Split the runs so that no request exceeds the window.
+    let mut reqs = Vec::new();
+    for &(a, b) in runs {
+        let mut x = a;
+        while x < b {
+            let y = (x + HASH_WINDOW).min(b);
+            reqs.push((x, y));
+            x = y;
+        }
+    }
+    let expected: Vec<u64> = runs.iter().flat_map(|&(a, b)| a..b).collect();
+    let mut asked = 0u64;
+    let mut answered = 0usize;
+    let mut r = 0;
+    let mut verdict = Ok(());
+    while answered < expected.len() {
+        while r < reqs.len() && asked - answered as u64 + (reqs[r].1 - reqs[r].0) <= HASH_WINDOW {
+            let (first, end) = reqs[r];
+            link.send(drydock_helper::proto::Msg::HashBlocks { first, end, pages }.encode())
+                .await?;
+            asked += end - first;
+            r += 1;
+        }
+        match link.recv().await? {
+            drydock_helper::proto::Msg::BlockHash {
+                index,
+                hash,
+                pages: p,
+            } => {
+                if index != expected[answered] {
+                    bail!(
+                        "the helper answered for block {index}, expected {}",
+                        expected[answered]
+                    );
+                }
+                answered += 1;
+                if verdict.is_ok() {
+                    verdict = each(index, &hash, &p);
+                }
+            }
+            m => bail!("the helper sent {} while hashing", m.name()),
+        }
+    }
+    Ok(verdict)
+}
+
+fn refuse_changed(
+    answers: Result<Result<(), String>>,
+    dev: &Device,
+    session: &Session,
+) -> Result<()> {
+    match answers? {
+        Ok(()) => Ok(()),
+        Err(why) => Err(refused!(
+            "{} on {} no longer holds what was pulled: {why}. Writing would mix two versions \
+             of the disk; nothing was written. Pull it again, or push with --full to overwrite \
+             it whole",
+            dev.path,
+            session.host()
+        )),
+    }
+}
