@@ -76,154 +76,181 @@ pub struct Conn {
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// What is on the host: OS and release, disk, RAM, firmware, network, upgrades.
-    Probe {
-        #[command(flatten)]
-        conn: Conn,
-    },
+    Probe(ProbeArgs),
     /// Stop the host's services, make its disk read-only, turn its swap off.
-    Freeze {
-        #[command(flatten)]
-        conn: Conn,
-        /// The disk (default: the disk that holds /).
-        #[arg(long, value_name = "DEV")]
-        device: Option<String>,
-        /// Do not ask for confirmation.
-        #[arg(long, short = 'y')]
-        yes: bool,
-    },
+    Freeze(FreezeArgs),
     /// Undo a freeze: filesystems read-write again, stopped services restarted.
-    Thaw {
-        #[command(flatten)]
-        conn: Conn,
-        #[arg(long, value_name = "DEV")]
-        device: Option<String>,
-    },
+    Thaw(ThawArgs),
     /// Copy the host's disk to a local sparse image, with a manifest of block hashes.
-    Pull {
-        #[command(flatten)]
-        conn: Conn,
-        /// The local image to write (IMAGE.manifest is written beside it).
-        #[arg(short = 'o', long = "output", value_name = "IMAGE")]
-        output: PathBuf,
-        /// The disk, or a regular file standing for one (default: the disk that holds /).
-        #[arg(long, value_name = "DEV")]
-        device: Option<String>,
-        /// Copy a disk that is mounted read-write (the copy may be inconsistent).
-        #[arg(long)]
-        live: bool,
-        /// How the disk moves: the helper (drydock's own static program, copied
-        /// to the host's RAM) when the host can run it, else dd.
-        #[arg(long, value_enum, default_value = "auto")]
-        transfer: Transfer,
-    },
+    Pull(PullArgs),
     /// Write an image back to the host's disk: only the blocks that differ, verified.
-    Push {
-        /// The local image (its manifest says what the disk holds now).
-        image: PathBuf,
-        #[command(flatten)]
-        conn: Conn,
-        /// The disk, or a regular file standing for one (default: the disk that holds /).
-        #[arg(long, value_name = "DEV")]
-        device: Option<String>,
-        /// Do not ask for confirmation.
-        #[arg(long, short = 'y')]
-        yes: bool,
-        /// Write every block without checking what the disk holds (restoring
-        /// onto another disk). Overwrites whatever is there.
-        #[arg(long)]
-        full: bool,
-        /// How the disk moves: the helper (drydock's own static program, copied
-        /// to the host's RAM) when the host can run it, else dd.
-        #[arg(long, value_enum, default_value = "auto")]
-        transfer: Transfer,
-    },
+    Push(PushArgs),
     /// Start a local VM from an image (a qcow2 overlay over it; the image is not written).
-    Boot {
-        image: PathBuf,
-        /// Guest memory: 8G, 2048M, ...
-        #[arg(long, default_value = "8G")]
-        memory: String,
-        /// Guest CPUs (default: this machine's).
-        #[arg(long)]
-        cpus: Option<u32>,
-        /// Where to keep the overlay, QMP socket and serial log
-        /// (default: $XDG_STATE_HOME/drydock/boots/IMAGE-TIME).
-        #[arg(long, value_name = "DIR")]
-        dir: Option<PathBuf>,
-        /// Seconds the guest may take to answer on SSH before drydock gives up.
-        #[arg(long, value_name = "SECONDS", default_value_t = 600)]
-        wait: u64,
-        /// Boot the image as the VPS it came from: FILE is `drydock probe
-        /// HOST --json` output (firmware, disk bus, MAC, network).
-        #[arg(long, value_name = "FILE")]
-        like: Option<PathBuf>,
-        /// Start the image's own services (its apps, timers, cron): by
-        /// default they are held back, as in the worker VM.
-        #[arg(long)]
-        services: bool,
-        /// The VM's network: sealed (only the image's package sources) or
-        /// open (the internet).
-        #[arg(long, value_enum, default_value = "sealed")]
-        network: Network,
-    },
+    Boot(BootArgs),
     /// The whole pipeline: freeze, pull, upgrade in a local VM, verify, push, reboot.
-    Upgrade {
-        #[command(flatten)]
-        conn: Conn,
-        /// The target release: debian-13 (or trixie), nixos-23.11, ...
-        #[arg(long)]
-        to: Option<String>,
-        /// Run this command in the local VM instead of a release upgrade.
-        #[arg(long, value_name = "COMMAND", conflicts_with = "to")]
-        run: Option<String>,
-        /// The disk (default: the disk that holds /).
-        #[arg(long, value_name = "DEV")]
-        device: Option<String>,
-        /// Worker VM memory.
-        #[arg(long, default_value = "4G")]
-        memory: String,
-        /// Worker VM CPUs (default: this machine's).
-        #[arg(long)]
-        cpus: Option<u32>,
-        /// Do not ask before the freeze and the push.
-        #[arg(long, short = 'y')]
-        yes: bool,
-        /// How the disk moves: the helper (drydock's own static program, copied
-        /// to the host's RAM) when the host can run it, else dd.
-        #[arg(long, value_enum, default_value = "auto")]
-        transfer: Transfer,
-        /// Probe the host, run the read-only checks, print the plan and the
-        /// commands; change nothing and keep no run.
-        #[arg(long)]
-        dry_run: bool,
-        /// NixOS: once the new generation has booted in the worker VM,
-        /// delete the old generations (and their boot entries) before the push.
-        #[arg(long, requires = "to")]
-        gc: bool,
-        /// The worker VM's network: sealed (only the VPS's package sources,
-        /// through drydock's proxy) or open (the internet).
-        #[arg(long, value_enum, default_value = "sealed")]
-        network: Network,
-        /// One more host the sealed worker VM may reach (repeatable).
-        #[arg(long = "allow-host", value_name = "HOST")]
-        allow_host: Vec<String>,
-    },
+    Upgrade(UpgradeArgs),
     /// Continue an interrupted run (a run folder, or its name from `drydock runs`).
-    Resume {
-        run: String,
-        #[arg(long, short = 'y')]
-        yes: bool,
-    },
+    Resume(ResumeArgs),
     /// Give the VPS back as it was before the run.
-    Abort {
-        run: String,
-        #[arg(long, short = 'y')]
-        yes: bool,
-    },
+    Abort(AbortArgs),
     /// List runs and where each stands.
     Runs,
     /// Internal: what QEMU spawns for each connection of a sealed guest to
     /// drydock's proxy.
     #[command(name = "__relay", hide = true)]
     Relay { socket: PathBuf },
+}
+
+#[derive(Debug, Args)]
+pub struct ProbeArgs {
+    #[command(flatten)]
+    pub conn: Conn,
+}
+
+#[derive(Debug, Args)]
+pub struct FreezeArgs {
+    #[command(flatten)]
+    pub conn: Conn,
+    /// The disk (default: the disk that holds /).
+    #[arg(long, value_name = "DEV")]
+    pub device: Option<String>,
+    /// Do not ask for confirmation.
+    #[arg(long, short = 'y')]
+    pub yes: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct ThawArgs {
+    #[command(flatten)]
+    pub conn: Conn,
+    #[arg(long, value_name = "DEV")]
+    pub device: Option<String>,
+}
+
+#[derive(Debug, Args)]
+pub struct PullArgs {
+    #[command(flatten)]
+    pub conn: Conn,
+    /// The local image to write (IMAGE.manifest is written beside it).
+    #[arg(short = 'o', long = "output", value_name = "IMAGE")]
+    pub output: PathBuf,
+    /// The disk, or a regular file standing for one (default: the disk that holds /).
+    #[arg(long, value_name = "DEV")]
+    pub device: Option<String>,
+    /// Copy a disk that is mounted read-write (the copy may be inconsistent).
+    #[arg(long)]
+    pub live: bool,
+    /// How the disk moves: the helper (drydock's own static program, copied
+    /// to the host's RAM) when the host can run it, else dd.
+    #[arg(long, value_enum, default_value = "auto")]
+    pub transfer: Transfer,
+}
+
+#[derive(Debug, Args)]
+pub struct PushArgs {
+    /// The local image (its manifest says what the disk holds now).
+    pub image: PathBuf,
+    #[command(flatten)]
+    pub conn: Conn,
+    /// The disk, or a regular file standing for one (default: the disk that holds /).
+    #[arg(long, value_name = "DEV")]
+    pub device: Option<String>,
+    /// Do not ask for confirmation.
+    #[arg(long, short = 'y')]
+    pub yes: bool,
+    /// Write every block without checking what the disk holds (restoring
+    /// onto another disk). Overwrites whatever is there.
+    #[arg(long)]
+    pub full: bool,
+    /// How the disk moves: the helper (drydock's own static program, copied
+    /// to the host's RAM) when the host can run it, else dd.
+    #[arg(long, value_enum, default_value = "auto")]
+    pub transfer: Transfer,
+}
+
+#[derive(Debug, Args)]
+pub struct BootArgs {
+    pub image: PathBuf,
+    /// Guest memory: 8G, 2048M, ...
+    #[arg(long, default_value = "8G")]
+    pub memory: String,
+    /// Guest CPUs (default: this machine's).
+    #[arg(long)]
+    pub cpus: Option<u32>,
+    /// Where to keep the overlay, QMP socket and serial log
+    /// (default: $XDG_STATE_HOME/drydock/boots/IMAGE-TIME).
+    #[arg(long, value_name = "DIR")]
+    pub dir: Option<PathBuf>,
+    /// Seconds the guest may take to answer on SSH before drydock gives up.
+    #[arg(long, value_name = "SECONDS", default_value_t = 600)]
+    pub wait: u64,
+    /// Boot the image as the VPS it came from: FILE is `drydock probe
+    /// HOST --json` output (firmware, disk bus, MAC, network).
+    #[arg(long, value_name = "FILE")]
+    pub like: Option<PathBuf>,
+    /// Start the image's own services (its apps, timers, cron): by
+    /// default they are held back, as in the worker VM.
+    #[arg(long)]
+    pub services: bool,
+    /// The VM's network: sealed (only the image's package sources) or
+    /// open (the internet).
+    #[arg(long, value_enum, default_value = "sealed")]
+    pub network: Network,
+}
+
+#[derive(Debug, Args)]
+pub struct UpgradeArgs {
+    #[command(flatten)]
+    pub conn: Conn,
+    /// The target release: debian-13 (or trixie), nixos-23.11, ...
+    #[arg(long)]
+    pub to: Option<String>,
+    /// Run this command in the local VM instead of a release upgrade.
+    #[arg(long, value_name = "COMMAND", conflicts_with = "to")]
+    pub run: Option<String>,
+    /// The disk (default: the disk that holds /).
+    #[arg(long, value_name = "DEV")]
+    pub device: Option<String>,
+    /// Worker VM memory.
+    #[arg(long, default_value = "4G")]
+    pub memory: String,
+    /// Worker VM CPUs (default: this machine's).
+    #[arg(long)]
+    pub cpus: Option<u32>,
+    /// Do not ask before the freeze and the push.
+    #[arg(long, short = 'y')]
+    pub yes: bool,
+    /// How the disk moves: the helper (drydock's own static program, copied
+    /// to the host's RAM) when the host can run it, else dd.
+    #[arg(long, value_enum, default_value = "auto")]
+    pub transfer: Transfer,
+    /// Probe the host, run the read-only checks, print the plan and the
+    /// commands; change nothing and keep no run.
+    #[arg(long)]
+    pub dry_run: bool,
+    /// NixOS: once the new generation has booted in the worker VM,
+    /// delete the old generations (and their boot entries) before the push.
+    #[arg(long, requires = "to")]
+    pub gc: bool,
+    /// The worker VM's network: sealed (only the VPS's package sources,
+    /// through drydock's proxy) or open (the internet).
+    #[arg(long, value_enum, default_value = "sealed")]
+    pub network: Network,
+    /// One more host the sealed worker VM may reach (repeatable).
+    #[arg(long = "allow-host", value_name = "HOST")]
+    pub allow_host: Vec<String>,
+}
+
+#[derive(Debug, Args)]
+pub struct ResumeArgs {
+    pub run: String,
+    #[arg(long, short = 'y')]
+    pub yes: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct AbortArgs {
+    pub run: String,
+    #[arg(long, short = 'y')]
+    pub yes: bool,
 }

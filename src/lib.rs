@@ -21,7 +21,7 @@ use serde::Serialize;
 
 use cli::{Cli, Command, Conn};
 use ssh::Session;
-use ui::{Ui, human_bytes};
+use ui::Ui;
 
 async fn connect(conn: &Conn) -> Result<Session> {
     ssh::connect_to(&conn.host, conn.identity.clone(), conn.accept_new_host_key).await
@@ -32,249 +32,175 @@ fn print_json<T: Serialize>(v: &T) -> Result<()> {
     Ok(())
 }
 
+/// One command: parsed arguments in, its report printed (`--json`: one
+/// JSON document on stdout; else the report's `human()` text).
 pub async fn run(cli: Cli) -> Result<()> {
     let json = cli.json;
     match cli.command {
-        Command::Probe { conn } => {
-            let s = connect(&conn).await?;
-            let facts = remote::gather(&s).await?;
-            let r = remote::probe::report(s.host(), &facts);
-            if json {
-                print_json(&r)?;
-            } else {
-                print!("{}", r.human());
-            }
-            s.close().await;
-        }
-        Command::Freeze { conn, device, yes } => {
-            let ui = Ui { json, yes };
-            let s = connect(&conn).await?;
-            let facts = remote::gather(&s).await?;
-            ui.confirm(&format!(
-                "Stop the services of {} and make its disk read-only?",
-                s.host()
-            ))?;
-            let r = remote::freeze::freeze(&s, &facts, device.as_deref()).await?;
-            if json {
-                print_json(&r)?;
-            } else {
-                println!(
-                    "{} frozen: {} read-only ({}), {} unit(s) stopped, swap off: [{}]{}",
-                    r.host,
-                    r.device,
-                    r.read_only.join(", "),
-                    r.stopped.len(),
-                    r.swap_off.join(", "),
-                    if r.killed.is_empty() {
-                        String::new()
-                    } else {
-                        format!(", stopped (addresses kept): {}", r.killed.join(", "))
-                    }
-                );
-                println!("`drydock thaw {}` undoes it", s.target.typed_arg());
-            }
-            s.close().await;
-        }
-        Command::Thaw { conn, device } => {
-            let s = connect(&conn).await?;
-            let facts = remote::gather(&s).await?;
-            let r = remote::freeze::thaw(&s, &facts, device.as_deref()).await?;
-            if json {
-                print_json(&r)?;
-            } else {
-                println!("{}", r.human());
-            }
-            s.close().await;
-        }
-        Command::Pull {
-            conn,
-            output,
-            device,
-            live,
-            transfer,
-        } => {
-            let ui = Ui { json, yes: false };
-            let s = connect(&conn).await?;
-            let facts = remote::gather(&s).await?;
-            let opts = transfer::pull::PullOptions {
-                output,
-                device,
-                live,
-                transfer: transfer.into(),
-            };
-            let r = transfer::pull::pull(&s, &facts, &opts, &ui).await?;
-            if r.device.starts_with("/dev/") {
-                record_boot(&s, &facts, &opts.output, &ui).await;
-            }
-            if json {
-                print_json(&r)?;
-            } else {
-                println!(
-                    "pulled {}:{} to {} ({} in {:.1}s, {} on the wire at {}/s{}); verified by {} on the host{}, digest {}",
-                    r.host,
-                    r.device,
-                    r.image.display(),
-                    human_bytes(r.size),
-                    r.seconds,
-                    human_bytes(r.bytes_received),
-                    human_bytes((r.bytes_received as f64 / r.seconds.max(0.001)) as u64),
-                    if r.resumed_at > 0 {
-                        format!(", resumed at {}", human_bytes(r.resumed_at))
-                    } else {
-                        String::new()
-                    },
-                    r.hasher,
-                    r.helper_peak_rss_kib
-                        .map(|k| format!(" (helper peak memory {})", human_bytes(k * 1024)))
-                        .unwrap_or_default(),
-                    r.digest
-                );
-            }
-            s.close().await;
-        }
-        Command::Push {
-            image,
-            conn,
-            device,
-            yes,
-            full,
-            transfer,
-        } => {
-            let ui = Ui { json, yes };
-            let s = connect(&conn).await?;
-            let facts = remote::gather(&s).await?;
-            let opts = transfer::push::PushOptions {
-                image,
-                device,
-                full,
-                frozen_boot_id: None,
-                transfer: transfer.into(),
-                base_image: None,
-            };
-            let r = transfer::push::push(&s, &facts, &opts, &ui).await?;
-            if json {
-                print_json(&r)?;
-            } else {
-                println!(
-                    "pushed {} to {}:{}: {} of {} blocks changed; {} written in {} ranges, {} on the wire, {:.1}s ({} mode{}); read back and verified",
-                    r.image.display(),
-                    r.host,
-                    r.device,
-                    r.blocks_written,
-                    r.blocks_total,
-                    human_bytes(r.bytes_written),
-                    r.ranges,
-                    human_bytes(r.bytes_on_wire),
-                    r.seconds,
-                    mode_name(r.transfer),
-                    r.helper_peak_rss_kib
-                        .map(|k| format!(", helper peak memory {}", human_bytes(k * 1024)))
-                        .unwrap_or_default()
-                );
-            }
-            s.close().await;
-        }
-        Command::Boot {
-            image,
-            memory,
-            cpus,
-            dir,
-            wait,
-            like,
-            services,
-            network,
-        } => {
-            let ui = Ui { json, yes: false };
-            let dir = match dir {
-                Some(d) => d,
-                None => vm::boot::default_dir(&image)?,
-            };
-            let opts = vm::boot::BootOptions {
-                image,
-                memory,
-                cpus,
-                dir,
-                ready_within: std::time::Duration::from_secs(wait),
-                like,
-                services,
-                network_open: network == cli::Network::Open,
-            };
-            vm::boot::boot(&opts, &ui).await?;
-        }
-        Command::Upgrade {
-            conn,
-            to,
-            run,
-            device,
-            memory,
-            cpus,
-            yes,
-            transfer,
-            dry_run,
-            gc,
-            network,
-            allow_host,
-        } => {
-            let ui = Ui { json, yes };
-            let memory_mib = vm::cmdline::parse_memory(&memory).with_context(|| {
-                format!("--memory {memory}: expected a size such as 4G or 2048M")
-            })?;
-            let req = pipeline::Request {
-                host: conn.host,
-                identity: conn.identity,
-                accept_new_host_key: conn.accept_new_host_key,
-                device,
-                to,
-                run,
-                memory_mib,
-                cpus: cpus.unwrap_or_else(default_cpus),
-                transfer: transfer.into(),
-                gc,
-                network_open: network == cli::Network::Open,
-                allow_hosts: allow_host,
-            };
-            if dry_run {
-                let d = pipeline::dry_run(&req).await?;
-                if json {
-                    print_json(&d)?;
-                } else {
-                    print!("{}", d.human());
-                }
-                return Ok(());
-            }
-            let r = pipeline::start(&req, &ui).await?;
-            print_report(&r, json)?;
-        }
-        Command::Resume { run, yes } => {
-            let ui = Ui { json, yes };
-            let dir = pipeline::journal::find_run(&run)?;
+        Command::Probe(a) => probe(a, json).await,
+        Command::Freeze(a) => freeze(a, json).await,
+        Command::Thaw(a) => thaw(a, json).await,
+        Command::Pull(a) => pull(a, json).await,
+        Command::Push(a) => push(a, json).await,
+        Command::Boot(a) => boot(a, json).await,
+        Command::Upgrade(a) => upgrade(a, json).await,
+        Command::Resume(a) => {
+            let ui = Ui { json, yes: a.yes };
+            let dir = pipeline::journal::find_run(&a.run)?;
             let r = pipeline::resume(&dir, &ui).await?;
-            print_report(&r, json)?;
+            print_report(&r, json)
         }
-        Command::Abort { run, yes } => {
-            let ui = Ui { json, yes };
-            let dir = pipeline::journal::find_run(&run)?;
+        Command::Abort(a) => {
+            let ui = Ui { json, yes: a.yes };
+            let dir = pipeline::journal::find_run(&a.run)?;
             pipeline::abort(&dir, &ui).await?;
             if !json {
                 println!("run {} aborted", dir.display());
             }
+            Ok(())
         }
-        Command::Relay { socket } => vm::proxy::relay(&socket)?,
-        Command::Runs => {
-            let runs = pipeline::list()?;
-            if json {
-                let v: Vec<_> = runs
-                    .iter()
-                    .map(|(p, j)| serde_json::json!({"run": p, "host": j.host, "state": j.where_it_stands(), "created_at": j.created_at}))
-                    .collect();
-                print_json(&v)?;
-            } else if runs.is_empty() {
-                println!("no runs in {}", paths::runs_dir()?.display());
-            } else {
-                for (p, j) in runs {
-                    println!("{}  {}  {}", p.display(), j.host, j.where_it_stands());
-                }
-            }
+        Command::Relay { socket } => vm::proxy::relay(&socket),
+        Command::Runs => runs(json),
+    }
+}
+
+/// Print a report: JSON on stdout for programs, its text for people.
+fn emit<T: Serialize>(v: &T, json: bool, human: impl FnOnce(&T) -> String) -> Result<()> {
+    if json {
+        print_json(v)
+    } else {
+        print!("{}", human(v));
+        Ok(())
+    }
+}
+
+async fn probe(a: cli::ProbeArgs, json: bool) -> Result<()> {
+    let s = connect(&a.conn).await?;
+    let facts = remote::gather(&s).await?;
+    let r = remote::probe::report(s.host(), &facts);
+    emit(&r, json, |r| r.human())?;
+    s.close().await;
+    Ok(())
+}
+
+async fn freeze(a: cli::FreezeArgs, json: bool) -> Result<()> {
+    let ui = Ui { json, yes: a.yes };
+    let s = connect(&a.conn).await?;
+    let facts = remote::gather(&s).await?;
+    ui.confirm(&format!(
+        "Stop the services of {} and make its disk read-only?",
+        s.host()
+    ))?;
+    let r = remote::freeze::freeze(&s, &facts, a.device.as_deref()).await?;
+    emit(&r, json, |r| r.human(&s.target.typed_arg()))?;
+    s.close().await;
+    Ok(())
+}
+
+async fn thaw(a: cli::ThawArgs, json: bool) -> Result<()> {
+    let s = connect(&a.conn).await?;
+    let facts = remote::gather(&s).await?;
+    let r = remote::freeze::thaw(&s, &facts, a.device.as_deref()).await?;
+    emit(&r, json, |r| format!("{}\n", r.human()))?;
+    s.close().await;
+    Ok(())
+}
+
+async fn pull(a: cli::PullArgs, json: bool) -> Result<()> {
+    let ui = Ui { json, yes: false };
+    let s = connect(&a.conn).await?;
+    let facts = remote::gather(&s).await?;
+    let opts = transfer::pull::PullOptions {
+        output: a.output,
+        device: a.device,
+        live: a.live,
+        transfer: a.transfer.into(),
+    };
+    let r = transfer::pull::pull(&s, &facts, &opts, &ui).await?;
+    if r.device.starts_with("/dev/") {
+        record_boot(&s, &facts, &opts.output, &ui).await;
+    }
+    emit(&r, json, |r| r.human())?;
+    s.close().await;
+    Ok(())
+}
+
+async fn push(a: cli::PushArgs, json: bool) -> Result<()> {
+    let ui = Ui { json, yes: a.yes };
+    let s = connect(&a.conn).await?;
+    let facts = remote::gather(&s).await?;
+    let opts = transfer::push::PushOptions {
+        image: a.image,
+        device: a.device,
+        full: a.full,
+        frozen_boot_id: None,
+        transfer: a.transfer.into(),
+        base_image: None,
+    };
+    let r = transfer::push::push(&s, &facts, &opts, &ui).await?;
+    emit(&r, json, |r| r.human())?;
+    s.close().await;
+    Ok(())
+}
+
+async fn boot(a: cli::BootArgs, json: bool) -> Result<()> {
+    let ui = Ui { json, yes: false };
+    let dir = match a.dir {
+        Some(d) => d,
+        None => vm::boot::default_dir(&a.image)?,
+    };
+    let opts = vm::boot::BootOptions {
+        image: a.image,
+        memory: a.memory,
+        cpus: a.cpus,
+        dir,
+        ready_within: std::time::Duration::from_secs(a.wait),
+        like: a.like,
+        services: a.services,
+        network_open: a.network == cli::Network::Open,
+    };
+    vm::boot::boot(&opts, &ui).await
+}
+
+async fn upgrade(a: cli::UpgradeArgs, json: bool) -> Result<()> {
+    let ui = Ui { json, yes: a.yes };
+    let memory_mib = vm::cmdline::parse_memory(&a.memory)
+        .with_context(|| format!("--memory {}: expected a size such as 4G or 2048M", a.memory))?;
+    let req = pipeline::Request {
+        host: a.conn.host,
+        identity: a.conn.identity,
+        accept_new_host_key: a.conn.accept_new_host_key,
+        device: a.device,
+        to: a.to,
+        run: a.run,
+        memory_mib,
+        cpus: a.cpus.unwrap_or_else(default_cpus),
+        transfer: a.transfer.into(),
+        gc: a.gc,
+        network_open: a.network == cli::Network::Open,
+        allow_hosts: a.allow_host,
+    };
+    if a.dry_run {
+        let d = pipeline::dry_run(&req).await?;
+        return emit(&d, json, |d| d.human());
+    }
+    let r = pipeline::start(&req, &ui).await?;
+    print_report(&r, json)
+}
+
+fn runs(json: bool) -> Result<()> {
+    let runs = pipeline::list()?;
+    if json {
+        let v: Vec<_> = runs
+            .iter()
+            .map(|(p, j)| serde_json::json!({"run": p, "host": j.host, "state": j.where_it_stands(), "created_at": j.created_at}))
+            .collect();
+        print_json(&v)?;
+    } else if runs.is_empty() {
+        println!("no runs in {}", paths::runs_dir()?.display());
+    } else {
+        for (p, j) in runs {
+            println!("{}  {}  {}", p.display(), j.host, j.where_it_stands());
         }
     }
     Ok(())
@@ -301,19 +227,7 @@ fn default_cpus() -> u32 {
 }
 
 fn print_report(r: &pipeline::Report, json: bool) -> Result<()> {
-    if json {
-        print_json(r)
-    } else {
-        print!("{}", r.human());
-        Ok(())
-    }
-}
-
-fn mode_name(m: transfer::helper::Mode) -> &'static str {
-    match m {
-        transfer::helper::Mode::Helper => "helper",
-        _ => "dd",
-    }
+    emit(r, json, |r| r.human())
 }
 
 /// Asserts that SCRIPT parses as /bin/sh reads it (`sh -n`; dash here, as

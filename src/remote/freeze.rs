@@ -178,6 +178,27 @@ pub struct FreezeReport {
     pub boot_id: String,
 }
 
+impl FreezeReport {
+    /// What `drydock freeze` says, and the thaw that undoes it (HOST as the
+    /// user typed it).
+    pub fn human(&self, typed_host: &str) -> String {
+        format!(
+            "{} frozen: {} read-only ({}), {} unit(s) stopped, swap off: [{}]{}\n`drydock thaw {}` undoes it\n",
+            self.host,
+            self.device,
+            self.read_only.join(", "),
+            self.stopped.len(),
+            self.swap_off.join(", "),
+            if self.killed.is_empty() {
+                String::new()
+            } else {
+                format!(", stopped (addresses kept): {}", self.killed.join(", "))
+            },
+            typed_host
+        )
+    }
+}
+
 /// What `thaw` (or a freeze undoing itself) put back, and what it could not.
 #[derive(Debug, Default, Serialize)]
 pub struct ThawReport {

@@ -56,6 +56,31 @@ pub struct PullReport {
     pub helper_peak_rss_kib: Option<u64>,
 }
 
+impl PullReport {
+    pub fn human(&self) -> String {
+        format!(
+            "pulled {}:{} to {} ({} in {:.1}s, {} on the wire at {}/s{}); verified by {} on the host{}, digest {}\n",
+            self.host,
+            self.device,
+            self.image.display(),
+            human_bytes(self.size),
+            self.seconds,
+            human_bytes(self.bytes_received),
+            human_bytes((self.bytes_received as f64 / self.seconds.max(0.001)) as u64),
+            if self.resumed_at > 0 {
+                format!(", resumed at {}", human_bytes(self.resumed_at))
+            } else {
+                String::new()
+            },
+            self.hasher,
+            self.helper_peak_rss_kib
+                .map(|k| format!(" (helper peak memory {})", human_bytes(k * 1024)))
+                .unwrap_or_default(),
+            self.digest
+        )
+    }
+}
+
 /// The first line of `IMAGE.pull`: what is being pulled.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 struct PullHeader {

@@ -63,6 +63,30 @@ pub struct PushReport {
     pub helper_peak_rss_kib: Option<u64>,
 }
 
+impl PushReport {
+    pub fn human(&self) -> String {
+        format!(
+            "pushed {} to {}:{}: {} of {} blocks changed; {} written in {} ranges, {} on the wire, {:.1}s ({} mode{}); read back and verified\n",
+            self.image.display(),
+            self.host,
+            self.device,
+            self.blocks_written,
+            self.blocks_total,
+            human_bytes(self.bytes_written),
+            self.ranges,
+            human_bytes(self.bytes_on_wire),
+            self.seconds,
+            match self.transfer {
+                Mode::Helper => "helper",
+                _ => "dd",
+            },
+            self.helper_peak_rss_kib
+                .map(|k| format!(", helper peak memory {}", human_bytes(k * 1024)))
+                .unwrap_or_default()
+        )
+    }
+}
+
 /// A run of blocks [first, first + count).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Range {
