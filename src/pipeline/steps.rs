@@ -107,173 +107,191 @@ pub(super) async fn do_step(
     accept_new: bool,
 ) -> Result<()> {
     match step {
-        Step::Probe => {
-            let s = connect(j, accept_new).await?;
-            let Probed {
-                facts,
-                dev,
-                plan,
-                shape,
-                seal,
-                allowed,
-            } = probe(&s, j, dir, false).await?;
-            let boot = remote::bootfiles::fetch(&s, &facts.cmdline, &dir.join("boot")).await?;
-            ui.say(format!(
-                "worker VM sealed: boots {}'s kernel {} directly with only {} started; holds back {} unit(s): {}",
-                s.host(),
-                boot.release,
-                seal.wants.join(" "),
-                seal.held_back.len(),
-                seal.held_back.join(" ")
-            ));
-            if j.network_open {
-                ui.say(
-                    "warning: --network open: the worker VM reaches the internet, as the VPS does",
-                );
-            } else {
-                ui.say(format!(
-                    "worker VM network sealed; allowed hosts: {}",
-                    allowed.join(" ")
-                ));
-            }
-            j.seal = Some(seal);
-            j.allowed_hosts = allowed;
-            ui.say(format!(
-                "{}: {}, disk {} ({}); plan: {}",
-                s.host(),
-                facts.pretty_name(),
-                dev.path,
-                human_bytes(dev.size),
-                plan.description
-            ));
-            ui.say(format!("worker VM: {}", shape.describe()));
-            for n in &shape.notes {
-                ui.say(format!("note: {n}"));
-            }
-            j.shape = Some(shape);
-            j.os_before = Some(facts.pretty_name());
-            j.device = Some(dev.path);
-            s.close().await;
-        }
-        Step::Freeze => {
-            let s = connect(j, false).await?;
-            let facts = remote::gather(&s).await?;
-            let dev = device::inspect(&s, &facts, j.device.as_deref()).await?;
-            if dev.rw_mounts().is_empty()
-                && j.frozen_boot_id.as_deref() == Some(facts.boot_id.as_str())
-            {
-                ui.say("already frozen");
-            } else {
-                ui.confirm(&format!(
-                    "Freeze {}: stop its services and make {} read-only until the run ends?",
-                    s.host(),
-                    dev.path
-                ))?;
-                // Recorded before anything is stopped: a freeze that fails
-                // half-way (services stopped, some mounts read-only) must
-                // still be undone by `abort`, which keys on this boot id.
-                j.frozen_at = Some(transfer::now());
-                j.frozen_boot_id = Some(facts.boot_id.clone());
-                j.save(dir)?;
-                let r = match freeze::freeze(&s, &facts, Some(&dev.path)).await {
-                    Ok(r) => r,
-                    Err(e) => {
-                        // Refused: the freeze undid itself and nothing is
-                        // left changed, so abort has nothing to give back.
-                        if crate::errors::exit_code(&e) == crate::errors::EXIT_REFUSED {
-                            j.frozen_at = None;
-                            j.frozen_boot_id = None;
-                            j.save(dir)?;
-                        }
-                        return Err(e);
-                    }
-                };
-                ui.say(format!(
-                    "frozen: {} read-only, {} service(s) stopped",
-                    r.read_only.join(", "),
-                    r.stopped.len()
-                ));
-                j.frozen_boot_id = Some(r.boot_id);
-            }
-            s.close().await;
-        }
-        Step::Pull => {
-            let s = connect(j, false).await?;
-            let facts = remote::gather(&s).await?;
-            let r = pull::pull(
-                &s,
-                &facts,
-                &pull::PullOptions {
-                    output: dir.join("base.raw"),
-                    device: j.device.clone(),
-                    live: false,
-                    transfer: j.transfer,
-                },
-                ui,
-            )
-            .await?;
-            j.bytes_pulled += r.bytes_received;
-            j.pull_transfer = Some(r.transfer);
-            j.helper_peak_rss_kib = j.helper_peak_rss_kib.max(r.helper_peak_rss_kib);
-            s.close().await;
-        }
-        Step::Upgrade => upgrade_in_vm(dir, j, ui).await?,
-        Step::Push => {
-            let s = connect(j, false).await?;
-            let facts = remote::gather(&s).await?;
-            if j.frozen_boot_id.as_deref() != Some(facts.boot_id.as_str()) {
-                return Err(refused!(
-                    "{} rebooted since it was frozen, so its disk may have changed; drydock will not push. \
-                     `drydock abort {}` ends this run",
-                    s.host(),
-                    dir.display()
-                ));
-            }
-            let upgraded = dir.join("upgraded.raw");
-            let m = Manifest::path_for(&upgraded);
-            if !m.exists() {
-                std::fs::copy(Manifest::path_for(&dir.join("base.raw")), &m)?;
-            }
-            j.push_started = true;
-            j.save(dir)?;
-            let r = push::push(
-                &s,
-                &facts,
-                &push::PushOptions {
-                    image: upgraded,
-                    device: j.device.clone(),
-                    full: false,
-                    frozen_boot_id: j.frozen_boot_id.clone(),
-                    transfer: j.transfer,
-                    base_image: Some(dir.join("base.raw")),
-                },
-                ui,
-            )
-            .await?;
-            j.bytes_pushed += r.bytes_on_wire;
-            j.push_transfer = Some(r.transfer);
-            j.helper_peak_rss_kib = j.helper_peak_rss_kib.max(r.helper_peak_rss_kib);
-            s.close().await;
-        }
-        Step::Reboot => reboot_vps(j).await?,
-        Step::Check => {
-            let s = connect(j, false).await?;
-            let (id, ver, pretty) = guest::os_release(&s).await?;
-            if let Some(to) = &j.to {
-                let (want_id, want_ver) = recipes::parse_release(to)?;
-                if want_id != id || want_ver != ver {
-                    bail!(
-                        "{} came back running {pretty} ({id} {ver}), not {to}",
-                        s.host()
-                    );
+        Step::Probe => probe_step(dir, j, ui, accept_new).await,
+        Step::Freeze => freeze_step(dir, j, ui).await,
+        Step::Pull => pull_step(dir, j, ui).await,
+        Step::Upgrade => upgrade_in_vm(dir, j, ui).await,
+        Step::Push => push_step(dir, j, ui).await,
+        Step::Reboot => reboot_vps(j).await,
+        Step::Check => check_step(j, ui).await,
+    }
+}
+
+/// The probe step: the checks (`probe`), the VPS's kernel and initrd for
+/// the sealed first boot, and what the worker VM will be, recorded.
+async fn probe_step(dir: &Path, j: &mut Journal, ui: &Ui, accept_new: bool) -> Result<()> {
+    let s = connect(j, accept_new).await?;
+    let Probed {
+        facts,
+        dev,
+        plan,
+        shape,
+        seal,
+        allowed,
+    } = probe(&s, j, dir, false).await?;
+    let boot = remote::bootfiles::fetch(&s, &facts.cmdline, &dir.join("boot")).await?;
+    ui.say(format!(
+        "worker VM sealed: boots {}'s kernel {} directly with only {} started; holds back {} unit(s): {}",
+        s.host(),
+        boot.release,
+        seal.wants.join(" "),
+        seal.held_back.len(),
+        seal.held_back.join(" ")
+    ));
+    if j.network_open {
+        ui.say("warning: --network open: the worker VM reaches the internet, as the VPS does");
+    } else {
+        ui.say(format!(
+            "worker VM network sealed; allowed hosts: {}",
+            allowed.join(" ")
+        ));
+    }
+    j.seal = Some(seal);
+    j.allowed_hosts = allowed;
+    ui.say(format!(
+        "{}: {}, disk {} ({}); plan: {}",
+        s.host(),
+        facts.pretty_name(),
+        dev.path,
+        human_bytes(dev.size),
+        plan.description
+    ));
+    ui.say(format!("worker VM: {}", shape.describe()));
+    for n in &shape.notes {
+        ui.say(format!("note: {n}"));
+    }
+    j.shape = Some(shape);
+    j.os_before = Some(facts.pretty_name());
+    j.device = Some(dev.path);
+    s.close().await;
+    Ok(())
+}
+
+/// The freeze step, recorded before anything is stopped; a freeze that
+/// refused (and undid itself) is unrecorded again.
+async fn freeze_step(dir: &Path, j: &mut Journal, ui: &Ui) -> Result<()> {
+    let s = connect(j, false).await?;
+    let facts = remote::gather(&s).await?;
+    let dev = device::inspect(&s, &facts, j.device.as_deref()).await?;
+    if dev.rw_mounts().is_empty() && j.frozen_boot_id.as_deref() == Some(facts.boot_id.as_str()) {
+        ui.say("already frozen");
+    } else {
+        ui.confirm(&format!(
+            "Freeze {}: stop its services and make {} read-only until the run ends?",
+            s.host(),
+            dev.path
+        ))?;
+        // Recorded before anything is stopped: a freeze that fails
+        // half-way (services stopped, some mounts read-only) must
+        // still be undone by `abort`, which keys on this boot id.
+        j.frozen_at = Some(transfer::now());
+        j.frozen_boot_id = Some(facts.boot_id.clone());
+        j.save(dir)?;
+        let r = match freeze::freeze(&s, &facts, Some(&dev.path)).await {
+            Ok(r) => r,
+            Err(e) => {
+                // Refused: the freeze undid itself and nothing is
+                // left changed, so abort has nothing to give back.
+                if crate::errors::exit_code(&e) == crate::errors::EXIT_REFUSED {
+                    j.frozen_at = None;
+                    j.frozen_boot_id = None;
+                    j.save(dir)?;
                 }
+                return Err(e);
             }
-            ui.say(format!("{} is back, running {pretty}", s.host()));
-            j.os_after = Some(pretty);
-            j.back_at = Some(transfer::now());
-            s.close().await;
+        };
+        ui.say(format!(
+            "frozen: {} read-only, {} service(s) stopped",
+            r.read_only.join(", "),
+            r.stopped.len()
+        ));
+        j.frozen_boot_id = Some(r.boot_id);
+    }
+    s.close().await;
+    Ok(())
+}
+
+/// The pull of the frozen disk into the run's base image.
+async fn pull_step(dir: &Path, j: &mut Journal, ui: &Ui) -> Result<()> {
+    let s = connect(j, false).await?;
+    let facts = remote::gather(&s).await?;
+    let r = pull::pull(
+        &s,
+        &facts,
+        &pull::PullOptions {
+            output: dir.join("base.raw"),
+            device: j.device.clone(),
+            live: false,
+            transfer: j.transfer,
+        },
+        ui,
+    )
+    .await?;
+    j.bytes_pulled += r.bytes_received;
+    j.pull_transfer = Some(r.transfer);
+    j.helper_peak_rss_kib = j.helper_peak_rss_kib.max(r.helper_peak_rss_kib);
+    s.close().await;
+    Ok(())
+}
+
+/// The push of the upgraded image, refused if the VPS rebooted since the
+/// freeze (its disk may have changed).
+async fn push_step(dir: &Path, j: &mut Journal, ui: &Ui) -> Result<()> {
+    let s = connect(j, false).await?;
+    let facts = remote::gather(&s).await?;
+    if j.frozen_boot_id.as_deref() != Some(facts.boot_id.as_str()) {
+        return Err(refused!(
+            "{} rebooted since it was frozen, so its disk may have changed; drydock will not push. \
+             `drydock abort {}` ends this run",
+            s.host(),
+            dir.display()
+        ));
+    }
+    let upgraded = dir.join("upgraded.raw");
+    let m = Manifest::path_for(&upgraded);
+    if !m.exists() {
+        std::fs::copy(Manifest::path_for(&dir.join("base.raw")), &m)?;
+    }
+    j.push_started = true;
+    j.save(dir)?;
+    let r = push::push(
+        &s,
+        &facts,
+        &push::PushOptions {
+            image: upgraded,
+            device: j.device.clone(),
+            full: false,
+            frozen_boot_id: j.frozen_boot_id.clone(),
+            transfer: j.transfer,
+            base_image: Some(dir.join("base.raw")),
+        },
+        ui,
+    )
+    .await?;
+    j.bytes_pushed += r.bytes_on_wire;
+    j.push_transfer = Some(r.transfer);
+    j.helper_peak_rss_kib = j.helper_peak_rss_kib.max(r.helper_peak_rss_kib);
+    s.close().await;
+    Ok(())
+}
+
+/// The VPS is back, on the release asked for.
+async fn check_step(j: &mut Journal, ui: &Ui) -> Result<()> {
+    let s = connect(j, false).await?;
+    let (id, ver, pretty) = guest::os_release(&s).await?;
+    if let Some(to) = &j.to {
+        let (want_id, want_ver) = recipes::parse_release(to)?;
+        if want_id != id || want_ver != ver {
+            bail!(
+                "{} came back running {pretty} ({id} {ver}), not {to}",
+                s.host()
+            );
         }
     }
+    ui.say(format!("{} is back, running {pretty}", s.host()));
+    j.os_after = Some(pretty);
+    j.back_at = Some(transfer::now());
+    s.close().await;
     Ok(())
 }
 

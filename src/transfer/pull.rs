@@ -488,7 +488,6 @@ pub async fn pull(
     res
 }
 
-#[allow(clippy::too_many_lines)]
 async fn pull_with(
     session: &Session,
     facts: &Facts,
