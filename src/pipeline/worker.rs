@@ -3,17 +3,19 @@
 //! checked, powered off, and its disk made the image to push. See
 //! `vm::seal` for why it is sealed the way it is.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
 
 use super::journal::Journal;
 use super::{guest, plan_of};
-use crate::recipes;
+use crate::recipes::{self, Plan};
 use crate::remote;
 use crate::ssh::Session;
 use crate::ui::Ui;
+use crate::vm::seal::Seal;
+use crate::vm::shape::Shape;
 use crate::vm::{self, Accel, Vm, VmSpec, cmdline};
 
 /// Start the worker VM and log in to it: QEMU up, its sshd answering
@@ -39,6 +41,88 @@ pub(super) async fn start_worker(
     );
     let s = guest::connect_retry(&t, &o, Duration::from_secs(120)).await?;
     Ok((vm, s))
+}
+
+/// What both boots of a run's worker VM share: the overlay, the VPS's
+/// shape, the sealed network (proxy and captures), and what the network
+/// refused so far.
+struct Worker<'a> {
+    dir: &'a Path,
+    overlay: PathBuf,
+    shape: Shape,
+    efi: Option<(PathBuf, PathBuf)>,
+    /// The boot parity report, ending every "did not come up" error.
+    parity: String,
+    accel: Accel,
+    memory_mib: u64,
+    cpus: u32,
+    identity: Option<PathBuf>,
+    /// run.log: the commands' output and the network's refusals.
+    log: PathBuf,
+    proxy_ip: std::net::Ipv4Addr,
+    /// The allow-listing proxy; none with `--network open`.
+    proxy: Option<vm::proxy::Proxy>,
+    /// drydock itself, which QEMU runs as the relay to the proxy.
+    exe: PathBuf,
+    refused: Vec<String>,
+}
+
+impl Worker<'_> {
+    /// The network seal of one boot: its capture file, and the forward to
+    /// the proxy when the boot needs the package sources.
+    fn net_seal(&self, pcap: &str, with_proxy: bool) -> Option<cmdline::NetSeal> {
+        self.proxy.as_ref().map(|p| cmdline::NetSeal {
+            proxy: with_proxy.then(|| {
+                (
+                    self.proxy_ip,
+                    format!(
+                        "{} __relay {}",
+                        crate::ssh::shell_quote(&self.exe.to_string_lossy()),
+                        crate::ssh::shell_quote(&p.socket.to_string_lossy())
+                    ),
+                )
+            }),
+            pcap: self.dir.join(pcap),
+        })
+    }
+
+    fn spec(
+        &self,
+        direct: Option<cmdline::DirectBoot>,
+        sealed: Option<cmdline::NetSeal>,
+    ) -> Result<VmSpec> {
+        Ok(VmSpec {
+            disk: self.overlay.clone(),
+            disk_format: "qcow2".into(),
+            memory_mib: self.memory_mib,
+            cpus: self.cpus,
+            accel: self.accel,
+            ssh_port: std::net::TcpListener::bind("127.0.0.1:0")?
+                .local_addr()?
+                .port(),
+            qmp_socket: self.dir.join("qmp.sock"),
+            serial_log: self.dir.join("serial.log"),
+            shape: self.shape.clone(),
+            efi: self.efi.clone(),
+            direct,
+            sealed,
+        })
+    }
+
+    /// The refusals in a boot's capture, written to run.log and kept.
+    fn note_refused(&mut self, pcap: &str) -> Result<()> {
+        let mut f = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log)?;
+        let allowed = (self.proxy_ip, vm::proxy::GUEST_PORT);
+        for r in vm::pcap::take(&self.dir.join(pcap), allowed) {
+            use std::io::Write;
+            writeln!(f, "network: refused {} ({} packet(s))", r.what, r.packets)?;
+            self.refused.push(r.what);
+        }
+        Ok(())
+    }
 }
 
 /// The worker VM: a fresh overlay on the base image, the plan run inside
@@ -91,63 +175,63 @@ pub(super) async fn upgrade_in_vm(dir: &Path, j: &mut Journal, ui: &Ui) -> Resul
     };
     let exe = std::env::current_exe()
         .context("cannot find drydock's own executable for the proxy relay")?;
-    let net_seal = |pcap: &str, with_proxy: bool| -> Option<cmdline::NetSeal> {
-        proxy.as_ref().map(|p| cmdline::NetSeal {
-            proxy: with_proxy.then(|| {
-                (
-                    proxy_ip,
-                    format!(
-                        "{} __relay {}",
-                        crate::ssh::shell_quote(&exe.to_string_lossy()),
-                        crate::ssh::shell_quote(&p.socket.to_string_lossy())
-                    ),
-                )
-            }),
-            pcap: dir.join(pcap),
-        })
+    let mut w = Worker {
+        dir,
+        overlay,
+        shape,
+        efi,
+        parity,
+        accel,
+        memory_mib: j.memory_mib,
+        cpus: j.cpus,
+        identity: j.identity.clone(),
+        log,
+        proxy_ip,
+        proxy,
+        exe,
+        refused: Vec::new(),
     };
-    let spec_for =
-        |direct: Option<cmdline::DirectBoot>, sealed: Option<cmdline::NetSeal>| -> Result<VmSpec> {
-            Ok(VmSpec {
-                disk: overlay.clone(),
-                disk_format: "qcow2".into(),
-                memory_mib: j.memory_mib,
-                cpus: j.cpus,
-                accel,
-                ssh_port: std::net::TcpListener::bind("127.0.0.1:0")?
-                    .local_addr()?
-                    .port(),
-                qmp_socket: dir.join("qmp.sock"),
-                serial_log: dir.join("serial.log"),
-                shape: shape.clone(),
-                efi: efi.clone(),
-                direct,
-                sealed,
-            })
-        };
-    let allowed_pkt = (proxy_ip, vm::proxy::GUEST_PORT);
-    let mut refused: Vec<String> = Vec::new();
-    let note_refused = |pcap: &Path, refused: &mut Vec<String>| -> Result<()> {
-        let mut f = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&log)?;
-        for r in vm::pcap::take(pcap, allowed_pkt) {
-            use std::io::Write;
-            writeln!(f, "network: refused {} ({} packet(s))", r.what, r.packets)?;
-            refused.push(r.what);
-        }
-        Ok(())
-    };
+    let (plan, held, made_dir) = first_boot(&mut w, &seal, &boot, j, ui).await?;
+    verify_boot(&mut w, &seal, &plan, &held, made_dir, ui).await?;
+    if let Some(p) = &w.proxy {
+        w.refused.extend(p.refused());
+    }
+    drop(w.proxy.take());
+    j.held_back = held;
+    j.refused = std::mem::take(&mut w.refused);
+    if !j.refused.is_empty() {
+        ui.say(format!(
+            "the sealed worker VM was refused {} destination(s), listed in {}",
+            j.refused.len(),
+            w.log.display()
+        ));
+    }
+    // What the guest wrote, as the overlay's allocated clusters (kept for
+    // scripts/bench, which compares it with the blocks that differ).
+    if let Ok(map) = vm::image::map_json(&w.overlay).await {
+        let _ = crate::image::manifest::write_atomic(&dir.join("overlay.json"), &map);
+    }
+    vm::image::convert_to_raw(&w.overlay, &dir.join("upgraded.raw")).await
+}
 
-    // 1. The sealed first boot, and the upgrade.
+/// The first of the two boots: sealed, the VPS's kernel booted directly,
+/// the plan run in it, the verify reboot's seal written, powered off.
+/// Returns the plan, the units held back (those the upgrade enabled
+/// included), and whether the seal made /etc/systemd/system.control.
+async fn first_boot(
+    w: &mut Worker<'_>,
+    seal: &Seal,
+    boot: &remote::bootfiles::BootFiles,
+    j: &Journal,
+    ui: &Ui,
+) -> Result<(Plan, Vec<String>, bool)> {
     let direct = cmdline::DirectBoot {
         kernel: boot.kernel.clone(),
         initrd: boot.initrd.clone(),
         append: seal.kernel_cmdline(&boot.cmdline)?,
     };
-    let spec = spec_for(Some(direct), net_seal("net1.pcap", true))?;
-    let (vm, s) = start_worker(dir, j.identity.as_deref(), spec, "", &parity).await?;
+    let spec = w.spec(Some(direct), w.net_seal("net1.pcap", true))?;
+    let (vm, s) = start_worker(w.dir, w.identity.as_deref(), spec, "", &w.parity).await?;
     let said = seal_step(
         &s,
         "holding the VPS's units back in the worker VM",
@@ -167,10 +251,10 @@ pub(super) async fn upgrade_in_vm(dir: &Path, j: &mut Journal, ui: &Ui) -> Resul
     ui.say(format!(
         "worker VM up ({pretty}), sealed; {}; output in {}",
         plan.description,
-        log.display()
+        w.log.display()
     ));
-    let env = if proxy.is_some() {
-        let u = format!("http://{proxy_ip}:{}/", vm::proxy::GUEST_PORT);
+    let env = if w.proxy.is_some() {
+        let u = format!("http://{}:{}/", w.proxy_ip, vm::proxy::GUEST_PORT);
         format!(
             "export http_proxy={u} https_proxy={u} HTTP_PROXY={u} HTTPS_PROXY={u} no_proxy=localhost,127.0.0.1; "
         )
@@ -178,7 +262,7 @@ pub(super) async fn upgrade_in_vm(dir: &Path, j: &mut Journal, ui: &Ui) -> Resul
         String::new()
     };
     for cmd in &plan.commands {
-        guest::run_logged_as(&s, &format!("{env}{cmd}"), cmd, &log).await?;
+        guest::run_logged_as(&s, &format!("{env}{cmd}"), cmd, &w.log).await?;
     }
     let enabled = seal_step(
         &s,
@@ -207,16 +291,29 @@ pub(super) async fn upgrade_in_vm(dir: &Path, j: &mut Journal, ui: &Ui) -> Resul
     let made_dir = said.lines().any(|l| l.starts_with("made "));
     ui.say("powering the worker VM off, to boot it again through the VPS's own boot loader");
     power_off(s, vm).await?;
-    note_refused(&dir.join("net1.pcap"), &mut refused)?;
+    w.note_refused("net1.pcap")?;
+    Ok((plan, held, made_dir))
+}
 
-    // 2. The verify boot: firmware, the VPS's boot loader, the new kernel.
-    let spec = spec_for(None, net_seal("net2.pcap", false))?;
+/// The second boot, to verify: firmware, the VPS's boot loader, the new
+/// kernel. It must come back on the expected release with no held-back
+/// unit running; then the seal is removed (and checked gone) and it is
+/// powered off.
+async fn verify_boot(
+    w: &mut Worker<'_>,
+    seal: &Seal,
+    plan: &Plan,
+    held: &[String],
+    made_dir: bool,
+    ui: &Ui,
+) -> Result<()> {
+    let spec = w.spec(None, w.net_seal("net2.pcap", false))?;
     let (vm, s) = start_worker(
-        dir,
-        j.identity.as_deref(),
+        w.dir,
+        w.identity.as_deref(),
         spec,
         "the upgraded disk did not come back through its own boot loader: ",
-        &parity,
+        &w.parity,
     )
     .await?;
     let (id2, ver2, pretty2) = guest::os_release(&s).await?;
@@ -227,7 +324,7 @@ pub(super) async fn upgrade_in_vm(dir: &Path, j: &mut Journal, ui: &Ui) -> Resul
             "the worker VM came back running {pretty2} ({id2} {ver2}), not {want_id} {want_ver}; nothing was pushed"
         );
     }
-    let running = s.exec(&seal.running_script(&held)).await?.stdout_str();
+    let running = s.exec(&seal.running_script(held)).await?.stdout_str();
     if !running.trim().is_empty() {
         bail!(
             "held-back units ran in the worker VM's verify boot: {}; nothing was pushed",
@@ -235,12 +332,12 @@ pub(super) async fn upgrade_in_vm(dir: &Path, j: &mut Journal, ui: &Ui) -> Resul
         );
     }
     for cmd in &plan.after_reboot {
-        guest::run_logged(&s, cmd, &log).await?;
+        guest::run_logged(&s, cmd, &w.log).await?;
     }
     seal_step(
         &s,
         "removing the verify reboot's seal",
-        &seal.disk_unseal_script(&held, made_dir),
+        &seal.disk_unseal_script(held, made_dir),
     )
     .await?;
     ui.say(format!(
@@ -248,26 +345,8 @@ pub(super) async fn upgrade_in_vm(dir: &Path, j: &mut Journal, ui: &Ui) -> Resul
         held.len()
     ));
     power_off(s, vm).await?;
-    note_refused(&dir.join("net2.pcap"), &mut refused)?;
-    if let Some(p) = &proxy {
-        refused.extend(p.refused());
-    }
-    drop(proxy);
-    j.held_back = held;
-    j.refused = refused;
-    if !j.refused.is_empty() {
-        ui.say(format!(
-            "the sealed worker VM was refused {} destination(s), listed in {}",
-            j.refused.len(),
-            log.display()
-        ));
-    }
-    // What the guest wrote, as the overlay's allocated clusters (kept for
-    // scripts/bench, which compares it with the blocks that differ).
-    if let Ok(map) = vm::image::map_json(&overlay).await {
-        let _ = crate::image::manifest::write_atomic(&dir.join("overlay.json"), &map);
-    }
-    vm::image::convert_to_raw(&overlay, &dir.join("upgraded.raw")).await
+    w.note_refused("net2.pcap")?;
+    Ok(())
 }
 
 /// One of the seal's scripts in the worker VM, with a deadline: a guest
