@@ -184,6 +184,65 @@ fn disk_bus(name: &str, sysfs_path: Option<&str>) -> (DiskBus, Option<String>) {
     )
 }
 
+/// The VPS's NIC named `dev`, as the worker VM reproduces it.
+fn nic_of(f: &Facts, dev: String, gateway: Option<Ipv4Addr>) -> Nic {
+    let ip = link_ipv4(&f.addrs, &dev);
+    let dns = f.dns.iter().find_map(|d| d.parse::<Ipv4Addr>().ok());
+    Nic {
+        mac: f
+            .interfaces()
+            .into_iter()
+            .find(|(n, _)| *n == dev)
+            .and_then(|(_, mac)| mac),
+        pci_slot: f
+            .sysfs
+            .iter()
+            .find(|(k, n, _)| k == "net" && *n == dev)
+            .and_then(|(_, _, p)| bus0_slot(p)),
+        address: ip.map(|x| x.0),
+        prefix: ip.map(|x| x.1),
+        gateway,
+        dns,
+        name: dev,
+    }
+}
+
+/// The NIC of a VPS with no IPv4 default route: the device of its IPv6
+/// default route, else its one physical NIC (not under
+/// /sys/devices/virtual: docker0, bridges, veths). Err: the note saying
+/// why none could be told.
+fn nic_without_ipv4_route(f: &Facts) -> Result<String, String> {
+    let v6 = f.routes.iter().find_map(|l| {
+        let w: Vec<&str> = l.split_whitespace().collect();
+        let via = w
+            .iter()
+            .position(|x| *x == "via")
+            .and_then(|i| w.get(i + 1))?;
+        let dev = w
+            .iter()
+            .position(|x| *x == "dev")
+            .and_then(|i| w.get(i + 1))?;
+        (w.first() == Some(&"default") && via.contains(':')).then(|| dev.to_string())
+    });
+    if let Some(dev) = v6 {
+        return Ok(dev);
+    }
+    let physical: Vec<&str> = f
+        .sysfs
+        .iter()
+        .filter(|(k, _, p)| k == "net" && !p.contains("/virtual/"))
+        .map(|(_, n, _)| n.as_str())
+        .collect();
+    match physical.as_slice() {
+        [one] => Ok(one.to_string()),
+        [] => Err("the VPS has no IPv4 default route: the worker VM keeps QEMU's default network (10.0.2.0/24, DHCP)".into()),
+        many => Err(format!(
+            "the VPS has no default route to tell its NIC by ({}): the worker VM gets QEMU's default NIC and network (10.0.2.0/24, DHCP)",
+            many.join(" ")
+        )),
+    }
+}
+
 impl Shape {
     /// The shape of the VPS whose disk is /dev/`disk_name`.
     pub fn from_facts(f: &Facts, disk_name: &str) -> Shape {
@@ -202,31 +261,18 @@ impl Shape {
         );
         notes.extend(note);
         let nic = match default_route(&f.routes) {
-            None => {
-                notes.push("the VPS has no IPv4 default route: the worker VM keeps QEMU's default network (10.0.2.0/24, DHCP)".into());
-                None
-            }
-            Some((gateway, dev)) => {
-                let ip = link_ipv4(&f.addrs, &dev);
-                let dns = f.dns.iter().find_map(|d| d.parse::<Ipv4Addr>().ok());
-                Some(Nic {
-                    mac: f
-                        .interfaces()
-                        .into_iter()
-                        .find(|(n, _)| *n == dev)
-                        .and_then(|(_, mac)| mac),
-                    pci_slot: f
-                        .sysfs
-                        .iter()
-                        .find(|(k, n, _)| k == "net" && *n == dev)
-                        .and_then(|(_, _, p)| bus0_slot(p)),
-                    address: ip.map(|x| x.0),
-                    prefix: ip.map(|x| x.1),
-                    gateway,
-                    dns,
-                    name: dev,
-                })
-            }
+            Some((gateway, dev)) => Some(nic_of(f, dev, gateway)),
+            // No IPv4 default route (an IPv6-only VPS): the NIC keeps its
+            // MAC and slot, which the guest's network configuration may
+            // match on (netplan and cloud-init do), on QEMU's default
+            // network; user_net says so.
+            None => match nic_without_ipv4_route(f) {
+                Ok(dev) => Some(nic_of(f, dev, None)),
+                Err(note) => {
+                    notes.push(note);
+                    None
+                }
+            },
         };
         let mut s = Shape {
             firmware,
@@ -417,6 +463,57 @@ block sda /sys/devices/pci0000:00/0000:00:02.5/0000:06:00.0/virtio5/host0/target
                 .starts_with("eth0 has 95.217.1.2/32 with gateway 172.31.1.1 outside that subnet"),
             "{}",
             s.notes[0]
+        );
+    }
+
+    /// An IPv6-only VPS (no IPv4 default route), netplan matching its NIC by
+    /// MAC as cloud images do: the worker VM keeps the NIC's MAC and slot,
+    /// on QEMU's default network. Without the MAC the guest's network does
+    /// not come up and its SSH never answers (the cloud zoo fixture, booted
+    /// with no IPv4 router, showed it).
+    #[test]
+    fn without_an_ipv4_default_route_the_nic_keeps_its_mac() {
+        let v6_only = STATIC
+            .replace("default via 198.51.100.1 dev enp0s1 proto static \n", "")
+            .replace(
+                "2: enp0s1    inet 198.51.100.45/24 brd 198.51.100.255 scope global enp0s1\\       valid_lft forever preferred_lft forever\n",
+                "",
+            );
+        let s = Shape::from_facts(&facts(&v6_only), "vda");
+        let n = s.nic.clone().expect("no NIC");
+        assert_eq!(n.name, "enp0s1");
+        assert_eq!(n.mac.as_deref(), Some("52:54:00:d7:d0:c4"));
+        assert_eq!(n.pci_slot.as_deref(), Some("01.0"));
+        assert!(s.user_net().0.is_none());
+        assert_eq!(
+            s.notes,
+            vec!["enp0s1 has no IPv4 address with a gateway: the worker VM keeps QEMU's default network (10.0.2.0/24, DHCP)".to_string()]
+        );
+        // No default route at all (an address, no router): the one NIC.
+        let no_route = v6_only.replace(
+            "default via fe80::2 dev enp0s1 proto ra metric 1024 expires 1740sec pref medium\n",
+            "",
+        );
+        let s = Shape::from_facts(&facts(&no_route), "vda");
+        assert_eq!(
+            s.nic.as_ref().and_then(|n| n.mac.as_deref()),
+            Some("52:54:00:d7:d0:c4")
+        );
+        // Two NICs and no route to tell them apart: neither, and said.
+        let two = no_route
+            .replace(
+                "@@ addrs",
+                "3: enp0s2: <BROADCAST,MULTICAST,UP,LOWER_UP> mtu 1500 qdisc fq_codel state UP mode DEFAULT group default qlen 1000\\    link/ether 52:54:00:00:00:02 brd ff:ff:ff:ff:ff:ff\n@@ addrs",
+            )
+            .replace(
+                "net lo /sys",
+                "net enp0s2 /sys/devices/pci0000:00/0000:00:04.0/virtio3/net/enp0s2\nnet lo /sys",
+            );
+        let s = Shape::from_facts(&facts(&two), "vda");
+        assert_eq!(s.nic, None);
+        assert_eq!(
+            s.notes,
+            vec!["the VPS has no default route to tell its NIC by (enp0s1 enp0s2): the worker VM gets QEMU's default NIC and network (10.0.2.0/24, DHCP)".to_string()]
         );
     }
 
