@@ -224,10 +224,8 @@ async fn drive(dir: &Path, mut j: Journal, ui: &Ui, accept_new: bool) -> Result<
         let t0 = Instant::now();
         let res = tokio::select! {
             r = do_step(step, dir, &mut j, ui, accept_new) => r,
-            _ = tokio::signal::ctrl_c() => Err(Interrupted(format!(
-                "interrupted during {}; the VPS is left as the journal says: run `drydock resume {}` to go on, or `drydock abort {}` to give it back",
-                step.name(), dir.display(), dir.display()
-            )).into()),
+            // The context below names the run, resume and abort once.
+            _ = tokio::signal::ctrl_c() => Err(Interrupted("interrupted (Ctrl-C)".into()).into()),
         };
         if step == Step::Probe
             && let Err(e) = res
