@@ -4,6 +4,11 @@ use std::process::ExitCode;
 use clap::Parser;
 
 fn main() -> ExitCode {
+    // Everything drydock writes (images, overlays, manifests, journals,
+    // logs, QEMU's serial log and captures) holds a server's disk or what
+    // it printed, its secrets with it: readable by its owner only. QEMU
+    // and qemu-img inherit it.
+    rustix::process::umask(rustix::fs::Mode::from_raw_mode(0o077));
     let cli = drydock::cli::Cli::parse();
     let filter = match cli.verbose {
         0 => "warn,russh=off,drydock=info",

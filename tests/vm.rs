@@ -153,6 +153,8 @@ fn a_guest_that_never_answers_is_reported_with_its_serial_console() {
         std::fs::read_dir(dir)
     );
     assert!(!qemu_running_in(dir), "QEMU outlived drydock boot");
+    // The overlay and the logs of a copy of a server are its owner's only.
+    assert_eq!(readable_by_others(dir), Vec::<String>::new());
 }
 
 /// The fixture booted as "the VPS" (1 GB RAM, one CPU, SSH on a loopback
@@ -550,6 +552,12 @@ fn upgrade_killed_mid_upgrade_resumes_sealed_and_the_vps_comes_back_changed() {
     );
     assert_phone_refused(&r, port);
     let run = r["run"].as_str().unwrap();
+    // Every file of the run (images, overlay, logs, journal) is its
+    // owner's only.
+    assert_eq!(
+        readable_by_others(std::path::Path::new(run)),
+        Vec::<String>::new()
+    );
     let log = std::fs::read_to_string(std::path::Path::new(run).join("run.log")).unwrap();
     assert!(
         log.contains(&format!("network: refused tcp 10.0.2.2:{port}")),

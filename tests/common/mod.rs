@@ -301,3 +301,27 @@ pub fn assert_stderr(o: &Output, text: impl AsRef<str>) {
 pub fn json(o: &Output) -> serde_json::Value {
     serde_json::from_slice(&o.stdout).unwrap_or_else(|e| panic!("not JSON ({e}): {}", stdout(o)))
 }
+
+/// The files and folders under `root` (and `root` itself) that others
+/// than their owner may read: a disk image, its overlay and the logs of a
+/// run hold the server's secrets (host keys, TLS keys, passwords).
+pub fn readable_by_others(root: &Path) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut todo = vec![root.to_path_buf()];
+    while let Some(p) = todo.pop() {
+        let Ok(m) = std::fs::symlink_metadata(&p) else {
+            continue;
+        };
+        if m.file_type().is_symlink() {
+            continue;
+        }
+        if m.mode() & 0o077 != 0 {
+            out.push(format!("{} {:o}", p.display(), m.mode() & 0o777));
+        }
+        if m.is_dir() {
+            todo.extend(std::fs::read_dir(&p).unwrap().map(|e| e.unwrap().path()));
+        }
+    }
+    out.sort();
+    out
+}
