@@ -70,6 +70,13 @@ APP
     # which answers nothing until the next boot starts it.
     install cloud-init netplan.io systemd-resolved
     rm -f /etc/systemd/network/50-dhcp.network
+    # No ifupdown, as in Debian's cloud images: with it installed,
+    # cloud-init renders the seed's network into
+    # /etc/network/interfaces.d (its ENI renderer comes first) instead
+    # of netplan, and the first run of this fixture did so.
+    { apt-get -y -q purge ifupdown && apt-get -y -q autoremove --purge; } > $log 2>&1 \
+      || { tail -20 $log >&2; echo "inplace: purging ifupdown failed" >&2; exit 1; }
+    rm -f /etc/network/interfaces.d/50-cloud-init
     mkdir -p /var/lib/cloud/seed/nocloud
     printf 'instance-id: drydock-zoo-cloud\nlocal-hostname: drydock-vps\n' > /var/lib/cloud/seed/nocloud/meta-data
     printf '#cloud-config\ndisable_root: false\nssh_deletekeys: false\napt:\n  preserve_sources_list: true\n' > /var/lib/cloud/seed/nocloud/user-data
