@@ -230,7 +230,7 @@ pub struct UpgradeArgs {
     pub dry_run: bool,
     /// NixOS: once the new generation has booted in the worker VM,
     /// delete the old generations (and their boot entries) before the push.
-    #[arg(long, requires = "to")]
+    #[arg(long, requires = "to", conflicts_with = "run")]
     pub gc: bool,
     /// The worker VM's network: sealed (only the VPS's package sources,
     /// through drydock's proxy) or open (the internet).

@@ -1389,6 +1389,31 @@ fn dry_run(
 /// read-only checks and prints the plan with its commands; it changes
 /// nothing and keeps no run. A target that is not newer is refused the same
 /// way as without --dry-run.
+/// `--gc` deletes NixOS generations after a release upgrade; with `--run`
+/// there is none, and clap dropped `--gc`'s requirement of `--to` when
+/// the conflicting `--run` was given: the dry run went on and ignored it.
+/// A usage error now (exit 2), before any connection.
+#[test]
+fn gc_with_run_is_a_usage_error() {
+    let o = Command::new(env!("CARGO_BIN_EXE_drydock"))
+        .args([
+            "upgrade",
+            "root@127.0.0.1:1",
+            "--gc",
+            "--run",
+            "true",
+            "--dry-run",
+        ])
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    assert_exit(&o, 2);
+    assert_stderr(
+        &o,
+        "the argument '--gc' cannot be used with '--run <COMMAND>'",
+    );
+}
+
 #[test]
 fn upgrade_dry_run_prints_the_plan_and_changes_nothing() {
     let os = std::fs::read_to_string("/etc/os-release").unwrap();
