@@ -986,6 +986,29 @@ fn ctrl_c_leaves_a_resumable_pull() {
     assert_eq!(sha256_file(&img), sha256_file(&dev));
 }
 
+/// A 0-byte device once pulled "successfully", "verified by  on the
+/// host": it is refused, and no image is made.
+#[test]
+fn an_empty_device_is_refused() {
+    let sshd = Sshd::start();
+    let t = tempdir();
+    let dev = t.path().join("empty disk");
+    std::fs::File::create(&dev).unwrap();
+    let img = t.path().join("i");
+    let o = pull(&sshd, &dev, &img);
+    assert_exit(&o, 3);
+    assert_stderr(
+        &o,
+        format!(
+            "{} on {} is empty (0 bytes), not a disk; name the disk with --device (`drydock probe {}` shows the one that holds /)",
+            dev.display(),
+            sshd.host(),
+            sshd.host()
+        ),
+    );
+    assert!(!img.exists(), "an image was made");
+}
+
 #[test]
 fn a_device_that_is_not_a_disk_is_refused() {
     let sshd = Sshd::start();

@@ -88,6 +88,20 @@ pub fn parse_inspection(
     facts: &Facts,
     session: &Session,
 ) -> Result<Device> {
+    let dev = inspected(out, path, facts, session)?;
+    if dev.size == 0 {
+        return Err(refused!(
+            "{} on {} is empty (0 bytes), not a disk; name the disk with \
+             --device (`drydock probe {}` shows the one that holds /)",
+            dev.path,
+            session.host(),
+            session.target.typed_arg()
+        ));
+    }
+    Ok(dev)
+}
+
+fn inspected(out: &str, path: String, facts: &Facts, session: &Session) -> Result<Device> {
     let mut lines = out.lines();
     match lines.next() {
         Some("block") => {
