@@ -221,6 +221,8 @@ struct Sink {
     /// Blocks verified, durable or not yet.
     verified_upto: u64,
     pending: Vec<Verified>,
+    /// When the verified segments were last made durable.
+    flushed_at: std::time::Instant,
     end_block: u64,
 }
 
@@ -263,7 +265,7 @@ impl Sink {
             segment,
             blocks,
         });
-        if self.pending.len() >= FLUSH_SEGMENTS {
+        if self.pending.len() >= FLUSH_SEGMENTS || self.flushed_at.elapsed() >= FLUSH_EVERY {
             self.flush()?;
         }
         Ok(())
@@ -286,6 +288,7 @@ impl Sink {
         self.state.sync_data()?;
         self.verified_blocks
             .store(self.verified_upto, Ordering::Relaxed);
+        self.flushed_at = std::time::Instant::now();
         Ok(())
     }
 }
@@ -444,6 +447,11 @@ fn start_writeback(image: &File, offset: u64, len: u64) {
 /// Verified segments are made durable in batches of this many (1 GiB):
 /// an fsync per 16 MiB segment would cost more than the hashing.
 const FLUSH_SEGMENTS: usize = 64;
+/// ... or once this long has passed since the last batch, whichever comes
+/// first: a pull killed with SIGKILL (which cannot flush) loses at most
+/// this much of its work, whatever the disk's size. With only the count,
+/// a disk under 1 GiB kept nothing.
+const FLUSH_EVERY: std::time::Duration = std::time::Duration::from_secs(1);
 
 pub async fn pull(
     session: &Session,
@@ -617,6 +625,7 @@ async fn pull_with(
             verified_blocks: verified.clone(),
             verified_upto: start_block,
             pending: Vec::new(),
+            flushed_at: std::time::Instant::now(),
             end_block,
         };
         let (mut feed, command, input) = match &staged {
