@@ -972,23 +972,7 @@ fn a_pull_killed_with_sigkill_resumes_from_what_was_durable() {
     let img = t.path().join("image");
     let size = big_disk(&dev);
     let state = t.path().join("image.pull");
-    let args = [
-        "pull",
-        &sshd.host(),
-        "--device",
-        dev.to_str().unwrap(),
-        "-o",
-        img.to_str().unwrap(),
-        "--transfer",
-        "dd",
-        "--json",
-    ];
-    let mut child = sshd
-        .drydock(&args)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
+    let mut child = pull_until(&sshd, &dev, &img, 0, &["--transfer", "dd", "--json"]);
     let durable = |p: &std::path::Path| {
         std::fs::read_to_string(p)
             .unwrap_or_default()
@@ -1009,7 +993,7 @@ fn a_pull_killed_with_sigkill_resumes_from_what_was_durable() {
     }
     child.kill().unwrap();
     child.wait().unwrap();
-    let o = sshd.drydock(&args).output().unwrap();
+    let o = pull_with(&sshd, &dev, &img, &["--transfer", "dd"]);
     assert_exit(&o, 0);
     let j = json(&o);
     let resumed = j["resumed_at"].as_u64().unwrap();
