@@ -5,9 +5,9 @@ use std::path::Path;
 
 use anyhow::Result;
 
-use super::connect;
 use super::journal::{Journal, State, Step};
 use super::steps::reboot_vps;
+use super::{connect, connect_gathered};
 use crate::image::manifest::{Manifest, hash_image};
 use crate::refused;
 use crate::remote::{self, freeze};
@@ -69,8 +69,7 @@ pub(super) async fn rollback_push(dir: &Path, j: &mut Journal, ui: &Ui) -> Resul
     if !m.exists() {
         hash_image(&upgraded, |_| {})?.save(&m)?;
     }
-    let s = connect(j, false).await?;
-    let facts = remote::gather(&s).await?;
+    let (s, facts) = connect_gathered(j).await?;
     ui.say("the push had started: pushing the base image back");
     push::push(
         &s,

@@ -124,6 +124,14 @@ async fn connect(j: &Journal, accept_new: bool) -> Result<Session> {
     crate::ssh::connect_to(&j.host, j.identity.clone(), accept_new).await
 }
 
+/// The run's VPS, connected (its host key already known), and its facts
+/// as they are now: what each step after the probe starts from.
+async fn connect_gathered(j: &Journal) -> Result<(Session, crate::remote::Facts)> {
+    let s = connect(j, false).await?;
+    let facts = crate::remote::gather(&s).await?;
+    Ok((s, facts))
+}
+
 /// A new run's journal: nothing done yet.
 fn new_journal(req: &Request) -> Journal {
     Journal {

@@ -9,7 +9,7 @@ use anyhow::{Result, bail};
 
 use super::journal::{Journal, Step};
 use super::worker::upgrade_in_vm;
-use super::{connect, guest, plan_of};
+use super::{connect, connect_gathered, guest, plan_of};
 use crate::image::manifest::Manifest;
 use crate::recipes::{self, Plan};
 use crate::refused;
@@ -170,8 +170,7 @@ async fn probe_step(dir: &Path, j: &mut Journal, ui: &Ui, accept_new: bool) -> R
 /// The freeze step, recorded before anything is stopped; a freeze that
 /// refused (and undid itself) is unrecorded again.
 async fn freeze_step(dir: &Path, j: &mut Journal, ui: &Ui) -> Result<()> {
-    let s = connect(j, false).await?;
-    let facts = remote::gather(&s).await?;
+    let (s, facts) = connect_gathered(j).await?;
     let dev = device::inspect(&s, &facts, j.device.as_deref()).await?;
     if dev.rw_mounts().is_empty() && j.frozen_boot_id.as_deref() == Some(facts.boot_id.as_str()) {
         ui.say("already frozen");
@@ -213,8 +212,7 @@ async fn freeze_step(dir: &Path, j: &mut Journal, ui: &Ui) -> Result<()> {
 
 /// The pull of the frozen disk into the run's base image.
 async fn pull_step(dir: &Path, j: &mut Journal, ui: &Ui) -> Result<()> {
-    let s = connect(j, false).await?;
-    let facts = remote::gather(&s).await?;
+    let (s, facts) = connect_gathered(j).await?;
     let r = pull::pull(
         &s,
         &facts,
@@ -237,8 +235,7 @@ async fn pull_step(dir: &Path, j: &mut Journal, ui: &Ui) -> Result<()> {
 /// The push of the upgraded image, refused if the VPS rebooted since the
 /// freeze (its disk may have changed).
 async fn push_step(dir: &Path, j: &mut Journal, ui: &Ui) -> Result<()> {
-    let s = connect(j, false).await?;
-    let facts = remote::gather(&s).await?;
+    let (s, facts) = connect_gathered(j).await?;
     if j.frozen_boot_id.as_deref() != Some(facts.boot_id.as_str()) {
         return Err(refused!(
             "{} rebooted since it was frozen, so its disk may have changed; drydock will not push. \

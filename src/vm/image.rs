@@ -17,64 +17,64 @@ use anyhow::{Context, Result, bail};
 pub async fn create_overlay(base: &Path, overlay: &Path) -> Result<()> {
     let base_abs = std::fs::canonicalize(base)
         .with_context(|| format!("cannot find the image {}", base.display()))?;
-    let out = qemu_img(&[
-        "create".as_ref(),
-        "-q".as_ref(),
-        "-f".as_ref(),
-        "qcow2".as_ref(),
-        "-F".as_ref(),
-        "raw".as_ref(),
-        "-b".as_ref(),
-        base_abs.as_os_str(),
-        overlay.as_os_str(),
-    ])
+    qemu_img(
+        &[
+            "create".as_ref(),
+            "-q".as_ref(),
+            "-f".as_ref(),
+            "qcow2".as_ref(),
+            "-F".as_ref(),
+            "raw".as_ref(),
+            "-b".as_ref(),
+            base_abs.as_os_str(),
+            overlay.as_os_str(),
+        ],
+        || {
+            format!(
+                "qemu-img could not create the overlay {}",
+                overlay.display()
+            )
+        },
+    )
     .await?;
-    if !out.status.success() {
-        bail!(
-            "qemu-img could not create the overlay {}: {}",
-            overlay.display(),
-            String::from_utf8_lossy(&out.stderr).trim()
-        );
-    }
     Ok(())
 }
 
 /// `qemu-img map --output=json` of an image: its allocated extents (for an
 /// overlay, what the guest wrote).
 pub async fn map_json(image: &Path) -> Result<Vec<u8>> {
-    let out = qemu_img(&["map".as_ref(), "--output=json".as_ref(), image.as_os_str()]).await?;
-    if !out.status.success() {
-        bail!(
-            "qemu-img map {} failed: {}",
-            image.display(),
-            String::from_utf8_lossy(&out.stderr).trim()
-        );
-    }
-    Ok(out.stdout)
+    qemu_img(
+        &["map".as_ref(), "--output=json".as_ref(), image.as_os_str()],
+        || format!("qemu-img map {} failed", image.display()),
+    )
+    .await
 }
 
 /// The raw image `to` made from `from` (an overlay over its base).
 pub async fn convert_to_raw(from: &Path, to: &Path) -> Result<()> {
-    let out = qemu_img(&[
-        "convert".as_ref(),
-        "-O".as_ref(),
-        "raw".as_ref(),
-        from.as_os_str(),
-        to.as_os_str(),
-    ])
+    qemu_img(
+        &[
+            "convert".as_ref(),
+            "-O".as_ref(),
+            "raw".as_ref(),
+            from.as_os_str(),
+            to.as_os_str(),
+        ],
+        || {
+            format!(
+                "qemu-img convert {} to {} failed",
+                from.display(),
+                to.display()
+            )
+        },
+    )
     .await?;
-    if !out.status.success() {
-        bail!(
-            "qemu-img convert {} to {} failed: {}",
-            from.display(),
-            to.display(),
-            String::from_utf8_lossy(&out.stderr).trim()
-        );
-    }
     Ok(())
 }
 
-async fn qemu_img(args: &[&std::ffi::OsStr]) -> Result<Output> {
+/// qemu-img with ARGS; its stdout, or an error that starts with what
+/// `failed` says and ends with qemu-img's own stderr.
+async fn qemu_img(args: &[&std::ffi::OsStr], failed: impl FnOnce() -> String) -> Result<Vec<u8>> {
     let mut cmd = tokio::process::Command::new("qemu-img");
     cmd.args(args).kill_on_drop(true);
     // SAFETY: umask is async-signal-safe, and the closure touches nothing
@@ -86,9 +86,18 @@ async fn qemu_img(args: &[&std::ffi::OsStr]) -> Result<Output> {
         });
     }
     tracing::debug!(?args, "qemu-img");
-    cmd.output()
+    let out: Output = cmd
+        .output()
         .await
-        .context("cannot run qemu-img (is qemu-utils installed?)")
+        .context("cannot run qemu-img (is qemu-utils installed?)")?;
+    if !out.status.success() {
+        bail!(
+            "{}: {}",
+            failed(),
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(out.stdout)
 }
 
 #[cfg(test)]
@@ -115,6 +124,20 @@ mod tests {
             let mode = std::fs::metadata(f).unwrap().permissions().mode() & 0o777;
             assert_eq!(mode, 0o600, "{}", f.display());
         }
+        // qemu-img's own failure: what failed, then what it said.
+        let missing = t.path().join("gone.qcow2");
+        let e = convert_to_raw(&missing, &t.path().join("x.raw"))
+            .await
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.starts_with(&format!(
+                "qemu-img convert {} to {} failed: qemu-img:",
+                missing.display(),
+                t.path().join("x.raw").display()
+            )),
+            "{e}"
+        );
         let e = create_overlay(&t.path().join("missing.raw"), &overlay)
             .await
             .unwrap_err();

@@ -208,8 +208,8 @@ fn nic_of(f: &Facts, dev: String, gateway: Option<Ipv4Addr>) -> Nic {
 }
 
 /// The NIC of a VPS with no IPv4 default route: the device of its IPv6
-/// default route, else its one physical NIC (not under
-/// /sys/devices/virtual: docker0, bridges, veths). Err: the note saying
+/// default route when that is a physical NIC, else its one physical NIC
+/// (not under /sys/devices/virtual: docker0, bridges, veths, tunnels). Err: the note saying
 /// why none could be told.
 fn nic_without_ipv4_route(f: &Facts) -> Result<String, String> {
     let v6 = f.routes.iter().find_map(|l| {
@@ -224,15 +224,15 @@ fn nic_without_ipv4_route(f: &Facts) -> Result<String, String> {
             .and_then(|i| w.get(i + 1))?;
         (w.first() == Some(&"default") && via.contains(':')).then(|| dev.to_string())
     });
-    if let Some(dev) = v6 {
-        return Ok(dev);
-    }
     let physical: Vec<&str> = f
         .sysfs
         .iter()
         .filter(|(k, _, p)| k == "net" && !p.contains("/virtual/"))
         .map(|(_, n, _)| n.as_str())
         .collect();
+    if let Some(dev) = v6.filter(|d| physical.contains(&d.as_str())) {
+        return Ok(dev);
+    }
     match physical.as_slice() {
         [one] => Ok(one.to_string()),
         [] => Err("the VPS has no IPv4 default route: the worker VM keeps QEMU's default network (10.0.2.0/24, DHCP)".into()),
@@ -499,6 +499,20 @@ block sda /sys/devices/pci0000:00/0000:00:02.5/0000:06:00.0/virtio5/host0/target
             s.nic.as_ref().and_then(|n| n.mac.as_deref()),
             Some("52:54:00:d7:d0:c4")
         );
+        // An IPv6 default route through a virtual device (a WireGuard
+        // tunnel, a bridge): not a NIC QEMU can give a MAC to; the one
+        // physical NIC is.
+        let tunnel = no_route
+            .replace(
+                "@@ resolv",
+                "default via fd00::1 dev wg0 proto static metric 1024 pref medium\n@@ resolv",
+            )
+            .replace(
+                "net lo /sys",
+                "net wg0 /sys/devices/virtual/net/wg0\nnet lo /sys",
+            );
+        let s = Shape::from_facts(&facts(&tunnel), "vda");
+        assert_eq!(s.nic.as_ref().map(|n| n.name.as_str()), Some("enp0s1"));
         // Two NICs and no route to tell them apart: neither, and said.
         let two = no_route
             .replace(
