@@ -80,3 +80,29 @@ stop_sshd() {
   kill "$SSHD_PID" 2>/dev/null || true
   wait "$SSHD_PID" 2>/dev/null || true
 }
+
+event() {
+  # event FILE TYPE [KEY]: from drydock's --json event stream in FILE (one
+  # JSON object per line), the last event of TYPE as JSON, or its KEY (for
+  # "result", KEY is a field of the command's result). Nothing if none.
+  python3 - "$@" <<'PY'
+import json, sys
+path, kind = sys.argv[1], sys.argv[2]
+key = sys.argv[3] if len(sys.argv) > 3 else None
+found = None
+for line in open(path):
+    try:
+        v = json.loads(line)
+    except ValueError:
+        continue
+    if v.get("type") == kind:
+        found = v
+if found is not None:
+    if kind == "result":
+        found = found["result"]
+    if key is None:
+        print(json.dumps(found))
+    elif found.get(key) is not None:
+        print(found[key])
+PY
+}

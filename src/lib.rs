@@ -17,7 +17,6 @@ pub mod ui;
 pub mod vm;
 
 use anyhow::{Context, Result};
-use serde::Serialize;
 
 use cli::{Cli, Command, Conn};
 use ssh::Session;
@@ -27,87 +26,112 @@ async fn connect(conn: &Conn) -> Result<Session> {
     ssh::connect_to(&conn.host, conn.identity.clone(), conn.accept_new_host_key).await
 }
 
-fn print_json<T: Serialize>(v: &T) -> Result<()> {
-    println!("{}", serde_json::to_string_pretty(v)?);
-    Ok(())
+/// One command: parsed arguments in, its report out through the reporter
+/// (the result's text, or with `--json` the event stream ending in the
+/// "result" or "error" event); gives the exit code. A signal stops any
+/// command: those that can stop cleanly (pull, a run's steps, boot) do so
+/// themselves and say how to go on; the others end where they are.
+pub async fn run(cli: Cli) -> u8 {
+    // ssh's ProxyCommand end of the worker VM's relay: a plain byte pipe
+    // that ssh ends with a signal, so none is caught and nothing reported.
+    if let Command::Relay { socket } = &cli.command {
+        return match vm::proxy::relay(socket) {
+            Ok(()) => 0,
+            Err(e) => {
+                eprintln!("drydock: {e:#}");
+                errors::exit_code(&e)
+            }
+        };
+    }
+    let (ui, reporter) = Ui::start(cli.json);
+    // These stop cleanly on a signal themselves (kept what was verified,
+    // powered a guest off, recorded a run's step) and say how to go on;
+    // the others are stopped where they are.
+    let own_stop = matches!(
+        cli.command,
+        Command::Pull(_) | Command::Boot(_) | Command::Upgrade(_) | Command::Resume(_)
+    );
+    let outcome = if own_stop {
+        command(cli.command, &ui).await
+    } else {
+        tokio::select! {
+            biased;
+            r = command(cli.command, &ui) => r,
+            sig = ui.interrupted() => Err(errors::Interrupted(Ui::interrupted_text(sig)).into()),
+        }
+    };
+    reporter.finish(outcome)
 }
 
-/// One command: parsed arguments in, its report printed (`--json`: one
-/// JSON document on stdout; else the report's `human()` text).
-pub async fn run(cli: Cli) -> Result<()> {
-    let json = cli.json;
-    match cli.command {
-        Command::Probe(a) => probe(a, json).await,
-        Command::Freeze(a) => freeze(a, json).await,
-        Command::Thaw(a) => thaw(a, json).await,
-        Command::Pull(a) => pull(a, json).await,
-        Command::Push(a) => push(a, json).await,
-        Command::Boot(a) => boot(a, json).await,
-        Command::Upgrade(a) => upgrade(a, json).await,
+async fn command(command: Command, ui: &Ui) -> Result<()> {
+    match command {
+        Command::Probe(a) => probe(a, ui).await,
+        Command::Freeze(a) => {
+            let ui = ui.with_yes(a.yes);
+            freeze(a, &ui).await
+        }
+        Command::Thaw(a) => thaw(a, ui).await,
+        Command::Pull(a) => pull(a, ui).await,
+        Command::Push(a) => {
+            let ui = ui.with_yes(a.yes);
+            push(a, &ui).await
+        }
+        Command::Boot(a) => boot(a, ui).await,
+        Command::Upgrade(a) => {
+            let ui = ui.with_yes(a.yes);
+            upgrade(a, &ui).await
+        }
         Command::Resume(a) => {
-            let ui = Ui { json, yes: a.yes };
+            let ui = ui.with_yes(a.yes);
             let dir = pipeline::journal::find_run(&a.run)?;
             let r = pipeline::resume(&dir, &ui).await?;
-            print_report(&r, json)
+            print_report(&r, &ui)
         }
         Command::Abort(a) => {
-            let ui = Ui { json, yes: a.yes };
+            let ui = ui.with_yes(a.yes);
             let dir = pipeline::journal::find_run(&a.run)?;
             pipeline::abort(&dir, &ui).await?;
-            if !json {
-                println!("run {} aborted", dir.display());
-            }
-            Ok(())
+            let done = serde_json::json!({"run": dir, "aborted": true});
+            ui.result("abort", &done, format!("run {} aborted\n", dir.display()))
         }
-        Command::Relay { socket } => vm::proxy::relay(&socket),
-        Command::Runs => runs(json),
+        Command::Relay { .. } => unreachable!("handled before the reporter starts"),
+        Command::Runs => runs(ui),
     }
 }
 
-/// Print a report: JSON on stdout for programs, its text for people.
-fn emit<T: Serialize>(v: &T, json: bool, human: impl FnOnce(&T) -> String) -> Result<()> {
-    if json {
-        print_json(v)
-    } else {
-        print!("{}", human(v));
-        Ok(())
-    }
-}
-
-async fn probe(a: cli::ProbeArgs, json: bool) -> Result<()> {
+async fn probe(a: cli::ProbeArgs, ui: &Ui) -> Result<()> {
     let s = connect(&a.conn).await?;
     let facts = remote::gather(&s).await?;
     let r = remote::probe::report(s.host(), &facts);
-    emit(&r, json, |r| r.human())?;
+    ui.result("probe", &r, r.human())?;
     s.close().await;
     Ok(())
 }
 
-async fn freeze(a: cli::FreezeArgs, json: bool) -> Result<()> {
-    let ui = Ui { json, yes: a.yes };
+async fn freeze(a: cli::FreezeArgs, ui: &Ui) -> Result<()> {
     let s = connect(&a.conn).await?;
     let facts = remote::gather(&s).await?;
     ui.confirm(&format!(
         "Stop the services of {} and make its disk read-only?",
         s.host()
-    ))?;
+    ))
+    .await?;
     let r = remote::freeze::freeze(&s, &facts, a.device.as_deref()).await?;
-    emit(&r, json, |r| r.human(&s.target.typed_arg()))?;
+    ui.result("freeze", &r, r.human(&s.target.typed_arg()))?;
     s.close().await;
     Ok(())
 }
 
-async fn thaw(a: cli::ThawArgs, json: bool) -> Result<()> {
+async fn thaw(a: cli::ThawArgs, ui: &Ui) -> Result<()> {
     let s = connect(&a.conn).await?;
     let facts = remote::gather(&s).await?;
     let r = remote::freeze::thaw(&s, &facts, a.device.as_deref()).await?;
-    emit(&r, json, |r| format!("{}\n", r.human()))?;
+    ui.result("thaw", &r, format!("{}\n", r.human()))?;
     s.close().await;
     Ok(())
 }
 
-async fn pull(a: cli::PullArgs, json: bool) -> Result<()> {
-    let ui = Ui { json, yes: false };
+async fn pull(a: cli::PullArgs, ui: &Ui) -> Result<()> {
     let s = connect(&a.conn).await?;
     let facts = remote::gather(&s).await?;
     let opts = transfer::pull::PullOptions {
@@ -116,17 +140,16 @@ async fn pull(a: cli::PullArgs, json: bool) -> Result<()> {
         live: a.live,
         transfer: a.transfer.into(),
     };
-    let r = transfer::pull::pull(&s, &facts, &opts, &ui).await?;
+    let r = transfer::pull::pull(&s, &facts, &opts, ui).await?;
     if r.device.starts_with("/dev/") {
-        record_boot(&s, &facts, &opts.output, &ui).await;
+        record_boot(&s, &facts, &opts.output, ui).await;
     }
-    emit(&r, json, |r| r.human())?;
+    ui.result("pull", &r, r.human())?;
     s.close().await;
     Ok(())
 }
 
-async fn push(a: cli::PushArgs, json: bool) -> Result<()> {
-    let ui = Ui { json, yes: a.yes };
+async fn push(a: cli::PushArgs, ui: &Ui) -> Result<()> {
     let s = connect(&a.conn).await?;
     let facts = remote::gather(&s).await?;
     let opts = transfer::push::PushOptions {
@@ -137,14 +160,13 @@ async fn push(a: cli::PushArgs, json: bool) -> Result<()> {
         transfer: a.transfer.into(),
         base_image: None,
     };
-    let r = transfer::push::push(&s, &facts, &opts, &ui).await?;
-    emit(&r, json, |r| r.human())?;
+    let r = transfer::push::push(&s, &facts, &opts, ui).await?;
+    ui.result("push", &r, r.human())?;
     s.close().await;
     Ok(())
 }
 
-async fn boot(a: cli::BootArgs, json: bool) -> Result<()> {
-    let ui = Ui { json, yes: false };
+async fn boot(a: cli::BootArgs, ui: &Ui) -> Result<()> {
     let dir = match a.dir {
         Some(d) => d,
         None => vm::boot::default_dir(&a.image)?,
@@ -159,11 +181,10 @@ async fn boot(a: cli::BootArgs, json: bool) -> Result<()> {
         services: a.services,
         network_open: a.network == cli::Network::Open,
     };
-    vm::boot::boot(&opts, &ui).await
+    vm::boot::boot(&opts, ui).await
 }
 
-async fn upgrade(a: cli::UpgradeArgs, json: bool) -> Result<()> {
-    let ui = Ui { json, yes: a.yes };
+async fn upgrade(a: cli::UpgradeArgs, ui: &Ui) -> Result<()> {
     let memory_mib = vm::cmdline::parse_memory(&a.memory)
         .with_context(|| format!("--memory {}: expected a size such as 4G or 2048M", a.memory))?;
     let req = pipeline::Request {
@@ -181,29 +202,31 @@ async fn upgrade(a: cli::UpgradeArgs, json: bool) -> Result<()> {
         allow_hosts: a.allow_host,
     };
     if a.dry_run {
-        let d = pipeline::dry_run(&req).await?;
-        return emit(&d, json, |d| d.human());
+        let d = tokio::select! {
+            biased;
+            d = pipeline::dry_run(&req) => d?,
+            sig = ui.interrupted() => return Err(errors::Interrupted(format!("{}; a dry run changes nothing", Ui::interrupted_text(sig))).into()),
+        };
+        return ui.result("upgrade", &d, d.human());
     }
-    let r = pipeline::start(&req, &ui).await?;
-    print_report(&r, json)
+    let r = pipeline::start(&req, ui).await?;
+    print_report(&r, ui)
 }
 
-fn runs(json: bool) -> Result<()> {
+fn runs(ui: &Ui) -> Result<()> {
     let runs = pipeline::list()?;
-    if json {
-        let v: Vec<_> = runs
-            .iter()
-            .map(|(p, j)| serde_json::json!({"run": p, "host": j.host, "state": j.where_it_stands(), "created_at": j.created_at}))
-            .collect();
-        print_json(&v)?;
-    } else if runs.is_empty() {
-        println!("no runs in {}", paths::runs_dir()?.display());
+    let v: Vec<_> = runs
+        .iter()
+        .map(|(p, j)| serde_json::json!({"run": p, "host": j.host, "state": j.where_it_stands(), "created_at": j.created_at}))
+        .collect();
+    let human = if runs.is_empty() {
+        format!("no runs in {}\n", paths::runs_dir()?.display())
     } else {
-        for (p, j) in runs {
-            println!("{}  {}  {}", p.display(), j.host, j.where_it_stands());
-        }
-    }
-    Ok(())
+        runs.iter()
+            .map(|(p, j)| format!("{}  {}  {}\n", p.display(), j.host, j.where_it_stands()))
+            .collect()
+    };
+    ui.result("runs", &v, human)
 }
 
 /// Beside a pulled image, what `drydock boot` needs to hold its services
@@ -226,8 +249,8 @@ fn default_cpus() -> u32 {
         .unwrap_or(2)
 }
 
-fn print_report(r: &pipeline::Report, json: bool) -> Result<()> {
-    emit(r, json, |r| r.human())
+fn print_report(r: &pipeline::Report, ui: &Ui) -> Result<()> {
+    ui.result("upgrade", r, r.human())
 }
 
 /// Asserts that SCRIPT parses as /bin/sh reads it (`sh -n`; dash here, as

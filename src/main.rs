@@ -20,7 +20,7 @@ fn main() -> ExitCode {
             tracing_subscriber::EnvFilter::try_from_env("DRYDOCK_LOG")
                 .unwrap_or_else(|_| filter.into()),
         )
-        .with_writer(std::io::stderr)
+        .with_writer(drydock::ui::LogWriter)
         .with_ansi(std::io::stderr().is_terminal() && std::env::var_os("NO_COLOR").is_none())
         .without_time()
         .with_target(false)
@@ -32,11 +32,6 @@ fn main() -> ExitCode {
             return ExitCode::from(drydock::errors::EXIT_FAILURE);
         }
     };
-    match runtime.block_on(drydock::run(cli)) {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("drydock: {e:#}");
-            ExitCode::from(drydock::errors::exit_code(&e))
-        }
-    }
+    // The reporter prints the error (and with --json its "error" event).
+    ExitCode::from(runtime.block_on(drydock::run(cli)))
 }

@@ -223,7 +223,7 @@ fn round_trip(mode: &str) {
         // Zero blocks are not sent: of the 70 MiB disk, the 8 MiB of
         // (incompressible) data and the zeros around it in its blocks,
         // compressed, crossed the wire.
-        assert!(j["bytes_received"].as_u64().unwrap() < 9 * MIB, "{j}");
+        assert!(j["bytes_on_wire"].as_u64().unwrap() < 9 * MIB, "{j}");
     }
     assert_eq!(j["size"], size);
     assert_eq!(sha256_file(&img), sha256_file(&dev));
@@ -948,7 +948,7 @@ fn a_pull_cut_mid_transfer_resumes_where_it_stopped() {
     // Only what was missing crossed the wire again: the data does not
     // compress, so the missing bytes plus zstd's and the frames' overhead
     // (under 0.1 %).
-    let received = j["bytes_received"].as_u64().unwrap();
+    let received = j["bytes_on_wire"].as_u64().unwrap();
     let missing = size - resumed;
     assert!(
         received >= missing && received < missing + missing / 1000 + 8192,
@@ -1001,8 +1001,9 @@ fn a_pull_killed_with_sigkill_resumes_from_what_was_durable() {
     assert_eq!(sha256_file(&img), sha256_file(&dev));
 }
 
-#[test]
-fn ctrl_c_leaves_a_resumable_pull() {
+/// A pull stopped by SIG (kill -SIG) keeps what it verified, says so and
+/// how to go on (SAID names the signal), exits 130; the rerun resumes.
+fn a_signal_leaves_a_resumable_pull(sig: &str, said: &str) {
     let sshd = Sshd::start();
     let t = tempdir();
     let dev = t.path().join("disk");
@@ -1012,13 +1013,13 @@ fn ctrl_c_leaves_a_resumable_pull() {
     // dd mode here; the cut connection above is helper mode.
     let child = pull_until(&sshd, &dev, &img, 150 * MIB, &["--transfer", "dd"]);
     let _ = Command::new("kill")
-        .args(["-INT", &child.id().to_string()])
+        .args([&format!("-{sig}"), &child.id().to_string()])
         .status();
     let o = child.wait_with_output().unwrap();
     assert_exit(&o, 130);
     let e = stderr(&o);
     assert!(
-        e.contains("interrupted: ") && e.contains("run the same command to resume"),
+        e.contains(&format!("{said}: ")) && e.contains("run the same command to resume"),
         "{e}"
     );
 
@@ -1028,8 +1029,87 @@ fn ctrl_c_leaves_a_resumable_pull() {
     assert_eq!(sha256_file(&img), sha256_file(&dev));
 }
 
+#[test]
+fn ctrl_c_leaves_a_resumable_pull() {
+    a_signal_leaves_a_resumable_pull("INT", "interrupted (Ctrl-C)");
+}
+
+/// A service manager's stop, `kill`, or the terminal going away (an SSH
+/// session to the workstation cut) are as Ctrl-C, not a death in the
+/// middle of a write.
+#[test]
+fn sigterm_and_sighup_leave_a_resumable_pull_too() {
+    a_signal_leaves_a_resumable_pull("TERM", "interrupted (SIGTERM)");
+    a_signal_leaves_a_resumable_pull("HUP", "interrupted (SIGHUP)");
+}
+
 /// A 0-byte device once pulled "successfully", "verified by  on the
 /// host": it is refused, and no image is made.
+/// `--json` is an event stream a wrapper can follow: "progress" events
+/// while bytes move (rate and ETA, at most two a second), the same field
+/// names for pull and push, the result last; a refusal ends in an "error"
+/// event with the exit code and the message. (`events` and `json` check
+/// every line: one object, "v": 1, a "type".)
+#[test]
+fn json_is_an_event_stream_ending_in_the_result_or_the_error() {
+    let sshd = Sshd::start();
+    let t = tempdir();
+    let dev = t.path().join("disk");
+    let img = t.path().join("image");
+    let size = big_disk(&dev);
+
+    for (o, what) in [
+        (pull_with(&sshd, &dev, &img, &["--transfer", "dd"]), "pull"),
+        (
+            push(&sshd, &img, &dev, &["--full", "--yes", "--transfer", "dd"]),
+            "push",
+        ),
+    ] {
+        assert_exit(&o, 0);
+        let ev = events(&o);
+        let progress: Vec<_> = ev
+            .iter()
+            .filter(|e| e["type"] == "progress" && e["what"] == what)
+            .collect();
+        assert!(!progress.is_empty(), "no {what} progress: {ev:?}");
+        let last = progress.last().unwrap();
+        assert_eq!(last["bytes_done"], last["bytes_total"], "{last}");
+        assert!(
+            last["bytes_per_second"].is_u64() && last["seconds"].is_f64(),
+            "{last}"
+        );
+        // At most two a second, whatever the bar's counting rate.
+        let secs = last["seconds"].as_f64().unwrap();
+        assert!(
+            progress.len() as f64 <= secs * 2.0 + 2.0,
+            "{} in {secs} s",
+            progress.len()
+        );
+        let r = json(&o);
+        assert!(r["bytes_on_wire"].as_u64().unwrap() > 0, "{r}");
+        let written = r["bytes_written"].as_u64().unwrap();
+        if what == "pull" {
+            assert_eq!(written, size, "{r}");
+        } else {
+            assert!(written > 0 && written <= size, "{r}");
+        }
+        assert!(r["seconds"].is_f64(), "{r}");
+        assert_eq!(ev.last().unwrap()["command"], what);
+    }
+
+    let o = pull(&sshd, &t.path().join("nothing here"), &t.path().join("i2"));
+    assert_exit(&o, 3);
+    let ev = events(&o);
+    let last = ev.last().unwrap();
+    assert_eq!(last["type"], "error", "{ev:?}");
+    assert_eq!(last["exit_code"], 3);
+    assert!(
+        last["message"].as_str().unwrap().contains("nothing here"),
+        "{last}"
+    );
+    assert!(ev.iter().all(|e| e["type"] != "result"), "{ev:?}");
+}
+
 #[test]
 fn an_empty_device_is_refused() {
     let sshd = Sshd::start();

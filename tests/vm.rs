@@ -88,10 +88,16 @@ fn boot_json(
         .stderr(stderr)
         .spawn()
         .unwrap();
+    // The event stream until its "ready" event (the guest keeps running).
+    let mut out = BufReader::new(child.stdout.take().unwrap());
     let mut line = String::new();
-    BufReader::new(child.stdout.take().unwrap())
-        .read_line(&mut line)
-        .unwrap();
+    loop {
+        line.clear();
+        out.read_line(&mut line).unwrap();
+        if line.is_empty() || line.contains(r#""type":"ready""#) {
+            break;
+        }
+    }
     if line.is_empty() {
         let status = child.wait().unwrap();
         let said = match (err_log, child.stderr.take()) {

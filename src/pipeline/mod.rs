@@ -228,13 +228,15 @@ pub async fn resume(dir: &Path, ui: &Ui) -> Result<Report> {
 
 async fn drive(dir: &Path, mut j: Journal, ui: &Ui, accept_new: bool) -> Result<Report> {
     while let Some(step) = j.next_step() {
-        ui.say(format!("== {}", step.name()));
+        ui.step_started(step.name());
         let t0 = Instant::now();
         let res = tokio::select! {
+            biased;
             r = do_step(step, dir, &mut j, ui, accept_new) => r,
             // The context below names the run, resume and abort once.
-            _ = tokio::signal::ctrl_c() => Err(Interrupted("interrupted (Ctrl-C)".into()).into()),
+            sig = ui.interrupted() => Err(Interrupted(Ui::interrupted_text(sig)).into()),
         };
+        ui.step_ended(step.name(), res.is_ok(), t0.elapsed().as_secs_f64());
         if step == Step::Probe
             && let Err(e) = res
         {

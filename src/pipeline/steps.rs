@@ -139,7 +139,7 @@ async fn probe_step(dir: &Path, j: &mut Journal, ui: &Ui, accept_new: bool) -> R
         seal.held_back.join(" ")
     ));
     if j.network_open {
-        ui.say("warning: --network open: the worker VM reaches the internet, as the VPS does");
+        ui.warn("--network open: the worker VM reaches the internet, as the VPS does");
     } else {
         ui.say(format!(
             "worker VM network sealed; allowed hosts: {}",
@@ -179,7 +179,8 @@ async fn freeze_step(dir: &Path, j: &mut Journal, ui: &Ui) -> Result<()> {
             "Freeze {}: stop its services and make {} read-only until the run ends?",
             s.host(),
             dev.path
-        ))?;
+        ))
+        .await?;
         // Recorded before anything is stopped: a freeze that fails
         // half-way (services stopped, some mounts read-only) must
         // still be undone by `abort`, which keys on this boot id.
@@ -225,7 +226,7 @@ async fn pull_step(dir: &Path, j: &mut Journal, ui: &Ui) -> Result<()> {
         ui,
     )
     .await?;
-    j.bytes_pulled += r.bytes_received;
+    j.bytes_pulled += r.bytes_on_wire;
     j.pull_transfer = Some(r.transfer);
     j.helper_peak_rss_kib = j.helper_peak_rss_kib.max(r.helper_peak_rss_kib);
     s.close().await;

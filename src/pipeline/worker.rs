@@ -160,7 +160,7 @@ pub(super) async fn upgrade_in_vm(dir: &Path, j: &mut Journal, ui: &Ui) -> Resul
     );
     let accel = cmdline::detect_accel();
     if accel == Accel::Tcg {
-        ui.say("warning: no usable KVM: the worker VM runs under software emulation (TCG), several times slower");
+        ui.warn("no usable KVM: the worker VM runs under software emulation (TCG), several times slower");
     }
     let log = dir.join("run.log");
     let proxy_ip = cmdline::proxy_addr(&shape);
@@ -240,8 +240,8 @@ async fn first_boot(
     .await?;
     let installed_policy = said.lines().any(|l| l == "policy-rc.d installed");
     for l in said.lines().filter_map(|l| l.strip_prefix("running ")) {
-        ui.say(format!(
-            "warning: {l} had started in the worker VM although held back; stopped"
+        ui.warn(format!(
+            "{l} had started in the worker VM although held back; stopped"
         ));
     }
     // The same facts as the probe's, read from the same disk in the VM.

@@ -45,7 +45,12 @@ pub struct PullReport {
     pub manifest: PathBuf,
     pub size: u64,
     pub resumed_at: u64,
-    pub bytes_received: u64,
+    /// Bytes that came over the SSH channel (compressed frames in helper
+    /// mode; segments of zeros are not sent at all).
+    pub bytes_on_wire: u64,
+    /// Bytes of the image this pull filled in (from `resumed_at` to the
+    /// end; zeros as holes).
+    pub bytes_written: u64,
     pub seconds: f64,
     pub digest: String,
     pub hasher: String,
@@ -65,8 +70,8 @@ impl PullReport {
             self.image.display(),
             human_bytes(self.size),
             self.seconds,
-            human_bytes(self.bytes_received),
-            human_bytes((self.bytes_received as f64 / self.seconds.max(0.001)) as u64),
+            human_bytes(self.bytes_on_wire),
+            human_bytes((self.bytes_on_wire as f64 / self.seconds.max(0.001)) as u64),
             if self.resumed_at > 0 {
                 format!(", resumed at {}", human_bytes(self.resumed_at))
             } else {
@@ -475,7 +480,7 @@ pub async fn pull(
                     if let Ok(Some(s)) = staged
                         && let Err(re) = s.finish(session).await
                     {
-                        ui.say(format!("warning: {re:#}"));
+                        ui.warn(format!("{re:#}"));
                     }
                     return Err(e);
                 }
@@ -491,7 +496,7 @@ pub async fn pull(
     if let Some(s) = staged
         && let Err(e) = s.finish(session).await
     {
-        ui.say(format!("warning: {e:#}"));
+        ui.warn(format!("{e:#}"));
     }
     res
 }
@@ -606,7 +611,7 @@ async fn pull_with(
     let mut received: u64 = 0;
     let mut stderr_text = String::new();
     let mut status = None;
-    let mut interrupted = false;
+    let mut interrupted = None;
     let mut helper_done = None;
 
     if start_block < end_block {
@@ -685,8 +690,8 @@ async fn pull_with(
             }
         };
         let mut partial_line = String::new();
-        let ctrl_c = tokio::signal::ctrl_c();
-        tokio::pin!(ctrl_c);
+        let signal = ui.interrupted();
+        tokio::pin!(signal);
         loop {
             tokio::select! {
                 msg = channel.wait() => {
@@ -719,17 +724,20 @@ async fn pull_with(
                         _ => {}
                     }
                 }
-                _ = &mut ctrl_c => {
-                    interrupted = true;
+                sig = &mut signal => {
+                    interrupted = Some(sig);
                     break;
                 }
             }
         }
-        bar.finish_and_clear();
         drop(tx);
         let worker_result = worker
             .join()
             .map_err(|_| anyhow!("the image writer panicked"))?;
+        // The writer's last segments count too: the bar ends where the
+        // image does.
+        bar.set_position((covered.load(Ordering::Relaxed) * BLOCK_SIZE).min(dev.size));
+        bar.finish();
         let kept = verified.load(Ordering::Relaxed) * BLOCK_SIZE;
         let kept = kept.min(dev.size);
         let resume_hint = format!(
@@ -739,8 +747,10 @@ async fn pull_with(
             image.display()
         );
         worker_result.map_err(|e| e.context(format!("the pull stopped: {resume_hint}")))?;
-        if interrupted {
-            return Err(Interrupted(format!("interrupted: {resume_hint}")).into());
+        if let Some(sig) = interrupted {
+            return Err(
+                Interrupted(format!("{}: {resume_hint}", Ui::interrupted_text(sig))).into(),
+            );
         }
         let helper_finished = helper_done
             .as_ref()
@@ -787,7 +797,8 @@ async fn pull_with(
         manifest: manifest_file,
         size: dev.size,
         resumed_at,
-        bytes_received: received,
+        bytes_on_wire: received,
+        bytes_written: dev.size - resumed_at,
         seconds: started.elapsed().as_secs_f64(),
         digest: manifest.digest,
         hasher,
@@ -805,8 +816,8 @@ fn check_mounts(dev: &Device, live: bool, session: &Session, ui: &Ui) -> Result<
         return Ok(());
     }
     if live {
-        ui.say(format!(
-            "warning: {} is mounted read-write on {} ({}): the copy may be inconsistent (--live)",
+        ui.warn(format!(
+            "{} is mounted read-write on {} ({}): the copy may be inconsistent (--live)",
             dev.path,
             session.host(),
             Device::describe_mounts(&rw)

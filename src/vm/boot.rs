@@ -73,8 +73,19 @@ pub async fn record(
 pub fn load_shape(path: &Path) -> Result<Shape> {
     let text = std::fs::read_to_string(path)
         .with_context(|| format!("--like: cannot read {}", path.display()))?;
-    let v: serde_json::Value = serde_json::from_str(&text)
-        .with_context(|| format!("--like: {} is not JSON", path.display()))?;
+    // `drydock probe --json` prints an event stream: its result is what
+    // describes the VPS. A file of one JSON document is a shape (or a
+    // probe's result saved on its own).
+    let v: serde_json::Value = match serde_json::from_str(&text) {
+        Ok(v) => v,
+        Err(e) => text
+            .lines()
+            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+            .rfind(|v| v["type"] == "result")
+            .map(|v| v["result"].clone())
+            .ok_or(e)
+            .with_context(|| format!("--like: {} is not JSON", path.display()))?,
+    };
     let v = v.get("worker_vm").cloned().unwrap_or(v);
     serde_json::from_value(v).with_context(|| {
         format!(
@@ -127,7 +138,7 @@ pub async fn boot(opts: &BootOptions, ui: &Ui) -> Result<()> {
         .with_context(|| format!("cannot create {}", opts.dir.display()))?;
     let accel = cmdline::detect_accel();
     if accel == Accel::Tcg {
-        ui.say("warning: no usable KVM (no vmx/svm CPU flag, or /dev/kvm does not open): the VM runs under software emulation (TCG), several times slower");
+        ui.warn("no usable KVM (no vmx/svm CPU flag, or /dev/kvm does not open): the VM runs under software emulation (TCG), several times slower");
     }
     let shape = match &opts.like {
         Some(p) => load_shape(p)?,
@@ -246,10 +257,10 @@ pub async fn boot(opts: &BootOptions, ui: &Ui) -> Result<()> {
     }
     tokio::select! {
         r = vm.wait_for_ssh(opts.ready_within) => r?,
-        _ = tokio::signal::ctrl_c() => {
-            ui.say("interrupted: powering the guest off");
+        sig = ui.interrupted() => {
+            ui.say(format!("{}: powering the guest off", Ui::interrupted_text(sig)));
             vm.power_off(Duration::from_secs(60)).await?;
-            return Err(crate::errors::Interrupted("interrupted before the guest was up".into()).into());
+            return Err(crate::errors::Interrupted(format!("{} before the guest was up", Ui::interrupted_text(sig))).into());
         }
     }
     let info = BootInfo {
@@ -263,10 +274,11 @@ pub async fn boot(opts: &BootOptions, ui: &Ui) -> Result<()> {
         serial_log: vm.spec.serial_log.clone(),
         accel: format!("{accel:?}").to_lowercase(),
     };
+    // Not the result (that ends the stream): the guest runs on.
     if ui.json {
-        println!("{}", serde_json::to_string(&info)?);
+        ui.event("ready", &info)?;
     } else {
-        println!("{}", info.ssh_command);
+        ui.result("boot", &(), format!("{}\n", info.ssh_command))?;
     }
     ui.say(format!(
         "the guest is up; changes go to {} (the image is not written). Ctrl-C powers it off.",
@@ -275,16 +287,16 @@ pub async fn boot(opts: &BootOptions, ui: &Ui) -> Result<()> {
     // Run until Ctrl-C or until the guest powers itself off.
     loop {
         tokio::select! {
-            _ = tokio::signal::ctrl_c() => {
+            _ = ui.interrupted() => {
                 ui.say("powering the guest off (up to 60 s, then forced)");
                 let clean = vm.power_off(Duration::from_secs(60)).await?;
                 ui.say(if clean { "the guest powered off" } else { "the guest did not power off in time: QEMU was stopped" });
-                return Ok(());
+                return ui.result("boot", &serde_json::json!({"powered_off": if clean { "cleanly" } else { "forced" }}), String::new());
             }
             _ = tokio::time::sleep(Duration::from_millis(500)) => {
                 if !vm.is_running() {
                     ui.say("the guest powered off");
-                    return Ok(());
+                    return ui.result("boot", &serde_json::json!({"powered_off": "by itself"}), String::new());
                 }
             }
         }

@@ -298,8 +298,41 @@ pub fn assert_stderr(o: &Output, text: impl AsRef<str>) {
     );
 }
 
+/// The `--json` event stream on stdout, checked as a program reads it:
+/// every line one JSON object with the schema's version ("v": 1) and a
+/// "type", "progress" lines with their byte counts.
+pub fn events(o: &Output) -> Vec<serde_json::Value> {
+    let out = stdout(o);
+    out.lines()
+        .map(|l| {
+            let v: serde_json::Value = serde_json::from_str(l).unwrap_or_else(|e| {
+                panic!("a line of the event stream is not JSON ({e}): {l}\n{out}")
+            });
+            assert_eq!(v["v"], 1, "no schema version: {l}");
+            assert!(v["type"].is_string(), "no type: {l}");
+            if v["type"] == "progress" {
+                assert!(
+                    v["bytes_done"].as_u64().unwrap() <= v["bytes_total"].as_u64().unwrap(),
+                    "{l}"
+                );
+            }
+            v
+        })
+        .collect()
+}
+
+/// The result of a `--json` command: its "result" event, the stream's last
+/// line.
 pub fn json(o: &Output) -> serde_json::Value {
-    serde_json::from_slice(&o.stdout).unwrap_or_else(|e| panic!("not JSON ({e}): {}", stdout(o)))
+    let ev = events(o);
+    let last = ev
+        .last()
+        .unwrap_or_else(|| panic!("no event on stdout; stderr: {}", stderr(o)));
+    assert_eq!(
+        last["type"], "result",
+        "the stream does not end in its result: {last}"
+    );
+    last["result"].clone()
 }
 
 /// The files and folders under `root` (and `root` itself) that others

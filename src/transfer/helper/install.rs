@@ -27,7 +27,7 @@ pub async fn install(session: &Session, asked: Mode, ui: &crate::ui::Ui) -> Resu
     };
     if let Err(e) = check_version(session, &text) {
         if let Err(re) = remote.remove(session).await {
-            ui.say(format!("warning: {re:#}"));
+            ui.warn(format!("{re:#}"));
         }
         return fall_back(session, asked, ui, e);
     }
@@ -42,8 +42,8 @@ fn fall_back<T>(
     e: anyhow::Error,
 ) -> Result<Option<T>> {
     if asked == Mode::Auto {
-        ui.say(format!(
-            "warning: drydock's helper does not run on {} ({e:#}); using dd mode",
+        ui.warn(format!(
+            "drydock's helper does not run on {} ({e:#}); using dd mode",
             session.host()
         ));
         Ok(None)
@@ -127,7 +127,7 @@ pub async fn stage(
     if let Err(e) = check_version(session, after) {
         // Told to stop, the waiting shell removes it.
         if let Err(re) = staged.finish(session).await {
-            ui.say(format!("warning: {re:#}"));
+            ui.warn(format!("{re:#}"));
         }
         return Ok((before, fall_back(session, asked, ui, e)));
     }

@@ -77,7 +77,8 @@ pub(super) async fn push(
         opts.image.display(),
         dev.path,
         session.host()
-    ))?;
+    ))
+    .await?;
 
     let staged = Staged::stage(session).await?;
     report.writer_dir = Some(staged.tmpfs.dir.clone());
@@ -298,7 +299,7 @@ async fn write_ranges(
         expected.push((r.first, hex::encode(h.finalize())));
     }
     channel.eof().await.ok();
-    bar.finish_and_clear();
+    bar.finish();
 
     let mut stdout = String::new();
     let mut stderr = String::new();

@@ -143,7 +143,7 @@ async fn push_with(
                 Ok(())
             })
             .await;
-            bar.finish_and_clear();
+            bar.finish();
             refuse_changed(answers, dev, session)?;
             out
         }
@@ -189,7 +189,7 @@ async fn push_with(
         Ok(())
     })
     .await;
-    bar.finish_and_clear();
+    bar.finish();
     refuse_changed(answers, dev, session)?;
 
     let total: u64 = patches.iter().map(|p| p.len as u64).sum();
@@ -207,7 +207,8 @@ async fn push_with(
             opts.image.display(),
             dev.path,
             session.host()
-        ))?;
+        ))
+        .await?;
     }
 
     // Send the pages, at most WRITE_WINDOW bytes unconfirmed.
@@ -247,7 +248,7 @@ async fn push_with(
             m => bail!("the helper sent {} during the writes", m.name()),
         }
     }
-    bar.finish_and_clear();
+    bar.finish();
     link.send(drydock_helper::proto::Msg::Finish.encode())
         .await?;
     let done = match link.recv().await.map_err(partly)? {

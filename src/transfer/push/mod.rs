@@ -191,7 +191,7 @@ async fn preflight(
     let started = Instant::now();
     let bar = ui.bytes_bar(image_len, "hash");
     let new = hash_image(&opts.image, |n| bar.inc(n))?;
-    bar.finish_and_clear();
+    bar.finish();
     let proven = base.is_some()
         && opts.frozen_boot_id.as_deref() == Some(facts.boot_id.as_str())
         && dev.mounts.iter().all(|m| m.read_only);

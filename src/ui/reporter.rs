@@ -1,0 +1,451 @@
+//! The reporter's thread: the only code that writes to the terminal.
+//!
+//! stderr is for people in every mode: the lines said, warnings, log lines,
+//! the questions, and (on a terminal, without `--json`) the bars. stdout is
+//! for the result: its text, or with `--json` the event stream, one object
+//! per line, each with `"v"` (the schema's version) and `"type"`.
+
+use std::collections::HashMap;
+use std::io::Write;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use indicatif::{MultiProgress, ProgressBar, ProgressDrawTarget, ProgressStyle};
+use serde_json::{Value, json};
+
+use super::{BarState, SCHEMA_VERSION};
+
+pub(crate) enum Event {
+    Say(String),
+    Warn(String),
+    Log {
+        level: String,
+        text: String,
+    },
+    Step {
+        step: String,
+        state: &'static str,
+        seconds: Option<f64>,
+    },
+    BarStart {
+        id: u64,
+        what: String,
+        state: Arc<BarState>,
+    },
+    BarEnd {
+        id: u64,
+    },
+    /// A whole line of the stream (result, ready), and the result's text
+    /// for people when there is one.
+    Data {
+        json: Value,
+        human: Option<String>,
+    },
+    Ask {
+        question: String,
+        reply: tokio::sync::oneshot::Sender<std::io::Result<String>>,
+    },
+    Failed {
+        message: String,
+        exit_code: u8,
+    },
+    Stop,
+}
+
+/// At most this often a bar's "progress" event (its last one is always sent).
+const PROGRESS_EVERY: Duration = Duration::from_millis(500);
+/// How often live bars are read.
+const TICK: Duration = Duration::from_millis(100);
+
+pub(super) fn spawn(json: bool, bars: bool) -> (mpsc::Sender<Event>, std::thread::JoinHandle<()>) {
+    let (tx, rx) = mpsc::channel();
+    let thread = std::thread::Builder::new()
+        .name("reporter".into())
+        .spawn(move || {
+            let mut out = Out::new(json, bars, std::io::stdout(), std::io::stderr());
+            loop {
+                match rx.recv_timeout(TICK) {
+                    Ok(Event::Stop) | Err(mpsc::RecvTimeoutError::Disconnected) => break,
+                    Ok(e) => out.handle(e, Instant::now()),
+                    Err(mpsc::RecvTimeoutError::Timeout) => {}
+                }
+                out.tick(Instant::now());
+            }
+            out.end_all(Instant::now());
+        })
+        .expect("cannot start the reporter thread");
+    (tx, thread)
+}
+
+struct Live {
+    what: String,
+    state: Arc<BarState>,
+    pb: ProgressBar,
+    started: Instant,
+    start_done: u64,
+    last_sent: Option<(Instant, u64)>,
+}
+
+pub(super) struct Out<O: Write, E: Write> {
+    json: bool,
+    multi: MultiProgress,
+    live: HashMap<u64, Live>,
+    stdout: O,
+    stderr: E,
+}
+
+impl<O: Write, E: Write> Out<O, E> {
+    pub(super) fn new(json: bool, bars: bool, stdout: O, stderr: E) -> Self {
+        let target = if bars {
+            ProgressDrawTarget::stderr()
+        } else {
+            ProgressDrawTarget::hidden()
+        };
+        Out {
+            json,
+            multi: MultiProgress::with_draw_target(target),
+            live: HashMap::new(),
+            stdout,
+            stderr,
+        }
+    }
+
+    /// A line on stderr, above the bars.
+    fn line(&mut self, text: &str) {
+        let err = &mut self.stderr;
+        self.multi.suspend(|| {
+            let _ = writeln!(err, "{text}");
+            let _ = err.flush();
+        });
+    }
+
+    /// A line of the event stream (with `--json` only).
+    fn emit(&mut self, mut v: Value) {
+        if !self.json {
+            return;
+        }
+        if let Some(o) = v.as_object_mut() {
+            o.entry("v").or_insert(json!(SCHEMA_VERSION));
+        }
+        let _ = writeln!(self.stdout, "{v}");
+        let _ = self.stdout.flush();
+    }
+
+    pub(super) fn handle(&mut self, e: Event, now: Instant) {
+        match e {
+            Event::Say(text) => {
+                self.line(&text);
+                self.emit(json!({"type": "message", "text": text}));
+            }
+            Event::Warn(text) => {
+                self.line(&format!("warning: {text}"));
+                self.emit(json!({"type": "warning", "text": text}));
+            }
+            Event::Log { level, text } => {
+                self.line(&text);
+                let plain = strip_ansi(&text);
+                // fmt's own level word starts the line; the event has it.
+                let plain = plain.trim_start();
+                let plain = plain
+                    .strip_prefix(level.as_str())
+                    .unwrap_or(plain)
+                    .trim_start();
+                self.emit(json!({"type": "log", "level": level, "text": plain}));
+            }
+            Event::Step {
+                step,
+                state,
+                seconds,
+            } => {
+                if state == "started" {
+                    self.line(&format!("== {step}"));
+                }
+                let mut v = json!({"type": "step", "step": step, "state": state});
+                if let Some(s) = seconds {
+                    v["seconds"] = json!(round3(s));
+                }
+                self.emit(v);
+            }
+            Event::BarStart { id, what, state } => self.bar_start(id, what, state, now),
+            Event::BarEnd { id } => self.bar_end(id, now),
+            Event::Data { json, human } => {
+                if self.json {
+                    self.emit(json);
+                } else if let Some(h) = human {
+                    let out = &mut self.stdout;
+                    self.multi.suspend(|| {
+                        let _ = write!(out, "{h}");
+                        let _ = out.flush();
+                    });
+                }
+            }
+            Event::Ask { question, reply } => {
+                let err = &mut self.stderr;
+                let answer = self.multi.suspend(|| {
+                    let _ = write!(err, "{question}");
+                    let _ = err.flush();
+                    let mut a = String::new();
+                    std::io::stdin().read_line(&mut a).map(|_| a)
+                });
+                let _ = reply.send(answer);
+            }
+            Event::Failed { message, exit_code } => {
+                self.line(&format!("drydock: {message}"));
+                self.emit(json!({"type": "error", "exit_code": exit_code, "message": message}));
+            }
+            Event::Stop => {}
+        }
+    }
+
+    fn bar_start(&mut self, id: u64, what: String, state: Arc<BarState>, now: Instant) {
+        let total = state.total.load(Ordering::Relaxed);
+        let done = state.done.load(Ordering::Relaxed);
+        let pb = self.multi.add(ProgressBar::new(total));
+        let style = ProgressStyle::with_template(
+            "{msg:8} [{bar:30}] {bytes}/{total_bytes} {binary_bytes_per_sec} ETA {eta}",
+        )
+        .expect("valid template")
+        .progress_chars("=> ");
+        pb.set_style(style);
+        pb.set_message(what.clone());
+        pb.set_position(done);
+        pb.reset_eta();
+        pb.enable_steady_tick(Duration::from_millis(250));
+        self.live.insert(
+            id,
+            Live {
+                what,
+                state,
+                pb,
+                started: now,
+                start_done: done,
+                last_sent: None,
+            },
+        );
+    }
+
+    fn bar_end(&mut self, id: u64, now: Instant) {
+        if let Some(l) = self.live.remove(&id) {
+            let done = l.state.done.load(Ordering::Relaxed);
+            l.pb.set_position(done);
+            l.pb.finish_and_clear();
+            self.multi.remove(&l.pb);
+            if self.json {
+                let v = progress(&l, done, now);
+                self.emit(v);
+            }
+        }
+    }
+
+    /// Bars follow their counters; with `--json`, a "progress" event per
+    /// bar that moved, at most every PROGRESS_EVERY.
+    pub(super) fn tick(&mut self, now: Instant) {
+        let mut lines = Vec::new();
+        for l in self.live.values_mut() {
+            let done = l.state.done.load(Ordering::Relaxed);
+            let total = l.state.total.load(Ordering::Relaxed);
+            l.pb.set_length(total);
+            l.pb.set_position(done);
+            let due = match l.last_sent {
+                None => now.duration_since(l.started) >= PROGRESS_EVERY,
+                Some((at, sent)) => now.duration_since(at) >= PROGRESS_EVERY && sent != done,
+            };
+            if self.json && due {
+                lines.push(progress(l, done, now));
+                l.last_sent = Some((now, done));
+            }
+        }
+        for v in lines {
+            self.emit(v);
+        }
+    }
+
+    fn end_all(&mut self, now: Instant) {
+        let ids: Vec<u64> = self.live.keys().copied().collect();
+        for id in ids {
+            self.bar_end(id, now);
+        }
+    }
+}
+
+fn progress(l: &Live, done: u64, now: Instant) -> Value {
+    let total = l.state.total.load(Ordering::Relaxed);
+    let secs = now.duration_since(l.started).as_secs_f64();
+    let rate = if secs > 0.0 {
+        done.saturating_sub(l.start_done) as f64 / secs
+    } else {
+        0.0
+    };
+    let eta = (rate > 0.0).then(|| round3(total.saturating_sub(done) as f64 / rate));
+    json!({
+        "type": "progress",
+        "what": l.what,
+        "bytes_done": done,
+        "bytes_total": total,
+        "bytes_per_second": rate.round() as u64,
+        "eta_seconds": eta,
+        "seconds": round3(secs),
+    })
+}
+
+fn round3(s: f64) -> f64 {
+    (s * 1000.0).round() / 1000.0
+}
+
+/// TEXT without terminal colour sequences (ESC [ … letter).
+fn strip_ansi(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    let mut chars = text.chars().peekable();
+    while let Some(c) = chars.next() {
+        if c == '\u{1b}' && chars.peek() == Some(&'[') {
+            chars.next();
+            for d in chars.by_ref() {
+                if d.is_ascii_alphabetic() {
+                    break;
+                }
+            }
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::AtomicU64;
+
+    fn out(json: bool) -> Out<Vec<u8>, Vec<u8>> {
+        Out::new(json, false, Vec::new(), Vec::new())
+    }
+
+    fn lines(o: &Out<Vec<u8>, Vec<u8>>) -> Vec<Value> {
+        String::from_utf8_lossy(&o.stdout)
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}")))
+            .collect()
+    }
+
+    #[test]
+    fn every_line_of_the_stream_has_the_version_and_a_type() {
+        let mut o = out(true);
+        let t = Instant::now();
+        o.handle(Event::Say("hello".into()), t);
+        o.handle(Event::Warn("careful".into()), t);
+        o.handle(
+            Event::Step {
+                step: "pull".into(),
+                state: "finished",
+                seconds: Some(1.23456),
+            },
+            t,
+        );
+        o.handle(
+            Event::Log {
+                level: "INFO".into(),
+                text: "\u{1b}[32m INFO\u{1b}[0m recorded the host key".into(),
+            },
+            t,
+        );
+        o.handle(
+            Event::Failed {
+                message: "no".into(),
+                exit_code: 3,
+            },
+            t,
+        );
+        let l = lines(&o);
+        assert_eq!(
+            l,
+            vec![
+                json!({"v": 1, "type": "message", "text": "hello"}),
+                json!({"v": 1, "type": "warning", "text": "careful"}),
+                json!({"v": 1, "type": "step", "step": "pull", "state": "finished", "seconds": 1.235}),
+                json!({"v": 1, "type": "log", "level": "INFO", "text": "recorded the host key"}),
+                json!({"v": 1, "type": "error", "exit_code": 3, "message": "no"}),
+            ]
+        );
+        // stderr stays for people in --json mode too.
+        assert_eq!(
+            String::from_utf8_lossy(&o.stderr),
+            "hello\nwarning: careful\n\u{1b}[32m INFO\u{1b}[0m recorded the host key\ndrydock: no\n"
+        );
+    }
+
+    #[test]
+    fn progress_is_sent_at_most_twice_a_second_and_always_at_the_end() {
+        let mut o = out(true);
+        let t0 = Instant::now();
+        let st = Arc::new(BarState {
+            done: AtomicU64::new(1000),
+            total: AtomicU64::new(10_000),
+        });
+        o.handle(
+            Event::BarStart {
+                id: 7,
+                what: "pull".into(),
+                state: st.clone(),
+            },
+            t0,
+        );
+        // Ticks every 100 ms for 2 s, the counter moving each time.
+        for i in 1..=20u64 {
+            st.done.store(1000 + i * 100, Ordering::Relaxed);
+            o.tick(t0 + Duration::from_millis(100 * i));
+        }
+        st.done.store(4000, Ordering::Relaxed);
+        o.handle(Event::BarEnd { id: 7 }, t0 + Duration::from_millis(2050));
+        let l = lines(&o);
+        assert_eq!(l.len(), 5, "{l:?}"); // at 0.5, 1.0, 1.5, 2.0 s, and the end
+        assert_eq!(l[0]["bytes_done"], 1500);
+        assert_eq!(l[0]["bytes_per_second"], 1000); // resumed bytes not counted
+        assert_eq!(l[0]["eta_seconds"], 8.5);
+        assert_eq!(l[4]["bytes_done"], 4000);
+        assert_eq!(l[4]["bytes_total"], 10_000);
+        assert!(
+            l.iter()
+                .all(|v| v["type"] == "progress" && v["what"] == "pull")
+        );
+    }
+
+    #[test]
+    fn a_bar_that_does_not_move_sends_no_more_progress() {
+        let mut o = out(true);
+        let t0 = Instant::now();
+        let st = Arc::new(BarState {
+            done: AtomicU64::new(0),
+            total: AtomicU64::new(10),
+        });
+        o.handle(
+            Event::BarStart {
+                id: 1,
+                what: "push".into(),
+                state: st,
+            },
+            t0,
+        );
+        for i in 1..=30u64 {
+            o.tick(t0 + Duration::from_millis(100 * i));
+        }
+        assert_eq!(lines(&o).len(), 1);
+    }
+
+    #[test]
+    fn without_json_the_result_is_its_text_and_stdout_has_nothing_else() {
+        let mut o = out(false);
+        let t = Instant::now();
+        o.handle(Event::Say("working".into()), t);
+        o.handle(
+            Event::Data {
+                json: json!({"type": "result"}),
+                human: Some("pulled it\n".into()),
+            },
+            t,
+        );
+        assert_eq!(String::from_utf8_lossy(&o.stdout), "pulled it\n");
+        assert_eq!(String::from_utf8_lossy(&o.stderr), "working\n");
+    }
+}
