@@ -321,6 +321,47 @@ const ETC_STATE: &str = "find /etc -xdev \\( -type f -o -type l \\) ! -name dryd
      find /etc -xdev -type f ! -name drydock-was-here ! -name motd -print0 | sort -z | xargs -0 sha256sum";
 
 /// A report's list of strings (held_back, allowed_hosts, ...).
+/// The `--json` stream of a run: STEPS in order, each "started" then
+/// "finished" with its seconds, nothing "failed"; progress of the pull or
+/// the push when those ran.
+fn assert_steps(o: &std::process::Output, steps: &[&str]) {
+    let ev = events(o);
+    let seen: Vec<(String, String)> = ev
+        .iter()
+        .filter(|e| e["type"] == "step")
+        .map(|e| {
+            (
+                e["step"].as_str().unwrap().to_string(),
+                e["state"].as_str().unwrap().to_string(),
+            )
+        })
+        .collect();
+    let want: Vec<(String, String)> = steps
+        .iter()
+        .flat_map(|s| {
+            [
+                (s.to_string(), "started".into()),
+                (s.to_string(), "finished".into()),
+            ]
+        })
+        .collect();
+    assert_eq!(seen, want);
+    assert!(
+        ev.iter()
+            .filter(|e| e["type"] == "step" && e["state"] == "finished")
+            .all(|e| e["seconds"].is_f64())
+    );
+    for moving in ["pull", "push"] {
+        if steps.contains(&moving) {
+            assert!(
+                ev.iter()
+                    .any(|e| e["type"] == "progress" && e["what"] == moving),
+                "no {moving} progress"
+            );
+        }
+    }
+}
+
 fn str_list(r: &serde_json::Value, key: &str) -> Vec<String> {
     r[key]
         .as_array()
@@ -509,6 +550,9 @@ fn upgrade_killed_mid_upgrade_resumes_sealed_and_the_vps_comes_back_changed() {
     assert_stderr(&o, "resuming");
     let r = json(&o);
     eprintln!("{}", serde_json::to_string_pretty(&r).unwrap());
+    // The stream a wrapper follows: the steps left, each started then
+    // finished, the worker VM's overlay pushed with progress.
+    assert_steps(&o, &["upgrade", "push", "reboot", "check"]);
 
     // What a user checks on the VPS afterwards: the change, a new boot, rw again.
     assert_eq!(
@@ -1081,6 +1125,12 @@ fn zoo_upgrade_vps(vps: &Vps, fixture: &str, before: &str, check: &str) {
     let o = vps.upgrade_run(home.path(), CHANGE);
     eprintln!("{}", stderr(&o));
     assert_exit(&o, 0);
+    assert_steps(
+        &o,
+        &[
+            "probe", "freeze", "pull", "upgrade", "push", "reboot", "check",
+        ],
+    );
     let r = json(&o);
     let t = Instant::now();
     assert_eq!(

@@ -209,22 +209,7 @@ fn recv(input: &mut impl Read) -> Result<Msg, String> {
 fn session(input: &mut impl Read, out: &mut impl Write) -> Result<(), String> {
     send(out, &Msg::Hello { version: VERSION })?;
     out.flush().map_err(|e| e.to_string())?;
-    let (device, write) = match recv(input)? {
-        Msg::Open {
-            version,
-            device,
-            write,
-        } => {
-            if version != VERSION {
-                return Err(format!(
-                    "protocol version mismatch: this helper speaks version {VERSION}, drydock \
-                     sent version {version}; use the helper that comes with your drydock"
-                ));
-            }
-            (device, write)
-        }
-        m => return Err(format!("expected Open, got {}", m.name())),
-    };
+    let (device, write) = open_request(input)?;
     let disk = Disk::open(&device, write)?;
     send(
         out,
@@ -256,37 +241,7 @@ fn session(input: &mut impl Read, out: &mut impl Write) -> Result<(), String> {
                 read_blocks(&disk, first, end, &mut zbuf, c, out, &mut n)?;
             }
             Msg::HashBlocks { first, end, pages } => {
-                check_range(&disk, first, end)?;
-                for i in first..end {
-                    let len = disk.block_len(i);
-                    let off = i * BLOCK;
-                    let data: &[u8] = if disk.hole_end(off) >= off + len as u64 {
-                        let b = buf.get(len);
-                        b.fill(0);
-                        b
-                    } else {
-                        n.read += len as u64;
-                        disk.read_at(&mut buf, off, len)?
-                    };
-                    let hash = if proto::is_zero(data) {
-                        zero_hash(len)
-                    } else {
-                        proto::sha256(data)
-                    };
-                    let pages = if pages {
-                        proto::page_hashes(data)
-                    } else {
-                        Vec::new()
-                    };
-                    send(
-                        out,
-                        &Msg::BlockHash {
-                            index: i,
-                            hash,
-                            pages,
-                        },
-                    )?;
-                }
+                hash_blocks(&disk, (first, end), pages, &mut buf, out, &mut n)?;
             }
             Msg::Write {
                 offset,
@@ -297,32 +252,13 @@ fn session(input: &mut impl Read, out: &mut impl Write) -> Result<(), String> {
                 if !write {
                     return Err("a Write on a disk opened for reading".into());
                 }
-                let n_len = len as usize;
-                if n_len > BLOCK as usize
-                    || offset.checked_add(len as u64).is_none_or(|e| e > disk.size)
-                {
-                    return Err(format!(
-                        "a write of {len} bytes at byte {offset} does not fit a disk of {} bytes",
-                        disk.size
-                    ));
-                }
-                let dst = buf.get(n_len);
-                let got = decompressor
-                    .decompress_to_buffer(&data, dst)
-                    .map_err(|e| format!("the data for byte {offset} does not decompress: {e}"))?;
-                if got != n_len || proto::sha256(&dst[..n_len]) != hash {
-                    return Err(format!(
-                        "the data for byte {offset} arrived damaged (its hash does not match); nothing of it was written"
-                    ));
-                }
-                disk.write_at(&mut buf, offset, n_len)?;
-                n.written += len as u64;
-                let again = disk.read_at(&mut back, offset, n_len)?;
-                if proto::sha256(again) != hash {
-                    return Err(format!(
-                        "reading back the {len} bytes written at byte {offset} gives other data: the disk does not keep what is written"
-                    ));
-                }
+                let w = Patch {
+                    offset,
+                    len,
+                    hash,
+                    data: &data,
+                };
+                write_checked(&disk, w, (&mut buf, &mut back), &mut decompressor, &mut n)?;
                 send(out, &Msg::Written { offset, len })?;
             }
             Msg::Finish => {
@@ -342,6 +278,121 @@ fn session(input: &mut impl Read, out: &mut impl Write) -> Result<(), String> {
     }
 }
 
+/// drydock's Open: the device and whether to write, in this protocol's
+/// version.
+fn open_request(input: &mut impl Read) -> Result<(String, bool), String> {
+    match recv(input)? {
+        Msg::Open {
+            version,
+            device,
+            write,
+        } => {
+            if version != VERSION {
+                return Err(format!(
+                    "protocol version mismatch: this helper speaks version {VERSION}, drydock \
+                     sent version {version}; use the helper that comes with your drydock"
+                ));
+            }
+            Ok((device, write))
+        }
+        m => Err(format!("expected Open, got {}", m.name())),
+    }
+}
+
+/// A BlockHash for each block of [first, end): its SHA-256 (and its pages'
+/// when PAGES); holes are not read.
+fn hash_blocks(
+    disk: &Disk,
+    (first, end): (u64, u64),
+    pages: bool,
+    buf: &mut Aligned,
+    out: &mut impl Write,
+    n: &mut Counters,
+) -> Result<(), String> {
+    check_range(disk, first, end)?;
+    for i in first..end {
+        let len = disk.block_len(i);
+        let off = i * BLOCK;
+        let data: &[u8] = if disk.hole_end(off) >= off + len as u64 {
+            let b = buf.get(len);
+            b.fill(0);
+            b
+        } else {
+            n.read += len as u64;
+            disk.read_at(buf, off, len)?
+        };
+        let hash = if proto::is_zero(data) {
+            zero_hash(len)
+        } else {
+            proto::sha256(data)
+        };
+        let pages = if pages {
+            proto::page_hashes(data)
+        } else {
+            Vec::new()
+        };
+        send(
+            out,
+            &Msg::BlockHash {
+                index: i,
+                hash,
+                pages,
+            },
+        )?;
+    }
+    Ok(())
+}
+
+/// One Write's fields.
+struct Patch<'a> {
+    offset: u64,
+    len: u32,
+    hash: [u8; 32],
+    data: &'a [u8],
+}
+
+/// W's data decompressed, checked against its hash, written, read back
+/// and checked again; nothing is written from data that arrived damaged.
+fn write_checked(
+    disk: &Disk,
+    w: Patch<'_>,
+    (buf, back): (&mut Aligned, &mut Aligned),
+    decompressor: &mut zstd::bulk::Decompressor<'static>,
+    n: &mut Counters,
+) -> Result<(), String> {
+    let Patch {
+        offset,
+        len,
+        hash,
+        data,
+    } = w;
+    let n_len = len as usize;
+    if n_len > BLOCK as usize || offset.checked_add(len as u64).is_none_or(|e| e > disk.size) {
+        return Err(format!(
+            "a write of {len} bytes at byte {offset} does not fit a disk of {} bytes",
+            disk.size
+        ));
+    }
+    let dst = buf.get(n_len);
+    let got = decompressor
+        .decompress_to_buffer(data, dst)
+        .map_err(|e| format!("the data for byte {offset} does not decompress: {e}"))?;
+    if got != n_len || proto::sha256(&dst[..n_len]) != hash {
+        return Err(format!(
+            "the data for byte {offset} arrived damaged (its hash does not match); nothing of it was written"
+        ));
+    }
+    disk.write_at(buf, offset, n_len)?;
+    n.written += len as u64;
+    let again = disk.read_at(back, offset, n_len)?;
+    if proto::sha256(again) != hash {
+        return Err(format!(
+            "reading back the {len} bytes written at byte {offset} gives other data: the disk does not keep what is written"
+        ));
+    }
+    Ok(())
+}
+
 fn check_range(disk: &Disk, first: u64, end: u64) -> Result<(), String> {
     if first > end || end > disk.size.div_ceil(BLOCK) {
         return Err(format!(
@@ -356,6 +407,57 @@ fn check_range(disk: &Disk, first: u64, end: u64) -> Result<(), String> {
 enum Item {
     Zero(u64),
     Data(u64, Aligned, usize, Hash),
+}
+
+/// The reading half of `read_blocks`, on a thread of its own: each block
+/// of [first, end) read (holes and blocks of zeros as `Item::Zero`) into a
+/// buffer from BACK and sent on TX with its hash, until the end, an error
+/// (sent) or the sender's end going away. Gives the bytes it read.
+fn read_ahead(
+    disk: &Disk,
+    (first, end): (u64, u64),
+    tx: std::sync::mpsc::SyncSender<Result<Item, String>>,
+    back: std::sync::mpsc::Receiver<Aligned>,
+) -> u64 {
+    let mut read = 0u64;
+    let mut hole_until = 0u64;
+    let mut spare: Option<Aligned> = None;
+    for i in first..end {
+        let len = disk.block_len(i);
+        let off = i * BLOCK;
+        if hole_until <= off {
+            hole_until = disk.hole_end(off);
+        }
+        let item = if hole_until >= off + len as u64 {
+            Ok(Item::Zero(i))
+        } else {
+            let mut buf = match spare.take() {
+                Some(b) => b,
+                None => match back.recv() {
+                    Ok(b) => b,
+                    Err(_) => return read,
+                },
+            };
+            match disk.read_at(&mut buf, off, len) {
+                Err(e) => Err(e),
+                Ok(data) if proto::is_zero(data) => {
+                    read += len as u64;
+                    spare = Some(buf);
+                    Ok(Item::Zero(i))
+                }
+                Ok(data) => {
+                    read += len as u64;
+                    let hash = proto::sha256(data);
+                    Ok(Item::Data(i, buf, len, hash))
+                }
+            }
+        };
+        let stop = item.is_err();
+        if tx.send(item).is_err() || stop {
+            return read;
+        }
+    }
+    read
 }
 
 /// Blocks [first, end) to drydock. A reader thread reads (skipping a
@@ -378,47 +480,7 @@ fn read_blocks(
         back_tx.send(Aligned::new(BLOCK as usize)).expect("open");
     }
     std::thread::scope(|scope| {
-        let reader = scope.spawn(move || -> u64 {
-            let mut read = 0u64;
-            let mut hole_until = 0u64;
-            let mut spare: Option<Aligned> = None;
-            for i in first..end {
-                let len = disk.block_len(i);
-                let off = i * BLOCK;
-                if hole_until <= off {
-                    hole_until = disk.hole_end(off);
-                }
-                let item = if hole_until >= off + len as u64 {
-                    Ok(Item::Zero(i))
-                } else {
-                    let mut buf = match spare.take() {
-                        Some(b) => b,
-                        None => match back_rx.recv() {
-                            Ok(b) => b,
-                            Err(_) => return read,
-                        },
-                    };
-                    match disk.read_at(&mut buf, off, len) {
-                        Err(e) => Err(e),
-                        Ok(data) if proto::is_zero(data) => {
-                            read += len as u64;
-                            spare = Some(buf);
-                            Ok(Item::Zero(i))
-                        }
-                        Ok(data) => {
-                            read += len as u64;
-                            let hash = proto::sha256(data);
-                            Ok(Item::Data(i, buf, len, hash))
-                        }
-                    }
-                };
-                let stop = item.is_err();
-                if tx.send(item).is_err() || stop {
-                    return read;
-                }
-            }
-            read
-        });
+        let reader = scope.spawn(move || read_ahead(disk, (first, end), tx, back_rx));
         let mut zero_from: Option<u64> = None;
         let res = (|| {
             for item in rx.iter() {

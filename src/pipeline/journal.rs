@@ -33,6 +33,20 @@ pub const STEPS: &[Step] = &[
 ];
 
 impl Step {
+    /// As the journal and the `--json` "step" event name it.
+    pub fn key(self) -> &'static str {
+        match self {
+            Step::Probe => "probe",
+            Step::Freeze => "freeze",
+            Step::Pull => "pull",
+            Step::Upgrade => "upgrade",
+            Step::Push => "push",
+            Step::Reboot => "reboot",
+            Step::Check => "check",
+        }
+    }
+
+    /// As people read it.
     pub fn name(self) -> &'static str {
         match self {
             Step::Probe => "probe",

@@ -228,7 +228,7 @@ pub async fn resume(dir: &Path, ui: &Ui) -> Result<Report> {
 
 async fn drive(dir: &Path, mut j: Journal, ui: &Ui, accept_new: bool) -> Result<Report> {
     while let Some(step) = j.next_step() {
-        ui.step_started(step.name());
+        ui.step_started(step.key(), step.name());
         let t0 = Instant::now();
         let res = tokio::select! {
             biased;
@@ -236,7 +236,7 @@ async fn drive(dir: &Path, mut j: Journal, ui: &Ui, accept_new: bool) -> Result<
             // The context below names the run, resume and abort once.
             sig = ui.interrupted() => Err(Interrupted(Ui::interrupted_text(sig)).into()),
         };
-        ui.step_ended(step.name(), res.is_ok(), t0.elapsed().as_secs_f64());
+        ui.step_ended(step.key(), res.is_ok(), t0.elapsed().as_secs_f64());
         if step == Step::Probe
             && let Err(e) = res
         {

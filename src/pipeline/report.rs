@@ -160,6 +160,8 @@ pub struct DryRun {
 }
 
 impl DryRun {
+    /// Long but flat: the plan's paragraphs in the order a user reads
+    /// them, each a few lines of text with no logic between.
     pub fn human(&self) -> String {
         use std::fmt::Write;
         let (host, dev) = (&self.host, &self.device);

@@ -184,6 +184,9 @@ pub fn parse_mountinfo(lines: &[String]) -> Vec<Mount> {
         .collect()
 }
 
+/// The facts script's answer, section by section. Long but flat: one
+/// short block per section of the script, in the script's order, so the
+/// two read side by side.
 pub fn parse(text: &str) -> Result<Facts> {
     let s = sections(text);
     anyhow::ensure!(

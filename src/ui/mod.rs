@@ -93,19 +93,22 @@ impl Ui {
         self.send(Event::Warn(msg.into()));
     }
 
-    /// A step of a run began ("== NAME" on stderr; a "step" event).
-    pub fn step_started(&self, step: &str) {
+    /// A step of a run began ("== NAME" on stderr; a "step" event with
+    /// the step's KEY and NAME).
+    pub fn step_started(&self, key: &str, name: &str) {
         self.send(Event::Step {
-            step: step.to_string(),
+            step: key.to_string(),
+            name: name.to_string(),
             state: "started",
             seconds: None,
         });
     }
 
     /// A step of a run ended, well or not, after SECONDS.
-    pub fn step_ended(&self, step: &str, ok: bool, seconds: f64) {
+    pub fn step_ended(&self, key: &str, ok: bool, seconds: f64) {
         self.send(Event::Step {
-            step: step.to_string(),
+            step: key.to_string(),
+            name: String::new(),
             state: if ok { "finished" } else { "failed" },
             seconds: Some(seconds),
         });

@@ -26,6 +26,8 @@ pub(crate) enum Event {
     },
     Step {
         step: String,
+        /// For people; only when it starts.
+        name: String,
         state: &'static str,
         seconds: Option<f64>,
     },
@@ -156,13 +158,15 @@ impl<O: Write, E: Write> Out<O, E> {
             }
             Event::Step {
                 step,
+                name,
                 state,
                 seconds,
             } => {
-                if state == "started" {
-                    self.line(&format!("== {step}"));
-                }
                 let mut v = json!({"type": "step", "step": step, "state": state});
+                if state == "started" {
+                    self.line(&format!("== {name}"));
+                    v["name"] = json!(name);
+                }
                 if let Some(s) = seconds {
                     v["seconds"] = json!(round3(s));
                 }
@@ -338,6 +342,7 @@ mod tests {
         o.handle(
             Event::Step {
                 step: "pull".into(),
+                name: String::new(),
                 state: "finished",
                 seconds: Some(1.23456),
             },

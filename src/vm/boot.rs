@@ -121,7 +121,6 @@ fn free_port() -> Result<u16> {
 }
 
 pub async fn boot(opts: &BootOptions, ui: &Ui) -> Result<()> {
-    use std::os::unix::fs::DirBuilderExt;
     let memory_mib = cmdline::parse_memory(&opts.memory).with_context(|| {
         format!(
             "--memory {}: expected a size such as 4G or 2048M (at least 128M)",
@@ -131,11 +130,14 @@ pub async fn boot(opts: &BootOptions, ui: &Ui) -> Result<()> {
     if !opts.image.is_file() {
         anyhow::bail!("{} is not an image file", opts.image.display());
     }
-    std::fs::DirBuilder::new()
-        .recursive(true)
-        .mode(0o700)
-        .create(&opts.dir)
-        .with_context(|| format!("cannot create {}", opts.dir.display()))?;
+    {
+        use std::os::unix::fs::DirBuilderExt;
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(&opts.dir)
+            .with_context(|| format!("cannot create {}", opts.dir.display()))?;
+    }
     let accel = cmdline::detect_accel();
     if accel == Accel::Tcg {
         ui.warn("no usable KVM (no vmx/svm CPU flag, or /dev/kvm does not open): the VM runs under software emulation (TCG), several times slower");
@@ -145,60 +147,13 @@ pub async fn boot(opts: &BootOptions, ui: &Ui) -> Result<()> {
         None => Shape::default(),
     };
     let efi = efi_for(&shape, &opts.dir)?;
-    let recorded_dir = boot_dir(&opts.image);
-    let recorded: Option<(crate::remote::bootfiles::BootFiles, Recorded)> =
-        match crate::remote::bootfiles::BootFiles::load(&recorded_dir) {
-            Ok(b) => {
-                let text =
-                    std::fs::read_to_string(recorded_dir.join("seal.json")).unwrap_or_default();
-                serde_json::from_str(&text).ok().map(|r| (b, r))
-            }
-            Err(_) => None,
-        };
-    let direct = if opts.services {
-        None
-    } else {
-        let Some((b, r)) = &recorded else {
-            return Err(crate::refused!(
-                "{} has no recorded kernel ({} is written by `drydock pull`): drydock boot holds an image's services back by booting the kernel its VPS runs, with only SSH and the network started. Pull the disk with drydock, or boot with --services to let the image's own services run (its network stays sealed unless --network open)",
-                opts.image.display(),
-                recorded_dir.display()
-            ));
-        };
-        Some(super::cmdline::DirectBoot {
-            kernel: b.kernel.clone(),
-            initrd: b.initrd.clone(),
-            append: r.seal.kernel_cmdline(&b.cmdline)?,
-        })
-    };
+    let recorded = load_recorded(&opts.image);
+    let direct = direct_boot(opts, &recorded)?;
     let allowed: Vec<String> = recorded
         .as_ref()
         .map(|(_, r)| r.allowed_hosts.clone())
         .unwrap_or_default();
-    let proxy = if opts.network_open || allowed.is_empty() {
-        None
-    } else {
-        Some(super::proxy::Proxy::start(
-            &opts.dir.join("proxy.sock"),
-            &allowed,
-            &opts.dir.join("network.log"),
-        )?)
-    };
-    let proxy_ip = super::cmdline::proxy_addr(&shape);
-    let sealed = (!opts.network_open).then(|| super::cmdline::NetSeal {
-        proxy: proxy.as_ref().map(|p| {
-            let exe = std::env::current_exe().unwrap_or_else(|_| PathBuf::from("drydock"));
-            (
-                proxy_ip,
-                format!(
-                    "{} __relay {}",
-                    crate::ssh::shell_quote(&exe.to_string_lossy()),
-                    crate::ssh::shell_quote(&p.socket.to_string_lossy())
-                ),
-            )
-        }),
-        pcap: opts.dir.join("net.pcap"),
-    });
+    let (_proxy, sealed) = network(opts, &shape, &allowed)?;
     let overlay = opts.dir.join("overlay.qcow2");
     if !overlay.exists() {
         image::create_overlay(&opts.image, &overlay).await?;
@@ -222,39 +177,7 @@ pub async fn boot(opts: &BootOptions, ui: &Ui) -> Result<()> {
         sealed,
     };
     let mut vm = Vm::start(spec, opts.dir.join("qemu.stderr")).await?;
-    match (&recorded, opts.services) {
-        (_, true) => ui.say("services: the image's own services run (--services)"),
-        (Some((b, r)), false) => ui.say(format!(
-            "services: held back; its kernel {} booted directly with only {} started; held back: {}",
-            b.release,
-            r.seal.wants.join(" "),
-            r.seal.held_back.join(" ")
-        )),
-        (None, false) => {}
-    }
-    if opts.network_open {
-        ui.say("network: open (--network open): the VM reaches the internet");
-    } else if allowed.is_empty() {
-        ui.say("network: sealed; nothing but its SSH forward (no package sources recorded)");
-    } else {
-        ui.say(format!(
-            "network: sealed; allowed: {} (through http_proxy=http://{proxy_ip}:{}/)",
-            allowed.join(" "),
-            super::proxy::GUEST_PORT
-        ));
-    }
-    ui.say(format!(
-        "booting {} ({} MiB, {} CPUs, {}; {}); serial console in {}",
-        opts.image.display(),
-        memory_mib,
-        vm.spec.cpus,
-        if accel == Accel::Kvm { "KVM" } else { "TCG" },
-        vm.spec.shape.describe(),
-        vm.spec.serial_log.display()
-    ));
-    for n in &vm.spec.shape.notes {
-        ui.say(format!("note: {n}"));
-    }
+    say_what_runs(ui, opts, &recorded, &allowed, &vm, memory_mib);
     tokio::select! {
         r = vm.wait_for_ssh(opts.ready_within) => r?,
         sig = ui.interrupted() => {
@@ -284,14 +207,136 @@ pub async fn boot(opts: &BootOptions, ui: &Ui) -> Result<()> {
         "the guest is up; changes go to {} (the image is not written). Ctrl-C powers it off.",
         info.overlay.display()
     ));
-    // Run until Ctrl-C or until the guest powers itself off.
+    run_until_stopped(&mut vm, ui).await
+}
+
+/// What `drydock pull` recorded beside IMAGE: the VPS's kernel and seal.
+fn load_recorded(image: &Path) -> Option<(crate::remote::bootfiles::BootFiles, Recorded)> {
+    let dir = boot_dir(image);
+    let b = crate::remote::bootfiles::BootFiles::load(&dir).ok()?;
+    let text = std::fs::read_to_string(dir.join("seal.json")).unwrap_or_default();
+    serde_json::from_str(&text).ok().map(|r| (b, r))
+}
+
+/// The sealed boot: the VPS's own kernel started directly with the seal
+/// on its command line; none with `--services`. Refused without a
+/// recorded kernel.
+fn direct_boot(
+    opts: &BootOptions,
+    recorded: &Option<(crate::remote::bootfiles::BootFiles, Recorded)>,
+) -> Result<Option<cmdline::DirectBoot>> {
+    if opts.services {
+        return Ok(None);
+    }
+    let Some((b, r)) = recorded else {
+        return Err(crate::refused!(
+            "{} has no recorded kernel ({} is written by `drydock pull`): drydock boot holds an image's services back by booting the kernel its VPS runs, with only SSH and the network started. Pull the disk with drydock, or boot with --services to let the image's own services run (its network stays sealed unless --network open)",
+            opts.image.display(),
+            boot_dir(&opts.image).display()
+        ));
+    };
+    Ok(Some(cmdline::DirectBoot {
+        kernel: b.kernel.clone(),
+        initrd: b.initrd.clone(),
+        append: r.seal.kernel_cmdline(&b.cmdline)?,
+    }))
+}
+
+/// The guest's network: open, or sealed with (when package sources were
+/// recorded) the allow-listing proxy, which lives as long as the first
+/// value.
+fn network(
+    opts: &BootOptions,
+    shape: &Shape,
+    allowed: &[String],
+) -> Result<(Option<super::proxy::Proxy>, Option<cmdline::NetSeal>)> {
+    let proxy = if opts.network_open || allowed.is_empty() {
+        None
+    } else {
+        Some(super::proxy::Proxy::start(
+            &opts.dir.join("proxy.sock"),
+            allowed,
+            &opts.dir.join("network.log"),
+        )?)
+    };
+    let proxy_ip = cmdline::proxy_addr(shape);
+    let sealed = (!opts.network_open).then(|| cmdline::NetSeal {
+        proxy: proxy.as_ref().map(|p| {
+            let exe = std::env::current_exe().unwrap_or_else(|_| PathBuf::from("drydock"));
+            (
+                proxy_ip,
+                format!(
+                    "{} __relay {}",
+                    crate::ssh::shell_quote(&exe.to_string_lossy()),
+                    crate::ssh::shell_quote(&p.socket.to_string_lossy())
+                ),
+            )
+        }),
+        pcap: opts.dir.join("net.pcap"),
+    });
+    Ok((proxy, sealed))
+}
+
+/// What runs in the guest, its network, and where its console goes.
+fn say_what_runs(
+    ui: &Ui,
+    opts: &BootOptions,
+    recorded: &Option<(crate::remote::bootfiles::BootFiles, Recorded)>,
+    allowed: &[String],
+    vm: &Vm,
+    memory_mib: u64,
+) {
+    match (recorded, opts.services) {
+        (_, true) => ui.say("services: the image's own services run (--services)"),
+        (Some((b, r)), false) => ui.say(format!(
+            "services: held back; its kernel {} booted directly with only {} started; held back: {}",
+            b.release,
+            r.seal.wants.join(" "),
+            r.seal.held_back.join(" ")
+        )),
+        (None, false) => {}
+    }
+    if opts.network_open {
+        ui.say("network: open (--network open): the VM reaches the internet");
+    } else if allowed.is_empty() {
+        ui.say("network: sealed; nothing but its SSH forward (no package sources recorded)");
+    } else {
+        ui.say(format!(
+            "network: sealed; allowed: {} (through http_proxy=http://{}:{}/)",
+            allowed.join(" "),
+            cmdline::proxy_addr(&vm.spec.shape),
+            super::proxy::GUEST_PORT
+        ));
+    }
+    ui.say(format!(
+        "booting {} ({} MiB, {} CPUs, {}; {}); serial console in {}",
+        opts.image.display(),
+        memory_mib,
+        vm.spec.cpus,
+        if vm.spec.accel == Accel::Kvm {
+            "KVM"
+        } else {
+            "TCG"
+        },
+        vm.spec.shape.describe(),
+        vm.spec.serial_log.display()
+    ));
+    for n in &vm.spec.shape.notes {
+        ui.say(format!("note: {n}"));
+    }
+}
+
+/// Until a signal (the guest powered off, up to 60 s, then QEMU stopped)
+/// or until the guest powers itself off; the result says which.
+async fn run_until_stopped(vm: &mut Vm, ui: &Ui) -> Result<()> {
     loop {
         tokio::select! {
             _ = ui.interrupted() => {
                 ui.say("powering the guest off (up to 60 s, then forced)");
                 let clean = vm.power_off(Duration::from_secs(60)).await?;
                 ui.say(if clean { "the guest powered off" } else { "the guest did not power off in time: QEMU was stopped" });
-                return ui.result("boot", &serde_json::json!({"powered_off": if clean { "cleanly" } else { "forced" }}), String::new());
+                let how = if clean { "cleanly" } else { "forced" };
+                return ui.result("boot", &serde_json::json!({"powered_off": how}), String::new());
             }
             _ = tokio::time::sleep(Duration::from_millis(500)) => {
                 if !vm.is_running() {

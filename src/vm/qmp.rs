@@ -88,10 +88,29 @@ pub struct Qmp {
 
 const COMMAND_TIMEOUT: Duration = Duration::from_secs(30);
 
+/// Connect to the socket at PATH, waiting up to PATIENCE while it refuses:
+/// QEMU binds its socket (the file appears) a moment before it listens,
+/// and on a loaded machine a connection in between is refused (a zoo run
+/// lost a VPS boot to it).
+async fn connect_listening(path: &Path, patience: Duration) -> std::io::Result<UnixStream> {
+    let deadline = tokio::time::Instant::now() + patience;
+    loop {
+        match UnixStream::connect(path).await {
+            Err(e)
+                if e.kind() == std::io::ErrorKind::ConnectionRefused
+                    && tokio::time::Instant::now() < deadline =>
+            {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            r => return r,
+        }
+    }
+}
+
 impl Qmp {
     /// Connect to QEMU's QMP socket and leave capability negotiation done.
     pub async fn connect(path: &Path) -> Result<Qmp> {
-        let stream = UnixStream::connect(path)
+        let stream = connect_listening(path, Duration::from_secs(10))
             .await
             .with_context(|| format!("cannot connect to QEMU's QMP socket {}", path.display()))?;
         let (read, writer) = stream.into_split();
@@ -191,6 +210,54 @@ impl Qmp {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A socket bound but not yet listening (QEMU between bind and
+    /// listen), then listening: the connection waits for it.
+    #[tokio::test]
+    async fn a_socket_not_yet_listening_is_waited_for() {
+        use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("qmp.sock");
+        // SAFETY: plain system calls on a descriptor owned here; the
+        // address is a zeroed sockaddr_un with a path shorter than its
+        // sun_path.
+        let fd = unsafe {
+            let fd = OwnedFd::from_raw_fd(libc::socket(libc::AF_UNIX, libc::SOCK_STREAM, 0));
+            let mut addr: libc::sockaddr_un = std::mem::zeroed();
+            addr.sun_family = libc::AF_UNIX as libc::sa_family_t;
+            let p = path.as_os_str().as_encoded_bytes();
+            for (d, s) in addr.sun_path.iter_mut().zip(p) {
+                *d = *s as libc::c_char;
+            }
+            let len = std::mem::size_of::<libc::sockaddr_un>() as libc::socklen_t;
+            assert_eq!(
+                libc::bind(
+                    fd.as_raw_fd(),
+                    &addr as *const _ as *const libc::sockaddr,
+                    len
+                ),
+                0
+            );
+            fd
+        };
+        assert!(path.exists());
+        let listen_later = async {
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            // SAFETY: listen on the bound descriptor owned above.
+            assert_eq!(unsafe { libc::listen(fd.as_raw_fd(), 1) }, 0);
+        };
+        let (r, ()) = tokio::join!(
+            connect_listening(&path, Duration::from_secs(5)),
+            listen_later
+        );
+        r.expect("connected once it listened");
+        // And one that never listens is given up on.
+        drop(fd);
+        let e = connect_listening(&path, Duration::from_millis(100))
+            .await
+            .unwrap_err();
+        assert_eq!(e.kind(), std::io::ErrorKind::ConnectionRefused);
+    }
 
     #[test]
     fn classifies_every_kind_of_line() {

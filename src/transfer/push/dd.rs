@@ -7,7 +7,6 @@ use std::fs::File;
 use std::os::unix::fs::FileExt;
 
 use anyhow::{Context, Result, bail};
-use russh::ChannelMsg;
 use sha2::{Digest, Sha256};
 
 use super::{Preflight, PushOptions, PushReport, Range, range_bytes, ranges, save_manifest};
@@ -301,30 +300,20 @@ async fn write_ranges(
     channel.eof().await.ok();
     bar.finish();
 
-    let mut stdout = String::new();
-    let mut stderr = String::new();
-    let mut status = None;
-    while let Some(msg) = channel.wait().await {
-        match msg {
-            ChannelMsg::Data { data } => stdout.push_str(&String::from_utf8_lossy(&data)),
-            ChannelMsg::ExtendedData { data, .. } => {
-                stderr.push_str(&String::from_utf8_lossy(&data))
-            }
-            ChannelMsg::ExitStatus { exit_status } => status = Some(exit_status),
-            _ => {}
-        }
-    }
-    if status != Some(0) {
+    // The writer's answer: a line per range read back, its exit status.
+    let out = crate::ssh::collect(&mut channel).await?;
+    let stdout = out.stdout_str();
+    if out.status != Some(0) {
         bail!(
             "the writer on {} failed ({}) after writing part of {}: the disk is now partly \
              written. Run the same push again to finish it (blocks already written are \
              recognised); the writer said:\n  {}",
             session.host(),
-            status
-                .map(|s| format!("exit status {s}"))
-                .unwrap_or("connection lost".into()),
+            out.describe_end(),
             dev.path,
-            stderr.trim().replace('\n', "\n  ")
+            String::from_utf8_lossy(&out.stderr)
+                .trim()
+                .replace('\n', "\n  ")
         );
     }
     let got: Vec<(u64, String)> = stdout

@@ -94,103 +94,13 @@ async fn push_with(
     remote: &Remote,
     ui: &Ui,
 ) -> Result<Counts> {
-    let (dev, base, new, proven) = (&pf.dev, pf.base.as_ref(), &pf.new, pf.proven);
-    let size = new.size;
-    let nblocks = block_count(size);
+    let dev = &pf.dev;
     let mut link = Link::start(session, remote).await?;
-    link.send(
-        drydock_helper::proto::Msg::Open {
-            version: drydock_helper::proto::VERSION,
-            device: dev.path.clone(),
-            write: true,
-        }
-        .encode(),
-    )
-    .await?;
-    match link.recv().await? {
-        drydock_helper::proto::Msg::Opened { size: s, .. } if s == dev.size => {}
-        drydock_helper::proto::Msg::Opened { size: s, .. } => bail!(
-            "the helper sees {} as {s} bytes where drydock saw {}",
-            dev.path,
-            dev.size
-        ),
-        m => bail!("the helper answered Open with {}", m.name()),
-    }
-
-    // Which blocks to look at page by page.
-    let mut candidates: Vec<u64> = match base {
-        Some(b) if proven => (0..nblocks)
-            .filter(|&i| b.blocks[i as usize] != new.blocks[i as usize])
-            .collect(),
-        Some(b) => {
-            // No proof that the disk is untouched: hash all of it on the
-            // host (blocks of zeros cost no hashing there).
-            let bar = ui.bytes_bar(size, "check");
-            let mut out = Vec::new();
-            let answers = hash_blocks(&mut link, &[(0, nblocks)], false, |i, h, _| {
-                bar.inc(block_len(size, i));
-                let (old, neu) = (&b.blocks[i as usize], &new.blocks[i as usize]);
-                if helper::same(h, neu) {
-                    // Already written (an earlier push), or unchanged.
-                } else if helper::same(h, old) || opts.base_image.is_some() {
-                    out.push(i);
-                } else {
-                    return Err(format!(
-                        "block {i} (byte {}) differs from both the manifest and the image",
-                        i * BLOCK_SIZE
-                    ));
-                }
-                Ok(())
-            })
-            .await;
-            bar.finish();
-            refuse_changed(answers, dev, session)?;
-            out
-        }
-        None => (0..nblocks).collect(),
-    };
-    candidates.sort_unstable();
-
-    // Page hashes of the candidates, and what to write.
+    open_device(&mut link, dev).await?;
+    let candidates = candidates(&mut link, pf, opts, session, ui).await?;
     let image =
         File::open(&opts.image).with_context(|| format!("cannot open {}", opts.image.display()))?;
-    let base_img = match &opts.base_image {
-        Some(p) => Some(File::open(p).with_context(|| format!("cannot open {}", p.display()))?),
-        None => None,
-    };
-    let runs: Vec<(u64, u64)> = ranges(&candidates)
-        .iter()
-        .map(|r| (r.first, r.first + r.count))
-        .collect();
-    let mut patches: Vec<Patch> = Vec::new();
-    let bar = ui.bytes_bar(candidates.len() as u64 * BLOCK_SIZE, "compare");
-    let mut nb = vec![0u8; BLOCK_SIZE as usize];
-    let mut bb = vec![0u8; BLOCK_SIZE as usize];
-    let answers = hash_blocks(&mut link, &runs, true, |i, h, pages| {
-        bar.inc(BLOCK_SIZE);
-        let len = block_len(size, i) as usize;
-        image
-            .read_exact_at(&mut nb[..len], i * BLOCK_SIZE)
-            .map_err(|e| format!("cannot read the image: {e}"))?;
-        let base_block = match &base_img {
-            Some(f) => {
-                f.read_exact_at(&mut bb[..len], i * BLOCK_SIZE)
-                    .map_err(|e| format!("cannot read the base image: {e}"))?;
-                Some(&bb[..len])
-            }
-            None => None,
-        };
-        let old = match base {
-            Some(b) => Some(manifest::from_hex(&b.blocks[i as usize]).map_err(|e| e.to_string())?),
-            None => None,
-        };
-        let p = helper::plan_block(i, h, pages, old.as_ref(), &nb[..len], base_block)?;
-        patches.extend(p);
-        Ok(())
-    })
-    .await;
-    bar.finish();
-    refuse_changed(answers, dev, session)?;
+    let patches = plan(&mut link, pf, opts, &image, &candidates, session, ui).await?;
 
     let total: u64 = patches.iter().map(|p| p.len as u64).sum();
     if patches.is_empty() {
@@ -210,8 +120,160 @@ async fn push_with(
         ))
         .await?;
     }
+    let done = send(&mut link, &image, &patches, total, dev, ui).await?;
+    if !patches.is_empty() {
+        ui.say(format!(
+            "wrote, read back and checked {} in {} ranges on {} (helper peak memory {})",
+            human_bytes(total),
+            patches.len(),
+            dev.path,
+            human_bytes(done.peak_rss_kib * 1024)
+        ));
+    }
+    Ok(Counts {
+        bytes_on_wire: link.sent,
+        bytes_written: done.bytes_written,
+        page_bytes: total,
+        ranges: patches.len(),
+        done,
+    })
+}
 
-    // Send the pages, at most WRITE_WINDOW bytes unconfirmed.
+/// The helper opens DEV for writing and sees the size drydock saw.
+async fn open_device(link: &mut Link, dev: &Device) -> Result<()> {
+    link.send(
+        drydock_helper::proto::Msg::Open {
+            version: drydock_helper::proto::VERSION,
+            device: dev.path.clone(),
+            write: true,
+        }
+        .encode(),
+    )
+    .await?;
+    match link.recv().await? {
+        drydock_helper::proto::Msg::Opened { size: s, .. } if s == dev.size => Ok(()),
+        drydock_helper::proto::Msg::Opened { size: s, .. } => bail!(
+            "the helper sees {} as {s} bytes where drydock saw {}",
+            dev.path,
+            dev.size
+        ),
+        m => bail!("the helper answered Open with {}", m.name()),
+    }
+}
+
+/// The blocks to look at page by page, in order: those the manifests say
+/// changed (the disk proven untouched since the pull), else those whose
+/// hash on the host differs from the new image's (refused if one differs
+/// from both), else every block.
+async fn candidates(
+    link: &mut Link,
+    pf: &Preflight,
+    opts: &PushOptions,
+    session: &Session,
+    ui: &Ui,
+) -> Result<Vec<u64>> {
+    let (base, new) = (pf.base.as_ref(), &pf.new);
+    let size = new.size;
+    let nblocks = block_count(size);
+    let mut out: Vec<u64> = match base {
+        Some(b) if pf.proven => (0..nblocks)
+            .filter(|&i| b.blocks[i as usize] != new.blocks[i as usize])
+            .collect(),
+        Some(b) => {
+            // No proof that the disk is untouched: hash all of it on the
+            // host (blocks of zeros cost no hashing there).
+            let bar = ui.bytes_bar(size, "check");
+            let mut out = Vec::new();
+            let answers = hash_blocks(link, &[(0, nblocks)], false, |i, h, _| {
+                bar.inc(block_len(size, i));
+                let (old, neu) = (&b.blocks[i as usize], &new.blocks[i as usize]);
+                if helper::same(h, neu) {
+                    // Already written (an earlier push), or unchanged.
+                } else if helper::same(h, old) || opts.base_image.is_some() {
+                    out.push(i);
+                } else {
+                    return Err(format!(
+                        "block {i} (byte {}) differs from both the manifest and the image",
+                        i * BLOCK_SIZE
+                    ));
+                }
+                Ok(())
+            })
+            .await;
+            bar.finish();
+            refuse_changed(answers, &pf.dev, session)?;
+            out
+        }
+        None => (0..nblocks).collect(),
+    };
+    out.sort_unstable();
+    Ok(out)
+}
+
+/// The pages of CANDIDATES to write: the host's page hashes of each block
+/// compared with IMAGE's (and the base image's, when the push is of a
+/// worker VM's overlay).
+#[allow(clippy::too_many_arguments)] // the push's parts, each used once
+async fn plan(
+    link: &mut Link,
+    pf: &Preflight,
+    opts: &PushOptions,
+    image: &File,
+    candidates: &[u64],
+    session: &Session,
+    ui: &Ui,
+) -> Result<Vec<Patch>> {
+    let size = pf.new.size;
+    let base_img = match &opts.base_image {
+        Some(p) => Some(File::open(p).with_context(|| format!("cannot open {}", p.display()))?),
+        None => None,
+    };
+    let runs: Vec<(u64, u64)> = ranges(candidates)
+        .iter()
+        .map(|r| (r.first, r.first + r.count))
+        .collect();
+    let mut patches: Vec<Patch> = Vec::new();
+    let bar = ui.bytes_bar(candidates.len() as u64 * BLOCK_SIZE, "compare");
+    let mut nb = vec![0u8; BLOCK_SIZE as usize];
+    let mut bb = vec![0u8; BLOCK_SIZE as usize];
+    let answers = hash_blocks(link, &runs, true, |i, h, pages| {
+        bar.inc(BLOCK_SIZE);
+        let len = block_len(size, i) as usize;
+        image
+            .read_exact_at(&mut nb[..len], i * BLOCK_SIZE)
+            .map_err(|e| format!("cannot read the image: {e}"))?;
+        let base_block = match &base_img {
+            Some(f) => {
+                f.read_exact_at(&mut bb[..len], i * BLOCK_SIZE)
+                    .map_err(|e| format!("cannot read the base image: {e}"))?;
+                Some(&bb[..len])
+            }
+            None => None,
+        };
+        let old = match pf.base.as_ref() {
+            Some(b) => Some(manifest::from_hex(&b.blocks[i as usize]).map_err(|e| e.to_string())?),
+            None => None,
+        };
+        let p = helper::plan_block(i, h, pages, old.as_ref(), &nb[..len], base_block)?;
+        patches.extend(p);
+        Ok(())
+    })
+    .await;
+    bar.finish();
+    refuse_changed(answers, &pf.dev, session)?;
+    Ok(patches)
+}
+
+/// PATCHES sent (TOTAL bytes), at most WRITE_WINDOW bytes unconfirmed,
+/// each written, read back and checked by the helper; then its Finish.
+async fn send(
+    link: &mut Link,
+    image: &File,
+    patches: &[Patch],
+    total: u64,
+    dev: &Device,
+    ui: &Ui,
+) -> Result<helper::Done> {
     let bar = ui.bytes_bar(total, "push");
     let mut z = zstd::bulk::Compressor::new(helper::PUSH_LEVEL)?;
     let mut in_flight: std::collections::VecDeque<Patch> = Default::default();
@@ -228,7 +290,7 @@ async fn push_with(
         if next < patches.len() && in_flight_bytes < WRITE_WINDOW {
             let p = patches[next];
             next += 1;
-            let frame = helper::write_frame(&image, p, &mut z)?;
+            let frame = helper::write_frame(image, p, &mut z)?;
             link.send(frame).await.map_err(partly)?;
             in_flight.push_back(p);
             in_flight_bytes += p.len as u64;
@@ -251,34 +313,18 @@ async fn push_with(
     bar.finish();
     link.send(drydock_helper::proto::Msg::Finish.encode())
         .await?;
-    let done = match link.recv().await.map_err(partly)? {
+    match link.recv().await.map_err(partly)? {
         drydock_helper::proto::Msg::Done {
             peak_rss_kib,
             bytes_read,
             bytes_written,
-        } => helper::Done {
+        } => Ok(helper::Done {
             peak_rss_kib,
             bytes_read,
             bytes_written,
-        },
+        }),
         m => bail!("the helper answered Finish with {}", m.name()),
-    };
-    if !patches.is_empty() {
-        ui.say(format!(
-            "wrote, read back and checked {} in {} ranges on {} (helper peak memory {})",
-            human_bytes(total),
-            patches.len(),
-            dev.path,
-            human_bytes(done.peak_rss_kib * 1024)
-        ));
     }
-    Ok(Counts {
-        bytes_on_wire: link.sent,
-        bytes_written: done.bytes_written,
-        page_bytes: total,
-        ranges: patches.len(),
-        done,
-    })
 }
 
 /// Ask for the hashes of blocks in `runs` ([first, end) each), keeping at
