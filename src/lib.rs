@@ -99,11 +99,34 @@ async fn command(command: Command, ui: &Ui) -> Result<()> {
     }
 }
 
+/// `drydock probe`'s result: what the host runs, and the worker VM for it.
+#[derive(serde::Serialize)]
+struct Probe {
+    #[serde(flatten)]
+    report: remote::probe::ProbeReport,
+    worker_vm: Option<vm::shape::Shape>,
+}
+
 async fn probe(a: cli::ProbeArgs, ui: &Ui) -> Result<()> {
     let s = connect(&a.conn).await?;
     let facts = remote::gather(&s).await?;
-    let r = remote::probe::report(s.host(), &facts);
-    ui.result("probe", &r, r.human())?;
+    let report = remote::probe::report(s.host(), &facts);
+    // The worker VM drydock builds for this host (`drydock boot --like`
+    // reads it back): the VM layer's, added here so that the remote layer
+    // does not depend on it.
+    let worker_vm = facts
+        .root_disk()
+        .ok()
+        .map(|d| vm::shape::Shape::from_facts(&facts, d.trim_start_matches("/dev/")));
+    let lines: Vec<String> = worker_vm
+        .iter()
+        .flat_map(|w| {
+            std::iter::once(format!("worker VM  {}", w.describe()))
+                .chain(w.notes.iter().map(|n| format!("  note     {n}")))
+        })
+        .collect();
+    let human = report.human(&lines);
+    ui.result("probe", &Probe { report, worker_vm }, human)?;
     s.close().await;
     Ok(())
 }

@@ -35,17 +35,12 @@ pub struct ProbeReport {
     pub routes: Vec<String>,
     pub dns: Vec<String>,
     pub upgrades: Vec<String>,
-    /// The worker VM drydock builds for this host (`drydock boot --like`
-    /// reads it back).
-    pub worker_vm: Option<crate::vm::shape::Shape>,
 }
 
 pub fn report(host: String, f: &Facts) -> ProbeReport {
-    let mut worker_vm = None;
     let (disk, disk_error) = match f.root_disk() {
         Ok(dev) => {
             let name = dev.trim_start_matches("/dev/").to_string();
-            worker_vm = Some(crate::vm::shape::Shape::from_facts(f, &name));
             let partitions = f
                 .block
                 .iter()
@@ -93,12 +88,13 @@ pub fn report(host: String, f: &Facts) -> ProbeReport {
             .collect(),
         routes: f.routes.clone(),
         dns: f.dns.clone(),
-        worker_vm,
     }
 }
 
 impl ProbeReport {
-    pub fn human(&self) -> String {
+    /// The report for people; WORKER_VM: the lines about the worker VM
+    /// (made by the caller, which knows the VM layer), before the upgrades.
+    pub fn human(&self, worker_vm: &[String]) -> String {
         let mut s = String::new();
         let _ = writeln!(s, "host       {}", self.host);
         let _ = writeln!(
@@ -147,11 +143,8 @@ impl ProbeReport {
         if !self.dns.is_empty() {
             let _ = writeln!(s, "dns        {}", self.dns.join(" "));
         }
-        if let Some(w) = &self.worker_vm {
-            let _ = writeln!(s, "worker VM  {}", w.describe());
-            for n in &w.notes {
-                let _ = writeln!(s, "  note     {n}");
-            }
+        for l in worker_vm {
+            let _ = writeln!(s, "{l}");
         }
         if self.upgrades.is_empty() {
             let _ = writeln!(
