@@ -56,6 +56,8 @@ fn moved(url: &str, from: &str, to: &str) -> Option<String> {
 
 const NIX: &str = "nix --extra-experimental-features 'nix-command flakes'";
 
+/// Long but straight: the plan's commands one after the other, as the
+/// NixOS manual orders them, each with the reason beside it.
 pub fn plan(current: &str, target: &str, nix: &NixSetup, opts: &Options) -> Result<Plan> {
     let (cur, from_name, to_name) = releases::one_step("nixos", "NixOS", current, target)?;
     let from = cur.replace('.', "\\.");

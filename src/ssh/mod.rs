@@ -147,6 +147,8 @@ pub struct Session {
 }
 
 impl Session {
+    /// Long but straight: each refusal (proxy, address, host key) in the
+    /// order OpenSSH makes it, each with its own message.
     pub async fn connect(target: &Target, opts: &ConnectOptions) -> Result<Session> {
         if let Some(proxy) = &target.proxy {
             bail!(

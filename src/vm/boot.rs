@@ -120,6 +120,8 @@ fn free_port() -> Result<u16> {
         .port())
 }
 
+/// `drydock boot`. Over 80 lines for its `VmSpec` literal (20) and the
+/// `ready` report; each decision is a function below.
 pub async fn boot(opts: &BootOptions, ui: &Ui) -> Result<()> {
     let memory_mib = cmdline::parse_memory(&opts.memory).with_context(|| {
         format!(
