@@ -149,6 +149,15 @@ impl Manifest {
                 path.display()
             );
         }
+        // Checked whole before anything trusts it: a segment hash changed
+        // (damage, an edit) shows here, not as a block left unwritten.
+        if digest_of(&m.segments).ok().as_deref() != Some(m.digest.as_str()) {
+            return Err(crate::refused!(
+                "{} is damaged: its segment hashes do not give its digest; pull the disk again, \
+                 or push with --full to write every block without the check",
+                path.display()
+            ));
+        }
         Ok(m)
     }
 
