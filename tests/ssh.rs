@@ -11,6 +11,7 @@ use common::*;
 use sha2::{Digest, Sha256};
 
 const MIB: u64 = 1 << 20;
+const KIB: u64 = 1 << 10;
 
 /// 70 MiB + 12345 bytes: two segments, a short last block, data, explicit
 /// zero blocks and holes.
@@ -1158,6 +1159,147 @@ fn json_is_an_event_stream_ending_in_the_result_or_the_error() {
         "{last}"
     );
     assert!(ev.iter().all(|e| e["type"] != "result"), "{ev:?}");
+}
+
+/// CMD's output, or a failure naming WHAT if it runs over SECS (a hang).
+fn output_within(mut cmd: Command, secs: u64, what: &str) -> std::process::Output {
+    let child = cmd
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let pid = child.id();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(child.wait_with_output().unwrap());
+    });
+    match rx.recv_timeout(Duration::from_secs(secs)) {
+        Ok(o) => o,
+        Err(_) => {
+            let _ = Command::new("kill").args(["-9", &pid.to_string()]).status();
+            panic!("{what}: still running after {secs} s (a hang)");
+        }
+    }
+}
+
+/// A push whose connection is cut while the helper is being copied to the
+/// host (the relay cuts after N bytes from drydock, inside the ~2 MiB of
+/// the helper) ends with an error and leaves no helper folder or tmpfs on
+/// the host; the disk is untouched and a push afterwards finishes.
+#[test]
+fn a_cut_during_the_helpers_install_leaves_nothing_on_the_host() {
+    let sshd = Sshd::start();
+    let t = tempdir();
+    let dev = t.path().join("disk");
+    let img = t.path().join("image");
+    make_disk(&dev, 8 * MIB, &[(0, MIB as usize)], &[]);
+    assert_exit(&pull(&sshd, &dev, &img), 0);
+    std::fs::File::options()
+        .write(true)
+        .open(&img)
+        .unwrap()
+        .write_all_at(b"changed", 5 * MIB)
+        .unwrap();
+    let before = sha256_file(&dev);
+    for cut in [300 * KIB, 700 * KIB, 1200 * KIB, 1800 * KIB] {
+        let dirs = helper_dirs();
+        let relay = Relay::start(sshd.port, cut);
+        let cmd = sshd.drydock(&[
+            "push",
+            img.to_str().unwrap(),
+            &relay.host(),
+            "--device",
+            dev.to_str().unwrap(),
+            "--yes",
+            "--transfer",
+            "helper",
+            "--accept-new-host-key",
+        ]);
+        let o = output_within(cmd, 180, &format!("the push cut at byte {cut}"));
+        assert_ne!(o.status.code(), Some(0), "cut at {cut}: {}", stderr(&o));
+        eprintln!(
+            "cut at byte {cut}: exit {:?}: {}",
+            o.status.code(),
+            stderr(&o).trim()
+        );
+        let left = helper_dirs_left(&dirs);
+        assert!(
+            left.is_empty(),
+            "cut at byte {cut}: left on the host: {left:?}; drydock said: {}",
+            stderr(&o)
+        );
+        assert_eq!(sha256_file(&dev), before, "cut at byte {cut}");
+    }
+    let o = push(&sshd, &img, &dev, &["--yes", "--transfer", "helper"]);
+    assert_exit(&o, 0);
+    assert_eq!(sha256_file(&dev), sha256_file(&img));
+}
+
+/// Pushes cut while they write, in both modes (the relay cuts after N
+/// bytes from drydock, past the helper's install): each ends within its
+/// deadline with an error saying the disk is partly written, and the same
+/// push afterwards finishes it, exact.
+#[test]
+fn a_push_cut_while_it_writes_ends_and_the_same_push_finishes_it() {
+    let sshd = Sshd::start();
+    let t = tempdir();
+    let dev = t.path().join("disk");
+    let img = t.path().join("image");
+    make_disk(&dev, 48 * MIB, &[(0, MIB as usize)], &[]);
+    assert_exit(&pull(&sshd, &dev, &img), 0);
+    let pulled = std::fs::read(t.path().join("image.manifest")).unwrap();
+    // 32 MiB of new data: incompressible, so the cuts land in the writes.
+    let data = pattern(7, 32 * MIB as usize);
+    std::fs::File::options()
+        .write(true)
+        .open(&img)
+        .unwrap()
+        .write_all_at(&data, 8 * MIB)
+        .unwrap();
+    for (mode, cuts) in [
+        ("helper", [6 * MIB, 14 * MIB, 24 * MIB]),
+        ("dd", [4 * MIB, 12 * MIB, 22 * MIB]),
+    ] {
+        for cut in cuts {
+            let dirs = helper_dirs();
+            let relay = Relay::start(sshd.port, cut);
+            let cmd = sshd.drydock(&[
+                "push",
+                img.to_str().unwrap(),
+                &relay.host(),
+                "--device",
+                dev.to_str().unwrap(),
+                "--yes",
+                "--transfer",
+                mode,
+                "--accept-new-host-key",
+            ]);
+            let what = format!("the {mode} push cut at byte {cut}");
+            let o = output_within(cmd, 180, &what);
+            eprintln!("{what}: exit {:?}: {}", o.status.code(), stderr(&o).trim());
+            if o.status.code() == Some(0) {
+                continue; // the cut came after the last write
+            }
+            assert!(
+                stderr(&o).contains("partly written"),
+                "{what}: {}",
+                stderr(&o)
+            );
+            let left = helper_dirs_left(&dirs);
+            assert!(left.is_empty(), "{what}: left on the host: {left:?}");
+            let o = push(&sshd, &img, &dev, &["--yes", "--transfer", mode]);
+            assert_exit(&o, 0);
+            assert_eq!(sha256_file(&dev), sha256_file(&img), "{what}");
+            // Back to the pulled disk for the next cut.
+            std::fs::File::options()
+                .write(true)
+                .open(&dev)
+                .unwrap()
+                .write_all_at(&vec![0u8; data.len()], 8 * MIB)
+                .unwrap();
+            std::fs::write(t.path().join("image.manifest"), &pulled).unwrap();
+        }
+    }
 }
 
 #[test]

@@ -12,15 +12,23 @@ const TOOLS: &[&str] = &["sh", "dd", "head", "sha256sum", "sync"];
 /// A folder on the host's RAM: a tmpfs of its own mounted on a fresh
 /// folder under /run (or /dev/shm), so that what runs from it reads
 /// nothing of the disk and may execute (/run itself is often noexec).
+///
+/// A cut connection must not leave it behind: SIGPIPE is ignored, so a
+/// write to the gone channel fails instead of killing the shell, and that
+/// failure, a hangup or a kill (TERM) removes what was made (`gone`).
 const TMPFS_SCRIPT: &str = r#"export LC_ALL=C
+trap '' PIPE
 m=
 T=$(mktemp -d /run/drydock-NAME.XXXXXX 2>/dev/null || mktemp -d /dev/shm/drydock-NAME.XXXXXX) || { echo "cannot make a folder on a tmpfs (/run or /dev/shm)" >&2; exit 1; }
-if mount -t tmpfs -o size=SIZE,mode=0700 drydock-NAME "$T" 2>/dev/null; then m=1; echo mounted; fi
-echo "dir $T"
+gone() { [ -n "$m" ] && umount "$T" 2>/dev/null; rm -rf "$T"; exit 1; }
+trap gone HUP TERM INT
+if mount -t tmpfs -o size=SIZE,mode=0700 drydock-NAME "$T" 2>/dev/null; then m=1; echo mounted || gone; fi
+echo "dir $T" || gone
 "#;
 
 /// The script that makes the folder: sets `T` to it and `m` to 1 when a
-/// tmpfs was mounted on it; prints "mounted" and "dir T".
+/// tmpfs was mounted on it; prints "mounted" and "dir T"; `gone` removes
+/// it and exits 1.
 pub fn tmpfs_script(name: &str, size: &str) -> String {
     TMPFS_SCRIPT.replace("NAME", name).replace("SIZE", size)
 }

@@ -358,3 +358,128 @@ pub fn readable_by_others(root: &Path) -> Vec<String> {
     out.sort();
     out
 }
+
+/// A TCP relay between drydock and an sshd that cuts the connection (both
+/// directions shut down, as a dropped link seen by both ends) once
+/// `cut_after` bytes have gone from drydock to the server, over every
+/// connection it relays together; after the cut it relays whole again.
+pub struct Relay {
+    pub port: u16,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl Relay {
+    pub fn start(to: u16, cut_after: u64) -> Relay {
+        use std::sync::Arc;
+        use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        listener.set_nonblocking(true).unwrap();
+        let stop = Arc::new(AtomicBool::new(false));
+        let up = Arc::new(AtomicU64::new(0));
+        let cut = Arc::new(AtomicBool::new(false));
+        let s = stop.clone();
+        std::thread::spawn(move || {
+            while !s.load(Ordering::Relaxed) {
+                let Ok((client, _)) = listener.accept() else {
+                    std::thread::sleep(Duration::from_millis(20));
+                    continue;
+                };
+                client.set_nonblocking(false).unwrap();
+                let Ok(server) = TcpStream::connect(("127.0.0.1", to)) else {
+                    continue;
+                };
+                let live = !cut.load(Ordering::Relaxed);
+                for (mut from, mut to, counted) in [
+                    (
+                        client.try_clone().unwrap(),
+                        server.try_clone().unwrap(),
+                        true,
+                    ),
+                    (
+                        server.try_clone().unwrap(),
+                        client.try_clone().unwrap(),
+                        false,
+                    ),
+                ] {
+                    let (up, cut) = (up.clone(), cut.clone());
+                    let both = (client.try_clone().unwrap(), server.try_clone().unwrap());
+                    std::thread::spawn(move || {
+                        use std::io::{Read, Write};
+                        let mut buf = vec![0u8; 16 * 1024];
+                        loop {
+                            let n = match from.read(&mut buf) {
+                                Ok(0) | Err(_) => break,
+                                Ok(n) => n,
+                            };
+                            let mut n = n;
+                            if counted && live {
+                                let before = up.fetch_add(n as u64, Ordering::Relaxed);
+                                if before + n as u64 >= cut_after {
+                                    n = cut_after.saturating_sub(before) as usize;
+                                    let _ = to.write_all(&buf[..n]);
+                                    cut.store(true, Ordering::Relaxed);
+                                    let _ = both.0.shutdown(std::net::Shutdown::Both);
+                                    let _ = both.1.shutdown(std::net::Shutdown::Both);
+                                    break;
+                                }
+                            }
+                            if to.write_all(&buf[..n]).is_err() {
+                                break;
+                            }
+                        }
+                        let _ = to.shutdown(std::net::Shutdown::Write);
+                    });
+                }
+            }
+        });
+        Relay { port, stop }
+    }
+
+    pub fn host(&self) -> String {
+        format!("root@127.0.0.1:{}", self.port)
+    }
+}
+
+impl Drop for Relay {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
+/// /run/drydock-helper.* folders now.
+pub fn helper_dirs() -> std::collections::BTreeSet<String> {
+    std::fs::read_dir("/run")
+        .map(|d| {
+            d.flatten()
+                .map(|e| e.path().display().to_string())
+                .filter(|p| p.starts_with("/run/drydock-helper."))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// Helper folders made since BEFORE that are still there after 30 s with
+/// no process naming them (a concurrent test's own are named by its
+/// helper's command line, and go when it ends): what a cut left behind.
+pub fn helper_dirs_left(before: &std::collections::BTreeSet<String>) -> Vec<String> {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let named = |d: &str| {
+            std::fs::read_dir("/proc").unwrap().flatten().any(|e| {
+                std::fs::read(e.path().join("cmdline"))
+                    .map(|c| String::from_utf8_lossy(&c).contains(d))
+                    .unwrap_or(false)
+            })
+        };
+        let left: Vec<String> = helper_dirs()
+            .difference(before)
+            .filter(|d| !named(d))
+            .cloned()
+            .collect();
+        if left.is_empty() || Instant::now() > deadline {
+            return left;
+        }
+        std::thread::sleep(Duration::from_millis(500));
+    }
+}

@@ -184,7 +184,7 @@ pub struct Remote {
 /// script removes what it made.
 fn install_script() -> String {
     format!(
-        r#"{}fail() {{ echo "$1" >&2; [ -n "$m" ] && umount "$T"; rm -rf "$T"; exit 1; }}
+        r#"{}fail() {{ echo "$1" >&2; gone; }}
 umask 077
 head -c {} > "$T/drydock-helper" || fail "cannot write the helper to $T"
 chmod 700 "$T/drydock-helper" || fail "cannot make $T/drydock-helper executable"

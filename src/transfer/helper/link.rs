@@ -24,19 +24,30 @@ pub struct Link {
     status: Option<u32>,
     host: String,
     pub sent: u64,
+    /// Set when the read half ends: the channel closed, or the connection
+    /// is gone. A send waiting for window space watches it, or a cut
+    /// while writing would wait forever (it did, in the fault tests).
+    ended: tokio::sync::watch::Receiver<bool>,
 }
+
+/// The longest a request waits for any answer from the helper: every
+/// request is answered within seconds (a block's hash, a write read
+/// back); silence this long means the connection is dead without saying so.
+const SILENCE: std::time::Duration = std::time::Duration::from_secs(300);
 
 impl Link {
     pub async fn start(session: &Session, remote: &Remote) -> Result<Link> {
         let channel = session.open_exec(&remote.command()).await?;
         let (mut half, write) = channel.split();
         let (tx, read) = tokio::sync::mpsc::unbounded_channel();
+        let (ended_tx, ended) = tokio::sync::watch::channel(false);
         tokio::spawn(async move {
             while let Some(m) = half.wait().await {
                 if tx.send(m).is_err() {
                     break;
                 }
             }
+            let _ = ended_tx.send(true);
         });
         let mut link = Link {
             read,
@@ -46,6 +57,7 @@ impl Link {
             status: None,
             host: session.host(),
             sent: 0,
+            ended,
         };
         let hello = link.recv().await?;
         check_hello(&hello)?;
@@ -55,12 +67,22 @@ impl Link {
 
     pub async fn send(&mut self, frame: Vec<u8>) -> Result<()> {
         self.sent += frame.len() as u64;
-        self.write.data_bytes(frame).await.map_err(|e| {
-            anyhow!(
-                "the connection to {} broke while talking to the helper: {e}",
-                self.host
-            )
-        })
+        let mut ended = self.ended.clone();
+        tokio::select! {
+            r = self.write.data_bytes(frame) => r.map_err(|e| {
+                anyhow!(
+                    "the connection to {} broke while talking to the helper: {e}",
+                    self.host
+                )
+            }),
+            _ = ended.wait_for(|e| *e) => {
+                // Why: the helper's error or exit, or the connection lost,
+                // after the answers still queued.
+                loop {
+                    self.recv().await?;
+                }
+            }
+        }
     }
 
     pub async fn recv(&mut self) -> Result<Msg> {
@@ -71,7 +93,16 @@ impl Link {
                 }
                 return Ok(m);
             }
-            match self.read.recv().await {
+            let next = tokio::time::timeout(SILENCE, self.read.recv())
+                .await
+                .map_err(|_| {
+                    anyhow!(
+                        "the helper on {} said nothing for {} s: the connection is taken for lost",
+                        self.host,
+                        SILENCE.as_secs()
+                    )
+                })?;
+            match next {
                 Some(ChannelMsg::Data { data }) => self.dec.feed(&data),
                 Some(ChannelMsg::ExtendedData { data, .. }) => {
                     self.stderr.push_str(&String::from_utf8_lossy(&data))

@@ -34,7 +34,10 @@ pub(super) async fn push(
         Some(base) if pf.proven => (0..new.blocks.len() as u64)
             .filter(|&b| base.blocks[b as usize] != new.blocks[b as usize])
             .collect(),
-        Some(base) => plan(session, dev, base, new).await?,
+        Some(base) => {
+            let partly = super::partly_written(opts, &new.digest, &dev.path);
+            plan(session, dev, base, new, &partly).await?
+        }
         None => (0..block_count(image_len)).collect(),
     };
     let rs = ranges(&blocks);
@@ -79,6 +82,7 @@ pub(super) async fn push(
     ))
     .await?;
 
+    super::record_intent(opts, &new.digest, &dev.path, &blocks)?;
     let staged = Staged::stage(session).await?;
     report.writer_dir = Some(staged.tmpfs.dir.clone());
     report.writer_own_tmpfs = staged.tmpfs.mounted;
@@ -157,6 +161,7 @@ async fn plan(
     dev: &Device,
     base: &Manifest,
     new: &Manifest,
+    partly: &std::collections::BTreeSet<u64>,
 ) -> Result<Vec<u64>> {
     let size = new.size;
     if base.size != size {
@@ -194,7 +199,7 @@ async fn plan(
             if h == new.blocks[i] {
                 continue;
             }
-            if h == base.blocks[i] {
+            if h == base.blocks[i] || partly.contains(&b) {
                 to_write.push(b);
             } else {
                 foreign.push(b);
@@ -291,7 +296,12 @@ async fn write_ranges(
             f.read_exact_at(&mut buf[..len], b * BLOCK_SIZE)?;
             h.update(&buf[..len]);
             channel.data(&buf[..len]).await.with_context(|| {
-                format!("the connection to {} broke during the push", session.host())
+                format!(
+                    "the connection to {} broke during the push: {} is now partly written; \
+                     run the same push again to finish it (blocks already written are recognised)",
+                    session.host(),
+                    dev.path
+                )
             })?;
             bar.inc(len as u64);
         }

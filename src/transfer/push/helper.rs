@@ -120,6 +120,9 @@ async fn push_with(
         ))
         .await?;
     }
+    let mut blocks: Vec<u64> = patches.iter().map(|p| p.offset / BLOCK_SIZE).collect();
+    blocks.dedup();
+    super::record_intent(opts, &pf.new.digest, &dev.path, &blocks)?;
     let done = send(&mut link, &image, &patches, total, dev, ui).await?;
     if !patches.is_empty() {
         ui.say(format!(
@@ -182,6 +185,7 @@ async fn candidates(
         Some(b) => {
             // No proof that the disk is untouched: hash all of it on the
             // host (blocks of zeros cost no hashing there).
+            let partly = super::partly_written(opts, &new.digest, &pf.dev.path);
             let bar = ui.bytes_bar(size, "check");
             let mut out = Vec::new();
             let answers = hash_blocks(link, &[(0, nblocks)], false, |i, h, _| {
@@ -189,7 +193,7 @@ async fn candidates(
                 let (old, neu) = (&b.blocks[i as usize], &new.blocks[i as usize]);
                 if helper::same(h, neu) {
                     // Already written (an earlier push), or unchanged.
-                } else if helper::same(h, old) || opts.base_image.is_some() {
+                } else if helper::same(h, old) || opts.base_image.is_some() || partly.contains(&i) {
                     out.push(i);
                 } else {
                     return Err(format!(

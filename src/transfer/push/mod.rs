@@ -243,6 +243,55 @@ fn source_of(session: &Session, facts: &Facts, pf: &Preflight) -> Source {
     }
 }
 
+/// `IMAGE.push`: the blocks a push of the image (its manifest's digest) to
+/// a device is about to write, made durable before the first write and
+/// removed after the last. A cut can leave a block half written, holding
+/// neither what was pulled nor the image's data; the rerun takes such a
+/// block, when the interrupted push was writing it, as its own and writes
+/// it again (any other such block is still refused).
+#[derive(Serialize, serde::Deserialize)]
+struct Intent {
+    digest: String,
+    device: String,
+    blocks: Vec<u64>,
+}
+
+fn intent_path(image: &std::path::Path) -> PathBuf {
+    let mut p = image.as_os_str().to_owned();
+    p.push(".push");
+    PathBuf::from(p)
+}
+
+/// Before the first write: BLOCKS of DEVICE are about to be written from
+/// the image whose manifest's digest is DIGEST.
+fn record_intent(opts: &PushOptions, digest: &str, device: &str, blocks: &[u64]) -> Result<()> {
+    let i = Intent {
+        digest: digest.to_string(),
+        device: device.to_string(),
+        blocks: blocks.to_vec(),
+    };
+    crate::image::manifest::write_atomic(&intent_path(&opts.image), &serde_json::to_vec(&i)?)
+}
+
+/// The blocks an interrupted push of this same image to this same device
+/// was writing (none when there was none).
+fn partly_written(
+    opts: &PushOptions,
+    digest: &str,
+    device: &str,
+) -> std::collections::BTreeSet<u64> {
+    std::fs::read(intent_path(&opts.image))
+        .ok()
+        .and_then(|b| serde_json::from_slice::<Intent>(&b).ok())
+        .filter(|i| i.digest == digest && i.device == device)
+        .map(|i| i.blocks.into_iter().collect())
+        .unwrap_or_default()
+}
+
+fn clear_intent(opts: &PushOptions) {
+    let _ = std::fs::remove_file(intent_path(&opts.image));
+}
+
 /// After a push: the image's manifest says what the disk now holds.
 fn save_manifest(
     session: &Session,
@@ -255,7 +304,9 @@ fn save_manifest(
         source: Some(source),
         ..pf.new
     }
-    .save(&Manifest::path_for(&opts.image))
+    .save(&Manifest::path_for(&opts.image))?;
+    clear_intent(opts);
+    Ok(())
 }
 
 #[cfg(test)]
