@@ -1182,6 +1182,55 @@ fn output_within(mut cmd: Command, secs: u64, what: &str) -> std::process::Outpu
     }
 }
 
+/// A disk of SIZE bytes with data at its start, pulled to IMAGE, and then
+/// DATA written into the image at byte AT: (the folder, disk, image).
+fn pulled_then_changed(
+    sshd: &Sshd,
+    size: u64,
+    data: &[u8],
+    at: u64,
+) -> (tempfile::TempDir, std::path::PathBuf, std::path::PathBuf) {
+    let t = tempdir();
+    let dev = t.path().join("disk");
+    let img = t.path().join("image");
+    make_disk(&dev, size, &[(0, MIB as usize)], &[]);
+    assert_exit(&pull(sshd, &dev, &img), 0);
+    write_at(&img, data, at);
+    (t, dev, img)
+}
+
+/// DATA written into the file at PATH at byte AT.
+fn write_at(path: &std::path::Path, data: &[u8], at: u64) {
+    std::fs::File::options()
+        .write(true)
+        .open(path)
+        .unwrap()
+        .write_all_at(data, at)
+        .unwrap();
+}
+
+/// `drydock push IMG HOST --device DEV --yes --transfer MODE`, HOST being a
+/// relay in front of the sshd (its host key recorded on first use).
+fn push_via(
+    sshd: &Sshd,
+    host: &str,
+    img: &std::path::Path,
+    dev: &std::path::Path,
+    mode: &str,
+) -> Command {
+    sshd.drydock(&[
+        "push",
+        img.to_str().unwrap(),
+        host,
+        "--device",
+        dev.to_str().unwrap(),
+        "--yes",
+        "--transfer",
+        mode,
+        "--accept-new-host-key",
+    ])
+}
+
 /// A push whose connection is cut while the helper is being copied to the
 /// host (the relay cuts after N bytes from drydock, inside the ~2 MiB of
 /// the helper) ends with an error and leaves no helper folder or tmpfs on
@@ -1189,32 +1238,12 @@ fn output_within(mut cmd: Command, secs: u64, what: &str) -> std::process::Outpu
 #[test]
 fn a_cut_during_the_helpers_install_leaves_nothing_on_the_host() {
     let sshd = Sshd::start();
-    let t = tempdir();
-    let dev = t.path().join("disk");
-    let img = t.path().join("image");
-    make_disk(&dev, 8 * MIB, &[(0, MIB as usize)], &[]);
-    assert_exit(&pull(&sshd, &dev, &img), 0);
-    std::fs::File::options()
-        .write(true)
-        .open(&img)
-        .unwrap()
-        .write_all_at(b"changed", 5 * MIB)
-        .unwrap();
+    let (_t, dev, img) = pulled_then_changed(&sshd, 8 * MIB, b"changed", 5 * MIB);
     let before = sha256_file(&dev);
     for cut in [300 * KIB, 700 * KIB, 1200 * KIB, 1800 * KIB] {
         let dirs = helper_dirs();
         let relay = Relay::start(sshd.port, cut);
-        let cmd = sshd.drydock(&[
-            "push",
-            img.to_str().unwrap(),
-            &relay.host(),
-            "--device",
-            dev.to_str().unwrap(),
-            "--yes",
-            "--transfer",
-            "helper",
-            "--accept-new-host-key",
-        ]);
+        let cmd = push_via(&sshd, &relay.host(), &img, &dev, "helper");
         let o = output_within(cmd, 180, &format!("the push cut at byte {cut}"));
         assert_ne!(o.status.code(), Some(0), "cut at {cut}: {}", stderr(&o));
         eprintln!(
@@ -1242,20 +1271,10 @@ fn a_cut_during_the_helpers_install_leaves_nothing_on_the_host() {
 #[test]
 fn a_push_cut_while_it_writes_ends_and_the_same_push_finishes_it() {
     let sshd = Sshd::start();
-    let t = tempdir();
-    let dev = t.path().join("disk");
-    let img = t.path().join("image");
-    make_disk(&dev, 48 * MIB, &[(0, MIB as usize)], &[]);
-    assert_exit(&pull(&sshd, &dev, &img), 0);
-    let pulled = std::fs::read(t.path().join("image.manifest")).unwrap();
     // 32 MiB of new data: incompressible, so the cuts land in the writes.
     let data = pattern(7, 32 * MIB as usize);
-    std::fs::File::options()
-        .write(true)
-        .open(&img)
-        .unwrap()
-        .write_all_at(&data, 8 * MIB)
-        .unwrap();
+    let (t, dev, img) = pulled_then_changed(&sshd, 48 * MIB, &data, 8 * MIB);
+    let pulled = std::fs::read(t.path().join("image.manifest")).unwrap();
     for (mode, cuts) in [
         ("helper", [6 * MIB, 14 * MIB, 24 * MIB]),
         ("dd", [4 * MIB, 12 * MIB, 22 * MIB]),
@@ -1263,17 +1282,7 @@ fn a_push_cut_while_it_writes_ends_and_the_same_push_finishes_it() {
         for cut in cuts {
             let dirs = helper_dirs();
             let relay = Relay::start(sshd.port, cut);
-            let cmd = sshd.drydock(&[
-                "push",
-                img.to_str().unwrap(),
-                &relay.host(),
-                "--device",
-                dev.to_str().unwrap(),
-                "--yes",
-                "--transfer",
-                mode,
-                "--accept-new-host-key",
-            ]);
+            let cmd = push_via(&sshd, &relay.host(), &img, &dev, mode);
             let what = format!("the {mode} push cut at byte {cut}");
             let o = output_within(cmd, 180, &what);
             eprintln!("{what}: exit {:?}: {}", o.status.code(), stderr(&o).trim());
@@ -1291,12 +1300,7 @@ fn a_push_cut_while_it_writes_ends_and_the_same_push_finishes_it() {
             assert_exit(&o, 0);
             assert_eq!(sha256_file(&dev), sha256_file(&img), "{what}");
             // Back to the pulled disk for the next cut.
-            std::fs::File::options()
-                .write(true)
-                .open(&dev)
-                .unwrap()
-                .write_all_at(&vec![0u8; data.len()], 8 * MIB)
-                .unwrap();
+            write_at(&dev, &vec![0u8; data.len()], 8 * MIB);
             std::fs::write(t.path().join("image.manifest"), &pulled).unwrap();
         }
     }
