@@ -1306,6 +1306,109 @@ fn a_push_cut_while_it_writes_ends_and_the_same_push_finishes_it() {
     }
 }
 
+/// Bad input ends with what happened and what to do, exit 3, and nothing
+/// changed: an image folder that does not exist, a key file that does not,
+/// a manifest that is not JSON. A path with spaces and non-ASCII works.
+#[test]
+fn bad_input_is_refused_with_what_to_do_and_nothing_changes() {
+    let sshd = Sshd::start();
+    let t = tempdir();
+    let dev = t.path().join("disk");
+    make_disk(&dev, 4 * MIB, &[(0, MIB as usize)], &[]);
+    let before = sha256_file(&dev);
+
+    let folder = t.path().join("no such folder");
+    let o = pull(&sshd, &dev, &folder.join("image"));
+    assert_exit(&o, 3);
+    assert_stderr(
+        &o,
+        format!(
+            "the folder {} for the image does not exist; create it, or choose another path with -o. Nothing was changed",
+            folder.display()
+        ),
+    );
+    assert!(!folder.exists());
+
+    let key = t.path().join("no such key");
+    let o = sshd
+        .drydock_bare(&[
+            "pull",
+            &sshd.host(),
+            "-i",
+            key.to_str().unwrap(),
+            "--device",
+            dev.to_str().unwrap(),
+            "-o",
+            t.path().join("i").to_str().unwrap(),
+        ])
+        .output()
+        .unwrap();
+    assert_exit(&o, 3);
+    assert_stderr(
+        &o,
+        format!(
+            "the key {} given with -i does not exist; check the path. Nothing was changed",
+            key.display()
+        ),
+    );
+
+    let locked = t.path().join("locked key");
+    let ok = Command::new("ssh-keygen")
+        .args(["-q", "-t", "ed25519", "-N", "a passphrase", "-f"])
+        .arg(&locked)
+        .status()
+        .unwrap();
+    assert!(ok.success());
+    let o = sshd
+        .drydock_bare(&[
+            "pull",
+            &sshd.host(),
+            "-i",
+            locked.to_str().unwrap(),
+            "--device",
+            dev.to_str().unwrap(),
+            "-o",
+            t.path().join("i").to_str().unwrap(),
+        ])
+        .output()
+        .unwrap();
+    assert_exit(&o, 3);
+    assert_stderr(
+        &o,
+        format!(
+            "the key {} is protected by a passphrase: add it to ssh-agent (`ssh-add {}`) and run again without -i. Nothing was changed",
+            locked.display(),
+            locked.display()
+        ),
+    );
+    assert!(!t.path().join("i").exists());
+
+    // Spaces and non-ASCII in the paths: they work, both ways.
+    let img = t.path().join("ein bild é");
+    assert_exit(&pull(&sshd, &dev, &img), 0);
+    assert_eq!(sha256_file(&img), before);
+    let manifest = t.path().join("ein bild é.manifest");
+    assert!(manifest.exists());
+
+    std::fs::write(&manifest, "{bad").unwrap();
+    for mode in ["dd", "helper"] {
+        let o = push(&sshd, &img, &dev, &["--yes", "--transfer", mode]);
+        assert_exit(&o, 3);
+        assert_stderr(
+            &o,
+            format!(
+                "{} is not a drydock manifest (key must be a string at line 1 column 2); pull the disk again, or push with --full to write every block without the check",
+                manifest.display()
+            ),
+        );
+        assert_eq!(sha256_file(&dev), before, "{mode}");
+        assert!(helpers_under(&sshd).is_empty(), "{mode}: a helper is left");
+    }
+    let o = push(&sshd, &img, &dev, &["--yes", "--full"]);
+    assert_exit(&o, 0);
+    assert_eq!(sha256_file(&dev), before);
+}
+
 #[test]
 fn an_empty_device_is_refused() {
     let sshd = Sshd::start();

@@ -131,8 +131,13 @@ impl Manifest {
     pub fn load(path: &Path) -> Result<Manifest> {
         let text = std::fs::read_to_string(path)
             .with_context(|| format!("cannot read the manifest {}", path.display()))?;
-        let m: Manifest = serde_json::from_str(&text)
-            .with_context(|| format!("{} is not a drydock manifest", path.display()))?;
+        let m: Manifest = serde_json::from_str(&text).map_err(|e| {
+            crate::refused!(
+                "{} is not a drydock manifest ({e}); pull the disk again, or push with --full \
+                 to write every block without the check",
+                path.display()
+            )
+        })?;
         if m.format != FORMAT || m.block_size != BLOCK_SIZE || m.segment_blocks != SEGMENT_BLOCKS {
             bail!(
                 "{} is a manifest this drydock cannot use ({}, blocks of {} bytes)",

@@ -42,6 +42,13 @@ pub fn check_local_space(image: &Path, need: u64) -> Result<()> {
         Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
         _ => std::env::current_dir()?,
     };
+    if !dir.is_dir() {
+        return Err(refused!(
+            "the folder {} for the image does not exist; create it, or choose another path \
+             with -o. Nothing was changed",
+            dir.display()
+        ));
+    }
     let st = rustix::fs::statvfs(&dir)
         .with_context(|| format!("cannot tell the free space of {}", dir.display()))?;
     let avail = st.f_bavail * st.f_frsize;
