@@ -1329,9 +1329,9 @@ fn bad_input_is_refused_with_what_to_do_and_nothing_changes() {
     );
     assert!(!folder.exists());
 
-    let key = t.path().join("no such key");
-    let o = sshd
-        .drydock_bare(&[
+    // A pull of DEV to t/i with `-i KEY` (and no other key).
+    let pull_with_key = |key: &std::path::Path| {
+        sshd.drydock_bare(&[
             "pull",
             &sshd.host(),
             "-i",
@@ -1342,7 +1342,10 @@ fn bad_input_is_refused_with_what_to_do_and_nothing_changes() {
             t.path().join("i").to_str().unwrap(),
         ])
         .output()
-        .unwrap();
+        .unwrap()
+    };
+    let key = t.path().join("no such key");
+    let o = pull_with_key(&key);
     assert_exit(&o, 3);
     assert_stderr(
         &o,
@@ -1359,19 +1362,7 @@ fn bad_input_is_refused_with_what_to_do_and_nothing_changes() {
         .status()
         .unwrap();
     assert!(ok.success());
-    let o = sshd
-        .drydock_bare(&[
-            "pull",
-            &sshd.host(),
-            "-i",
-            locked.to_str().unwrap(),
-            "--device",
-            dev.to_str().unwrap(),
-            "-o",
-            t.path().join("i").to_str().unwrap(),
-        ])
-        .output()
-        .unwrap();
+    let o = pull_with_key(&locked);
     assert_exit(&o, 3);
     assert_stderr(
         &o,
