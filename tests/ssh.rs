@@ -1277,7 +1277,7 @@ fn a_push_cut_while_it_writes_ends_and_the_same_push_finishes_it() {
     let pulled = std::fs::read(t.path().join("image.manifest")).unwrap();
     for (mode, cuts) in [
         ("helper", [6 * MIB, 14 * MIB, 24 * MIB]),
-        ("dd", [4 * MIB, 12 * MIB, 22 * MIB]),
+        ("dd", [6 * MIB, 14 * MIB, 24 * MIB]),
     ] {
         for cut in cuts {
             let dirs = helper_dirs();
