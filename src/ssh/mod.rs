@@ -333,6 +333,15 @@ impl Session {
         Ok(res.success())
     }
 
+    /// Resolves once the connection is gone (russh's session ended): a
+    /// write waiting for window space on a dead connection waits on this
+    /// beside it, or it would wait forever (a cut dd-mode push did).
+    pub async fn closed(&self) {
+        while !self.handle.is_closed() {
+            tokio::time::sleep(std::time::Duration::from_millis(250)).await;
+        }
+    }
+
     /// The host as `user@host[:port]`, for messages.
     pub fn host(&self) -> String {
         self.target.display()

@@ -295,14 +295,18 @@ async fn write_ranges(
             let len = block_len(size, b) as usize;
             f.read_exact_at(&mut buf[..len], b * BLOCK_SIZE)?;
             h.update(&buf[..len]);
-            channel.data(&buf[..len]).await.with_context(|| {
+            let broke = || {
                 format!(
                     "the connection to {} broke during the push: {} is now partly written; \
                      run the same push again to finish it (blocks already written are recognised)",
                     session.host(),
                     dev.path
                 )
-            })?;
+            };
+            tokio::select! {
+                r = channel.data(&buf[..len]) => r.with_context(broke)?,
+                _ = session.closed() => anyhow::bail!("{}: the connection is gone", broke()),
+            }
             bar.inc(len as u64);
         }
         expected.push((r.first, hex::encode(h.finalize())));
