@@ -187,13 +187,18 @@ impl<O: Write, E: Write> Out<O, E> {
             }
             Event::Ask { question, reply } => {
                 let err = &mut self.stderr;
-                let answer = self.multi.suspend(|| {
+                self.multi.suspend(|| {
                     let _ = write!(err, "{question}");
                     let _ = err.flush();
-                    let mut a = String::new();
-                    std::io::stdin().read_line(&mut a).map(|_| a)
                 });
-                let _ = reply.send(answer);
+                // The answer is read on a thread of its own: a question
+                // given up (a signal while it waits) must not keep this
+                // thread, and with it every later line and the end of the
+                // command, waiting for Enter.
+                std::thread::spawn(move || {
+                    let mut a = String::new();
+                    let _ = reply.send(std::io::stdin().read_line(&mut a).map(|_| a));
+                });
             }
             Event::Failed { message, exit_code } => {
                 self.line(&format!("drydock: {message}"));
