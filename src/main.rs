@@ -21,7 +21,11 @@ fn main() -> ExitCode {
                 .unwrap_or_else(|_| filter.into()),
         )
         .with_writer(drydock::ui::LogWriter)
-        .with_ansi(std::io::stderr().is_terminal() && std::env::var_os("NO_COLOR").is_none())
+        // Colour only for a person's terminal: with --json the line is also
+        // an event's text, which must be plain.
+        .with_ansi(
+            !cli.json && std::io::stderr().is_terminal() && std::env::var_os("NO_COLOR").is_none(),
+        )
         .without_time()
         .with_target(false)
         .init();
