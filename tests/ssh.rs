@@ -487,23 +487,13 @@ fn push_refuses_an_image_that_is_not_its_manifests_size() {
 #[test]
 fn push_refuses_a_manifest_whose_digest_does_not_match_its_segments() {
     let sshd = Sshd::start();
-    let t = tempdir();
-    let dev = t.path().join("disk");
-    let img = t.path().join("image");
-    make_disk(&dev, 40 * MIB, &[(0, MIB as usize), (20 * MIB, 4096)], &[]);
-    assert_exit(&pull(&sshd, &dev, &img), 0);
+    let (t, dev, img) = pulled_then_changed(&sshd, 40 * MIB, b"changed", 17 * MIB);
     let mpath = t.path().join("image.manifest");
     let mut m: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(&mpath).unwrap()).unwrap();
     // The second segment's hash, claimed to be the first's.
     m["segments"][1] = m["segments"][0].clone();
     std::fs::write(&mpath, serde_json::to_string(&m).unwrap()).unwrap();
-    std::fs::File::options()
-        .write(true)
-        .open(&img)
-        .unwrap()
-        .write_all_at(b"changed", 17 * MIB)
-        .unwrap();
     let before = sha256_file(&dev);
     for mode in ["dd", "helper"] {
         let o = push(&sshd, &img, &dev, &["--yes", "--transfer", mode]);
