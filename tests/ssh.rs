@@ -1296,6 +1296,63 @@ fn a_push_cut_while_it_writes_ends_and_the_same_push_finishes_it() {
     }
 }
 
+/// The issue's recipe, cut for real: blocks whose new pages are two runs
+/// (page 0, and pages 64..256) go to the host as two writes each, so a cut
+/// between them leaves a block holding pages of both versions. The same
+/// push afterwards finishes it, exact (it was refused: "holds neither what
+/// was pulled nor the new image").
+#[test]
+fn a_push_cut_between_two_page_runs_of_a_block_is_finished_by_the_same_push() {
+    let sshd = Sshd::start();
+    let t = tempdir();
+    let dev = t.path().join("disk");
+    let img = t.path().join("image");
+    make_disk(&dev, 24 * MIB, &[(0, MIB as usize)], &[]);
+    assert_exit(&pull(&sshd, &dev, &img), 0);
+    let old = std::fs::read(&dev).unwrap();
+    let pulled = std::fs::read(t.path().join("image.manifest")).unwrap();
+    for b in 4..20u64 {
+        write_at(&img, &pattern(b, 4 * KIB as usize), b * MIB);
+        write_at(
+            &img,
+            &pattern(100 + b, 768 * KIB as usize),
+            b * MIB + 256 * KIB,
+        );
+    }
+    let new = std::fs::read(&img).unwrap();
+    let mut half_written = 0;
+    for cut in [5 * MIB, 8 * MIB, 11 * MIB] {
+        let dirs = helper_dirs();
+        let relay = Relay::start(sshd.port, cut);
+        let cmd = push_via(&sshd, &relay.host(), &img, &dev, "helper");
+        let what = format!("the push cut at byte {cut}");
+        let o = output_within(cmd, 180, &what);
+        eprintln!("{what}: exit {:?}: {}", o.status.code(), stderr(&o).trim());
+        if o.status.code() == Some(0) {
+            continue; // the cut came after the last write
+        }
+        // The helper writes what reached it before it sees the cut.
+        let left = helper_dirs_left(&dirs);
+        assert!(left.is_empty(), "{what}: left on the host: {left:?}");
+        let disk = std::fs::read(&dev).unwrap();
+        let blk = |d: &[u8], b: usize| d[b * MIB as usize..(b + 1) * MIB as usize].to_vec();
+        let mixed: Vec<usize> = (4..20)
+            .filter(|&b| blk(&disk, b) != blk(&old, b) && blk(&disk, b) != blk(&new, b))
+            .collect();
+        eprintln!("{what}: blocks holding pages of both versions: {mixed:?}");
+        half_written += mixed.len();
+        let o = push(&sshd, &img, &dev, &["--yes", "--transfer", "helper"]);
+        assert_exit(&o, 0);
+        assert_eq!(sha256_file(&dev), sha256_file(&img), "{what}");
+        std::fs::write(&dev, &old).unwrap();
+        std::fs::write(t.path().join("image.manifest"), &pulled).unwrap();
+    }
+    assert!(
+        half_written > 0,
+        "no cut landed between two runs of a block"
+    );
+}
+
 /// Bad input ends with what happened and what to do, exit 3, and nothing
 /// changed: an image folder that does not exist, a key file that does not,
 /// a manifest that is not JSON. A path with spaces and non-ASCII works.

@@ -232,6 +232,7 @@ async fn plan(
         Some(p) => Some(File::open(p).with_context(|| format!("cannot open {}", p.display()))?),
         None => None,
     };
+    let partly = super::partly_written(opts, &pf.new.digest, &pf.dev.path);
     let runs: Vec<(u64, u64)> = ranges(candidates)
         .iter()
         .map(|r| (r.first, r.first + r.count))
@@ -254,7 +255,11 @@ async fn plan(
             }
             None => None,
         };
+        // A block an interrupted push of this image was writing may hold
+        // pages of both versions: it is this push's own to finish, every
+        // page that differs from the image written again (as in dd mode).
         let old = match pf.base.as_ref() {
+            Some(_) if partly.contains(&i) => None,
             Some(b) => Some(manifest::from_hex(&b.blocks[i as usize]).map_err(|e| e.to_string())?),
             None => None,
         };
