@@ -511,6 +511,56 @@ fn push_refuses_a_manifest_whose_digest_does_not_match_its_segments() {
     }
 }
 
+/// A manifest whose block hashes were changed (its segments and digest
+/// intact) cannot make a push skip a block: block 5 of the image changed,
+/// and the manifest claims the pulled block 5 was already the new one,
+/// alone in its segment and beside a changed block 6. Both are refused
+/// before anything is written (dd mode wrote nothing, or only block 6, and
+/// said "read back and verified" with block 5 still the old one).
+#[test]
+fn push_refuses_a_manifest_whose_block_hashes_were_altered() {
+    let sshd = Sshd::start();
+    for (case, also_block_6) in [("alone", false), ("beside a changed block", true)] {
+        let (t, dev, img) =
+            pulled_then_changed(&sshd, 40 * MIB, &pattern(5, MIB as usize), 5 * MIB);
+        if also_block_6 {
+            write_at(&img, &pattern(6, MIB as usize), 6 * MIB);
+        }
+        let mpath = t.path().join("image.manifest");
+        let mut m: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(&mpath).unwrap()).unwrap();
+        m["blocks"][5] = hex::encode(Sha256::digest(pattern(5, MIB as usize))).into();
+        std::fs::write(&mpath, serde_json::to_string(&m).unwrap()).unwrap();
+        let before = sha256_file(&dev);
+        for mode in ["dd", "helper"] {
+            let what = format!("{case}, {mode}");
+            let o = push(&sshd, &img, &dev, &["--yes", "--transfer", mode]);
+            assert_exit(&o, 3);
+            assert_eq!(sha256_file(&dev), before, "{what}: the disk changed");
+            assert!(helpers_under(&sshd).is_empty(), "{what}: a helper is left");
+            if mode == "dd" {
+                assert_stderr(
+                    &o,
+                    format!(
+                        "{} is damaged: it says block 5 (byte 5242880) is the same in the image \
+                         as on the disk, but {} on {} holds other data there. Nothing was \
+                         written; pull the disk again, or push with --full to write every block \
+                         without the check",
+                        mpath.display(),
+                        dev.display(),
+                        sshd.host()
+                    ),
+                );
+            } else {
+                assert_stderr(
+                    &o,
+                    "block 5 (byte 5242880) differs from both the manifest and the image",
+                );
+            }
+        }
+    }
+}
+
 #[test]
 fn push_without_manifest_is_refused_unless_full() {
     let sshd = Sshd::start();

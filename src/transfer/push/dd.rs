@@ -31,12 +31,17 @@ pub(super) async fn push(
     let (dev, new) = (&pf.dev, &pf.new);
     let image_len = new.size;
     let blocks: Vec<u64> = match &pf.base {
-        Some(base) if pf.proven => (0..new.blocks.len() as u64)
-            .filter(|&b| base.blocks[b as usize] != new.blocks[b as usize])
-            .collect(),
+        Some(base) if pf.proven => {
+            let to_write: Vec<u64> = (0..new.blocks.len() as u64)
+                .filter(|&b| base.blocks[b as usize] != new.blocks[b as usize])
+                .collect();
+            let all = 0..new.segments.len() as u64;
+            prove_skipped(session, dev, opts, base, new, &to_write, all).await?;
+            to_write
+        }
         Some(base) => {
             let partly = super::partly_written(opts, &new.digest, &dev.path);
-            plan(session, dev, base, new, &partly).await?
+            plan(session, dev, opts, base, new, &partly).await?
         }
         None => (0..block_count(image_len)).collect(),
     };
@@ -159,6 +164,7 @@ fn segment_range(size: u64, s: u64) -> Range {
 async fn plan(
     session: &Session,
     dev: &Device,
+    opts: &PushOptions,
     base: &Manifest,
     new: &Manifest,
     partly: &std::collections::BTreeSet<u64>,
@@ -178,9 +184,11 @@ async fn plan(
     let seg_hashes = remote_hashes(session, &dev.path, size, &segs).await?;
     let mut to_write = Vec::new();
     let mut drill = Vec::new();
+    let mut pulled = Vec::new();
     for (s, (_, h)) in seg_hashes.iter().enumerate() {
         let r = segs[s];
         if *h == base.segments[s] {
+            pulled.push(s as u64);
             to_write.extend(
                 (r.first..r.first + r.count)
                     .filter(|&b| base.blocks[b as usize] != new.blocks[b as usize]),
@@ -218,7 +226,73 @@ async fn plan(
         }
     }
     to_write.sort_unstable();
+    prove_skipped(session, dev, opts, base, new, &to_write, pulled.into_iter()).await?;
     Ok(to_write)
+}
+
+/// The blocks a push leaves unwritten because the manifest says the image
+/// did not change them are proven, not trusted: in each segment that
+/// changed and that the disk holds as pulled (PULLED), the blocks not in
+/// TO_WRITE are hashed on the host and must hold the image's data. A
+/// manifest whose block hashes are wrong (damaged, edited, another
+/// image's) is refused here, before anything is written.
+async fn prove_skipped(
+    session: &Session,
+    dev: &Device,
+    opts: &PushOptions,
+    base: &Manifest,
+    new: &Manifest,
+    to_write: &[u64],
+    pulled: impl Iterator<Item = u64>,
+) -> Result<()> {
+    let size = new.size;
+    let writing: std::collections::BTreeSet<u64> = to_write.iter().copied().collect();
+    let skipped: Vec<u64> = pulled
+        .filter(|&s| base.segments[s as usize] != new.segments[s as usize])
+        .flat_map(|s| {
+            let r = segment_range(size, s);
+            r.first..r.first + r.count
+        })
+        .filter(|b| !writing.contains(b))
+        .collect();
+    if skipped.is_empty() {
+        return Ok(());
+    }
+    let rs = ranges(&skipped);
+    let on_host = remote_hashes(session, &dev.path, size, &rs).await?;
+    let f =
+        File::open(&opts.image).with_context(|| format!("cannot open {}", opts.image.display()))?;
+    let mut buf = vec![0u8; BLOCK_SIZE as usize];
+    for (r, (_, theirs)) in rs.iter().zip(&on_host) {
+        let mut h = Sha256::new();
+        for b in r.first..r.first + r.count {
+            let len = block_len(size, b) as usize;
+            f.read_exact_at(&mut buf[..len], b * BLOCK_SIZE)?;
+            h.update(&buf[..len]);
+        }
+        if hex::encode(h.finalize()) == *theirs {
+            continue;
+        }
+        // Name the first block of the range that differs.
+        let per_block: Vec<Range> = (r.first..r.first + r.count)
+            .map(|b| Range { first: b, count: 1 })
+            .collect();
+        let theirs = remote_hashes(session, &dev.path, size, &per_block).await?;
+        let bad = theirs
+            .iter()
+            .find(|(b, h)| *h != new.blocks[*b as usize])
+            .map_or(r.first, |(b, _)| *b);
+        return Err(refused!(
+            "{} is damaged: it says block {bad} (byte {}) is the same in the image as on the \
+             disk, but {} on {} holds other data there. Nothing was written; pull the disk \
+             again, or push with --full to write every block without the check",
+            Manifest::path_for(&opts.image).display(),
+            bad * BLOCK_SIZE,
+            dev.path,
+            session.host()
+        ));
+    }
+    Ok(())
 }
 
 /// The writer script: each range read from stdin by its own dd, a sync,

@@ -179,8 +179,15 @@ async fn candidates(
     let size = new.size;
     let nblocks = block_count(size);
     let mut out: Vec<u64> = match base {
+        // Every block of a segment that changed, not only those the
+        // block hashes name: a block the manifest calls unchanged is then
+        // proven so by the host's hash, not trusted (a damaged manifest
+        // would leave it unwritten).
         Some(b) if pf.proven => (0..nblocks)
-            .filter(|&i| b.blocks[i as usize] != new.blocks[i as usize])
+            .filter(|&i| {
+                let s = (i / manifest::SEGMENT_BLOCKS) as usize;
+                b.segments[s] != new.segments[s] || b.blocks[i as usize] != new.blocks[i as usize]
+            })
             .collect(),
         Some(b) => {
             // No proof that the disk is untouched: hash all of it on the
