@@ -172,10 +172,10 @@ pub struct PushArgs {
 pub struct BootArgs {
     pub image: PathBuf,
     /// Guest memory: 8G, 2048M, ...
-    #[arg(long, default_value = "8G")]
+    #[arg(long, default_value = "8G", value_parser = memory)]
     pub memory: String,
     /// Guest CPUs (default: this machine's).
-    #[arg(long)]
+    #[arg(long, value_parser = clap::value_parser!(u32).range(1..=1024))]
     pub cpus: Option<u32>,
     /// Where to keep the overlay, QMP socket and serial log
     /// (default: $XDG_STATE_HOME/drydock/boots/IMAGE-TIME).
@@ -199,6 +199,7 @@ pub struct BootArgs {
 }
 
 #[derive(Debug, Args)]
+#[command(group(clap::ArgGroup::new("what").required(true).args(["to", "run"])))]
 pub struct UpgradeArgs {
     #[command(flatten)]
     pub conn: Conn,
@@ -212,10 +213,10 @@ pub struct UpgradeArgs {
     #[arg(long, value_name = "DEV")]
     pub device: Option<String>,
     /// Worker VM memory.
-    #[arg(long, default_value = "4G")]
+    #[arg(long, default_value = "4G", value_parser = memory)]
     pub memory: String,
     /// Worker VM CPUs (default: this machine's).
-    #[arg(long)]
+    #[arg(long, value_parser = clap::value_parser!(u32).range(1..=1024))]
     pub cpus: Option<u32>,
     /// Do not ask before the freeze and the push.
     #[arg(long, short = 'y')]
@@ -253,4 +254,37 @@ pub struct AbortArgs {
     pub run: String,
     #[arg(long, short = 'y')]
     pub yes: bool,
+}
+
+/// `--memory`: a size such as 4G or 2048M, at least 128M (a usage error
+/// otherwise, before anything runs).
+fn memory(s: &str) -> Result<String, String> {
+    match crate::vm::cmdline::parse_memory(s) {
+        Some(_) => Ok(s.to_string()),
+        None => Err("expected a size such as 4G or 2048M, at least 128M".to_string()),
+    }
+}
+
+impl Cli {
+    /// What clap's attributes cannot say: flags that contradict each other
+    /// through their values. A usage error (exit 2), before anything runs.
+    pub fn check(&self) -> Result<(), clap::Error> {
+        use clap::CommandFactory;
+        if let Command::Upgrade(a) = &self.command
+            && a.network == Network::Open
+            && !a.allow_host.is_empty()
+        {
+            let mut cmd = Cli::command();
+            cmd.build();
+            let upgrade = cmd
+                .find_subcommand_mut("upgrade")
+                .expect("the upgrade subcommand");
+            return Err(upgrade.error(
+                clap::error::ErrorKind::ArgumentConflict,
+                "--allow-host widens the sealed network; with --network open every host is \
+                 reachable already: drop one of the two",
+            ));
+        }
+        Ok(())
+    }
 }

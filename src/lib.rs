@@ -155,6 +155,7 @@ async fn thaw(a: cli::ThawArgs, ui: &Ui) -> Result<()> {
 }
 
 async fn pull(a: cli::PullArgs, ui: &Ui) -> Result<()> {
+    transfer::check_output(&a.output)?;
     let s = connect(&a.conn).await?;
     let facts = remote::gather(&s).await?;
     let opts = transfer::pull::PullOptions {

@@ -10,6 +10,9 @@ fn main() -> ExitCode {
     // and qemu-img inherit it.
     rustix::process::umask(rustix::fs::Mode::from_raw_mode(0o077));
     let cli = drydock::cli::Cli::parse();
+    if let Err(e) = cli.check() {
+        e.exit();
+    }
     let filter = match cli.verbose {
         0 => "warn,russh=off,drydock=info",
         1 => "info,drydock=debug",

@@ -1497,6 +1497,154 @@ fn bad_input_is_refused_with_what_to_do_and_nothing_changes() {
     assert_eq!(sha256_file(&dev), before);
 }
 
+/// More bad input, each refused with what to do and nothing changed: a
+/// manifest cut short, an image folder that cannot be written, `-o` a
+/// folder, `--device` a folder; flags that contradict each other or make
+/// no sense are usage errors (exit 2) before anything runs.
+#[test]
+fn more_bad_input_is_refused_before_anything_changes() {
+    let sshd = Sshd::start();
+    let t = tempdir();
+    let dev = t.path().join("disk");
+    make_disk(&dev, 4 * MIB, &[(0, MIB as usize)], &[]);
+    let before = sha256_file(&dev);
+    let img = t.path().join("image");
+    assert_exit(&pull(&sshd, &dev, &img), 0);
+    write_at(&img, b"changed", 2 * MIB);
+
+    // A manifest cut short (a full disk, a copy that stopped).
+    let mpath = t.path().join("image.manifest");
+    let text = std::fs::read_to_string(&mpath).unwrap();
+    std::fs::write(&mpath, &text[..text.len() / 2]).unwrap();
+    for mode in ["dd", "helper"] {
+        let o = push(&sshd, &img, &dev, &["--yes", "--transfer", mode]);
+        assert_exit(&o, 3);
+        assert_stderr(
+            &o,
+            format!("{} is not a drydock manifest (", mpath.display()),
+        );
+        assert_stderr(
+            &o,
+            "); pull the disk again, or push with --full to write every block without the check",
+        );
+        assert_eq!(sha256_file(&dev), before, "{mode}");
+        assert!(helpers_under(&sshd).is_empty(), "{mode}: a helper is left");
+    }
+
+    // An image folder on a read-only filesystem.
+    let ro = t.path().join("read-only");
+    std::fs::create_dir(&ro).unwrap();
+    let ok = Command::new("mount")
+        .args(["-t", "tmpfs", "-o", "ro,size=64m", "tmpfs"])
+        .arg(&ro)
+        .status()
+        .unwrap();
+    assert!(ok.success());
+    struct Unmount(std::path::PathBuf);
+    impl Drop for Unmount {
+        fn drop(&mut self) {
+            let _ = Command::new("umount").arg(&self.0).status();
+        }
+    }
+    let _unmount = Unmount(ro.clone());
+    let o = pull(&sshd, &dev, &ro.join("image"));
+    assert_exit(&o, 3);
+    assert_stderr(
+        &o,
+        format!(
+            "cannot write the image in {}: Read-only file system (os error 30); choose another \
+             path with -o. Nothing was changed",
+            ro.display()
+        ),
+    );
+
+    // `-o` a folder: the image needs a file name.
+    let o = pull(&sshd, &dev, t.path());
+    assert_exit(&o, 3);
+    assert_stderr(
+        &o,
+        format!(
+            "-o {} is a folder; name the image file in it (e.g. -o {}). Nothing was changed",
+            t.path().display(),
+            t.path().join("disk.raw").display()
+        ),
+    );
+
+    // `--device` a folder.
+    let o = pull(&sshd, t.path(), &t.path().join("of a folder"));
+    assert_exit(&o, 3);
+    assert_stderr(
+        &o,
+        format!(
+            "{} on {} is neither a block device nor a regular file; name the disk with --device",
+            t.path().display(),
+            sshd.host()
+        ),
+    );
+    assert!(!t.path().join("of a folder").exists());
+
+    // Usage errors, before any connection (the host does not exist).
+    for (args, said) in [
+        (
+            vec!["upgrade", "root@192.0.2.1"],
+            "the following required arguments were not provided:\n  <--to <TO>|--run <COMMAND>>",
+        ),
+        (
+            vec![
+                "upgrade",
+                "root@192.0.2.1",
+                "--to",
+                "debian-13",
+                "--network",
+                "open",
+                "--allow-host",
+                "example.org",
+            ],
+            "--allow-host widens the sealed network; with --network open every host is reachable already: drop one of the two",
+        ),
+        (
+            vec![
+                "upgrade",
+                "root@192.0.2.1",
+                "--to",
+                "debian-13",
+                "--memory",
+                "lots",
+            ],
+            "invalid value 'lots' for '--memory <MEMORY>': expected a size such as 4G or 2048M, at least 128M",
+        ),
+        (
+            vec!["upgrade", "root@192.0.2.1", "--run", "true", "--cpus", "0"],
+            "invalid value '0' for '--cpus <CPUS>': 0 is not in 1..=1024",
+        ),
+        (
+            vec![
+                "upgrade",
+                "root@192.0.2.1",
+                "--run",
+                "true",
+                "--to",
+                "debian-13",
+            ],
+            "the argument '--run <COMMAND>' cannot be used with '--to <TO>'",
+        ),
+        (
+            vec!["boot", "image", "--memory", "99999999999999999T"],
+            "invalid value '99999999999999999T' for '--memory <MEMORY>'",
+        ),
+    ] {
+        let started = Instant::now();
+        let o = sshd.drydock_bare(&args).output().unwrap();
+        assert_exit(&o, 2);
+        assert_stderr(&o, said);
+        assert!(
+            started.elapsed() < Duration::from_secs(5),
+            "{args:?} waited"
+        );
+    }
+    assert_eq!(sha256_file(&dev), before);
+}
+
 #[test]
 fn an_empty_device_is_refused() {
     let sshd = Sshd::start();
@@ -1527,7 +1675,7 @@ fn a_device_that_is_not_a_disk_is_refused() {
         std::path::Path::new("/dev/null"),
         &t.path().join("i"),
     );
-    assert_exit(&o, 1);
+    assert_exit(&o, 3);
     assert_stderr(
         &o,
         format!(

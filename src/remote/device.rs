@@ -1,7 +1,7 @@
 //! The disk a pull reads or a push writes: which one, how big, and whether
 //! anything has it mounted read-write.
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Context, Result};
 
 use super::facts::{Facts, Mount};
 use crate::refused;
@@ -148,12 +148,12 @@ fn inspected(out: &str, path: String, facts: &Facts, session: &Session) -> Resul
                 mounts,
             })
         }
-        Some("other") => bail!(
+        Some("other") => Err(refused!(
             "{path} on {} is neither a block device nor a regular file; name the disk with \
              --device (`drydock probe {}` shows the one that holds /)",
             session.host(),
             session.target.typed_arg()
-        ),
+        )),
         _ => Err(refused!(
             "{path} does not exist on {}; `drydock probe {}` lists the disks",
             session.host(),

@@ -36,12 +36,27 @@ pub fn now() -> String {
         .unwrap_or_default()
 }
 
-/// Refuse before starting when the image's folder cannot hold `need` bytes.
-pub fn check_local_space(image: &Path, need: u64) -> Result<()> {
-    let dir = match image.parent() {
+/// The folder an image goes in (the current one for a bare name).
+fn folder_of(image: &Path) -> Result<std::path::PathBuf> {
+    Ok(match image.parent() {
         Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
         _ => std::env::current_dir()?,
-    };
+    })
+}
+
+/// Refuse before connecting when the image cannot be written where `-o`
+/// says: a folder named instead of a file, a folder that does not exist,
+/// or one that cannot be written (read-only, no permission). A file is
+/// made and removed there to know.
+pub fn check_output(image: &Path) -> Result<()> {
+    if image.is_dir() {
+        return Err(refused!(
+            "-o {} is a folder; name the image file in it (e.g. -o {}). Nothing was changed",
+            image.display(),
+            image.join("disk.raw").display()
+        ));
+    }
+    let dir = folder_of(image)?;
     if !dir.is_dir() {
         return Err(refused!(
             "the folder {} for the image does not exist; create it, or choose another path \
@@ -49,6 +64,27 @@ pub fn check_local_space(image: &Path, need: u64) -> Result<()> {
             dir.display()
         ));
     }
+    let probe = dir.join(format!(".drydock-write-check.{}", std::process::id()));
+    match std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(&probe)
+    {
+        Ok(_) => {
+            let _ = std::fs::remove_file(&probe);
+            Ok(())
+        }
+        Err(e) => Err(refused!(
+            "cannot write the image in {}: {e}; choose another path with -o. Nothing was changed",
+            dir.display()
+        )),
+    }
+}
+
+/// Refuse before starting when the image's folder cannot hold `need` bytes.
+pub fn check_local_space(image: &Path, need: u64) -> Result<()> {
+    let dir = folder_of(image)?;
+    check_output(image)?;
     let st = rustix::fs::statvfs(&dir)
         .with_context(|| format!("cannot tell the free space of {}", dir.display()))?;
     let avail = st.f_bavail * st.f_frsize;

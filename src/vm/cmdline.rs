@@ -286,7 +286,7 @@ pub fn parse_memory(s: &str) -> Option<u64> {
     };
     num.parse::<u64>()
         .ok()
-        .map(|n| n * mul)
+        .and_then(|n| n.checked_mul(mul))
         .filter(|&n| n >= 128)
 }
 
