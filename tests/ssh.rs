@@ -2,6 +2,8 @@
 //! regular files standing in for the disk.
 
 mod common;
+#[path = "ssh/faults.rs"]
+mod faults;
 
 use std::os::unix::fs::FileExt;
 use std::process::{Command, Stdio};

@@ -361,24 +361,43 @@ pub fn readable_by_others(root: &Path) -> Vec<String> {
 
 /// A TCP relay between drydock and an sshd that cuts the connection (both
 /// directions shut down, as a dropped link seen by both ends) once
-/// `cut_after` bytes have gone from drydock to the server, over every
-/// connection it relays together; after the cut it relays whole again.
+/// `cut_after` bytes have gone one way (from drydock to the server, or
+/// back with [`Relay::start_down`]), over every connection it relays
+/// together; after the cut it relays whole again. It counts the bytes
+/// each way.
 pub struct Relay {
     pub port: u16,
     stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    /// Bytes relayed from drydock to the server, and back.
+    up: std::sync::Arc<std::sync::atomic::AtomicU64>,
+    down: std::sync::Arc<std::sync::atomic::AtomicU64>,
+    cut_after: std::sync::Arc<std::sync::atomic::AtomicU64>,
+    cut: std::sync::Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl Relay {
+    /// Cut after `cut_after` bytes from drydock to the server.
     pub fn start(to: u16, cut_after: u64) -> Relay {
+        Relay::start_with(to, cut_after, true)
+    }
+
+    /// Cut after `cut_after` bytes from the server to drydock (a pull's data).
+    pub fn start_down(to: u16, cut_after: u64) -> Relay {
+        Relay::start_with(to, cut_after, false)
+    }
+
+    fn start_with(to: u16, cut_after: u64, cut_up: bool) -> Relay {
         use std::sync::Arc;
         use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
         let listener = TcpListener::bind("127.0.0.1:0").unwrap();
         let port = listener.local_addr().unwrap().port();
         listener.set_nonblocking(true).unwrap();
         let stop = Arc::new(AtomicBool::new(false));
-        let up = Arc::new(AtomicU64::new(0));
+        let (up, down) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
         let cut = Arc::new(AtomicBool::new(false));
-        let s = stop.clone();
+        let cut_after = Arc::new(AtomicU64::new(cut_after));
+        let (s, up2, down2) = (stop.clone(), up.clone(), down.clone());
+        let (cut2, at2) = (cut.clone(), cut_after.clone());
         std::thread::spawn(move || {
             while !s.load(Ordering::Relaxed) {
                 let Ok((client, _)) = listener.accept() else {
@@ -389,40 +408,40 @@ impl Relay {
                 let Ok(server) = TcpStream::connect(("127.0.0.1", to)) else {
                     continue;
                 };
-                let live = !cut.load(Ordering::Relaxed);
-                for (mut from, mut to, counted) in [
+                let live = !cut2.load(Ordering::Relaxed);
+                for (mut from, mut to, count, cuts) in [
                     (
                         client.try_clone().unwrap(),
                         server.try_clone().unwrap(),
-                        true,
+                        up2.clone(),
+                        cut_up,
                     ),
                     (
                         server.try_clone().unwrap(),
                         client.try_clone().unwrap(),
-                        false,
+                        down2.clone(),
+                        !cut_up,
                     ),
                 ] {
-                    let (up, cut) = (up.clone(), cut.clone());
+                    let (cut, at) = (cut2.clone(), at2.clone());
                     let both = (client.try_clone().unwrap(), server.try_clone().unwrap());
                     std::thread::spawn(move || {
                         use std::io::{Read, Write};
                         let mut buf = vec![0u8; 16 * 1024];
                         loop {
-                            let n = match from.read(&mut buf) {
+                            let mut n = match from.read(&mut buf) {
                                 Ok(0) | Err(_) => break,
                                 Ok(n) => n,
                             };
-                            let mut n = n;
-                            if counted && live {
-                                let before = up.fetch_add(n as u64, Ordering::Relaxed);
-                                if before + n as u64 >= cut_after {
-                                    n = cut_after.saturating_sub(before) as usize;
-                                    let _ = to.write_all(&buf[..n]);
-                                    cut.store(true, Ordering::Relaxed);
-                                    let _ = both.0.shutdown(std::net::Shutdown::Both);
-                                    let _ = both.1.shutdown(std::net::Shutdown::Both);
-                                    break;
-                                }
+                            let before = count.fetch_add(n as u64, Ordering::Relaxed);
+                            let cut_after = at.load(Ordering::Relaxed);
+                            if cuts && live && before + n as u64 >= cut_after {
+                                n = cut_after.saturating_sub(before) as usize;
+                                let _ = to.write_all(&buf[..n]);
+                                cut.store(true, Ordering::Relaxed);
+                                let _ = both.0.shutdown(std::net::Shutdown::Both);
+                                let _ = both.1.shutdown(std::net::Shutdown::Both);
+                                break;
                             }
                             if to.write_all(&buf[..n]).is_err() {
                                 break;
@@ -433,11 +452,35 @@ impl Relay {
                 }
             }
         });
-        Relay { port, stop }
+        Relay {
+            port,
+            stop,
+            up,
+            down,
+            cut_after,
+            cut,
+        }
+    }
+
+    /// Cut again, after AT bytes from now (counted from zero again) on the
+    /// connections made from now on: the same port, so drydock sees the
+    /// same host.
+    pub fn rearm(&self, at: u64) {
+        use std::sync::atomic::Ordering::Relaxed;
+        self.cut_after.store(at, Relaxed);
+        self.up.store(0, Relaxed);
+        self.down.store(0, Relaxed);
+        self.cut.store(false, Relaxed);
     }
 
     pub fn host(&self) -> String {
         format!("root@127.0.0.1:{}", self.port)
+    }
+
+    /// Bytes relayed so far: (drydock to the server, the server to drydock).
+    pub fn bytes(&self) -> (u64, u64) {
+        use std::sync::atomic::Ordering::Relaxed;
+        (self.up.load(Relaxed), self.down.load(Relaxed))
     }
 }
 

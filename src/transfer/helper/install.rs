@@ -20,6 +20,7 @@ use crate::transfer::writer::{Tmpfs, tmpfs_script};
 /// `--transfer helper` fails.
 pub async fn install(session: &Session, asked: Mode, ui: &crate::ui::Ui) -> Result<Option<Remote>> {
     let out = session.exec_input(&install_script(), Some(BINARY)).await?;
+    cut_short(session, &out)?;
     let text = out.stdout_str();
     let remote = match Remote::from_install(session, &out, out.success(), &text) {
         Ok(r) => r,
@@ -32,6 +33,21 @@ pub async fn install(session: &Session, asked: Mode, ui: &crate::ui::Ui) -> Resu
         return fall_back(session, asked, ui, e);
     }
     Ok(Some(remote))
+}
+
+/// The install's shell ended with no status: the connection went, which
+/// says nothing of whether the helper can run here (not a reason to fall
+/// back to dd mode, nor to call the host unable).
+fn cut_short(session: &Session, out: &crate::ssh::Output) -> Result<()> {
+    if out.status.is_none() && out.signal.is_none() {
+        anyhow::bail!(
+            "the connection to {} was lost while drydock's helper was being installed; nothing \
+             was written to the disk, and the host removes what was copied when its shell \
+             ends. Run the same command again",
+            session.host()
+        );
+    }
+    Ok(())
 }
 
 /// `auto`: dd mode, with a warning; `--transfer helper`: the error.
@@ -109,6 +125,9 @@ pub async fn stage(
         .with_context(|| format!("the connection to {} broke", session.host()))?;
     // Until READY, or until the shell ends (the installer failed).
     let (out, is_ready) = crate::ssh::collect_until(&mut channel, READY).await?;
+    if !is_ready {
+        cut_short(session, &out)?;
+    }
     let text = out.stdout_str();
     let Some((before, after)) = text.split_once(&format!("{PRELUDE_END}\n")) else {
         return Err(out.failure("inspecting the host", &session.host()));
