@@ -662,6 +662,214 @@ fn upgrade_killed_mid_upgrade_resumes_sealed_and_the_vps_comes_back_changed() {
     assert_stderr(&o, "is done; nothing to resume");
 }
 
+/// Spawn CMD (with --json) and send it SIG once its event stream shows an
+/// event WANT accepts: the events it printed, how it ended, its stderr.
+fn signal_at(
+    mut cmd: Command,
+    want: impl Fn(&serde_json::Value) -> bool,
+    sig: &str,
+    what: &str,
+) -> (Vec<serde_json::Value>, std::process::ExitStatus, String) {
+    use std::io::{BufRead, Read};
+    let mut child = cmd
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let (out, mut err) = (child.stdout.take().unwrap(), child.stderr.take().unwrap());
+    let stderr = std::thread::spawn(move || {
+        let mut s = String::new();
+        let _ = err.read_to_string(&mut s);
+        s
+    });
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(out).lines() {
+            let Ok(l) = line else { break };
+            if tx.send(l).is_err() {
+                break;
+            }
+        }
+    });
+    let deadline = Instant::now() + Duration::from_secs(2400);
+    let (mut seen, mut sent) = (Vec::new(), false);
+    loop {
+        match rx.recv_timeout(Duration::from_secs(1)) {
+            Ok(l) => {
+                let v: serde_json::Value = serde_json::from_str(&l).unwrap();
+                if !sent && want(&v) {
+                    let pid = child.id().to_string();
+                    assert!(
+                        Command::new("kill")
+                            .args([sig, &pid])
+                            .status()
+                            .unwrap()
+                            .success()
+                    );
+                    sent = true;
+                }
+                seen.push(v);
+            }
+            Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {
+                assert!(Instant::now() < deadline, "{what}: not reached in 40 min");
+            }
+            Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => break,
+        }
+    }
+    let status = child.wait().unwrap();
+    let stderr = stderr.join().unwrap();
+    assert!(
+        sent,
+        "{what}: the command ended before it got there: {stderr}"
+    );
+    (seen, status, stderr)
+}
+
+fn step_started(step: &'static str) -> impl Fn(&serde_json::Value) -> bool {
+    move |e| e["type"] == "step" && e["state"] == "started" && e["step"] == step
+}
+
+/// kill -9 of drydock at the start of every step of an upgrade, each time
+/// `drydock resume` of the run again, until the last resume finishes: the
+/// VPS comes back changed. Then a second run, stopped with SIGTERM in the
+/// middle of its pull (exit 130, resumable, said so), resumed, killed -9
+/// when its worker VM starts, and aborted: the VPS is back as it was.
+#[test]
+#[ignore = "long tier: scripts/test-zoo runs it (kill_9_at_every_step)"]
+fn zoo_kill_9_at_every_step_of_an_upgrade_then_resume_and_abort() {
+    let vps = Vps::start(12);
+    let home = tempdir();
+    let boot_before = vps.boot_id();
+    let upgrade = |cmd: &str| {
+        vps.drydock(
+            home.path(),
+            &[
+                "upgrade",
+                &vps.host(),
+                "-i",
+                vps.key.to_str().unwrap(),
+                "--accept-new-host-key",
+                "--run",
+                cmd,
+                "--yes",
+                "--json",
+                "--memory",
+                "2G",
+                "--cpus",
+                "2",
+            ],
+        )
+    };
+    let runs = home.path().join("state/drydock/runs");
+    let only_run = || {
+        let mut d: Vec<_> = std::fs::read_dir(&runs)
+            .unwrap()
+            .flatten()
+            .map(|e| e.path())
+            .collect();
+        d.sort();
+        d.pop().unwrap()
+    };
+    let (_, status, err) = signal_at(
+        upgrade(CHANGE),
+        step_started("freeze"),
+        "-KILL",
+        "kill at freeze",
+    );
+    assert_eq!(status.code(), None, "{err}");
+    let run = only_run();
+    for step in ["pull", "upgrade", "push", "reboot", "check"] {
+        let t0 = Instant::now();
+        let resume = vps.drydock(
+            home.path(),
+            &["resume", run.to_str().unwrap(), "--yes", "--json"],
+        );
+        let (_, status, err) = signal_at(resume, step_started(step), "-KILL", step);
+        assert_eq!(status.code(), None, "{step}: {err}");
+        std::thread::sleep(Duration::from_secs(2));
+        assert!(
+            !qemu_running_in(&run),
+            "{step}: a worker VM outlived a killed drydock"
+        );
+        eprintln!(
+            "killed -9 as step '{step}' started ({:.0} s after its resume)",
+            t0.elapsed().as_secs_f64()
+        );
+    }
+    let o = vps
+        .drydock(
+            home.path(),
+            &["resume", run.to_str().unwrap(), "--yes", "--json"],
+        )
+        .output()
+        .unwrap();
+    assert_exit(&o, 0);
+    assert_steps(&o, &["check"]);
+    assert_eq!(
+        vps.ssh("cat /etc/drydock-was-here").trim(),
+        "upgraded offline by drydock"
+    );
+    assert_ne!(vps.boot_id(), boot_before);
+    assert_eq!(
+        vps.ssh("grep ' / ' /proc/self/mounts | cut -d' ' -f4 | cut -d, -f1")
+            .trim(),
+        "rw"
+    );
+    eprintln!("six kills -9, one per step, then the resume finished: the VPS runs the change");
+
+    // The second run: SIGTERM mid-pull, resume, kill -9 as the worker VM
+    // starts, abort.
+    let boot = vps.boot_id();
+    let second = "echo second > /etc/drydock-second";
+    let (ev, status, err) = signal_at(
+        upgrade(second),
+        |e| e["type"] == "progress" && e["what"] == "pull" && e["bytes_done"].as_u64() > Some(0),
+        "-TERM",
+        "SIGTERM mid-pull",
+    );
+    assert_eq!(status.code(), Some(130), "{err}");
+    let run2 = only_run();
+    let r2 = run2.display();
+    assert!(
+        err.contains(&format!(
+            "step 'pull' of run {r2} did not finish; `drydock resume {r2}` retries it, \
+             `drydock abort {r2}` gives the VPS back as it was: interrupted (SIGTERM)"
+        )),
+        "{err}"
+    );
+    assert_eq!(ev.last().unwrap()["type"], "error", "{ev:?}");
+    let resume = vps.drydock(
+        home.path(),
+        &["resume", run2.to_str().unwrap(), "--yes", "--json"],
+    );
+    let (_, status, err) = signal_at(resume, step_started("upgrade"), "-KILL", "kill at upgrade");
+    assert_eq!(status.code(), None, "{err}");
+    assert!(err.contains("resuming"), "{err}");
+    let o = vps
+        .drydock(home.path(), &["abort", run2.to_str().unwrap(), "--yes"])
+        .output()
+        .unwrap();
+    assert_exit(&o, 0);
+    assert_eq!(
+        vps.ssh("test -e /etc/drydock-second && echo yes || echo no")
+            .trim(),
+        "no"
+    );
+    assert_eq!(
+        vps.boot_id(),
+        boot,
+        "aborted before the push: thawed, not rebooted"
+    );
+    assert_eq!(
+        vps.ssh("grep ' / ' /proc/self/mounts | cut -d' ' -f4 | cut -d, -f1")
+            .trim(),
+        "rw"
+    );
+    eprintln!(
+        "SIGTERM mid-pull (exit 130), resume, kill -9 at the worker VM, abort: the VPS is as it was"
+    );
+}
+
 /// The network as Debian's installer sets it up: ifupdown, ISC dhclient
 /// (which keeps its lease file open for writing), eth0. freeze then thaw:
 /// dhclient stopped with its address kept, then started again with the app.
