@@ -772,13 +772,13 @@ fn zoo_kill_9_at_every_step_of_an_upgrade_then_resume_and_abort() {
     };
     let (_, status, err) = signal_at(
         upgrade(CHANGE),
-        step_started("freeze"),
+        step_started("probe"),
         "-KILL",
-        "kill at freeze",
+        "kill at probe",
     );
     assert_eq!(status.code(), None, "{err}");
     let run = only_run();
-    for step in ["pull", "upgrade", "push", "reboot", "check"] {
+    for step in ["freeze", "pull", "upgrade", "push", "reboot", "check"] {
         let t0 = Instant::now();
         let resume = vps.drydock(
             home.path(),
@@ -815,7 +815,7 @@ fn zoo_kill_9_at_every_step_of_an_upgrade_then_resume_and_abort() {
             .trim(),
         "rw"
     );
-    eprintln!("six kills -9, one per step, then the resume finished: the VPS runs the change");
+    eprintln!("seven kills -9, one per step, then the resume finished: the VPS runs the change");
 
     // The second run: SIGTERM mid-pull, resume, kill -9 as the worker VM
     // starts, abort.
