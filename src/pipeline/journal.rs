@@ -80,6 +80,11 @@ pub struct Journal {
     pub format: String,
     pub host: String,
     pub identity: Option<PathBuf>,
+    /// The run was started with --accept-new-host-key: its resume, when
+    /// the probe has not recorded the key yet, accepts it too (a changed
+    /// key is refused whatever this says).
+    #[serde(default)]
+    pub accept_new_host_key: bool,
     pub device: Option<String>,
     pub to: Option<String>,
     pub run: Option<String>,

@@ -138,6 +138,7 @@ fn new_journal(req: &Request) -> Journal {
         format: journal::FORMAT.into(),
         host: req.host.clone(),
         identity: req.identity.clone(),
+        accept_new_host_key: req.accept_new_host_key,
         device: req.device.clone(),
         to: req.to.clone(),
         run: req.run.clone(),
@@ -223,7 +224,8 @@ pub async fn resume(dir: &Path, ui: &Ui) -> Result<Report> {
         dir.display(),
         j.next_step().map(Step::name).unwrap_or("the end")
     ));
-    drive(dir, j, ui, false).await
+    let accept_new = j.accept_new_host_key;
+    drive(dir, j, ui, accept_new).await
 }
 
 async fn drive(dir: &Path, mut j: Journal, ui: &Ui, accept_new: bool) -> Result<Report> {
