@@ -13,7 +13,8 @@ use clap::{Args, Parser, Subcommand};
     version,
     about = "Upgrade a small server offline: pull its disk, upgrade it in a local VM, push back what changed",
     after_help = "Exit codes: 0 ok, 1 failed, 2 bad usage, 3 refused (nothing changed), \
-                  69 host unreachable or login refused, 130 interrupted (resumable)."
+                  69 host unreachable or login refused, 75 connection lost (resumable), \
+                  130 interrupted by a signal (resumable)."
 )]
 pub struct Cli {
     #[command(subcommand)]

@@ -8,12 +8,16 @@
 //! | 2    | bad command line                                               |
 //! | 3    | refused by a safety check or a host key check; nothing changed |
 //! | 69   | the host could not be reached or would not let us in           |
-//! | 130  | interrupted; run the same command again to resume              |
+//! | 75   | cut short (a lost connection); the same command resumes it     |
+//! | 130  | interrupted by a signal; the same command resumes it           |
 
 use std::path::PathBuf;
 
 pub const EXIT_FAILURE: u8 = 1;
+pub const EXIT_USAGE: u8 = 2;
 pub const EXIT_REFUSED: u8 = 3;
+/// sysexits.h's EX_TEMPFAIL: a temporary failure, to be tried again.
+pub const EXIT_RESUMABLE: u8 = 75;
 pub const EXIT_UNAVAILABLE: u8 = 69;
 pub const EXIT_INTERRUPTED: u8 = 130;
 
@@ -78,6 +82,18 @@ impl SshError {
 #[error("{0}")]
 pub struct Refused(pub String);
 
+/// The command line asked for something that does not exist or makes no
+/// sense (an unknown release, a run that is not one): nothing was done.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct Usage(pub String);
+
+/// Cut short by a lost connection (or a host that ended the stream): what
+/// was done is kept, and the same command resumes it.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct Resumable(pub String);
+
 /// The user interrupted (Ctrl-C); what was done is recorded and resumable.
 #[derive(Debug, thiserror::Error)]
 #[error("{0}")]
@@ -95,8 +111,30 @@ pub fn exit_code(err: &anyhow::Error) -> u8 {
         if cause.downcast_ref::<Interrupted>().is_some() {
             return EXIT_INTERRUPTED;
         }
+        if cause.downcast_ref::<Usage>().is_some() {
+            return EXIT_USAGE;
+        }
+        if cause.downcast_ref::<Resumable>().is_some() {
+            return EXIT_RESUMABLE;
+        }
     }
     EXIT_FAILURE
+}
+
+/// `return Err(usage!("..."))`: exit 2.
+#[macro_export]
+macro_rules! usage {
+    ($($arg:tt)*) => {
+        anyhow::Error::new($crate::errors::Usage(format!($($arg)*)))
+    };
+}
+
+/// `bail` with an error the same command resumes: exit 75.
+#[macro_export]
+macro_rules! resumable {
+    ($($arg:tt)*) => {
+        anyhow::Error::new($crate::errors::Resumable(format!($($arg)*)))
+    };
 }
 
 /// `return Err(refused!("..."))`-style helper.

@@ -1007,7 +1007,7 @@ fn a_pull_cut_mid_transfer_resumes_where_it_stopped() {
     );
     sshd.cut_sessions();
     let o = child.wait_with_output().unwrap();
-    assert_exit(&o, 1);
+    assert_exit(&o, 75);
     let e = stderr(&o);
     assert!(
         e.contains(&format!("the connection to {} was lost", sshd.host())),
@@ -1336,6 +1336,7 @@ fn a_push_cut_while_it_writes_ends_and_the_same_push_finishes_it() {
                 "{what}: {}",
                 stderr(&o)
             );
+            assert_exit(&o, 75);
             let left = helper_dirs_left(&dirs);
             assert!(left.is_empty(), "{what}: left on the host: {left:?}");
             let o = push(&sshd, &img, &dev, &["--yes", "--transfer", mode]);
@@ -1645,6 +1646,55 @@ fn more_bad_input_is_refused_before_anything_changes() {
         );
     }
     assert_eq!(sha256_file(&dev), before);
+}
+
+/// The exit codes of the README's table that no other test pins: a run
+/// that is not one and an unknown release are usage errors (2), before
+/// any connection; a lost connection is 75 (the same command resumes),
+/// not 1 (those are in the cut tests).
+#[test]
+fn usage_errors_exit_2_before_connecting() {
+    let t = tempdir();
+    let sshd = Sshd::start();
+    for (args, said) in [
+        (
+            vec!["resume".to_string(), t.path().display().to_string()],
+            format!(
+                "no run named '{}' (neither a folder with a journal.json nor one under ",
+                t.path().display()
+            ),
+        ),
+        (
+            vec![
+                "abort".to_string(),
+                "no-such-run".to_string(),
+                "--yes".to_string(),
+            ],
+            "no run named 'no-such-run' (".to_string(),
+        ),
+        (
+            [
+                "upgrade",
+                "root@192.0.2.1",
+                "--to",
+                "windows-11",
+                "--dry-run",
+            ]
+            .map(String::from)
+            .to_vec(),
+            "unknown release 'windows-11': name it as debian-13 (or trixie)".to_string(),
+        ),
+    ] {
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let started = Instant::now();
+        let o = sshd.drydock_bare(&args).output().unwrap();
+        assert_exit(&o, 2);
+        assert_stderr(&o, &said);
+        assert!(
+            started.elapsed() < Duration::from_secs(5),
+            "{args:?} waited"
+        );
+    }
 }
 
 #[test]

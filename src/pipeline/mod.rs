@@ -64,7 +64,7 @@ fn plan_of(j: &Journal, host: &recipes::Host) -> Result<Plan> {
 /// What both `upgrade` and `upgrade --dry-run` refuse before connecting.
 fn check_request(req: &Request) -> Result<()> {
     if req.to.is_none() && req.run.is_none() {
-        return Err(refused!(
+        return Err(crate::usage!(
             "nothing to do: name a release with --to (e.g. debian-13), or a command with --run"
         ));
     }

@@ -73,7 +73,7 @@ pub fn parse_release(s: &str) -> Result<(String, String)> {
     {
         return Ok((id.to_string(), v.to_string()));
     }
-    Err(refused!(
+    Err(crate::usage!(
         "unknown release '{s}': name it as debian-13 (or trixie), nixos-23.11, alpine-3.19, ubuntu-24.04"
     ))
 }

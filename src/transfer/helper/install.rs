@@ -40,12 +40,12 @@ pub async fn install(session: &Session, asked: Mode, ui: &crate::ui::Ui) -> Resu
 /// back to dd mode, nor to call the host unable).
 fn cut_short(session: &Session, out: &crate::ssh::Output) -> Result<()> {
     if out.status.is_none() && out.signal.is_none() {
-        anyhow::bail!(
+        return Err(crate::resumable!(
             "the connection to {} was lost while drydock's helper was being installed; nothing \
              was written to the disk, and the host removes what was copied when its shell \
              ends. Run the same command again",
             session.host()
-        );
+        ));
     }
     Ok(())
 }

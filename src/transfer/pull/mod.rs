@@ -423,13 +423,20 @@ impl Received {
             None => format!("the connection to {host} was lost"),
         };
         let said = self.stderr.trim();
-        if said.is_empty() {
-            bail!("{why}: {resume_hint}");
+        let text = if said.is_empty() {
+            format!("{why}: {resume_hint}")
+        } else {
+            format!(
+                "{why}: {resume_hint}; the host said:\n  {}",
+                said.replace('\n', "\n  ")
+            )
+        };
+        // A lost connection is cut short (exit 75); a host that failed is
+        // a failure, even if the same command resumes too.
+        if self.status.is_none() {
+            return Err(crate::resumable!("{text}"));
         }
-        bail!(
-            "{why}: {resume_hint}; the host said:\n  {}",
-            said.replace('\n', "\n  ")
-        );
+        bail!("{text}");
     }
 }
 

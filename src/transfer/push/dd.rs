@@ -378,8 +378,8 @@ async fn write_ranges(
                 )
             };
             tokio::select! {
-                r = channel.data(&buf[..len]) => r.with_context(broke)?,
-                _ = session.closed() => anyhow::bail!("{}: the connection is gone", broke()),
+                r = channel.data(&buf[..len]) => r.map_err(|e| crate::resumable!("{}: {e}", broke()))?,
+                _ = session.closed() => return Err(crate::resumable!("{}: the connection is gone", broke())),
             }
             bar.inc(len as u64);
         }

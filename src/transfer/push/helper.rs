@@ -296,11 +296,11 @@ async fn send(
     let mut in_flight_bytes = 0u64;
     let mut next = 0;
     let partly = |e: anyhow::Error| {
-        e.context(format!(
+        crate::resumable!(
             "the push stopped with {} partly written: run the same push again to finish it \
-             (ranges already written are recognised)",
+             (ranges already written are recognised): {e:#}",
             dev.path
-        ))
+        )
     };
     while next < patches.len() || !in_flight.is_empty() {
         if next < patches.len() && in_flight_bytes < WRITE_WINDOW {
