@@ -96,6 +96,24 @@ pub enum Command {
     Abort(AbortArgs),
     /// List runs and where each stands.
     Runs,
+    /// Print a completion script for SHELL (see the README to install it).
+    #[command(after_help = "Examples:\n  \
+        drydock completions bash > /usr/share/bash-completion/completions/drydock\n  \
+        drydock completions zsh > /usr/local/share/zsh/site-functions/_drydock")]
+    Completions {
+        /// The shell: bash, zsh, fish, elvish or powershell.
+        shell: clap_complete::Shell,
+    },
+    /// Print drydock's man page (roff), or write every page (drydock.1 and
+    /// one per subcommand) into a folder.
+    #[command(after_help = "Examples:\n  \
+        drydock man --dir /usr/local/share/man/man1 && man drydock-pull\n  \
+        drydock man | man -l -")]
+    Man {
+        /// Write drydock.1 and drydock-SUBCOMMAND.1 into DIR instead.
+        #[arg(long, value_name = "DIR")]
+        dir: Option<PathBuf>,
+    },
     /// Internal: what QEMU spawns for each connection of a sealed guest to
     /// drydock's proxy.
     #[command(name = "__relay", hide = true)]

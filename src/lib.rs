@@ -34,6 +34,27 @@ async fn connect(conn: &Conn) -> Result<Session> {
 pub async fn run(cli: Cli) -> u8 {
     // ssh's ProxyCommand end of the worker VM's relay: a plain byte pipe
     // that ssh ends with a signal, so none is caught and nothing reported.
+    // Text for other programs, printed whole: no reporter, no signals.
+    if let Command::Completions { shell } = &cli.command {
+        use clap::CommandFactory;
+        let mut cmd = Cli::command();
+        clap_complete::generate(*shell, &mut cmd, "drydock", &mut std::io::stdout());
+        return 0;
+    }
+    if let Command::Man { dir } = &cli.command {
+        use clap::CommandFactory;
+        let written = match dir {
+            Some(d) => clap_mangen::generate_to(Cli::command(), d),
+            None => clap_mangen::Man::new(Cli::command()).render(&mut std::io::stdout()),
+        };
+        return match written {
+            Ok(()) => 0,
+            Err(e) => {
+                eprintln!("drydock: cannot print the man page: {e}");
+                errors::EXIT_FAILURE
+            }
+        };
+    }
     if let Command::Relay { socket } = &cli.command {
         return match vm::proxy::relay(socket) {
             Ok(()) => 0,
@@ -94,7 +115,9 @@ async fn command(command: Command, ui: &Ui) -> Result<()> {
             let done = serde_json::json!({"run": dir, "aborted": true});
             ui.result("abort", &done, format!("run {} aborted\n", dir.display()))
         }
-        Command::Relay { .. } => unreachable!("handled before the reporter starts"),
+        Command::Relay { .. } | Command::Completions { .. } | Command::Man { .. } => {
+            unreachable!("handled before the reporter starts")
+        }
         Command::Runs => runs(ui),
     }
 }

@@ -2375,3 +2375,49 @@ fn impossible_upgrades_of_other_systems_are_refused_before_anything_changes() {
         "/etc/apk/repositories names no v3.19 repository (it has: https://dl-cdn.alpinelinux.org/alpine/latest-stable/main )",
     );
 }
+
+/// `drydock completions bash`, sourced as the README says, completes
+/// subcommands and flags; `drydock man --dir` writes a page per
+/// subcommand that man(1) renders.
+#[test]
+fn completions_and_man_pages_work() {
+    let bin = env!("CARGO_BIN_EXE_drydock");
+    let script = format!(
+        "source <({bin} completions bash) && complete -p drydock && \
+         COMP_WORDS=(drydock pu); COMP_CWORD=1; _drydock drydock pu drydock; \
+         echo \"words: ${{COMPREPLY[*]}}\"; \
+         COMP_WORDS=(drydock pull --tr); COMP_CWORD=2; _drydock drydock --tr pull; \
+         echo \"flags: ${{COMPREPLY[*]}}\""
+    );
+    let o = Command::new("bash").args(["-c", &script]).output().unwrap();
+    assert_exit(&o, 0);
+    let out = stdout(&o);
+    assert!(out.contains("-F _drydock drydock"), "{out}");
+    assert!(out.contains("words: pull push"), "{out}");
+    assert!(out.contains("flags: --transfer"), "{out}");
+
+    let t = tempdir();
+    let o = Command::new(bin)
+        .args(["man", "--dir", t.path().to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert_exit(&o, 0);
+    for page in ["drydock.1", "drydock-pull.1", "drydock-upgrade.1"] {
+        let text = std::fs::read_to_string(t.path().join(page)).unwrap();
+        assert!(text.contains(".TH drydock"), "{page}: {text}");
+    }
+    let o = Command::new("man")
+        .arg("-l")
+        .arg(t.path().join("drydock-pull.1"))
+        .env("MANWIDTH", "100")
+        .env("MANPAGER", "cat")
+        .output()
+        .unwrap();
+    assert_exit(&o, 0);
+    let page = stdout(&o);
+    assert!(
+        page.contains("NAME") && page.contains("drydock-pull"),
+        "{page}"
+    );
+    assert!(page.contains("--transfer"), "{page}");
+}
