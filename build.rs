@@ -15,7 +15,25 @@ use std::process::Command;
 
 const TARGET: &str = "x86_64-unknown-linux-gnu";
 
+/// The commit drydock is built from (`--version`), or "unknown" outside a
+/// git checkout; the build script runs again when HEAD moves.
+fn commit() -> String {
+    let git = |args: &[&str]| {
+        Command::new("git")
+            .args(args)
+            .output()
+            .ok()
+            .filter(|o| o.status.success())
+            .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+    };
+    if let Some(log) = git(&["rev-parse", "--git-path", "logs/HEAD"]) {
+        println!("cargo:rerun-if-changed={log}");
+    }
+    git(&["rev-parse", "--short=12", "HEAD"]).unwrap_or_else(|| "unknown".into())
+}
+
 fn main() {
+    println!("cargo:rustc-env=DRYDOCK_COMMIT={}", commit());
     println!("cargo:rerun-if-changed=helper/src");
     println!("cargo:rerun-if-changed=helper/Cargo.toml");
     println!("cargo:rerun-if-changed=Cargo.lock");

@@ -275,6 +275,26 @@ pub struct AbortArgs {
     pub yes: bool,
 }
 
+/// `drydock --version`: the release, the commit it was built from and the
+/// helper protocol it speaks (a helper of another protocol is refused).
+pub fn version() -> &'static str {
+    static TEXT: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    TEXT.get_or_init(|| {
+        format!(
+            "{} (commit {}, helper protocol {})",
+            env!("CARGO_PKG_VERSION"),
+            env!("DRYDOCK_COMMIT"),
+            drydock_helper::proto::VERSION
+        )
+    })
+}
+
+/// The command line's definition, with the full version.
+pub fn command() -> clap::Command {
+    use clap::CommandFactory;
+    Cli::command().version(version())
+}
+
 /// `--memory`: a size such as 4G or 2048M, at least 128M (a usage error
 /// otherwise, before anything runs).
 fn memory(s: &str) -> Result<String, String> {
@@ -288,12 +308,11 @@ impl Cli {
     /// What clap's attributes cannot say: flags that contradict each other
     /// through their values. A usage error (exit 2), before anything runs.
     pub fn check(&self) -> Result<(), clap::Error> {
-        use clap::CommandFactory;
         if let Command::Upgrade(a) = &self.command
             && a.network == Network::Open
             && !a.allow_host.is_empty()
         {
-            let mut cmd = Cli::command();
+            let mut cmd = command();
             cmd.build();
             let upgrade = cmd
                 .find_subcommand_mut("upgrade")

@@ -36,16 +36,14 @@ pub async fn run(cli: Cli) -> u8 {
     // that ssh ends with a signal, so none is caught and nothing reported.
     // Text for other programs, printed whole: no reporter, no signals.
     if let Command::Completions { shell } = &cli.command {
-        use clap::CommandFactory;
-        let mut cmd = Cli::command();
+        let mut cmd = cli::command();
         clap_complete::generate(*shell, &mut cmd, "drydock", &mut std::io::stdout());
         return 0;
     }
     if let Command::Man { dir } = &cli.command {
-        use clap::CommandFactory;
         let written = match dir {
-            Some(d) => clap_mangen::generate_to(Cli::command(), d),
-            None => clap_mangen::Man::new(Cli::command()).render(&mut std::io::stdout()),
+            Some(d) => clap_mangen::generate_to(cli::command(), d),
+            None => clap_mangen::Man::new(cli::command()).render(&mut std::io::stdout()),
         };
         return match written {
             Ok(()) => 0,

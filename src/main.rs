@@ -1,7 +1,7 @@
 use std::io::IsTerminal;
 use std::process::ExitCode;
 
-use clap::Parser;
+use clap::FromArgMatches;
 
 fn main() -> ExitCode {
     // Everything drydock writes (images, overlays, manifests, journals,
@@ -9,7 +9,8 @@ fn main() -> ExitCode {
     // it printed, its secrets with it: readable by its owner only. QEMU
     // and qemu-img inherit it.
     rustix::process::umask(rustix::fs::Mode::from_raw_mode(0o077));
-    let cli = drydock::cli::Cli::parse();
+    let matches = drydock::cli::command().get_matches();
+    let cli = drydock::cli::Cli::from_arg_matches(&matches).unwrap_or_else(|e| e.exit());
     if let Err(e) = cli.check() {
         e.exit();
     }

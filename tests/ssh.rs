@@ -2421,3 +2421,17 @@ fn completions_and_man_pages_work() {
     );
     assert!(page.contains("--transfer"), "{page}");
 }
+
+/// `--version` names the commit and the helper protocol.
+#[test]
+fn version_names_the_commit_and_the_helper_protocol() {
+    let o = Command::new(env!("CARGO_BIN_EXE_drydock"))
+        .arg("--version")
+        .output()
+        .unwrap();
+    assert_exit(&o, 0);
+    let v = stdout(&o);
+    let want = format!("drydock {} (commit ", env!("CARGO_PKG_VERSION"));
+    assert!(v.starts_with(&want), "{v}");
+    assert!(v.trim_end().ends_with(", helper protocol 1)"), "{v}");
+}
