@@ -27,6 +27,11 @@ pub struct Cli {
     /// More detail on stderr (repeat for more).
     #[arg(short, long, global = true, action = clap::ArgAction::Count)]
     pub verbose: u8,
+
+    /// Quiet: on stderr only warnings, questions and errors (no progress,
+    /// no messages); the result is still printed.
+    #[arg(short, long, global = true, conflicts_with = "verbose")]
+    pub quiet: bool,
 }
 
 /// How a disk moves (`--transfer`); the transfer layer sees [`Mode`].

@@ -62,7 +62,7 @@ pub async fn run(cli: Cli) -> u8 {
             }
         };
     }
-    let (ui, reporter) = Ui::start(cli.json);
+    let (ui, reporter) = Ui::start(cli.json, cli.quiet);
     // These stop cleanly on a signal themselves (kept what was verified,
     // powered a guest off, recorded a run's step) and say how to go on;
     // the others are stopped where they are.

@@ -14,9 +14,12 @@ fn main() -> ExitCode {
     if let Err(e) = cli.check() {
         e.exit();
     }
-    let filter = match cli.verbose {
-        0 => "warn,russh=off,drydock=info",
-        1 => "info,drydock=debug",
+    // russh says nothing below -vv: at -v its only line was a false
+    // ERROR about the packet size drydock chose for speed (src/ssh).
+    let filter = match (cli.quiet, cli.verbose) {
+        (true, _) => "warn,russh=off",
+        (_, 0) => "warn,russh=off,drydock=info",
+        (_, 1) => "info,russh=off,drydock=debug",
         _ => "debug",
     };
     tracing_subscriber::fmt()

@@ -2435,3 +2435,71 @@ fn version_names_the_commit_and_the_helper_protocol() {
     assert!(v.starts_with(&want), "{v}");
     assert!(v.trim_end().ends_with(", helper protocol 1)"), "{v}");
 }
+
+/// Output people read: `-q` leaves stderr empty on success and the result
+/// on stdout; `-v` has no false ERROR from russh; the result is said once,
+/// in lines of at most 100 columns (but for the paths).
+#[test]
+fn quiet_verbose_and_the_result_said_once() {
+    let sshd = Sshd::start();
+    let t = tempdir();
+    let dev = t.path().join("disk");
+    make_disk(&dev, 8 * MIB, &[(0, MIB as usize)], &[]);
+    let img = t.path().join("image");
+    let host = sshd.host();
+    let o = sshd
+        .drydock(&[
+            "pull",
+            &host,
+            "--device",
+            dev.to_str().unwrap(),
+            "-o",
+            img.to_str().unwrap(),
+            "-q",
+        ])
+        .output()
+        .unwrap();
+    assert_exit(&o, 0);
+    assert_eq!(stderr(&o), "", "-q");
+    let out = stdout(&o);
+    assert!(
+        out.starts_with(&format!(
+            "pulled {host}:{}\n  to {}\n",
+            dev.display(),
+            img.display()
+        )),
+        "{out}"
+    );
+    for l in out
+        .lines()
+        .filter(|l| !l.contains(t.path().to_str().unwrap()))
+    {
+        assert!(l.chars().count() <= 100, "over 100 columns: {l}");
+    }
+
+    write_at(&img, b"changed", 3 * MIB);
+    let o = sshd
+        .drydock(&[
+            "push",
+            img.to_str().unwrap(),
+            &host,
+            "--device",
+            dev.to_str().unwrap(),
+            "--yes",
+            "-v",
+        ])
+        .output()
+        .unwrap();
+    assert_exit(&o, 0);
+    let (out, err) = (stdout(&o), stderr(&o));
+    assert!(!err.contains("ERROR"), "{err}");
+    assert!(!err.contains("read back"), "the result said twice: {err}");
+    assert!(out.contains("; read back and verified\n"), "{out}");
+    for l in out
+        .lines()
+        .filter(|l| !l.contains(t.path().to_str().unwrap()))
+    {
+        assert!(l.chars().count() <= 100, "over 100 columns: {l}");
+    }
+    assert_eq!(sha256_file(&dev), sha256_file(&img));
+}

@@ -49,9 +49,11 @@ pub struct Reporter {
 impl Ui {
     /// Start the reporter (stderr bars only on a terminal and without
     /// `--json`) and the one signal listener. Inside the tokio runtime.
-    pub fn start(json: bool) -> (Ui, Reporter) {
-        let bars = !json && std::io::stderr().is_terminal();
-        let (tx, thread) = reporter::spawn(json, bars);
+    /// QUIET (`-q`): no bars, no messages or step lines on stderr; the
+    /// warnings, the questions, the errors and the result only.
+    pub fn start(json: bool, quiet: bool) -> (Ui, Reporter) {
+        let bars = !json && !quiet && std::io::stderr().is_terminal();
+        let (tx, thread) = reporter::spawn(json, bars, quiet);
         log::route_to(tx.clone());
         let ui = Ui {
             json,

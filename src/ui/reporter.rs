@@ -61,12 +61,17 @@ const PROGRESS_EVERY: Duration = Duration::from_millis(500);
 /// How often live bars are read.
 const TICK: Duration = Duration::from_millis(100);
 
-pub(super) fn spawn(json: bool, bars: bool) -> (mpsc::Sender<Event>, std::thread::JoinHandle<()>) {
+pub(super) fn spawn(
+    json: bool,
+    bars: bool,
+    quiet: bool,
+) -> (mpsc::Sender<Event>, std::thread::JoinHandle<()>) {
     let (tx, rx) = mpsc::channel();
     let thread = std::thread::Builder::new()
         .name("reporter".into())
         .spawn(move || {
             let mut out = Out::new(json, bars, std::io::stdout(), std::io::stderr());
+            out.quiet = quiet;
             loop {
                 match rx.recv_timeout(TICK) {
                     Ok(Event::Stop) | Err(mpsc::RecvTimeoutError::Disconnected) => break,
@@ -92,6 +97,9 @@ struct Live {
 
 pub(super) struct Out<O: Write, E: Write> {
     json: bool,
+    /// `-q`: messages and step lines are not written to stderr (they are
+    /// still events with `--json`).
+    quiet: bool,
     multi: MultiProgress,
     live: HashMap<u64, Live>,
     stdout: O,
@@ -107,6 +115,7 @@ impl<O: Write, E: Write> Out<O, E> {
         };
         Out {
             json,
+            quiet: false,
             multi: MultiProgress::with_draw_target(target),
             live: HashMap::new(),
             stdout,
@@ -138,7 +147,9 @@ impl<O: Write, E: Write> Out<O, E> {
     pub(super) fn handle(&mut self, e: Event, now: Instant) {
         match e {
             Event::Say(text) => {
-                self.line(&text);
+                if !self.quiet {
+                    self.line(&text);
+                }
                 self.emit(json!({"type": "message", "text": text}));
             }
             Event::Warn(text) => {
@@ -164,7 +175,9 @@ impl<O: Write, E: Write> Out<O, E> {
             } => {
                 let mut v = json!({"type": "step", "step": step, "state": state});
                 if state == "started" {
-                    self.line(&format!("== {name}"));
+                    if !self.quiet {
+                        self.line(&format!("== {name}"));
+                    }
                     v["name"] = json!(name);
                 }
                 if let Some(s) = seconds {
@@ -213,9 +226,10 @@ impl<O: Write, E: Write> Out<O, E> {
         let done = state.done.load(Ordering::Relaxed);
         let pb = self.multi.add(ProgressBar::new(total));
         let style = ProgressStyle::with_template(
-            "{msg:8} [{bar:30}] {bytes}/{total_bytes} {binary_bytes_per_sec} ETA {eta}",
+            "{msg:8} [{bar:30}] {bytes}/{total_bytes} {binary_bytes_per_sec} ETA {eta_known}",
         )
         .expect("valid template")
+        .with_key("eta_known", eta_known)
         .progress_chars("=> ");
         pb.set_style(style);
         pb.set_message(what.clone());
@@ -276,6 +290,16 @@ impl<O: Write, E: Write> Out<O, E> {
         for id in ids {
             self.bar_end(id, now);
         }
+    }
+}
+
+/// The bar's ETA once a rate is known (a second in, something moved): the
+/// first frames said "ETA 0s".
+fn eta_known(state: &indicatif::ProgressState, w: &mut dyn std::fmt::Write) {
+    if state.elapsed() < Duration::from_secs(1) || state.pos() == 0 {
+        let _ = write!(w, "?");
+    } else {
+        let _ = write!(w, "{:#}", indicatif::HumanDuration(state.eta()));
     }
 }
 

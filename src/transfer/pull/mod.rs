@@ -65,9 +65,11 @@ pub struct PullReport {
 }
 
 impl PullReport {
+    /// Lines of at most 100 columns (but for long paths).
     pub fn human(&self) -> String {
         format!(
-            "pulled {}:{} to {} ({} in {:.1}s, {} on the wire at {}/s{}); verified by {} on the host{}, digest {}\n",
+            "pulled {}:{}\n  to {}\n  {} in {:.1} s, {} on the wire at {}/s{}\n  \
+             verified on the host by {}{}\n  digest {}\n",
             self.host,
             self.device,
             self.image.display(),
@@ -82,7 +84,7 @@ impl PullReport {
             },
             self.hasher,
             self.helper_peak_rss_kib
-                .map(|k| format!(" (helper peak memory {})", human_bytes(k * 1024)))
+                .map(|k| format!("; helper peak memory {}", human_bytes(k * 1024)))
                 .unwrap_or_default(),
             self.digest
         )

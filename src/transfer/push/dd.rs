@@ -75,6 +75,7 @@ pub(super) async fn push(
         save_manifest(session, facts, opts, pf)?;
         return Ok(report);
     }
+    let asked = std::time::Instant::now();
     ui.confirm(&format!(
         "Write {} ({} of {} blocks, {} ranges) of {} to {} on {}?",
         human_bytes(bytes),
@@ -86,6 +87,8 @@ pub(super) async fn push(
         session.host()
     ))
     .await?;
+    // The push's time is the host's: not the seconds spent at the question.
+    let waited = asked.elapsed();
 
     super::record_intent(opts, &new.digest, &dev.path, &blocks)?;
     let staged = Staged::stage(session).await?;
@@ -95,7 +98,7 @@ pub(super) async fn push(
     let removed = staged.remove(session).await;
     result?;
     removed?;
-    report.seconds = pf.started.elapsed().as_secs_f64();
+    report.seconds = pf.started.elapsed().saturating_sub(waited).as_secs_f64();
     save_manifest(session, facts, opts, pf)?;
     Ok(report)
 }
@@ -427,12 +430,5 @@ async fn write_ranges(
             session.host()
         );
     }
-    ui.say(format!(
-        "wrote and read back {} in {} ranges to {} on {}",
-        human_bytes(total),
-        rs.len(),
-        dev.path,
-        session.host()
-    ));
     Ok(())
 }

@@ -61,7 +61,11 @@ pub(super) async fn push(
         blocks_written,
         ranges: counts.ranges,
         bytes_sent: counts.page_bytes,
-        seconds: pf.started.elapsed().as_secs_f64(),
+        seconds: pf
+            .started
+            .elapsed()
+            .saturating_sub(counts.waited)
+            .as_secs_f64(),
         digest: pf.new.digest.clone(),
         writer_dir: Some(remote.tmpfs.dir.clone()),
         writer_own_tmpfs: remote.tmpfs.mounted,
@@ -85,6 +89,8 @@ struct Counts {
     /// Runs of pages written.
     ranges: usize,
     done: helper::Done,
+    /// Spent at the confirmation question.
+    waited: std::time::Duration,
 }
 
 async fn push_with(
@@ -103,6 +109,7 @@ async fn push_with(
     let patches = plan(&mut link, pf, opts, &image, &candidates, session, ui).await?;
 
     let total: u64 = patches.iter().map(|p| p.len as u64).sum();
+    let asked = std::time::Instant::now();
     if patches.is_empty() {
         ui.say(format!(
             "{} on {} already holds this image; nothing to write",
@@ -120,25 +127,19 @@ async fn push_with(
         ))
         .await?;
     }
+    // The push's time is the host's: not the seconds spent at the question.
+    let waited = asked.elapsed();
     let mut blocks: Vec<u64> = patches.iter().map(|p| p.offset / BLOCK_SIZE).collect();
     blocks.dedup();
     super::record_intent(opts, &pf.new.digest, &dev.path, &blocks)?;
     let done = send(&mut link, &image, &patches, total, dev, ui).await?;
-    if !patches.is_empty() {
-        ui.say(format!(
-            "wrote, read back and checked {} in {} ranges on {} (helper peak memory {})",
-            human_bytes(total),
-            patches.len(),
-            dev.path,
-            human_bytes(done.peak_rss_kib * 1024)
-        ));
-    }
     Ok(Counts {
         bytes_on_wire: link.sent,
         bytes_written: done.bytes_written,
         page_bytes: total,
         ranges: patches.len(),
         done,
+        waited,
     })
 }
 

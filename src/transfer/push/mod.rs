@@ -64,9 +64,11 @@ pub struct PushReport {
 }
 
 impl PushReport {
+    /// Lines of at most 100 columns (but for long paths).
     pub fn human(&self) -> String {
         format!(
-            "pushed {} to {}:{}: {} of {} blocks changed; {} written in {} ranges, {} on the wire, {:.1}s ({} mode{}); read back and verified\n",
+            "pushed {}\n  to {}:{}\n  {} of {} blocks changed: {} written in {} ranges, {} on the wire\n  \
+             {:.1} s, {} mode{}; read back and verified\n",
             self.image.display(),
             self.host,
             self.device,
@@ -81,7 +83,7 @@ impl PushReport {
                 _ => "dd",
             },
             self.helper_peak_rss_kib
-                .map(|k| format!(", helper peak memory {}", human_bytes(k * 1024)))
+                .map(|k| format!(" (helper peak memory {})", human_bytes(k * 1024)))
                 .unwrap_or_default()
         )
     }
