@@ -66,12 +66,30 @@ pub enum Network {
 
 #[derive(Debug, Args, Clone)]
 pub struct Conn {
-    /// [user@]host[:port], or an alias from ~/.ssh/config.
+    /// [user@]host[:port], ssh://[user@]host[:port], or an alias from ~/.ssh/config.
     pub host: String,
 
     /// Use this private key (and no other).
     #[arg(short = 'i', long = "identity", value_name = "KEY")]
     pub identity: Option<PathBuf>,
+
+    /// The port to connect to (as ssh -p; a port in HOST wins).
+    #[arg(short = 'p', long = "port", value_name = "PORT")]
+    pub port: Option<u16>,
+
+    /// Read this ssh config file instead of ~/.ssh/config and /etc/ssh/ssh_config (as ssh -F).
+    #[arg(short = 'F', value_name = "CONFIG")]
+    pub ssh_config: Option<PathBuf>,
+
+    /// An ssh_config option, as ssh -o: User, HostName, Port, IdentityFile,
+    /// UserKnownHostsFile, GlobalKnownHostsFile, HostKeyAlias, ProxyJump,
+    /// StrictHostKeyChecking (repeatable).
+    #[arg(short = 'o', value_name = "KEY=VALUE")]
+    pub ssh_option: Vec<String>,
+
+    /// Reach the host through these jump hosts, [user@]host[:port] separated by commas (as ssh -J).
+    #[arg(short = 'J', long = "jump", value_name = "HOSTS")]
+    pub jump: Option<String>,
 
     /// Record the host key if known_hosts does not know the host yet
     /// (a changed key is always refused).
@@ -156,7 +174,7 @@ pub struct PullArgs {
     #[command(flatten)]
     pub conn: Conn,
     /// The local image to write (IMAGE.manifest is written beside it).
-    #[arg(short = 'o', long = "output", value_name = "IMAGE")]
+    #[arg(long = "output", value_name = "IMAGE")]
     pub output: PathBuf,
     /// The disk, or a regular file standing for one (default: the disk that holds /).
     #[arg(long, value_name = "DEV")]
@@ -278,6 +296,23 @@ pub struct AbortArgs {
     pub run: String,
     #[arg(long, short = 'y')]
     pub yes: bool,
+}
+
+impl Conn {
+    /// The ssh options as ssh takes them: `-o` in order, then `-p` and
+    /// `-J` as Port and ProxyJump; with whether a new host key may be
+    /// recorded (`--accept-new-host-key`, or StrictHostKeyChecking=accept-new).
+    pub fn ssh_args(&self) -> anyhow::Result<(crate::ssh::SshArgs, bool)> {
+        let mut options = self.ssh_option.clone();
+        if let Some(p) = self.port {
+            options.push(format!("Port={p}"));
+        }
+        if let Some(j) = &self.jump {
+            options.push(format!("ProxyJump={j}"));
+        }
+        let (args, accept_new) = crate::ssh::SshArgs::checked(self.ssh_config.clone(), options)?;
+        Ok((args, accept_new || self.accept_new_host_key))
+    }
 }
 
 /// `drydock --version`: the release, the commit it was built from and the

@@ -23,7 +23,9 @@ use ssh::Session;
 use ui::Ui;
 
 async fn connect(conn: &Conn) -> Result<Session> {
-    ssh::connect_to(&conn.host, conn.identity.clone(), conn.accept_new_host_key).await
+    host_is_not_a_file(&conn.host)?;
+    let (args, accept_new) = conn.ssh_args()?;
+    ssh::connect_to(&conn.host, &args, conn.identity.clone(), accept_new).await
 }
 
 /// One command: parsed arguments in, its report out through the reporter
@@ -194,7 +196,31 @@ async fn pull(a: cli::PullArgs, ui: &Ui) -> Result<()> {
     Ok(())
 }
 
+/// A HOST that names a file here (a path, an image) is a slip, not a host
+/// to look up in DNS.
+fn host_is_not_a_file(host: &str) -> Result<()> {
+    let p = std::path::Path::new(host);
+    let image_like = [".raw", ".img", ".qcow2", ".manifest"]
+        .iter()
+        .any(|e| host.ends_with(e));
+    if p.exists() && (host.contains('/') || image_like) {
+        return Err(crate::usage!(
+            "'{host}' is a file here, not a host: HOST is [user@]host[:port], \
+             ssh://[user@]host[:port] or an ssh config alias"
+        ));
+    }
+    Ok(())
+}
+
 async fn push(a: cli::PushArgs, ui: &Ui) -> Result<()> {
+    if !a.image.exists() && std::path::Path::new(&a.conn.host).is_file() {
+        return Err(crate::usage!(
+            "IMAGE and HOST are the other way round: {} is not a file and '{}' is; \
+             `drydock push IMAGE HOST`",
+            a.image.display(),
+            a.conn.host
+        ));
+    }
     let s = connect(&a.conn).await?;
     let facts = remote::gather(&s).await?;
     let opts = transfer::push::PushOptions {
@@ -232,10 +258,12 @@ async fn boot(a: cli::BootArgs, ui: &Ui) -> Result<()> {
 async fn upgrade(a: cli::UpgradeArgs, ui: &Ui) -> Result<()> {
     let memory_mib = vm::cmdline::parse_memory(&a.memory)
         .with_context(|| format!("--memory {}: expected a size such as 4G or 2048M", a.memory))?;
+    let (ssh, accept_new_host_key) = a.conn.ssh_args()?;
     let req = pipeline::Request {
         host: a.conn.host,
+        ssh,
         identity: a.conn.identity,
-        accept_new_host_key: a.conn.accept_new_host_key,
+        accept_new_host_key,
         device: a.device,
         to: a.to,
         run: a.run,

@@ -48,7 +48,7 @@ fn pull_with(
         &host,
         "--device",
         dev.to_str().unwrap(),
-        "-o",
+        "--output",
         img.to_str().unwrap(),
         "--json",
     ];
@@ -693,7 +693,7 @@ fn a_disk_mounted_read_write_is_refused() {
             &sshd.host(),
             "--device",
             dev.to_str().unwrap(),
-            "-o",
+            "--output",
             img.to_str().unwrap(),
             "--live",
         ])
@@ -952,7 +952,7 @@ fn pull_until(
         &host,
         "--device",
         dev.to_str().unwrap(),
-        "-o",
+        "--output",
         img.to_str().unwrap(),
     ];
     args.extend_from_slice(extra);
@@ -1024,7 +1024,7 @@ fn a_pull_cut_mid_transfer_resumes_where_it_stopped() {
             &sshd.host(),
             "--device",
             dev.to_str().unwrap(),
-            "-o",
+            "--output",
             img.to_str().unwrap(),
             "--json",
         ])
@@ -1423,7 +1423,7 @@ fn bad_input_is_refused_with_what_to_do_and_nothing_changes() {
     assert_stderr(
         &o,
         format!(
-            "the folder {} for the image does not exist; create it, or choose another path with -o. Nothing was changed",
+            "the folder {} for the image does not exist; create it, or choose another path with --output. Nothing was changed",
             folder.display()
         ),
     );
@@ -1438,7 +1438,7 @@ fn bad_input_is_refused_with_what_to_do_and_nothing_changes() {
             key.to_str().unwrap(),
             "--device",
             dev.to_str().unwrap(),
-            "-o",
+            "--output",
             t.path().join("i").to_str().unwrap(),
         ])
         .output()
@@ -1556,7 +1556,7 @@ fn more_bad_input_is_refused_before_anything_changes() {
         &o,
         format!(
             "cannot write the image in {}: Read-only file system (os error 30); choose another \
-             path with -o. Nothing was changed",
+             path with --output. Nothing was changed",
             ro.display()
         ),
     );
@@ -1567,7 +1567,7 @@ fn more_bad_input_is_refused_before_anything_changes() {
     assert_stderr(
         &o,
         format!(
-            "-o {} is a folder; name the image file in it (e.g. -o {}). Nothing was changed",
+            "--output {} is a folder; name the image file in it (e.g. --output {}). Nothing was changed",
             t.path().display(),
             t.path().join("disk.raw").display()
         ),
@@ -1743,7 +1743,7 @@ fn a_failing_remote_command_shows_its_status_and_stderr() {
     let rt = tokio::runtime::Runtime::new().unwrap();
     // The target is built by hand so this process's own HOME is not read.
     let spec = drydock::ssh::HostSpec::parse(&sshd.host()).unwrap();
-    let mut target = drydock::ssh::Target::resolve_with(&spec, "", &sshd.home);
+    let mut target = drydock::ssh::Target::resolve_with(&spec, "", &sshd.home).unwrap();
     target.user_known_hosts = vec![sshd.known_hosts()];
     let opts = drydock::ssh::ConnectOptions {
         identity: Some(sshd.client_key.clone()),
@@ -2034,13 +2034,15 @@ fn keys_in_ssh_agent_are_used() {
     assert_exit(&o, 0);
 }
 
+/// A ProxyCommand is refused, not bypassed: drydock does not run it, and
+/// does not connect directly either.
 #[test]
-fn a_proxy_in_ssh_config_is_refused_not_bypassed() {
+fn a_proxy_command_in_ssh_config_is_refused_not_bypassed() {
     let sshd = Sshd::start();
     std::fs::write(
         sshd.home.join(".ssh/config"),
         format!(
-            "Host hidden\n  HostName 127.0.0.1\n  Port {}\n  ProxyJump bastion.example.org\n",
+            "Host hidden\n  HostName 127.0.0.1\n  Port {}\n  ProxyCommand nc bastion.example.org 22\n",
             sshd.port
         ),
     )
@@ -2049,8 +2051,143 @@ fn a_proxy_in_ssh_config_is_refused_not_bypassed() {
     assert_exit(&o, 1);
     assert_stderr(
         &o,
-        "~/.ssh/config reaches hidden through a proxy (proxyjump bastion.example.org), which drydock does not follow yet",
+        "the ssh config reaches hidden through a ProxyCommand (nc bastion.example.org 22), which drydock does not run",
     );
+}
+
+/// ProxyJump, as OpenSSH users have it: a second real sshd is the jump
+/// host, and the target's name resolves only there (its /etc/hosts), so
+/// only a connection through the jump host reaches it. `-J`, the config's
+/// ProxyJump, `ssh://` and `-p` all take that way; without a jump, the
+/// name does not resolve.
+#[test]
+fn a_pull_through_a_jump_host() {
+    let target = Sshd::start();
+    let jump = Sshd::start_as(&[(
+        "/etc/hosts",
+        "127.0.0.1 localhost\n127.0.0.1 hidden-target\n",
+    )]);
+    // The test's key opens both; both host keys are known.
+    let key = std::fs::read_to_string(target.client_key.with_extension("pub")).unwrap();
+    let mut auth = std::fs::OpenOptions::new()
+        .append(true)
+        .open(jump.dir.path().join("authorized_keys"))
+        .unwrap();
+    std::io::Write::write_all(&mut auth, key.as_bytes()).unwrap();
+    let host_key = |s: &Sshd| {
+        let k = std::fs::read_to_string(s.dir.path().join("host_key.pub")).unwrap();
+        let w: Vec<&str> = k.split_whitespace().collect();
+        format!("{} {}", w[0], w[1])
+    };
+    std::fs::write(
+        target.known_hosts(),
+        format!(
+            "[127.0.0.1]:{} {}\n[hidden-target]:{} {}\n",
+            jump.port,
+            host_key(&jump),
+            target.port,
+            host_key(&target)
+        ),
+    )
+    .unwrap();
+    let t = tempdir();
+    let dev = t.path().join("disk");
+    make_disk(&dev, 8 * MIB, &[(0, MIB as usize)], &[]);
+    let want = sha256_file(&dev);
+    let via = format!("root@127.0.0.1:{}", jump.port);
+    let there = format!("root@hidden-target:{}", target.port);
+    let uri = format!("ssh://root@hidden-target:{}", target.port);
+    let two_hops = format!("{via},{via}");
+    let port = target.port.to_string();
+    let pull = |n: &str, extra: &[&str]| {
+        let img = t.path().join(n);
+        let mut args = vec!["pull", "--device", dev.to_str().unwrap()];
+        args.extend_from_slice(&["--output", img.to_str().unwrap()]);
+        args.extend_from_slice(extra);
+        let o = target.drydock(&args).output().unwrap();
+        (o, img)
+    };
+    let (o, _) = pull("direct", &[&there]);
+    assert_exit(&o, 69);
+    assert_stderr(&o, format!("cannot reach hidden-target:{}", target.port));
+    for (n, extra) in [
+        ("j", vec![there.as_str(), "-J", via.as_str()]),
+        ("uri", vec![uri.as_str(), "-J", via.as_str()]),
+        // Two hops: the jump host, then itself again through it.
+        ("two hops", vec![there.as_str(), "-J", &two_hops]),
+        (
+            "-p with -J",
+            vec!["root@hidden-target", "-p", &port, "-J", &via],
+        ),
+        (
+            "-o ProxyJump",
+            vec![there.as_str(), "-o", &format!("ProxyJump={via}")],
+        ),
+    ] {
+        let (o, img) = pull(n, &extra);
+        assert_exit(&o, 0);
+        assert_eq!(sha256_file(&img), want, "{n}");
+    }
+    std::fs::write(
+        target.home.join(".ssh/config"),
+        format!("Host hidden-target\n  ProxyJump {via}\n"),
+    )
+    .unwrap();
+    let (o, img) = pull("config", &[&there]);
+    assert_exit(&o, 0);
+    assert_eq!(sha256_file(&img), want, "ProxyJump in ~/.ssh/config");
+    eprintln!(
+        "pulled root@hidden-target through the jump sshd on port {}",
+        jump.port
+    );
+}
+
+/// HOST as people type it by mistake: scp's host:path, the image and the
+/// host swapped, a file for a host, an ssh option drydock does not use.
+/// Each is a usage error that says what to type, before any connection.
+#[test]
+fn host_slips_are_usage_errors_that_say_what_was_meant() {
+    let sshd = Sshd::start();
+    let t = tempdir();
+    let img = t.path().join("vps.raw");
+    std::fs::write(&img, b"").unwrap();
+    let i = img.to_str().unwrap();
+    for (args, said) in [
+        (
+            vec!["pull", "vps:/dev/vda", "--output", "x.raw"],
+            "'vps:/dev/vda' looks like scp's host:path; drydock takes the host alone and the \
+             disk with --device: `vps --device /dev/vda`"
+                .to_string(),
+        ),
+        (
+            vec!["push", "root@vps", i],
+            format!(
+                "IMAGE and HOST are the other way round: root@vps is not a file and '{i}' is; \
+                 `drydock push IMAGE HOST`"
+            ),
+        ),
+        (
+            vec!["probe", i],
+            format!("'{i}' is a file here, not a host: HOST is [user@]host[:port]"),
+        ),
+        (
+            vec!["probe", "ssh://root@vps:2222/dev/vda"],
+            "an ssh:// address names no path; the disk is named with --device".to_string(),
+        ),
+        (
+            vec!["probe", "vps", "-o", "Compression=yes"],
+            "-o Compression: drydock does not use this ssh option; it honours User, HostName"
+                .to_string(),
+        ),
+        (
+            vec!["probe", "vps", "-o", "StrictHostKeyChecking=no"],
+            "-o StrictHostKeyChecking=no: drydock always checks host keys".to_string(),
+        ),
+    ] {
+        let o = sshd.drydock_bare(&args).output().unwrap();
+        assert_exit(&o, 2);
+        assert_stderr(&o, &said);
+    }
 }
 
 /// Hundreds of small, scattered changes: many more answers in flight than
@@ -2453,7 +2590,7 @@ fn quiet_verbose_and_the_result_said_once() {
             &host,
             "--device",
             dev.to_str().unwrap(),
-            "-o",
+            "--output",
             img.to_str().unwrap(),
             "-q",
         ])

@@ -1402,7 +1402,7 @@ fn boot_gives_a_shell_on_a_copy_holds_its_services_back_and_powers_off_on_ctrl_c
                 "-i",
                 vps.key.to_str().unwrap(),
                 "--accept-new-host-key",
-                "-o",
+                "--output",
                 img.to_str().unwrap(),
                 "--live",
             ],

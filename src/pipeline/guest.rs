@@ -32,7 +32,9 @@ pub fn guest_target(
         user_known_hosts: vec![known_hosts],
         global_known_hosts: vec![],
         host_key_alias: None,
-        proxy: None,
+        proxy_command: None,
+        jumps: Vec::new(),
+        jump_chain: None,
     };
     let o = ConnectOptions {
         identity: identity.map(Path::to_path_buf),

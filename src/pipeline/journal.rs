@@ -79,6 +79,9 @@ pub enum State {
 pub struct Journal {
     pub format: String,
     pub host: String,
+    /// The ssh options the run was started with (`-F`, `-o`, `-p`, `-J`).
+    #[serde(default)]
+    pub ssh: crate::ssh::SshArgs,
     pub identity: Option<PathBuf>,
     /// The run was started with --accept-new-host-key: its resume, when
     /// the probe has not recorded the key yet, accepts it too (a changed

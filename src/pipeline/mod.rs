@@ -37,6 +37,8 @@ use journal::{Journal, State, Step, StepRecord};
 #[derive(Debug, Clone)]
 pub struct Request {
     pub host: String,
+    /// `-F`, `-o`, `-p`, `-J`.
+    pub ssh: crate::ssh::SshArgs,
     pub identity: Option<PathBuf>,
     pub accept_new_host_key: bool,
     pub device: Option<String>,
@@ -121,7 +123,7 @@ pub async fn dry_run(req: &Request) -> Result<DryRun> {
 }
 
 async fn connect(j: &Journal, accept_new: bool) -> Result<Session> {
-    crate::ssh::connect_to(&j.host, j.identity.clone(), accept_new).await
+    crate::ssh::connect_to(&j.host, &j.ssh, j.identity.clone(), accept_new).await
 }
 
 /// The run's VPS, connected (its host key already known), and its facts
@@ -137,6 +139,7 @@ fn new_journal(req: &Request) -> Journal {
     Journal {
         format: journal::FORMAT.into(),
         host: req.host.clone(),
+        ssh: req.ssh.clone(),
         identity: req.identity.clone(),
         accept_new_host_key: req.accept_new_host_key,
         device: req.device.clone(),

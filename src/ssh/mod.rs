@@ -16,7 +16,7 @@ use russh::{Channel, ChannelMsg, Disconnect, Preferred, cipher};
 
 use crate::errors::SshError;
 use known_hosts::{KnownHosts, Verdict, host_key_name};
-pub use target::{HostSpec, Target};
+pub use target::{HostSpec, SshArgs, Target};
 
 /// How to authenticate and what to do with an unknown host key.
 #[derive(Debug, Clone, Default)]
@@ -144,19 +144,39 @@ impl Output {
 pub struct Session {
     handle: Handle<Client>,
     pub target: Target,
+    /// The jump host this session goes through (ProxyJump), kept open as
+    /// long as it is.
+    _via: Option<Box<Session>>,
 }
 
 impl Session {
     /// Long but straight: each refusal (proxy, address, host key) in the
     /// order OpenSSH makes it, each with its own message.
     pub async fn connect(target: &Target, opts: &ConnectOptions) -> Result<Session> {
-        if let Some(proxy) = &target.proxy {
+        if let Some(cmd) = &target.proxy_command {
             bail!(
-                "~/.ssh/config reaches {} through a proxy ({proxy}), which drydock does not \
-                 follow yet; connect to an address drydock can reach directly",
+                "the ssh config reaches {} through a ProxyCommand ({cmd}), which drydock does \
+                 not run; reach it with ProxyJump (-J) or at an address drydock can reach directly",
                 target.alias
             );
         }
+        // ProxyJump: each hop reached through the one before it.
+        let mut via: Option<Session> = None;
+        for hop in &target.jumps {
+            let s = Box::pin(Self::connect_via(hop, opts, via.take()))
+                .await
+                .with_context(|| format!("the jump host {} (ProxyJump)", hop.display()))?;
+            via = Some(s);
+        }
+        Self::connect_via(target, opts, via).await
+    }
+
+    /// Connect to TARGET directly, or through VIA's direct-tcpip channel.
+    async fn connect_via(
+        target: &Target,
+        opts: &ConnectOptions,
+        via: Option<Session>,
+    ) -> Result<Session> {
         let name = host_key_name(
             target.host_key_alias.as_deref().unwrap_or(&target.hostname),
             if target.host_key_alias.is_some() {
@@ -176,29 +196,13 @@ impl Session {
 
         let config = Arc::new(client_config(known.known_algorithms(&name)));
         let addr = format!("{}:{}", target.hostname, target.port);
-        let stream = match tokio::time::timeout(
-            CONNECT_TIMEOUT,
-            tokio::net::TcpStream::connect((target.hostname.as_str(), target.port)),
-        )
-        .await
-        {
-            Ok(Ok(s)) => s,
-            Ok(Err(e)) => {
-                return Err(SshError::Unreachable {
-                    addr,
-                    reason: e.to_string(),
-                }
-                .into());
+        let unreachable = |reason: String| -> anyhow::Error {
+            SshError::Unreachable {
+                addr: addr.clone(),
+                reason,
             }
-            Err(_) => {
-                return Err(SshError::Unreachable {
-                    addr,
-                    reason: format!("no answer within {}s", CONNECT_TIMEOUT.as_secs()),
-                }
-                .into());
-            }
+            .into()
         };
-        stream.set_nodelay(true).ok();
         let problem = Arc::new(Mutex::new(None));
         let handler = Client {
             name: name.clone(),
@@ -207,7 +211,55 @@ impl Session {
             record_to,
             problem: problem.clone(),
         };
-        let handle = match client::connect_stream(config, stream, handler).await {
+        let handshake = match &via {
+            None => {
+                let stream = match tokio::time::timeout(
+                    CONNECT_TIMEOUT,
+                    tokio::net::TcpStream::connect((target.hostname.as_str(), target.port)),
+                )
+                .await
+                {
+                    Ok(Ok(s)) => s,
+                    Ok(Err(e)) => return Err(unreachable(e.to_string())),
+                    Err(_) => {
+                        return Err(unreachable(format!(
+                            "no answer within {}s",
+                            CONNECT_TIMEOUT.as_secs()
+                        )));
+                    }
+                };
+                stream.set_nodelay(true).ok();
+                client::connect_stream(config, stream, handler).await
+            }
+            // The jump host opens the TCP connection (direct-tcpip, what
+            // `ssh -W` and ProxyJump use); the SSH session runs inside it.
+            Some(j) => {
+                let open = j.handle.channel_open_direct_tcpip(
+                    target.hostname.clone(),
+                    u32::from(target.port),
+                    "127.0.0.1",
+                    0,
+                );
+                let channel = match tokio::time::timeout(CONNECT_TIMEOUT, open).await {
+                    Ok(Ok(c)) => c,
+                    Ok(Err(e)) => {
+                        return Err(unreachable(format!(
+                            "the jump host {} could not open a connection to it ({e})",
+                            j.host()
+                        )));
+                    }
+                    Err(_) => {
+                        return Err(unreachable(format!(
+                            "the jump host {} got no answer within {}s",
+                            j.host(),
+                            CONNECT_TIMEOUT.as_secs()
+                        )));
+                    }
+                };
+                client::connect_stream(config, channel.into_stream(), handler).await
+            }
+        };
+        let handle = match handshake {
             Ok(h) => h,
             Err(e) => {
                 if let Some(p) = problem.lock().expect("not poisoned").take() {
@@ -219,16 +271,13 @@ impl Session {
                          does not check; record the host's plain key with `ssh-keyscan` first"
                     );
                 }
-                return Err(SshError::Unreachable {
-                    addr,
-                    reason: format!("SSH handshake failed: {e}"),
-                }
-                .into());
+                return Err(unreachable(format!("SSH handshake failed: {e}")));
             }
         };
         let mut session = Session {
             handle,
             target: target.clone(),
+            _via: via.map(Box::new),
         };
         session.authenticate(opts).await?;
         tracing::debug!("connected to {}", target.display());
@@ -407,13 +456,14 @@ impl Session {
 }
 
 /// Connect to a host as the user typed it (`[user@]host[:port]` or an
-/// ssh_config alias).
+/// ssh_config alias), with the command line's ssh options.
 pub async fn connect_to(
     host: &str,
+    args: &SshArgs,
     identity: Option<PathBuf>,
     accept_new_host_key: bool,
 ) -> Result<Session> {
-    let target = Target::resolve(&HostSpec::parse(host)?)?;
+    let target = Target::resolve(&HostSpec::parse(host)?, args)?;
     Session::connect(
         &target,
         &ConnectOptions {

@@ -7,7 +7,9 @@
 
 use std::path::{Path, PathBuf};
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Context, Result};
+
+use crate::usage;
 
 /// The host as the user typed it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -20,21 +22,41 @@ pub struct HostSpec {
 }
 
 impl HostSpec {
-    /// `[user@]host[:port]`, with `[v6addr]:port` for IPv6.
+    /// `[user@]host[:port]`, with `[v6addr]:port` for IPv6, or
+    /// `ssh://[user@]host[:port]` as OpenSSH takes it. scp's `host:/path`
+    /// is refused with what to type instead. Errors are usage errors.
     pub fn parse(s: &str) -> Result<HostSpec> {
-        let (user, rest) = match s.rsplit_once('@') {
+        let uri = s.strip_prefix("ssh://");
+        let body = match uri {
+            Some(b) => b.strip_suffix('/').unwrap_or(b),
+            None => s,
+        };
+        if uri.is_some() && body.contains('/') {
+            return Err(usage!(
+                "'{s}': an ssh:// address names no path; the disk is named with --device"
+            ));
+        }
+        if let Some((host, path)) = body.rsplit_once(':')
+            && path.starts_with('/')
+        {
+            return Err(usage!(
+                "'{s}' looks like scp's host:path; drydock takes the host alone and the disk \
+                 with --device: `{host} --device {path}`"
+            ));
+        }
+        let (user, rest) = match body.rsplit_once('@') {
             Some((u, r)) if !u.is_empty() => (Some(u.to_string()), r),
-            Some(_) => bail!("'{s}' has an empty user name before '@'"),
-            None => (None, s),
+            Some(_) => return Err(usage!("'{s}' has an empty user name before '@'")),
+            None => (None, body),
         };
         let (host, port) = if let Some(inner) = rest.strip_prefix('[') {
             let (h, after) = inner
                 .split_once(']')
-                .with_context(|| format!("'{s}' opens '[' without closing it"))?;
+                .ok_or_else(|| usage!("'{s}' opens '[' without closing it"))?;
             let port = match after.strip_prefix(':') {
                 Some(p) => Some(parse_port(p, s)?),
                 None if after.is_empty() => None,
-                None => bail!("'{s}': expected ':PORT' after ']'"),
+                None => return Err(usage!("'{s}': expected ':PORT' after ']'")),
             };
             (h.to_string(), port)
         } else if rest.matches(':').count() == 1 {
@@ -44,7 +66,7 @@ impl HostSpec {
             (rest.to_string(), None)
         };
         if host.is_empty() {
-            bail!("'{s}' names no host: expected [user@]host[:port]");
+            return Err(usage!("'{s}' names no host: expected [user@]host[:port]"));
         }
         Ok(HostSpec {
             typed: s.to_string(),
@@ -59,7 +81,93 @@ fn parse_port(p: &str, whole: &str) -> Result<u16> {
     p.parse::<u16>()
         .ok()
         .filter(|&p| p != 0)
-        .with_context(|| format!("'{whole}': '{p}' is not a port number (1-65535)"))
+        .ok_or_else(|| usage!("'{whole}': '{p}' is not a port number (1-65535)"))
+}
+
+/// The ssh_config keys `-o Key=Value` may set: those drydock honours.
+/// StrictHostKeyChecking is taken apart (see [`SshArgs::options_lines`]).
+const OPTION_KEYS: [&str; 9] = [
+    "User",
+    "HostName",
+    "Port",
+    "IdentityFile",
+    "UserKnownHostsFile",
+    "GlobalKnownHostsFile",
+    "HostKeyAlias",
+    "ProxyJump",
+    "StrictHostKeyChecking",
+];
+
+/// How to reach a host, as the command line said it: the host, `-F`, and
+/// the `-o Key=Value` options (with `-p` and `-J` among them as `Port` and
+/// `ProxyJump`). A run's journal keeps it, so `resume` reaches the same way.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct SshArgs {
+    /// `-F`: this file instead of ~/.ssh/config and /etc/ssh/ssh_config.
+    #[serde(default)]
+    pub config: Option<PathBuf>,
+    /// `Key=Value`, in the order given: ahead of the config files, so they
+    /// win (the first value of a key wins, as in OpenSSH).
+    #[serde(default)]
+    pub options: Vec<String>,
+}
+
+impl SshArgs {
+    /// Check each `-o` (a key drydock honours, `Key=Value` or `Key Value`)
+    /// and take StrictHostKeyChecking apart: `accept-new` is
+    /// --accept-new-host-key (returned), `yes`/`ask` the default, `no`
+    /// refused. Usage errors name what is honoured.
+    pub fn checked(config: Option<PathBuf>, options: Vec<String>) -> Result<(SshArgs, bool)> {
+        let mut kept = Vec::new();
+        let mut accept_new = false;
+        for o in options {
+            let Some((key, value)) = split_directive(&o).filter(|(_, v)| !v.is_empty()) else {
+                return Err(usage!("-o '{o}': expected Key=Value, as for ssh"));
+            };
+            let Some(known) = OPTION_KEYS.iter().find(|k| k.eq_ignore_ascii_case(key)) else {
+                return Err(usage!(
+                    "-o {key}: drydock does not use this ssh option; it honours {}",
+                    OPTION_KEYS.join(", ")
+                ));
+            };
+            if *known == "StrictHostKeyChecking" {
+                match value.to_ascii_lowercase().as_str() {
+                    "accept-new" => accept_new = true,
+                    "yes" | "ask" => {}
+                    _ => {
+                        return Err(usage!(
+                            "-o StrictHostKeyChecking={value}: drydock always checks host keys; \
+                             `accept-new` (or --accept-new-host-key) records a new one"
+                        ));
+                    }
+                }
+                continue;
+            }
+            kept.push(format!("{known} {value}"));
+        }
+        if let Some(c) = &config
+            && !c.is_file()
+        {
+            return Err(usage!("-F {}: no such file", c.display()));
+        }
+        Ok((
+            SshArgs {
+                config,
+                options: kept,
+            },
+            accept_new,
+        ))
+    }
+
+    /// The options as config lines, ahead of every `Host` block.
+    fn options_lines(&self) -> String {
+        let mut s = String::new();
+        for o in &self.options {
+            s.push_str(o);
+            s.push('\n');
+        }
+        s
+    }
 }
 
 /// Where and as whom drydock connects, after `ssh_config` is applied.
@@ -81,9 +189,14 @@ pub struct Target {
     pub global_known_hosts: Vec<PathBuf>,
     /// HostKeyAlias: the name known_hosts entries are looked up under.
     pub host_key_alias: Option<String>,
-    /// ProxyJump / ProxyCommand, which drydock does not follow (it refuses
-    /// rather than connect directly to a host the user reaches otherwise).
-    pub proxy: Option<String>,
+    /// ProxyCommand, which drydock does not run (it refuses rather than
+    /// connect directly to a host the user reaches otherwise).
+    pub proxy_command: Option<String>,
+    /// ProxyJump's hosts, resolved, in the order they are gone through
+    /// (their own ProxyJump is not followed: the chain is this list).
+    pub jumps: Vec<Target>,
+    /// ProxyJump as configured, until [`Target::resolve_with`] resolves it.
+    pub jump_chain: Option<String>,
 }
 
 impl Target {
@@ -107,14 +220,19 @@ impl Target {
         }
     }
 
-    /// Resolve what the user typed through the ssh config files.
-    pub fn resolve(spec: &HostSpec) -> Result<Target> {
+    /// Resolve what the user typed through the command line's options and
+    /// the ssh config files (`-F`'s alone when given, as OpenSSH does).
+    pub fn resolve(spec: &HostSpec, args: &SshArgs) -> Result<Target> {
         let home = std::env::home_dir().context("cannot find the home directory ($HOME)")?;
-        let mut text = String::new();
-        for path in [
-            home.join(".ssh/config"),
-            PathBuf::from("/etc/ssh/ssh_config"),
-        ] {
+        let mut text = args.options_lines();
+        let files = match &args.config {
+            Some(f) => vec![f.clone()],
+            None => vec![
+                home.join(".ssh/config"),
+                PathBuf::from("/etc/ssh/ssh_config"),
+            ],
+        };
+        for path in files {
             match std::fs::read_to_string(&path) {
                 Ok(t) => {
                     text.push_str(&expand_includes(&t, &path, &home, 0));
@@ -126,11 +244,25 @@ impl Target {
                 Err(e) => return Err(e).with_context(|| format!("cannot read {}", path.display())),
             }
         }
-        Ok(Self::resolve_with(spec, &text, &home))
+        Self::resolve_with(spec, &text, &home)
     }
 
-    /// Resolve against config text already read (and testable without files).
-    pub fn resolve_with(spec: &HostSpec, config: &str, home: &Path) -> Target {
+    /// Resolve against config text already read (and testable without
+    /// files), with its ProxyJump hosts.
+    pub fn resolve_with(spec: &HostSpec, config: &str, home: &Path) -> Result<Target> {
+        let mut t = Self::resolve_one(spec, config, home);
+        if let Some(chain) = t.jump_chain.take() {
+            for hop in chain.split(',').map(str::trim).filter(|h| !h.is_empty()) {
+                let hop = hop.strip_prefix("ssh://").unwrap_or(hop);
+                let mut h = Self::resolve_one(&HostSpec::parse(hop)?, config, home);
+                h.jump_chain = None;
+                t.jumps.push(h);
+            }
+        }
+        Ok(t)
+    }
+
+    fn resolve_one(spec: &HostSpec, config: &str, home: &Path) -> Target {
         let opts = SshOptions::lookup(config, &spec.host);
         let expand = |s: &str| expand_tilde(s, home);
         let user = spec
@@ -171,7 +303,9 @@ impl Target {
             user_known_hosts,
             global_known_hosts,
             host_key_alias: opts.host_key_alias,
-            proxy: opts.proxy,
+            proxy_command: opts.proxy_command,
+            jumps: Vec::new(),
+            jump_chain: opts.proxy_jump,
         }
     }
 }
@@ -261,7 +395,8 @@ struct SshOptions {
     user_known_hosts: Vec<String>,
     global_known_hosts: Vec<String>,
     host_key_alias: Option<String>,
-    proxy: Option<String>,
+    proxy_command: Option<String>,
+    proxy_jump: Option<String>,
 }
 
 impl SshOptions {
@@ -302,10 +437,18 @@ impl SshOptions {
                     o.global_known_hosts = value.split_whitespace().map(str::to_string).collect()
                 }
                 "hostkeyalias" if o.host_key_alias.is_none() => o.host_key_alias = Some(v),
+                // The first of the two wins, as in OpenSSH; "none" is a
+                // value that says there is none.
                 "proxyjump" | "proxycommand"
-                    if o.proxy.is_none() && !v.eq_ignore_ascii_case("none") =>
+                    if o.proxy_jump.is_none() && o.proxy_command.is_none() =>
                 {
-                    o.proxy = Some(format!("{key} {v}"))
+                    if v.eq_ignore_ascii_case("none") {
+                        o.proxy_jump = Some(String::new());
+                    } else if key == "proxyjump" {
+                        o.proxy_jump = Some(v);
+                    } else {
+                        o.proxy_command = Some(v);
+                    }
                 }
                 _ => {}
             }
@@ -365,6 +508,15 @@ mod tests {
         assert_eq!((s.user, s.host.as_str(), s.port), (None, "myalias", None));
         let e = HostSpec::parse("root@host:http").unwrap_err().to_string();
         assert_eq!(e, "'root@host:http': 'http' is not a port number (1-65535)");
+        let s = HostSpec::parse("ssh://admin@vps.example.org:2222/").unwrap();
+        assert_eq!(
+            (s.user.as_deref(), s.host.as_str(), s.port),
+            (Some("admin"), "vps.example.org", Some(2222))
+        );
+        assert_eq!(s.typed, "ssh://admin@vps.example.org:2222/");
+        let s = HostSpec::parse("ssh://[::1]:2200").unwrap();
+        assert_eq!((s.host.as_str(), s.port), ("::1", Some(2200)));
+        assert!(HostSpec::parse("vps:/dev/vda").is_err());
         assert!(HostSpec::parse("@host").is_err());
         assert!(HostSpec::parse("root@").is_err());
     }
@@ -372,7 +524,11 @@ mod tests {
     #[test]
     fn hints_write_the_host_as_typed() {
         let home = Path::new("/home/u");
-        let t = |s: &str| Target::resolve_with(&HostSpec::parse(s).unwrap(), "", home).typed_arg();
+        let t = |s: &str| {
+            Target::resolve_with(&HostSpec::parse(s).unwrap(), "", home)
+                .unwrap()
+                .typed_arg()
+        };
         assert_eq!(t("root@vps.example.org:2222"), "root@vps.example.org:2222");
         assert_eq!(t("myalias"), "myalias");
         assert_eq!(t("[::1]:2222"), "'[::1]:2222'");
@@ -392,7 +548,7 @@ Host *
   IdentityFile ~/.ssh/id_other
 ";
         let home = Path::new("/home/u");
-        let t = Target::resolve_with(&HostSpec::parse("vps").unwrap(), cfg, home);
+        let t = Target::resolve_with(&HostSpec::parse("vps").unwrap(), cfg, home).unwrap();
         assert_eq!(t.hostname, "203.0.113.7");
         assert_eq!(t.port, 2200);
         assert_eq!(t.user, "admin");
@@ -404,10 +560,10 @@ Host *
             ]
         );
         // What is typed wins over the config.
-        let t = Target::resolve_with(&HostSpec::parse("root@vps:22").unwrap(), cfg, home);
+        let t = Target::resolve_with(&HostSpec::parse("root@vps:22").unwrap(), cfg, home).unwrap();
         assert_eq!((t.user.as_str(), t.port), ("root", 22));
         // Another host only sees the wildcard block.
-        let t = Target::resolve_with(&HostSpec::parse("other").unwrap(), cfg, home);
+        let t = Target::resolve_with(&HostSpec::parse("other").unwrap(), cfg, home).unwrap();
         assert_eq!((t.hostname.as_str(), t.user.as_str()), ("other", "nobody"));
     }
 

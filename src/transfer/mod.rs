@@ -44,14 +44,14 @@ fn folder_of(image: &Path) -> Result<std::path::PathBuf> {
     })
 }
 
-/// Refuse before connecting when the image cannot be written where `-o`
+/// Refuse before connecting when the image cannot be written where `--output`
 /// says: a folder named instead of a file, a folder that does not exist,
 /// or one that cannot be written (read-only, no permission). A file is
 /// made and removed there to know.
 pub fn check_output(image: &Path) -> Result<()> {
     if image.is_dir() {
         return Err(refused!(
-            "-o {} is a folder; name the image file in it (e.g. -o {}). Nothing was changed",
+            "--output {} is a folder; name the image file in it (e.g. --output {}). Nothing was changed",
             image.display(),
             image.join("disk.raw").display()
         ));
@@ -60,7 +60,7 @@ pub fn check_output(image: &Path) -> Result<()> {
     if !dir.is_dir() {
         return Err(refused!(
             "the folder {} for the image does not exist; create it, or choose another path \
-             with -o. Nothing was changed",
+             with --output. Nothing was changed",
             dir.display()
         ));
     }
@@ -75,7 +75,7 @@ pub fn check_output(image: &Path) -> Result<()> {
             Ok(())
         }
         Err(e) => Err(refused!(
-            "cannot write the image in {}: {e}; choose another path with -o. Nothing was changed",
+            "cannot write the image in {}: {e}; choose another path with --output. Nothing was changed",
             dir.display()
         )),
     }
@@ -91,7 +91,7 @@ pub fn check_local_space(image: &Path, need: u64) -> Result<()> {
     if avail < need {
         return Err(refused!(
             "not enough local space in {}: the image needs up to {} and {} is free; \
-             free some space or choose another place with -o",
+             free some space or choose another place with --output",
             dir.display(),
             human_bytes(need),
             human_bytes(avail)

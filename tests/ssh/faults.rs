@@ -64,7 +64,7 @@ fn pull_via(
         host,
         "--device",
         dev.to_str().unwrap(),
-        "-o",
+        "--output",
         img.to_str().unwrap(),
         "--transfer",
         mode,

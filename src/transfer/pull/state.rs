@@ -142,7 +142,7 @@ pub(super) fn resume_or_start(
                 };
                 return Err(refused!(
                     "{} already exists ({what}); drydock will not overwrite it: choose another \
-                     path with -o, or delete it",
+                     path with --output, or delete it",
                     image.display()
                 ));
             }
