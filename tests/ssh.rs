@@ -2128,11 +2128,12 @@ fn a_pull_through_a_jump_host() {
         assert_exit(&o, 0);
         assert_eq!(sha256_file(&img), want, "{n}");
     }
-    std::fs::write(
-        target.home.join(".ssh/config"),
-        format!("Host hidden-target\n  ProxyJump {via}\n"),
-    )
-    .unwrap();
+    let cfg = t.path().join("another config");
+    std::fs::write(&cfg, format!("Host hidden-target\n  ProxyJump {via}\n")).unwrap();
+    let (o, img) = pull("F", &[&there, "-F", cfg.to_str().unwrap()]);
+    assert_exit(&o, 0);
+    assert_eq!(sha256_file(&img), want, "-F with ProxyJump");
+    std::fs::copy(&cfg, target.home.join(".ssh/config")).unwrap();
     let (o, img) = pull("config", &[&there]);
     assert_exit(&o, 0);
     assert_eq!(sha256_file(&img), want, "ProxyJump in ~/.ssh/config");
