@@ -100,24 +100,55 @@ pub struct Conn {
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// What is on the host: OS and release, disk, RAM, firmware, network, upgrades.
+    #[command(after_help = "Examples:\n  \
+        drydock probe root@vps.example.org\n  \
+        drydock probe ssh://admin@203.0.113.7:2222 --json > vps.json   # for `boot --like`\n  \
+        drydock probe vps -J bastion.example.org")]
     Probe(ProbeArgs),
     /// Stop the host's services, make its disk read-only, turn its swap off.
+    #[command(after_help = "Examples:\n  \
+        drydock freeze root@vps            # asks first; `drydock thaw root@vps` undoes it\n  \
+        drydock freeze root@vps --device /dev/vdb --yes")]
     Freeze(FreezeArgs),
     /// Undo a freeze: filesystems read-write again, stopped services restarted.
+    #[command(after_help = "Example:\n  drydock thaw root@vps")]
     Thaw(ThawArgs),
     /// Copy the host's disk to a local sparse image, with a manifest of block hashes.
+    #[command(after_help = "Examples:\n  \
+        drydock pull root@vps --output vps.raw                    # the disk that holds /\n  \
+        drydock pull root@vps --output vps.raw --device /dev/vdb\n  \
+        drydock pull root@vps -p 2222 --output vps.raw --transfer dd   # the host's own tools\n\n\
+        Run the same command again to resume a pull that was cut.")]
     Pull(PullArgs),
     /// Write an image back to the host's disk: only the blocks that differ, verified.
+    #[command(after_help = "Examples:\n  \
+        drydock push vps.raw root@vps                  # asks first\n  \
+        drydock push vps.raw root@vps --yes --json\n  \
+        drydock push vps.raw root@new-vps --full       # restore onto another disk\n\n\
+        Run the same push again to finish one that was cut.")]
     Push(PushArgs),
     /// Start a local VM from an image (a qcow2 overlay over it; the image is not written).
+    #[command(after_help = "Examples:\n  \
+        drydock boot vps.raw                            # services held back, network sealed\n  \
+        drydock boot vps.raw --like vps.json --services --network open\n\n\
+        Ctrl-C powers the VM off; the overlay is kept in --dir.")]
     Boot(BootArgs),
     /// The whole pipeline: freeze, pull, upgrade in a local VM, verify, push, reboot.
+    #[command(after_help = "Examples:\n  \
+        drydock upgrade root@vps --to debian-13 --dry-run   # the plan; nothing changes\n  \
+        drydock upgrade root@vps --to debian-13\n  \
+        drydock upgrade root@vps --run 'apt-get -y full-upgrade' --yes --json\n\n\
+        An interrupted run goes on with `drydock resume RUN`; `drydock abort RUN` gives the \
+        VPS back as it was.")]
     Upgrade(UpgradeArgs),
     /// Continue an interrupted run (a run folder, or its name from `drydock runs`).
+    #[command(after_help = "Example:\n  drydock resume vps.example.org-2026-12-02T101500")]
     Resume(ResumeArgs),
     /// Give the VPS back as it was before the run.
+    #[command(after_help = "Example:\n  drydock abort vps.example.org-2026-12-02T101500 --yes")]
     Abort(AbortArgs),
     /// List runs and where each stands.
+    #[command(after_help = "Example:\n  drydock runs --json")]
     Runs,
     /// Print a completion script for SHELL (see the README to install it).
     #[command(after_help = "Examples:\n  \
@@ -165,6 +196,7 @@ pub struct FreezeArgs {
 pub struct ThawArgs {
     #[command(flatten)]
     pub conn: Conn,
+    /// The disk that was frozen (default: the one the freeze recorded).
     #[arg(long, value_name = "DEV")]
     pub device: Option<String>,
 }
@@ -212,6 +244,7 @@ pub struct PushArgs {
 
 #[derive(Debug, Args)]
 pub struct BootArgs {
+    /// The image to boot (a raw disk image, e.g. from `drydock pull`).
     pub image: PathBuf,
     /// Guest memory: 8G, 2048M, ...
     #[arg(long, default_value = "8G", value_parser = memory)]
@@ -286,14 +319,18 @@ pub struct UpgradeArgs {
 
 #[derive(Debug, Args)]
 pub struct ResumeArgs {
+    /// The run: its folder, or its name from `drydock runs`.
     pub run: String,
+    /// Do not ask before the freeze and the push.
     #[arg(long, short = 'y')]
     pub yes: bool,
 }
 
 #[derive(Debug, Args)]
 pub struct AbortArgs {
+    /// The run: its folder, or its name from `drydock runs`.
     pub run: String,
+    /// Do not ask before giving the VPS back.
     #[arg(long, short = 'y')]
     pub yes: bool,
 }
@@ -364,5 +401,37 @@ impl Cli {
             ));
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    /// Every subcommand shown in --help has examples, and every one of its
+    /// flags and arguments a description.
+    #[test]
+    fn every_subcommand_has_examples_and_every_argument_a_description() {
+        let mut cmd = super::command();
+        cmd.build();
+        let mut missing = Vec::new();
+        for sub in cmd.get_subcommands().filter(|s| !s.is_hide_set()) {
+            let name = sub.get_name();
+            if name == "help" {
+                continue;
+            }
+            let after = sub.get_after_help().map(|s| s.to_string()).unwrap_or_default();
+            if !after.contains("Example") {
+                missing.push(format!("{name}: no examples"));
+            }
+            for a in sub.get_arguments() {
+                let id = a.get_id().as_str();
+                if ["help", "version"].contains(&id) {
+                    continue;
+                }
+                if a.get_help().is_none() && a.get_long_help().is_none() {
+                    missing.push(format!("{name} {id}: no description"));
+                }
+            }
+        }
+        assert!(missing.is_empty(), "{missing:#?}");
     }
 }
