@@ -70,7 +70,12 @@ pub struct Conn {
     pub host: String,
 
     /// Use this private key (and no other).
-    #[arg(short = 'i', long = "identity", value_name = "KEY")]
+    #[arg(
+        short = 'i',
+        long = "identity",
+        value_name = "KEY",
+        env = "DRYDOCK_IDENTITY"
+    )]
     pub identity: Option<PathBuf>,
 
     /// The port to connect to (as ssh -p; a port in HOST wins).
@@ -216,7 +221,7 @@ pub struct PullArgs {
     pub live: bool,
     /// How the disk moves: the helper (drydock's own static program, copied
     /// to the host's RAM) when the host can run it, else dd.
-    #[arg(long, value_enum, default_value = "auto")]
+    #[arg(long, value_enum, default_value = "auto", env = "DRYDOCK_TRANSFER")]
     pub transfer: Transfer,
 }
 
@@ -238,7 +243,7 @@ pub struct PushArgs {
     pub full: bool,
     /// How the disk moves: the helper (drydock's own static program, copied
     /// to the host's RAM) when the host can run it, else dd.
-    #[arg(long, value_enum, default_value = "auto")]
+    #[arg(long, value_enum, default_value = "auto", env = "DRYDOCK_TRANSFER")]
     pub transfer: Transfer,
 }
 
@@ -247,10 +252,10 @@ pub struct BootArgs {
     /// The image to boot (a raw disk image, e.g. from `drydock pull`).
     pub image: PathBuf,
     /// Guest memory: 8G, 2048M, ...
-    #[arg(long, default_value = "8G", value_parser = memory)]
+    #[arg(long, default_value = "8G", value_parser = memory, env = "DRYDOCK_MEMORY")]
     pub memory: String,
     /// Guest CPUs (default: this machine's).
-    #[arg(long, value_parser = clap::value_parser!(u32).range(1..=1024))]
+    #[arg(long, value_parser = clap::value_parser!(u32).range(1..=1024), env = "DRYDOCK_CPUS")]
     pub cpus: Option<u32>,
     /// Where to keep the overlay, QMP socket and serial log
     /// (default: $XDG_STATE_HOME/drydock/boots/IMAGE-TIME).
@@ -288,17 +293,17 @@ pub struct UpgradeArgs {
     #[arg(long, value_name = "DEV")]
     pub device: Option<String>,
     /// Worker VM memory.
-    #[arg(long, default_value = "4G", value_parser = memory)]
+    #[arg(long, default_value = "4G", value_parser = memory, env = "DRYDOCK_MEMORY")]
     pub memory: String,
     /// Worker VM CPUs (default: this machine's).
-    #[arg(long, value_parser = clap::value_parser!(u32).range(1..=1024))]
+    #[arg(long, value_parser = clap::value_parser!(u32).range(1..=1024), env = "DRYDOCK_CPUS")]
     pub cpus: Option<u32>,
     /// Do not ask before the freeze and the push.
     #[arg(long, short = 'y')]
     pub yes: bool,
     /// How the disk moves: the helper (drydock's own static program, copied
     /// to the host's RAM) when the host can run it, else dd.
-    #[arg(long, value_enum, default_value = "auto")]
+    #[arg(long, value_enum, default_value = "auto", env = "DRYDOCK_TRANSFER")]
     pub transfer: Transfer,
     /// Probe the host, run the read-only checks, print the plan and the
     /// commands; change nothing and keep no run.
@@ -418,7 +423,10 @@ mod tests {
             if name == "help" {
                 continue;
             }
-            let after = sub.get_after_help().map(|s| s.to_string()).unwrap_or_default();
+            let after = sub
+                .get_after_help()
+                .map(|s| s.to_string())
+                .unwrap_or_default();
             if !after.contains("Example") {
                 missing.push(format!("{name}: no examples"));
             }

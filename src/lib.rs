@@ -4,6 +4,7 @@
 //! builds the runtime and maps the error to an exit code.
 
 pub mod cli;
+pub mod config;
 pub mod errors;
 pub mod image;
 pub mod paths;

@@ -9,6 +9,10 @@ fn main() -> ExitCode {
     // it printed, its secrets with it: readable by its owner only. QEMU
     // and qemu-img inherit it.
     rustix::process::umask(rustix::fs::Mode::from_raw_mode(0o077));
+    if let Err(e) = drydock::config::load_into_env() {
+        eprintln!("drydock: {e}");
+        return ExitCode::from(drydock::errors::EXIT_USAGE);
+    }
     let matches = drydock::cli::command().get_matches();
     let cli = drydock::cli::Cli::from_arg_matches(&matches).unwrap_or_else(|e| e.exit());
     if let Err(e) = cli.check() {

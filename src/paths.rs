@@ -11,8 +11,14 @@ use std::path::PathBuf;
 
 use anyhow::{Context, Result};
 
-/// `$XDG_STATE_HOME/drydock` (else `~/.local/state/drydock`).
+/// `$DRYDOCK_STATE_DIR` (or `state_dir` in the config file), else
+/// `$XDG_STATE_HOME/drydock`, else `~/.local/state/drydock`.
 pub fn state_dir() -> Result<PathBuf> {
+    if let Some(d) = std::env::var_os("DRYDOCK_STATE_DIR").map(PathBuf::from)
+        && d.is_absolute()
+    {
+        return Ok(d);
+    }
     state_dir_from(std::env::var_os("XDG_STATE_HOME"), std::env::home_dir())
 }
 

@@ -2641,3 +2641,75 @@ fn quiet_verbose_and_the_result_said_once() {
     }
     assert_eq!(sha256_file(&dev), sha256_file(&img));
 }
+
+/// Defaults: `~/.config/drydock/config.toml`, then `DRYDOCK_*` variables
+/// over it, then flags over both. A key drydock does not know is a usage
+/// error naming the file.
+#[test]
+fn defaults_come_from_the_config_file_the_environment_then_flags() {
+    let sshd = Sshd::start();
+    let t = tempdir();
+    let dev = t.path().join("disk");
+    make_disk(&dev, 4 * MIB, &[(0, MIB as usize)], &[]);
+    let cfg = sshd.home.join(".config/drydock");
+    std::fs::create_dir_all(&cfg).unwrap();
+    std::fs::write(
+        cfg.join("config.toml"),
+        format!(
+            "identity = \"{}\"\ntransfer = \"dd\"\nstate_dir = \"{}\"\n",
+            sshd.client_key.display(),
+            t.path().join("state").display()
+        ),
+    )
+    .unwrap();
+    let host = sshd.host();
+    // No -i: the key comes from the file, and so does dd mode.
+    let pull = |n: &str, extra: &[&str], env: &[(&str, &str)]| {
+        let img = t.path().join(n);
+        let mut args = vec!["pull", &host, "--device", dev.to_str().unwrap()];
+        args.extend_from_slice(&["--output", img.to_str().unwrap(), "--json"]);
+        args.extend_from_slice(extra);
+        let mut c = sshd.drydock_bare(&args);
+        c.env_remove("DRYDOCK_TRANSFER")
+            .env_remove("DRYDOCK_IDENTITY");
+        for (k, v) in env {
+            c.env(k, v);
+        }
+        let o = c.output().unwrap();
+        assert_exit(&o, 0);
+        json(&o)["transfer"].as_str().unwrap().to_string()
+    };
+    assert_eq!(pull("file", &[], &[]), "dd", "from the file");
+    assert_eq!(
+        pull("env", &[], &[("DRYDOCK_TRANSFER", "helper")]),
+        "helper",
+        "the variable over the file"
+    );
+    assert_eq!(
+        pull(
+            "flag",
+            &["--transfer", "dd"],
+            &[("DRYDOCK_TRANSFER", "helper")]
+        ),
+        "dd",
+        "the flag over the variable"
+    );
+    let o = sshd.drydock_bare(&["runs"]).output().unwrap();
+    assert_exit(&o, 0);
+    assert_eq!(
+        stdout(&o),
+        format!("no runs in {}\n", t.path().join("state/runs").display())
+    );
+
+    std::fs::write(cfg.join("config.toml"), "colour = \"blue\"\n").unwrap();
+    let o = sshd.drydock_bare(&["runs"]).output().unwrap();
+    assert_exit(&o, 2);
+    assert_stderr(
+        &o,
+        format!(
+            "{} is not a drydock config: ",
+            cfg.join("config.toml").display()
+        ),
+    );
+    assert_stderr(&o, "unknown field `colour`");
+}
