@@ -152,9 +152,11 @@ pub enum Command {
     /// Give the VPS back as it was before the run.
     #[command(after_help = "Example:\n  drydock abort vps.example.org-2026-12-02T101500 --yes")]
     Abort(AbortArgs),
-    /// List runs and where each stands.
-    #[command(after_help = "Example:\n  drydock runs --json")]
-    Runs,
+    /// List runs and where each stands; `runs rm RUN` removes one.
+    #[command(after_help = "Examples:\n  \
+        drydock runs --size\n  \
+        drydock runs rm vps.example.org-2026-12-02T101500")]
+    Runs(RunsArgs),
     /// Print a completion script for SHELL (see the README to install it).
     #[command(after_help = "Examples:\n  \
         drydock completions bash > /usr/share/bash-completion/completions/drydock\n  \
@@ -320,6 +322,29 @@ pub struct UpgradeArgs {
     /// One more host the sealed worker VM may reach (repeatable).
     #[arg(long = "allow-host", value_name = "HOST")]
     pub allow_host: Vec<String>,
+}
+
+#[derive(Debug, Args)]
+pub struct RunsArgs {
+    #[command(subcommand)]
+    pub action: Option<RunsAction>,
+    /// Also the disk space each run keeps (its base image, the upgraded one).
+    #[arg(long)]
+    pub size: bool,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum RunsAction {
+    /// Remove a run's folder (refused while its VPS is still frozen, unless --force).
+    #[command(after_help = "Example:\n  drydock runs rm vps.example.org-2026-12-02T101500")]
+    Rm {
+        /// The run: its folder, or its name from `drydock runs`.
+        run: String,
+        /// Remove it even though its VPS is still frozen (or half pushed):
+        /// the base image `abort` needs goes with it.
+        #[arg(long)]
+        force: bool,
+    },
 }
 
 #[derive(Debug, Args)]

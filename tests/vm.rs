@@ -532,12 +532,36 @@ fn upgrade_killed_mid_upgrade_resumes_sealed_and_the_vps_comes_back_changed() {
         "ro",
         "the VPS should still be frozen"
     );
-    let o = vps.drydock(home.path(), &["runs"]).output().unwrap();
+    let o = vps
+        .drydock(home.path(), &["runs", "--size"])
+        .output()
+        .unwrap();
     assert!(
         stdout(&o).contains("stopped before: upgrade in the local VM"),
         "{}",
         stdout(&o)
     );
+    // What the run keeps (base.raw: the pulled disk, sparse), and that it
+    // is not removed while the VPS is frozen.
+    assert!(
+        stdout(&o).contains(" in 1 run(s); `drydock runs rm RUN` removes one"),
+        "{}",
+        stdout(&o)
+    );
+    let o = vps
+        .drydock(home.path(), &["runs", "rm", run_dir.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert_exit(&o, 3);
+    assert_stderr(
+        &o,
+        format!(
+            "the VPS of run {} ({}) is still frozen: this run's base image is what gives it back",
+            run_dir.display(),
+            vps.host()
+        ),
+    );
+    assert!(run_dir.join("base.raw").exists());
 
     let o = vps
         .drydock(
@@ -660,6 +684,17 @@ fn upgrade_killed_mid_upgrade_resumes_sealed_and_the_vps_comes_back_changed() {
         .unwrap();
     assert_exit(&o, 3);
     assert_stderr(&o, "is done; nothing to resume");
+    let o = vps
+        .drydock(home.path(), &["runs", "rm", run_dir.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert_exit(&o, 0);
+    assert!(
+        stdout(&o).starts_with(&format!("removed {} (", run_dir.display())),
+        "{}",
+        stdout(&o)
+    );
+    assert!(!run_dir.exists());
 }
 
 /// Spawn CMD (with --json) and send it SIG once its event stream shows an

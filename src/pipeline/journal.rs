@@ -183,6 +183,12 @@ impl Journal {
         STEPS.iter().copied().find(|s| !self.is_done(*s))
     }
 
+    /// The run froze its VPS and has not given it back (no reboot on the
+    /// new disk, no abort): removing the run would lose the way back.
+    pub fn holds_the_vps(&self) -> bool {
+        self.state == State::Running && self.is_done(Step::Freeze) && !self.is_done(Step::Reboot)
+    }
+
     pub fn where_it_stands(&self) -> String {
         match (&self.state, self.next_step()) {
             (State::Done, _) => "done".into(),
