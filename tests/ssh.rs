@@ -42,18 +42,22 @@ fn pull_with(
     img: &std::path::Path,
     extra: &[&str],
 ) -> std::process::Output {
+    let mut c = pull_cmd(sshd, dev, img);
+    c.arg("--json").args(extra);
+    c.output().unwrap()
+}
+
+/// `drydock pull HOST --device DEV --output IMG -i KEY`, to add to.
+fn pull_cmd(sshd: &Sshd, dev: &std::path::Path, img: &std::path::Path) -> Command {
     let host = sshd.host();
-    let mut args = vec![
+    sshd.drydock(&[
         "pull",
         &host,
         "--device",
         dev.to_str().unwrap(),
         "--output",
         img.to_str().unwrap(),
-        "--json",
-    ];
-    args.extend_from_slice(extra);
-    sshd.drydock(&args).output().unwrap()
+    ])
 }
 
 /// The helper ran from a tmpfs of its own under /run, is gone afterwards,
@@ -2585,21 +2589,11 @@ fn quiet_verbose_and_the_result_said_once() {
     make_disk(&dev, 8 * MIB, &[(0, MIB as usize)], &[]);
     let img = t.path().join("image");
     let host = sshd.host();
-    let o = sshd
-        .drydock(&[
-            "pull",
-            &host,
-            "--device",
-            dev.to_str().unwrap(),
-            "--output",
-            img.to_str().unwrap(),
-            "-q",
-        ])
-        .output()
-        .unwrap();
+    let o = pull_cmd(&sshd, &dev, &img).arg("-q").output().unwrap();
     assert_exit(&o, 0);
     assert_eq!(stderr(&o), "", "-q");
     let out = stdout(&o);
+    eprint!("{out}");
     assert!(
         out.starts_with(&format!(
             "pulled {host}:{}\n  to {}\n",

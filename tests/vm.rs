@@ -259,6 +259,11 @@ impl Vps {
         cmd: &str,
         extra: &[&str],
     ) -> std::process::Output {
+        self.upgrade_cmd(home, cmd, extra).output().unwrap()
+    }
+
+    /// The command of [`Vps::upgrade_run_with`], to run as the caller likes.
+    fn upgrade_cmd(&self, home: &std::path::Path, cmd: &str, extra: &[&str]) -> Command {
         let mut args = vec![
             "upgrade",
             &self.host(),
@@ -279,7 +284,7 @@ impl Vps {
         .collect::<Vec<_>>();
         args.extend(extra.iter().map(|s| s.to_string()));
         let args: Vec<&str> = args.iter().map(String::as_str).collect();
-        self.drydock(home, &args).output().unwrap()
+        self.drydock(home, &args)
     }
 
     /// drydock as a user of this VPS: its own HOME and state folder.
@@ -775,26 +780,7 @@ fn zoo_kill_9_at_every_step_of_an_upgrade_then_resume_and_abort() {
     let vps = Vps::start(12);
     let home = tempdir();
     let boot_before = vps.boot_id();
-    let upgrade = |cmd: &str| {
-        vps.drydock(
-            home.path(),
-            &[
-                "upgrade",
-                &vps.host(),
-                "-i",
-                vps.key.to_str().unwrap(),
-                "--accept-new-host-key",
-                "--run",
-                cmd,
-                "--yes",
-                "--json",
-                "--memory",
-                "2G",
-                "--cpus",
-                "2",
-            ],
-        )
-    };
+    let upgrade = |cmd: &str| vps.upgrade_cmd(home.path(), cmd, &[]);
     let runs = home.path().join("state/drydock/runs");
     let only_run = || {
         let mut d: Vec<_> = std::fs::read_dir(&runs)

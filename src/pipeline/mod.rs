@@ -235,13 +235,19 @@ async fn drive(dir: &Path, mut j: Journal, ui: &Ui, accept_new: bool) -> Result<
     while let Some(step) = j.next_step() {
         ui.step_started(step.key(), step.name());
         let t0 = Instant::now();
+        let asked_before = ui.asked();
         let res = tokio::select! {
             biased;
             r = do_step(step, dir, &mut j, ui, accept_new) => r,
             // The context below names the run, resume and abort once.
             sig = ui.interrupted() => Err(Interrupted(Ui::interrupted_text(sig)).into()),
         };
-        ui.step_ended(step.key(), res.is_ok(), t0.elapsed().as_secs_f64());
+        // A step's time is drydock's and the hosts': not a question's.
+        let seconds = t0
+            .elapsed()
+            .saturating_sub(ui.asked().saturating_sub(asked_before))
+            .as_secs_f64();
+        ui.step_ended(step.key(), res.is_ok(), seconds);
         if step == Step::Probe
             && let Err(e) = res
         {
@@ -263,7 +269,7 @@ async fn drive(dir: &Path, mut j: Journal, ui: &Ui, accept_new: bool) -> Result<
         })?;
         j.done.push(StepRecord {
             step,
-            seconds: t0.elapsed().as_secs_f64(),
+            seconds,
             finished_at: transfer::now(),
         });
         j.save(dir)?;

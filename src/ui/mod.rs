@@ -38,6 +38,9 @@ pub struct Ui {
     pub yes: bool,
     tx: mpsc::Sender<Event>,
     signals: tokio::sync::watch::Receiver<Option<&'static str>>,
+    /// Milliseconds spent waiting at questions, so far: times reported
+    /// (a step's, a push's) leave them out.
+    asked_ms: Arc<AtomicU64>,
 }
 
 /// The reporter's thread, ended by [`Reporter::finish`].
@@ -60,6 +63,7 @@ impl Ui {
             yes: false,
             tx: tx.clone(),
             signals: signals::listen(),
+            asked_ms: Arc::new(AtomicU64::new(0)),
         };
         (
             ui,
@@ -154,15 +158,24 @@ impl Ui {
             question: format!("{question} Type 'yes' to go ahead: "),
             reply,
         });
+        let asked = std::time::Instant::now();
         let answer = tokio::select! {
-            a = answer => a.map_err(|_| anyhow!("the terminal's reporter ended"))??,
+            a = answer => a,
             sig = self.interrupted() => return Err(refused!("{}; nothing was changed", signals::said(sig))),
         };
+        self.asked_ms
+            .fetch_add(asked.elapsed().as_millis() as u64, Ordering::Relaxed);
+        let answer = answer.map_err(|_| anyhow!("the terminal's reporter ended"))??;
         if answer.trim() == "yes" {
             Ok(())
         } else {
             Err(refused!("not confirmed; nothing was changed"))
         }
+    }
+
+    /// The time spent at questions so far (see [`Ui::confirm`]).
+    pub fn asked(&self) -> std::time::Duration {
+        std::time::Duration::from_millis(self.asked_ms.load(Ordering::Relaxed))
     }
 
     /// The command's result: its `human` text on stdout, or with `--json`
