@@ -2594,6 +2594,7 @@ fn quiet_verbose_and_the_result_said_once() {
     assert_eq!(stderr(&o), "", "-q");
     let out = stdout(&o);
     eprint!("{out}");
+    assert_eq!(out.matches("on the host").count(), 1, "{out}");
     assert!(
         out.starts_with(&format!(
             "pulled {host}:{}\n  to {}\n",

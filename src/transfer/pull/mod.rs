@@ -243,7 +243,7 @@ async fn stream_rest(
     );
     let (feed, command, input) = feed_for(&staged, dev, sink, (start_block, end_block))?;
     if let Feed::Helper(f, _) = &feed {
-        got.hasher = "helper (SHA-256 and zstd on the host)".to_string();
+        got.hasher = "drydock's helper (SHA-256, zstd)".to_string();
         got.helper_done = Some(f.done.clone());
     }
     // The blocking half (hashing, writing) on a thread of its own.
