@@ -146,6 +146,16 @@ pub enum Command {
         An interrupted run goes on with `drydock resume RUN`; `drydock abort RUN` gives the \
         VPS back as it was.")]
     Upgrade(UpgradeArgs),
+    /// Rehearse an upgrade on a live copy: pull the disk while the VPS keeps
+    /// serving (not frozen), run the whole upgrade in the sealed worker VM,
+    /// verify boot included, and report what a push would write. Nothing on
+    /// the VPS changes.
+    #[command(after_help = "Examples:\n  \
+        drydock rehearse root@vps --to debian-13\n  \
+        drydock rehearse root@vps --run 'apt-get -y full-upgrade' --json\n\n\
+        The copy is crash-consistent (as after a power cut). A rehearsal that fails leaves \
+        the VPS as it was; `drydock resume RUN` tries its step again.")]
+    Rehearse(UpgradeArgs),
     /// Continue an interrupted run (a run folder, or its name from `drydock runs`).
     #[command(after_help = "Example:\n  drydock resume vps.example.org-2026-12-02T101500")]
     Resume(ResumeArgs),

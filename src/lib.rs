@@ -71,7 +71,11 @@ pub async fn run(cli: Cli) -> u8 {
     // the others are stopped where they are.
     let own_stop = matches!(
         cli.command,
-        Command::Pull(_) | Command::Boot(_) | Command::Upgrade(_) | Command::Resume(_)
+        Command::Pull(_)
+            | Command::Boot(_)
+            | Command::Upgrade(_)
+            | Command::Rehearse(_)
+            | Command::Resume(_)
     );
     let outcome = if own_stop {
         command(cli.command, &ui).await
@@ -101,8 +105,9 @@ async fn command(command: Command, ui: &Ui) -> Result<()> {
         Command::Boot(a) => boot(a, ui).await,
         Command::Upgrade(a) => {
             let ui = ui.with_yes(a.yes);
-            upgrade(a, &ui).await
+            upgrade(a, false, &ui).await
         }
+        Command::Rehearse(a) => upgrade(a, true, ui).await,
         Command::Resume(a) => {
             let ui = ui.with_yes(a.yes);
             let dir = pipeline::journal::find_run(&a.run)?;
@@ -259,7 +264,9 @@ async fn boot(a: cli::BootArgs, ui: &Ui) -> Result<()> {
     vm::boot::boot(&opts, ui).await
 }
 
-async fn upgrade(a: cli::UpgradeArgs, ui: &Ui) -> Result<()> {
+/// `upgrade`, or with REHEARSAL `rehearse` (the same run, live and not
+/// pushed).
+async fn upgrade(a: cli::UpgradeArgs, rehearsal: bool, ui: &Ui) -> Result<()> {
     let memory_mib = vm::cmdline::parse_memory(&a.memory)
         .with_context(|| format!("--memory {}: expected a size such as 4G or 2048M", a.memory))?;
     let (ssh, accept_new_host_key) = a.conn.ssh_args()?;
@@ -277,6 +284,7 @@ async fn upgrade(a: cli::UpgradeArgs, ui: &Ui) -> Result<()> {
         gc: a.gc,
         network_open: a.network == cli::Network::Open,
         allow_hosts: a.allow_host,
+        rehearsal,
     };
     if a.dry_run {
         let d = tokio::select! {
@@ -406,7 +414,11 @@ fn default_cpus() -> u32 {
 }
 
 fn print_report(r: &pipeline::Report, ui: &Ui) -> Result<()> {
-    ui.result("upgrade", r, r.human())
+    ui.result(
+        if r.rehearsal { "rehearse" } else { "upgrade" },
+        r,
+        r.human(),
+    )
 }
 
 /// Asserts that SCRIPT parses as /bin/sh reads it (`sh -n`; dash here, as

@@ -702,6 +702,102 @@ fn upgrade_killed_mid_upgrade_resumes_sealed_and_the_vps_comes_back_changed() {
     assert!(!run_dir.exists());
 }
 
+/// `drydock rehearse`: the disk pulled live while a service on the VPS
+/// keeps writing, the --run in the sealed worker VM, verify boot included;
+/// nothing on the VPS changes. A failing rehearsal says so, with the
+/// command's output, and leaves the VPS serving; a passing one predicts
+/// the push.
+#[test]
+fn a_rehearsal_runs_on_a_live_copy_and_the_vps_keeps_serving() {
+    let vps = Vps::start(12);
+    let home = tempdir();
+    vps.ssh(
+        "systemd-run --unit=serving sh -c 'while :; do date +%s >> /var/lib/serving.log; sleep 1; done' >/dev/null 2>&1",
+    );
+    let boot = vps.boot_id();
+    let lines = || {
+        vps.ssh("wc -l < /var/lib/serving.log")
+            .trim()
+            .parse::<u64>()
+            .unwrap()
+    };
+    let serving = |what: &str, before: u64| {
+        assert_eq!(vps.boot_id(), boot, "{what}: the VPS rebooted");
+        assert_eq!(
+            vps.ssh("systemctl is-active serving").trim(),
+            "active",
+            "{what}: the service stopped"
+        );
+        assert!(
+            lines() > before,
+            "{what}: the service wrote nothing meanwhile"
+        );
+        assert_eq!(
+            vps.ssh("grep ' / ' /proc/self/mounts | cut -d' ' -f4 | cut -d, -f1")
+                .trim(),
+            "rw",
+            "{what}: / is not read-write"
+        );
+        assert_eq!(
+            vps.ssh("test -e /etc/drydock-was-here && echo yes || echo no")
+                .trim(),
+            "no",
+            "{what}: the change reached the VPS"
+        );
+    };
+    let rehearse = |cmd: &str| {
+        vps.drydock(
+            home.path(),
+            &[
+                "rehearse",
+                &vps.host(),
+                "-i",
+                vps.key.to_str().unwrap(),
+                "--accept-new-host-key",
+                "--run",
+                cmd,
+                "--json",
+                "--memory",
+                "2G",
+                "--cpus",
+                "2",
+            ],
+        )
+        .output()
+        .unwrap()
+    };
+
+    let before = lines();
+    let o = rehearse(&format!("{CHANGE}; echo the upgrade broke here; exit 7"));
+    assert_exit(&o, 1);
+    assert_stderr(&o, "failed in the guest (exit status 7)");
+    assert_stderr(&o, "the upgrade broke here");
+    assert_stderr(&o, "failed (run ");
+    assert_stderr(
+        &o,
+        "nothing on the VPS changed: it was not frozen and kept serving",
+    );
+    serving("a failed rehearsal", before);
+    eprintln!(
+        "a failed rehearsal: {}",
+        stderr(&o).lines().last().unwrap_or("")
+    );
+
+    let before = lines();
+    let o = rehearse(CHANGE);
+    assert_exit(&o, 0);
+    assert_steps(&o, &["probe", "pull", "upgrade"]);
+    let r = json(&o);
+    eprintln!("{}", serde_json::to_string_pretty(&r).unwrap());
+    assert_eq!(r["rehearsal"], true);
+    assert_eq!(r["os_after"], "Debian GNU/Linux 12 (bookworm)");
+    assert!(r["delta_bytes"].as_u64().unwrap() > 0, "{r}");
+    assert!(r["downtime_seconds"].is_null(), "{r}");
+    serving("a rehearsal", before);
+    let o = vps.drydock(home.path(), &["runs"]).output().unwrap();
+    assert!(stdout(&o).contains("  rehearsed\n"), "{}", stdout(&o));
+}
+
 /// Spawn CMD (with --json) and send it SIG once its event stream shows an
 /// event WANT accepts: the events it printed, how it ended, its stderr.
 fn signal_at(

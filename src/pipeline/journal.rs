@@ -32,6 +32,10 @@ pub const STEPS: &[Step] = &[
     Step::Check,
 ];
 
+/// A rehearsal's steps: the pull is live (no freeze) and nothing is
+/// pushed; the upgrade runs whole in the worker VM, verify boot included.
+pub const REHEARSAL_STEPS: &[Step] = &[Step::Probe, Step::Pull, Step::Upgrade];
+
 impl Step {
     /// As the journal and the `--json` "step" event name it.
     pub fn key(self) -> &'static str {
@@ -88,6 +92,20 @@ pub struct Journal {
     /// key is refused whatever this says).
     #[serde(default)]
     pub accept_new_host_key: bool,
+    /// `drydock rehearse`: a live pull and the upgrade in the worker VM,
+    /// nothing frozen, nothing pushed.
+    #[serde(default)]
+    pub rehearsal: bool,
+    /// What the worker VM's verify boot came back running (os-release's
+    /// PRETTY_NAME).
+    #[serde(default)]
+    pub os_in_worker: Option<String>,
+    /// A rehearsal's end: the blocks of 1 MiB a push of its result would
+    /// write, and their bytes.
+    #[serde(default)]
+    pub delta_blocks: Option<u64>,
+    #[serde(default)]
+    pub delta_bytes: Option<u64>,
     pub device: Option<String>,
     pub to: Option<String>,
     pub run: Option<String>,
@@ -180,7 +198,12 @@ impl Journal {
 
     /// The first step not yet done.
     pub fn next_step(&self) -> Option<Step> {
-        STEPS.iter().copied().find(|s| !self.is_done(*s))
+        let steps = if self.rehearsal {
+            REHEARSAL_STEPS
+        } else {
+            STEPS
+        };
+        steps.iter().copied().find(|s| !self.is_done(*s))
     }
 
     /// The run froze its VPS and has not given it back (no reboot on the
@@ -191,6 +214,7 @@ impl Journal {
 
     pub fn where_it_stands(&self) -> String {
         match (&self.state, self.next_step()) {
+            (State::Done, _) if self.rehearsal => "rehearsed".into(),
             (State::Done, _) => "done".into(),
             (State::Aborted, _) => "aborted".into(),
             (State::Running, Some(s)) => format!("stopped before: {}", s.name()),

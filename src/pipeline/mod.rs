@@ -53,6 +53,9 @@ pub struct Request {
     pub network_open: bool,
     /// `--allow-host`: more hosts the sealed worker VM may reach.
     pub allow_hosts: Vec<String>,
+    /// `drydock rehearse`: live pull, upgrade in the worker VM, no freeze,
+    /// no push.
+    pub rehearsal: bool,
 }
 
 fn plan_of(j: &Journal, host: &recipes::Host) -> Result<Plan> {
@@ -142,6 +145,10 @@ fn new_journal(req: &Request) -> Journal {
         ssh: req.ssh.clone(),
         identity: req.identity.clone(),
         accept_new_host_key: req.accept_new_host_key,
+        rehearsal: req.rehearsal,
+        os_in_worker: None,
+        delta_blocks: None,
+        delta_bytes: None,
         device: req.device.clone(),
         to: req.to.clone(),
         run: req.run.clone(),
@@ -258,14 +265,24 @@ async fn drive(dir: &Path, mut j: Journal, ui: &Ui, accept_new: bool) -> Result<
         // Whatever the step learnt before failing is kept.
         j.save(dir)?;
         res.with_context(|| {
-            format!(
-                "step '{}' of run {} did not finish; `drydock resume {}` retries it, \
-                 `drydock abort {}` gives the VPS back as it was",
-                step.name(),
-                dir.display(),
-                dir.display(),
-                dir.display()
-            )
+            if j.rehearsal {
+                format!(
+                    "the rehearsal's step '{}' failed (run {}); nothing on the VPS changed: it \
+                     was not frozen and kept serving. `drydock resume {}` tries the step again",
+                    step.name(),
+                    dir.display(),
+                    dir.display()
+                )
+            } else {
+                format!(
+                    "step '{}' of run {} did not finish; `drydock resume {}` retries it, \
+                     `drydock abort {}` gives the VPS back as it was",
+                    step.name(),
+                    dir.display(),
+                    dir.display(),
+                    dir.display()
+                )
+            }
         })?;
         j.done.push(StepRecord {
             step,
@@ -274,9 +291,29 @@ async fn drive(dir: &Path, mut j: Journal, ui: &Ui, accept_new: bool) -> Result<
         });
         j.save(dir)?;
     }
+    if j.rehearsal && j.delta_bytes.is_none() {
+        measure_delta(dir, &mut j, ui)?;
+    }
     j.state = State::Done;
     j.save(dir)?;
     Ok(report::report(dir, &j))
+}
+
+/// A rehearsal's last word: the blocks a push of the upgraded copy would
+/// write, the upgraded image hashed against the pulled one's manifest.
+fn measure_delta(dir: &Path, j: &mut Journal, ui: &Ui) -> Result<()> {
+    use crate::image::manifest::{Manifest, block_len, hash_image};
+    let base = Manifest::load(&Manifest::path_for(&dir.join("base.raw")))?;
+    let upgraded = dir.join("upgraded.raw");
+    let bar = ui.bytes_bar(base.size, "delta");
+    let new = hash_image(&upgraded, |n| bar.inc(n))?;
+    bar.finish();
+    let changed: Vec<u64> = (0..new.blocks.len().min(base.blocks.len()) as u64)
+        .filter(|&b| base.blocks[b as usize] != new.blocks[b as usize])
+        .collect();
+    j.delta_blocks = Some(changed.len() as u64);
+    j.delta_bytes = Some(changed.iter().map(|&b| block_len(new.size, b)).sum());
+    j.save(dir)
 }
 
 /// `drydock runs`: every run and where it stands.

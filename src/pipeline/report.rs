@@ -14,6 +14,12 @@ use crate::vm::shape::Shape;
 #[derive(Debug, Serialize)]
 pub struct Report {
     pub run: PathBuf,
+    /// `drydock rehearse`: nothing was frozen or pushed; os_after is what
+    /// the worker VM came back running.
+    pub rehearsal: bool,
+    /// A rehearsal's prediction: what a push of its result would write.
+    pub delta_blocks: Option<u64>,
+    pub delta_bytes: Option<u64>,
     pub host: String,
     pub os_before: Option<String>,
     pub os_after: Option<String>,
@@ -52,9 +58,16 @@ pub(super) fn report(dir: &Path, j: &Journal) -> Report {
     };
     Report {
         run: dir.to_path_buf(),
+        rehearsal: j.rehearsal,
+        delta_blocks: j.delta_blocks,
+        delta_bytes: j.delta_bytes,
         host: j.host.clone(),
         os_before: j.os_before.clone(),
-        os_after: j.os_after.clone(),
+        os_after: if j.rehearsal {
+            j.os_in_worker.clone()
+        } else {
+            j.os_after.clone()
+        },
         downtime_seconds: downtime,
         steps: j
             .done
@@ -75,12 +88,28 @@ pub(super) fn report(dir: &Path, j: &Journal) -> Report {
 
 impl Report {
     pub fn human(&self) -> String {
-        let mut s = format!(
-            "{}: {} -> {}\n",
-            self.host,
-            self.os_before.as_deref().unwrap_or("?"),
-            self.os_after.as_deref().unwrap_or("?")
-        );
+        let mut s = if self.rehearsal {
+            format!(
+                "rehearsal on a live copy of {}: {} -> {} in the worker VM; nothing on the VPS \
+                 changed\n",
+                self.host,
+                self.os_before.as_deref().unwrap_or("?"),
+                self.os_after.as_deref().unwrap_or("?")
+            )
+        } else {
+            format!(
+                "{}: {} -> {}\n",
+                self.host,
+                self.os_before.as_deref().unwrap_or("?"),
+                self.os_after.as_deref().unwrap_or("?")
+            )
+        };
+        if let (Some(b), Some(n)) = (self.delta_bytes, self.delta_blocks) {
+            s.push_str(&format!(
+                "a push of the upgraded copy would write {} ({n} blocks of 1 MiB)\n",
+                human_bytes(b)
+            ));
+        }
         if let Some(d) = self.downtime_seconds {
             s.push_str(&format!("downtime (freeze to back up): {d:.0} s\n"));
         }

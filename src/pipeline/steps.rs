@@ -220,7 +220,9 @@ async fn pull_step(dir: &Path, j: &mut Journal, ui: &Ui) -> Result<()> {
         &pull::PullOptions {
             output: dir.join("base.raw"),
             device: j.device.clone(),
-            live: false,
+            // A rehearsal copies the disk while the VPS serves: crash-
+            // consistent, as after a power cut (the journals replay).
+            live: j.rehearsal,
             transfer: j.transfer,
         },
         ui,

@@ -192,7 +192,7 @@ pub(super) async fn upgrade_in_vm(dir: &Path, j: &mut Journal, ui: &Ui) -> Resul
         refused: Vec::new(),
     };
     let (plan, held, made_dir) = first_boot(&mut w, &seal, &boot, j, ui).await?;
-    verify_boot(&mut w, &seal, &plan, &held, made_dir, ui).await?;
+    j.os_in_worker = Some(verify_boot(&mut w, &seal, &plan, &held, made_dir, ui).await?);
     if let Some(p) = &w.proxy {
         w.refused.extend(p.refused());
     }
@@ -306,7 +306,7 @@ async fn verify_boot(
     held: &[String],
     made_dir: bool,
     ui: &Ui,
-) -> Result<()> {
+) -> Result<String> {
     let spec = w.spec(None, w.net_seal("net2.pcap", false))?;
     let (vm, s) = start_worker(
         w.dir,
@@ -346,7 +346,7 @@ async fn verify_boot(
     ));
     power_off(s, vm).await?;
     w.note_refused("net2.pcap")?;
-    Ok(())
+    Ok(pretty2)
 }
 
 /// One of the seal's scripts in the worker VM, with a deadline: a guest
