@@ -231,6 +231,11 @@ pub struct PullArgs {
     /// Copy a disk that is mounted read-write (the copy may be inconsistent).
     #[arg(long)]
     pub live: bool,
+    /// IMAGE holds an earlier pull of this disk (with its manifest): bring
+    /// it up to date. The helper hashes the whole disk on the host and only
+    /// the blocks that changed are sent (helper mode only).
+    #[arg(long)]
+    pub update: bool,
     /// How the disk moves: the helper (drydock's own static program, copied
     /// to the host's RAM) when the host can run it, else dd.
     #[arg(long, value_enum, default_value = "auto", env = "DRYDOCK_TRANSFER")]
@@ -332,6 +337,11 @@ pub struct UpgradeArgs {
     /// One more host the sealed worker VM may reach (repeatable).
     #[arg(long = "allow-host", value_name = "HOST")]
     pub allow_host: Vec<String>,
+    /// upgrade: freeze first, without rehearsing on a live copy (by
+    /// default the upgrade runs on a live copy first, and a failure stops
+    /// the run before the freeze).
+    #[arg(long)]
+    pub no_rehearsal: bool,
 }
 
 #[derive(Debug, Args)]
@@ -425,6 +435,20 @@ impl Cli {
     /// What clap's attributes cannot say: flags that contradict each other
     /// through their values. A usage error (exit 2), before anything runs.
     pub fn check(&self) -> Result<(), clap::Error> {
+        if let Command::Rehearse(a) = &self.command
+            && a.no_rehearsal
+        {
+            let mut cmd = command();
+            cmd.build();
+            let sub = cmd
+                .find_subcommand_mut("rehearse")
+                .expect("the rehearse subcommand");
+            return Err(sub.error(
+                clap::error::ErrorKind::ArgumentConflict,
+                "--no-rehearsal is for `drydock upgrade`; `drydock rehearse` is the rehearsal \
+                 alone",
+            ));
+        }
         if let Command::Upgrade(a) = &self.command
             && a.network == Network::Open
             && !a.allow_host.is_empty()

@@ -187,7 +187,24 @@ async fn thaw(a: cli::ThawArgs, ui: &Ui) -> Result<()> {
 }
 
 async fn pull(a: cli::PullArgs, ui: &Ui) -> Result<()> {
-    transfer::check_output(&a.output)?;
+    let update = a.update;
+    if update {
+        if !transfer::pull::precopy::can_start_from(&a.output) {
+            return Err(crate::usage!(
+                "--update: {} is not a finished pull (no image with its manifest beside it); \
+                 pull without --update first",
+                a.output.display()
+            ));
+        }
+        if a.transfer == cli::Transfer::Dd {
+            return Err(crate::usage!(
+                "--update needs drydock's helper on the host, and --transfer dd was asked for: \
+                 drop one of the two"
+            ));
+        }
+    } else {
+        transfer::check_output(&a.output)?;
+    }
     let s = connect(&a.conn).await?;
     let facts = remote::gather(&s).await?;
     let opts = transfer::pull::PullOptions {
@@ -196,7 +213,18 @@ async fn pull(a: cli::PullArgs, ui: &Ui) -> Result<()> {
         live: a.live,
         transfer: a.transfer.into(),
     };
-    let r = transfer::pull::pull(&s, &facts, &opts, ui).await?;
+    let r = if update {
+        let r = transfer::pull::precopy::precopy(&s, &facts, &opts, ui).await?;
+        r.ok_or_else(|| {
+            refused!(
+                "--update needs drydock's helper, and it cannot run on {}; pull the whole disk \
+                 into another --output",
+                s.host()
+            )
+        })?
+    } else {
+        transfer::pull::pull(&s, &facts, &opts, ui).await?
+    };
     if r.device.starts_with("/dev/") {
         record_boot(&s, &facts, &opts.output, ui).await;
     }
@@ -285,6 +313,7 @@ async fn upgrade(a: cli::UpgradeArgs, rehearsal: bool, ui: &Ui) -> Result<()> {
         network_open: a.network == cli::Network::Open,
         allow_hosts: a.allow_host,
         rehearsal,
+        no_rehearsal: a.no_rehearsal,
     };
     if a.dry_run {
         let d = tokio::select! {

@@ -271,6 +271,117 @@ fn round_trip(mode: &str) {
     assert_eq!(sha256_file(&other), sha256_file(&img));
 }
 
+/// `pull --update`: an image pulled earlier brought up to date. The helper
+/// hashes the whole disk on the host; only the changed blocks are sent,
+/// and the image and its manifest end exactly as a fresh pull's would.
+#[test]
+fn pull_update_sends_only_the_blocks_that_changed_and_ends_exact() {
+    let sshd = Sshd::start();
+    let t = tempdir();
+    let dev = t.path().join("disk");
+    let img = t.path().join("image");
+    let size = standard_disk(&dev);
+    let o = pull(&sshd, &dev, &img);
+    assert_exit(&o, 0);
+    let full = json(&o)["bytes_on_wire"].as_u64().unwrap();
+
+    // Four blocks change: data in a block of data (1), a hole filled (30),
+    // a block of data zeroed (21), the short last block.
+    {
+        let f = std::fs::File::options().write(true).open(&dev).unwrap();
+        f.write_all_at(&pattern(7, 4096), MIB + 8192).unwrap();
+        f.write_all_at(&pattern(8, 300 * KIB as usize), 30 * MIB)
+            .unwrap();
+        f.write_all_at(&vec![0u8; MIB as usize], 21 * MIB).unwrap();
+        f.write_all_at(b"new tail", size - 8).unwrap();
+    }
+    let o = pull_with(&sshd, &dev, &img, &["--update"]);
+    assert_exit(&o, 0);
+    let j = json(&o);
+    eprintln!("{}", stderr(&o));
+    assert_stderr(&o, "pre-copy: 4 of 71 blocks of ");
+    let sent = j["bytes_on_wire"].as_u64().unwrap();
+    eprintln!("full pull: {full} bytes on the wire; update of 4 blocks: {sent}");
+    assert!(sent < MIB + 300 * KIB + 64 * KIB, "{j}");
+    assert_eq!(sha256_file(&img), sha256_file(&dev));
+    let m: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(t.path().join("image.manifest")).unwrap())
+            .unwrap();
+    let data = std::fs::read(&dev).unwrap();
+    for (i, chunk) in data.chunks(MIB as usize).enumerate() {
+        assert_eq!(
+            m["blocks"][i],
+            hex::encode(Sha256::digest(chunk)),
+            "block {i}"
+        );
+    }
+    assert_eq!(m["digest"], j["digest"]);
+    assert!(!t.path().join("image.precopy").exists());
+    // The same digest as a fresh pull of the disk.
+    let fresh = t.path().join("fresh");
+    let o = pull(&sshd, &dev, &fresh);
+    assert_exit(&o, 0);
+    assert_eq!(json(&o)["digest"], j["digest"]);
+    assert_helper_gone(&j, "helper_dir");
+
+    // Nothing changed: nothing sent but the hashes' requests' answers.
+    let o = pull_with(&sshd, &dev, &img, &["--update"]);
+    assert_exit(&o, 0);
+    assert_stderr(&o, "pre-copy: 0 of 71 blocks of ");
+    assert_eq!(sha256_file(&img), sha256_file(&dev));
+}
+
+/// `pull --update` refuses what it cannot bring up to date, each before
+/// connecting or before anything is written.
+#[test]
+fn pull_update_refuses_an_image_it_cannot_update() {
+    let sshd = Sshd::start();
+    let t = tempdir();
+    let dev = t.path().join("disk");
+    standard_disk(&dev);
+    let img = t.path().join("image");
+
+    let o = pull_with(&sshd, &dev, &img, &["--update"]);
+    assert_exit(&o, 2);
+    assert_stderr(
+        &o,
+        format!(
+            "--update: {} is not a finished pull (no image with its manifest beside it); pull \
+             without --update first",
+            img.display()
+        ),
+    );
+    assert!(!img.exists());
+
+    assert_exit(&pull(&sshd, &dev, &img), 0);
+    let before = sha256_file(&img);
+    let o = pull_with(&sshd, &dev, &img, &["--update", "--transfer", "dd"]);
+    assert_exit(&o, 2);
+    assert_stderr(
+        &o,
+        "--update needs drydock's helper on the host, and --transfer dd was asked for: drop one \
+         of the two",
+    );
+
+    // A copy of another disk.
+    let other = t.path().join("other disk");
+    standard_disk(&other);
+    let o = pull_with(&sshd, &other, &img, &["--update"]);
+    assert_exit(&o, 3);
+    assert_stderr(
+        &o,
+        format!(
+            "{} is a copy of {}:{}, not of {}:{}; drydock will not mix two disks",
+            img.display(),
+            sshd.host(),
+            dev.display(),
+            sshd.host(),
+            other.display()
+        ),
+    );
+    assert_eq!(sha256_file(&img), before);
+}
+
 #[test]
 fn delta_push_writes_only_the_changed_blocks_dd() {
     delta_push("dd");
@@ -1621,6 +1732,16 @@ fn more_bad_input_is_refused_before_anything_changes() {
             "invalid value 'lots' for '--memory <MEMORY>': expected a size such as 4G or 2048M, at least 128M",
         ),
         (
+            vec![
+                "rehearse",
+                "root@192.0.2.1",
+                "--run",
+                "true",
+                "--no-rehearsal",
+            ],
+            "--no-rehearsal is for `drydock upgrade`; `drydock rehearse` is the rehearsal alone",
+        ),
+        (
             vec!["upgrade", "root@192.0.2.1", "--run", "true", "--cpus", "0"],
             "invalid value '0' for '--cpus <CPUS>': 0 is not in 1..=1024",
         ),
@@ -2131,6 +2252,16 @@ fn a_pull_through_a_jump_host() {
         let (o, img) = pull(n, &extra);
         assert_exit(&o, 0);
         assert_eq!(sha256_file(&img), want, "{n}");
+        if n == "j" {
+            eprintln!(
+                "$ drydock pull {} --device {} --output {}\n{}{}",
+                extra.join(" "),
+                dev.display(),
+                img.display(),
+                stderr(&o),
+                stdout(&o)
+            );
+        }
     }
     let cfg = t.path().join("another config");
     std::fs::write(&cfg, format!("Host hidden-target\n  ProxyJump {via}\n")).unwrap();

@@ -14,6 +14,10 @@ use crate::image::manifest::write_atomic;
 #[serde(rename_all = "kebab-case")]
 pub enum Step {
     Probe,
+    /// The disk pulled while the VPS serves (a rehearsal's copy).
+    LivePull,
+    /// The upgrade run whole in the worker VM on the live copy.
+    Rehearse,
     Freeze,
     Pull,
     Upgrade,
@@ -32,15 +36,32 @@ pub const STEPS: &[Step] = &[
     Step::Check,
 ];
 
-/// A rehearsal's steps: the pull is live (no freeze) and nothing is
+/// `drydock rehearse`: the pull is live (no freeze) and nothing is
 /// pushed; the upgrade runs whole in the worker VM, verify boot included.
-pub const REHEARSAL_STEPS: &[Step] = &[Step::Probe, Step::Pull, Step::Upgrade];
+pub const REHEARSAL_STEPS: &[Step] = &[Step::Probe, Step::LivePull, Step::Rehearse];
+
+/// `drydock upgrade` (without --no-rehearsal): the rehearsal, then the
+/// freeze and the real upgrade, the frozen pull a pre-copy that sends
+/// only what changed since the live one.
+pub const REHEARSED_STEPS: &[Step] = &[
+    Step::Probe,
+    Step::LivePull,
+    Step::Rehearse,
+    Step::Freeze,
+    Step::Pull,
+    Step::Upgrade,
+    Step::Push,
+    Step::Reboot,
+    Step::Check,
+];
 
 impl Step {
     /// As the journal and the `--json` "step" event name it.
     pub fn key(self) -> &'static str {
         match self {
             Step::Probe => "probe",
+            Step::LivePull => "live-pull",
+            Step::Rehearse => "rehearse",
             Step::Freeze => "freeze",
             Step::Pull => "pull",
             Step::Upgrade => "upgrade",
@@ -54,6 +75,8 @@ impl Step {
     pub fn name(self) -> &'static str {
         match self {
             Step::Probe => "probe",
+            Step::LivePull => "pull, live (the VPS serving)",
+            Step::Rehearse => "rehearse in the local VM (boot, run, reboot, verify, power off)",
             Step::Freeze => "freeze",
             Step::Pull => "pull",
             Step::Upgrade => "upgrade in the local VM (boot, run, reboot, verify, power off)",
@@ -96,6 +119,17 @@ pub struct Journal {
     /// nothing frozen, nothing pushed.
     #[serde(default)]
     pub rehearsal: bool,
+    /// `drydock upgrade` without --no-rehearsal: rehearse on a live copy
+    /// before the freeze (older journals: no).
+    #[serde(default)]
+    pub rehearse_first: bool,
+    /// Bytes on the wire of the live pull (of `bytes_pulled`).
+    #[serde(default)]
+    pub bytes_pulled_live: u64,
+    /// What the push wrote, in blocks of 1 MiB (against the rehearsal's
+    /// prediction).
+    #[serde(default)]
+    pub pushed_blocks: Option<u64>,
     /// What the worker VM's verify boot came back running (os-release's
     /// PRETTY_NAME).
     #[serde(default)]
@@ -196,14 +230,26 @@ impl Journal {
         self.done.iter().any(|r| r.step == step)
     }
 
-    /// The first step not yet done.
-    pub fn next_step(&self) -> Option<Step> {
-        let steps = if self.rehearsal {
+    /// The run's steps, in order.
+    pub fn steps(&self) -> &'static [Step] {
+        if self.rehearsal {
             REHEARSAL_STEPS
+        } else if self.rehearse_first {
+            REHEARSED_STEPS
         } else {
             STEPS
-        };
-        steps.iter().copied().find(|s| !self.is_done(*s))
+        }
+    }
+
+    /// Whether the VPS was never frozen by this run: up to here, nothing
+    /// on it changed.
+    pub fn never_frozen(&self) -> bool {
+        self.frozen_at.is_none() && self.frozen_boot_id.is_none()
+    }
+
+    /// The first step not yet done.
+    pub fn next_step(&self) -> Option<Step> {
+        self.steps().iter().copied().find(|s| !self.is_done(*s))
     }
 
     /// The run froze its VPS and has not given it back (no reboot on the

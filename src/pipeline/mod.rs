@@ -56,6 +56,8 @@ pub struct Request {
     /// `drydock rehearse`: live pull, upgrade in the worker VM, no freeze,
     /// no push.
     pub rehearsal: bool,
+    /// `upgrade --no-rehearsal`: freeze first, as before rehearsals.
+    pub no_rehearsal: bool,
 }
 
 fn plan_of(j: &Journal, host: &recipes::Host) -> Result<Plan> {
@@ -103,6 +105,12 @@ pub async fn dry_run(req: &Request) -> Result<DryRun> {
         allowed,
     } = res?;
     Ok(DryRun {
+        rehearsal: match (req.rehearsal, req.no_rehearsal) {
+            (true, _) => "only",
+            (false, false) => "first",
+            (false, true) => "skipped",
+        }
+        .into(),
         worker_vm: shape,
         seal,
         network: if req.network_open { "open" } else { "sealed" }.into(),
@@ -146,6 +154,9 @@ fn new_journal(req: &Request) -> Journal {
         identity: req.identity.clone(),
         accept_new_host_key: req.accept_new_host_key,
         rehearsal: req.rehearsal,
+        rehearse_first: !req.rehearsal && !req.no_rehearsal,
+        bytes_pulled_live: 0,
+        pushed_blocks: None,
         os_in_worker: None,
         delta_blocks: None,
         delta_bytes: None,
@@ -265,22 +276,23 @@ async fn drive(dir: &Path, mut j: Journal, ui: &Ui, accept_new: bool) -> Result<
         // Whatever the step learnt before failing is kept.
         j.save(dir)?;
         res.with_context(|| {
-            if j.rehearsal {
+            let run = dir.display();
+            if j.never_frozen() {
+                let what = if j.is_done(Step::Rehearse) || !j.steps().contains(&Step::Rehearse) {
+                    format!("step '{}'", step.name())
+                } else {
+                    format!("the rehearsal's step '{}'", step.name())
+                };
                 format!(
-                    "the rehearsal's step '{}' failed (run {}); nothing on the VPS changed: it \
-                     was not frozen and kept serving. `drydock resume {}` tries the step again",
-                    step.name(),
-                    dir.display(),
-                    dir.display()
+                    "{what} failed (run {run}); nothing on the VPS changed: it was not frozen and \
+                     kept serving. `drydock resume {run}` tries the step again, `drydock abort \
+                     {run}` ends the run"
                 )
             } else {
                 format!(
-                    "step '{}' of run {} did not finish; `drydock resume {}` retries it, \
-                     `drydock abort {}` gives the VPS back as it was",
+                    "step '{}' of run {run} did not finish; `drydock resume {run}` retries it, \
+                     `drydock abort {run}` gives the VPS back as it was",
                     step.name(),
-                    dir.display(),
-                    dir.display(),
-                    dir.display()
                 )
             }
         })?;
@@ -291,9 +303,6 @@ async fn drive(dir: &Path, mut j: Journal, ui: &Ui, accept_new: bool) -> Result<
         });
         j.save(dir)?;
     }
-    if j.rehearsal && j.delta_bytes.is_none() {
-        measure_delta(dir, &mut j, ui)?;
-    }
     j.state = State::Done;
     j.save(dir)?;
     Ok(report::report(dir, &j))
@@ -301,7 +310,7 @@ async fn drive(dir: &Path, mut j: Journal, ui: &Ui, accept_new: bool) -> Result<
 
 /// A rehearsal's last word: the blocks a push of the upgraded copy would
 /// write, the upgraded image hashed against the pulled one's manifest.
-fn measure_delta(dir: &Path, j: &mut Journal, ui: &Ui) -> Result<()> {
+pub(super) fn measure_delta(dir: &Path, j: &mut Journal, ui: &Ui) -> Result<()> {
     use crate::image::manifest::{Manifest, block_len, hash_image};
     let base = Manifest::load(&Manifest::path_for(&dir.join("base.raw")))?;
     let upgraded = dir.join("upgraded.raw");

@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 
 use serde::Serialize;
 
-use super::journal::Journal;
+use super::journal::{Journal, Step};
 use crate::transfer::helper::Mode;
 use crate::ui::human_bytes;
 use crate::vm::seal::Seal;
@@ -24,6 +24,17 @@ pub struct Report {
     pub os_before: Option<String>,
     pub os_after: Option<String>,
     pub downtime_seconds: Option<f64>,
+    /// Seconds of the steps before the freeze (probe, live pull,
+    /// rehearsal): the VPS served throughout.
+    pub live_seconds: Option<f64>,
+    /// The rehearsal's upgrade in the worker VM, and the real one.
+    pub rehearsal_seconds: Option<f64>,
+    pub upgrade_seconds: Option<f64>,
+    /// Blocks of 1 MiB the push wrote (the rehearsal predicted
+    /// `delta_blocks`).
+    pub pushed_blocks: Option<u64>,
+    /// Of `bytes_pulled`, the live pull's.
+    pub bytes_pulled_live: u64,
     pub steps: Vec<(String, f64)>,
     pub bytes_pulled: u64,
     pub bytes_pushed: u64,
@@ -56,7 +67,19 @@ pub(super) fn report(dir: &Path, j: &Journal) -> Report {
         }
         _ => None,
     };
+    let secs = |step: Step| j.done.iter().find(|r| r.step == step).map(|r| r.seconds);
+    let before_freeze: Vec<f64> = j
+        .done
+        .iter()
+        .filter(|r| matches!(r.step, Step::Probe | Step::LivePull | Step::Rehearse))
+        .map(|r| r.seconds)
+        .collect();
     Report {
+        live_seconds: (j.rehearsal || j.rehearse_first).then(|| before_freeze.iter().sum()),
+        rehearsal_seconds: secs(Step::Rehearse),
+        upgrade_seconds: secs(Step::Upgrade),
+        pushed_blocks: j.pushed_blocks,
+        bytes_pulled_live: j.bytes_pulled_live,
         run: dir.to_path_buf(),
         rehearsal: j.rehearsal,
         delta_blocks: j.delta_blocks,
@@ -104,14 +127,36 @@ impl Report {
                 self.os_after.as_deref().unwrap_or("?")
             )
         };
-        if let (Some(b), Some(n)) = (self.delta_bytes, self.delta_blocks) {
+        if self.rehearsal
+            && let (Some(b), Some(n)) = (self.delta_bytes, self.delta_blocks)
+        {
             s.push_str(&format!(
                 "a push of the upgraded copy would write {} ({n} blocks of 1 MiB)\n",
                 human_bytes(b)
             ));
         }
+        if let Some(l) = self.live_seconds {
+            s.push_str(&format!(
+                "live, the VPS serving: {l:.0} s (probe, live pull of {}, rehearsal)\n",
+                human_bytes(self.bytes_pulled_live)
+            ));
+        }
         if let Some(d) = self.downtime_seconds {
             s.push_str(&format!("downtime (freeze to back up): {d:.0} s\n"));
+        }
+        if !self.rehearsal
+            && let (Some(r), Some(n)) = (self.rehearsal_seconds, self.delta_blocks)
+        {
+            s.push_str(&format!(
+                "the rehearsal predicted: {r:.0} s in the worker VM, a push of {n} blocks of 1 MiB; \
+                 the upgrade took: {} s, {} blocks\n",
+                self.upgrade_seconds
+                    .map(|u| format!("{u:.0}"))
+                    .unwrap_or_else(|| "?".into()),
+                self.pushed_blocks
+                    .map(|p| p.to_string())
+                    .unwrap_or_else(|| "?".into())
+            ));
         }
         for (name, secs) in &self.steps {
             s.push_str(&format!("  {secs:>7.1} s  {name}\n"));
@@ -162,6 +207,8 @@ impl Report {
 /// What `upgrade --dry-run` found and would do.
 #[derive(Debug, Serialize)]
 pub struct DryRun {
+    /// "first" (upgrade), "only" (rehearse) or "skipped" (--no-rehearsal).
+    pub rehearsal: String,
     pub host: String,
     pub os: String,
     pub device: String,
@@ -221,11 +268,36 @@ impl DryRun {
             human_bytes(self.size)
         );
         let _ = writeln!(s, "plan: {}\nsteps:", self.plan);
+        match self.rehearsal.as_str() {
+            "first" => {
+                let _ = writeln!(
+                    s,
+                    "  0. rehearse: pull {dev} live ({mode} mode; {host} keeps serving), run steps \
+                     3 and 4 on that copy, and stop before the freeze if they fail"
+                );
+            }
+            "only" => {
+                let _ = writeln!(
+                    s,
+                    "  (rehearse: steps 2 to 4 only, on a live copy; {host} is not frozen and \
+                     nothing is pushed)"
+                );
+            }
+            _ => {}
+        }
         let _ = writeln!(
             s,
             "  1. freeze {host}: {services}make {dev} read-only, turn swap off"
         );
-        let _ = writeln!(s, "  2. pull {dev} ({mode} mode) into the run folder");
+        if self.rehearsal == "first" && mode == "helper" {
+            let _ = writeln!(
+                s,
+                "  2. pull {dev}: the helper hashes it on {host}, only the blocks changed since \
+                 the live copy are sent"
+            );
+        } else {
+            let _ = writeln!(s, "  2. pull {dev} ({mode} mode) into the run folder");
+        }
         let _ = writeln!(
             s,
             "  3. boot it in a local worker VM on an overlay ({} MiB, {} CPUs; {}) and run, in order:",

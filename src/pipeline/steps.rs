@@ -108,8 +108,10 @@ pub(super) async fn do_step(
 ) -> Result<()> {
     match step {
         Step::Probe => probe_step(dir, j, ui, accept_new).await,
+        Step::LivePull => pull_step(dir, j, ui, true).await,
+        Step::Rehearse => rehearse_step(dir, j, ui).await,
         Step::Freeze => freeze_step(dir, j, ui).await,
-        Step::Pull => pull_step(dir, j, ui).await,
+        Step::Pull => pull_step(dir, j, ui, false).await,
         Step::Upgrade => upgrade_in_vm(dir, j, ui).await,
         Step::Push => push_step(dir, j, ui).await,
         Step::Reboot => reboot_vps(j).await,
@@ -211,27 +213,68 @@ async fn freeze_step(dir: &Path, j: &mut Journal, ui: &Ui) -> Result<()> {
     Ok(())
 }
 
-/// The pull of the frozen disk into the run's base image.
-async fn pull_step(dir: &Path, j: &mut Journal, ui: &Ui) -> Result<()> {
+/// The pull into the run's base image: LIVE, while the VPS serves (a
+/// rehearsal's copy, crash-consistent as after a power cut); or of the
+/// frozen disk, a pre-copy when a live copy is there (only the blocks that
+/// changed since are sent).
+async fn pull_step(dir: &Path, j: &mut Journal, ui: &Ui, live: bool) -> Result<()> {
     let (s, facts) = connect_gathered(j).await?;
-    let r = pull::pull(
-        &s,
-        &facts,
-        &pull::PullOptions {
-            output: dir.join("base.raw"),
-            device: j.device.clone(),
-            // A rehearsal copies the disk while the VPS serves: crash-
-            // consistent, as after a power cut (the journals replay).
-            live: j.rehearsal,
-            transfer: j.transfer,
-        },
-        ui,
-    )
-    .await?;
+    let base = dir.join("base.raw");
+    let opts = pull::PullOptions {
+        output: base.clone(),
+        device: j.device.clone(),
+        live,
+        transfer: j.transfer,
+    };
+    let mut r = None;
+    if !live && j.is_done(Step::LivePull) && pull::precopy::can_start_from(&base) {
+        r = pull::precopy::precopy(&s, &facts, &opts, ui).await?;
+        if r.is_none() {
+            ui.say("pre-copy needs drydock's helper on the host (dd mode): pulling the whole disk again");
+        }
+    }
+    let r = match r {
+        Some(r) => r,
+        None => {
+            if !live && j.is_done(Step::LivePull) {
+                // The live copy, replaced whole.
+                for p in [Manifest::path_for(&base), pull::precopy::state_path(&base)] {
+                    let _ = std::fs::remove_file(p);
+                }
+                if !pull::state_path(&base).exists() {
+                    let _ = std::fs::remove_file(&base);
+                }
+            }
+            pull::pull(&s, &facts, &opts, ui).await?
+        }
+    };
     j.bytes_pulled += r.bytes_on_wire;
+    if live {
+        j.bytes_pulled_live += r.bytes_on_wire;
+    }
     j.pull_transfer = Some(r.transfer);
     j.helper_peak_rss_kib = j.helper_peak_rss_kib.max(r.helper_peak_rss_kib);
     s.close().await;
+    Ok(())
+}
+
+/// The rehearsal: the whole upgrade in the worker VM on the live copy,
+/// then what a push of its result would write. The real upgrade starts
+/// again from the frozen copy.
+async fn rehearse_step(dir: &Path, j: &mut Journal, ui: &Ui) -> Result<()> {
+    upgrade_in_vm(dir, j, ui).await?;
+    super::measure_delta(dir, j, ui)?;
+    if !j.rehearsal {
+        ui.say(format!(
+            "the rehearsal passed: the worker VM came back running {}; a push would write {}. \
+             Now the real upgrade: the VPS is frozen from here",
+            j.os_in_worker.as_deref().unwrap_or("?"),
+            human_bytes(j.delta_bytes.unwrap_or(0))
+        ));
+        // The real upgrade makes its own; this one is not pushed.
+        let _ = std::fs::remove_file(dir.join("upgraded.raw"));
+        let _ = std::fs::remove_file(Manifest::path_for(&dir.join("upgraded.raw")));
+    }
     Ok(())
 }
 
@@ -269,6 +312,7 @@ async fn push_step(dir: &Path, j: &mut Journal, ui: &Ui) -> Result<()> {
     )
     .await?;
     j.bytes_pushed += r.bytes_on_wire;
+    j.pushed_blocks = Some(r.blocks_written);
     j.push_transfer = Some(r.transfer);
     j.helper_peak_rss_kib = j.helper_peak_rss_kib.max(r.helper_peak_rss_kib);
     s.close().await;

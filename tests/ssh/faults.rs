@@ -262,6 +262,68 @@ fn fault_suite_pushes_cut_at_random_offsets_finish_exact() {
     }
 }
 
+/// `pull --update` (the pre-copy of `upgrade`) cut at random offsets: each
+/// rerun finishes, the image exactly the disk, its manifest the disk's.
+#[test]
+fn fault_suite_updates_cut_at_random_offsets_finish_exact() {
+    let sshd = Sshd::start();
+    let mut rng = Rng::from_env("update cuts");
+    let t = tempdir();
+    let dev = t.path().join("disk");
+    fault_disk(&dev);
+    let img = t.path().join("image");
+    assert_exit(&pull(&sshd, &dev, &img), 0);
+    let old_image = std::fs::read(&img).unwrap();
+    let old_manifest = std::fs::read(t.path().join("image.manifest")).unwrap();
+    // 24 MiB of new data over data and zeros, 4 MiB zeroed, a few pages.
+    write_at(&dev, &pattern(51, 24 * MIB as usize), 14 * MIB);
+    write_at(&dev, &vec![0u8; 4 * MIB as usize], 2 * MIB);
+    for p in 0..8u64 {
+        write_at(&dev, &pattern(60 + p, 4096), 70 * MIB + p * 3 * MIB);
+    }
+    let want = sha256_file(&dev);
+    let data = std::fs::read(&dev).unwrap();
+    let tally = cut_chain(
+        &sshd,
+        &mut rng,
+        "pull --update",
+        true,
+        |host| {
+            // Pulled directly, updated through the relay: the same sshd
+            // on another port, which --update would refuse as another
+            // host. The manifest is made to say the relay's.
+            let mpath = t.path().join("image.manifest");
+            let mut m: serde_json::Value =
+                serde_json::from_str(&std::fs::read_to_string(&mpath).unwrap()).unwrap();
+            m["source"]["host"] = host.into();
+            std::fs::write(&mpath, m.to_string()).unwrap();
+            let mut c = pull_via(host, &sshd, &dev, &img, "helper");
+            c.arg("--update");
+            c
+        },
+        || {
+            std::fs::write(&img, &old_image).unwrap();
+            std::fs::write(t.path().join("image.manifest"), &old_manifest).unwrap();
+            let _ = std::fs::remove_file(t.path().join("image.precopy"));
+        },
+        |label| {
+            assert_eq!(sha256_file(&img), want, "{label}");
+            let m: serde_json::Value = serde_json::from_str(
+                &std::fs::read_to_string(t.path().join("image.manifest")).unwrap(),
+            )
+            .unwrap();
+            for (i, chunk) in data.chunks(MIB as usize).enumerate() {
+                assert_eq!(
+                    m["blocks"][i],
+                    hex::encode(Sha256::digest(chunk)),
+                    "{label}: block {i}"
+                );
+            }
+        },
+    );
+    tally.print("pull --update");
+}
+
 /// Run CMD and kill it with SIGKILL after MS milliseconds (if it is still
 /// running then): whether it had finished, and its output.
 fn killed_after(mut cmd: Command, ms: u64) -> (bool, std::process::Output) {

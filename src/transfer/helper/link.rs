@@ -24,6 +24,8 @@ pub struct Link {
     status: Option<u32>,
     host: String,
     pub sent: u64,
+    /// Bytes the helper sent on the channel.
+    pub received: u64,
     /// Set when the read half ends: the channel closed, or the connection
     /// is gone. A send waiting for window space watches it, or a cut
     /// while writing would wait forever (it did, in the fault tests).
@@ -34,6 +36,11 @@ pub struct Link {
 /// request is answered within seconds (a block's hash, a write read
 /// back); silence this long means the connection is dead without saying so.
 const SILENCE: std::time::Duration = std::time::Duration::from_secs(300);
+
+/// Blocks asked about but not answered yet, at most (a window, so that the
+/// requests and the answers flow at once without either side waiting on
+/// the other's buffers).
+const HASH_WINDOW: u64 = 256;
 
 impl Link {
     pub async fn start(session: &Session, remote: &Remote) -> Result<Link> {
@@ -57,6 +64,7 @@ impl Link {
             status: None,
             host: session.host(),
             sent: 0,
+            received: 0,
             ended,
         };
         let hello = link.recv().await?;
@@ -103,7 +111,10 @@ impl Link {
                     )
                 })?;
             match next {
-                Some(ChannelMsg::Data { data }) => self.dec.feed(&data),
+                Some(ChannelMsg::Data { data }) => {
+                    self.received += data.len() as u64;
+                    self.dec.feed(&data)
+                }
                 Some(ChannelMsg::ExtendedData { data, .. }) => {
                     self.stderr.push_str(&String::from_utf8_lossy(&data))
                 }
@@ -122,5 +133,63 @@ impl Link {
                 }
             }
         }
+    }
+
+    /// Ask for the hashes of blocks in `runs` ([first, end) each), keeping
+    /// at most HASH_WINDOW blocks asked and unanswered; `each` sees every
+    /// answer in order and may refuse (its message ends the exchange,
+    /// nothing written). The outer `Result` is a failure of the exchange
+    /// itself.
+    pub async fn hash_blocks(
+        &mut self,
+        runs: &[(u64, u64)],
+        pages: bool,
+        mut each: impl FnMut(u64, &[u8; 32], &[u8]) -> Result<(), String>,
+    ) -> Result<Result<(), String>> {
+        // Split the runs so that no request exceeds the window.
+        let mut reqs = Vec::new();
+        for &(a, b) in runs {
+            let mut x = a;
+            while x < b {
+                let y = (x + HASH_WINDOW).min(b);
+                reqs.push((x, y));
+                x = y;
+            }
+        }
+        let expected: Vec<u64> = runs.iter().flat_map(|&(a, b)| a..b).collect();
+        let mut asked = 0u64;
+        let mut answered = 0usize;
+        let mut r = 0;
+        let mut verdict = Ok(());
+        while answered < expected.len() {
+            while r < reqs.len() && asked - answered as u64 + (reqs[r].1 - reqs[r].0) <= HASH_WINDOW
+            {
+                let (first, end) = reqs[r];
+                self.send(Msg::HashBlocks { first, end, pages }.encode())
+                    .await?;
+                asked += end - first;
+                r += 1;
+            }
+            match self.recv().await? {
+                Msg::BlockHash {
+                    index,
+                    hash,
+                    pages: p,
+                } => {
+                    if index != expected[answered] {
+                        bail!(
+                            "the helper answered for block {index}, expected {}",
+                            expected[answered]
+                        );
+                    }
+                    answered += 1;
+                    if verdict.is_ok() {
+                        verdict = each(index, &hash, &p);
+                    }
+                }
+                m => bail!("the helper sent {} while hashing", m.name()),
+            }
+        }
+        Ok(verdict)
     }
 }

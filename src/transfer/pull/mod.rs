@@ -25,6 +25,7 @@ use crate::transfer::helper::{self, Mode};
 use crate::ui::{Ui, human_bytes};
 use crate::{refused, transfer};
 
+pub mod precopy;
 mod sink;
 mod state;
 

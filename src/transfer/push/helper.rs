@@ -18,11 +18,6 @@ use crate::ssh::Session;
 use crate::transfer::helper::{self, Link, Mode, Patch, Remote};
 use crate::ui::{Ui, human_bytes};
 
-/// Blocks asked about but not answered yet, at most (a window, so that the
-/// requests and the answers flow at once without either side waiting on
-/// the other's buffers).
-const HASH_WINDOW: u64 = 256;
-
 /// Bytes of writes sent but not yet confirmed, at most.
 const WRITE_WINDOW: u64 = 32 << 20;
 
@@ -196,22 +191,26 @@ async fn candidates(
             let partly = super::partly_written(opts, &new.digest, &pf.dev.path);
             let bar = ui.bytes_bar(size, "check");
             let mut out = Vec::new();
-            let answers = hash_blocks(link, &[(0, nblocks)], false, |i, h, _| {
-                bar.inc(block_len(size, i));
-                let (old, neu) = (&b.blocks[i as usize], &new.blocks[i as usize]);
-                if helper::same(h, neu) {
-                    // Already written (an earlier push), or unchanged.
-                } else if helper::same(h, old) || opts.base_image.is_some() || partly.contains(&i) {
-                    out.push(i);
-                } else {
-                    return Err(format!(
-                        "block {i} (byte {}) differs from both the manifest and the image",
-                        i * BLOCK_SIZE
-                    ));
-                }
-                Ok(())
-            })
-            .await;
+            let answers = link
+                .hash_blocks(&[(0, nblocks)], false, |i, h, _| {
+                    bar.inc(block_len(size, i));
+                    let (old, neu) = (&b.blocks[i as usize], &new.blocks[i as usize]);
+                    if helper::same(h, neu) {
+                        // Already written (an earlier push), or unchanged.
+                    } else if helper::same(h, old)
+                        || opts.base_image.is_some()
+                        || partly.contains(&i)
+                    {
+                        out.push(i);
+                    } else {
+                        return Err(format!(
+                            "block {i} (byte {}) differs from both the manifest and the image",
+                            i * BLOCK_SIZE
+                        ));
+                    }
+                    Ok(())
+                })
+                .await;
             bar.finish();
             refuse_changed(answers, &pf.dev, session)?;
             out
@@ -249,33 +248,36 @@ async fn plan(
     let bar = ui.bytes_bar(candidates.len() as u64 * BLOCK_SIZE, "compare");
     let mut nb = vec![0u8; BLOCK_SIZE as usize];
     let mut bb = vec![0u8; BLOCK_SIZE as usize];
-    let answers = hash_blocks(link, &runs, true, |i, h, pages| {
-        bar.inc(BLOCK_SIZE);
-        let len = block_len(size, i) as usize;
-        image
-            .read_exact_at(&mut nb[..len], i * BLOCK_SIZE)
-            .map_err(|e| format!("cannot read the image: {e}"))?;
-        let base_block = match &base_img {
-            Some(f) => {
-                f.read_exact_at(&mut bb[..len], i * BLOCK_SIZE)
-                    .map_err(|e| format!("cannot read the base image: {e}"))?;
-                Some(&bb[..len])
-            }
-            None => None,
-        };
-        // A block an interrupted push of this image was writing may hold
-        // pages of both versions: it is this push's own to finish, every
-        // page that differs from the image written again (as in dd mode).
-        let old = match pf.base.as_ref() {
-            Some(_) if partly.contains(&i) => None,
-            Some(b) => Some(manifest::from_hex(&b.blocks[i as usize]).map_err(|e| e.to_string())?),
-            None => None,
-        };
-        let p = helper::plan_block(i, h, pages, old.as_ref(), &nb[..len], base_block)?;
-        patches.extend(p);
-        Ok(())
-    })
-    .await;
+    let answers = link
+        .hash_blocks(&runs, true, |i, h, pages| {
+            bar.inc(BLOCK_SIZE);
+            let len = block_len(size, i) as usize;
+            image
+                .read_exact_at(&mut nb[..len], i * BLOCK_SIZE)
+                .map_err(|e| format!("cannot read the image: {e}"))?;
+            let base_block = match &base_img {
+                Some(f) => {
+                    f.read_exact_at(&mut bb[..len], i * BLOCK_SIZE)
+                        .map_err(|e| format!("cannot read the base image: {e}"))?;
+                    Some(&bb[..len])
+                }
+                None => None,
+            };
+            // A block an interrupted push of this image was writing may hold
+            // pages of both versions: it is this push's own to finish, every
+            // page that differs from the image written again (as in dd mode).
+            let old = match pf.base.as_ref() {
+                Some(_) if partly.contains(&i) => None,
+                Some(b) => {
+                    Some(manifest::from_hex(&b.blocks[i as usize]).map_err(|e| e.to_string())?)
+                }
+                None => None,
+            };
+            let p = helper::plan_block(i, h, pages, old.as_ref(), &nb[..len], base_block)?;
+            patches.extend(p);
+            Ok(())
+        })
+        .await;
     bar.finish();
     refuse_changed(answers, &pf.dev, session)?;
     Ok(patches)
@@ -342,62 +344,6 @@ async fn send(
         }),
         m => bail!("the helper answered Finish with {}", m.name()),
     }
-}
-
-/// Ask for the hashes of blocks in `runs` ([first, end) each), keeping at
-/// most HASH_WINDOW blocks asked and unanswered; `each` sees every answer
-/// in order and may refuse (its message ends the exchange, nothing
-/// written). The outer `Result` is a failure of the exchange itself.
-async fn hash_blocks(
-    link: &mut Link,
-    runs: &[(u64, u64)],
-    pages: bool,
-    mut each: impl FnMut(u64, &[u8; 32], &[u8]) -> Result<(), String>,
-) -> Result<Result<(), String>> {
-    // Split the runs so that no request exceeds the window.
-    let mut reqs = Vec::new();
-    for &(a, b) in runs {
-        let mut x = a;
-        while x < b {
-            let y = (x + HASH_WINDOW).min(b);
-            reqs.push((x, y));
-            x = y;
-        }
-    }
-    let expected: Vec<u64> = runs.iter().flat_map(|&(a, b)| a..b).collect();
-    let mut asked = 0u64;
-    let mut answered = 0usize;
-    let mut r = 0;
-    let mut verdict = Ok(());
-    while answered < expected.len() {
-        while r < reqs.len() && asked - answered as u64 + (reqs[r].1 - reqs[r].0) <= HASH_WINDOW {
-            let (first, end) = reqs[r];
-            link.send(drydock_helper::proto::Msg::HashBlocks { first, end, pages }.encode())
-                .await?;
-            asked += end - first;
-            r += 1;
-        }
-        match link.recv().await? {
-            drydock_helper::proto::Msg::BlockHash {
-                index,
-                hash,
-                pages: p,
-            } => {
-                if index != expected[answered] {
-                    bail!(
-                        "the helper answered for block {index}, expected {}",
-                        expected[answered]
-                    );
-                }
-                answered += 1;
-                if verdict.is_ok() {
-                    verdict = each(index, &hash, &p);
-                }
-            }
-            m => bail!("the helper sent {} while hashing", m.name()),
-        }
-    }
-    Ok(verdict)
 }
 
 fn refuse_changed(
