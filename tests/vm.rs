@@ -901,6 +901,51 @@ fn upgrade_rehearses_live_stops_before_the_freeze_on_failure_and_pre_copies_afte
     );
 }
 
+/// What the rehearsal downloaded is served again to the real upgrade's
+/// worker VM from the run's downloads (the sealed proxy's cache on the
+/// workstation), not fetched again; none of it is on the VPS afterwards.
+#[test]
+#[ignore = "long tier: scripts/test-zoo runs it"]
+fn zoo_the_upgrade_reuses_the_rehearsals_downloads() {
+    let vps = Vps::start(12);
+    let home = tempdir();
+    assert!(vps.ssh("command -v hello || echo none").contains("none"));
+    let cmd = format!(
+        "{CHANGE}; apt-get -q update && apt-get -y -q install --no-install-recommends hello \
+         && apt-get clean"
+    );
+    let o = upgrade_rehearsed(&vps, home.path(), &cmd);
+    assert_exit(&o, 0);
+    let r = json(&o);
+    eprintln!("{}", serde_json::to_string_pretty(&r).unwrap());
+    let rehearsal = &r["rehearsal_downloads"];
+    let upgrade = &r["downloads"];
+    assert!(rehearsal["stored_files"].as_u64().unwrap() >= 1, "{r}");
+    assert!(upgrade["reused_files"].as_u64().unwrap() >= 1, "{r}");
+    // What the rehearsal kept was asked for again, and served: at most
+    // what changed on the mirror in between is fetched again.
+    assert!(
+        upgrade["reused_bytes"].as_u64().unwrap() * 2
+            >= rehearsal["stored_bytes"].as_u64().unwrap(),
+        "the upgrade fetched again what the rehearsal had: {r}"
+    );
+    assert_eq!(vps.ssh("hello").trim(), "Hello, world!");
+    // The run's downloads stayed on the workstation.
+    let runs = home.path().join("state/drydock/runs");
+    let run = std::fs::read_dir(&runs)
+        .unwrap()
+        .next()
+        .unwrap()
+        .unwrap()
+        .path();
+    assert!(std::fs::read_dir(run.join("downloads")).unwrap().count() >= 1);
+    assert_eq!(
+        vps.ssh("ls /var/cache/apt/archives/*.deb 2>/dev/null | wc -l")
+            .trim(),
+        "0"
+    );
+}
+
 /// `drydock rehearse` alone: the report's prediction, nothing on the VPS
 /// changed, `runs` says "rehearsed".
 #[test]

@@ -130,6 +130,12 @@ pub struct Journal {
     /// prediction).
     #[serde(default)]
     pub pushed_blocks: Option<u64>,
+    /// The sealed worker VM's download cache: the rehearsal's and the
+    /// upgrade's (which reuses the rehearsal's).
+    #[serde(default)]
+    pub rehearsal_downloads: Option<crate::vm::proxy::Downloads>,
+    #[serde(default)]
+    pub downloads: Option<crate::vm::proxy::Downloads>,
     /// What the worker VM's verify boot came back running (os-release's
     /// PRETTY_NAME).
     #[serde(default)]

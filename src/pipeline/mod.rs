@@ -157,6 +157,8 @@ fn new_journal(req: &Request) -> Journal {
         rehearse_first: !req.rehearsal && !req.no_rehearsal,
         bytes_pulled_live: 0,
         pushed_blocks: None,
+        rehearsal_downloads: None,
+        downloads: None,
         os_in_worker: None,
         delta_blocks: None,
         delta_bytes: None,

@@ -8,6 +8,7 @@ use serde::Serialize;
 use super::journal::{Journal, Step};
 use crate::transfer::helper::Mode;
 use crate::ui::human_bytes;
+use crate::vm::proxy::Downloads;
 use crate::vm::seal::Seal;
 use crate::vm::shape::Shape;
 
@@ -35,6 +36,10 @@ pub struct Report {
     pub pushed_blocks: Option<u64>,
     /// Of `bytes_pulled`, the live pull's.
     pub bytes_pulled_live: u64,
+    /// What the worker VMs downloaded through the sealed proxy's cache:
+    /// the rehearsal's, and the upgrade's (reused: from the rehearsal's).
+    pub rehearsal_downloads: Option<Downloads>,
+    pub downloads: Option<Downloads>,
     pub steps: Vec<(String, f64)>,
     pub bytes_pulled: u64,
     pub bytes_pushed: u64,
@@ -80,6 +85,8 @@ pub(super) fn report(dir: &Path, j: &Journal) -> Report {
         upgrade_seconds: secs(Step::Upgrade),
         pushed_blocks: j.pushed_blocks,
         bytes_pulled_live: j.bytes_pulled_live,
+        rehearsal_downloads: j.rehearsal_downloads,
+        downloads: j.downloads,
         run: dir.to_path_buf(),
         rehearsal: j.rehearsal,
         delta_blocks: j.delta_blocks,
@@ -160,6 +167,18 @@ impl Report {
         }
         for (name, secs) in &self.steps {
             s.push_str(&format!("  {secs:>7.1} s  {name}\n"));
+        }
+        if let Some(d) = self.downloads
+            && self.rehearsal_downloads.is_some()
+        {
+            s.push_str(&format!(
+                "package files: {} ({} files) reused from the rehearsal's downloads, {} ({} \
+                 files) fetched again; kept in the run folder, never on the VPS\n",
+                human_bytes(d.reused_bytes),
+                d.reused_files,
+                human_bytes(d.stored_bytes),
+                d.stored_files
+            ));
         }
         let how = |m: Option<Mode>| match m {
             Some(Mode::Helper) => " (helper)",

@@ -263,6 +263,7 @@ async fn pull_step(dir: &Path, j: &mut Journal, ui: &Ui, live: bool) -> Result<(
 /// again from the frozen copy.
 async fn rehearse_step(dir: &Path, j: &mut Journal, ui: &Ui) -> Result<()> {
     upgrade_in_vm(dir, j, ui).await?;
+    j.rehearsal_downloads = j.downloads.take();
     super::measure_delta(dir, j, ui)?;
     if !j.rehearsal {
         ui.say(format!(

@@ -171,6 +171,7 @@ pub(super) async fn upgrade_in_vm(dir: &Path, j: &mut Journal, ui: &Ui) -> Resul
             &dir.join("proxy.sock"),
             &j.allowed_hosts,
             &log,
+            Some(&dir.join("downloads")),
         )?)
     };
     let exe = std::env::current_exe()
@@ -195,6 +196,7 @@ pub(super) async fn upgrade_in_vm(dir: &Path, j: &mut Journal, ui: &Ui) -> Resul
     j.os_in_worker = Some(verify_boot(&mut w, &seal, &plan, &held, made_dir, ui).await?);
     if let Some(p) = &w.proxy {
         w.refused.extend(p.refused());
+        j.downloads = Some(p.downloads());
     }
     drop(w.proxy.take());
     j.held_back = held;

@@ -259,6 +259,7 @@ fn network(
             &opts.dir.join("proxy.sock"),
             allowed,
             &opts.dir.join("network.log"),
+            None,
         )?)
     };
     let proxy_ip = cmdline::proxy_addr(shape);

@@ -7,6 +7,14 @@
 //! `https_proxy`, which apt, apk, nix (curl) and wget honour. Every request
 //! is logged in the run log; a refused one with its destination.
 //!
+//! A run's proxy keeps what the guest downloads by plain HTTP that cannot
+//! change under its name (Debian's and Alpine's package files, files
+//! under `by-hash/`, Nix's NARs) in the run's `downloads/`, and serves it
+//! from there when asked again: the real upgrade reuses what its
+//! rehearsal fetched. The files stay on the workstation; the package
+//! manager in the guest checks each against its signed index as it does
+//! any download.
+//!
 //! QEMU spawns `drydock __relay SOCKET` for each connection the guest opens
 //! to the proxy's address (guestfwd's `cmd:` form, one process per
 //! connection), which joins it to the unix socket this proxy listens on.
@@ -35,6 +43,37 @@ struct State {
     refused: Mutex<Vec<String>>,
     allowed: Mutex<Vec<String>>,
     client: Client<HttpConnector, Incoming>,
+    /// Where downloads are kept, and what was stored and served from it.
+    cache: Option<PathBuf>,
+    downloads: Mutex<Downloads>,
+}
+
+/// What a proxy's download cache did.
+#[derive(Debug, Clone, Copy, Default, serde::Serialize, serde::Deserialize, PartialEq, Eq)]
+pub struct Downloads {
+    /// Fetched from the package sources and kept.
+    pub stored_files: u64,
+    pub stored_bytes: u64,
+    /// Served from what an earlier worker VM of the run fetched.
+    pub reused_files: u64,
+    pub reused_bytes: u64,
+}
+
+/// Largest download kept (held in memory while it passes).
+const CACHE_MAX: u64 = 512 << 20;
+
+/// Whether a URL path names content that never changes under that name.
+fn immutable(path: &str) -> bool {
+    [
+        ".deb", ".udeb", ".apk", ".nar", ".nar.xz", ".nar.zst", ".nar.bz2",
+    ]
+    .iter()
+    .any(|e| path.ends_with(e))
+        || path.contains("/by-hash/")
+}
+
+fn cache_file(dir: &Path, url: &str) -> PathBuf {
+    dir.join(hex::encode(crate::image::manifest::sha256(url.as_bytes())))
 }
 
 impl State {
@@ -132,8 +171,27 @@ async fn handle(
     st.allowed(&format!("http://{host}"));
     req.headers_mut().remove("proxy-connection");
     req.headers_mut().remove("proxy-authorization");
+    let url = uri.to_string();
+    let cache = st
+        .cache
+        .clone()
+        .filter(|_| req.method() == Method::GET && immutable(uri.path()));
+    if let Some(dir) = &cache
+        && let Ok(data) = std::fs::read(cache_file(dir, &url))
+    {
+        st.note(&format!("from the run's downloads: {url}"));
+        let mut d = st.downloads.lock().expect("lock");
+        d.reused_files += 1;
+        d.reused_bytes += data.len() as u64;
+        return Ok(Response::new(
+            Full::new(Bytes::from(data)).map_err(|e| match e {}).boxed(),
+        ));
+    }
     match st.client.request(req).await {
-        Ok(resp) => Ok(resp.map(|b| b.boxed())),
+        Ok(resp) => match cache {
+            Some(dir) if resp.status() == StatusCode::OK => Ok(keep(resp, &dir, &url, &st).await),
+            _ => Ok(resp.map(|b| b.boxed())),
+        },
         Err(e) => {
             st.note(&format!("http://{host}: {e}"));
             Ok(text(
@@ -142,6 +200,38 @@ async fn handle(
             ))
         }
     }
+}
+
+/// RESP (a 200 for a file that never changes) passed on, and kept in DIR
+/// under its URL; too large or unreadable, passed on as it comes.
+async fn keep(resp: Response<Incoming>, dir: &Path, url: &str, st: &State) -> Response<Body> {
+    let len = resp
+        .headers()
+        .get(hyper::header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
+    if len.is_none_or(|l| l > CACHE_MAX) {
+        return resp.map(|b| b.boxed());
+    }
+    let (parts, body) = resp.into_parts();
+    let data = match body.collect().await {
+        Ok(b) => b.to_bytes(),
+        Err(e) => {
+            st.note(&format!("{url}: {e}"));
+            return text(StatusCode::BAD_GATEWAY, format!("drydock: {url}: {e}\n"));
+        }
+    };
+    if Some(data.len() as u64) == len {
+        let path = cache_file(dir, url);
+        let stored = std::fs::create_dir_all(dir).and_then(|_| {
+            crate::image::manifest::write_atomic(&path, &data).map_err(std::io::Error::other)
+        });
+        if stored.is_ok() {
+            let mut d = st.downloads.lock().expect("lock");
+            d.stored_files += 1;
+            d.stored_bytes += data.len() as u64;
+        }
+    }
+    Response::from_parts(parts, Full::new(data).map_err(|e| match e {}).boxed())
 }
 
 /// A running proxy; dropping it stops it.
@@ -153,8 +243,14 @@ pub struct Proxy {
 
 impl Proxy {
     /// Listen on `socket` (inside the run folder), forwarding to the hosts
-    /// of `allow` only; requests are logged to `log`.
-    pub fn start(socket: &Path, allow: &[String], log: &Path) -> Result<Proxy> {
+    /// of `allow` only; requests are logged to `log`. With CACHE, files
+    /// that never change are kept there and served from there.
+    pub fn start(
+        socket: &Path,
+        allow: &[String],
+        log: &Path,
+        cache: Option<&Path>,
+    ) -> Result<Proxy> {
         let _ = std::fs::remove_file(socket);
         let listener = tokio::net::UnixListener::bind(socket)
             .with_context(|| format!("cannot listen on {}", socket.display()))?;
@@ -173,6 +269,8 @@ impl Proxy {
                 c.set_connect_timeout(Some(std::time::Duration::from_secs(30)));
                 Client::builder(TokioExecutor::new()).build(c)
             },
+            cache: cache.map(Path::to_path_buf),
+            downloads: Mutex::new(Downloads::default()),
         });
         state.note(&format!("sealed; the proxy allows: {}", allow.join(" ")));
         let st = state.clone();
@@ -193,6 +291,11 @@ impl Proxy {
             state,
             task,
         })
+    }
+
+    /// What the download cache stored and served.
+    pub fn downloads(&self) -> Downloads {
+        *self.state.downloads.lock().expect("lock")
     }
 
     /// What the guest was refused, in order.
