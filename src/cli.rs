@@ -431,6 +431,15 @@ fn memory(s: &str) -> Result<String, String> {
     }
 }
 
+/// A usage error of subcommand SUB: flags that contradict each other.
+fn conflict(sub: &str, text: &str) -> clap::Error {
+    let mut cmd = command();
+    cmd.build();
+    cmd.find_subcommand_mut(sub)
+        .expect("a subcommand of drydock")
+        .error(clap::error::ErrorKind::ArgumentConflict, text)
+}
+
 impl Cli {
     /// What clap's attributes cannot say: flags that contradict each other
     /// through their values. A usage error (exit 2), before anything runs.
@@ -438,13 +447,8 @@ impl Cli {
         if let Command::Rehearse(a) = &self.command
             && a.no_rehearsal
         {
-            let mut cmd = command();
-            cmd.build();
-            let sub = cmd
-                .find_subcommand_mut("rehearse")
-                .expect("the rehearse subcommand");
-            return Err(sub.error(
-                clap::error::ErrorKind::ArgumentConflict,
+            return Err(conflict(
+                "rehearse",
                 "--no-rehearsal is for `drydock upgrade`; `drydock rehearse` is the rehearsal \
                  alone",
             ));
@@ -453,13 +457,8 @@ impl Cli {
             && a.network == Network::Open
             && !a.allow_host.is_empty()
         {
-            let mut cmd = command();
-            cmd.build();
-            let upgrade = cmd
-                .find_subcommand_mut("upgrade")
-                .expect("the upgrade subcommand");
-            return Err(upgrade.error(
-                clap::error::ErrorKind::ArgumentConflict,
+            return Err(conflict(
+                "upgrade",
                 "--allow-host widens the sealed network; with --network open every host is \
                  reachable already: drop one of the two",
             ));

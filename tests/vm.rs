@@ -262,15 +262,29 @@ impl Vps {
         self.upgrade_cmd(home, cmd, extra).output().unwrap()
     }
 
-    /// The command of [`Vps::upgrade_run_with`], to run as the caller likes.
+    /// The command of [`Vps::upgrade_run_with`], to run as the caller likes
+    /// (without the rehearsal, which other tests cover).
     fn upgrade_cmd(&self, home: &std::path::Path, cmd: &str, extra: &[&str]) -> Command {
+        let mut args = vec!["--no-rehearsal"];
+        args.extend_from_slice(extra);
+        self.upgrade_as_users_run_it(home, cmd, &args)
+    }
+
+    /// `drydock upgrade VPS --run CMD --yes --json` (2 GB, 2 CPUs) and
+    /// EXTRA: by default, rehearsal first.
+    fn upgrade_as_users_run_it(
+        &self,
+        home: &std::path::Path,
+        cmd: &str,
+        extra: &[&str],
+    ) -> Command {
+        let host = self.host();
         let mut args = vec![
             "upgrade",
-            &self.host(),
+            &host,
             "-i",
             self.key.to_str().unwrap(),
             "--accept-new-host-key",
-            "--no-rehearsal",
             "--run",
             cmd,
             "--yes",
@@ -279,12 +293,8 @@ impl Vps {
             "2G",
             "--cpus",
             "2",
-        ]
-        .into_iter()
-        .map(String::from)
-        .collect::<Vec<_>>();
-        args.extend(extra.iter().map(|s| s.to_string()));
-        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        ];
+        args.extend_from_slice(extra);
         self.drydock(home, &args)
     }
 
@@ -768,31 +778,6 @@ impl<'a> Serving<'a> {
     }
 }
 
-/// `drydock upgrade VPS --run CMD --json` as a user runs it: rehearsal
-/// first (no --no-rehearsal).
-fn upgrade_rehearsed(vps: &Vps, home: &std::path::Path, cmd: &str) -> std::process::Output {
-    vps.drydock(
-        home,
-        &[
-            "upgrade",
-            &vps.host(),
-            "-i",
-            vps.key.to_str().unwrap(),
-            "--accept-new-host-key",
-            "--run",
-            cmd,
-            "--yes",
-            "--json",
-            "--memory",
-            "2G",
-            "--cpus",
-            "2",
-        ],
-    )
-    .output()
-    .unwrap()
-}
-
 /// `drydock upgrade` rehearses on a live copy first. A rehearsal that
 /// fails stops the run before the freeze: the VPS kept serving, and abort
 /// has nothing to give back. One that passes is followed by the freeze and
@@ -807,11 +792,14 @@ fn upgrade_rehearses_live_stops_before_the_freeze_on_failure_and_pre_copies_afte
     let serving = Serving::start(&vps);
 
     let before = serving.lines();
-    let o = upgrade_rehearsed(
-        &vps,
-        home.path(),
-        &format!("{CHANGE}; echo the upgrade broke here; exit 7"),
-    );
+    let o = vps
+        .upgrade_as_users_run_it(
+            home.path(),
+            &format!("{CHANGE}; echo the upgrade broke here; exit 7"),
+            &[],
+        )
+        .output()
+        .unwrap();
     assert_exit(&o, 1);
     assert_stderr(&o, "failed in the guest (exit status 7)");
     assert_stderr(&o, "the upgrade broke here");
@@ -850,7 +838,10 @@ fn upgrade_rehearses_live_stops_before_the_freeze_on_failure_and_pre_copies_afte
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap()
         .as_secs();
-    let o = upgrade_rehearsed(&vps, home.path(), CHANGE);
+    let o = vps
+        .upgrade_as_users_run_it(home.path(), CHANGE, &[])
+        .output()
+        .unwrap();
     assert_exit(&o, 0);
     assert_steps(
         &o,
@@ -914,7 +905,10 @@ fn zoo_the_upgrade_reuses_the_rehearsals_downloads() {
         "{CHANGE}; apt-get -q update && apt-get -y -q install --no-install-recommends hello \
          && apt-get clean"
     );
-    let o = upgrade_rehearsed(&vps, home.path(), &cmd);
+    let o = vps
+        .upgrade_as_users_run_it(home.path(), &cmd, &[])
+        .output()
+        .unwrap();
     assert_exit(&o, 0);
     let r = json(&o);
     eprintln!("{}", serde_json::to_string_pretty(&r).unwrap());
