@@ -49,10 +49,14 @@ fn pull_with(
 
 /// `drydock pull HOST --device DEV --output IMG -i KEY`, to add to.
 fn pull_cmd(sshd: &Sshd, dev: &std::path::Path, img: &std::path::Path) -> Command {
-    let host = sshd.host();
+    pull_cmd_to(sshd, &sshd.host(), dev, img)
+}
+
+/// [`pull_cmd`] with HOST for the sshd's (a relay in front of it).
+fn pull_cmd_to(sshd: &Sshd, host: &str, dev: &std::path::Path, img: &std::path::Path) -> Command {
     sshd.drydock(&[
         "pull",
-        &host,
+        host,
         "--device",
         dev.to_str().unwrap(),
         "--output",

@@ -278,9 +278,21 @@ impl Vps {
         cmd: &str,
         extra: &[&str],
     ) -> Command {
+        self.run_as_users_do("upgrade", home, cmd, extra)
+    }
+
+    /// `drydock SUB VPS --run CMD --yes --json` (2 GB, 2 CPUs) and EXTRA;
+    /// SUB is upgrade or rehearse.
+    fn run_as_users_do(
+        &self,
+        sub: &str,
+        home: &std::path::Path,
+        cmd: &str,
+        extra: &[&str],
+    ) -> Command {
         let host = self.host();
         let mut args = vec![
-            "upgrade",
+            sub,
             &host,
             "-i",
             self.key.to_str().unwrap(),
@@ -950,23 +962,7 @@ fn zoo_rehearse_alone_predicts_the_push_and_leaves_the_vps_serving() {
     let serving = Serving::start(&vps);
     let before = serving.lines();
     let o = vps
-        .drydock(
-            home.path(),
-            &[
-                "rehearse",
-                &vps.host(),
-                "-i",
-                vps.key.to_str().unwrap(),
-                "--accept-new-host-key",
-                "--run",
-                CHANGE,
-                "--json",
-                "--memory",
-                "2G",
-                "--cpus",
-                "2",
-            ],
-        )
+        .run_as_users_do("rehearse", home.path(), CHANGE, &[])
         .output()
         .unwrap();
     assert_exit(&o, 0);

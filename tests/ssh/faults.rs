@@ -52,6 +52,7 @@ fn fault_disk(path: &std::path::Path) {
     );
 }
 
+/// `drydock pull` through HOST (a relay), --transfer MODE, --json.
 fn pull_via(
     host: &str,
     sshd: &Sshd,
@@ -59,18 +60,9 @@ fn pull_via(
     img: &std::path::Path,
     mode: &str,
 ) -> Command {
-    sshd.drydock(&[
-        "pull",
-        host,
-        "--device",
-        dev.to_str().unwrap(),
-        "--output",
-        img.to_str().unwrap(),
-        "--transfer",
-        mode,
-        "--json",
-        "--accept-new-host-key",
-    ])
+    let mut c = pull_cmd_to(sshd, host, dev, img);
+    c.args(["--transfer", mode, "--json", "--accept-new-host-key"]);
+    c
 }
 
 /// What a pull (or push) chain came to.
