@@ -214,14 +214,14 @@ async fn pull(a: cli::PullArgs, ui: &Ui) -> Result<()> {
         transfer: a.transfer.into(),
     };
     let r = if update {
-        let r = transfer::pull::precopy::precopy(&s, &facts, &opts, ui).await?;
-        r.ok_or_else(|| {
-            refused!(
-                "--update needs drydock's helper, and it cannot run on {}; pull the whole disk \
-                 into another --output",
-                s.host()
-            )
-        })?
+        transfer::pull::precopy::precopy(&s, &facts, &opts, ui)
+            .await?
+            .map_err(|why| {
+                refused!(
+                    "--update: {why}; nothing was changed. Pull the whole disk into another \
+                     --output"
+                )
+            })?
     } else {
         transfer::pull::pull(&s, &facts, &opts, ui).await?
     };

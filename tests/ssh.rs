@@ -384,6 +384,31 @@ fn pull_update_refuses_an_image_it_cannot_update() {
         ),
     );
     assert_eq!(sha256_file(&img), before);
+
+    // The disk grew since the pull.
+    let size = std::fs::metadata(&dev).unwrap().len();
+    std::fs::File::options()
+        .write(true)
+        .open(&dev)
+        .unwrap()
+        .set_len(size + MIB)
+        .unwrap();
+    let o = pull_with(&sshd, &dev, &img, &["--update"]);
+    assert_exit(&o, 3);
+    assert_stderr(
+        &o,
+        format!(
+            "--update: {} on {} is {} bytes and the copy {} was {size}: the disk changed size \
+             since the copy was made; nothing was changed. Pull the whole disk into another \
+             --output",
+            dev.display(),
+            sshd.host(),
+            size + MIB,
+            img.display()
+        ),
+    );
+    assert_eq!(sha256_file(&img), before);
+    assert!(!t.path().join("image.precopy").exists());
 }
 
 #[test]

@@ -228,10 +228,13 @@ async fn pull_step(dir: &Path, j: &mut Journal, ui: &Ui, live: bool) -> Result<(
     };
     let mut r = None;
     if !live && j.is_done(Step::LivePull) && pull::precopy::can_start_from(&base) {
-        r = pull::precopy::precopy(&s, &facts, &opts, ui).await?;
-        if r.is_none() {
-            ui.say("pre-copy needs drydock's helper on the host (dd mode): pulling the whole disk again");
-        }
+        r = match pull::precopy::precopy(&s, &facts, &opts, ui).await? {
+            Ok(r) => Some(r),
+            Err(why) => {
+                ui.say(format!("no pre-copy: {why}; pulling the whole disk again"));
+                None
+            }
+        };
     }
     let r = match r {
         Some(r) => r,

@@ -49,15 +49,15 @@ pub fn can_start_from(image: &Path) -> bool {
 }
 
 /// Bring IMAGE, a live copy of the host's disk with its manifest, up to
-/// the disk as it is now (frozen). Needs the helper: with `--transfer dd`
-/// or a host that cannot run it, the error says so (the caller pulls the
-/// whole disk instead).
+/// the disk as it is now (frozen). When it cannot be updated (no helper
+/// on the host, a disk of another size), the inner error says why and
+/// nothing was changed: the caller pulls the whole disk, or refuses.
 pub async fn precopy(
     session: &Session,
     facts: &Facts,
     opts: &PullOptions,
     ui: &Ui,
-) -> Result<Option<PullReport>> {
+) -> Result<Result<PullReport, String>> {
     let image = &opts.output;
     let live = Manifest::load(&Manifest::path_for(image))?;
     let dev = device::inspect(session, facts, opts.device.as_deref()).await?;
@@ -76,21 +76,27 @@ pub async fn precopy(
         ));
     }
     if dev.size != live.size {
-        return Err(refused!(
-            "{} on {} is {} bytes, and the live copy {} was {}: the disk changed size since the \
-             copy was made; pull it whole into another --output",
+        return Ok(Err(format!(
+            "{} on {} is {} bytes and the copy {} was {}: the disk changed size since the copy \
+             was made",
             dev.path,
             session.host(),
             dev.size,
             image.display(),
             live.size
-        ));
+        )));
     }
     if helper::choose(opts.transfer, facts)? != Mode::Helper {
-        return Ok(None);
+        return Ok(Err(format!(
+            "drydock's helper cannot run on {} (dd mode), and an update needs it",
+            session.host()
+        )));
     }
     let Some(remote) = helper::install(session, opts.transfer, ui).await? else {
-        return Ok(None);
+        return Ok(Err(format!(
+            "drydock's helper could not be started on {}, and an update needs it",
+            session.host()
+        )));
     };
     let started = Instant::now();
     let res = with_helper(session, &remote, &dev, (image, &live), opts.live, ui).await;
@@ -111,7 +117,7 @@ pub async fn precopy(
     manifest.save(&Manifest::path_for(image))?;
     std::fs::remove_file(state_path(image)).ok();
     let blocks = block_count(dev.size);
-    Ok(Some(PullReport {
+    Ok(Ok(PullReport {
         host: session.host(),
         device: dev.path,
         image: image.clone(),
