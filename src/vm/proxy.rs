@@ -59,8 +59,9 @@ pub struct Downloads {
     pub reused_bytes: u64,
 }
 
-/// Largest download kept (held in memory while it passes).
-const CACHE_MAX: u64 = 512 << 20;
+/// Largest download kept (held in memory while it passes; apt fetches a
+/// few at once).
+const CACHE_MAX: u64 = 256 << 20;
 
 /// Whether a URL path names content that never changes under that name.
 fn immutable(path: &str) -> bool {
@@ -70,6 +71,22 @@ fn immutable(path: &str) -> bool {
     .iter()
     .any(|e| path.ends_with(e))
         || path.contains("/by-hash/")
+}
+
+fn url_path(url: &str) -> String {
+    url.parse::<hyper::Uri>()
+        .map(|u| u.path().to_string())
+        .unwrap_or_default()
+}
+
+/// Whether DATA may be kept for PATH: a `by-hash/SHA256/HEX` file must
+/// hash to HEX (a damaged copy kept would be served to the real upgrade
+/// again and again); other names are checked by the package manager.
+fn keepable(path: &str, data: &[u8]) -> bool {
+    match path.split_once("/by-hash/SHA256/") {
+        Some((_, hex)) => hex::encode(crate::image::manifest::sha256(data)) == hex,
+        None => true,
+    }
 }
 
 fn cache_file(dir: &Path, url: &str) -> PathBuf {
@@ -220,7 +237,7 @@ async fn keep(resp: Response<Incoming>, dir: &Path, url: &str, st: &State) -> Re
             return text(StatusCode::BAD_GATEWAY, format!("drydock: {url}: {e}\n"));
         }
     };
-    if Some(data.len() as u64) == len {
+    if Some(data.len() as u64) == len && keepable(&url_path(url), &data) {
         let path = cache_file(dir, url);
         let stored = std::fs::create_dir_all(dir).and_then(|_| {
             crate::image::manifest::write_atomic(&path, &data).map_err(std::io::Error::other)
@@ -389,6 +406,29 @@ pub fn allow_list(sources: &[String], os_id: &str, extra: &[String]) -> Vec<Stri
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn only_files_that_never_change_are_kept_and_by_hash_ones_only_when_they_match() {
+        assert!(immutable(
+            "/debian/pool/main/h/hello/hello_2.10-3_amd64.deb"
+        ));
+        assert!(immutable(
+            "/debian/dists/bookworm/main/binary-amd64/by-hash/SHA256/ab12"
+        ));
+        assert!(!immutable("/debian/dists/bookworm/InRelease"));
+        assert!(!immutable(
+            "/debian/dists/bookworm/main/binary-amd64/Packages.xz"
+        ));
+        let data = b"Package: hello\n";
+        let good = hex::encode(crate::image::manifest::sha256(data));
+        assert!(keepable(&format!("/d/by-hash/SHA256/{good}"), data));
+        assert!(!keepable("/d/by-hash/SHA256/00ff", data));
+        assert!(keepable("/debian/pool/main/h/hello/hello.deb", data));
+        assert_eq!(
+            url_path("http://deb.debian.org/debian/pool/x.deb"),
+            "/debian/pool/x.deb"
+        );
+    }
 
     #[test]
     fn the_allow_list_is_the_package_sources() {
