@@ -1520,7 +1520,7 @@ fn a_push_cut_between_two_page_runs_of_a_block_is_finished_by_the_same_push() {
     let mut half_written = 0;
     for cut in [5 * MIB, 8 * MIB, 11 * MIB] {
         let dirs = helper_dirs();
-        let relay = Relay::start(sshd.port, cut);
+        let relay = Relay::start_stalled(sshd.port, cut, Duration::from_secs(3));
         let cmd = push_via(&sshd, &relay.host(), &img, &dev, "helper");
         let what = format!("the push cut at byte {cut}");
         let o = output_within(cmd, 180, &what);

@@ -378,15 +378,25 @@ pub struct Relay {
 impl Relay {
     /// Cut after `cut_after` bytes from drydock to the server.
     pub fn start(to: u16, cut_after: u64) -> Relay {
-        Relay::start_with(to, cut_after, true)
+        Relay::start_with(to, cut_after, true, Duration::ZERO)
+    }
+
+    /// Cut after `cut_after` bytes from drydock to the server, the way a
+    /// link that stalls and then drops does: what came before the cut is
+    /// delivered, nothing more moves up for `stall`, then the connection
+    /// goes. The server side has had the time to act on every byte it got
+    /// (without the stall, whether sshd hands its last bytes to the
+    /// program before it ends the session is a race).
+    pub fn start_stalled(to: u16, cut_after: u64, stall: Duration) -> Relay {
+        Relay::start_with(to, cut_after, true, stall)
     }
 
     /// Cut after `cut_after` bytes from the server to drydock (a pull's data).
     pub fn start_down(to: u16, cut_after: u64) -> Relay {
-        Relay::start_with(to, cut_after, false)
+        Relay::start_with(to, cut_after, false, Duration::ZERO)
     }
 
-    fn start_with(to: u16, cut_after: u64, cut_up: bool) -> Relay {
+    fn start_with(to: u16, cut_after: u64, cut_up: bool, stall: Duration) -> Relay {
         use std::sync::Arc;
         use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
         let listener = TcpListener::bind("127.0.0.1:0").unwrap();
@@ -438,6 +448,8 @@ impl Relay {
                             if cuts && live && before + n as u64 >= cut_after {
                                 n = cut_after.saturating_sub(before) as usize;
                                 let _ = to.write_all(&buf[..n]);
+                                let _ = to.flush();
+                                std::thread::sleep(stall);
                                 cut.store(true, Ordering::Relaxed);
                                 let _ = both.0.shutdown(std::net::Shutdown::Both);
                                 let _ = both.1.shutdown(std::net::Shutdown::Both);
