@@ -162,6 +162,26 @@ pub enum Command {
     /// Give the VPS back as it was before the run.
     #[command(after_help = "Example:\n  drydock abort vps.example.org-2026-12-02T101500 --yes")]
     Abort(AbortArgs),
+    /// Back the host's disk up as a new version in a store: the first is a
+    /// whole copy, each later one sends only the blocks the store lacks.
+    #[command(after_help = "Examples:\n  \
+        drydock backup root@vps                       # live: crash-consistent\n  \
+        drydock backup root@vps --freeze              # consistent: freeze, back up, thaw\n  \
+        drydock backup root@vps --store /srv/backups/vps --json\n\n\
+        A backup that was cut lists nothing: run it again, the blocks it kept are not sent \
+        again. The store is $XDG_DATA_HOME/drydock/backups/HOST unless --store says.")]
+    Backup(BackupArgs),
+    /// List the versions in the backup stores; `backups prune --keep N` removes old ones.
+    #[command(after_help = "Examples:\n  \
+        drydock backups                               # every store under the default folder\n  \
+        drydock backups --store /srv/backups/vps --json\n  \
+        drydock backups prune --keep 7 --store /srv/backups/vps")]
+    Backups(BackupsArgs),
+    /// Check a backup version: read every block back and check it against its hash.
+    #[command(after_help = "Examples:\n  \
+        drydock verify 20261203T041500\n  \
+        drydock verify 20261203T041500 --store /srv/backups/vps --json")]
+    Verify(VerifyArgs),
     /// List runs and where each stands; `runs rm RUN` removes one.
     #[command(after_help = "Examples:\n  \
         drydock runs --size\n  \
@@ -342,6 +362,61 @@ pub struct UpgradeArgs {
     /// the run before the freeze).
     #[arg(long)]
     pub no_rehearsal: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct BackupArgs {
+    #[command(flatten)]
+    pub conn: Conn,
+    /// The store (made if it does not exist; default:
+    /// $XDG_DATA_HOME/drydock/backups/HOST).
+    #[arg(long, value_name = "DIR", env = "DRYDOCK_STORE")]
+    pub store: Option<PathBuf>,
+    /// The disk (default: the disk that holds /).
+    #[arg(long, value_name = "DEV")]
+    pub device: Option<String>,
+    /// Freeze the host for the copy (services stopped, read-only), then
+    /// thaw it: a consistent copy, and the output says how long it was
+    /// frozen. Without it the host keeps running and the copy is
+    /// crash-consistent.
+    #[arg(long)]
+    pub freeze: bool,
+    /// How the disk moves; a backup needs the helper (dd is refused).
+    #[arg(long, value_enum, default_value = "auto", env = "DRYDOCK_TRANSFER")]
+    pub transfer: Transfer,
+}
+
+#[derive(Debug, Args)]
+pub struct BackupsArgs {
+    #[command(subcommand)]
+    pub action: Option<BackupsAction>,
+    /// One store (default: every store under $XDG_DATA_HOME/drydock/backups).
+    #[arg(long, value_name = "DIR", global = true, env = "DRYDOCK_STORE")]
+    pub store: Option<PathBuf>,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum BackupsAction {
+    /// Remove all but the newest N versions, and the blocks only they used.
+    #[command(after_help = "Example:\n  drydock backups prune --keep 7 --store /srv/backups/vps")]
+    Prune {
+        /// How many versions to keep, newest first (at least 1).
+        #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..))]
+        keep: u64,
+    },
+}
+
+#[derive(Debug, Args)]
+pub struct VerifyArgs {
+    /// The version's id, from `drydock backups`.
+    pub id: String,
+    /// The store that holds it (default: the one under
+    /// $XDG_DATA_HOME/drydock/backups that has it).
+    #[arg(long, value_name = "DIR", env = "DRYDOCK_STORE")]
+    pub store: Option<PathBuf>,
+    /// Also boot it in the sealed worker VM (not built yet: refused).
+    #[arg(long)]
+    pub boot: bool,
 }
 
 #[derive(Debug, Args)]

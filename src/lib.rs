@@ -3,6 +3,7 @@
 //! `run` turns parsed arguments into one operation; `main` only parses,
 //! builds the runtime and maps the error to an exit code.
 
+pub mod backup;
 pub mod cli;
 pub mod config;
 pub mod errors;
@@ -72,6 +73,7 @@ pub async fn run(cli: Cli) -> u8 {
     let own_stop = matches!(
         cli.command,
         Command::Pull(_)
+            | Command::Backup(_)
             | Command::Boot(_)
             | Command::Upgrade(_)
             | Command::Rehearse(_)
@@ -124,6 +126,12 @@ async fn command(command: Command, ui: &Ui) -> Result<()> {
         Command::Relay { .. } | Command::Completions { .. } | Command::Man { .. } => {
             unreachable!("handled before the reporter starts")
         }
+        Command::Backup(a) => backup_cmd(a, ui).await,
+        Command::Backups(a) => match a.action {
+            None => backups_list(a.store.as_deref(), ui),
+            Some(cli::BackupsAction::Prune { keep }) => backups_prune(a.store.as_deref(), keep, ui),
+        },
+        Command::Verify(a) => verify(a, ui),
         Command::Runs(a) => match a.action {
             None => runs(a.size, ui),
             Some(cli::RunsAction::Rm { run, force }) => runs_rm(&run, force, ui),
@@ -231,6 +239,103 @@ async fn pull(a: cli::PullArgs, ui: &Ui) -> Result<()> {
     ui.result("pull", &r, r.human())?;
     s.close().await;
     Ok(())
+}
+
+async fn backup_cmd(a: cli::BackupArgs, ui: &Ui) -> Result<()> {
+    let s = connect(&a.conn).await?;
+    let facts = remote::gather(&s).await?;
+    let store = match a.store {
+        Some(d) => d,
+        None => backup::default_store(&s.host())?,
+    };
+    let opts = backup::take::BackupOptions {
+        store,
+        device: a.device,
+        freeze: a.freeze,
+        transfer: a.transfer.into(),
+    };
+    let r = backup::take::backup(&s, &facts, &opts, ui).await?;
+    ui.result("backup", &r, r.human())?;
+    s.close().await;
+    Ok(())
+}
+
+fn backups_list(dir: Option<&std::path::Path>, ui: &Ui) -> Result<()> {
+    let stores = backup::stores(dir)?;
+    if stores.is_empty() {
+        let root = paths::backups_dir()?;
+        ui.result(
+            "backups",
+            &serde_json::json!({ "stores": [] }),
+            format!(
+                "no backup stores in {}; `drydock backup HOST` makes one
+",
+                root.display()
+            ),
+        )?;
+        return Ok(());
+    }
+    let mut all = Vec::new();
+    let mut human = String::new();
+    for s in &stores {
+        let (rows, figures) = backup::list(s)?;
+        human.push_str(&backup::human_list(&rows, &figures));
+        all.push(serde_json::json!({ "store": figures, "versions": rows }));
+    }
+    ui.result("backups", &serde_json::json!({ "stores": all }), human)
+}
+
+fn backups_prune(dir: Option<&std::path::Path>, keep: u64, ui: &Ui) -> Result<()> {
+    let stores = backup::stores(dir)?;
+    let [store] = &stores[..] else {
+        return Err(usage!(
+            "prune works on one store: say which with --store DIR ({} stores under {})",
+            stores.len(),
+            paths::backups_dir()?.display()
+        ));
+    };
+    let _lock = store.lock()?;
+    let (gone, freed) = store.prune(keep as usize)?;
+    let kept: Vec<String> = store.versions()?.into_iter().map(|v| v.id).collect();
+    let human = format!(
+        "{}: removed {} version(s){}, freed {}; kept {}\n",
+        store.dir.display(),
+        gone.len(),
+        if gone.is_empty() {
+            String::new()
+        } else {
+            format!(" ({})", gone.join(", "))
+        },
+        ui::human_bytes(freed),
+        kept.join(", ")
+    );
+    ui.result(
+        "backups-prune",
+        &serde_json::json!({ "store": store.dir, "removed": gone, "kept": kept, "freed_bytes": freed }),
+        human,
+    )
+}
+
+fn verify(a: cli::VerifyArgs, ui: &Ui) -> Result<()> {
+    if a.boot {
+        return Err(refused!(
+            "verify --boot (booting a version in the worker VM) is not built yet; `drydock \
+             verify {}` checks every block of it",
+            a.id
+        ));
+    }
+    let (store, v) = backup::find(&a.id, a.store.as_deref())?;
+    let bar = ui.bytes_bar(v.manifest.size, "verify");
+    let r = store.verify(&v, |n| bar.inc(n))?;
+    bar.finish();
+    let human = format!(
+        "version {} in {}: all {} blocks read back and match their hashes; digest {}\n",
+        r.id,
+        store.dir.display(),
+        r.blocks,
+        r.digest
+    );
+    ui.result("verify", &r, human)
 }
 
 /// A HOST that names a file here (a path, an image) is a slip, not a host

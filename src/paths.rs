@@ -32,6 +32,18 @@ pub fn boots_dir() -> Result<PathBuf> {
     Ok(state_dir()?.join("boots"))
 }
 
+/// Where backups live by default: `$XDG_DATA_HOME/drydock/backups` (else
+/// `~/.local/share/drydock/backups`), a store per host. Backups are data
+/// a user keeps, not state: the XDG specification's data folder.
+pub fn backups_dir() -> Result<PathBuf> {
+    let data = std::env::var_os("XDG_DATA_HOME")
+        .map(PathBuf::from)
+        .filter(|p| p.is_absolute())
+        .or_else(|| std::env::home_dir().map(|h| h.join(".local/share")))
+        .context("cannot find a data folder: set $XDG_DATA_HOME or $HOME, or give --store")?;
+    Ok(data.join("drydock").join("backups"))
+}
+
 /// The state folder from `$XDG_STATE_HOME` and the home folder. An empty
 /// or relative XDG_STATE_HOME is ignored, as the XDG base directory
 /// specification says.

@@ -1,6 +1,8 @@
 //! The SSH tier: drydock against a real OpenSSH sshd on loopback, with
 //! regular files standing in for the disk.
 
+#[path = "ssh/backups.rs"]
+mod backups;
 mod common;
 #[path = "ssh/faults.rs"]
 mod faults;

@@ -229,9 +229,18 @@ async fn with_helper(
         .open(image)
         .with_context(|| format!("cannot open {}", image.display()))?;
     let bar = ui.bytes_bar(fetch_bytes, "pull");
-    let written = fetch_blocks(&mut link, &file, size, &fetch, (&mut host, moving), |len| {
-        bar.inc(len)
-    })
+    let mut sink = FileSink {
+        file: &file,
+        buf: vec![0u8; BLOCK_SIZE as usize],
+    };
+    let written = fetch_blocks(
+        &mut link,
+        &mut sink,
+        size,
+        &fetch,
+        (&mut host, moving),
+        |len| bar.inc(len),
+    )
     .await?;
     bar.finish();
     link.send(Msg::Finish.encode()).await?;
@@ -273,14 +282,47 @@ async fn with_helper(
     })
 }
 
-/// Read the blocks FETCH (ascending) from the helper into FILE, each
+/// Where [`fetch_blocks`] puts what it read.
+pub(crate) trait BlockSink {
+    /// Block I, its content DATA (checked against HASH) and the helper's
+    /// zstd frame of it (FRAME).
+    fn block(&mut self, i: u64, data: &[u8], frame: &[u8], hash: &Hash) -> Result<()>;
+    /// Block I holds LEN bytes of zeros.
+    fn zeros(&mut self, i: u64, len: u64) -> Result<()>;
+}
+
+/// The image being brought up to date.
+struct FileSink<'a> {
+    file: &'a File,
+    buf: Vec<u8>,
+}
+
+impl BlockSink for FileSink<'_> {
+    fn block(&mut self, i: u64, data: &[u8], _frame: &[u8], _hash: &Hash) -> Result<()> {
+        Ok(self.file.write_all_at(data, i * BLOCK_SIZE)?)
+    }
+
+    /// Written as zeros (the image stays the same size; a hole would do,
+    /// but the blocks are few), unless it holds zeros already.
+    fn zeros(&mut self, i: u64, len: u64) -> Result<()> {
+        let buf = &mut self.buf[..len as usize];
+        self.file.read_exact_at(buf, i * BLOCK_SIZE)?;
+        if !is_zero(buf) {
+            buf.fill(0);
+            self.file.write_all_at(buf, i * BLOCK_SIZE)?;
+        }
+        Ok(())
+    }
+}
+
+/// Read the blocks FETCH (ascending) from the helper into SINK, each
 /// checked against the hash it was read with and the one the host's
 /// hashing gave (HOST); at most READ_WINDOW blocks asked and unanswered.
 /// A block that changed since its hashing is refused, unless MOVING (a
 /// live copy): then HOST takes the hash it was read with.
-async fn fetch_blocks(
+pub(crate) async fn fetch_blocks(
     link: &mut Link,
-    file: &File,
+    sink: &mut impl BlockSink,
     size: u64,
     fetch: &[u64],
     (host, moving): (&mut [Hash], bool),
@@ -300,7 +342,6 @@ async fn fetch_blocks(
     }
     let mut unz = zstd::bulk::Decompressor::new()?;
     let mut buf = vec![0u8; BLOCK_SIZE as usize];
-    let zeros = vec![0u8; BLOCK_SIZE as usize];
     let (mut asked, mut answered, mut r) = (0u64, 0u64, 0usize);
     let mut expected = fetch.iter().copied();
     let mut want = expected.next();
@@ -339,7 +380,7 @@ async fn fetch_blocks(
                     }
                     host[i as usize] = hash;
                 }
-                file.write_all_at(&buf[..len], i * BLOCK_SIZE)?;
+                sink.block(i, &buf[..len], &data, &hash)?;
                 (i, 0)
             }
             m => bail!("the helper sent {} while reading", m.name()),
@@ -351,8 +392,6 @@ async fn fetch_blocks(
             want = expected.next();
             continue;
         }
-        // Blocks of zeros: written as zeros (the image stays the same
-        // size; a hole would do, but the blocks are few).
         for z in from..from + count {
             if want != Some(z) {
                 bail!("the helper's stream is out of order (block {z}, expected {want:?})");
@@ -364,10 +403,7 @@ async fn fetch_blocks(
                 }
                 host[z as usize] = zero_hash(len);
             }
-            file.read_exact_at(&mut buf[..len as usize], z * BLOCK_SIZE)?;
-            if !is_zero(&buf[..len as usize]) {
-                file.write_all_at(&zeros[..len as usize], z * BLOCK_SIZE)?;
-            }
+            sink.zeros(z, len)?;
             written += len;
             progress(len);
             answered += 1;

@@ -1,0 +1,426 @@
+//! `drydock backup`: one new version in a store. The helper reads the
+//! whole disk on the host and hashes it at disk speed; only the blocks
+//! whose hash the store does not hold cross the link, each checked against
+//! the hash it was read with, and are kept in the store under that hash.
+
+use std::collections::BTreeSet;
+use std::path::PathBuf;
+use std::time::Instant;
+
+use anyhow::{Result, anyhow, bail};
+use drydock_helper::proto::{Msg, VERSION};
+use serde::Serialize;
+
+use super::store::{Consistency, Store, Version};
+use crate::image::manifest::{
+    BLOCK_SIZE, Hash, Manifest, SEGMENT_BLOCKS, SegmentHasher, Source, block_count, block_len,
+    from_hex, to_hex, zero_hash,
+};
+use crate::remote::Facts;
+use crate::remote::device::{self, Device};
+use crate::ssh::Session;
+use crate::transfer::helper::{self, Link, Mode};
+use crate::transfer::pull::precopy::{BlockSink, fetch_blocks};
+use crate::ui::{Ui, human_bytes};
+use crate::{refused, transfer};
+
+pub struct BackupOptions {
+    pub store: PathBuf,
+    pub device: Option<String>,
+    pub freeze: bool,
+    pub transfer: Mode,
+}
+
+#[derive(Debug, Serialize)]
+pub struct BackupReport {
+    pub id: String,
+    pub store: PathBuf,
+    pub host: String,
+    pub device: String,
+    pub size: u64,
+    pub consistency: Consistency,
+    /// Blocks of the disk that hold data (not zeros).
+    pub data_blocks: u64,
+    /// Blocks that crossed the link (the store did not hold them).
+    pub sent_blocks: u64,
+    pub bytes_on_wire: u64,
+    /// What this version added to the store, and what it shares with
+    /// the versions before it (bytes in the store).
+    pub added_bytes: u64,
+    pub shared_bytes: u64,
+    pub seconds: f64,
+    /// With --freeze: from the freeze to the thaw.
+    pub frozen_seconds: Option<f64>,
+    pub digest: String,
+}
+
+impl BackupReport {
+    pub fn human(&self) -> String {
+        format!(
+            "backed up {}:{} as version {}\n  in {}\n  {}\n  {} of data in {} blocks; {} \
+             blocks sent ({} on the wire) in {:.1} s{}\n  the store grew by {}; {} shared with \
+             older versions\n  digest {}\n",
+            self.host,
+            self.device,
+            self.id,
+            self.store.display(),
+            self.consistency.describe(),
+            human_bytes(self.data_blocks * BLOCK_SIZE),
+            self.data_blocks,
+            self.sent_blocks,
+            human_bytes(self.bytes_on_wire),
+            self.seconds,
+            self.frozen_seconds
+                .map(|s| format!(", {s:.1} s frozen"))
+                .unwrap_or_default(),
+            human_bytes(self.added_bytes),
+            human_bytes(self.shared_bytes),
+            self.digest
+        )
+    }
+}
+
+pub async fn backup(
+    session: &Session,
+    facts: &Facts,
+    opts: &BackupOptions,
+    ui: &Ui,
+) -> Result<BackupReport> {
+    device::require_root(facts, session)?;
+    if helper::choose(opts.transfer, facts)? != Mode::Helper {
+        return Err(refused!(
+            "a backup needs drydock's helper on {} (it hashes the disk there so that only new \
+             blocks are sent), and it cannot run there ({}); backups in dd mode are not built \
+             yet. `drydock pull` copies the whole disk",
+            session.host(),
+            helper::cannot_run(facts).unwrap_or_else(|| "--transfer dd".to_string())
+        ));
+    }
+    let store = Store::create(&opts.store)?;
+    let _lock = store.lock()?;
+    store.clean_temporaries()?;
+    let dev = device::inspect(session, facts, opts.device.as_deref()).await?;
+    let started = Instant::now();
+    let frozen_at = if opts.freeze {
+        ui.say(format!("freezing {} for a consistent copy", session.host()));
+        let r = crate::remote::freeze::freeze(session, facts, opts.device.as_deref()).await?;
+        ui.say(r.human(&session.target.typed_arg()).trim_end().to_string());
+        Some(Instant::now())
+    } else {
+        if !dev.rw_mounts().is_empty() {
+            ui.say(format!(
+                "{} is in use ({}): the copy is crash-consistent, as after a power cut \
+                 (--freeze makes it consistent)",
+                dev.path,
+                Device::describe_mounts(&dev.rw_mounts())
+            ));
+        }
+        None
+    };
+    // A signal stops the copy (the blocks kept so far are whole; no
+    // version is listed) and, after a freeze, the thaw still runs.
+    let res = tokio::select! {
+        biased;
+        sig = ui.interrupted() => Err(crate::errors::Interrupted(format!(
+            "{}: the backup stopped before its version was listed; run the same command again: \
+             the blocks it already kept are not sent again",
+            Ui::interrupted_text(sig)
+        ))
+        .into()),
+        r = take(session, &store, &dev, opts.freeze, ui) => r,
+    };
+    let frozen_seconds = frozen_at.map(|t| t.elapsed().as_secs_f64());
+    if opts.freeze {
+        let thawed = crate::remote::freeze::thaw(session, facts, opts.device.as_deref()).await;
+        match thawed {
+            Ok(r) if r.left.is_empty() => ui.say(r.human()),
+            Ok(r) => {
+                return Err(anyhow!(
+                    "{}; the backup {}. Run `drydock thaw {}` again",
+                    r.human(),
+                    if res.is_ok() { "is done" } else { "failed" },
+                    session.target.typed_arg()
+                ));
+            }
+            Err(e) => {
+                return Err(e.context(format!(
+                    "the VPS is still frozen: run `drydock thaw {}`",
+                    session.target.typed_arg()
+                )));
+            }
+        }
+    }
+    let got = res?;
+    let previous = store.versions()?.pop();
+    let segments = segments_of(&store, &dev, &got.blocks, previous.as_ref())?;
+    let blocks: Vec<String> = got.blocks.iter().map(to_hex).collect();
+    let manifest = Manifest::new(
+        dev.size,
+        Some(Source {
+            host: session.host(),
+            device: dev.path.clone(),
+            boot_id: facts.boot_id.clone(),
+            pulled_at: transfer::now(),
+        }),
+        segments,
+        blocks,
+    )?;
+    let consistency = if opts.freeze {
+        Consistency::Frozen
+    } else {
+        Consistency::CrashConsistent
+    };
+    let sizes = store.block_sizes()?;
+    let version = Version {
+        format: String::new(),
+        id: store.new_id(),
+        created: transfer::now(),
+        consistency,
+        added_blocks: got.added.len() as u64,
+        added_bytes: got.added_bytes,
+        manifest,
+    };
+    let shared_bytes = version
+        .block_hashes()
+        .iter()
+        .filter(|h| !got.added.contains(*h))
+        .map(|h| sizes.get(h).copied().unwrap_or(0))
+        .sum();
+    let data_blocks = got
+        .blocks
+        .iter()
+        .enumerate()
+        .filter(|(i, h)| **h != zero_hash(block_len(dev.size, *i as u64)))
+        .count() as u64;
+    let version = store.commit(version)?;
+    Ok(BackupReport {
+        id: version.id,
+        store: store.dir.clone(),
+        host: session.host(),
+        device: dev.path,
+        size: dev.size,
+        consistency,
+        data_blocks,
+        sent_blocks: got.sent,
+        bytes_on_wire: got.bytes_on_wire,
+        added_bytes: got.added_bytes,
+        shared_bytes,
+        seconds: started.elapsed().as_secs_f64(),
+        frozen_seconds,
+        digest: version.manifest.digest,
+    })
+}
+
+struct Got {
+    /// The disk's block hashes, as read.
+    blocks: Vec<Hash>,
+    sent: u64,
+    /// Blocks this backup put in the store, and their bytes there.
+    added: BTreeSet<String>,
+    added_bytes: u64,
+    bytes_on_wire: u64,
+}
+
+/// Blocks into the store.
+struct StoreSink<'a> {
+    store: &'a Store,
+    added: BTreeSet<String>,
+    added_bytes: u64,
+}
+
+impl BlockSink for StoreSink<'_> {
+    fn block(&mut self, _i: u64, _data: &[u8], frame: &[u8], hash: &Hash) -> Result<()> {
+        let h = to_hex(hash);
+        let n = self.store.put(&h, frame)?;
+        if n > 0 {
+            self.added_bytes += n;
+            self.added.insert(h);
+        }
+        Ok(())
+    }
+
+    fn zeros(&mut self, _i: u64, _len: u64) -> Result<()> {
+        Ok(())
+    }
+}
+
+async fn take(
+    session: &Session,
+    store: &Store,
+    dev: &Device,
+    frozen: bool,
+    ui: &Ui,
+) -> Result<Got> {
+    let Some(remote) = helper::install(session, Mode::Helper, ui).await? else {
+        return Err(refused!(
+            "drydock's helper could not be started on {}, and a backup needs it; nothing was \
+             changed",
+            session.host()
+        ));
+    };
+    let res = with_helper(session, &remote, store, dev, frozen, ui).await;
+    let removed = remote.finish(session).await;
+    let got = res.map_err(|e| {
+        if e.downcast_ref::<crate::errors::Refused>().is_some() {
+            return e;
+        }
+        crate::resumable!(
+            "{e:#}: the backup stopped before its version was listed (the store lists what \
+             it did before); run the same command again: the blocks it already kept are not \
+             sent again"
+        )
+    })?;
+    removed?;
+    Ok(got)
+}
+
+async fn with_helper(
+    session: &Session,
+    remote: &helper::Remote,
+    store: &Store,
+    dev: &Device,
+    frozen: bool,
+    ui: &Ui,
+) -> Result<Got> {
+    let size = dev.size;
+    let n = block_count(size);
+    let mut link = Link::start(session, remote).await?;
+    link.send(
+        Msg::Open {
+            version: VERSION,
+            device: dev.path.clone(),
+            write: false,
+        }
+        .encode(),
+    )
+    .await?;
+    match link.recv().await? {
+        Msg::Opened { size: s, .. } if s == size => {}
+        Msg::Opened { size: s, .. } => bail!(
+            "the helper sees {} as {s} bytes where drydock saw {size}",
+            dev.path
+        ),
+        m => bail!("the helper answered Open with {}", m.name()),
+    }
+    let bar = ui.bytes_bar(size, "check");
+    let mut host: Vec<Hash> = Vec::with_capacity(n as usize);
+    link.hash_blocks(&[(0, n)], false, |i, h, _| {
+        bar.inc(block_len(size, i));
+        host.push(*h);
+        Ok(())
+    })
+    .await?
+    .map_err(|e| anyhow!(e))?;
+    bar.finish();
+    let mut sink = StoreSink {
+        store,
+        added: BTreeSet::new(),
+        added_bytes: 0,
+    };
+    let mut sent = 0;
+    // A live disk moves: a block read with another hash than it was
+    // hashed with is kept under the hash it was read with. A block whose
+    // twin was sent in its place may then still be missing: a second
+    // round sends it (a third finding more means the disk is being
+    // rewritten faster than it is read).
+    for round in 0..3 {
+        // The blocks to send: data the store does not hold (a block that
+        // appears twice on the disk is sent once).
+        let mut seen = BTreeSet::new();
+        let mut fetch = Vec::new();
+        for (i, h) in host.iter().enumerate() {
+            let len = block_len(size, i as u64);
+            if *h == zero_hash(len) {
+                continue;
+            }
+            let hex = to_hex(h);
+            if !store.has(&hex) && seen.insert(hex) {
+                fetch.push(i as u64);
+            }
+        }
+        if round > 0 && fetch.is_empty() {
+            break;
+        }
+        if round == 2 {
+            bail!(
+                "{} changed under drydock faster than it could be read ({} blocks still                  missing after two rounds); back it up with --freeze",
+                dev.path,
+                fetch.len()
+            );
+        }
+        let fetch_bytes: u64 = fetch.iter().map(|&i| block_len(size, i)).sum();
+        if round == 0 {
+            ui.say(format!(
+                "{} of {n} blocks of {}:{} are not in the store ({})",
+                fetch.len(),
+                session.host(),
+                dev.path,
+                human_bytes(fetch_bytes)
+            ));
+        }
+        let bar = ui.bytes_bar(fetch_bytes, "backup");
+        fetch_blocks(
+            &mut link,
+            &mut sink,
+            size,
+            &fetch,
+            (&mut host, !frozen),
+            |len| bar.inc(len),
+        )
+        .await?;
+        bar.finish();
+        sent += fetch.len() as u64;
+    }
+    link.send(Msg::Finish.encode()).await?;
+    match link.recv().await? {
+        Msg::Done { .. } => {}
+        m => bail!("the helper answered Finish with {}", m.name()),
+    }
+    Ok(Got {
+        blocks: host,
+        sent,
+        added: sink.added,
+        added_bytes: sink.added_bytes,
+        bytes_on_wire: link.received,
+    })
+}
+
+/// The segment hashes of a version with these BLOCKS: a segment whose
+/// blocks are those of the same segment of PREVIOUS keeps its hash; the
+/// others are hashed from the store.
+fn segments_of(
+    store: &Store,
+    dev: &Device,
+    blocks: &[Hash],
+    previous: Option<&Version>,
+) -> Result<Vec<String>> {
+    let size = dev.size;
+    let n = block_count(size);
+    let same_disk = previous.filter(|p| p.manifest.size == size);
+    let mut buf = vec![0u8; BLOCK_SIZE as usize];
+    let mut out = Vec::new();
+    for s in 0..n.div_ceil(SEGMENT_BLOCKS) {
+        let range = s * SEGMENT_BLOCKS..((s + 1) * SEGMENT_BLOCKS).min(n);
+        if let Some(p) = same_disk
+            && range
+                .clone()
+                .all(|i| from_hex(&p.manifest.blocks[i as usize]).ok() == Some(blocks[i as usize]))
+        {
+            out.push(p.manifest.segments[s as usize].clone());
+            continue;
+        }
+        let mut h = SegmentHasher::default();
+        for i in range {
+            let len = block_len(size, i);
+            if blocks[i as usize] == zero_hash(len) {
+                h.add_zero_block(len);
+            } else {
+                let b = &mut buf[..len as usize];
+                store.get(&to_hex(&blocks[i as usize]), b)?;
+                h.add_block_hashed(b, blocks[i as usize]);
+            }
+        }
+        out.push(h.finish().0);
+    }
+    Ok(out)
+}

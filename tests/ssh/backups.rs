@@ -1,0 +1,277 @@
+//! Backups against the real sshd: versions that share their blocks, only
+//! the blocks the store lacks sent, `verify` finding a flipped byte,
+//! `prune` keeping what it keeps readable, a cut backup listing nothing
+//! and finishing when run again.
+
+use super::*;
+
+fn backup(sshd: &Sshd, dev: &std::path::Path, store: &std::path::Path) -> Command {
+    let mut c = sshd.drydock(&[
+        "backup",
+        &sshd.host(),
+        "--device",
+        dev.to_str().unwrap(),
+        "--store",
+        store.to_str().unwrap(),
+        "--json",
+    ]);
+    c.env_remove("XDG_DATA_HOME");
+    c
+}
+
+fn cmd(sshd: &Sshd, args: &[&str]) -> std::process::Output {
+    let mut c = sshd.drydock_bare(args);
+    c.env_remove("XDG_DATA_HOME");
+    c.output().unwrap()
+}
+
+fn block_file(store: &std::path::Path, hash: &str) -> std::path::PathBuf {
+    store
+        .join("blocks")
+        .join(&hash[..2])
+        .join(format!("{hash}.zst"))
+}
+
+/// 200 MiB of data on a 256 MiB disk; 2 of its blocks (1 %) changed
+/// between two backups: the second sends those 2 blocks, at most 1.2 % of
+/// the data's bytes on the wire, and the store grows by them only. Each
+/// version's digest is the one a pull of the disk gives (the store holds
+/// the disk, block for block). `verify` passes on both; a byte flipped in
+/// a block only the first uses is found, named, and moved aside, and the
+/// second still verifies. `prune --keep 1` removes the first and its
+/// blocks, and the one kept still verifies.
+#[test]
+fn backups_share_blocks_send_only_what_changed_and_verify_finds_damage() {
+    let sshd = Sshd::start();
+    let t = tempdir();
+    let dev = t.path().join("disk");
+    let store = t.path().join("store");
+    make_disk(&dev, 256 * MIB, &[(0, 200 * MIB as usize)], &[]);
+
+    let o = backup(&sshd, &dev, &store).output().unwrap();
+    assert_exit(&o, 0);
+    let first = json(&o);
+    assert_eq!(first["data_blocks"], 200, "{first}");
+    assert_eq!(first["sent_blocks"], 200, "{first}");
+    assert_eq!(first["consistency"], "crash-consistent", "{first}");
+    let img = t.path().join("pulled");
+    let o = pull(&sshd, &dev, &img);
+    assert_exit(&o, 0);
+    assert_eq!(
+        first["digest"],
+        json(&o)["digest"],
+        "the store holds the disk"
+    );
+
+    let old3 = std::fs::read(&dev).unwrap()[(3 * MIB) as usize..(4 * MIB) as usize].to_vec();
+    write_at(&dev, &pattern(901, MIB as usize), 3 * MIB);
+    write_at(&dev, &pattern(902, 4096), 150 * MIB + 8192);
+    let o = backup(&sshd, &dev, &store).output().unwrap();
+    assert_exit(&o, 0);
+    let second = json(&o);
+    eprintln!("second backup: {second}");
+    assert_eq!(second["sent_blocks"], 2, "{second}");
+    let data = 200 * MIB;
+    let wire = second["bytes_on_wire"].as_u64().unwrap();
+    assert!(
+        wire as f64 <= 0.012 * data as f64,
+        "{wire} bytes on the wire for a 1 % change of {data}"
+    );
+    assert!(second["added_bytes"].as_u64().unwrap() <= 2 * MIB + 4096);
+    std::fs::remove_file(&img).ok();
+    let o = pull(&sshd, &dev, &img);
+    assert_eq!(second["digest"], json(&o)["digest"]);
+    let (id1, id2) = (
+        first["id"].as_str().unwrap().to_string(),
+        second["id"].as_str().unwrap().to_string(),
+    );
+    assert_ne!(id1, id2);
+
+    let o = cmd(
+        &sshd,
+        &["backups", "--store", store.to_str().unwrap(), "--json"],
+    );
+    assert_exit(&o, 0);
+    let listed = json(&o);
+    let versions = listed["stores"][0]["versions"].as_array().unwrap().clone();
+    assert_eq!(versions.len(), 2, "{listed}");
+    assert_eq!(versions[0]["id"], id1.as_str());
+    assert!(
+        versions[1]["shared_bytes"].as_u64().unwrap() >= 190 * MIB / 2,
+        "{listed}"
+    );
+    let o = cmd(&sshd, &["backups", "--store", store.to_str().unwrap()]);
+    assert!(stdout(&o).contains(&id2), "{}", stdout(&o));
+
+    for id in [&id1, &id2] {
+        let o = cmd(&sshd, &["verify", id, "--store", store.to_str().unwrap()]);
+        assert_exit(&o, 0);
+        assert!(stdout(&o).contains("all 200 blocks"), "{}", stdout(&o));
+    }
+
+    // A flipped byte in block 3's old content: only the first uses it.
+    let h = hex::encode(Sha256::digest(&old3));
+    let f = block_file(&store, &h);
+    let mut bytes = std::fs::read(&f).unwrap();
+    let mid = bytes.len() / 2;
+    bytes[mid] ^= 0x40;
+    std::fs::write(&f, &bytes).unwrap();
+    let o = cmd(&sshd, &["verify", &id1, "--store", store.to_str().unwrap()]);
+    assert_exit(&o, 1);
+    assert_stderr(&o, format!("version {id1} is damaged: 1 of its 200 blocks"));
+    assert_stderr(&o, format!("Versions that use them: {id1}."));
+    assert!(!f.exists(), "the damaged block is moved aside");
+    let o = cmd(&sshd, &["verify", &id2, "--store", store.to_str().unwrap()]);
+    assert_exit(&o, 0);
+
+    let o = cmd(
+        &sshd,
+        &[
+            "backups",
+            "prune",
+            "--keep",
+            "1",
+            "--store",
+            store.to_str().unwrap(),
+            "--json",
+        ],
+    );
+    assert_exit(&o, 0);
+    let pruned = json(&o);
+    assert_eq!(pruned["removed"], serde_json::json!([id1]), "{pruned}");
+    let o = cmd(&sshd, &["verify", &id2, "--store", store.to_str().unwrap()]);
+    assert_exit(&o, 0);
+    let o = cmd(&sshd, &["verify", &id1, "--store", store.to_str().unwrap()]);
+    assert_exit(&o, 2);
+    assert_stderr(&o, format!("no version {id1} in"));
+    // The store holds version 2's blocks and nothing else: 200 files.
+    let files: usize = std::fs::read_dir(store.join("blocks"))
+        .unwrap()
+        .flatten()
+        .map(|d| {
+            std::fs::read_dir(d.path())
+                .unwrap()
+                .flatten()
+                .filter(|f| f.file_name().to_string_lossy().ends_with(".zst"))
+                .count()
+        })
+        .sum();
+    assert_eq!(files, 200);
+    assert!(
+        readable_by_others(&store).is_empty(),
+        "{:?}",
+        readable_by_others(&store)
+    );
+}
+
+/// A backup cut on the link lists no version (exit 75, what to do); the
+/// blocks it kept show as such in `backups`; the same backup then finishes
+/// without sending them again, and verifies.
+#[test]
+fn a_cut_backup_lists_nothing_and_the_same_backup_finishes_it() {
+    let sshd = Sshd::start();
+    let t = tempdir();
+    let dev = t.path().join("disk");
+    let store = t.path().join("store");
+    make_disk(&dev, 96 * MIB, &[(0, 64 * MIB as usize)], &[]);
+    // After the helper's install, part way into the blocks.
+    let relay = Relay::start_down(sshd.port, 24 * MIB);
+    let mut c = sshd.drydock(&[
+        "backup",
+        &relay.host(),
+        "--device",
+        dev.to_str().unwrap(),
+        "--store",
+        store.to_str().unwrap(),
+        "--accept-new-host-key",
+    ]);
+    c.env_remove("XDG_DATA_HOME");
+    let o = output_within(c, 180, "the cut backup");
+    assert_exit(&o, 75);
+    assert_stderr(&o, "the backup stopped before its version was listed");
+    assert_stderr(&o, "run the same command again");
+    let o = cmd(
+        &sshd,
+        &["backups", "--store", store.to_str().unwrap(), "--json"],
+    );
+    assert_exit(&o, 0);
+    let figures = json(&o)["stores"][0].clone();
+    assert_eq!(figures["versions"], serde_json::json!([]), "{figures}");
+    let kept = figures["store"]["unlisted_blocks"].as_u64().unwrap();
+    assert!(kept > 0, "{figures}");
+
+    let o = backup(&sshd, &dev, &store).output().unwrap();
+    assert_exit(&o, 0);
+    let r = json(&o);
+    assert_eq!(r["sent_blocks"].as_u64().unwrap(), 64 - kept, "{r}");
+    let id = r["id"].as_str().unwrap();
+    let o = cmd(&sshd, &["verify", id, "--store", store.to_str().unwrap()]);
+    assert_exit(&o, 0);
+}
+
+/// What a backup refuses, with what to do, changing nothing: a --store
+/// that is some other folder, dd mode, a version that is not there, and
+/// `verify --boot`, not built yet.
+#[test]
+fn backup_bad_input_is_refused_with_what_to_do() {
+    let sshd = Sshd::start();
+    let t = tempdir();
+    let dev = t.path().join("disk");
+    make_disk(&dev, 8 * MIB, &[(0, MIB as usize)], &[]);
+    let other = t.path().join("other");
+    std::fs::create_dir(&other).unwrap();
+    std::fs::write(other.join("notes.txt"), "mine").unwrap();
+    let o = backup(&sshd, &dev, &other).output().unwrap();
+    assert_exit(&o, 3);
+    assert_stderr(
+        &o,
+        "is not empty and is not a drydock backup store; give another --store",
+    );
+    assert_eq!(std::fs::read_dir(&other).unwrap().count(), 1);
+
+    let store = t.path().join("store");
+    let mut c = backup(&sshd, &dev, &store);
+    c.args(["--transfer", "dd"]);
+    let o = c.output().unwrap();
+    assert_exit(&o, 3);
+    assert_stderr(&o, "a backup needs drydock's helper");
+    assert!(!store.exists(), "nothing made");
+
+    let o = cmd(
+        &sshd,
+        &[
+            "verify",
+            "20990101T000000",
+            "--store",
+            other.to_str().unwrap(),
+        ],
+    );
+    assert_exit(&o, 2);
+    assert_stderr(&o, "is not a drydock backup store");
+    let o = backup(&sshd, &dev, &store).output().unwrap();
+    assert_exit(&o, 0);
+    let o = cmd(
+        &sshd,
+        &[
+            "verify",
+            "20990101T000000",
+            "--store",
+            store.to_str().unwrap(),
+        ],
+    );
+    assert_exit(&o, 2);
+    assert_stderr(&o, "no version 20990101T000000 in");
+    let id = json(&backup(&sshd, &dev, &store).output().unwrap())["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let o = cmd(
+        &sshd,
+        &["verify", &id, "--store", store.to_str().unwrap(), "--boot"],
+    );
+    assert_exit(&o, 3);
+    assert_stderr(
+        &o,
+        "verify --boot (booting a version in the worker VM) is not built yet",
+    );
+}
