@@ -182,6 +182,14 @@ pub enum Command {
         drydock verify 20261203T041500\n  \
         drydock verify 20261203T041500 --store /srv/backups/vps --json")]
     Verify(VerifyArgs),
+    /// Write a backup version onto a host's disk: only the pages that differ, verified.
+    #[command(after_help = "Examples:\n  \
+        drydock restore 20261203T041500 root@vps          # asks first\n  \
+        drydock restore 20261203T041500 root@rescue.example.org --device /dev/sda --yes\n\n\
+        The disk must not be mounted read-write: restore from the provider's rescue system, or \
+        onto a frozen host. A disk larger than the version keeps its extra space unused (the \
+        last partition is not grown yet; a GPT's backup header is moved to the end).")]
+    Restore(RestoreArgs),
     /// List runs and where each stands; `runs rm RUN` removes one.
     #[command(after_help = "Examples:\n  \
         drydock runs --size\n  \
@@ -417,6 +425,28 @@ pub struct VerifyArgs {
     /// Also boot it in the sealed worker VM (not built yet: refused).
     #[arg(long)]
     pub boot: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct RestoreArgs {
+    /// The version's id, from `drydock backups`.
+    pub id: String,
+    #[command(flatten)]
+    pub conn: Conn,
+    /// The store that holds it (default: the one under
+    /// $XDG_DATA_HOME/drydock/backups that has it).
+    #[arg(long, value_name = "DIR", env = "DRYDOCK_STORE")]
+    pub store: Option<PathBuf>,
+    /// The disk to write (default: the disk that holds /).
+    #[arg(long, value_name = "DEV")]
+    pub device: Option<String>,
+    /// Do not ask for confirmation.
+    #[arg(long, short = 'y')]
+    pub yes: bool,
+    /// How the disk moves: the helper writes only the pages that differ;
+    /// dd writes every block.
+    #[arg(long, value_enum, default_value = "auto", env = "DRYDOCK_TRANSFER")]
+    pub transfer: Transfer,
 }
 
 #[derive(Debug, Args)]

@@ -132,6 +132,10 @@ async fn command(command: Command, ui: &Ui) -> Result<()> {
             Some(cli::BackupsAction::Prune { keep }) => backups_prune(a.store.as_deref(), keep, ui),
         },
         Command::Verify(a) => verify(a, ui),
+        Command::Restore(a) => {
+            let ui = ui.with_yes(a.yes);
+            restore(a, &ui).await
+        }
         Command::Runs(a) => match a.action {
             None => runs(a.size, ui),
             Some(cli::RunsAction::Rm { run, force }) => runs_rm(&run, force, ui),
@@ -314,6 +318,24 @@ fn backups_prune(dir: Option<&std::path::Path>, keep: u64, ui: &Ui) -> Result<()
         &serde_json::json!({ "store": store.dir, "removed": gone, "kept": kept, "freed_bytes": freed }),
         human,
     )
+}
+
+async fn restore(a: cli::RestoreArgs, ui: &Ui) -> Result<()> {
+    let (store, v) = backup::find(&a.id, a.store.as_deref())?;
+    let s = connect(&a.conn).await?;
+    let facts = remote::gather(&s).await?;
+    let r = backup::restore::restore(
+        &s,
+        &facts,
+        (&store, &v),
+        a.device.as_deref(),
+        a.transfer.into(),
+        ui,
+    )
+    .await?;
+    ui.result("restore", &r, r.human())?;
+    s.close().await;
+    Ok(())
 }
 
 fn verify(a: cli::VerifyArgs, ui: &Ui) -> Result<()> {

@@ -2,14 +2,17 @@
 //! `drydock backup` ([`take`]), listed and pruned by `drydock backups`,
 //! checked by `drydock verify`.
 //!
-//! Not built yet (the commands say so): `verify --boot`, `restore`, and
-//! `boot` of a version.
+//! `drydock restore` writes a version back ([`restore`]).
+//!
+//! Not built yet (the commands say so): `verify --boot`, `boot` of a
+//! version, and growing the last partition on a larger disk.
 
 use std::path::{Path, PathBuf};
 
 use anyhow::Result;
 use serde::Serialize;
 
+pub mod restore;
 pub mod store;
 pub mod take;
 

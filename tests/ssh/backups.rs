@@ -275,3 +275,138 @@ fn backup_bad_input_is_refused_with_what_to_do() {
         "verify --boot (booting a version in the worker VM) is not built yet",
     );
 }
+
+fn restore(sshd: &Sshd, id: &str, dev: &std::path::Path, store: &std::path::Path) -> Command {
+    let mut c = sshd.drydock(&[
+        "restore",
+        id,
+        &sshd.host(),
+        "--device",
+        dev.to_str().unwrap(),
+        "--store",
+        store.to_str().unwrap(),
+        "--yes",
+        "--json",
+    ]);
+    c.env_remove("XDG_DATA_HOME");
+    c
+}
+
+/// Restore onto the same disk after it changed: the disk holds the version
+/// again, bit for bit, and only what differs crossed the link. A disk that
+/// does not fit is refused, unchanged.
+#[test]
+fn restore_onto_the_same_disk_writes_only_what_differs() {
+    let sshd = Sshd::start();
+    let t = tempdir();
+    let dev = t.path().join("disk");
+    let store = t.path().join("store");
+    make_disk(&dev, 64 * MIB, &[(0, 40 * MIB as usize)], &[]);
+    let then = sha256_file(&dev);
+    let o = backup(&sshd, &dev, &store).output().unwrap();
+    assert_exit(&o, 0);
+    let id = json(&o)["id"].as_str().unwrap().to_string();
+    write_at(&dev, &pattern(77, 3 * MIB as usize), 10 * MIB + 4096);
+    write_at(&dev, &pattern(78, 8192), 50 * MIB);
+    assert_ne!(sha256_file(&dev), then);
+
+    let o = restore(&sshd, &id, &dev, &store).output().unwrap();
+    assert_exit(&o, 0);
+    let r = json(&o);
+    eprintln!("restore: {r}");
+    assert_eq!(sha256_file(&dev), then, "the disk holds the version again");
+    let wire = r["push"]["bytes_on_wire"].as_u64().unwrap();
+    assert!(
+        wire < 5 * MIB,
+        "{wire} bytes on the wire for ~3 MiB that differ"
+    );
+    assert_eq!(r["unused_bytes"], 0);
+
+    let small = t.path().join("small");
+    make_disk(&small, 32 * MIB, &[(0, MIB as usize)], &[]);
+    let before = sha256_file(&small);
+    let o = restore(&sshd, &id, &small, &store).output().unwrap();
+    assert_exit(&o, 3);
+    assert_stderr(&o, "it does not fit; nothing was changed");
+    assert_eq!(sha256_file(&small), before);
+}
+
+/// Restore of a GPT disk onto a larger disk: the partitions and their
+/// data as in the version, the GPT's backup header moved to the new end
+/// (sfdisk --verify finds nothing wrong), and the output says the extra
+/// space is unused.
+#[test]
+fn restore_onto_a_larger_disk_moves_the_gpt_backup_header() {
+    let sshd = Sshd::start();
+    let t = tempdir();
+    let dev = t.path().join("disk");
+    let store = t.path().join("store");
+    make_disk(&dev, 64 * MIB, &[], &[]);
+    let sfdisk = |disk: &std::path::Path, args: &[&str], input: &str| {
+        use std::io::Write;
+        let mut c = Command::new("sfdisk")
+            .args(args)
+            .arg(disk)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        c.stdin.take().unwrap().write_all(input.as_bytes()).unwrap();
+        c.wait_with_output().unwrap()
+    };
+    let o = sfdisk(
+        &dev,
+        &["--quiet"],
+        "label: gpt\nstart=2048, size=100000, type=L\n",
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    let data = pattern(5, 40 * MIB as usize);
+    write_at(&dev, &data, 2048 * 512);
+    let o = backup(&sshd, &dev, &store).output().unwrap();
+    assert_exit(&o, 0);
+    let id = json(&o)["id"].as_str().unwrap().to_string();
+
+    let big = t.path().join("big");
+    make_disk(&big, 96 * MIB, &[(0, 96 * MIB as usize)], &[]);
+    let o = restore(&sshd, &id, &big, &store).output().unwrap();
+    assert_exit(&o, 0);
+    let r = json(&o);
+    assert_eq!(r["gpt_relocated"], true, "{r}");
+    assert_eq!(r["unused_bytes"], 32 * MIB, "{r}");
+    let o = sfdisk(&big, &["--verify"], "");
+    assert!(
+        o.status.success() && !stdout(&o).contains("not at the end"),
+        "{}{}",
+        stdout(&o),
+        stderr(&o)
+    );
+    let dump = stdout(&sfdisk(&big, &["--dump"], ""));
+    assert!(
+        dump.contains("start=        2048, size=      100000"),
+        "{dump}"
+    );
+    assert!(
+        dump.contains(&format!("last-lba: {}", 96 * MIB / 512 - 34)),
+        "{dump}"
+    );
+    let got = std::fs::read(&big).unwrap();
+    assert!(got[(2048 * 512) as usize..(2048 * 512) as usize + data.len()] == data[..]);
+    // The human output says the space is unused, and why.
+    let mut c = restore(&sshd, &id, &big, &store);
+    c.args(["--transfer", "helper"]);
+    let args: Vec<String> = c
+        .get_args()
+        .map(|a| a.to_string_lossy().to_string())
+        .filter(|a| a != "--json")
+        .collect();
+    let mut c2 = sshd.drydock_bare(&args.iter().map(String::as_str).collect::<Vec<_>>());
+    c2.env_remove("XDG_DATA_HOME");
+    let o = c2.output().unwrap();
+    assert_exit(&o, 0);
+    assert!(
+        stdout(&o).contains("the last partition and its filesystem were not grown"),
+        "{}",
+        stdout(&o)
+    );
+}

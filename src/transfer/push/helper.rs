@@ -46,7 +46,8 @@ pub(super) async fn push(
                 .filter(|(a, b)| a != b)
                 .count() as u64
         })
-        .unwrap_or(pf.new.blocks.len() as u64);
+        // --full: the blocks the pages that differed were in.
+        .unwrap_or(counts.blocks);
     let report = PushReport {
         host: session.host(),
         device: pf.dev.path.clone(),
@@ -81,8 +82,9 @@ struct Counts {
     bytes_written: u64,
     /// Bytes of the pages that differed (uncompressed).
     page_bytes: u64,
-    /// Runs of pages written.
+    /// Runs of pages written, and the blocks they are in.
     ranges: usize,
+    blocks: u64,
     done: helper::Done,
     /// Spent at the confirmation question.
     waited: std::time::Duration,
@@ -133,6 +135,7 @@ async fn push_with(
         bytes_written: done.bytes_written,
         page_bytes: total,
         ranges: patches.len(),
+        blocks: blocks.len() as u64,
         done,
         waited,
     })
