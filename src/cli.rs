@@ -135,7 +135,8 @@ pub enum Command {
     /// Start a local VM from an image (a qcow2 overlay over it; the image is not written).
     #[command(after_help = "Examples:\n  \
         drydock boot vps.raw                            # services held back, network sealed\n  \
-        drydock boot vps.raw --like vps.json --services --network open\n\n\
+        drydock boot vps.raw --like vps.json --services --network open\n  \
+        drydock boot 20261203T041500 --services        # a backup version (sealed network)\n\n\
         Ctrl-C powers the VM off; the overlay is kept in --dir.")]
     Boot(BootArgs),
     /// The whole pipeline: freeze, pull, upgrade in a local VM, verify, push, reboot.
@@ -180,6 +181,7 @@ pub enum Command {
     /// Check a backup version: read every block back and check it against its hash.
     #[command(after_help = "Examples:\n  \
         drydock verify 20261203T041500\n  \
+        drydock verify 20261203T041500 --boot -i ~/.ssh/vps_key   # boots it, sealed\n  \
         drydock verify 20261203T041500 --store /srv/backups/vps --json")]
     Verify(VerifyArgs),
     /// Write a backup version onto a host's disk: only the pages that differ, verified.
@@ -294,7 +296,8 @@ pub struct PushArgs {
 
 #[derive(Debug, Args)]
 pub struct BootArgs {
-    /// The image to boot (a raw disk image, e.g. from `drydock pull`).
+    /// The image to boot (a raw disk image, e.g. from `drydock pull`), or
+    /// the id of a backup version (from `drydock backups`).
     pub image: PathBuf,
     /// Guest memory: 8G, 2048M, ...
     #[arg(long, default_value = "8G", value_parser = memory, env = "DRYDOCK_MEMORY")]
@@ -422,9 +425,23 @@ pub struct VerifyArgs {
     /// $XDG_DATA_HOME/drydock/backups that has it).
     #[arg(long, value_name = "DIR", env = "DRYDOCK_STORE")]
     pub store: Option<PathBuf>,
-    /// Also boot it in the sealed worker VM (not built yet: refused).
+    /// Also boot it through its own boot loader in a sealed VM (shaped
+    /// like its host; nothing leaves the VM but SSH) and check that it
+    /// comes up: sshd answers, / is read-write, init reached its target.
     #[arg(long)]
     pub boot: bool,
+    /// --boot: log in with this private key (the host's; default: the
+    /// usual key files).
+    #[arg(
+        short = 'i',
+        long = "identity",
+        value_name = "KEY",
+        env = "DRYDOCK_IDENTITY"
+    )]
+    pub identity: Option<PathBuf>,
+    /// --boot: the VM's memory: 2G, 2048M, ...
+    #[arg(long, default_value = "2G", value_parser = memory)]
+    pub memory: String,
 }
 
 #[derive(Debug, Args)]

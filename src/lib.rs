@@ -74,6 +74,7 @@ pub async fn run(cli: Cli) -> u8 {
         cli.command,
         Command::Pull(_)
             | Command::Backup(_)
+            | Command::Verify(cli::VerifyArgs { boot: true, .. })
             | Command::Boot(_)
             | Command::Upgrade(_)
             | Command::Rehearse(_)
@@ -131,7 +132,7 @@ async fn command(command: Command, ui: &Ui) -> Result<()> {
             None => backups_list(a.store.as_deref(), ui),
             Some(cli::BackupsAction::Prune { keep }) => backups_prune(a.store.as_deref(), keep, ui),
         },
-        Command::Verify(a) => verify(a, ui),
+        Command::Verify(a) => verify(a, ui).await,
         Command::Restore(a) => {
             let ui = ui.with_yes(a.yes);
             restore(a, &ui).await
@@ -338,14 +339,7 @@ async fn restore(a: cli::RestoreArgs, ui: &Ui) -> Result<()> {
     Ok(())
 }
 
-fn verify(a: cli::VerifyArgs, ui: &Ui) -> Result<()> {
-    if a.boot {
-        return Err(refused!(
-            "verify --boot (booting a version in the worker VM) is not built yet; `drydock \
-             verify {}` checks every block of it",
-            a.id
-        ));
-    }
+async fn verify(a: cli::VerifyArgs, ui: &Ui) -> Result<()> {
     let (store, v) = backup::find(&a.id, a.store.as_deref())?;
     let bar = ui.bytes_bar(v.manifest.size, "verify");
     let r = store.verify(&v, |n| bar.inc(n))?;
@@ -357,7 +351,19 @@ fn verify(a: cli::VerifyArgs, ui: &Ui) -> Result<()> {
         r.blocks,
         r.digest
     );
-    ui.result("verify", &r, human)
+    if !a.boot {
+        return ui.result("verify", &r, human);
+    }
+    ui.say(human.trim_end().to_string());
+    let memory_mib = vm::cmdline::parse_memory(&a.memory)
+        .with_context(|| format!("--memory {}: expected a size such as 2G", a.memory))?;
+    let proof =
+        backup::proof::verify_boot(&store, &v, a.identity.as_deref(), memory_mib, ui).await?;
+    ui.result(
+        "verify",
+        &serde_json::json!({ "blocks": r, "boot": proof }),
+        proof.human(),
+    )
 }
 
 /// A HOST that names a file here (a path, an image) is a slip, not a host
@@ -402,17 +408,42 @@ async fn push(a: cli::PushArgs, ui: &Ui) -> Result<()> {
 }
 
 async fn boot(a: cli::BootArgs, ui: &Ui) -> Result<()> {
+    // A backup version's id: laid out as an image, booted with its host's
+    // shape (unless --like says otherwise).
+    let (image, like) = if !a.image.exists()
+        && let Some(id) = a.image.to_str().filter(|s| !s.contains('/'))
+        && let Ok((store, v)) = backup::find(id, None)
+    {
+        let image = backup::proof::laid_out(&store, &v, ui)?;
+        let like = match (a.like, &v.shape) {
+            (Some(l), _) => Some(l),
+            (None, Some(shape)) => {
+                let p = std::path::PathBuf::from(format!("{}.like.json", image.display()));
+                std::fs::write(&p, serde_json::to_string_pretty(shape)?)?;
+                Some(p)
+            }
+            (None, None) => None,
+        };
+        ui.say(format!(
+            "version {id} of {} laid out as {}",
+            store.dir.display(),
+            image.display()
+        ));
+        (image, like)
+    } else {
+        (a.image, a.like)
+    };
     let dir = match a.dir {
         Some(d) => d,
-        None => vm::boot::default_dir(&a.image)?,
+        None => vm::boot::default_dir(&image)?,
     };
     let opts = vm::boot::BootOptions {
-        image: a.image,
+        image,
         memory: a.memory,
         cpus: a.cpus,
         dir,
         ready_within: std::time::Duration::from_secs(a.wait),
-        like: a.like,
+        like,
         services: a.services,
         network_open: a.network == cli::Network::Open,
     };

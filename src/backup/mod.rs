@@ -4,14 +4,17 @@
 //!
 //! `drydock restore` writes a version back ([`restore`]).
 //!
-//! Not built yet (the commands say so): `verify --boot`, `boot` of a
-//! version, and growing the last partition on a larger disk.
+//! `drydock verify --boot` boots one in a sealed VM ([`proof`]).
+//!
+//! Not built yet (the commands say so): growing the last partition on a
+//! larger disk, and a restore proven to boot shaped like the new host.
 
 use std::path::{Path, PathBuf};
 
 use anyhow::Result;
 use serde::Serialize;
 
+pub mod proof;
 pub mod restore;
 pub mod store;
 pub mod take;

@@ -72,6 +72,9 @@ pub struct Version {
     /// Blocks this version added to the store, and their bytes there.
     pub added_blocks: u64,
     pub added_bytes: u64,
+    /// The host's shape (firmware, disk bus, network), for a VM of it.
+    #[serde(default)]
+    pub shape: Option<crate::vm::shape::Shape>,
     pub manifest: Manifest,
 }
 

@@ -178,6 +178,7 @@ pub async fn backup(
         consistency,
         added_blocks: got.added.len() as u64,
         added_bytes: got.added_bytes,
+        shape: Some(crate::pipeline::steps::shape_of(facts, &dev)),
         manifest,
     };
     let shared_bytes = version

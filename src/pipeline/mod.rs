@@ -14,7 +14,7 @@ mod abort;
 pub mod guest;
 pub mod journal;
 mod report;
-mod steps;
+pub(crate) mod steps;
 mod worker;
 
 pub use abort::abort;

@@ -82,7 +82,7 @@ pub(super) async fn probe(s: &Session, j: &Journal, dir: &Path, dry: bool) -> Re
 }
 
 /// The worker VM's shape for the VPS's disk.
-pub(super) fn shape_of(facts: &remote::Facts, dev: &device::Device) -> Shape {
+pub(crate) fn shape_of(facts: &remote::Facts, dev: &device::Device) -> Shape {
     match &dev.kind {
         device::Kind::Block { name } => Shape::from_facts(facts, name),
         device::Kind::File { .. } => {

@@ -130,7 +130,11 @@ pub async fn boot(opts: &BootOptions, ui: &Ui) -> Result<()> {
         )
     })?;
     if !opts.image.is_file() {
-        anyhow::bail!("{} is not an image file", opts.image.display());
+        return Err(crate::usage!(
+            "{} is neither an image file nor the id of a backup version (`drydock backups` \
+             lists them)",
+            opts.image.display()
+        ));
     }
     {
         use std::os::unix::fs::DirBuilderExt;

@@ -210,8 +210,7 @@ fn a_cut_backup_lists_nothing_and_the_same_backup_finishes_it() {
 }
 
 /// What a backup refuses, with what to do, changing nothing: a --store
-/// that is some other folder, dd mode, a version that is not there, and
-/// `verify --boot`, not built yet.
+/// that is some other folder, dd mode, a version that is not there.
 #[test]
 fn backup_bad_input_is_refused_with_what_to_do() {
     let sshd = Sshd::start();
@@ -261,19 +260,6 @@ fn backup_bad_input_is_refused_with_what_to_do() {
     );
     assert_exit(&o, 2);
     assert_stderr(&o, "no version 20990101T000000 in");
-    let id = json(&backup(&sshd, &dev, &store).output().unwrap())["id"]
-        .as_str()
-        .unwrap()
-        .to_string();
-    let o = cmd(
-        &sshd,
-        &["verify", &id, "--store", store.to_str().unwrap(), "--boot"],
-    );
-    assert_exit(&o, 3);
-    assert_stderr(
-        &o,
-        "verify --boot (booting a version in the worker VM) is not built yet",
-    );
 }
 
 fn restore(sshd: &Sshd, id: &str, dev: &std::path::Path, store: &std::path::Path) -> Command {

@@ -1,0 +1,251 @@
+//! `drydock verify ID --boot`: a version laid out as a raw image, booted
+//! through its own boot loader in a local VM shaped like the host it came
+//! from (firmware, disk bus), on a qcow2 overlay (the layout is not
+//! written), with the network sealed: nothing leaves the VM but its SSH
+//! forward, so the copy's own services may start without being a second
+//! live server. It is proven up when drydock logs in over SSH (sshd
+//! answers, with the host's credentials), / is mounted read-write, and
+//! init reached its target (systemd: `is-system-running` running or
+//! degraded, the failed units named; OpenRC: its runlevel).
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use serde::Serialize;
+
+use super::store::{Store, Version};
+use crate::pipeline::guest;
+use crate::ui::Ui;
+use crate::vm::{self, Vm, cmdline};
+
+#[derive(Debug, Serialize)]
+pub struct BootProof {
+    pub id: String,
+    /// PRETTY_NAME of the booted copy.
+    pub os: String,
+    /// / as mounted in the VM (its mount options).
+    pub root: String,
+    /// systemd's `is-system-running` (running, degraded), or OpenRC's
+    /// runlevel.
+    pub init: String,
+    pub failed_units: Vec<String>,
+    pub seconds: f64,
+    /// The VM's console and files (kept).
+    pub dir: PathBuf,
+}
+
+impl BootProof {
+    pub fn human(&self) -> String {
+        format!(
+            "version {} boots: {} came up, sshd answered, / mounted {}, init {}{}\n  in {:.0} s \
+             (a sealed VM; its console: {})\n",
+            self.id,
+            self.os,
+            self.root,
+            self.init,
+            if self.failed_units.is_empty() {
+                String::new()
+            } else {
+                format!(" (failed: {})", self.failed_units.join(" "))
+            },
+            self.seconds,
+            self.dir.join("serial.log").display()
+        )
+    }
+}
+
+/// The version as a raw image under `$XDG_STATE_HOME/drydock/backups-boot`
+/// (laid out once; kept while its manifest says it is this version).
+pub fn laid_out(store: &Store, v: &Version, ui: &Ui) -> Result<PathBuf> {
+    let dir = crate::paths::state_dir()?.join("backups-boot");
+    {
+        use std::os::unix::fs::DirBuilderExt;
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(&dir)
+            .with_context(|| format!("cannot make {}", dir.display()))?;
+    }
+    let name = store
+        .dir
+        .file_name()
+        .map(|n| n.to_string_lossy().to_string())
+        .unwrap_or_default();
+    let image = dir.join(format!("{name}-{}.raw", v.id));
+    let m = crate::image::manifest::Manifest::path_for(&image);
+    let same = crate::image::manifest::Manifest::load(&m)
+        .map(|l| l.digest == v.manifest.digest)
+        .unwrap_or(false);
+    if !(same && image.exists()) {
+        let bar = ui.bytes_bar(v.manifest.size, "lay out");
+        store.materialize(v, &image, |n| bar.inc(n))?;
+        bar.finish();
+    }
+    Ok(image)
+}
+
+pub async fn verify_boot(
+    store: &Store,
+    v: &Version,
+    identity: Option<&Path>,
+    memory_mib: u64,
+    ui: &Ui,
+) -> Result<BootProof> {
+    let started = Instant::now();
+    let image = laid_out(store, v, ui)?;
+    let stamp = crate::transfer::now().replace([':', '-'], "");
+    let dir = crate::paths::boots_dir()?.join(format!(
+        "{}-verify-{}",
+        image
+            .file_stem()
+            .map(|s| s.to_string_lossy().to_string())
+            .unwrap_or_default(),
+        &stamp[..15.min(stamp.len())]
+    ));
+    {
+        use std::os::unix::fs::DirBuilderExt;
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(&dir)
+            .with_context(|| format!("cannot make {}", dir.display()))?;
+    }
+    let overlay = dir.join("overlay.qcow2");
+    vm::image::create_overlay(&image, &overlay).await?;
+    let shape = v.shape.clone().unwrap_or_default();
+    let efi = vm::efi_for(&shape, &dir)?;
+    let spec = cmdline::VmSpec {
+        disk: overlay,
+        disk_format: "qcow2".into(),
+        memory_mib,
+        cpus: std::thread::available_parallelism()
+            .map(|n| n.get() as u32)
+            .unwrap_or(2),
+        accel: cmdline::detect_accel(),
+        ssh_port: std::net::TcpListener::bind("127.0.0.1:0")?
+            .local_addr()?
+            .port(),
+        qmp_socket: dir.join("qmp.sock"),
+        serial_log: dir.join("serial.log"),
+        shape,
+        efi,
+        direct: None,
+        // Sealed: no proxy, nothing allowed out.
+        sealed: Some(cmdline::NetSeal {
+            proxy: None,
+            pcap: dir.join("net.pcap"),
+        }),
+    };
+    let port = spec.ssh_port;
+    ui.say(format!(
+        "booting version {} through its own boot loader in a sealed VM ({} MiB); console in {}",
+        v.id,
+        memory_mib,
+        dir.join("serial.log").display()
+    ));
+    let mut vm = Vm::start(spec, dir.join("qemu.stderr")).await?;
+    let res = tokio::select! {
+        biased;
+        sig = ui.interrupted() => Err(crate::errors::Interrupted(format!(
+            "{}: the verify boot was stopped; the version is unchanged",
+            Ui::interrupted_text(sig)
+        )).into()),
+        r = prove(&mut vm, port, identity, &dir, v) => r,
+    };
+    let off = vm.power_off(Duration::from_secs(120)).await;
+    let mut proof = res?;
+    off?;
+    proof.seconds = started.elapsed().as_secs_f64();
+    Ok(proof)
+}
+
+async fn prove(
+    vm: &mut Vm,
+    port: u16,
+    identity: Option<&Path>,
+    dir: &Path,
+    v: &Version,
+) -> Result<BootProof> {
+    let console = dir.join("serial.log");
+    vm.wait_for_ssh(Duration::from_secs(900))
+        .await
+        .with_context(|| {
+            format!(
+                "version {} did not boot to SSH within 15 minutes; its console: {}",
+                v.id,
+                console.display()
+            )
+        })?;
+    let (t, o) = guest::guest_target(port, identity, dir.join("known_hosts"), "the backup's VM");
+    let s = guest::connect_retry(&t, &o, Duration::from_secs(300))
+        .await
+        .with_context(|| {
+            format!(
+                "version {} booted but drydock could not log in over SSH (with the host's \
+                 credentials: -i KEY names the key); its console: {}",
+                v.id,
+                console.display()
+            )
+        })?;
+    let (_, _, os) = guest::os_release(&s).await?;
+    let root = s
+        .exec("findmnt -n -o OPTIONS / || awk '$2 == \"/\" {print $4}' /proc/mounts")
+        .await?
+        .stdout_str()
+        .trim()
+        .lines()
+        .next()
+        .unwrap_or("")
+        .to_string();
+    if !root.split(',').any(|o| o == "rw") {
+        bail!(
+            "version {} booted but / is not mounted read-write ({root}): it would not serve; \
+             its console: {}",
+            v.id,
+            console.display()
+        );
+    }
+    let init = s
+        .exec(
+            "if command -v systemctl >/dev/null; then timeout 600 systemctl is-system-running \
+             --wait; elif command -v rc-status >/dev/null; then rc-status -r; else echo unknown; fi",
+        )
+        .await?
+        .stdout_str()
+        .trim()
+        .to_string();
+    let failed: Vec<String> = s
+        .exec("systemctl list-units --state=failed --plain --no-legend 2>/dev/null | awk '{print $1}'")
+        .await?
+        .stdout_str()
+        .split_whitespace()
+        .map(str::to_string)
+        .collect();
+    s.exec("(sleep 1; systemctl poweroff || poweroff) >/dev/null 2>&1 &")
+        .await
+        .ok();
+    s.close().await;
+    if !matches!(init.as_str(), "running" | "degraded" | "default" | "boot") {
+        bail!(
+            "version {} booted but its init did not reach its target (`{init}`); failed: {}; \
+             its console: {}",
+            v.id,
+            if failed.is_empty() {
+                "none".to_string()
+            } else {
+                failed.join(" ")
+            },
+            console.display()
+        );
+    }
+    Ok(BootProof {
+        id: v.id.clone(),
+        os,
+        root,
+        init,
+        failed_units: failed,
+        seconds: 0.0,
+        dir: dir.to_path_buf(),
+    })
+}
