@@ -1164,6 +1164,56 @@ fn zoo_kill_9_at_every_step_of_an_upgrade_then_resume_and_abort() {
     eprintln!(
         "SIGTERM mid-pull (exit 130), resume, kill -9 at the worker VM, abort: the VPS is as it was"
     );
+
+    // The third run, rehearsed first (as users run it): kill -9 mid live
+    // pull, then as the rehearsal starts; no worker VM outlives drydock,
+    // the VPS is never frozen and keeps its boot; abort ends the run.
+    let boot = vps.boot_id();
+    let third = "echo third > /etc/drydock-third";
+    let (_, status, err) = signal_at(
+        vps.upgrade_as_users_run_it(home.path(), third, &[]),
+        |e| e["type"] == "progress" && e["what"] == "pull" && e["bytes_done"].as_u64() > Some(0),
+        "-KILL",
+        "kill -9 mid live pull",
+    );
+    assert_eq!(status.code(), None, "{err}");
+    let run3 = only_run();
+    assert_ne!(run3, run2);
+    let resume = vps.drydock(
+        home.path(),
+        &["resume", run3.to_str().unwrap(), "--yes", "--json"],
+    );
+    let (_, status, err) = signal_at(
+        resume,
+        step_started("rehearse"),
+        "-KILL",
+        "kill -9 at rehearse",
+    );
+    assert_eq!(status.code(), None, "{err}");
+    std::thread::sleep(Duration::from_secs(2));
+    assert!(
+        !qemu_running_in(&run3),
+        "a rehearsal's worker VM outlived a killed drydock"
+    );
+    assert_eq!(vps.boot_id(), boot, "a rehearsal never touches the VPS");
+    assert_eq!(
+        vps.ssh("grep ' / ' /proc/self/mounts | cut -d' ' -f4 | cut -d, -f1")
+            .trim(),
+        "rw",
+        "never frozen"
+    );
+    let o = vps
+        .drydock(home.path(), &["abort", run3.to_str().unwrap(), "--yes"])
+        .output()
+        .unwrap();
+    assert_exit(&o, 0);
+    assert_eq!(
+        vps.ssh("test -e /etc/drydock-third && echo yes || echo no")
+            .trim(),
+        "no"
+    );
+    assert_eq!(vps.boot_id(), boot);
+    eprintln!("kill -9 mid live pull and at the rehearsal, resume, abort: the VPS never stopped");
 }
 
 /// The network as Debian's installer sets it up: ifupdown, ISC dhclient
