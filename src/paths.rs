@@ -44,6 +44,17 @@ pub fn backups_dir() -> Result<PathBuf> {
     Ok(data.join("drydock").join("backups"))
 }
 
+/// Make DIR (and its parents) if needed, readable by its owner only: it
+/// holds disk images.
+pub fn private_dir(dir: &std::path::Path) -> Result<()> {
+    use std::os::unix::fs::DirBuilderExt;
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
+        .with_context(|| format!("cannot make {}", dir.display()))
+}
+
 /// The state folder from `$XDG_STATE_HOME` and the home folder. An empty
 /// or relative XDG_STATE_HOME is ignored, as the XDG base directory
 /// specification says.

@@ -59,14 +59,7 @@ impl BootProof {
 /// (laid out once; kept while its manifest says it is this version).
 pub fn laid_out(store: &Store, v: &Version, ui: &Ui) -> Result<PathBuf> {
     let dir = crate::paths::state_dir()?.join("backups-boot");
-    {
-        use std::os::unix::fs::DirBuilderExt;
-        std::fs::DirBuilder::new()
-            .recursive(true)
-            .mode(0o700)
-            .create(&dir)
-            .with_context(|| format!("cannot make {}", dir.display()))?;
-    }
+    crate::paths::private_dir(&dir)?;
     let name = store
         .dir
         .file_name()
@@ -103,14 +96,7 @@ pub async fn verify_boot(
             .unwrap_or_default(),
         &stamp[..15.min(stamp.len())]
     ));
-    {
-        use std::os::unix::fs::DirBuilderExt;
-        std::fs::DirBuilder::new()
-            .recursive(true)
-            .mode(0o700)
-            .create(&dir)
-            .with_context(|| format!("cannot make {}", dir.display()))?;
-    }
+    crate::paths::private_dir(&dir)?;
     let overlay = dir.join("overlay.qcow2");
     vm::image::create_overlay(&image, &overlay).await?;
     let shape = v.shape.clone().unwrap_or_default();

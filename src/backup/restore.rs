@@ -126,14 +126,7 @@ pub async fn restore(
 /// Where the version is laid out: `$XDG_STATE_HOME/drydock/restores/`.
 fn work_image(store: &Store, v: &Version) -> Result<PathBuf> {
     let dir = crate::paths::state_dir()?.join("restores");
-    {
-        use std::os::unix::fs::DirBuilderExt;
-        std::fs::DirBuilder::new()
-            .recursive(true)
-            .mode(0o700)
-            .create(&dir)
-            .with_context(|| format!("cannot make {}", dir.display()))?;
-    }
+    crate::paths::private_dir(&dir)?;
     let name = store
         .dir
         .file_name()

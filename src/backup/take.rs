@@ -8,7 +8,7 @@ use std::path::PathBuf;
 use std::time::Instant;
 
 use anyhow::{Result, anyhow, bail};
-use drydock_helper::proto::{Msg, VERSION};
+use drydock_helper::proto::Msg;
 use serde::Serialize;
 
 use super::store::{Consistency, Store, Version};
@@ -19,8 +19,8 @@ use crate::image::manifest::{
 use crate::remote::Facts;
 use crate::remote::device::{self, Device};
 use crate::ssh::Session;
-use crate::transfer::helper::{self, Link, Mode};
-use crate::transfer::pull::precopy::{BlockSink, fetch_blocks};
+use crate::transfer::helper::{self, Mode};
+use crate::transfer::pull::precopy::{BlockSink, fetch_blocks, open_and_hash};
 use crate::ui::{Ui, human_bytes};
 use crate::{refused, transfer};
 
@@ -285,34 +285,7 @@ async fn with_helper(
 ) -> Result<Got> {
     let size = dev.size;
     let n = block_count(size);
-    let mut link = Link::start(session, remote).await?;
-    link.send(
-        Msg::Open {
-            version: VERSION,
-            device: dev.path.clone(),
-            write: false,
-        }
-        .encode(),
-    )
-    .await?;
-    match link.recv().await? {
-        Msg::Opened { size: s, .. } if s == size => {}
-        Msg::Opened { size: s, .. } => bail!(
-            "the helper sees {} as {s} bytes where drydock saw {size}",
-            dev.path
-        ),
-        m => bail!("the helper answered Open with {}", m.name()),
-    }
-    let bar = ui.bytes_bar(size, "check");
-    let mut host: Vec<Hash> = Vec::with_capacity(n as usize);
-    link.hash_blocks(&[(0, n)], false, |i, h, _| {
-        bar.inc(block_len(size, i));
-        host.push(*h);
-        Ok(())
-    })
-    .await?
-    .map_err(|e| anyhow!(e))?;
-    bar.finish();
+    let (mut link, mut host) = open_and_hash(session, remote, dev, ui).await?;
     let mut sink = StoreSink {
         store,
         added: BTreeSet::new(),

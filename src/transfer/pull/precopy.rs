@@ -158,36 +158,7 @@ async fn with_helper(
 ) -> Result<Got> {
     let size = dev.size;
     let n = block_count(size);
-    let mut link = Link::start(session, remote).await?;
-    link.send(
-        Msg::Open {
-            version: VERSION,
-            device: dev.path.clone(),
-            write: false,
-        }
-        .encode(),
-    )
-    .await?;
-    match link.recv().await? {
-        Msg::Opened { size: s, .. } if s == size => {}
-        Msg::Opened { size: s, .. } => bail!(
-            "the helper sees {} as {s} bytes where drydock saw {size}",
-            dev.path
-        ),
-        m => bail!("the helper answered Open with {}", m.name()),
-    }
-
-    // The whole disk hashed on the host, against the live copy.
-    let bar = ui.bytes_bar(size, "check");
-    let mut host: Vec<Hash> = Vec::with_capacity(n as usize);
-    link.hash_blocks(&[(0, n)], false, |i, h, _| {
-        bar.inc(block_len(size, i));
-        host.push(*h);
-        Ok(())
-    })
-    .await?
-    .map_err(|e| anyhow!(e))?;
-    bar.finish();
+    let (mut link, mut host) = open_and_hash(session, remote, dev, ui).await?;
     // Blocks an interrupted update was rewriting: fetched again unless
     // the image already holds what the host does (it got that far).
     let earlier: BTreeSet<u64> = read_state(image)?;
@@ -280,6 +251,47 @@ async fn with_helper(
         bytes_written: written,
         peak_rss_kib,
     })
+}
+
+/// The helper's link, the device opened for reading, and the hash of
+/// every block of it as the host reads it now (at disk speed there).
+pub(crate) async fn open_and_hash(
+    session: &Session,
+    remote: &Remote,
+    dev: &Device,
+    ui: &Ui,
+) -> Result<(Link, Vec<Hash>)> {
+    let size = dev.size;
+    let n = block_count(size);
+    let mut link = Link::start(session, remote).await?;
+    link.send(
+        Msg::Open {
+            version: VERSION,
+            device: dev.path.clone(),
+            write: false,
+        }
+        .encode(),
+    )
+    .await?;
+    match link.recv().await? {
+        Msg::Opened { size: s, .. } if s == size => {}
+        Msg::Opened { size: s, .. } => bail!(
+            "the helper sees {} as {s} bytes where drydock saw {size}",
+            dev.path
+        ),
+        m => bail!("the helper answered Open with {}", m.name()),
+    }
+    let bar = ui.bytes_bar(size, "check");
+    let mut host: Vec<Hash> = Vec::with_capacity(n as usize);
+    link.hash_blocks(&[(0, n)], false, |i, h, _| {
+        bar.inc(block_len(size, i));
+        host.push(*h);
+        Ok(())
+    })
+    .await?
+    .map_err(|e| anyhow!(e))?;
+    bar.finish();
+    Ok((link, host))
 }
 
 /// Where [`fetch_blocks`] puts what it read.
