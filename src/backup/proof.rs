@@ -58,14 +58,7 @@ impl BootProof {
 /// The version as a raw image under `$XDG_STATE_HOME/drydock/backups-boot`
 /// (laid out once; kept while its manifest says it is this version).
 pub fn laid_out(store: &Store, v: &Version, ui: &Ui) -> Result<PathBuf> {
-    let dir = crate::paths::state_dir()?.join("backups-boot");
-    crate::paths::private_dir(&dir)?;
-    let name = store
-        .dir
-        .file_name()
-        .map(|n| n.to_string_lossy().to_string())
-        .unwrap_or_default();
-    let image = dir.join(format!("{name}-{}.raw", v.id));
+    let image = store.layout_path(v, "backups-boot")?;
     let m = crate::image::manifest::Manifest::path_for(&image);
     let same = crate::image::manifest::Manifest::load(&m)
         .map(|l| l.digest == v.manifest.digest)

@@ -103,7 +103,7 @@ pub async fn restore(
             session.target.typed_arg()
         ));
     }
-    let work = work_image(store, v)?;
+    let work = store.layout_path(v, "restores")?;
     let res = restore_with(session, facts, (store, v), &dev, &work, transfer, ui).await;
     for p in [
         work.clone(),
@@ -121,18 +121,6 @@ pub async fn restore(
         unused_bytes: dev.size - size,
         push,
     })
-}
-
-/// Where the version is laid out: `$XDG_STATE_HOME/drydock/restores/`.
-fn work_image(store: &Store, v: &Version) -> Result<PathBuf> {
-    let dir = crate::paths::state_dir()?.join("restores");
-    crate::paths::private_dir(&dir)?;
-    let name = store
-        .dir
-        .file_name()
-        .map(|n| n.to_string_lossy().to_string())
-        .unwrap_or_default();
-    Ok(dir.join(format!("{name}-{}.raw", v.id)))
 }
 
 async fn restore_with(

@@ -163,6 +163,19 @@ impl Store {
         }
     }
 
+    /// Where version V is laid out as a raw image for a job (a folder of
+    /// the state folder: `restores`, `backups-boot`), made 0700.
+    pub fn layout_path(&self, v: &Version, job: &str) -> Result<PathBuf> {
+        let dir = crate::paths::state_dir()?.join(job);
+        crate::paths::private_dir(&dir)?;
+        let name = self
+            .dir
+            .file_name()
+            .map(|n| n.to_string_lossy().to_string())
+            .unwrap_or_default();
+        Ok(dir.join(format!("{name}-{}.raw", v.id)))
+    }
+
     pub fn block_path(&self, hash: &str) -> PathBuf {
         self.dir
             .join("blocks")

@@ -156,12 +156,7 @@ pub async fn backup(
     let blocks: Vec<String> = got.blocks.iter().map(to_hex).collect();
     let manifest = Manifest::new(
         dev.size,
-        Some(Source {
-            host: session.host(),
-            device: dev.path.clone(),
-            boot_id: facts.boot_id.clone(),
-            pulled_at: transfer::now(),
-        }),
+        Some(Source::read_now(session.host(), &dev.path, &facts.boot_id)),
         segments,
         blocks,
     )?;

@@ -60,6 +60,18 @@ pub struct Source {
     pub pulled_at: String,
 }
 
+impl Source {
+    /// DEVICE of HOST in the boot BOOT_ID, read now.
+    pub fn read_now(host: String, device: &str, boot_id: &str) -> Source {
+        Source {
+            host,
+            device: device.to_string(),
+            boot_id: boot_id.to_string(),
+            pulled_at: crate::transfer::now(),
+        }
+    }
+}
+
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Manifest {
     pub format: String,

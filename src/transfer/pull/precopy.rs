@@ -27,7 +27,6 @@ use crate::refused;
 use crate::remote::Facts;
 use crate::remote::device::{self, Device};
 use crate::ssh::Session;
-use crate::transfer;
 use crate::transfer::helper::{self, Link, Mode, PULL_LEVEL, Remote};
 use crate::ui::{Ui, human_bytes};
 
@@ -105,12 +104,7 @@ pub async fn precopy(
     removed?;
     let manifest = Manifest::new(
         dev.size,
-        Some(Source {
-            host: session.host(),
-            device: dev.path.clone(),
-            boot_id: facts.boot_id.clone(),
-            pulled_at: transfer::now(),
-        }),
+        Some(Source::read_now(session.host(), &dev.path, &facts.boot_id)),
         got.segments,
         got.blocks,
     )?;
