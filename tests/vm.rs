@@ -2093,7 +2093,9 @@ fn zoo_backups_of_a_live_vps_are_incremental_and_boot() {
     eprintln!("first backup ({:?}): {first}", t0.elapsed());
     assert_eq!(first["consistency"], "crash-consistent");
     let data = first["data_blocks"].as_u64().unwrap();
-    assert_eq!(first["sent_blocks"].as_u64().unwrap(), data);
+    // Every data block, but those the disk holds twice (sent once).
+    let sent1 = first["sent_blocks"].as_u64().unwrap();
+    assert!(sent1 <= data && sent1 >= data * 9 / 10, "{first}");
     // fsfreeze flushes ext4's journal to its place, so that the marker is
     // in the copy's files without a journal replay (debugfs reads below
     // do none).

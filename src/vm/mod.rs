@@ -44,7 +44,8 @@ pub struct Vm {
 
 impl Vm {
     /// Start QEMU and connect to its QMP socket.
-    pub async fn start(spec: VmSpec, stderr_log: PathBuf) -> Result<Vm> {
+    pub async fn start(mut spec: VmSpec, stderr_log: PathBuf) -> Result<Vm> {
+        spec.qmp_socket = socket_path(&spec.qmp_socket);
         let args = cmdline::qemu_args(&spec);
         tracing::debug!(
             "{QEMU} {}",
@@ -256,6 +257,27 @@ pub fn check_firmware(shape: &shape::Shape) -> Result<()> {
 /// then kept: the boot entries the guest writes survive its reboots, as on
 /// the VPS). An empty store boots the disk's fallback loader,
 /// EFI/BOOT/BOOTX64.EFI.
+/// Where a unix socket wanted at WANT listens: there, unless the path is
+/// too long for a socket address (108 bytes with its NUL; a deep home or
+/// test folder reaches it, and QEMU then refuses to start). Then a short
+/// path in `$XDG_RUNTIME_DIR` (else /tmp) named by WANT's hash, so that
+/// every part of drydock that asks for WANT gets the same one. Sockets are
+/// made under drydock's umask (0077): only their owner can connect.
+pub fn socket_path(want: &Path) -> PathBuf {
+    if want.as_os_str().len() < 100 {
+        return want.to_path_buf();
+    }
+    let base = std::env::var_os("XDG_RUNTIME_DIR")
+        .map(PathBuf::from)
+        .filter(|p| p.is_absolute() && p.as_os_str().len() < 60)
+        .unwrap_or_else(|| PathBuf::from("/tmp"));
+    let h = crate::image::manifest::sha256(want.as_os_str().as_encoded_bytes());
+    base.join(format!(
+        "drydock-{}.sock",
+        &crate::image::manifest::to_hex(&h)[..16]
+    ))
+}
+
 pub fn efi_for(shape: &shape::Shape, dir: &Path) -> Result<Option<(PathBuf, PathBuf)>> {
     if shape.firmware == shape::Firmware::Bios {
         return Ok(None);
@@ -272,6 +294,17 @@ pub fn efi_for(shape: &shape::Shape, dir: &Path) -> Result<Option<(PathBuf, Path
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_socket_path_too_long_for_sun_path_is_made_short_and_stays_the_same() {
+        let short = Path::new("/s/qmp.sock");
+        assert_eq!(socket_path(short), short);
+        let long = PathBuf::from(format!("/{}/qmp.sock", "d".repeat(120)));
+        let p = socket_path(&long);
+        assert!(p.as_os_str().len() < 100, "{}", p.display());
+        assert_eq!(p, socket_path(&long));
+        assert_ne!(p, socket_path(&long.with_file_name("proxy.sock")));
+    }
 
     #[test]
     fn a_machine_without_ovmf_is_refused_with_what_to_install() {

@@ -268,6 +268,7 @@ impl Proxy {
         log: &Path,
         cache: Option<&Path>,
     ) -> Result<Proxy> {
+        let socket = &super::socket_path(socket);
         let _ = std::fs::remove_file(socket);
         let listener = tokio::net::UnixListener::bind(socket)
             .with_context(|| format!("cannot listen on {}", socket.display()))?;
