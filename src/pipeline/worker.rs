@@ -6,7 +6,7 @@
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Result, bail};
 
 use super::journal::Journal;
 use super::{guest, plan_of};
@@ -174,8 +174,7 @@ pub(super) async fn upgrade_in_vm(dir: &Path, j: &mut Journal, ui: &Ui) -> Resul
             Some(&dir.join("downloads")),
         )?)
     };
-    let exe = std::env::current_exe()
-        .context("cannot find drydock's own executable for the proxy relay")?;
+    let exe = vm::proxy::relay_program();
     let mut w = Worker {
         dir,
         overlay,

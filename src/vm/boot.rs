@@ -269,7 +269,7 @@ fn network(
     let proxy_ip = cmdline::proxy_addr(shape);
     let sealed = (!opts.network_open).then(|| cmdline::NetSeal {
         proxy: proxy.as_ref().map(|p| {
-            let exe = std::env::current_exe().unwrap_or_else(|_| PathBuf::from("drydock"));
+            let exe = super::proxy::relay_program();
             (
                 proxy_ip,
                 format!(

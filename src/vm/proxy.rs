@@ -329,6 +329,19 @@ impl Drop for Proxy {
     }
 }
 
+/// The program QEMU runs as the relay (`PROGRAM __relay SOCKET`): this
+/// very drydock, as `/proc/PID/exe`. Not the path it was started from:
+/// a drydock replaced on disk during a run (an upgrade of the package, a
+/// rebuild) leaves that path naming another program, or none ("… (deleted)"
+/// is what the kernel then says of it), and every guest connection to the
+/// proxy failed. Seen: a rehearsal of 39 minutes, drydock rebuilt
+/// meanwhile, then the real upgrade's `apt-get update` got "Connection
+/// failed" from every source and upgraded nothing (the verify boot caught
+/// it: nothing was pushed).
+pub fn relay_program() -> PathBuf {
+    PathBuf::from(format!("/proc/{}/exe", std::process::id()))
+}
+
 /// `drydock __relay SOCKET`: what QEMU spawns for each guest connection to
 /// the proxy; stdin and stdout are that connection.
 pub fn relay(socket: &Path) -> Result<()> {
@@ -407,6 +420,32 @@ pub fn allow_list(sources: &[String], os_id: &str, extra: &[String]) -> Vec<Stri
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The relay is this very program, and /proc/PID/exe still runs a
+    /// program whose file was removed or replaced while it ran, where the
+    /// path it was started from does not (a copy of sleep stands for
+    /// drydock).
+    #[test]
+    fn the_relay_program_runs_after_the_file_drydock_started_from_is_gone() {
+        assert_eq!(
+            std::fs::read_link(relay_program()).unwrap(),
+            std::env::current_exe().unwrap()
+        );
+        let dir = tempfile::tempdir().unwrap();
+        let copy = dir.path().join("sleep");
+        std::fs::copy("/bin/sleep", &copy).unwrap();
+        let mut running = std::process::Command::new(&copy).arg("30").spawn().unwrap();
+        std::fs::remove_file(&copy).unwrap();
+        let by_path = std::process::Command::new(&copy).arg("0").status();
+        let by_proc = std::process::Command::new(format!("/proc/{}/exe", running.id()))
+            .arg("0")
+            .status()
+            .unwrap();
+        running.kill().unwrap();
+        running.wait().unwrap();
+        assert!(by_path.is_err(), "the removed path still ran");
+        assert!(by_proc.success());
+    }
 
     #[test]
     fn only_files_that_never_change_are_kept_and_by_hash_ones_only_when_they_match() {
