@@ -130,7 +130,16 @@ pub async fn verify_boot(
             "{}: the verify boot was stopped; the version is unchanged",
             Ui::interrupted_text(sig)
         )).into()),
-        r = prove(&mut vm, port, identity, &dir, v) => r,
+        // A guest that stops answering mid-check (its sshd up, its PID 1
+        // stuck) must not hold verify forever: 30 minutes in all.
+        r = tokio::time::timeout(
+            Duration::from_secs(1800),
+            prove(&mut vm, port, identity, &dir, v),
+        ) => r.unwrap_or_else(|_| Err(anyhow::anyhow!(
+            "version {} did not finish its boot checks within 30 minutes; its console: {}",
+            v.id,
+            dir.join("serial.log").display()
+        ))),
     };
     let off = vm.power_off(Duration::from_secs(120)).await;
     let mut proof = res?;
