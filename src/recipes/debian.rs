@@ -35,7 +35,12 @@ pub fn apt_release_upgrade(from: &str, to: &str) -> Vec<String> {
         format!(
             "set -e; for f in /etc/apt/sources.list /etc/apt/sources.list.d/*.list /etc/apt/sources.list.d/*.sources; do [ -f \"$f\" ] && {sed} \"$f\"; done; grep -rhs '^[^#]' /etc/apt/sources.list /etc/apt/sources.list.d/ | grep -q {to}"
         ),
-        format!("{APT} update"),
+        // apt-get update exits 0 when it fetched nothing ("Some index files
+        // failed to download. They have been ignored"): the upgrade would
+        // then find nothing to do and fail only at the verify boot. Any
+        // failed fetch ends it here (apt >= 2.1.16 knows the option; an
+        // older apt ignores an unknown -o).
+        format!("{APT} -o APT::Update::Error-Mode=any update"),
         format!("{APT} upgrade --without-new-pkgs"),
         format!("{APT} full-upgrade"),
         format!("{APT} autoremove --purge"),
@@ -108,6 +113,52 @@ mod tests {
         let (code, out) = grub_check(true, "/dev/disk/by-id/gone");
         assert_eq!(code, 3);
         assert!(out.contains("'/dev/disk/by-id/gone'"), "{out}");
+    }
+
+    /// The recipe's `apt-get update`, run by this machine's real apt on a
+    /// sources list whose one mirror refuses connections: it must fail
+    /// (plain `apt-get update` exits 0 there, and the upgrade after it
+    /// finds nothing to do).
+    #[test]
+    fn apt_update_that_fetches_nothing_fails() {
+        if std::process::Command::new("apt-get")
+            .arg("--version")
+            .output()
+            .is_err()
+        {
+            eprintln!("no apt-get on this machine; skipped");
+            return;
+        }
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path();
+        std::fs::create_dir_all(p.join("lists/partial")).unwrap();
+        std::fs::create_dir_all(p.join("cache/archives/partial")).unwrap();
+        std::fs::write(
+            p.join("sources.list"),
+            "deb http://127.0.0.1:9/debian trixie main\n",
+        )
+        .unwrap();
+        let own = format!(
+            "-o Dir::Etc::SourceList={0}/sources.list -o Dir::Etc::SourceParts={0}/none \
+             -o Dir::State::Lists={0}/lists -o Dir::Cache={0}/cache -o Debug::NoLocking=1 \
+             -o APT::Sandbox::User=root -o Acquire::Retries=0",
+            p.display()
+        );
+        let run = |cmd: &str| {
+            std::process::Command::new("sh")
+                .args(["-c", &cmd.replacen(" update", &format!(" {own} update"), 1)])
+                .output()
+                .unwrap()
+        };
+        let update = &apt_release_upgrade("bookworm", "trixie")[1];
+        let plain = run(&format!("{APT} update"));
+        assert!(plain.status.success(), "{plain:?}");
+        let o = run(update);
+        assert!(!o.status.success(), "{o:?}");
+        assert!(
+            String::from_utf8_lossy(&o.stdout).contains("Err:1 http://127.0.0.1:9/debian trixie"),
+            "{o:?}"
+        );
     }
 
     #[test]
