@@ -475,10 +475,20 @@ sleep 3; grep -c app /var/lib/drydock-app.log"#
 /// comes from a worker boot, the listener saw nothing, the refusals are
 /// named in the run log and the report, and the enabled units and /etc
 /// are as they were, apart from the --run change.
+/// The default `upgrade` (rehearsal on a live copy, freeze, pre-copy),
+/// killed in the middle of the real upgrade, resumed: the worker VMs are
+/// sealed, the VPS comes back changed, and the frozen base was exact (the
+/// service's log on the upgraded VPS runs to the freeze, not to the live
+/// pull).
 #[test]
 fn upgrade_killed_mid_upgrade_resumes_sealed_and_the_vps_comes_back_changed() {
     let vps = Vps::start(12);
     let home = tempdir();
+    let serving = Serving::start(&vps);
+    let started = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
     let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let port = listener.local_addr().unwrap().port();
     listener.set_nonblocking(true).unwrap();
@@ -502,7 +512,6 @@ fn upgrade_killed_mid_upgrade_resumes_sealed_and_the_vps_comes_back_changed() {
                 "-i",
                 vps.key.to_str().unwrap(),
                 "--accept-new-host-key",
-                "--no-rehearsal",
                 "--run",
                 &cmd,
                 "--yes",
@@ -513,26 +522,34 @@ fn upgrade_killed_mid_upgrade_resumes_sealed_and_the_vps_comes_back_changed() {
             ],
         )
         .stdout(Stdio::null())
-        .stderr(Stdio::null())
+        .stderr(std::fs::File::create(home.path().join("upgrade.stderr")).unwrap())
         .spawn()
         .unwrap();
     let runs = home.path().join("state/drydock/runs");
     let t0 = Instant::now();
+    // The command runs twice, in the rehearsal's worker VM and then in the
+    // real upgrade's: killed in the second.
+    let mut rehearsed = None;
     let run_dir = loop {
         let found = std::fs::read_dir(&runs)
             .ok()
             .and_then(|mut d| d.next())
             .and_then(|e| e.ok())
             .map(|e| e.path());
-        if let Some(d) = found
-            && std::fs::read_to_string(d.join("run.log"))
-                .map(|l| l.contains("sleep 20"))
-                .unwrap_or(false)
-        {
-            break d;
+        if let Some(d) = found {
+            let done = std::fs::read_to_string(d.join("journal.json")).unwrap_or_default();
+            let ran = std::fs::read_to_string(d.join("run.log"))
+                .unwrap_or_default()
+                .matches("sleep 20")
+                .count();
+            match rehearsed {
+                None if done.contains("\"rehearse\"") => rehearsed = Some(ran),
+                Some(n) if ran > n => break d,
+                _ => {}
+            }
         }
         assert!(
-            t0.elapsed() < Duration::from_secs(1500),
+            t0.elapsed() < Duration::from_secs(2400),
             "the run never reached the upgrade step"
         );
         assert!(child.try_wait().unwrap().is_none(), "drydock ended early");
@@ -554,7 +571,13 @@ fn upgrade_killed_mid_upgrade_resumes_sealed_and_the_vps_comes_back_changed() {
         .iter()
         .map(|r| r["step"].as_str().unwrap())
         .collect();
-    assert_eq!(done, vec!["probe", "freeze", "pull"]);
+    assert_eq!(
+        done,
+        vec!["probe", "live-pull", "rehearse", "freeze", "pull"]
+    );
+    let err = std::fs::read_to_string(home.path().join("upgrade.stderr")).unwrap();
+    assert!(err.contains("the rehearsal passed"), "{err}");
+    assert!(err.contains("changed since the live copy"), "{err}");
     assert_eq!(
         vps.ssh("grep ' / ' /proc/self/mounts | cut -d' ' -f4 | cut -d, -f1")
             .trim(),
@@ -632,6 +655,27 @@ fn upgrade_killed_mid_upgrade_resumes_sealed_and_the_vps_comes_back_changed() {
         "a delta push moves little: pulled {pulled}, pushed {pushed}"
     );
     assert!(r["downtime_seconds"].as_f64().unwrap() > 0.0);
+    let live = r["bytes_pulled_live"].as_u64().unwrap();
+    let frozen = pulled - live;
+    eprintln!("live pull: {live} bytes on the wire; pre-copy after the freeze: {frozen}");
+    assert!(
+        frozen * 4 < live,
+        "the pre-copy sent {frozen} bytes, the live pull {live}"
+    );
+    assert!(r["rehearsal_seconds"].as_f64().unwrap() > 0.0, "{r}");
+    assert!(r["delta_blocks"].as_u64().unwrap() > 0, "{r}");
+    assert!(r["pushed_blocks"].as_u64().unwrap() > 0, "{r}");
+    // The service wrote through the live part; what it wrote up to the
+    // freeze is on the upgraded disk: the pre-copy brought the base up to
+    // the frozen disk, not only to the live copy.
+    let live_seconds = r["live_seconds"].as_f64().unwrap();
+    let last = serving.last();
+    assert!(
+        last + 15 >= started + live_seconds as u64,
+        "the log on the VPS ends at {last}, {} s after the run started; the live part took \
+         {live_seconds:.0} s",
+        last.saturating_sub(started)
+    );
     // Helper mode by default, within its memory budget on the 1 GB VPS.
     assert_eq!(r["pull_transfer"], "helper", "{r}");
     assert_eq!(r["push_transfer"], "helper", "{r}");
@@ -792,13 +836,10 @@ impl<'a> Serving<'a> {
 
 /// `drydock upgrade` rehearses on a live copy first. A rehearsal that
 /// fails stops the run before the freeze: the VPS kept serving, and abort
-/// has nothing to give back. One that passes is followed by the freeze and
-/// a pre-copy that sends only what changed since the live pull; the frozen
-/// base is exact (the service's log on the upgraded VPS runs to the
-/// freeze, not to the live pull), and the report shows the live part, the
-/// downtime and the rehearsal's prediction.
+/// has nothing to give back. (One that passes, the freeze and the
+/// pre-copy after it: `upgrade_killed_mid_upgrade_resumes_sealed_...`.)
 #[test]
-fn upgrade_rehearses_live_stops_before_the_freeze_on_failure_and_pre_copies_after_it() {
+fn upgrade_rehearses_live_and_stops_before_the_freeze_on_failure() {
     let vps = Vps::start(12);
     let home = tempdir();
     let serving = Serving::start(&vps);
@@ -845,63 +886,6 @@ fn upgrade_rehearses_live_stops_before_the_freeze_on_failure_and_pre_copies_afte
     assert_exit(&o, 0);
     assert_stderr(&o, "the VPS was never frozen: nothing to give back");
     std::fs::remove_dir_all(&run).unwrap();
-
-    let started = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_secs();
-    let o = vps
-        .upgrade_as_users_run_it(home.path(), CHANGE, &[])
-        .output()
-        .unwrap();
-    assert_exit(&o, 0);
-    assert_steps(
-        &o,
-        &[
-            "probe",
-            "live-pull",
-            "rehearse",
-            "freeze",
-            "pull",
-            "upgrade",
-            "push",
-            "reboot",
-            "check",
-        ],
-    );
-    let r = json(&o);
-    eprintln!("{}", serde_json::to_string_pretty(&r).unwrap());
-    assert!(
-        stderr(&o).contains("changed since the live copy"),
-        "{}",
-        stderr(&o)
-    );
-    let live = r["bytes_pulled_live"].as_u64().unwrap();
-    let frozen = r["bytes_pulled"].as_u64().unwrap() - live;
-    eprintln!("live pull: {live} bytes on the wire; pre-copy after the freeze: {frozen}");
-    assert!(
-        frozen * 4 < live,
-        "the pre-copy sent {frozen} bytes, the live pull {live}"
-    );
-    let live_seconds = r["live_seconds"].as_f64().unwrap();
-    assert!(r["downtime_seconds"].as_f64().unwrap() > 0.0, "{r}");
-    assert!(r["rehearsal_seconds"].as_f64().unwrap() > 0.0, "{r}");
-    assert!(r["delta_blocks"].as_u64().unwrap() > 0, "{r}");
-    assert!(r["pushed_blocks"].as_u64().unwrap() > 0, "{r}");
-    assert_eq!(
-        vps.ssh("cat /etc/drydock-was-here").trim(),
-        "upgraded offline by drydock"
-    );
-    // The service wrote through the live part; what it wrote up to the
-    // freeze is on the upgraded disk: the pre-copy brought the base up to
-    // the frozen disk, not only to the live copy.
-    let last = serving.last();
-    assert!(
-        last + 15 >= started + live_seconds as u64,
-        "the log on the VPS ends at {last}, {} s after the run started; the live part took \
-         {live_seconds:.0} s",
-        last.saturating_sub(started)
-    );
 }
 
 /// What the rehearsal downloaded is served again to the real upgrade's

@@ -4,10 +4,13 @@
 //! the disk holds cross the link, each range read back and verified.
 //!
 //! A larger disk gets the version at its start; a GPT's backup header is
-//! moved to the disk's new end (`sfdisk --relocate gpt-bak-std`, on the
-//! local image, before anything is written). The last partition and its
-//! filesystem are not grown yet: the space after them stays unused, and
-//! the output says so.
+//! moved to the disk's new end (`sfdisk --relocate gpt-bak-std`), and the
+//! last partition is grown to the disk's end (`sfdisk -N`), all on the
+//! local image, before anything is written. An ext2/3/4 filesystem in it
+//! is grown there too, offline (`e2fsck -f -p`, then `resize2fs` to the
+//! partition's size: e2fsprogs open an image at an offset, `IMAGE?offset=N`,
+//! with no loop device and no root). XFS and btrfs grow only while mounted:
+//! the output gives the one command to run on the host once it is up.
 
 use std::path::{Path, PathBuf};
 
@@ -33,6 +36,8 @@ pub struct RestoreReport {
     pub gpt_relocated: bool,
     /// Bytes at the end of a larger disk that no partition uses.
     pub unused_bytes: u64,
+    /// What was grown to use a larger disk, or why it was not.
+    pub grown: Option<Grown>,
     pub push: PushReport,
 }
 
@@ -52,17 +57,16 @@ impl RestoreReport {
             human_bytes(self.push.bytes_on_wire),
             self.push.seconds
         );
-        if self.unused_bytes > 0 {
+        if let Some(g) = &self.grown {
             s.push_str(&format!(
-                "  the disk is {} larger than the version: {}the last partition and its \
-                 filesystem were not grown (not built yet), so that space is unused; grow them \
-                 on the host (growpart, then resize2fs, xfs_growfs or btrfs filesystem resize)\n",
-                human_bytes(self.unused_bytes),
+                "  the disk is {} larger than the version: {}{}\n",
+                human_bytes(self.disk_size - self.version_size),
                 if self.gpt_relocated {
                     "the GPT's backup header was moved to the disk's end; "
                 } else {
                     ""
-                }
+                },
+                g.said
             ));
         }
         s
@@ -111,14 +115,19 @@ pub async fn restore(
     ] {
         std::fs::remove_file(p).ok();
     }
-    let (push, gpt_relocated) = res?;
+    let (push, gpt_relocated, grown) = res?;
     Ok(RestoreReport {
         id: v.id.clone(),
         store: store.dir.clone(),
         version_size: size,
         disk_size: dev.size,
         gpt_relocated,
-        unused_bytes: dev.size - size,
+        unused_bytes: if grown.as_ref().is_some_and(|g| g.partition.is_some()) {
+            0
+        } else {
+            dev.size - size
+        },
+        grown,
         push,
     })
 }
@@ -131,11 +140,12 @@ async fn restore_with(
     work: &Path,
     transfer: Mode,
     ui: &Ui,
-) -> Result<(PushReport, bool)> {
+) -> Result<(PushReport, bool, Option<Grown>)> {
     let bar = ui.bytes_bar(v.manifest.size, "lay out");
     store.materialize(v, work, |n| bar.inc(n))?;
     bar.finish();
     let mut relocated = false;
+    let mut grown = None;
     if dev.size > v.manifest.size {
         std::fs::OpenOptions::new()
             .write(true)
@@ -159,6 +169,9 @@ async fn restore_with(
             }
             relocated = true;
         }
+        let g = grow_last(work)?;
+        ui.say(format!("{}: {}", dev.path, g.said));
+        grown = Some(g);
         // The manifest laid out beside it is of the version's size: the
         // push hashes the image as it now is.
         std::fs::remove_file(crate::image::manifest::Manifest::path_for(work)).ok();
@@ -172,7 +185,286 @@ async fn restore_with(
         base_image: None,
     };
     let r = push::push(session, facts, &opts, ui).await?;
-    Ok((r, relocated))
+    Ok((r, relocated, grown))
+}
+
+/// What a restore onto a larger disk did with the space after the version.
+#[derive(Debug, Clone, Serialize)]
+pub struct Grown {
+    /// The partition grown to the disk's end (its number), if one was.
+    pub partition: Option<u32>,
+    /// The filesystem found in it: ext4, xfs, btrfs, LVM2_member, swap, ...
+    pub filesystem: Option<String>,
+    /// Whether that filesystem now fills the partition.
+    pub filesystem_grown: bool,
+    /// In words, with the command to finish on the host when one is left.
+    pub said: String,
+}
+
+/// The partition that ends last on IMAGE (`sfdisk --json`): its number,
+/// start and size in 512-byte sectors, its type, and whether it is an MBR
+/// extended partition or one inside it.
+#[derive(Debug, PartialEq)]
+struct LastPart {
+    number: u32,
+    start: u64,
+    sectors: u64,
+    extended_or_logical: bool,
+}
+
+fn last_partition(table: &serde_json::Value) -> Option<LastPart> {
+    let t = &table["partitiontable"];
+    let dos = t["label"] == "dos";
+    t["partitions"]
+        .as_array()?
+        .iter()
+        .filter_map(|p| {
+            let node = p["node"].as_str()?;
+            let number: u32 = node
+                .rsplit(|c: char| !c.is_ascii_digit())
+                .next()?
+                .parse()
+                .ok()?;
+            let start = p["start"].as_u64()?;
+            let sectors = p["size"].as_u64()?;
+            let ty = p["type"].as_str().unwrap_or("").to_ascii_lowercase();
+            let extended = dos && (number > 4 || matches!(ty.as_str(), "5" | "f" | "85"));
+            Some(LastPart {
+                number,
+                start,
+                sectors,
+                extended_or_logical: extended,
+            })
+        })
+        .max_by_key(|p| p.start + p.sectors)
+}
+
+/// The filesystem at byte OFFSET of IMAGE, by its superblock's magic.
+fn filesystem_at(image: &Path, offset: u64) -> Result<Option<&'static str>> {
+    use std::os::unix::fs::FileExt;
+    let f = std::fs::File::open(image)?;
+    let at = |o: u64, n: usize| -> Vec<u8> {
+        let mut b = vec![0u8; n];
+        match f.read_exact_at(&mut b, offset + o) {
+            Ok(()) => b,
+            Err(_) => Vec::new(),
+        }
+    };
+    Ok(if at(1080, 2) == [0x53, 0xef] {
+        Some("ext4")
+    } else if at(0, 4) == *b"XFSB" {
+        Some("xfs")
+    } else if at(65600, 8) == *b"_BHRfS_M" {
+        Some("btrfs")
+    } else if at(512, 8) == *b"LABELONE" {
+        Some("LVM2_member")
+    } else if at(4086, 10) == *b"SWAPSPACE2" {
+        Some("swap")
+    } else {
+        None
+    })
+}
+
+fn tool(program: &str, args: &[&str], package: &str) -> Result<std::process::Output> {
+    std::process::Command::new(program)
+        .args(args)
+        .output()
+        .with_context(|| format!("cannot run {program} (Debian package {package})"))
+}
+
+/// Grow the ext2/3/4 filesystem at byte OFFSET of IMAGE to SECTORS
+/// 512-byte sectors, offline: `e2fsck -f -p` (a crash-consistent copy's
+/// journal is replayed, as its boot would), then `resize2fs`. Both run on
+/// a sparse copy of the partition beside IMAGE, copied back page by page
+/// where it differs: resize2fs given `IMAGE?offset=N` truncates the file
+/// to the filesystem's size counted from 0, which would cut the end of
+/// the partition and whatever follows it. Err(why) when e2fsprogs said no
+/// (IMAGE then unchanged).
+fn grow_ext(image: &Path, offset: u64, sectors: u64) -> Result<std::result::Result<(), String>> {
+    use std::os::unix::fs::FileExt;
+    const CHUNK: usize = 1 << 20;
+    let len = sectors * 512;
+    let mut tmp = image.as_os_str().to_owned();
+    tmp.push(".partition");
+    let tmp = PathBuf::from(tmp);
+    let img = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(image)?;
+    let part = std::fs::File::create(&tmp)?;
+    let cleanup = scopeguard(&tmp);
+    part.set_len(len)?;
+    let mut buf = vec![0u8; CHUNK];
+    let mut at = 0;
+    while at < len {
+        let n = CHUNK.min((len - at) as usize);
+        img.read_exact_at(&mut buf[..n], offset + at)?;
+        if buf[..n].iter().any(|&b| b != 0) {
+            part.write_all_at(&buf[..n], at)?;
+        }
+        at += n as u64;
+    }
+    part.sync_all()?;
+    let t = tmp.to_string_lossy().to_string();
+    let fsck = tool("e2fsck", &["-f", "-p", &t], "e2fsprogs")?;
+    // 0: clean; 1: errors corrected (the journal replayed).
+    if fsck.status.code().is_none_or(|c| c > 1) {
+        return Ok(Err(format!(
+            "`e2fsck -f -p` wants a manual check: {}",
+            String::from_utf8_lossy(&fsck.stdout).trim()
+        )));
+    }
+    let r = tool("resize2fs", &[&t, &format!("{sectors}s")], "e2fsprogs")?;
+    if !r.status.success() {
+        return Ok(Err(format!(
+            "resize2fs: {}",
+            String::from_utf8_lossy(&r.stderr).trim()
+        )));
+    }
+    // Back into the image where it differs (resize2fs may have cut a last
+    // partial block off the copy: past the filesystem, left as it was).
+    let part = std::fs::File::open(&tmp)?;
+    let grown_len = part.metadata()?.len().min(len);
+    let mut old = vec![0u8; CHUNK];
+    let mut at = 0;
+    while at < grown_len {
+        let n = CHUNK.min((grown_len - at) as usize);
+        part.read_exact_at(&mut buf[..n], at)?;
+        img.read_exact_at(&mut old[..n], offset + at)?;
+        if buf[..n] != old[..n] {
+            img.write_all_at(&buf[..n], offset + at)?;
+        }
+        at += n as u64;
+    }
+    img.sync_all()?;
+    drop(cleanup);
+    Ok(Ok(()))
+}
+
+/// Removes PATH when dropped (the partition's copy, on every way out).
+fn scopeguard(path: &Path) -> impl Drop + '_ {
+    struct Rm<'a>(&'a Path);
+    impl Drop for Rm<'_> {
+        fn drop(&mut self) {
+            std::fs::remove_file(self.0).ok();
+        }
+    }
+    Rm(path)
+}
+
+/// Grow the last partition of IMAGE (already the disk's size) to its end,
+/// and the ext2/3/4 filesystem in it; what was done, in words.
+fn grow_last(image: &Path) -> Result<Grown> {
+    let img = image.to_string_lossy().to_string();
+    let out = tool("sfdisk", &["--json", &img], "fdisk")?;
+    let table: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
+    let Some(last) = out
+        .status
+        .success()
+        .then(|| last_partition(&table))
+        .flatten()
+    else {
+        return Ok(Grown {
+            partition: None,
+            filesystem: None,
+            filesystem_grown: false,
+            said: "the version has no partition table drydock can grow (a filesystem on the \
+                   whole disk?); the space after it is unused"
+                .into(),
+        });
+    };
+    if last.extended_or_logical {
+        return Ok(Grown {
+            partition: None,
+            filesystem: None,
+            filesystem_grown: false,
+            said: format!(
+                "its last partition ({}) is an MBR extended or logical partition, which drydock \
+                 does not grow; the space after it is unused (grow it on the host: growpart, \
+                 then the filesystem)",
+                last.number
+            ),
+        });
+    }
+    let n = last.number.to_string();
+    let mut sf = std::process::Command::new("sfdisk")
+        .args(["--no-reread", "--no-tell-kernel", "-q", "-N", &n, &img])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .context("cannot run sfdisk (Debian package fdisk)")?;
+    {
+        use std::io::Write;
+        sf.stdin.take().unwrap().write_all(b", +\n")?;
+    }
+    let o = sf.wait_with_output()?;
+    if !o.status.success() {
+        anyhow::bail!(
+            "sfdisk -N {n} {img} (growing the last partition) failed: {}; nothing was written \
+             to the host",
+            String::from_utf8_lossy(&o.stderr).trim()
+        );
+    }
+    let after: serde_json::Value =
+        serde_json::from_slice(&tool("sfdisk", &["--json", &img], "fdisk")?.stdout)
+            .unwrap_or_default();
+    let sectors = last_partition(&after)
+        .filter(|p| p.number == last.number)
+        .map(|p| p.sectors)
+        .unwrap_or(last.sectors);
+    let grew = human_bytes((sectors - last.sectors) * 512);
+    let offset = last.start * 512;
+    let fs = filesystem_at(image, offset)?;
+    let part = format!("partition {n} was grown by {grew} to the disk's end");
+    let (fs_grown, said) = match fs {
+        Some("ext4") => match grow_ext(image, offset, sectors)? {
+            Ok(()) => (
+                true,
+                format!("{part}, and its ext filesystem with it (resize2fs)"),
+            ),
+            Err(why) => (
+                false,
+                format!(
+                    "{part}; its ext filesystem was not ({why}): run e2fsck, then resize2fs, \
+                     on that partition on the host"
+                ),
+            ),
+        },
+        Some("xfs") => (
+            false,
+            format!(
+                "{part}; XFS grows only while mounted: on the host, run `xfs_growfs` on its \
+                 mount point"
+            ),
+        ),
+        Some("btrfs") => (
+            false,
+            format!(
+                "{part}; btrfs grows only while mounted: on the host, run `btrfs filesystem \
+                 resize max` on its mount point"
+            ),
+        ),
+        Some("LVM2_member") => (
+            false,
+            format!(
+                "{part}; it is an LVM physical volume: on the host, run `pvresize` on it, then grow the logical volume and its filesystem"
+            ),
+        ),
+        other => (
+            false,
+            format!(
+                "{part}; it holds {}, which drydock does not grow",
+                other.unwrap_or("no filesystem drydock knows")
+            ),
+        ),
+    };
+    Ok(Grown {
+        partition: Some(last.number),
+        filesystem: fs.map(str::to_string),
+        filesystem_grown: fs_grown,
+        said,
+    })
 }
 
 /// Whether IMAGE starts with a GPT (its header at LBA 1, 512-byte sectors).
@@ -182,4 +474,52 @@ fn is_gpt(image: &Path) -> Result<bool> {
     let mut sig = [0u8; 8];
     f.read_exact_at(&mut sig, 512)?;
     Ok(&sig == b"EFI PART")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn table(label: &str, parts: &[(&str, u64, u64, &str)]) -> serde_json::Value {
+        serde_json::json!({"partitiontable": {"label": label, "partitions": parts.iter().map(
+            |(node, start, size, ty)| serde_json::json!({"node": node, "start": start, "size": size, "type": ty})
+        ).collect::<Vec<_>>()}})
+    }
+
+    /// The partition that ends last is the one grown; an MBR extended
+    /// partition, or a logical one in it (Debian's installer puts swap
+    /// there), is left alone.
+    #[test]
+    fn the_last_partition_by_its_end() {
+        let gpt = table(
+            "gpt",
+            &[
+                ("img1", 2048, 1000, "L"),
+                ("img3", 500000, 4000, "L"),
+                ("img2", 4096, 100000, "L"),
+            ],
+        );
+        assert_eq!(
+            last_partition(&gpt),
+            Some(LastPart {
+                number: 3,
+                start: 500000,
+                sectors: 4000,
+                extended_or_logical: false
+            })
+        );
+        let debian = table(
+            "dos",
+            &[
+                ("/dev/sda1", 2048, 1000000, "83"),
+                ("/dev/sda2", 1001470, 100000, "5"),
+                ("/dev/sda5", 1001472, 99998, "82"),
+            ],
+        );
+        let last = last_partition(&debian).unwrap();
+        assert_eq!((last.number, last.extended_or_logical), (5, true));
+        let one = table("dos", &[("/dev/vda1", 2048, 6000000, "83")]);
+        assert!(!last_partition(&one).unwrap().extended_or_logical);
+        assert_eq!(last_partition(&table("dos", &[])), None);
+    }
 }

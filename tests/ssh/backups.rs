@@ -317,12 +317,12 @@ fn restore_onto_the_same_disk_writes_only_what_differs() {
     assert_eq!(sha256_file(&small), before);
 }
 
-/// Restore of a GPT disk onto a larger disk: the partitions and their
-/// data as in the version, the GPT's backup header moved to the new end
-/// (sfdisk --verify finds nothing wrong), and the output says the extra
-/// space is unused.
+/// Restore of a GPT disk onto a larger disk: the GPT's backup header
+/// moved to the new end (sfdisk --verify finds nothing wrong), the last
+/// partition grown to it, and the ext4 filesystem in it grown to fill it,
+/// clean (e2fsck -f -n) and holding the same file.
 #[test]
-fn restore_onto_a_larger_disk_moves_the_gpt_backup_header() {
+fn restore_onto_a_larger_disk_grows_the_last_partition_and_its_ext4() {
     let sshd = Sshd::start();
     let t = tempdir();
     let dev = t.path().join("disk");
@@ -347,8 +347,30 @@ fn restore_onto_a_larger_disk_moves_the_gpt_backup_header() {
         "label: gpt\nstart=2048, size=100000, type=L\n",
     );
     assert!(o.status.success(), "{}", stderr(&o));
-    let data = pattern(5, 40 * MIB as usize);
-    write_at(&dev, &data, 2048 * 512);
+    // An ext4 filesystem in partition 1 (100000 sectors), with a file.
+    let part = |disk: &std::path::Path| format!("{}?offset={}", disk.display(), 2048 * 512);
+    let run = |prog: &str, args: &[&str]| {
+        let o = Command::new(prog).args(args).output().unwrap();
+        assert!(o.status.success(), "{prog} {args:?}: {}", stderr(&o));
+        stdout(&o)
+    };
+    let dev_s = dev.to_string_lossy().to_string();
+    run(
+        "mkfs.ext4",
+        &["-q", "-F", "-E", "offset=1048576", &dev_s, "50000k"],
+    );
+    let data = pattern(5, 20 * MIB as usize);
+    let file = t.path().join("data");
+    std::fs::write(&file, &data).unwrap();
+    run(
+        "debugfs",
+        &[
+            "-w",
+            "-R",
+            &format!("write {} data", file.display()),
+            &part(&dev),
+        ],
+    );
     let o = backup(&sshd, &dev, &store).output().unwrap();
     assert_exit(&o, 0);
     let id = json(&o)["id"].as_str().unwrap().to_string();
@@ -359,7 +381,10 @@ fn restore_onto_a_larger_disk_moves_the_gpt_backup_header() {
     assert_exit(&o, 0);
     let r = json(&o);
     assert_eq!(r["gpt_relocated"], true, "{r}");
-    assert_eq!(r["unused_bytes"], 32 * MIB, "{r}");
+    assert_eq!(r["unused_bytes"], 0, "{r}");
+    assert_eq!(r["grown"]["partition"], 1, "{r}");
+    assert_eq!(r["grown"]["filesystem"], "ext4", "{r}");
+    assert_eq!(r["grown"]["filesystem_grown"], true, "{r}");
     let o = sfdisk(&big, &["--verify"], "");
     assert!(
         o.status.success() && !stdout(&o).contains("not at the end"),
@@ -368,17 +393,37 @@ fn restore_onto_a_larger_disk_moves_the_gpt_backup_header() {
         stderr(&o)
     );
     let dump = stdout(&sfdisk(&big, &["--dump"], ""));
+    let last_lba = 96 * MIB / 512 - 34;
+    assert!(dump.contains(&format!("last-lba: {last_lba}")), "{dump}");
+    let sectors = last_lba + 1 - 2048;
     assert!(
-        dump.contains("start=        2048, size=      100000"),
+        dump.contains(&format!("start=        2048, size=      {sectors}")),
         "{dump}"
     );
-    assert!(
-        dump.contains(&format!("last-lba: {}", 96 * MIB / 512 - 34)),
-        "{dump}"
+    // The filesystem fills the partition, is clean, and holds the file.
+    let sb = run("dumpe2fs", &["-h", &part(&big)]);
+    let field = |name: &str| -> u64 {
+        sb.lines()
+            .find_map(|l| l.strip_prefix(name))
+            .unwrap()
+            .trim()
+            .parse()
+            .unwrap()
+    };
+    let block = field("Block size:");
+    assert_eq!(
+        field("Block count:") * block,
+        sectors * 512 / block * block,
+        "{sb}"
     );
-    let got = std::fs::read(&big).unwrap();
-    assert!(got[(2048 * 512) as usize..(2048 * 512) as usize + data.len()] == data[..]);
-    // The human output says the space is unused, and why.
+    run("e2fsck", &["-f", "-n", &part(&big)]);
+    let back = t.path().join("back");
+    run(
+        "debugfs",
+        &["-R", &format!("dump data {}", back.display()), &part(&big)],
+    );
+    assert!(std::fs::read(&back).unwrap() == data, "the file differs");
+    // The human output says what was grown.
     let mut c = restore(&sshd, &id, &big, &store);
     c.args(["--transfer", "helper"]);
     let args: Vec<String> = c
@@ -391,7 +436,10 @@ fn restore_onto_a_larger_disk_moves_the_gpt_backup_header() {
     let o = c2.output().unwrap();
     assert_exit(&o, 0);
     assert!(
-        stdout(&o).contains("the last partition and its filesystem were not grown"),
+        stdout(&o).contains(
+            "the disk is 32.00 MiB larger than the version: the GPT's backup header was moved \
+             to the disk's end; partition 1 was grown by"
+        ) && stdout(&o).contains("and its ext filesystem with it (resize2fs)"),
         "{}",
         stdout(&o)
     );
