@@ -464,6 +464,22 @@ pub struct RestoreArgs {
     /// dd writes every block.
     #[arg(long, value_enum, default_value = "auto", env = "DRYDOCK_TRANSFER")]
     pub transfer: Transfer,
+    /// The new host's shape: FILE is `drydock probe HOST --json` output of
+    /// it (firmware, disk bus, MAC, address), when the host is now in a
+    /// rescue system whose probe would not say so.
+    #[arg(long, value_name = "FILE")]
+    pub like: Option<PathBuf>,
+    /// Write the version's network configuration as it is, even where the
+    /// new host's address, gateway or MAC differ (it may not come up).
+    #[arg(long)]
+    pub keep_network: bool,
+    /// Onto another disk, write without first booting the result in a
+    /// sealed VM shaped as the new host (it may not boot).
+    #[arg(long)]
+    pub no_boot_proof: bool,
+    /// The memory of those VMs: 2G, 2048M, ...
+    #[arg(long, default_value = "2G", value_parser = memory)]
+    pub memory: String,
 }
 
 #[derive(Debug, Args)]

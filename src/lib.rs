@@ -325,15 +325,16 @@ async fn restore(a: cli::RestoreArgs, ui: &Ui) -> Result<()> {
     let (store, v) = backup::find(&a.id, a.store.as_deref())?;
     let s = connect(&a.conn).await?;
     let facts = remote::gather(&s).await?;
-    let r = backup::restore::restore(
-        &s,
-        &facts,
-        (&store, &v),
-        a.device.as_deref(),
-        a.transfer.into(),
-        ui,
-    )
-    .await?;
+    let opts = backup::restore::RestoreOptions {
+        device: a.device,
+        transfer: a.transfer.into(),
+        like: a.like,
+        keep_network: a.keep_network,
+        no_boot_proof: a.no_boot_proof,
+        identity: a.conn.identity.clone(),
+        memory_mib: vm::cmdline::parse_memory(&a.memory).unwrap_or(2048),
+    };
+    let r = backup::restore::restore(&s, &facts, (&store, &v), &opts, ui).await?;
     ui.result("restore", &r, r.human())?;
     s.close().await;
     Ok(())

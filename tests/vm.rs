@@ -2152,3 +2152,218 @@ fn zoo_backups_of_a_live_vps_are_incremental_and_boot() {
     assert_eq!(mark(&first), "");
     assert_eq!(mark(&second), "second");
 }
+
+/// A provider's rescue system on a second VPS: the plain fixture booted
+/// from its first disk (an overlay, vda) with the new VPS's empty, larger
+/// disk as vdb, its network shaped as 203.0.113.0/24 (DHCP gives it
+/// 203.0.113.77, MAC 52:54:00:aa:bb:02).
+struct Rescue {
+    child: std::process::Child,
+    port: u16,
+    _dir: tempfile::TempDir,
+}
+
+const NEW_MAC: &str = "52:54:00:aa:bb:02";
+
+impl Rescue {
+    fn start(disk: &std::path::Path) -> Rescue {
+        let (img, _) = fixture(12);
+        let dir = tempdir();
+        let overlay = dir.path().join("rescue.qcow2");
+        let o = Command::new("qemu-img")
+            .args(["create", "-q", "-f", "qcow2", "-F", "raw", "-b"])
+            .arg(&img)
+            .arg(&overlay)
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "{}", stderr(&o));
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let child = Command::new("qemu-system-x86_64")
+            .args([
+                "-machine",
+                "q35,accel=tcg",
+                "-cpu",
+                "max",
+                "-m",
+                "1024M",
+                "-smp",
+                "2",
+            ])
+            .args([
+                "-netdev",
+                &format!(
+                    "user,id=n0,net=203.0.113.0/24,host=203.0.113.1,dns=203.0.113.53,\
+                 dhcpstart=203.0.113.77,restrict=on,hostfwd=tcp:127.0.0.1:{port}-203.0.113.77:22"
+                ),
+            ])
+            .args([
+                "-device",
+                &format!("virtio-net-pci,netdev=n0,mac={NEW_MAC}"),
+            ])
+            .arg("-drive")
+            .arg(format!("file={},format=qcow2,if=virtio", overlay.display()))
+            .arg("-drive")
+            .arg(format!("file={},format=raw,if=virtio", disk.display()))
+            .args([
+                "-display",
+                "none",
+                "-nodefaults",
+                "-no-user-config",
+                "-serial",
+            ])
+            .arg(format!("file:{}", dir.path().join("serial.log").display()))
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let r = Rescue {
+            child,
+            port,
+            _dir: dir,
+        };
+        let (_, key) = fixture(12);
+        let t0 = Instant::now();
+        while !ssh_guest(port, &key, "true").status.success() {
+            assert!(
+                t0.elapsed() < Duration::from_secs(900),
+                "the rescue system did not answer on SSH in 15 min: {}",
+                std::fs::read_to_string(r._dir.path().join("serial.log")).unwrap_or_default()
+            );
+            std::thread::sleep(Duration::from_secs(3));
+        }
+        r
+    }
+}
+
+impl Drop for Rescue {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Disaster recovery onto a new VPS: the static-network VPS (198.51.100.45)
+/// is backed up live twice; the older version is restored, through a
+/// rescue system, onto a second VPS with a larger disk and another address
+/// (203.0.113.77, another MAC). Before anything is written, the copy is
+/// adapted in a sealed boot (network rewritten, partition and filesystem
+/// grown) and proven to boot shaped as the new VPS. The new VPS then boots
+/// its disk and answers on its new address, with the older version's data
+/// and its root filesystem grown to the disk.
+#[test]
+#[ignore = "long tier: scripts/test-zoo runs it"]
+fn zoo_restore_onto_a_second_vps_with_a_larger_disk_and_another_address() {
+    let vps = Vps::start_variant("static");
+    let home = tempdir();
+    let store = home.path().join("store");
+    let key = vps.key.to_str().unwrap().to_string();
+    let backup = |host: &str| {
+        let o = vps
+            .drydock(
+                home.path(),
+                &[
+                    "backup",
+                    host,
+                    "-i",
+                    &key,
+                    "--accept-new-host-key",
+                    "--store",
+                    store.to_str().unwrap(),
+                    "--json",
+                ],
+            )
+            .output()
+            .unwrap();
+        assert_exit(&o, 0);
+        eprintln!("{}", stderr(&o));
+        json(&o)
+    };
+    let sum = vps.ssh(
+        "head -c 10M /dev/urandom > /root/restore-test && sync && sha256sum /root/restore-test",
+    );
+    let older = backup(&vps.host());
+    assert!(older["boot_recorded"].is_string(), "{older}");
+    vps.ssh("echo newer > /etc/drydock-newer && sync");
+    let newer = backup(&vps.host());
+    assert_ne!(older["id"], newer["id"]);
+    drop(vps);
+
+    let disk_dir = tempdir();
+    let disk = disk_dir.path().join("new-vps.raw");
+    std::fs::File::create(&disk)
+        .unwrap()
+        .set_len(4 << 30)
+        .unwrap();
+    let rescue = Rescue::start(&disk);
+    let t0 = Instant::now();
+    let o = Command::new(env!("CARGO_BIN_EXE_drydock"))
+        .args(["restore", older["id"].as_str().unwrap()])
+        .arg(format!("root@127.0.0.1:{}", rescue.port))
+        .args(["-i", &key, "--accept-new-host-key", "--device", "/dev/vdb"])
+        .args(["--store", store.to_str().unwrap(), "--yes", "--json"])
+        .env("HOME", home.path())
+        .env("XDG_STATE_HOME", home.path().join("state"))
+        .env_remove("SSH_AUTH_SOCK")
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    eprintln!("{}", stderr(&o));
+    assert_exit(&o, 0);
+    let r = json(&o);
+    eprintln!(
+        "restore ({:?}): {}",
+        t0.elapsed(),
+        serde_json::to_string_pretty(&r).unwrap()
+    );
+    assert_eq!(r["network"]["old"]["address"], "198.51.100.45", "{r}");
+    assert_eq!(r["network"]["new"]["address"], "203.0.113.77", "{r}");
+    assert!(
+        str_list(&r, "network_files")
+            .contains(&"/etc/systemd/network/10-static.network".to_string()),
+        "{r}"
+    );
+    assert_eq!(r["grown"]["partition"], 1, "{r}");
+    assert_eq!(r["grown"]["filesystem_grown"], true, "{r}");
+    assert!(
+        ["running", "degraded"].contains(&r["boot_proof"]["init"].as_str().unwrap_or("")),
+        "{r}"
+    );
+    drop(rescue);
+
+    // The new VPS boots its disk (as its provider would, with its MAC on
+    // its network) and answers on its new address.
+    let like = disk_dir.path().join("new-vps.like.json");
+    std::fs::write(
+        &like,
+        format!(
+            r#"{{"firmware": "bios", "disk_bus": "virtio-blk", "disk_name": "vda",
+ "nic": {{"name": "vps-nic", "mac": "{NEW_MAC}", "pci_slot": null,
+         "address": "203.0.113.77", "prefix": 24,
+         "gateway": "203.0.113.1", "dns": "203.0.113.53"}}}}"#
+        ),
+    )
+    .unwrap();
+    let (_, key_path) = fixture(12);
+    let new_vps = Vps::start_image(&disk, key_path, Some(&like));
+    let seen = new_vps.ssh(
+        "ip -4 -o addr show | grep -o 'inet 203.0.113.77/24'; cat /sys/class/net/e*/address; \
+         sha256sum /root/restore-test; test -e /etc/drydock-newer && echo newer || echo older; \
+         df -B1 --output=size / | tail -n 1",
+    );
+    eprintln!("the new VPS: {seen}");
+    let lines: Vec<&str> = seen.lines().map(str::trim).collect();
+    assert_eq!(lines[0], "inet 203.0.113.77/24", "{seen}");
+    assert_eq!(lines[1], NEW_MAC, "{seen}");
+    assert_eq!(lines[2], sum.trim(), "{seen}");
+    assert_eq!(lines[3], "older", "{seen}");
+    let size: u64 = lines[4].parse().unwrap();
+    assert!(
+        size > 3 << 30,
+        "/ is {size} bytes: not grown to the 4 GiB disk"
+    );
+}

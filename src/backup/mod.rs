@@ -14,6 +14,7 @@ use std::path::{Path, PathBuf};
 use anyhow::Result;
 use serde::Serialize;
 
+pub mod adapt;
 pub mod proof;
 pub mod restore;
 pub mod store;

@@ -68,7 +68,22 @@ pub fn laid_out(store: &Store, v: &Version, ui: &Ui) -> Result<PathBuf> {
         store.materialize(v, &image, |n| bar.inc(n))?;
         bar.finish();
     }
+    link_boot(store, v, &image)?;
     Ok(image)
+}
+
+/// IMAGE.boot as a link to the version's recorded boot files (if it has
+/// them), so that `drydock boot` of the laid-out image holds its services
+/// back as for a pulled one.
+pub fn link_boot(store: &Store, v: &Version, image: &Path) -> Result<()> {
+    let link = crate::vm::boot::boot_dir(image);
+    let _ = std::fs::remove_file(&link);
+    let target = store.boot_dir(&v.id);
+    if target.is_dir() {
+        std::os::unix::fs::symlink(&target, &link)
+            .with_context(|| format!("cannot link {} to {}", link.display(), target.display()))?;
+    }
+    Ok(())
 }
 
 pub async fn verify_boot(
@@ -78,8 +93,33 @@ pub async fn verify_boot(
     memory_mib: u64,
     ui: &Ui,
 ) -> Result<BootProof> {
-    let started = Instant::now();
     let image = laid_out(store, v, ui)?;
+    let shape = v.shape.clone().unwrap_or_default();
+    prove_image(
+        &image,
+        &format!("version {}", v.id),
+        &v.id,
+        shape,
+        identity,
+        memory_mib,
+        ui,
+    )
+    .await
+}
+
+/// Boot IMAGE through its own boot loader on a qcow2 overlay (IMAGE is
+/// not written), shaped as SHAPE, sealed, and prove it up. WHAT names it
+/// in messages ("version ID").
+pub async fn prove_image(
+    image: &Path,
+    what: &str,
+    id: &str,
+    shape: crate::vm::shape::Shape,
+    identity: Option<&Path>,
+    memory_mib: u64,
+    ui: &Ui,
+) -> Result<BootProof> {
+    let started = Instant::now();
     let stamp = crate::transfer::now().replace([':', '-'], "");
     let dir = crate::paths::boots_dir()?.join(format!(
         "{}-verify-{}",
@@ -91,8 +131,7 @@ pub async fn verify_boot(
     ));
     crate::paths::private_dir(&dir)?;
     let overlay = dir.join("overlay.qcow2");
-    vm::image::create_overlay(&image, &overlay).await?;
-    let shape = v.shape.clone().unwrap_or_default();
+    vm::image::create_overlay(image, &overlay).await?;
     let efi = vm::efi_for(&shape, &dir)?;
     let spec = cmdline::VmSpec {
         disk: overlay,
@@ -118,8 +157,7 @@ pub async fn verify_boot(
     };
     let port = spec.ssh_port;
     ui.say(format!(
-        "booting version {} through its own boot loader in a sealed VM ({} MiB); console in {}",
-        v.id,
+        "booting {what} through its own boot loader in a sealed VM ({} MiB); console in {}",
         memory_mib,
         dir.join("serial.log").display()
     ));
@@ -127,17 +165,16 @@ pub async fn verify_boot(
     let res = tokio::select! {
         biased;
         sig = ui.interrupted() => Err(crate::errors::Interrupted(format!(
-            "{}: the verify boot was stopped; the version is unchanged",
+            "{}: the boot proof was stopped; {what} is unchanged",
             Ui::interrupted_text(sig)
         )).into()),
         // A guest that stops answering mid-check (its sshd up, its PID 1
         // stuck) must not hold verify forever: 30 minutes in all.
         r = tokio::time::timeout(
             Duration::from_secs(1800),
-            prove(&mut vm, port, identity, &dir, v),
+            prove(&mut vm, port, identity, &dir, what, id),
         ) => r.unwrap_or_else(|_| Err(anyhow::anyhow!(
-            "version {} did not finish its boot checks within 30 minutes; its console: {}",
-            v.id,
+            "{what} did not finish its boot checks within 30 minutes; its console: {}",
             dir.join("serial.log").display()
         ))),
     };
@@ -153,15 +190,15 @@ async fn prove(
     port: u16,
     identity: Option<&Path>,
     dir: &Path,
-    v: &Version,
+    what: &str,
+    id: &str,
 ) -> Result<BootProof> {
     let console = dir.join("serial.log");
     vm.wait_for_ssh(Duration::from_secs(900))
         .await
         .with_context(|| {
             format!(
-                "version {} did not boot to SSH within 15 minutes; its console: {}",
-                v.id,
+                "{what} did not boot to SSH within 15 minutes; its console: {}",
                 console.display()
             )
         })?;
@@ -170,9 +207,8 @@ async fn prove(
         .await
         .with_context(|| {
             format!(
-                "version {} booted but drydock could not log in over SSH (with the host's \
+                "{what} booted but drydock could not log in over SSH (with the host's \
                  credentials: -i KEY names the key); its console: {}",
-                v.id,
                 console.display()
             )
         })?;
@@ -188,9 +224,8 @@ async fn prove(
         .to_string();
     if !root.split(',').any(|o| o == "rw") {
         bail!(
-            "version {} booted but / is not mounted read-write ({root}): it would not serve; \
+            "{what} booted but / is not mounted read-write ({root}): it would not serve; \
              its console: {}",
-            v.id,
             console.display()
         );
     }
@@ -216,9 +251,8 @@ async fn prove(
     s.close().await;
     if !matches!(init.as_str(), "running" | "degraded" | "default" | "boot") {
         bail!(
-            "version {} booted but its init did not reach its target (`{init}`); failed: {}; \
+            "{what} booted but its init did not reach its target (`{init}`); failed: {}; \
              its console: {}",
-            v.id,
             if failed.is_empty() {
                 "none".to_string()
             } else {
@@ -228,7 +262,7 @@ async fn prove(
         );
     }
     Ok(BootProof {
-        id: v.id.clone(),
+        id: id.to_string(),
         os,
         root,
         init,

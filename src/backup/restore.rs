@@ -17,6 +17,8 @@ use std::path::{Path, PathBuf};
 use anyhow::{Context, Result};
 use serde::Serialize;
 
+use super::adapt::NetChange;
+use super::proof::BootProof;
 use super::store::{Store, Version};
 use crate::refused;
 use crate::remote::Facts;
@@ -25,6 +27,22 @@ use crate::ssh::Session;
 use crate::transfer::helper::Mode;
 use crate::transfer::push::{self, PushOptions, PushReport};
 use crate::ui::{Ui, human_bytes};
+
+/// How a restore goes, beyond the host and the version.
+#[derive(Debug, Clone)]
+pub struct RestoreOptions {
+    pub device: Option<String>,
+    pub transfer: Mode,
+    /// `--like FILE`: the new host's shape (its probe), instead of the
+    /// shape read from the host being written (a rescue system's).
+    pub like: Option<PathBuf>,
+    /// `--keep-network`: the version's network configuration as it is.
+    pub keep_network: bool,
+    /// `--no-boot-proof`: write without booting the result first.
+    pub no_boot_proof: bool,
+    pub identity: Option<PathBuf>,
+    pub memory_mib: u64,
+}
 
 #[derive(Debug, Serialize)]
 pub struct RestoreReport {
@@ -38,6 +56,11 @@ pub struct RestoreReport {
     pub unused_bytes: u64,
     /// What was grown to use a larger disk, or why it was not.
     pub grown: Option<Grown>,
+    /// The network rewritten for the new host: from, to, and the files.
+    pub network: Option<NetChange>,
+    pub network_files: Vec<String>,
+    /// The restored copy booted, shaped as the new host, before the push.
+    pub boot_proof: Option<BootProof>,
     pub push: PushReport,
 }
 
@@ -57,6 +80,24 @@ impl RestoreReport {
             human_bytes(self.push.bytes_on_wire),
             self.push.seconds
         );
+        if let Some(n) = &self.network {
+            s.push_str(&format!(
+                "  network rewritten for the new host ({}) in: {}\n",
+                n.describe(),
+                if self.network_files.is_empty() {
+                    "no file (none named the old address: DHCP?)".to_string()
+                } else {
+                    self.network_files.join(" ")
+                }
+            ));
+        }
+        if let Some(p) = &self.boot_proof {
+            s.push_str(&format!(
+                "  before the push, the restored copy booted shaped as the new host: {} came up, \
+                 sshd answered, / mounted {}, init {} ({:.0} s)\n",
+                p.os, p.root, p.init, p.seconds
+            ));
+        }
         if let Some(g) = &self.grown {
             s.push_str(&format!(
                 "  the disk is {} larger than the version: {}{}\n",
@@ -77,12 +118,11 @@ pub async fn restore(
     session: &Session,
     facts: &Facts,
     (store, v): (&Store, &Version),
-    dev_path: Option<&str>,
-    transfer: Mode,
+    opts: &RestoreOptions,
     ui: &Ui,
 ) -> Result<RestoreReport> {
     device::require_root(facts, session)?;
-    let dev = device::inspect(session, facts, dev_path).await?;
+    let dev = device::inspect(session, facts, opts.device.as_deref()).await?;
     let size = v.manifest.size;
     if dev.size < size {
         return Err(refused!(
@@ -107,15 +147,37 @@ pub async fn restore(
             session.target.typed_arg()
         ));
     }
+    // The new host's shape, and what of the version's network differs.
+    let new_shape = match &opts.like {
+        Some(p) => crate::vm::boot::load_shape(p)?,
+        None => crate::pipeline::steps::shape_of(facts, &dev),
+    };
+    let old_shape = v.shape.clone().unwrap_or_default();
+    let network = if opts.keep_network {
+        None
+    } else {
+        NetChange::between(old_shape.nic.as_ref(), new_shape.nic.as_ref())
+    };
     let work = store.layout_path(v, "restores")?;
-    let res = restore_with(session, facts, (store, v), &dev, &work, transfer, ui).await;
+    let plan = Plan {
+        dev: &dev,
+        work: &work,
+        network: network.as_ref(),
+        old_shape,
+        new_shape,
+        // Onto another disk (larger, or another host's network): proven
+        // to boot first.
+        prove: !opts.no_boot_proof
+            && (dev.size != size || network.is_some() || opts.like.is_some()),
+    };
+    let res = restore_with(session, facts, (store, v), &plan, opts, ui).await;
     for p in [
         work.clone(),
         crate::image::manifest::Manifest::path_for(&work),
     ] {
         std::fs::remove_file(p).ok();
     }
-    let (push, gpt_relocated, grown) = res?;
+    let (push, gpt_relocated, grown, network_files, boot_proof) = res?;
     Ok(RestoreReport {
         id: v.id.clone(),
         store: store.dir.clone(),
@@ -128,19 +190,40 @@ pub async fn restore(
             dev.size - size
         },
         grown,
+        network,
+        network_files,
+        boot_proof,
         push,
     })
 }
+
+/// What restore_with does beyond laying the version out.
+struct Plan<'a> {
+    dev: &'a device::Device,
+    work: &'a Path,
+    network: Option<&'a NetChange>,
+    old_shape: crate::vm::shape::Shape,
+    new_shape: crate::vm::shape::Shape,
+    prove: bool,
+}
+
+type Restored = (
+    PushReport,
+    bool,
+    Option<Grown>,
+    Vec<String>,
+    Option<BootProof>,
+);
 
 async fn restore_with(
     session: &Session,
     facts: &Facts,
     (store, v): (&Store, &Version),
-    dev: &device::Device,
-    work: &Path,
-    transfer: Mode,
+    plan: &Plan<'_>,
+    opts: &RestoreOptions,
     ui: &Ui,
-) -> Result<(PushReport, bool, Option<Grown>)> {
+) -> Result<Restored> {
+    let (dev, work) = (plan.dev, plan.work);
     let bar = ui.bytes_bar(v.manifest.size, "lay out");
     store.materialize(v, work, |n| bar.inc(n))?;
     bar.finish();
@@ -176,16 +259,73 @@ async fn restore_with(
         // push hashes the image as it now is.
         std::fs::remove_file(crate::image::manifest::Manifest::path_for(work)).ok();
     }
-    let opts = PushOptions {
+    // XFS and btrfs grow only while mounted, and the network is rewritten
+    // from inside: one sealed boot of the copy, as the host it came from.
+    let online = grown
+        .as_ref()
+        .filter(|g| matches!(g.filesystem.as_deref(), Some("xfs" | "btrfs")))
+        .and_then(|g| Some((g.filesystem.clone()?, g.start?)));
+    let mut network_files = Vec::new();
+    let recorded = store.boot_dir(&v.id).join("boot.json").exists();
+    if plan.network.is_some() && !recorded {
+        return Err(refused!(
+            "the new host's network differs from version {}'s ({}), and the version has no \
+             recorded kernel to boot it sealed and rewrite its configuration (it was taken by an \
+             older drydock); nothing was written. Restore with --keep-network to write it as it \
+             is, then fix the network from the provider's console",
+            v.id,
+            plan.network.map(NetChange::describe).unwrap_or_default()
+        ));
+    }
+    if plan.network.is_some() || (online.is_some() && recorded) {
+        let a = super::adapt::adapt(
+            store,
+            v,
+            work,
+            plan.old_shape.clone(),
+            plan.network,
+            online.as_ref().map(|(fs, start)| (fs.as_str(), *start)),
+            opts.identity.as_deref(),
+            ui,
+        )
+        .await?;
+        if let (Some(how), Some(g)) = (&a.grown_online, grown.as_mut()) {
+            g.filesystem_grown = true;
+            g.said = format!(
+                "partition {} was grown to the disk's end, and its filesystem with it, mounted in \
+                 a sealed boot of the copy ({how})",
+                g.partition.unwrap_or(0)
+            );
+        }
+        network_files = a.network_files;
+    }
+    let proof = if plan.prove {
+        let p = super::proof::prove_image(
+            work,
+            &format!("the restored copy of version {}", v.id),
+            &v.id,
+            plan.new_shape.clone(),
+            opts.identity.as_deref(),
+            opts.memory_mib,
+            ui,
+        )
+        .await
+        .map_err(|e| e.context(format!("nothing was written to {}", session.host())))?;
+        ui.say(p.human().trim_end().to_string());
+        Some(p)
+    } else {
+        None
+    };
+    let push_opts = PushOptions {
         image: work.to_path_buf(),
         device: Some(dev.path.clone()),
         full: true,
         frozen_boot_id: None,
-        transfer,
+        transfer: opts.transfer,
         base_image: None,
     };
-    let r = push::push(session, facts, &opts, ui).await?;
-    Ok((r, relocated, grown))
+    let r = push::push(session, facts, &push_opts, ui).await?;
+    Ok((r, relocated, grown, network_files, proof))
 }
 
 /// What a restore onto a larger disk did with the space after the version.
@@ -199,6 +339,9 @@ pub struct Grown {
     pub filesystem_grown: bool,
     /// In words, with the command to finish on the host when one is left.
     pub said: String,
+    /// The grown partition's first sector.
+    #[serde(skip)]
+    pub start: Option<u64>,
 }
 
 /// The partition that ends last on IMAGE (`sfdisk --json`): its number,
@@ -368,6 +511,7 @@ fn grow_last(image: &Path) -> Result<Grown> {
             partition: None,
             filesystem: None,
             filesystem_grown: false,
+            start: None,
             said: "the version has no partition table drydock can grow (a filesystem on the \
                    whole disk?); the space after it is unused"
                 .into(),
@@ -378,6 +522,7 @@ fn grow_last(image: &Path) -> Result<Grown> {
             partition: None,
             filesystem: None,
             filesystem_grown: false,
+            start: None,
             said: format!(
                 "its last partition ({}) is an MBR extended or logical partition, which drydock \
                  does not grow; the space after it is unused (grow it on the host: growpart, \
@@ -460,6 +605,7 @@ fn grow_last(image: &Path) -> Result<Grown> {
         ),
     };
     Ok(Grown {
+        start: Some(last.start),
         partition: Some(last.number),
         filesystem: fs.map(str::to_string),
         filesystem_grown: fs_grown,

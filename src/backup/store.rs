@@ -176,6 +176,44 @@ impl Store {
         Ok(dir.join(format!("{name}-{}.raw", v.id)))
     }
 
+    /// `versions/ID.boot`: the kernel, initrd and command line the host
+    /// ran when version ID was taken, and its seal (what `vm::boot` and a
+    /// restore's sealed boot need to hold its services back).
+    pub fn boot_dir(&self, id: &str) -> PathBuf {
+        self.dir.join("versions").join(format!("{id}.boot"))
+    }
+
+    /// Where a backup records the boot files before its version has an id.
+    pub fn boot_tmp(&self) -> PathBuf {
+        self.dir.join("versions").join(".boot.tmp")
+    }
+
+    /// Move the boot files recorded in `boot_tmp` to version ID's folder;
+    /// a kernel or initrd the newest older version holds byte for byte is
+    /// a hard link to it, not a second copy.
+    pub fn keep_boot(&self, id: &str, older: Option<&str>) -> Result<Option<PathBuf>> {
+        let tmp = self.boot_tmp();
+        if !tmp.join("boot.json").exists() {
+            return Ok(None);
+        }
+        if let Some(o) = older {
+            let od = self.boot_dir(o);
+            for name in ["vmlinuz", "initrd"] {
+                let (new, old) = (tmp.join(name), od.join(name));
+                if new.exists()
+                    && old.exists()
+                    && std::fs::read(&new).ok() == std::fs::read(&old).ok()
+                {
+                    std::fs::remove_file(&new)?;
+                    std::fs::hard_link(&old, &new)?;
+                }
+            }
+        }
+        let dir = self.boot_dir(id);
+        std::fs::rename(&tmp, &dir)?;
+        Ok(Some(dir))
+    }
+
     pub fn block_path(&self, hash: &str) -> PathBuf {
         self.dir
             .join("blocks")
@@ -225,6 +263,7 @@ impl Store {
 
     /// Temporary files left by a backup that was cut.
     pub fn clean_temporaries(&self) -> Result<()> {
+        let _ = std::fs::remove_dir_all(self.boot_tmp());
         for sub in std::fs::read_dir(self.dir.join("blocks"))?.flatten() {
             if let Ok(rd) = std::fs::read_dir(sub.path()) {
                 for f in rd.flatten() {
@@ -348,6 +387,7 @@ impl Store {
         let (gone, kept) = versions.split_at(cut);
         for v in gone {
             std::fs::remove_file(self.dir.join("versions").join(format!("{}.json", v.id)))?;
+            let _ = std::fs::remove_dir_all(self.boot_dir(&v.id));
         }
         File::open(self.dir.join("versions"))?.sync_all()?;
         let wanted: BTreeSet<String> = kept.iter().flat_map(|v| v.block_hashes()).collect();

@@ -52,6 +52,11 @@ pub struct BackupReport {
     /// With --freeze: from the freeze to the thaw.
     pub frozen_seconds: Option<f64>,
     pub digest: String,
+    /// The host's running kernel, initrd and seal, kept with the version
+    /// (`versions/ID.boot`): a boot of it holds its services back, and a
+    /// restore can boot it sealed to adapt it to a new host. None when
+    /// they could not be read (said as a note).
+    pub boot_recorded: Option<PathBuf>,
 }
 
 impl BackupReport {
@@ -59,7 +64,7 @@ impl BackupReport {
         format!(
             "backed up {}:{} as version {}\n  in {}\n  {}\n  {} of data in {} blocks; {} \
              blocks sent ({} on the wire) in {:.1} s{}\n  the store grew by {}; {} shared with \
-             older versions\n  digest {}\n",
+             older versions\n  digest {}\n{}",
             self.host,
             self.device,
             self.id,
@@ -75,7 +80,11 @@ impl BackupReport {
                 .unwrap_or_default(),
             human_bytes(self.added_bytes),
             human_bytes(self.shared_bytes),
-            self.digest
+            self.digest,
+            match &self.boot_recorded {
+                Some(d) => format!("  the kernel it runs is kept with it in {}\n", d.display()),
+                None => String::new(),
+            }
         )
     }
 }
@@ -101,6 +110,16 @@ pub async fn backup(
     store.clean_temporaries()?;
     let dev = device::inspect(session, facts, opts.device.as_deref()).await?;
     let started = Instant::now();
+    // The running kernel and the seal, before any freeze: best effort, the
+    // version is whole without them.
+    if let Err(e) = crate::vm::boot::record_in(session, facts, &store.boot_tmp()).await {
+        let _ = std::fs::remove_dir_all(store.boot_tmp());
+        ui.say(format!(
+            "note: the kernel {} runs was not kept with the version ({e:#}): a boot of it \
+             needs --services, and a restore cannot adapt it to a new host's network",
+            session.host()
+        ));
+    }
     let frozen_at = if opts.freeze {
         ui.say(format!("freezing {} for a consistent copy", session.host()));
         let r = crate::remote::freeze::freeze(session, facts, opts.device.as_deref()).await?;
@@ -188,6 +207,7 @@ pub async fn backup(
         .enumerate()
         .filter(|(i, h)| **h != zero_hash(block_len(dev.size, *i as u64)))
         .count() as u64;
+    let boot_recorded = store.keep_boot(&version.id, previous.as_ref().map(|p| p.id.as_str()))?;
     let version = store.commit(version)?;
     Ok(BackupReport {
         id: version.id,
@@ -204,6 +224,7 @@ pub async fn backup(
         seconds: started.elapsed().as_secs_f64(),
         frozen_seconds,
         digest: version.manifest.digest,
+        boot_recorded,
     })
 }
 

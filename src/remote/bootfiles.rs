@@ -43,7 +43,16 @@ impl BootFiles {
         let p = dir.join("boot.json");
         let text =
             std::fs::read_to_string(&p).with_context(|| format!("cannot read {}", p.display()))?;
-        serde_json::from_str(&text).with_context(|| format!("{} is damaged", p.display()))
+        let mut b: BootFiles =
+            serde_json::from_str(&text).with_context(|| format!("{} is damaged", p.display()))?;
+        // The files are always beside boot.json: a folder that was moved
+        // (a backup version's, recorded elsewhere first) still finds them.
+        let beside = |f: &Path| f.file_name().map(|n| dir.join(n));
+        if let Some(k) = beside(&b.kernel) {
+            b.kernel = k;
+        }
+        b.initrd = b.initrd.as_deref().and_then(beside);
+        Ok(b)
     }
 }
 

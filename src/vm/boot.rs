@@ -54,6 +54,17 @@ pub async fn record(
     image: &Path,
 ) -> Result<PathBuf> {
     let dir = boot_dir(image);
+    record_in(s, facts, &dir).await?;
+    Ok(dir)
+}
+
+/// The same, into DIR (a backup version's `versions/ID.boot`).
+pub async fn record_in(
+    s: &crate::ssh::Session,
+    facts: &crate::remote::Facts,
+    dir: &Path,
+) -> Result<()> {
+    let dir = dir.to_path_buf();
     let seal = super::seal::Seal::from_facts(facts, &s.host())?;
     let allowed = super::proxy::allow_list(
         &facts.sources,
@@ -66,7 +77,7 @@ pub async fn record(
         allowed_hosts: allowed,
     };
     std::fs::write(dir.join("seal.json"), serde_json::to_string_pretty(&rec)?)?;
-    Ok(dir)
+    Ok(())
 }
 
 /// A shape from `--like FILE`: a probe report's `worker_vm`, or a shape.
@@ -217,11 +228,18 @@ pub async fn boot(opts: &BootOptions, ui: &Ui) -> Result<()> {
 }
 
 /// What `drydock pull` recorded beside IMAGE: the VPS's kernel and seal.
-fn load_recorded(image: &Path) -> Option<(crate::remote::bootfiles::BootFiles, Recorded)> {
-    let dir = boot_dir(image);
-    let b = crate::remote::bootfiles::BootFiles::load(&dir).ok()?;
-    let text = std::fs::read_to_string(dir.join("seal.json")).unwrap_or_default();
-    serde_json::from_str(&text).ok().map(|r| (b, r))
+pub fn load_recorded(image: &Path) -> Option<(crate::remote::bootfiles::BootFiles, Recorded)> {
+    load_recorded_in(&boot_dir(image)).ok()
+}
+
+/// The boot files and seal recorded in DIR.
+pub fn load_recorded_in(dir: &Path) -> Result<(crate::remote::bootfiles::BootFiles, Recorded)> {
+    let b = crate::remote::bootfiles::BootFiles::load(dir)?;
+    let p = dir.join("seal.json");
+    let text =
+        std::fs::read_to_string(&p).with_context(|| format!("cannot read {}", p.display()))?;
+    let r = serde_json::from_str(&text).with_context(|| format!("{} is damaged", p.display()))?;
+    Ok((b, r))
 }
 
 /// The sealed boot: the VPS's own kernel started directly with the seal
