@@ -2260,25 +2260,33 @@ impl Drop for Rescue {
 fn zoo_restore_onto_a_second_vps_with_a_larger_disk_and_another_address() {
     let vps = Vps::start_variant("static");
     let home = tempdir();
-    let store = home.path().join("store");
     let key = vps.key.to_str().unwrap().to_string();
-    let backup = |host: &str| {
-        let o = vps
-            .drydock(
-                home.path(),
-                &[
-                    "backup",
-                    host,
-                    "-i",
-                    &key,
-                    "--accept-new-host-key",
-                    "--store",
-                    store.to_str().unwrap(),
-                    "--json",
-                ],
-            )
-            .output()
-            .unwrap();
+    // The user's own store: $XDG_DATA_HOME/drydock/backups/HOST.
+    let as_user = |c: &mut Command| {
+        c.env("HOME", home.path())
+            .env("XDG_STATE_HOME", home.path().join("state"))
+            .env("XDG_DATA_HOME", home.path().join("data"))
+            .env_remove("SSH_AUTH_SOCK")
+            .stdin(Stdio::null());
+    };
+    let drydock = |args: &[&str]| {
+        let mut c = Command::new(env!("CARGO_BIN_EXE_drydock"));
+        c.args(args);
+        as_user(&mut c);
+        c
+    };
+    let host = vps.host();
+    let backup = |extra: &[&str]| {
+        let mut args = vec![
+            "backup",
+            &host,
+            "-i",
+            &key,
+            "--accept-new-host-key",
+            "--json",
+        ];
+        args.extend_from_slice(extra);
+        let o = drydock(&args).output().unwrap();
         assert_exit(&o, 0);
         eprintln!("{}", stderr(&o));
         json(&o)
@@ -2286,12 +2294,68 @@ fn zoo_restore_onto_a_second_vps_with_a_larger_disk_and_another_address() {
     let sum = vps.ssh(
         "head -c 10M /dev/urandom > /root/restore-test && sync && sha256sum /root/restore-test",
     );
-    let older = backup(&vps.host());
+    let older = backup(&[]);
+    assert_eq!(older["consistency"], "crash-consistent", "{older}");
     assert!(older["boot_recorded"].is_string(), "{older}");
     vps.ssh("echo newer > /etc/drydock-newer && sync");
-    let newer = backup(&vps.host());
+    // The second one frozen: consistent, the window reported, the VPS
+    // thawed and serving after.
+    let newer = backup(&["--freeze"]);
+    assert_eq!(newer["consistency"], "frozen", "{newer}");
+    assert!(newer["frozen_seconds"].as_f64().unwrap() > 0.0, "{newer}");
+    assert_eq!(
+        vps.ssh("grep ' / ' /proc/self/mounts | cut -d' ' -f4 | cut -d, -f1")
+            .trim(),
+        "rw"
+    );
+    assert_eq!(
+        vps.ssh("systemctl is-active drydock-zoo-app").trim(),
+        "active"
+    );
     assert_ne!(older["id"], newer["id"]);
     drop(vps);
+
+    // `drydock boot ID`: a VM of the older version, its services held back
+    // (the kernel kept with it), with its data.
+    let id = older["id"].as_str().unwrap();
+    let boot_dir = home.path().join("boot-vm");
+    let mut c = drydock(&["boot", id, "--memory", "1G", "--json", "--dir"]);
+    c.arg(&boot_dir)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let mut child = c.spawn().unwrap();
+    let mut out = BufReader::new(child.stdout.take().unwrap());
+    let mut line = String::new();
+    loop {
+        line.clear();
+        out.read_line(&mut line).unwrap();
+        if line.is_empty() || line.contains(r#""type":"ready""#) {
+            break;
+        }
+    }
+    assert!(
+        !line.is_empty(),
+        "drydock boot {id} ended before its guest was up"
+    );
+    let port = serde_json::from_str::<serde_json::Value>(&line).unwrap()["ssh_port"]
+        .as_u64()
+        .unwrap() as u16;
+    let (_, key_path) = fixture(12);
+    let o = ssh_guest(
+        port,
+        &key_path,
+        "systemctl is-active drydock-zoo-app; sha256sum /root/restore-test; \
+         test -e /etc/drydock-newer && echo newer || echo older",
+    );
+    let seen = stdout(&o);
+    eprintln!("boot {id}: {seen}");
+    let lines: Vec<&str> = seen.lines().map(str::trim).collect();
+    assert_eq!(lines, ["inactive", sum.trim(), "older"], "{seen}");
+    Command::new("kill")
+        .args(["-INT", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(child.wait().unwrap().success());
 
     let disk_dir = tempdir();
     let disk = disk_dir.path().join("new-vps.raw");
@@ -2301,17 +2365,21 @@ fn zoo_restore_onto_a_second_vps_with_a_larger_disk_and_another_address() {
         .unwrap();
     let rescue = Rescue::start(&disk);
     let t0 = Instant::now();
-    let o = Command::new(env!("CARGO_BIN_EXE_drydock"))
-        .args(["restore", older["id"].as_str().unwrap()])
-        .arg(format!("root@127.0.0.1:{}", rescue.port))
-        .args(["-i", &key, "--accept-new-host-key", "--device", "/dev/vdb"])
-        .args(["--store", store.to_str().unwrap(), "--yes", "--json"])
-        .env("HOME", home.path())
-        .env("XDG_STATE_HOME", home.path().join("state"))
-        .env_remove("SSH_AUTH_SOCK")
-        .stdin(Stdio::null())
-        .output()
-        .unwrap();
+    let rescue_host = format!("root@127.0.0.1:{}", rescue.port);
+    let o = drydock(&[
+        "restore",
+        id,
+        &rescue_host,
+        "-i",
+        &key,
+        "--accept-new-host-key",
+        "--device",
+        "/dev/vdb",
+        "--yes",
+        "--json",
+    ])
+    .output()
+    .unwrap();
     eprintln!("{}", stderr(&o));
     assert_exit(&o, 0);
     let r = json(&o);
@@ -2348,7 +2416,6 @@ fn zoo_restore_onto_a_second_vps_with_a_larger_disk_and_another_address() {
         ),
     )
     .unwrap();
-    let (_, key_path) = fixture(12);
     let new_vps = Vps::start_image(&disk, key_path, Some(&like));
     let seen = new_vps.ssh(
         "ip -4 -o addr show | grep -o 'inet 203.0.113.77/24'; cat /sys/class/net/e*/address; \
