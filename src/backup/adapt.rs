@@ -43,10 +43,11 @@ impl NetChange {
         let (old, new) = (old?, new?);
         old.address?;
         new.address?;
+        // The DNS server alone is no reason: a rescue system's resolver
+        // is often not the one the VPS was configured with.
         let same = old.address == new.address
             && old.prefix == new.prefix
             && old.gateway == new.gateway
-            && old.dns == new.dns
             && old.mac.as_deref().map(str::to_ascii_lowercase)
                 == new.mac.as_deref().map(str::to_ascii_lowercase);
         (!same).then(|| NetChange {
@@ -87,10 +88,23 @@ impl NetChange {
         // A marker first, so that an old gateway that is a new address (or
         // the like) is not rewritten twice.
         let mut swaps = Vec::new();
+        // A resolver in the old subnet was the old provider's; a public
+        // one (1.1.1.1) stays.
+        let local_dns = match (self.old.dns, self.old.address, self.old.prefix) {
+            (Some(d), Some(a), Some(p)) if p > 0 && p <= 32 => {
+                let m = u32::MAX << (32 - p as u32);
+                (u32::from(d) & m) == (u32::from(a) & m)
+            }
+            _ => false,
+        };
         let pairs = [
             pair(self.old.address, self.new.address),
             pair(self.old.gateway, self.new.gateway),
-            pair(self.old.dns, self.new.dns),
+            if local_dns {
+                pair(self.old.dns, self.new.dns)
+            } else {
+                None
+            },
         ];
         for (i, p) in pairs.into_iter().enumerate() {
             if let Some((a, b)) = p {
@@ -357,10 +371,16 @@ mod tests {
     /// writes: whole addresses only, the prefix and netmask, the MAC.
     #[test]
     fn the_rewrite_changes_addresses_not_their_neighbours() {
-        let old = nic("10.0.2.15", 24, "10.0.2.2", "52:54:00:12:34:56");
-        let new = nic("10.0.5.20", 16, "10.0.5.2", "52:54:00:AB:CD:EF");
+        let mut old = nic("10.0.2.15", 24, "10.0.2.2", "52:54:00:12:34:56");
+        old.dns = Some("10.0.2.3".parse().unwrap());
+        let mut new = nic("10.0.5.20", 16, "10.0.5.2", "52:54:00:AB:CD:EF");
+        new.dns = Some("10.0.5.3".parse().unwrap());
         let c = NetChange::between(Some(&old), Some(&new)).unwrap();
         assert_eq!(NetChange::between(Some(&old), Some(&old)), None);
+        // Another resolver alone changes nothing.
+        let mut other_dns = old.clone();
+        other_dns.dns = Some("9.9.9.9".parse().unwrap());
+        assert_eq!(NetChange::between(Some(&old), Some(&other_dns)), None);
         let d = tempfile::tempdir().unwrap();
         let f = d.path().join("conf");
         std::fs::write(
@@ -368,7 +388,7 @@ mod tests {
             "auto eth0\niface eth0 inet static\n  address 10.0.2.15\n  netmask 255.255.255.0\n  \
              gateway 10.0.2.2\n# 10.0.2.150 and 110.0.2.15 and 10.0.2.22 stay\n\
              Address=10.0.2.15/24\nGateway=10.0.2.2\nMACAddress=52:54:00:12:34:56\n\
-             macaddress: 52:54:00:12:34:56\n",
+             macaddress: 52:54:00:12:34:56\nnameserver 10.0.2.3\nnameserver 1.1.1.1\n",
         )
         .unwrap();
         let mut cmd = std::process::Command::new("sed");
@@ -382,7 +402,7 @@ mod tests {
             "auto eth0\niface eth0 inet static\n  address 10.0.5.20\n  netmask 255.255.0.0\n  \
              gateway 10.0.5.2\n# 10.0.2.150 and 110.0.2.15 and 10.0.2.22 stay\n\
              Address=10.0.5.20/16\nGateway=10.0.5.2\nMACAddress=52:54:00:ab:cd:ef\n\
-             macaddress: 52:54:00:ab:cd:ef\n"
+             macaddress: 52:54:00:ab:cd:ef\nnameserver 10.0.5.3\nnameserver 1.1.1.1\n"
         );
     }
 }
