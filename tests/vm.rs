@@ -2313,6 +2313,18 @@ fn zoo_restore_onto_a_second_vps_with_a_larger_disk_and_another_address() {
         "active"
     );
     assert_ne!(older["id"], newer["id"]);
+    // The same kernel and initrd are kept once: the newer version's are
+    // links to the older's, not copied over the link again.
+    {
+        use std::os::unix::fs::MetadataExt;
+        let ino = |v: &serde_json::Value, f: &str| {
+            std::fs::metadata(std::path::Path::new(v["boot_recorded"].as_str().unwrap()).join(f))
+                .unwrap()
+                .ino()
+        };
+        assert_eq!(ino(&older, "vmlinuz"), ino(&newer, "vmlinuz"));
+        assert_eq!(ino(&older, "initrd"), ino(&newer, "initrd"));
+    }
     drop(vps);
 
     // `drydock boot ID`: a VM of the older version, its services held back

@@ -188,26 +188,13 @@ impl Store {
         self.dir.join("versions").join(".boot.tmp")
     }
 
-    /// Move the boot files recorded in `boot_tmp` to version ID's folder;
-    /// a kernel or initrd the newest older version holds byte for byte is
-    /// a hard link to it, not a second copy.
-    pub fn keep_boot(&self, id: &str, older: Option<&str>) -> Result<Option<PathBuf>> {
+    /// Move the boot files recorded in `boot_tmp` to version ID's folder
+    /// (a kernel or initrd an older version held was linked there, not
+    /// copied again: `bootfiles::fetch_reusing`).
+    pub fn keep_boot(&self, id: &str) -> Result<Option<PathBuf>> {
         let tmp = self.boot_tmp();
         if !tmp.join("boot.json").exists() {
             return Ok(None);
-        }
-        if let Some(o) = older {
-            let od = self.boot_dir(o);
-            for name in ["vmlinuz", "initrd"] {
-                let (new, old) = (tmp.join(name), od.join(name));
-                if new.exists()
-                    && old.exists()
-                    && std::fs::read(&new).ok() == std::fs::read(&old).ok()
-                {
-                    std::fs::remove_file(&new)?;
-                    std::fs::hard_link(&old, &new)?;
-                }
-            }
         }
         let dir = self.boot_dir(id);
         std::fs::rename(&tmp, &dir)?;

@@ -112,7 +112,14 @@ pub async fn backup(
     let started = Instant::now();
     // The running kernel and the seal, before any freeze: best effort, the
     // version is whole without them.
-    if let Err(e) = crate::vm::boot::record_in(session, facts, &store.boot_tmp()).await {
+    let older_boot = store
+        .versions()?
+        .last()
+        .map(|v| store.boot_dir(&v.id))
+        .filter(|d| d.is_dir());
+    if let Err(e) =
+        crate::vm::boot::record_in(session, facts, &store.boot_tmp(), older_boot.as_deref()).await
+    {
         let _ = std::fs::remove_dir_all(store.boot_tmp());
         ui.say(format!(
             "note: the kernel {} runs was not kept with the version ({e:#}): a boot of it \
@@ -207,7 +214,7 @@ pub async fn backup(
         .enumerate()
         .filter(|(i, h)| **h != zero_hash(block_len(dev.size, *i as u64)))
         .count() as u64;
-    let boot_recorded = store.keep_boot(&version.id, previous.as_ref().map(|p| p.id.as_str()))?;
+    let boot_recorded = store.keep_boot(&version.id)?;
     let version = store.commit(version)?;
     Ok(BackupReport {
         id: version.id,

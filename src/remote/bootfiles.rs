@@ -71,10 +71,42 @@ async fn copy_one(s: &Session, remote: &str, sha: &str, local: &Path) -> Result<
     write_atomic(local, &out.stdout)
 }
 
+async fn copy_or_reuse(
+    s: &Session,
+    remote: &str,
+    sha: &str,
+    local: &Path,
+    reuse: Option<&Path>,
+) -> Result<()> {
+    if let Some(old) = reuse.and_then(|d| local.file_name().map(|n| d.join(n)))
+        && std::fs::read(&old).is_ok_and(|b| hex::encode(Sha256::digest(&b)) == sha)
+    {
+        let _ = std::fs::remove_file(local);
+        if std::fs::hard_link(&old, local).is_ok() {
+            return Ok(());
+        }
+        std::fs::copy(&old, local)?;
+        return Ok(());
+    }
+    copy_one(s, remote, sha, local).await
+}
+
 /// Copy the running kernel and initrd of the VPS into `dir` (made 0700),
 /// with boot.json beside them. Refuses, changing nothing on the VPS, when
 /// the running kernel's files are not on its disk.
 pub async fn fetch(s: &Session, cmdline: &str, dir: &Path) -> Result<BootFiles> {
+    fetch_reusing(s, cmdline, dir, None).await
+}
+
+/// `fetch`, taking a file from the folder REUSE (an older recording) when
+/// it has the same SHA-256 as the host's, instead of copying it again
+/// (a backup's versions mostly run the same kernel).
+pub async fn fetch_reusing(
+    s: &Session,
+    cmdline: &str,
+    dir: &Path,
+    reuse: Option<&Path>,
+) -> Result<BootFiles> {
     use std::os::unix::fs::DirBuilderExt;
     let text = s
         .run("finding the running kernel's files", FIND_SCRIPT)
@@ -102,12 +134,12 @@ pub async fn fetch(s: &Session, cmdline: &str, dir: &Path) -> Result<BootFiles> 
         .create(dir)
         .with_context(|| format!("cannot create {}", dir.display()))?;
     let kernel = dir.join("vmlinuz");
-    copy_one(s, &kpath, &ksha, &kernel).await?;
+    copy_or_reuse(s, &kpath, &ksha, &kernel, reuse).await?;
     let mut source = vec![kpath];
     let initrd = match field("initrd").and_then(split) {
         Some((isha, ipath)) => {
             let p = dir.join("initrd");
-            copy_one(s, &ipath, &isha, &p).await?;
+            copy_or_reuse(s, &ipath, &isha, &p, reuse).await?;
             source.push(ipath);
             Some(p)
         }

@@ -54,15 +54,17 @@ pub async fn record(
     image: &Path,
 ) -> Result<PathBuf> {
     let dir = boot_dir(image);
-    record_in(s, facts, &dir).await?;
+    record_in(s, facts, &dir, None).await?;
     Ok(dir)
 }
 
-/// The same, into DIR (a backup version's `versions/ID.boot`).
+/// The same, into DIR (a backup version's `versions/ID.boot`), taking
+/// from REUSE (an older version's) the files that have not changed.
 pub async fn record_in(
     s: &crate::ssh::Session,
     facts: &crate::remote::Facts,
     dir: &Path,
+    reuse: Option<&Path>,
 ) -> Result<()> {
     let dir = dir.to_path_buf();
     let seal = super::seal::Seal::from_facts(facts, &s.host())?;
@@ -71,7 +73,7 @@ pub async fn record_in(
         facts.os.get("ID").map(String::as_str).unwrap_or(""),
         &[],
     );
-    crate::remote::bootfiles::fetch(s, &facts.cmdline, &dir).await?;
+    crate::remote::bootfiles::fetch_reusing(s, &facts.cmdline, &dir, reuse).await?;
     let rec = Recorded {
         seal,
         allowed_hosts: allowed,
