@@ -42,18 +42,18 @@ free_port() {
   python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'
 }
 
-# start_sshd DIR: sets SSHD_PID, PORT, KEY (client key), HOST.
-start_sshd() {
-  local dir=$1
+# sshd_setup DIR PORT ADDRESS: a host key, a client key it authorizes, and
+# DIR/sshd_config listening on ADDRESS:PORT.
+sshd_setup() {
+  local dir=$1 port=$2 addr=$3
   mkdir -p "$dir" /run/sshd
   rm -f "$dir/host_key" "$dir/host_key.pub" "$dir/client_key" "$dir/client_key.pub"
   ssh-keygen -q -t ed25519 -N '' -C drydock-host -f "$dir/host_key"
   ssh-keygen -q -t ed25519 -N '' -C drydock-client -f "$dir/client_key"
   cp "$dir/client_key.pub" "$dir/authorized_keys"
-  PORT=$(free_port)
   cat > "$dir/sshd_config" <<CFG
-Port $PORT
-ListenAddress 127.0.0.1
+Port $port
+ListenAddress $addr
 HostKey $dir/host_key
 AuthorizedKeysFile $dir/authorized_keys
 PidFile $dir/sshd.pid
@@ -64,6 +64,13 @@ PasswordAuthentication no
 KbdInteractiveAuthentication no
 LogLevel ERROR
 CFG
+}
+
+# start_sshd DIR: sets SSHD_PID, PORT, KEY (client key), HOST.
+start_sshd() {
+  local dir=$1
+  PORT=$(free_port)
+  sshd_setup "$dir" "$PORT" 127.0.0.1
   /usr/sbin/sshd -D -e -f "$dir/sshd_config" 2>"$dir/sshd.log" &
   SSHD_PID=$!
   for _ in $(seq 100); do

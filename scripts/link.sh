@@ -24,7 +24,6 @@ start_link() {
   LINK_DEV=${LINK_DEV:0:15}
   local peer=ddp$$
   peer=${peer:0:15}
-  mkdir -p "$dir" /run/sshd
   ip netns add "$LINK_NS"
   ip link add "$LINK_DEV" type veth peer name "$peer"
   ip link set "$peer" netns "$LINK_NS"
@@ -40,23 +39,7 @@ start_link() {
   tc qdisc add dev "$LINK_DEV" root tbf rate "${up}mbit" burst 64kb latency 200ms
   ip netns exec "$LINK_NS" tc qdisc add dev "$peer" root tbf rate "${down}mbit" burst 64kb latency 200ms
 
-  rm -f "$dir/host_key" "$dir/host_key.pub" "$dir/client_key" "$dir/client_key.pub"
-  ssh-keygen -q -t ed25519 -N '' -C drydock-host -f "$dir/host_key"
-  ssh-keygen -q -t ed25519 -N '' -C drydock-client -f "$dir/client_key"
-  cp "$dir/client_key.pub" "$dir/authorized_keys"
-  cat > "$dir/sshd_config" <<CFG
-Port 22
-ListenAddress 10.213.0.2
-HostKey $dir/host_key
-AuthorizedKeysFile $dir/authorized_keys
-PidFile $dir/sshd.pid
-UsePAM no
-StrictModes no
-PermitRootLogin prohibit-password
-PasswordAuthentication no
-KbdInteractiveAuthentication no
-LogLevel ERROR
-CFG
+  sshd_setup "$dir" 22 10.213.0.2
   # `ip netns exec` runs sshd as itself: SSHD_PID is sshd's own.
   ip netns exec "$LINK_NS" /usr/sbin/sshd -D -e -f "$dir/sshd_config" 2>"$dir/sshd.log" &
   SSHD_PID=$!

@@ -25,7 +25,6 @@ use anyhow::{Context, Result, bail};
 use serde::Serialize;
 
 use super::store::{Store, Version};
-use crate::pipeline::guest;
 use crate::vm::shape::{Nic, Shape};
 use crate::vm::{self, Vm, cmdline};
 
@@ -215,32 +214,18 @@ pub async fn adapt(
     ));
     let _ = std::fs::remove_dir_all(&dir);
     crate::paths::private_dir(&dir)?;
-    let efi = vm::efi_for(&old, &dir)?;
-    let spec = cmdline::VmSpec {
-        disk: work.to_path_buf(),
-        disk_format: "raw".into(),
-        memory_mib: 1024,
-        cpus: std::thread::available_parallelism()
-            .map(|n| n.get() as u32)
-            .unwrap_or(2),
-        accel: cmdline::detect_accel(),
-        ssh_port: std::net::TcpListener::bind("127.0.0.1:0")?
-            .local_addr()?
-            .port(),
-        qmp_socket: dir.join("qmp.sock"),
-        serial_log: dir.join("serial.log"),
-        shape: old,
-        efi,
-        direct: Some(cmdline::DirectBoot {
+    let spec = super::proof::sealed_spec(
+        work,
+        "raw",
+        &dir,
+        old,
+        1024,
+        Some(cmdline::DirectBoot {
             kernel: boot.kernel.clone(),
             initrd: boot.initrd.clone(),
             append: rec.seal.kernel_cmdline(&boot.cmdline)?,
         }),
-        sealed: Some(cmdline::NetSeal {
-            proxy: None,
-            pcap: dir.join("net.pcap"),
-        }),
-    };
+    )?;
     let port = spec.ssh_port;
     ui.say(format!(
         "booting the local copy of version {} sealed (its services held back, no network out), \
@@ -277,25 +262,7 @@ async fn adapt_in(
     net: Option<&NetChange>,
     grow: Option<(&str, u64)>,
 ) -> Result<Adapted> {
-    let console = dir.join("serial.log");
-    vm.wait_for_ssh(Duration::from_secs(900))
-        .await
-        .with_context(|| {
-            format!(
-                "the copy did not boot to SSH within 15 minutes; its console: {}",
-                console.display()
-            )
-        })?;
-    let (t, o) = guest::guest_target(port, identity, dir.join("known_hosts"), "the copy");
-    let s = guest::connect_retry(&t, &o, Duration::from_secs(300))
-        .await
-        .with_context(|| {
-            format!(
-                "the copy booted but drydock could not log in over SSH (with the host's \
-                 credentials: -i KEY names the key); its console: {}",
-                console.display()
-            )
-        })?;
+    let s = super::proof::log_in(vm, port, identity, dir, "the copy").await?;
     let mut a = Adapted::default();
     if let Some((fs, start)) = grow {
         let out = s

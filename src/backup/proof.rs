@@ -132,29 +132,8 @@ pub async fn prove_image(
     crate::paths::private_dir(&dir)?;
     let overlay = dir.join("overlay.qcow2");
     vm::image::create_overlay(image, &overlay).await?;
-    let efi = vm::efi_for(&shape, &dir)?;
-    let spec = cmdline::VmSpec {
-        disk: overlay,
-        disk_format: "qcow2".into(),
-        memory_mib,
-        cpus: std::thread::available_parallelism()
-            .map(|n| n.get() as u32)
-            .unwrap_or(2),
-        accel: cmdline::detect_accel(),
-        ssh_port: std::net::TcpListener::bind("127.0.0.1:0")?
-            .local_addr()?
-            .port(),
-        qmp_socket: dir.join("qmp.sock"),
-        serial_log: dir.join("serial.log"),
-        shape,
-        efi,
-        direct: None,
-        // Sealed: no proxy, nothing allowed out.
-        sealed: Some(cmdline::NetSeal {
-            proxy: None,
-            pcap: dir.join("net.pcap"),
-        }),
-    };
+    // Sealed: no proxy, nothing allowed out.
+    let spec = sealed_spec(&overlay, "qcow2", &dir, shape, memory_mib, None)?;
     let port = spec.ssh_port;
     ui.say(format!(
         "booting {what} through its own boot loader in a sealed VM ({} MiB); console in {}",
@@ -185,14 +164,16 @@ pub async fn prove_image(
     Ok(proof)
 }
 
-async fn prove(
+/// Wait for the VM's sshd (15 minutes), then log in to it with the host's
+/// credentials (5 more); WHAT names it in the errors, which name its
+/// console.
+pub async fn log_in(
     vm: &mut Vm,
     port: u16,
     identity: Option<&Path>,
     dir: &Path,
     what: &str,
-    id: &str,
-) -> Result<BootProof> {
+) -> Result<crate::ssh::Session> {
     let console = dir.join("serial.log");
     vm.wait_for_ssh(Duration::from_secs(900))
         .await
@@ -202,8 +183,8 @@ async fn prove(
                 console.display()
             )
         })?;
-    let (t, o) = guest::guest_target(port, identity, dir.join("known_hosts"), "the backup's VM");
-    let s = guest::connect_retry(&t, &o, Duration::from_secs(300))
+    let (t, o) = guest::guest_target(port, identity, dir.join("known_hosts"), what);
+    guest::connect_retry(&t, &o, Duration::from_secs(300))
         .await
         .with_context(|| {
             format!(
@@ -211,7 +192,53 @@ async fn prove(
                  credentials: -i KEY names the key); its console: {}",
                 console.display()
             )
-        })?;
+        })
+}
+
+/// A local VM of DISK with nothing out of its network but its SSH
+/// forward, its files (QMP socket, console, capture) in DIR.
+pub fn sealed_spec(
+    disk: &Path,
+    disk_format: &str,
+    dir: &Path,
+    shape: crate::vm::shape::Shape,
+    memory_mib: u64,
+    direct: Option<cmdline::DirectBoot>,
+) -> Result<cmdline::VmSpec> {
+    let efi = vm::efi_for(&shape, dir)?;
+    Ok(cmdline::VmSpec {
+        disk: disk.to_path_buf(),
+        disk_format: disk_format.into(),
+        memory_mib,
+        cpus: std::thread::available_parallelism()
+            .map(|n| n.get() as u32)
+            .unwrap_or(2),
+        accel: cmdline::detect_accel(),
+        ssh_port: std::net::TcpListener::bind("127.0.0.1:0")?
+            .local_addr()?
+            .port(),
+        qmp_socket: dir.join("qmp.sock"),
+        serial_log: dir.join("serial.log"),
+        shape,
+        efi,
+        direct,
+        sealed: Some(cmdline::NetSeal {
+            proxy: None,
+            pcap: dir.join("net.pcap"),
+        }),
+    })
+}
+
+async fn prove(
+    vm: &mut Vm,
+    port: u16,
+    identity: Option<&Path>,
+    dir: &Path,
+    what: &str,
+    id: &str,
+) -> Result<BootProof> {
+    let console = dir.join("serial.log");
+    let s = log_in(vm, port, identity, dir, what).await?;
     let (_, _, os) = guest::os_release(&s).await?;
     let root = s
         .exec("findmnt -n -o OPTIONS / || awk '$2 == \"/\" {print $4}' /proc/mounts")
