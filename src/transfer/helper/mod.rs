@@ -11,6 +11,7 @@
 
 mod feed;
 mod install;
+pub mod level;
 mod link;
 mod plan;
 #[cfg(test)]
@@ -29,8 +30,9 @@ use crate::remote::Facts;
 /// The helper built for x86_64 with a static C library (build.rs).
 pub static BINARY: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/drydock-helper"));
 
-/// zstd level for pulls (whole disks: speed matters) and pushes (a few
-/// hundred MiB of changes over a slow uplink: size matters).
+/// zstd level for pulls (whole disks: speed matters), and the level a
+/// push starts at (a few hundred MiB of changes over a slow uplink: size
+/// matters; `level::LevelControl` moves it with what the link allows).
 pub const PULL_LEVEL: i32 = 1;
 
 pub const PUSH_LEVEL: i32 = 3;

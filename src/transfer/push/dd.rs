@@ -64,6 +64,7 @@ pub(super) async fn push(
         bytes_on_wire: bytes,
         bytes_written: bytes,
         helper_peak_rss_kib: None,
+        zstd_levels: Vec::new(),
     };
     if rs.is_empty() {
         ui.say(format!(

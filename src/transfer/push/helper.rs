@@ -7,6 +7,8 @@
 use std::fs::File;
 use std::os::unix::fs::FileExt;
 
+use std::time::{Duration, Instant};
+
 use anyhow::{Context, Result, bail};
 
 use super::{Preflight, PushOptions, PushReport, ranges, save_manifest};
@@ -69,6 +71,7 @@ pub(super) async fn push(
         bytes_on_wire: counts.bytes_on_wire,
         bytes_written: counts.bytes_written,
         helper_peak_rss_kib: Some(counts.done.peak_rss_kib),
+        zstd_levels: counts.zstd_levels,
     };
     save_manifest(session, facts, opts, pf)?;
     Ok(report)
@@ -86,6 +89,8 @@ struct Counts {
     ranges: usize,
     blocks: u64,
     done: helper::Done,
+    /// The zstd levels the pages were sent at, in order.
+    zstd_levels: Vec<i32>,
     /// Spent at the confirmation question.
     waited: std::time::Duration,
 }
@@ -129,7 +134,7 @@ async fn push_with(
     let mut blocks: Vec<u64> = patches.iter().map(|p| p.offset / BLOCK_SIZE).collect();
     blocks.dedup();
     super::record_intent(opts, &pf.new.digest, &dev.path, &blocks)?;
-    let done = send(&mut link, &image, &patches, total, dev, ui).await?;
+    let (done, zstd_levels) = send(&mut link, &image, &patches, total, dev, ui).await?;
     Ok(Counts {
         bytes_on_wire: link.sent,
         bytes_written: done.bytes_written,
@@ -137,6 +142,7 @@ async fn push_with(
         ranges: patches.len(),
         blocks: blocks.len() as u64,
         done,
+        zstd_levels,
         waited,
     })
 }
@@ -295,9 +301,10 @@ async fn send(
     total: u64,
     dev: &Device,
     ui: &Ui,
-) -> Result<helper::Done> {
+) -> Result<(helper::Done, Vec<i32>)> {
     let bar = ui.bytes_bar(total, "push");
-    let mut z = zstd::bulk::Compressor::new(helper::PUSH_LEVEL)?;
+    let mut levels = helper::level::LevelControl::new(helper::PUSH_LEVEL);
+    let mut z = zstd::bulk::Compressor::new(levels.level())?;
     let mut in_flight: std::collections::VecDeque<Patch> = Default::default();
     let mut in_flight_bytes = 0u64;
     let mut next = 0;
@@ -312,13 +319,25 @@ async fn send(
         if next < patches.len() && in_flight_bytes < WRITE_WINDOW {
             let p = patches[next];
             next += 1;
+            let t = Instant::now();
             let frame = helper::write_frame(image, p, &mut z)?;
+            let busy = t.elapsed();
+            let t = Instant::now();
             link.send(frame).await.map_err(partly)?;
+            if let Some(l) = levels.record(p.len as u64, busy, t.elapsed()) {
+                z.set_compression_level(l)?;
+            }
             in_flight.push_back(p);
             in_flight_bytes += p.len as u64;
             continue;
         }
-        match link.recv().await.map_err(partly)? {
+        let t = Instant::now();
+        let answer = link.recv().await.map_err(partly)?;
+        if next < patches.len() {
+            // The window was full: waiting on the helper's writes.
+            levels.record(0, Duration::ZERO, t.elapsed());
+        }
+        match answer {
             drydock_helper::proto::Msg::Written { offset, len } => {
                 let p = in_flight
                     .pop_front()
@@ -340,11 +359,14 @@ async fn send(
             peak_rss_kib,
             bytes_read,
             bytes_written,
-        } => Ok(helper::Done {
-            peak_rss_kib,
-            bytes_read,
-            bytes_written,
-        }),
+        } => Ok((
+            helper::Done {
+                peak_rss_kib,
+                bytes_read,
+                bytes_written,
+            },
+            levels.used,
+        )),
         m => bail!("the helper answered Finish with {}", m.name()),
     }
 }

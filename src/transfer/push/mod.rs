@@ -61,6 +61,10 @@ pub struct PushReport {
     pub bytes_on_wire: u64,
     pub bytes_written: u64,
     pub helper_peak_rss_kib: Option<u64>,
+    /// Helper mode: the zstd levels the pages went at, in order (chosen
+    /// from the throughput measured during the push).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub zstd_levels: Vec<i32>,
 }
 
 impl PushReport {
