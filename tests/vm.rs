@@ -2156,7 +2156,9 @@ fn zoo_backups_of_a_live_vps_are_incremental_and_boot() {
 /// A provider's rescue system on a second VPS: the plain fixture booted
 /// from its first disk (an overlay, vda) with the new VPS's empty, larger
 /// disk as vdb, its network shaped as 203.0.113.0/24 (DHCP gives it
-/// 203.0.113.77, MAC 52:54:00:aa:bb:02).
+/// 203.0.113.77 and the default route via 203.0.113.1, MAC
+/// 52:54:00:aa:bb:02; not restricted: QEMU's DHCP offers no router on a
+/// restricted network).
 struct Rescue {
     child: std::process::Child,
     port: u16,
@@ -2197,7 +2199,7 @@ impl Rescue {
                 "-netdev",
                 &format!(
                     "user,id=n0,net=203.0.113.0/24,host=203.0.113.1,dns=203.0.113.53,\
-                 dhcpstart=203.0.113.77,restrict=on,hostfwd=tcp:127.0.0.1:{port}-203.0.113.77:22"
+                 dhcpstart=203.0.113.77,hostfwd=tcp:127.0.0.1:{port}-203.0.113.77:22"
                 ),
             ])
             .args([

@@ -158,6 +158,23 @@ pub async fn restore(
     } else {
         NetChange::between(old_shape.nic.as_ref(), new_shape.nic.as_ref())
     };
+    if let Some(n) = &network
+        && n.old.gateway.is_some()
+        && n.new.gateway.is_none()
+    {
+        return Err(refused!(
+            "the new host {} has no IPv4 default route ({} has {}/{} and no gateway), so \
+             drydock cannot tell which gateway version {}'s network configuration should use \
+             there; nothing was changed. Give the new host's shape with --like PROBE.json (the \
+             output of `drydock probe HOST --json` of it when it runs its own system), or \
+             restore with --keep-network",
+            session.host(),
+            n.new.name,
+            n.new.address.map(|a| a.to_string()).unwrap_or_default(),
+            n.new.prefix.map(|p| p.to_string()).unwrap_or_default(),
+            v.id
+        ));
+    }
     let work = store.layout_path(v, "restores")?;
     let plan = Plan {
         dev: &dev,
@@ -300,6 +317,9 @@ async fn restore_with(
         network_files = a.network_files;
     }
     let proof = if plan.prove {
+        for note in plan.new_shape.user_net().1 {
+            ui.warn(format!("the boot proof's VM: {note}"));
+        }
         let p = super::proof::prove_image(
             work,
             &format!("the restored copy of version {}", v.id),

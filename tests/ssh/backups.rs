@@ -451,3 +451,77 @@ fn restore_onto_a_larger_disk_grows_the_last_partition_and_its_ext4() {
         stdout(&o)
     );
 }
+
+/// A restore onto a host whose network differs from the version's (given
+/// with --like) is refused before anything changes when drydock cannot
+/// adapt it: the new host has no default route to rewrite the gateway
+/// to, or the version has no kernel kept with it to boot it sealed (this
+/// machine has no /boot to record). Each says what to do instead.
+#[test]
+fn restore_onto_another_network_is_refused_when_it_cannot_be_adapted() {
+    let sshd = Sshd::start();
+    let t = tempdir();
+    let dev = t.path().join("disk");
+    let store = t.path().join("store");
+    make_disk(&dev, 16 * MIB, &[(0, 4 * MIB as usize)], &[]);
+    let o = backup(&sshd, &dev, &store).output().unwrap();
+    assert_exit(&o, 0);
+    let id = json(&o)["id"].as_str().unwrap().to_string();
+    let version: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(store.join("versions").join(format!("{id}.json"))).unwrap(),
+    )
+    .unwrap();
+    let nic = &version["shape"]["nic"];
+    if nic["address"].is_null() || nic["gateway"].is_null() {
+        eprintln!("this machine has no IPv4 default route: nothing to compare with; skipped");
+        return;
+    }
+    let big = t.path().join("big");
+    make_disk(&big, 24 * MIB, &[], &[]);
+    let before = sha256_file(&big);
+    let like = |gateway: &str| {
+        let p = t.path().join(format!("like-{gateway}.json"));
+        std::fs::write(
+            &p,
+            format!(
+                r#"{{"firmware": "bios", "disk_bus": "virtio-blk", "disk_name": "vda",
+ "nic": {{"name": "eth9", "mac": "52:54:00:aa:bb:02", "pci_slot": null,
+         "address": "203.0.113.77", "prefix": 24, "gateway": {gateway}, "dns": null}}}}"#
+            ),
+        )
+        .unwrap();
+        p
+    };
+    let o = restore(&sshd, &id, &big, &store)
+        .arg("--like")
+        .arg(like("null"))
+        .output()
+        .unwrap();
+    assert_exit(&o, 3);
+    assert_stderr(
+        &o,
+        "has no IPv4 default route (eth9 has 203.0.113.77/24 and no gateway), so drydock \
+         cannot tell which gateway",
+    );
+    assert_stderr(
+        &o,
+        "nothing was changed. Give the new host's shape with --like",
+    );
+    assert_eq!(sha256_file(&big), before);
+    if store.join("versions").join(format!("{id}.boot")).exists() {
+        eprintln!("this machine's kernel was kept with the version: the second case skipped");
+        return;
+    }
+    let o = restore(&sshd, &id, &big, &store)
+        .arg("--like")
+        .arg(like("\"203.0.113.1\""))
+        .output()
+        .unwrap();
+    assert_exit(&o, 3);
+    assert_stderr(
+        &o,
+        "and the version has no recorded kernel to boot it sealed",
+    );
+    assert_stderr(&o, "nothing was written. Restore with --keep-network");
+    assert_eq!(sha256_file(&big), before);
+}
