@@ -73,12 +73,17 @@ start_sshd() {
   sshd_setup "$dir" "$PORT" 127.0.0.1
   /usr/sbin/sshd -D -e -f "$dir/sshd_config" 2>"$dir/sshd.log" &
   SSHD_PID=$!
-  for _ in $(seq 100); do
-    (exec 3<>"/dev/tcp/127.0.0.1/$PORT") 2>/dev/null && break
-    sleep 0.1
-  done
+  wait_port 127.0.0.1 "$PORT"
   KEY=$dir/client_key
   HOST=root@127.0.0.1:$PORT
+}
+
+# wait_port ADDRESS PORT: until something listens there (10 s at most).
+wait_port() {
+  for _ in $(seq 100); do
+    (exec 3<>"/dev/tcp/$1/$2") 2>/dev/null && return 0
+    sleep 0.1
+  done
 }
 
 stop_sshd() {

@@ -91,14 +91,8 @@ async def main():
 asyncio.run(main())
 PY
   LINK_RELAY_PID=$!
-  for _ in $(seq 100); do
-    (exec 3<>/dev/tcp/10.213.0.2/22) 2>/dev/null && break
-    sleep 0.1
-  done
-  for _ in $(seq 100); do
-    (exec 3<>"/dev/tcp/127.0.0.1/$PORT") 2>/dev/null && break
-    sleep 0.1
-  done
+  wait_port 10.213.0.2 22
+  wait_port 127.0.0.1 "$PORT"
   KEY=$dir/client_key
   HOST=root@127.0.0.1:$PORT
 }

@@ -88,16 +88,7 @@ fn boot_json(
         .stderr(stderr)
         .spawn()
         .unwrap();
-    // The event stream until its "ready" event (the guest keeps running).
-    let mut out = BufReader::new(child.stdout.take().unwrap());
-    let mut line = String::new();
-    loop {
-        line.clear();
-        out.read_line(&mut line).unwrap();
-        if line.is_empty() || line.contains(r#""type":"ready""#) {
-            break;
-        }
-    }
+    let line = until_ready(&mut child);
     if line.is_empty() {
         let status = child.wait().unwrap();
         let said = match (err_log, child.stderr.take()) {
@@ -112,6 +103,20 @@ fn boot_json(
         panic!("drydock boot ended ({status}) without saying how to reach the guest: {said}");
     }
     (child, serde_json::from_str(&line).unwrap())
+}
+
+/// A `drydock boot --json`'s event stream until its "ready" event (the
+/// guest keeps running): that line, or nothing if the stream ended first.
+fn until_ready(child: &mut std::process::Child) -> String {
+    let mut out = BufReader::new(child.stdout.take().unwrap());
+    let mut line = String::new();
+    loop {
+        line.clear();
+        out.read_line(&mut line).unwrap();
+        if line.is_empty() || line.contains(r#""type":"ready""#) {
+            return line;
+        }
+    }
 }
 
 /// Also where `boot` keeps a VM without `--dir`: under
@@ -2365,15 +2370,7 @@ fn restore_onto_a_second_vps(variant: &str, files: &[&str], fs: &str, said: &str
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());
     let mut child = c.spawn().unwrap();
-    let mut out = BufReader::new(child.stdout.take().unwrap());
-    let mut line = String::new();
-    loop {
-        line.clear();
-        out.read_line(&mut line).unwrap();
-        if line.is_empty() || line.contains(r#""type":"ready""#) {
-            break;
-        }
-    }
+    let line = until_ready(&mut child);
     assert!(
         !line.is_empty(),
         "drydock boot {id} ended before its guest was up"
