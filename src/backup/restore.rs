@@ -175,6 +175,20 @@ pub async fn restore(
             v.id
         ));
     }
+    // Before the version is laid out: nothing to undo.
+    if network.is_some() && !store.boot_dir(&v.id).join("boot.json").exists() {
+        return Err(refused!(
+            "the new host's network differs from version {}'s ({}), and the version has no \
+             recorded kernel to boot it sealed and rewrite its configuration (it was taken by an \
+             older drydock); nothing was written. Restore with --keep-network to write it as it \
+             is, then fix the network from the provider's console",
+            v.id,
+            network
+                .as_ref()
+                .map(NetChange::describe)
+                .unwrap_or_default()
+        ));
+    }
     let work = store.layout_path(v, "restores")?;
     let plan = Plan {
         dev: &dev,
@@ -284,16 +298,6 @@ async fn restore_with(
         .and_then(|g| Some((g.filesystem.clone()?, g.start?)));
     let mut network_files = Vec::new();
     let recorded = store.boot_dir(&v.id).join("boot.json").exists();
-    if plan.network.is_some() && !recorded {
-        return Err(refused!(
-            "the new host's network differs from version {}'s ({}), and the version has no \
-             recorded kernel to boot it sealed and rewrite its configuration (it was taken by an \
-             older drydock); nothing was written. Restore with --keep-network to write it as it \
-             is, then fix the network from the provider's console",
-            v.id,
-            plan.network.map(NetChange::describe).unwrap_or_default()
-        ));
-    }
     if plan.network.is_some() || (online.is_some() && recorded) {
         let a = super::adapt::adapt(
             store,
