@@ -373,6 +373,12 @@ pub struct UpgradeArgs {
     /// the run before the freeze).
     #[arg(long)]
     pub no_rehearsal: bool,
+    /// upgrade: after the rehearsal, run the upgrade again on the frozen
+    /// copy, even when the VPS changed only its own data since the live
+    /// copy (by default those changes are carried into the rehearsal's
+    /// result instead, and the upgrade does not run while the VPS is down)
+    #[arg(long, conflicts_with = "no_rehearsal")]
+    pub no_carry: bool,
 }
 
 #[derive(Debug, Args)]
@@ -582,6 +588,14 @@ impl Cli {
     /// What clap's attributes cannot say: flags that contradict each other
     /// through their values. A usage error (exit 2), before anything runs.
     pub fn check(&self) -> Result<(), clap::Error> {
+        if let Command::Rehearse(a) = &self.command
+            && a.no_carry
+        {
+            return Err(conflict(
+                "rehearse",
+                "--no-carry is for `drydock upgrade`; `drydock rehearse` pushes nothing",
+            ));
+        }
         if let Command::Rehearse(a) = &self.command
             && a.no_rehearsal
         {

@@ -473,6 +473,7 @@ async fn upgrade(a: cli::UpgradeArgs, rehearsal: bool, ui: &Ui) -> Result<()> {
         allow_hosts: a.allow_host,
         rehearsal,
         no_rehearsal: a.no_rehearsal,
+        no_carry: a.no_carry,
     };
     if a.dry_run {
         let d = tokio::select! {

@@ -480,11 +480,12 @@ sleep 3; grep -c app /var/lib/drydock-app.log"#
 /// comes from a worker boot, the listener saw nothing, the refusals are
 /// named in the run log and the report, and the enabled units and /etc
 /// are as they were, apart from the --run change.
-/// The default `upgrade` (rehearsal on a live copy, freeze, pre-copy),
-/// killed in the middle of the real upgrade, resumed: the worker VMs are
-/// sealed, the VPS comes back changed, and the frozen base was exact (the
-/// service's log on the upgraded VPS runs to the freeze, not to the live
-/// pull).
+/// The default `upgrade` (rehearsal on a live copy, freeze, pre-copy,
+/// the rehearsal carried over), killed in the middle of the carry boot,
+/// resumed: the worker VMs are sealed, the VPS comes back changed, the
+/// upgrade did not run again, and what the VPS wrote after the live copy
+/// was carried into the rehearsal's result (the service's log on the
+/// upgraded VPS runs to the freeze, not to the live pull).
 #[test]
 fn upgrade_killed_mid_upgrade_resumes_sealed_and_the_vps_comes_back_changed() {
     let vps = Vps::start(12);
@@ -532,9 +533,8 @@ fn upgrade_killed_mid_upgrade_resumes_sealed_and_the_vps_comes_back_changed() {
         .unwrap();
     let runs = home.path().join("state/drydock/runs");
     let t0 = Instant::now();
-    // The command runs twice, in the rehearsal's worker VM and then in the
-    // real upgrade's: killed in the second.
-    let mut rehearsed = None;
+    // The command runs once, in the rehearsal's worker VM; killed in the
+    // carry boot, the worker VM up on the rehearsal's result.
     let run_dir = loop {
         let found = std::fs::read_dir(&runs)
             .ok()
@@ -543,14 +543,12 @@ fn upgrade_killed_mid_upgrade_resumes_sealed_and_the_vps_comes_back_changed() {
             .map(|e| e.path());
         if let Some(d) = found {
             let done = std::fs::read_to_string(d.join("journal.json")).unwrap_or_default();
-            let ran = std::fs::read_to_string(d.join("run.log"))
-                .unwrap_or_default()
-                .matches("sleep 20")
-                .count();
-            match rehearsed {
-                None if done.contains("\"rehearse\"") => rehearsed = Some(ran),
-                Some(n) if ran > n => break d,
-                _ => {}
+            if done.contains("\"step\": \"pull\"")
+                && d.join("carry-live.qcow2").exists()
+                && qemu_running_in(&d)
+            {
+                std::thread::sleep(Duration::from_secs(20));
+                break d;
             }
         }
         assert!(
@@ -669,6 +667,15 @@ fn upgrade_killed_mid_upgrade_resumes_sealed_and_the_vps_comes_back_changed() {
     );
     assert!(r["rehearsal_seconds"].as_f64().unwrap() > 0.0, "{r}");
     assert!(r["delta_blocks"].as_u64().unwrap() > 0, "{r}");
+    // Carried over: the command ran once, in the rehearsal.
+    assert_eq!(r["carried"]["carried"], true, "{r}");
+    assert!(r["carried"]["entries"].as_u64().unwrap() > 0, "{r}");
+    let ran =
+        std::fs::read_to_string(std::path::Path::new(r["run"].as_str().unwrap()).join("run.log"))
+            .unwrap()
+            .matches("sleep 20")
+            .count();
+    assert_eq!(ran, 1, "the --run ran {ran} times");
     assert!(r["pushed_blocks"].as_u64().unwrap() > 0, "{r}");
     // The service wrote through the live part; what it wrote up to the
     // freeze is on the upgraded disk: the pre-copy brought the base up to
@@ -896,6 +903,8 @@ fn upgrade_rehearses_live_and_stops_before_the_freeze_on_failure() {
 /// What the rehearsal downloaded is served again to the real upgrade's
 /// worker VM from the run's downloads (the sealed proxy's cache on the
 /// workstation), not fetched again; none of it is on the VPS afterwards.
+/// (`--no-carry`: the upgrade runs again, as when the VPS changed what
+/// the upgrade owns.)
 #[test]
 #[ignore = "long tier: scripts/test-zoo runs it"]
 fn zoo_the_upgrade_reuses_the_rehearsals_downloads() {
@@ -907,7 +916,7 @@ fn zoo_the_upgrade_reuses_the_rehearsals_downloads() {
          && apt-get clean"
     );
     let o = vps
-        .upgrade_as_users_run_it(home.path(), &cmd, &[])
+        .upgrade_as_users_run_it(home.path(), &cmd, &["--no-carry"])
         .output()
         .unwrap();
     assert_exit(&o, 0);
@@ -2284,6 +2293,19 @@ fn zoo_restore_of_an_xfs_vps_onto_a_larger_disk_grows_its_root_mounted() {
         &[],
         "xfs",
         "mounted in a sealed boot of the copy (xfs on /dev/vda1 (/))",
+    );
+}
+
+/// The same with a btrfs root in subvolumes (@ at /, @home), as several
+/// providers lay it out: grown while mounted, whichever subvolume holds it.
+#[test]
+#[ignore = "long tier: scripts/test-zoo runs it"]
+fn zoo_restore_of_a_btrfs_vps_onto_a_larger_disk_grows_its_root_mounted() {
+    restore_onto_a_second_vps(
+        "btrfs",
+        &[],
+        "btrfs",
+        "mounted in a sealed boot of the copy (btrfs on /dev/vda1 (",
     );
 }
 

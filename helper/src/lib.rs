@@ -5,5 +5,6 @@
 //! protocol ([`proto`]) on stdin and stdout. The library half is shared
 //! with drydock, which speaks the other side.
 
+pub mod carry;
 pub mod proto;
 pub mod server;

@@ -33,6 +33,9 @@ fn main() {
         );
         return;
     }
+    if args.first().map(String::as_str) == Some("--carry") {
+        std::process::exit(carry(&args[1..]));
+    }
     // Locked memory: nothing of the helper is paged out to (or in from) a
     // swap device while it writes the disk.
     if let Err(e) =
@@ -63,4 +66,57 @@ fn main() {
         eprintln!("drydock-helper: {e}");
         std::process::exit(1);
     }
+}
+
+/// `drydock-helper --carry LIVE FROZEN TARGET PREFIX SINCE`, in the worker
+/// VM (see `carry`): one line per path; `refused: WHY` and exit 3 when it
+/// cannot be carried (nothing applied); `end N` and exit 0 when it was.
+fn carry(args: &[String]) -> i32 {
+    use drydock_helper::carry;
+    let [live, frozen, target, prefix, since] = args else {
+        eprintln!("usage: drydock-helper --carry LIVE FROZEN TARGET PREFIX SINCE");
+        return 2;
+    };
+    let Ok(since) = since.parse() else {
+        eprintln!("drydock-helper: SINCE is seconds since 1970, not {since}");
+        return 2;
+    };
+    let o = carry::Options {
+        since,
+        prefix: prefix.into(),
+    };
+    let (live, frozen, target) = (Path::new(live), Path::new(frozen), Path::new(target));
+    let plan = match carry::plan(live, frozen, target, &o) {
+        Ok(p) => p,
+        Err(e) => {
+            println!(
+                "error: comparing {} with {}: {e}",
+                live.display(),
+                frozen.display()
+            );
+            return 1;
+        }
+    };
+    println!("compared {}", plan.compared);
+    for r in &plan.refused {
+        println!("refused: {r}");
+    }
+    if !plan.refused.is_empty() {
+        return 3;
+    }
+    for p in &plan.vps_wins {
+        println!("vps-wins {}", o.prefix.join(p).display());
+    }
+    for a in &plan.actions {
+        match a {
+            carry::Action::Copy(p) => println!("carried {}", o.prefix.join(p).display()),
+            carry::Action::Remove(p) => println!("removed {}", o.prefix.join(p).display()),
+        }
+    }
+    if let Err(e) = carry::apply(frozen, target, &plan) {
+        println!("error: carrying into {}: {e}", target.display());
+        return 1;
+    }
+    println!("end {}", plan.actions.len());
+    0
 }

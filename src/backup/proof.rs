@@ -207,6 +207,7 @@ pub fn sealed_spec(
 ) -> Result<cmdline::VmSpec> {
     let efi = vm::efi_for(&shape, dir)?;
     Ok(cmdline::VmSpec {
+        hotplug_ports: Vec::new(),
         disk: disk.to_path_buf(),
         disk_format: disk_format.into(),
         memory_mib,

@@ -146,6 +146,21 @@ pub struct Journal {
     pub delta_blocks: Option<u64>,
     #[serde(default)]
     pub delta_bytes: Option<u64>,
+    /// The VPS's clock when the live pull began, in seconds: what changed
+    /// after it may differ between the live copy and the frozen disk.
+    #[serde(default)]
+    pub live_since: Option<i64>,
+    /// The rehearsal's result kept to be carried over to the frozen copy
+    /// (`pipeline::carry`), and what its verify boot must find.
+    #[serde(default)]
+    pub carry: Option<super::carry::Kept>,
+    /// `--no-carry`: the upgrade runs again on the frozen copy.
+    #[serde(default)]
+    pub no_carry: bool,
+    /// How the real upgrade was done after a rehearsal: carried over, or
+    /// run again and why.
+    #[serde(default)]
+    pub carried: Option<super::carry::Outcome>,
     pub device: Option<String>,
     pub to: Option<String>,
     pub run: Option<String>,

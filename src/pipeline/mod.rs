@@ -11,6 +11,7 @@
 //! worker VM.
 
 mod abort;
+pub(crate) mod carry;
 pub mod guest;
 pub mod journal;
 mod report;
@@ -58,6 +59,9 @@ pub struct Request {
     pub rehearsal: bool,
     /// `upgrade --no-rehearsal`: freeze first, as before rehearsals.
     pub no_rehearsal: bool,
+    /// `upgrade --no-carry`: after the rehearsal, run the upgrade again on
+    /// the frozen copy even where the rehearsal's result could be carried.
+    pub no_carry: bool,
 }
 
 fn plan_of(j: &Journal, host: &recipes::Host) -> Result<Plan> {
@@ -162,6 +166,10 @@ fn new_journal(req: &Request) -> Journal {
         os_in_worker: None,
         delta_blocks: None,
         delta_bytes: None,
+        live_since: None,
+        carry: None,
+        no_carry: req.no_carry,
+        carried: None,
         device: req.device.clone(),
         to: req.to.clone(),
         run: req.run.clone(),

@@ -31,6 +31,9 @@ pub struct Report {
     /// The rehearsal's upgrade in the worker VM, and the real one.
     pub rehearsal_seconds: Option<f64>,
     pub upgrade_seconds: Option<f64>,
+    /// After a rehearsal: whether its result was carried over to the
+    /// frozen copy (the upgrade not run again), or why not.
+    pub carried: Option<super::carry::Outcome>,
     /// Blocks of 1 MiB the push wrote (the rehearsal predicted
     /// `delta_blocks`).
     pub pushed_blocks: Option<u64>,
@@ -83,6 +86,7 @@ pub(super) fn report(dir: &Path, j: &Journal) -> Report {
         live_seconds: (j.rehearsal || j.rehearse_first).then(|| before_freeze.iter().sum()),
         rehearsal_seconds: secs(Step::Rehearse),
         upgrade_seconds: secs(Step::Upgrade),
+        carried: j.carried.clone(),
         pushed_blocks: j.pushed_blocks,
         bytes_pulled_live: j.bytes_pulled_live,
         rehearsal_downloads: j.rehearsal_downloads,
@@ -164,6 +168,21 @@ impl Report {
                     .map(|p| p.to_string())
                     .unwrap_or_else(|| "?".into())
             ));
+        }
+        match &self.carried {
+            Some(c) if c.carried => s.push_str(&format!(
+                "the rehearsal's result was carried over: {} entr{} the VPS changed since the \
+                 live copy ({} block(s) of 1 MiB) taken into it; the upgrade did not run again\n",
+                c.entries,
+                if c.entries == 1 { "y" } else { "ies" },
+                c.changed_blocks
+            )),
+            Some(c) => s.push_str(&format!(
+                "the rehearsal's result was not carried over ({}); the upgrade ran again on the \
+                 frozen copy\n",
+                c.why_not.as_deref().unwrap_or("?")
+            )),
+            None => {}
         }
         for (name, secs) in &self.steps {
             s.push_str(&format!("  {secs:>7.1} s  {name}\n"));

@@ -112,7 +112,7 @@ pub(super) async fn do_step(
         Step::Rehearse => rehearse_step(dir, j, ui).await,
         Step::Freeze => freeze_step(dir, j, ui).await,
         Step::Pull => pull_step(dir, j, ui, false).await,
-        Step::Upgrade => upgrade_in_vm(dir, j, ui).await,
+        Step::Upgrade => upgrade_step(dir, j, ui).await,
         Step::Push => push_step(dir, j, ui).await,
         Step::Reboot => reboot_vps(j).await,
         Step::Check => check_step(j, ui).await,
@@ -219,6 +219,12 @@ async fn freeze_step(dir: &Path, j: &mut Journal, ui: &Ui) -> Result<()> {
 /// changed since are sent).
 async fn pull_step(dir: &Path, j: &mut Journal, ui: &Ui, live: bool) -> Result<()> {
     let (s, facts) = connect_gathered(j).await?;
+    if live && j.live_since.is_none() {
+        // The VPS's own clock, which dates the inodes it changes.
+        let out = s.exec("date +%s").await?;
+        j.live_since = out.stdout_str().trim().parse().ok();
+        j.save(dir)?;
+    }
     let base = dir.join("base.raw");
     let opts = pull::PullOptions {
         output: base.clone(),
@@ -265,7 +271,7 @@ async fn pull_step(dir: &Path, j: &mut Journal, ui: &Ui, live: bool) -> Result<(
 /// then what a push of its result would write. The real upgrade starts
 /// again from the frozen copy.
 async fn rehearse_step(dir: &Path, j: &mut Journal, ui: &Ui) -> Result<()> {
-    upgrade_in_vm(dir, j, ui).await?;
+    let plan = upgrade_in_vm(dir, j, ui).await?;
     j.rehearsal_downloads = j.downloads.take();
     super::measure_delta(dir, j, ui)?;
     if !j.rehearsal {
@@ -275,11 +281,42 @@ async fn rehearse_step(dir: &Path, j: &mut Journal, ui: &Ui) -> Result<()> {
             j.os_in_worker.as_deref().unwrap_or("?"),
             human_bytes(j.delta_bytes.unwrap_or(0))
         ));
-        // The real upgrade makes its own; this one is not pushed.
+        // Kept to be carried over to the frozen copy (`carry`), or
+        // removed: the real upgrade makes its own.
+        super::carry::keep(dir, j, &plan, ui)?;
         let _ = std::fs::remove_file(dir.join("upgraded.raw"));
         let _ = std::fs::remove_file(Manifest::path_for(&dir.join("upgraded.raw")));
     }
     Ok(())
+}
+
+/// The real upgrade: the rehearsal's result carried over to the frozen
+/// copy where it can be (`carry`), else the upgrade run on the frozen
+/// copy in the worker VM.
+async fn upgrade_step(dir: &Path, j: &mut Journal, ui: &Ui) -> Result<()> {
+    if j.carry.is_some() {
+        let why = match super::carry::carry(dir, j, ui).await {
+            Ok(None) => {
+                super::carry::discard(dir);
+                j.carry = None;
+                return j.save(dir);
+            }
+            Ok(Some(why)) => why,
+            Err(e) => {
+                let why = format!("{e:#}");
+                let o = j.carried.get_or_insert_with(Default::default);
+                o.why_not = Some(why.clone());
+                why
+            }
+        };
+        ui.say(format!(
+            "the rehearsal cannot be carried over: {why}. The upgrade runs again on the frozen copy"
+        ));
+        super::carry::discard(dir);
+        j.carry = None;
+        j.save(dir)?;
+    }
+    upgrade_in_vm(dir, j, ui).await.map(|_| ())
 }
 
 /// The push of the upgraded image, refused if the VPS rebooted since the

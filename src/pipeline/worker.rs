@@ -92,6 +92,7 @@ impl Worker<'_> {
         sealed: Option<cmdline::NetSeal>,
     ) -> Result<VmSpec> {
         Ok(VmSpec {
+            hotplug_ports: Vec::new(),
             disk: self.overlay.clone(),
             disk_format: "qcow2".into(),
             memory_mib: self.memory_mib,
@@ -131,14 +132,34 @@ impl Worker<'_> {
 /// through the VPS's own boot loader, sealed by files written for it and
 /// removed afterwards, that must come back on the expected release; the
 /// result as a sparse raw image for the push. See `vm::seal` for why.
-pub(super) async fn upgrade_in_vm(dir: &Path, j: &mut Journal, ui: &Ui) -> Result<()> {
+pub(super) async fn upgrade_in_vm(dir: &Path, j: &mut Journal, ui: &Ui) -> Result<Plan> {
+    match in_worker(dir, j, ui, None).await? {
+        Ok(plan) => Ok(plan),
+        Err(why) => bail!("{why}"),
+    }
+}
+
+/// The worker VM's two boots, on a fresh overlay of the base image (the
+/// plan run in the first), or with CARRY on one of the rehearsal's result
+/// (the VPS's changes since the live copy carried into it in the first:
+/// `carry`). Returns the plan run, or why the rehearsal could not be
+/// carried over (nothing is kept then).
+pub(super) async fn in_worker(
+    dir: &Path,
+    j: &mut Journal,
+    ui: &Ui,
+    carry: Option<&super::carry::Job>,
+) -> Result<std::result::Result<Plan, String>> {
     let Some(seal) = j.seal.clone() else {
         bail!(
             "this run was started by a drydock that did not seal its worker VM; `drydock abort {}` ends it, then start a new one",
             dir.display()
         );
     };
-    let base = dir.join("base.raw");
+    let base = match carry {
+        Some(c) => c.rehearsed.clone(),
+        None => dir.join("base.raw"),
+    };
     let overlay = dir.join("overlay.qcow2");
     // Idempotent: a resumed upgrade starts again from the untouched base.
     let _ = std::fs::remove_file(&overlay);
@@ -191,7 +212,10 @@ pub(super) async fn upgrade_in_vm(dir: &Path, j: &mut Journal, ui: &Ui) -> Resul
         exe,
         refused: Vec::new(),
     };
-    let (plan, held, made_dir) = first_boot(&mut w, &seal, &boot, j, ui).await?;
+    let (plan, held, made_dir) = match first_boot(&mut w, &seal, &boot, j, ui, carry).await? {
+        Ok(r) => r,
+        Err(why) => return Ok(Err(why)),
+    };
     j.os_in_worker = Some(verify_boot(&mut w, &seal, &plan, &held, made_dir, ui).await?);
     if let Some(p) = &w.proxy {
         w.refused.extend(p.refused());
@@ -212,27 +236,33 @@ pub(super) async fn upgrade_in_vm(dir: &Path, j: &mut Journal, ui: &Ui) -> Resul
     if let Ok(map) = vm::image::map_json(&w.overlay).await {
         let _ = crate::image::manifest::write_atomic(&dir.join("overlay.json"), &map);
     }
-    vm::image::convert_to_raw(&w.overlay, &dir.join("upgraded.raw")).await
+    vm::image::convert_to_raw(&w.overlay, &dir.join("upgraded.raw")).await?;
+    Ok(Ok(plan))
 }
 
 /// The first of the two boots: sealed, the VPS's kernel booted directly,
 /// the plan run in it, the verify reboot's seal written, powered off.
 /// Returns the plan, the units held back (those the upgrade enabled
-/// included), and whether the seal made /etc/systemd/system.control.
+/// included), and whether the seal made /etc/systemd/system.control; or,
+/// with CARRY, why it could not be carried over (the VM powered off).
 async fn first_boot(
     w: &mut Worker<'_>,
     seal: &Seal,
     boot: &remote::bootfiles::BootFiles,
     j: &Journal,
     ui: &Ui,
-) -> Result<(Plan, Vec<String>, bool)> {
+    carry: Option<&super::carry::Job>,
+) -> Result<std::result::Result<(Plan, Vec<String>, bool), String>> {
     let direct = cmdline::DirectBoot {
         kernel: boot.kernel.clone(),
         initrd: boot.initrd.clone(),
         append: seal.kernel_cmdline(&boot.cmdline)?,
     };
-    let spec = w.spec(Some(direct), w.net_seal("net1.pcap", true))?;
-    let (vm, s) = start_worker(w.dir, w.identity.as_deref(), spec, "", &w.parity).await?;
+    let mut spec = w.spec(Some(direct), w.net_seal("net1.pcap", carry.is_none()))?;
+    if carry.is_some() {
+        spec.hotplug_ports = super::carry::PORTS.iter().map(|p| p.to_string()).collect();
+    }
+    let (mut vm, s) = start_worker(w.dir, w.identity.as_deref(), spec, "", &w.parity).await?;
     let said = seal_step(
         &s,
         "holding the VPS's units back in the worker VM",
@@ -245,26 +275,38 @@ async fn first_boot(
             "{l} had started in the worker VM although held back; stopped"
         ));
     }
-    // The same facts as the probe's, read from the same disk in the VM.
-    let guest_facts = remote::gather(&s).await?;
-    let pretty = guest_facts.pretty_name();
-    let plan = plan_of(j, &recipes::Host::from_facts(&guest_facts))?;
-    ui.say(format!(
-        "worker VM up ({pretty}), sealed; {}; output in {}",
-        plan.description,
-        w.log.display()
-    ));
-    let env = if w.proxy.is_some() {
-        let u = format!("http://{}:{}/", w.proxy_ip, vm::proxy::GUEST_PORT);
-        format!(
-            "export http_proxy={u} https_proxy={u} HTTP_PROXY={u} HTTPS_PROXY={u} no_proxy=localhost,127.0.0.1; "
-        )
-    } else {
-        String::new()
+    let plan = match carry {
+        Some(c) => {
+            if let Err(why) = super::carry::in_guest(&s, &mut vm, c, &w.log, ui).await? {
+                power_off(s, vm).await?;
+                return Ok(Err(why));
+            }
+            c.plan.clone()
+        }
+        None => {
+            // The same facts as the probe's, read from the same disk in the VM.
+            let guest_facts = remote::gather(&s).await?;
+            let pretty = guest_facts.pretty_name();
+            let plan = plan_of(j, &recipes::Host::from_facts(&guest_facts))?;
+            ui.say(format!(
+                "worker VM up ({pretty}), sealed; {}; output in {}",
+                plan.description,
+                w.log.display()
+            ));
+            let env = if w.proxy.is_some() {
+                let u = format!("http://{}:{}/", w.proxy_ip, vm::proxy::GUEST_PORT);
+                format!(
+                    "export http_proxy={u} https_proxy={u} HTTP_PROXY={u} HTTPS_PROXY={u} no_proxy=localhost,127.0.0.1; "
+                )
+            } else {
+                String::new()
+            };
+            for cmd in &plan.commands {
+                guest::run_logged_as(&s, &format!("{env}{cmd}"), cmd, &w.log).await?;
+            }
+            plan
+        }
     };
-    for cmd in &plan.commands {
-        guest::run_logged_as(&s, &format!("{env}{cmd}"), cmd, &w.log).await?;
-    }
     let enabled = seal_step(
         &s,
         "listing the upgraded disk's enabled units",
@@ -293,7 +335,7 @@ async fn first_boot(
     ui.say("powering the worker VM off, to boot it again through the VPS's own boot loader");
     power_off(s, vm).await?;
     w.note_refused("net1.pcap")?;
-    Ok((plan, held, made_dir))
+    Ok(Ok((plan, held, made_dir)))
 }
 
 /// The second boot, to verify: firmware, the VPS's boot loader, the new

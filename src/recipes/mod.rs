@@ -39,7 +39,7 @@ pub struct Options {
 }
 
 /// What the worker VM runs, and what the guest must say afterwards.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Plan {
     /// Shown to the user and written to the run log.
     pub description: String,

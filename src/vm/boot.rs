@@ -178,6 +178,7 @@ pub async fn boot(opts: &BootOptions, ui: &Ui) -> Result<()> {
         image::create_overlay(&opts.image, &overlay).await?;
     }
     let spec = VmSpec {
+        hotplug_ports: Vec::new(),
         disk: overlay.clone(),
         disk_format: "qcow2".into(),
         memory_mib,

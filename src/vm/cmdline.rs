@@ -61,6 +61,10 @@ pub struct VmSpec {
     /// The network seal: `restrict=on`, the capture, the proxy forward.
     /// None leaves QEMU's user network open to the internet.
     pub sealed: Option<NetSeal>,
+    /// PCI Express root ports left empty, named by these ids, for disks
+    /// attached after boot (q35's root bus takes no hot-plugged device).
+    /// Last on the command line: no other device's slot moves.
+    pub hotplug_ports: Vec<String>,
 }
 
 /// QEMU's direct kernel boot (`-kernel`, `-initrd`, `-append`).
@@ -272,6 +276,13 @@ pub fn qemu_args(spec: &VmSpec) -> Vec<OsString> {
         spec.shape.disk_bus,
     ));
     a.extend(control_args(&spec.qmp_socket, &spec.serial_log));
+    for (i, id) in spec.hotplug_ports.iter().enumerate() {
+        a.push(os("-device"));
+        a.push(os(format!(
+            "pcie-root-port,id={id},chassis={},slot=0",
+            100 + i
+        )));
+    }
     a
 }
 
@@ -307,6 +318,7 @@ mod tests {
     #[test]
     fn command_line_pieces() {
         let spec = VmSpec {
+            hotplug_ports: Vec::new(),
             disk: PathBuf::from("/runs/a,b/overlay.qcow2"),
             disk_format: "qcow2".into(),
             memory_mib: 4096,
