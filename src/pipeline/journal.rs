@@ -146,6 +146,11 @@ pub struct Journal {
     pub delta_blocks: Option<u64>,
     #[serde(default)]
     pub delta_bytes: Option<u64>,
+    /// Bytes the upgraded filesystems left free (discarded in the worker
+    /// VM's last boot) that were given the base's content back, so that
+    /// the push does not send them.
+    #[serde(default)]
+    pub freed_kept_bytes: Option<u64>,
     /// The VPS's clock when the live pull began, in seconds: what changed
     /// after it may differ between the live copy and the frozen disk.
     #[serde(default)]

@@ -167,6 +167,7 @@ fn new_journal(req: &Request) -> Journal {
         delta_blocks: None,
         delta_bytes: None,
         live_since: None,
+        freed_kept_bytes: None,
         carry: None,
         no_carry: req.no_carry,
         carried: None,

@@ -34,6 +34,9 @@ pub struct Report {
     /// After a rehearsal: whether its result was carried over to the
     /// frozen copy (the upgrade not run again), or why not.
     pub carried: Option<super::carry::Outcome>,
+    /// Bytes free in the upgraded filesystems given the base's content
+    /// back (not pushed).
+    pub freed_kept_bytes: Option<u64>,
     /// Blocks of 1 MiB the push wrote (the rehearsal predicted
     /// `delta_blocks`).
     pub pushed_blocks: Option<u64>,
@@ -87,6 +90,7 @@ pub(super) fn report(dir: &Path, j: &Journal) -> Report {
         rehearsal_seconds: secs(Step::Rehearse),
         upgrade_seconds: secs(Step::Upgrade),
         carried: j.carried.clone(),
+        freed_kept_bytes: j.freed_kept_bytes,
         pushed_blocks: j.pushed_blocks,
         bytes_pulled_live: j.bytes_pulled_live,
         rehearsal_downloads: j.rehearsal_downloads,

@@ -216,7 +216,8 @@ pub(super) async fn in_worker(
         Ok(r) => r,
         Err(why) => return Ok(Err(why)),
     };
-    j.os_in_worker = Some(verify_boot(&mut w, &seal, &plan, &held, made_dir, ui).await?);
+    let (pretty, trimmed) = verify_boot(&mut w, &seal, &plan, &held, made_dir, ui).await?;
+    j.os_in_worker = Some(pretty);
     if let Some(p) = &w.proxy {
         w.refused.extend(p.refused());
         j.downloads = Some(p.downloads());
@@ -233,10 +234,21 @@ pub(super) async fn in_worker(
     }
     // What the guest wrote, as the overlay's allocated clusters (kept for
     // scripts/bench, which compares it with the blocks that differ).
-    if let Ok(map) = vm::image::map_json(&w.overlay).await {
-        let _ = crate::image::manifest::write_atomic(&dir.join("overlay.json"), &map);
+    let map = vm::image::map_json(&w.overlay).await?;
+    let _ = crate::image::manifest::write_atomic(&dir.join("overlay.json"), &map);
+    let upgraded = dir.join("upgraded.raw");
+    vm::image::convert_to_raw(&w.overlay, &upgraded).await?;
+    j.freed_kept_bytes = None;
+    if trimmed && w.shape.disk_bus == vm::shape::DiskBus::VirtioBlk {
+        // Free in the upgraded filesystems: any bytes do, and the base's
+        // are the ones the push need not send.
+        let ranges = vm::image::discarded_ranges(&map)?;
+        j.freed_kept_bytes = Some(vm::image::copy_ranges(
+            &dir.join("base.raw"),
+            &upgraded,
+            &ranges,
+        )?);
     }
-    vm::image::convert_to_raw(&w.overlay, &dir.join("upgraded.raw")).await?;
     Ok(Ok(plan))
 }
 
@@ -340,8 +352,10 @@ async fn first_boot(
 
 /// The second boot, to verify: firmware, the VPS's boot loader, the new
 /// kernel. It must come back on the expected release with no held-back
-/// unit running; then the seal is removed (and checked gone) and it is
-/// powered off.
+/// unit running; then the seal is removed (and checked gone), the free
+/// space of its filesystems discarded (fstrim), and it is powered off.
+/// Returns what it runs, and whether both the trim and the power-off
+/// ended cleanly.
 async fn verify_boot(
     w: &mut Worker<'_>,
     seal: &Seal,
@@ -349,7 +363,7 @@ async fn verify_boot(
     held: &[String],
     made_dir: bool,
     ui: &Ui,
-) -> Result<String> {
+) -> Result<(String, bool)> {
     let spec = w.spec(None, w.net_seal("net2.pcap", false))?;
     let (vm, s) = start_worker(
         w.dir,
@@ -387,9 +401,20 @@ async fn verify_boot(
         "the worker VM came back through its own boot loader running {pretty2}, {} unit(s) held back; powering it off",
         held.len()
     ));
-    power_off(s, vm).await?;
+    // What the filesystems no longer use, discarded: those ranges are
+    // given the base's bytes back after (`keep_freed_as_base`), so a block
+    // that only held a deleted file is not pushed.
+    let trimmed = tokio::time::timeout(
+        Duration::from_secs(600),
+        s.exec("fstrim -a >/dev/null 2>&1; sync; echo done"),
+    )
+    .await
+    .ok()
+    .and_then(|r| r.ok())
+    .is_some_and(|o| o.stdout_str().trim() == "done");
+    let clean = power_off(s, vm).await?;
     w.note_refused("net2.pcap")?;
-    Ok(pretty2)
+    Ok((pretty2, trimmed && clean))
 }
 
 /// One of the seal's scripts in the worker VM, with a deadline: a guest
@@ -406,13 +431,13 @@ pub(super) async fn seal_step(s: &Session, what: &str, script: &str) -> Result<S
 
 /// Power the worker VM off through its own init (a deadline on the request),
 /// then through QEMU (ACPI, then forced after 180 s): the VM is gone after.
-pub(super) async fn power_off(s: Session, mut vm: Vm) -> Result<()> {
+/// Whether it powered off by itself (not forced).
+pub(super) async fn power_off(s: Session, mut vm: Vm) -> Result<bool> {
     let _ = tokio::time::timeout(
         Duration::from_secs(10),
         s.exec("(sleep 1; systemctl poweroff || poweroff) >/dev/null 2>&1 &"),
     )
     .await;
     s.close().await;
-    vm.power_off(Duration::from_secs(180)).await?;
-    Ok(())
+    vm.power_off(Duration::from_secs(180)).await
 }

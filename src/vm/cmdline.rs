@@ -276,6 +276,11 @@ pub fn qemu_args(spec: &VmSpec) -> Vec<OsString> {
         spec.shape.disk_bus,
     ));
     a.extend(control_args(&spec.qmp_socket, &spec.serial_log));
+    // A write of zeros reaches the image as data, never as a zero cluster:
+    // a zero cluster in an overlay then only ever comes from a discard
+    // (`image::discarded_ranges`).
+    a.push(os("-global"));
+    a.push(os("virtio-blk-pci.write-zeroes=off"));
     for (i, id) in spec.hotplug_ports.iter().enumerate() {
         a.push(os("-device"));
         a.push(os(format!(

@@ -72,6 +72,66 @@ pub async fn convert_to_raw(from: &Path, to: &Path) -> Result<()> {
     Ok(())
 }
 
+/// The ranges the guest discarded in an overlay (`qemu-img map` of it: in
+/// the overlay itself, reading as zeros, no data): what its filesystems
+/// told the disk they no longer use (fstrim). Only discards make them when
+/// the guest's disk has no write-zeroes command (`cmdline`'s
+/// `virtio-blk-pci.write-zeroes=off`): a write of zeros is then data.
+pub fn discarded_ranges(map: &[u8]) -> Result<Vec<(u64, u64)>> {
+    #[derive(serde::Deserialize)]
+    struct Extent {
+        start: u64,
+        length: u64,
+        depth: u32,
+        zero: bool,
+        data: bool,
+    }
+    let extents: Vec<Extent> =
+        serde_json::from_slice(map).context("qemu-img map's output is not what drydock reads")?;
+    let mut out: Vec<(u64, u64)> = Vec::new();
+    for e in extents
+        .into_iter()
+        .filter(|e| e.depth == 0 && e.zero && !e.data)
+    {
+        match out.last_mut() {
+            Some(last) if last.1 == e.start => last.1 += e.length,
+            _ => out.push((e.start, e.start + e.length)),
+        }
+    }
+    Ok(out)
+}
+
+/// Copy the byte ranges RANGES of FROM into TO at the same offsets (TO
+/// exists, at least as long); all-zero pieces are left as holes. Returns
+/// the bytes of FROM that were not zero.
+pub fn copy_ranges(from: &Path, to: &Path, ranges: &[(u64, u64)]) -> Result<u64> {
+    use std::os::unix::fs::FileExt;
+    let src =
+        std::fs::File::open(from).with_context(|| format!("cannot open {}", from.display()))?;
+    let dst = std::fs::OpenOptions::new()
+        .write(true)
+        .open(to)
+        .with_context(|| format!("cannot open {}", to.display()))?;
+    let end_of_src = src.metadata()?.len();
+    let mut buf = vec![0u8; 1 << 20];
+    let mut copied = 0;
+    for &(s, e) in ranges {
+        let mut off = s;
+        let e = e.min(end_of_src);
+        while off < e {
+            let n = ((e - off) as usize).min(buf.len());
+            src.read_exact_at(&mut buf[..n], off)?;
+            if buf[..n].iter().any(|b| *b != 0) {
+                dst.write_all_at(&buf[..n], off)?;
+                copied += n as u64;
+            }
+            off += n as u64;
+        }
+    }
+    dst.sync_all()?;
+    Ok(copied)
+}
+
 /// qemu-img with ARGS; its stdout, or an error that starts with what
 /// `failed` says and ends with qemu-img's own stderr.
 async fn qemu_img(args: &[&std::ffi::OsStr], failed: impl FnOnce() -> String) -> Result<Vec<u8>> {
@@ -104,6 +164,45 @@ async fn qemu_img(args: &[&std::ffi::OsStr], failed: impl FnOnce() -> String) ->
 mod tests {
     use super::*;
     use std::os::unix::fs::PermissionsExt;
+
+    /// What the guest discarded in an overlay reads, after the conversion,
+    /// as the base had it; what it wrote stays, and so do ranges it never
+    /// touched.
+    #[tokio::test]
+    async fn discarded_ranges_are_given_the_bases_bytes_back() {
+        let t = tempfile::tempdir().unwrap();
+        let base = t.path().join("base.raw");
+        std::fs::write(&base, vec![7u8; 1 << 20]).unwrap();
+        let overlay = t.path().join("overlay.qcow2");
+        create_overlay(&base, &overlay).await.unwrap();
+        let io = std::process::Command::new("qemu-io")
+            .args([
+                "-f",
+                "qcow2",
+                "-c",
+                "write -P 0xaa 0 256k",
+                "-c",
+                "discard 64k 128k",
+            ])
+            .arg(&overlay)
+            .output()
+            .unwrap();
+        assert!(
+            io.status.success(),
+            "{}",
+            String::from_utf8_lossy(&io.stderr)
+        );
+        let ranges = discarded_ranges(&map_json(&overlay).await.unwrap()).unwrap();
+        assert_eq!(ranges, vec![(64 << 10, 192 << 10)]);
+        let raw = t.path().join("upgraded.raw");
+        convert_to_raw(&overlay, &raw).await.unwrap();
+        assert_eq!(copy_ranges(&base, &raw, &ranges).unwrap(), 128 << 10);
+        let got = std::fs::read(&raw).unwrap();
+        assert!(got[..64 << 10].iter().all(|b| *b == 0xaa));
+        assert!(got[64 << 10..192 << 10].iter().all(|b| *b == 7));
+        assert!(got[192 << 10..256 << 10].iter().all(|b| *b == 0xaa));
+        assert!(got[256 << 10..].iter().all(|b| *b == 7));
+    }
 
     /// An overlay over a base, written through, converted back: the base is
     /// not touched, the result is the base plus what was written, and what
