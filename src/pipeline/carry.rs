@@ -411,7 +411,9 @@ pub(super) async fn in_guest(
     };
     let out = s
         .exec_input(
-            "mkdir -p /run/drydock-carry && cat > /run/drydock-carry/helper && chmod 700 /run/drydock-carry/helper",
+            // A tmpfs of its own: /run is mounted noexec on newer systems.
+            "mkdir -p /run/drydock-carry && mount -t tmpfs -o mode=700,size=64m drydock-carry /run/drydock-carry \
+             && cat > /run/drydock-carry/helper && chmod 700 /run/drydock-carry/helper",
             Some(crate::transfer::helper::BINARY),
         )
         .await?;

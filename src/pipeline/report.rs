@@ -61,7 +61,8 @@ pub struct Report {
     pub allowed_hosts: Vec<String>,
     /// Units of the VPS held back in the worker VM.
     pub held_back: Vec<String>,
-    /// What the worker VM tried to reach and was refused (also in run.log).
+    /// What the run's worker VMs (the rehearsal's included) tried to
+    /// reach and were refused (also in run.log).
     pub refused_connections: Vec<String>,
 }
 

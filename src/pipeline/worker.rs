@@ -224,13 +224,20 @@ pub(super) async fn in_worker(
     }
     drop(w.proxy.take());
     j.held_back = held;
-    j.refused = std::mem::take(&mut w.refused);
-    if !j.refused.is_empty() {
+    let refused = std::mem::take(&mut w.refused);
+    if !refused.is_empty() {
         ui.say(format!(
             "the sealed worker VM was refused {} destination(s), listed in {}",
-            j.refused.len(),
+            refused.len(),
             w.log.display()
         ));
+    }
+    // The run's refusals, the rehearsal's too: after a carry the command
+    // ran only in the rehearsal.
+    for r in refused {
+        if !j.refused.contains(&r) {
+            j.refused.push(r);
+        }
     }
     // What the guest wrote, as the overlay's allocated clusters (kept for
     // scripts/bench, which compares it with the blocks that differ).
