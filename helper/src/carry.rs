@@ -5,8 +5,11 @@
 //! and the freeze, so that the rehearsal need not run again while the VPS
 //! is down.
 //!
-//! It is refused, and the upgrade runs again on the frozen copy, when the
-//! VPS changed anything the upgrade's package manager owns (`DENIED`: the
+//! The package manager's caches and locks that the VPS refreshed on its
+//! own (`UPGRADE_WINS`: apt-daily's package lists, man-db's index) keep
+//! the upgraded system's version. It is refused, and the upgrade runs
+//! again on the frozen copy, when the VPS changed anything else the
+//! upgrade's package manager owns (`DENIED`: the
 //! result would be an upgrade of a system that no longer exists), when
 //! the upgrade changed the same entry (outside `VPS_WINS`, state that is
 //! the VPS's own: its logs, its random seed, timer stamps), or when a
@@ -54,6 +57,25 @@ pub const DENIED: &[&str] = &[
     "/var/lib/pacman",
     "/lib/apk",
     "/var/cache/apk",
+];
+
+/// What the VPS may have changed and the upgrade's version is kept
+/// (checked before `DENIED`): the package manager's caches and locks,
+/// which it rebuilds from the upgraded system's own state (apt's package
+/// lists and their binary caches, apt-daily's stamps, man-db's index).
+/// Debian's apt-daily.timer refreshes them on a running VPS twice a day.
+pub const UPGRADE_WINS: &[&str] = &[
+    "/var/lib/apt/lists",
+    "/var/lib/apt/daily_lock",
+    "/var/lib/apt/periodic",
+    "/var/cache/apt/pkgcache.bin",
+    "/var/cache/apt/srcpkgcache.bin",
+    "/var/cache/apt/archives/lock",
+    "/var/cache/apt/archives/partial",
+    "/var/lib/dpkg/lock",
+    "/var/lib/dpkg/lock-frontend",
+    "/var/lib/dpkg/triggers/Lock",
+    "/var/cache/man",
 ];
 
 /// What both may have changed, the VPS's version kept: its own logs and
@@ -228,6 +250,9 @@ pub struct Plan {
     /// Paths where the upgrade had changed the entry too and the VPS's
     /// version is kept (under `VPS_WINS`).
     pub vps_wins: Vec<PathBuf>,
+    /// Paths the VPS changed that keep the upgrade's version (under
+    /// `UPGRADE_WINS`).
+    pub upgrade_wins: Vec<PathBuf>,
     /// Why it cannot be carried over, one line a path.
     pub refused: Vec<String>,
     /// Entries compared on LIVE and FROZEN.
@@ -311,6 +336,10 @@ fn classify(
     p: &mut Plan,
 ) -> io::Result<()> {
     let shown = t.o.prefix.join(rel);
+    if under(&shown, UPGRADE_WINS) {
+        p.upgrade_wins.push(rel.to_path_buf());
+        return Ok(());
+    }
     if under(&shown, DENIED) {
         p.refused.push(format!(
             "{}: changed on the VPS since the live copy, and the upgrade's package manager owns it",

@@ -107,6 +107,9 @@ fn carry(args: &[String]) -> i32 {
     for p in &plan.vps_wins {
         println!("vps-wins {}", o.prefix.join(p).display());
     }
+    for p in &plan.upgrade_wins {
+        println!("upgrade-wins {}", o.prefix.join(p).display());
+    }
     for a in &plan.actions {
         match a {
             carry::Action::Copy(p) => println!("carried {}", o.prefix.join(p).display()),

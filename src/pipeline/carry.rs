@@ -67,6 +67,10 @@ pub struct Outcome {
     pub entries: u64,
     /// Entries both changed, kept as the VPS had them (its logs, ...).
     pub vps_wins: Vec<String>,
+    /// Entries the VPS changed that keep the upgrade's version (the
+    /// package manager's caches and locks: apt-daily's refresh).
+    #[serde(default)]
+    pub upgrade_wins: Vec<String>,
 }
 
 /// What the carry boot needs.
@@ -496,6 +500,11 @@ exit $rc
         o.vps_wins.extend(
             text.lines()
                 .filter_map(|l| l.strip_prefix("vps-wins "))
+                .map(str::to_string),
+        );
+        o.upgrade_wins.extend(
+            text.lines()
+                .filter_map(|l| l.strip_prefix("upgrade-wins "))
                 .map(str::to_string),
         );
         ui.say(format!(

@@ -152,6 +152,56 @@ fn a_change_to_what_the_package_manager_owns_is_refused_and_nothing_is_applied()
 }
 
 #[test]
+fn the_package_managers_caches_refreshed_on_the_vps_keep_the_upgrades_version() {
+    // apt-daily on the VPS between the live copy and the freeze.
+    let c = copies(&[
+        ("var/lib/apt/lists/deb_bookworm_InRelease", "12"),
+        ("var/lib/apt/daily_lock", ""),
+        ("var/cache/apt/pkgcache.bin", "cache 12"),
+        ("var/lib/dpkg/status", "s"),
+        ("srv/d", "d"),
+    ]);
+    fs::write(
+        c.frozen.join("var/lib/apt/lists/deb_bookworm_InRelease"),
+        "12, newer",
+    )
+    .unwrap();
+    fs::write(
+        c.frozen.join("var/cache/apt/pkgcache.bin"),
+        "cache 12, newer",
+    )
+    .unwrap();
+    fs::write(c.frozen.join("var/lib/apt/daily_lock"), "x").unwrap();
+    fs::write(c.frozen.join("srv/d"), "d2").unwrap();
+    // The upgrade's own lists and cache.
+    fs::remove_file(c.target.join("var/lib/apt/lists/deb_bookworm_InRelease")).unwrap();
+    fs::write(
+        c.target.join("var/lib/apt/lists/deb_trixie_InRelease"),
+        "13",
+    )
+    .unwrap();
+    fs::write(c.target.join("var/cache/apt/pkgcache.bin"), "cache 13").unwrap();
+    let p = carried(&c, now() - 60);
+    assert!(p.refused.is_empty(), "{:?}", p.refused);
+    assert_eq!(p.upgrade_wins.len(), 3, "{p:?}");
+    assert_eq!(
+        read(&c.target.join("var/cache/apt/pkgcache.bin")),
+        "cache 13"
+    );
+    assert!(
+        !c.target
+            .join("var/lib/apt/lists/deb_bookworm_InRelease")
+            .exists()
+    );
+    assert_eq!(read(&c.target.join("srv/d")), "d2");
+    // dpkg's own state is another matter.
+    fs::write(c.frozen.join("var/lib/dpkg/status"), "s2").unwrap();
+    let p = plan(&c.live, &c.frozen, &c.target, &opts(now() - 60)).unwrap();
+    let dpkg = "/var/lib/dpkg/status: changed on the VPS since the live copy, and the upgrade's package manager owns it";
+    assert!(p.refused.iter().any(|r| r == dpkg), "{p:?}");
+}
+
+#[test]
 fn an_entry_both_changed_is_refused_outside_the_vpss_own_state() {
     let c = copies(&[("srv/shared", "a"), ("srv/dir/keep", "k")]);
     fs::write(c.frozen.join("srv/shared"), "vps").unwrap();
