@@ -369,13 +369,16 @@ fn classify(
         // put anything in it.
         both = subtree_differs(t, rel)?;
     }
-    if f.is_some()
-        && let Some(parent) = rel.parent()
-        && !parent.as_os_str().is_empty()
-        && !p.made.contains(parent)
-        && !entry(&t.target.join(parent))?.is_some_and(|e| e.kind == Kind::Dir)
-    {
-        both = true;
+    // Every folder on the way must be a folder on TARGET too (made by the
+    // plan, or there): a symlink the upgrade put in its place would lead
+    // the copy out of this filesystem.
+    for a in rel.ancestors().skip(1) {
+        if a.as_os_str().is_empty() || p.made.contains(a) {
+            continue;
+        }
+        if !entry(&t.target.join(a))?.is_some_and(|e| e.kind == Kind::Dir) {
+            both = true;
+        }
     }
     if both {
         if under(&shown, VPS_WINS) {

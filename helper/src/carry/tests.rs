@@ -221,6 +221,31 @@ fn an_entry_both_changed_is_refused_outside_the_vpss_own_state() {
 }
 
 #[test]
+fn a_folder_the_upgrade_made_a_symlink_is_not_written_through() {
+    let c = copies(&[("srv/app/data/x", "1")]);
+    let elsewhere = c.live.parent().unwrap().join("elsewhere");
+    fs::create_dir(&elsewhere).unwrap();
+    fs::remove_dir_all(c.target.join("srv/app")).unwrap();
+    std::os::unix::fs::symlink(&elsewhere, c.target.join("srv/app")).unwrap();
+    // What the symlink leads to looks like the live copy's folder.
+    let ok = Command::new("cp")
+        .arg("-a")
+        .arg(c.live.join("srv/app/data"))
+        .arg(&elsewhere)
+        .status()
+        .unwrap()
+        .success();
+    assert!(ok);
+    fs::write(c.frozen.join("srv/app/data/x"), "2").unwrap();
+    let p = carried(&c, now() - 60);
+    assert_eq!(
+        p.refused,
+        vec!["/srv/app/data/x: changed on the VPS since the live copy, and by the upgrade"]
+    );
+    assert_eq!(read(&elsewhere.join("data/x")), "1");
+}
+
+#[test]
 fn a_rewrite_that_keeps_size_and_mtime_is_found_by_its_ctime() {
     let c = copies(&[("srv/torn", "aaaa")]);
     let mtime = fs::metadata(c.frozen.join("srv/torn"))
