@@ -1787,6 +1787,21 @@ fn more_bad_input_is_refused_before_anything_changes() {
             "--no-rehearsal is for `drydock upgrade`; `drydock rehearse` is the rehearsal alone",
         ),
         (
+            vec!["rehearse", "root@192.0.2.1", "--run", "true", "--no-carry"],
+            "--no-carry is for `drydock upgrade`; `drydock rehearse` pushes nothing",
+        ),
+        (
+            vec![
+                "upgrade",
+                "root@192.0.2.1",
+                "--run",
+                "true",
+                "--no-rehearsal",
+                "--no-carry",
+            ],
+            "the argument '--no-rehearsal' cannot be used with '--no-carry'",
+        ),
+        (
             vec!["upgrade", "root@192.0.2.1", "--run", "true", "--cpus", "0"],
             "invalid value '0' for '--cpus <CPUS>': 0 is not in 1..=1024",
         ),
