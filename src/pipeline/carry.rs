@@ -105,27 +105,37 @@ pub fn discard(dir: &Path) {
 
 /// At the rehearsal's end, the VPS still serving: keep its result and a
 /// copy of the live image (the pre-copy will make the base the frozen
-/// disk), when there is room for them. Says why not, otherwise.
+/// disk), when there is room for them. Says why not, otherwise. A copy
+/// that fails leaves nothing kept and does not fail the rehearsal, which
+/// passed: the upgrade then runs again while the VPS is frozen, as with
+/// `--no-carry`.
 pub(super) fn keep(dir: &Path, j: &mut Journal, plan: &Plan, ui: &Ui) -> Result<()> {
     discard(dir);
-    let base = dir.join("base.raw");
-    let [rehearsed, live, live_manifest] = files(dir);
     let why_not = if j.no_carry {
         Some("--no-carry".to_string())
     } else if j.live_since.is_none() {
         Some("the VPS's clock at the live pull is not known".to_string())
     } else {
-        let size = std::fs::metadata(&base)?.len();
-        crate::transfer::check_local_space(&live, size.saturating_mul(2))
-            .err()
-            .map(|e| format!("{e:#}"))
+        copy_kept(dir).err().map(|e| format!("{e:#}"))
     };
     if let Some(why) = why_not {
+        discard(dir);
         ui.say(format!(
             "the rehearsal's result is not kept ({why}): the upgrade will run again while the VPS is frozen"
         ));
         return Ok(());
     }
+    j.carry = Some(Kept { plan: plan.clone() });
+    j.save(dir)
+}
+
+/// `upgraded.raw` kept as `rehearsed.raw`, `base.raw` and its manifest
+/// copied as the live copy's.
+fn copy_kept(dir: &Path) -> Result<()> {
+    let base = dir.join("base.raw");
+    let [rehearsed, live, live_manifest] = files(dir);
+    let size = std::fs::metadata(&base)?.len();
+    crate::transfer::check_local_space(&live, size.saturating_mul(2))?;
     std::fs::rename(dir.join("upgraded.raw"), &rehearsed)?;
     let _ = std::fs::remove_file(Manifest::path_for(&dir.join("upgraded.raw")));
     let out = std::process::Command::new("cp")
@@ -135,7 +145,6 @@ pub(super) fn keep(dir: &Path, j: &mut Journal, plan: &Plan, ui: &Ui) -> Result<
         .output()
         .context("cannot run cp")?;
     if !out.status.success() {
-        discard(dir);
         bail!(
             "cannot copy {} to {}: {}",
             base.display(),
@@ -143,9 +152,9 @@ pub(super) fn keep(dir: &Path, j: &mut Journal, plan: &Plan, ui: &Ui) -> Result<
             String::from_utf8_lossy(&out.stderr).trim()
         );
     }
-    std::fs::copy(Manifest::path_for(&base), &live_manifest)?;
-    j.carry = Some(Kept { plan: plan.clone() });
-    j.save(dir)
+    std::fs::copy(Manifest::path_for(&base), &live_manifest)
+        .with_context(|| format!("cannot copy the manifest to {}", live_manifest.display()))?;
+    Ok(())
 }
 
 /// The blocks of 1 MiB that differ between two manifests of one disk, as
@@ -413,14 +422,19 @@ pub(super) async fn in_guest(
         Ok(t) => t,
         Err(why) => return Ok(Err(why)),
     };
-    let out = s
-        .exec_input(
+    let out = tokio::time::timeout(
+        Duration::from_secs(120),
+        s.exec_input(
             // A tmpfs of its own: /run is mounted noexec on newer systems.
             "mkdir -p /run/drydock-carry && mount -t tmpfs -o mode=700,size=64m drydock-carry /run/drydock-carry \
              && cat > /run/drydock-carry/helper && chmod 700 /run/drydock-carry/helper",
             Some(crate::transfer::helper::BINARY),
-        )
-        .await?;
+        ),
+    )
+    .await
+    .map_err(|_| {
+        anyhow::anyhow!("copying drydock's helper into the worker VM did not finish within 2 minutes")
+    })??;
     if !out.success() {
         bail!(
             "cannot copy drydock's helper into the worker VM: {}",
@@ -429,7 +443,11 @@ pub(super) async fn in_guest(
     }
     // journald writes to /run from here, so that a journal file in
     // /var/log can be replaced under it.
-    let _ = s.exec("journalctl --relinquish-var >/dev/null 2>&1").await;
+    let _ = tokio::time::timeout(
+        Duration::from_secs(60),
+        s.exec("journalctl --relinquish-var >/dev/null 2>&1"),
+    )
+    .await;
     for p in todo {
         let mnt = p.mountpoint.clone().unwrap_or_default();
         let nouuid = if p.fstype == "xfs" { ",nouuid" } else { "" };
