@@ -1379,7 +1379,12 @@ fn output_within(mut cmd: Command, secs: u64, what: &str) -> std::process::Outpu
         Ok(o) => o,
         Err(_) => {
             let _ = Command::new("kill").args(["-9", &pid.to_string()]).status();
-            panic!("{what}: still running after {secs} s (a hang)");
+            // What it had said before the kill, to show where it hung.
+            let said = rx
+                .recv_timeout(Duration::from_secs(10))
+                .map(|o| String::from_utf8_lossy(&o.stderr).into_owned())
+                .unwrap_or_default();
+            panic!("{what}: still running after {secs} s (a hang); it had said: {said}");
         }
     }
 }

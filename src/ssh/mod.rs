@@ -391,6 +391,17 @@ impl Session {
         }
     }
 
+    /// Send DATA on CHANNEL, or fail once the connection is gone: russh's
+    /// `data` waits for window space, and on a connection cut while the
+    /// window is shut that wait has no end (a push cut inside the helper's
+    /// install hung so).
+    pub async fn send(&self, channel: &Channel<client::Msg>, data: &[u8]) -> Result<()> {
+        tokio::select! {
+            r = channel.data(data) => r.map_err(|e| anyhow::anyhow!("{e}")),
+            _ = self.closed() => Err(anyhow::anyhow!("the connection is gone")),
+        }
+    }
+
     /// The host as `user@host[:port]`, for messages.
     pub fn host(&self) -> String {
         self.target.display()
@@ -414,7 +425,7 @@ impl Session {
     pub async fn exec_input(&self, command: &str, input: Option<&[u8]>) -> Result<Output> {
         let mut channel = self.open_exec(command).await?;
         if let Some(data) = input {
-            channel.data(data).await.with_context(|| {
+            self.send(&channel, data).await.with_context(|| {
                 format!("the connection to {} broke while sending data", self.host())
             })?;
         }

@@ -119,8 +119,8 @@ pub async fn stage(
         stage_tail()
     );
     let mut channel = session.open_exec(&script).await?;
-    channel
-        .data(BINARY)
+    session
+        .send(&channel, BINARY)
         .await
         .with_context(|| format!("the connection to {} broke", session.host()))?;
     // Until READY, or until the shell ends (the installer failed).
@@ -155,14 +155,14 @@ pub async fn stage(
 
 impl Staged {
     /// Run the helper and send it `input` (its first frames), then EOF.
-    pub async fn go(&mut self, input: &[u8], host: &str) -> Result<()> {
+    pub async fn go(&mut self, input: &[u8], session: &Session) -> Result<()> {
         self.went = true;
         let mut data = b"go\n".to_vec();
         data.extend_from_slice(input);
-        self.channel
-            .data(&data[..])
+        session
+            .send(&self.channel, &data)
             .await
-            .with_context(|| format!("the connection to {host} broke"))?;
+            .with_context(|| format!("the connection to {} broke", session.host()))?;
         self.channel.eof().await.ok();
         Ok(())
     }
@@ -173,7 +173,7 @@ impl Staged {
     /// from here.
     pub async fn finish(mut self, session: &Session) -> Result<()> {
         if !self.went {
-            if self.channel.data(&b"stop\n"[..]).await.is_ok() {
+            if session.send(&self.channel, b"stop\n").await.is_ok() {
                 self.channel.eof().await.ok();
                 if let Ok(out) = crate::ssh::collect(&mut self.channel).await
                     && out.success()

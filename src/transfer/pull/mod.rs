@@ -257,7 +257,7 @@ async fn stream_rest(
     let mut own;
     let channel = match staged {
         Some(s) => {
-            s.go(&input.unwrap_or_default(), &session.host()).await?;
+            s.go(&input.unwrap_or_default(), session).await?;
             &mut s.channel
         }
         None => {

@@ -381,10 +381,10 @@ async fn write_ranges(
                     dev.path
                 )
             };
-            tokio::select! {
-                r = channel.data(&buf[..len]) => r.map_err(|e| crate::resumable!("{}: {e}", broke()))?,
-                _ = session.closed() => return Err(crate::resumable!("{}: the connection is gone", broke())),
-            }
+            session
+                .send(&channel, &buf[..len])
+                .await
+                .map_err(|e| crate::resumable!("{}: {e:#}", broke()))?;
             bar.inc(len as u64);
         }
         expected.push((r.first, hex::encode(h.finalize())));
