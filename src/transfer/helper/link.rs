@@ -37,6 +37,9 @@ pub struct Link {
 /// back); silence this long means the connection is dead without saying so.
 const SILENCE: std::time::Duration = std::time::Duration::from_secs(300);
 
+/// The longest [`Link::close`] waits for the helper to exit.
+const CLOSE_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
+
 /// Blocks asked about but not answered yet, at most (a window, so that the
 /// requests and the answers flow at once without either side waiting on
 /// the other's buffers).
@@ -71,6 +74,18 @@ impl Link {
         check_hello(&hello)?;
         remote.said_hello.store(true, Ordering::Relaxed);
         Ok(link)
+    }
+
+    /// End the exchange: EOF to the helper, then wait (at most
+    /// [`CLOSE_WAIT`]) for its channel to close, so that when drydock
+    /// says it is done, refused or failed, the helper has exited on the
+    /// host too (a test saw it still there just after a refusal).
+    pub async fn close(mut self) {
+        let _ = self.write.eof().await;
+        let _ = tokio::time::timeout(CLOSE_WAIT, async {
+            while self.read.recv().await.is_some() {}
+        })
+        .await;
     }
 
     pub async fn send(&mut self, frame: Vec<u8>) -> Result<()> {

@@ -102,13 +102,26 @@ async fn push_with(
     remote: &Remote,
     ui: &Ui,
 ) -> Result<Counts> {
-    let dev = &pf.dev;
     let mut link = Link::start(session, remote).await?;
-    open_device(&mut link, dev).await?;
-    let candidates = candidates(&mut link, pf, opts, session, ui).await?;
+    let res = push_on(&mut link, session, pf, opts, ui).await;
+    // Refused, failed or done: the helper has exited when drydock returns.
+    link.close().await;
+    res
+}
+
+async fn push_on(
+    link: &mut Link,
+    session: &Session,
+    pf: &Preflight,
+    opts: &PushOptions,
+    ui: &Ui,
+) -> Result<Counts> {
+    let dev = &pf.dev;
+    open_device(link, dev).await?;
+    let candidates = candidates(link, pf, opts, session, ui).await?;
     let image =
         File::open(&opts.image).with_context(|| format!("cannot open {}", opts.image.display()))?;
-    let patches = plan(&mut link, pf, opts, &image, &candidates, session, ui).await?;
+    let patches = plan(link, pf, opts, &image, &candidates, session, ui).await?;
 
     let total: u64 = patches.iter().map(|p| p.len as u64).sum();
     let asked = std::time::Instant::now();
@@ -134,7 +147,7 @@ async fn push_with(
     let mut blocks: Vec<u64> = patches.iter().map(|p| p.offset / BLOCK_SIZE).collect();
     blocks.dedup();
     super::record_intent(opts, &pf.new.digest, &dev.path, &blocks)?;
-    let (done, zstd_levels) = send(&mut link, &image, &patches, total, dev, ui).await?;
+    let (done, zstd_levels) = send(link, &image, &patches, total, dev, ui).await?;
     Ok(Counts {
         bytes_on_wire: link.sent,
         bytes_written: done.bytes_written,
