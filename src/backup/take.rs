@@ -340,7 +340,8 @@ async fn with_helper(
         }
         if round == 2 {
             bail!(
-                "{} changed under drydock faster than it could be read ({} blocks still                  missing after two rounds); back it up with --freeze",
+                "{} changed under drydock faster than it could be read ({} blocks still \
+                 missing after two rounds); back it up with --freeze",
                 dev.path,
                 fetch.len()
             );
@@ -373,12 +374,14 @@ async fn with_helper(
         Msg::Done { .. } => {}
         m => bail!("the helper answered Finish with {}", m.name()),
     }
+    let bytes_on_wire = link.received;
+    link.close().await;
     Ok(Got {
         blocks: host,
         sent,
         added: sink.added,
         added_bytes: sink.added_bytes,
-        bytes_on_wire: link.received,
+        bytes_on_wire,
     })
 }
 

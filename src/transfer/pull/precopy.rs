@@ -213,6 +213,8 @@ async fn with_helper(
         Msg::Done { peak_rss_kib, .. } => peak_rss_kib,
         m => bail!("the helper answered Finish with {}", m.name()),
     };
+    let bytes_on_wire = link.received;
+    link.close().await;
     file.sync_all()?;
 
     // The new manifest: the host's block hashes; a segment's hash kept
@@ -241,7 +243,7 @@ async fn with_helper(
         segments,
         blocks: host.iter().map(to_hex).collect(),
         fetched: fetch.len() as u64,
-        bytes_on_wire: link.received,
+        bytes_on_wire,
         bytes_written: written,
         peak_rss_kib,
     })
