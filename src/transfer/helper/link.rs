@@ -76,13 +76,14 @@ impl Link {
         Ok(link)
     }
 
-    /// End the exchange: EOF to the helper, then wait (at most
-    /// [`CLOSE_WAIT`]) for its channel to close, so that when drydock
-    /// says it is done, refused or failed, the helper has exited on the
-    /// host too (a test saw it still there just after a refusal).
+    /// End the exchange: EOF to the helper, then wait for its channel to
+    /// close, so that when drydock says it is done, refused or failed,
+    /// the helper has exited on the host too (a test saw it still there
+    /// just after a refusal). Both within [`CLOSE_WAIT`]: the EOF too
+    /// queues behind whatever a stalled connection has not sent yet.
     pub async fn close(mut self) {
-        let _ = self.write.eof().await;
         let _ = tokio::time::timeout(CLOSE_WAIT, async {
+            let _ = self.write.eof().await;
             while self.read.recv().await.is_some() {}
         })
         .await;
