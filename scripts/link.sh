@@ -11,6 +11,13 @@
 #   link_bytes                      # "UP DOWN": bytes on the veth so far
 #   vps_cpu                         # CPU seconds of everything the VPS's
 #                                   # sshd ran (its reaped children)
+#   start_mirror DOWNLOADS MBIT     # the VPS's package mirror: inside the
+#                                   # namespace (its own loopback, port 80),
+#                                   # serving each file of DOWNLOADS under
+#                                   # the path of its NAME.url at MBIT Mbit/s;
+#                                   # the URLs' host names resolve to it on
+#                                   # the VPS side (LINK_HOSTS before
+#                                   # start_link: "127.0.0.1 NAME..." lines)
 #   stop_link
 
 LINK_NS=
@@ -39,6 +46,12 @@ start_link() {
   tc qdisc add dev "$LINK_DEV" root tbf rate "${up}mbit" burst 64kb latency 200ms
   ip netns exec "$LINK_NS" tc qdisc add dev "$peer" root tbf rate "${down}mbit" burst 64kb latency 200ms
 
+  # Host names the VPS side resolves otherwise (`ip netns exec` puts
+  # /etc/netns/NS/hosts over /etc/hosts for what it starts).
+  if [ -n "${LINK_HOSTS:-}" ]; then
+    mkdir -p "/etc/netns/$LINK_NS"
+    { cat /etc/hosts; echo "$LINK_HOSTS"; } > "/etc/netns/$LINK_NS/hosts"
+  fi
   sshd_setup "$dir" 22 10.213.0.2
   # `ip netns exec` runs sshd as itself: SSHD_PID is sshd's own.
   ip netns exec "$LINK_NS" /usr/sbin/sshd -D -e -f "$dir/sshd_config" 2>"$dir/sshd.log" &
@@ -106,7 +119,55 @@ vps_cpu() {
   awk -v hz="$(getconf CLK_TCK)" '{ sub(/.*\) /, ""); printf "%.2f\n", ($14 + $15) / hz }' "/proc/$SSHD_PID/stat"
 }
 
+LINK_MIRROR_PID=
+start_mirror() {
+  local downloads=$1 mbit=$2
+  ip netns exec "$LINK_NS" python3 - "$downloads" "$mbit" > "$downloads.mirror.log" 2>&1 <<'PY' &
+# Serves each file NAME of DOWNLOADS under the path of NAME.url, at most
+# MBIT Mbit/s per connection.
+import http.server, os, sys, time, urllib.parse
+d, mbit = sys.argv[1], float(sys.argv[2])
+paths = {}
+for n in os.listdir(d):
+    if n.endswith(".url"):
+        url = open(os.path.join(d, n)).read().strip()
+        paths[urllib.parse.urlsplit(url).path] = os.path.join(d, n[:-4])
+class H(http.server.BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    def do_GET(self):
+        f = paths.get(self.path)
+        if not f or not os.path.exists(f):
+            self.send_response(404); self.send_header("Content-Length", "0"); self.end_headers(); return
+        size = os.path.getsize(f)
+        self.send_response(200); self.send_header("Content-Length", str(size)); self.end_headers()
+        start, sent = time.monotonic(), 0
+        with open(f, "rb") as fh:
+            while True:
+                b = fh.read(1 << 16)
+                if not b:
+                    break
+                self.wfile.write(b); sent += len(b)
+                ahead = sent * 8 / (mbit * 1e6) - (time.monotonic() - start)
+                if ahead > 0:
+                    time.sleep(ahead)
+    def log_message(self, *a):
+        pass
+http.server.ThreadingHTTPServer(("127.0.0.1", 80), H).serve_forever()
+PY
+  LINK_MIRROR_PID=$!
+  local i
+  for i in $(seq 50); do
+    ip netns exec "$LINK_NS" bash -c 'exec 3<>/dev/tcp/127.0.0.1/80' 2>/dev/null && return 0
+    sleep 0.2
+  done
+  echo "the mirror in the namespace did not start: $(cat "$downloads.mirror.log")" >&2
+  return 1
+}
+
 stop_link() {
+  [ -n "$LINK_MIRROR_PID" ] && kill "$LINK_MIRROR_PID" 2>/dev/null || true
+  LINK_MIRROR_PID=
+  [ -n "$LINK_NS" ] && rm -rf "/etc/netns/$LINK_NS"
   [ -n "$LINK_RELAY_PID" ] && kill "$LINK_RELAY_PID" 2>/dev/null || true
   LINK_RELAY_PID=
   if [ -n "${SSHD_PID:-}" ]; then

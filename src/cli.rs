@@ -292,6 +292,12 @@ pub struct PushArgs {
     /// to the host's RAM) when the host can run it, else dd.
     #[arg(long, value_enum, default_value = "auto", env = "DRYDOCK_TRANSFER")]
     pub transfer: Transfer,
+    /// Package files the image's upgrade downloaded (a run's downloads/:
+    /// each NAME beside a NAME.url): the host fetches them from its own
+    /// mirror and rebuilds the pages they hold, instead of receiving them
+    /// (helper mode; `upgrade` does this with its run's downloads).
+    #[arg(long, value_name = "DIR")]
+    pub packages: Option<PathBuf>,
 }
 
 #[derive(Debug, Args)]

@@ -392,6 +392,15 @@ async fn push(a: cli::PushArgs, ui: &Ui) -> Result<()> {
             a.conn.host
         ));
     }
+    if let Some(dir) = &a.packages
+        && !dir.is_dir()
+    {
+        return Err(crate::usage!(
+            "--packages {}: not a folder; give the folder of package files an upgrade \
+             downloaded (a run's downloads/)",
+            dir.display()
+        ));
+    }
     let s = connect(&a.conn).await?;
     let facts = remote::gather(&s).await?;
     let opts = transfer::push::PushOptions {
@@ -401,6 +410,7 @@ async fn push(a: cli::PushArgs, ui: &Ui) -> Result<()> {
         frozen_boot_id: None,
         transfer: a.transfer.into(),
         base_image: None,
+        packages: a.packages,
     };
     let r = transfer::push::push(&s, &facts, &opts, ui).await?;
     ui.result("push", &r, r.human())?;

@@ -6,6 +6,8 @@ mod backups;
 mod common;
 #[path = "ssh/faults.rs"]
 mod faults;
+#[path = "ssh/packages.rs"]
+mod packages;
 
 use std::os::unix::fs::FileExt;
 use std::process::{Command, Stdio};

@@ -6,5 +6,6 @@
 //! with drydock, which speaks the other side.
 
 pub mod carry;
+pub mod package;
 pub mod proto;
 pub mod server;

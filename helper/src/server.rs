@@ -6,7 +6,7 @@ use std::fs::{File, OpenOptions};
 use std::io::{BufWriter, Read, Seek, SeekFrom, Write};
 use std::os::unix::fs::{FileExt, FileTypeExt, OpenOptionsExt};
 
-use crate::proto::{self, BLOCK, Hash, Msg, VERSION, read_msg, write_msg};
+use crate::proto::{self, BLOCK, Hash, Msg, PAGE, VERSION, read_msg, write_msg};
 
 /// A buffer aligned for O_DIRECT (4 KiB covers every logical block size).
 pub struct Aligned {
@@ -218,6 +218,27 @@ fn session(input: &mut impl Read, out: &mut impl Write) -> Result<(), String> {
             direct: disk.is_direct(),
         },
     )?;
+    // Rebuilds run on a thread of their own, beside the Writes.
+    std::thread::scope(|scope| serve_disk(&disk, write, input, out, scope))
+}
+
+/// A package file to rebuild pages from, gathered from Rebuild frames.
+struct Job {
+    src: crate::package::Source,
+    pieces: Vec<crate::package::Piece>,
+}
+
+/// What the rebuild thread answers for one job: the pieces written, the
+/// bytes fetched, why it stopped early; Err when the disk failed.
+type JobResult = Result<(crate::package::Outcome, u64), String>;
+
+fn serve_disk<'s>(
+    disk: &'s Disk,
+    write: bool,
+    input: &mut impl Read,
+    out: &mut impl Write,
+    scope: &'s std::thread::Scope<'s, '_>,
+) -> Result<(), String> {
     let mut buf = Aligned::new(BLOCK as usize);
     let mut back = Aligned::new(BLOCK as usize);
     let mut zbuf: Vec<u8> = Vec::with_capacity(zstd::zstd_safe::compress_bound(BLOCK as usize));
@@ -227,6 +248,10 @@ fn session(input: &mut impl Read, out: &mut impl Write) -> Result<(), String> {
         read: 0,
         written: 0,
     };
+    let mut gathering: Option<Job> = None;
+    let mut jobs: Option<std::sync::mpsc::Sender<Job>> = None;
+    let (done_tx, done_rx) = std::sync::mpsc::channel::<JobResult>();
+    let mut queued = 0usize;
     loop {
         out.flush()
             .map_err(|e| format!("cannot send to drydock: {e}"))?;
@@ -238,10 +263,10 @@ fn session(input: &mut impl Read, out: &mut impl Write) -> Result<(), String> {
                     compressor = Some((level, c));
                 }
                 let (_, c) = compressor.as_mut().expect("set above");
-                read_blocks(&disk, first, end, &mut zbuf, c, out, &mut n)?;
+                read_blocks(disk, first, end, &mut zbuf, c, out, &mut n)?;
             }
             Msg::HashBlocks { first, end, pages } => {
-                hash_blocks(&disk, (first, end), pages, &mut buf, out, &mut n)?;
+                hash_blocks(disk, (first, end), pages, &mut buf, out, &mut n)?;
             }
             Msg::Write {
                 offset,
@@ -258,10 +283,79 @@ fn session(input: &mut impl Read, out: &mut impl Write) -> Result<(), String> {
                     hash,
                     data: &data,
                 };
-                write_checked(&disk, w, (&mut buf, &mut back), &mut decompressor, &mut n)?;
+                write_checked(disk, w, (&mut buf, &mut back), &mut decompressor, &mut n)?;
                 send(out, &Msg::Written { offset, len })?;
             }
+            Msg::Rebuild {
+                addr,
+                host,
+                path,
+                pieces,
+                more,
+            } => {
+                if !write {
+                    return Err("a Rebuild on a disk opened for reading".into());
+                }
+                let src = crate::package::Source { addr, host, path };
+                let mut add = crate::package::decode_pieces(&pieces)?;
+                let job = gathering.get_or_insert_with(|| Job {
+                    src: src.clone(),
+                    pieces: Vec::new(),
+                });
+                if job.src != src {
+                    return Err("a Rebuild continued with another package file".into());
+                }
+                job.pieces.append(&mut add);
+                if !more {
+                    let job = gathering.take().expect("set above");
+                    let tx = jobs.get_or_insert_with(|| {
+                        let (tx, rx) = std::sync::mpsc::channel::<Job>();
+                        let done = done_tx.clone();
+                        // A small stack: the helper's memory is locked
+                        // (mlockall), a thread's stack with it.
+                        let spawned = std::thread::Builder::new()
+                            .stack_size(256 << 10)
+                            .spawn_scoped(scope, move || rebuild_jobs(disk, rx, done));
+                        if let Err(e) = spawned {
+                            eprintln!("drydock-helper: cannot start the rebuild thread: {e}");
+                        }
+                        tx
+                    });
+                    tx.send(job)
+                        .map_err(|_| "the rebuild thread stopped".to_string())?;
+                    queued += 1;
+                }
+            }
+            Msg::RebuildWait => {
+                if gathering.is_some() {
+                    return Err("RebuildWait inside a Rebuild".into());
+                }
+                for _ in 0..queued {
+                    let (outcome, fetched) = done_rx
+                        .recv()
+                        .map_err(|_| "the rebuild thread stopped".to_string())??;
+                    let mut bits = vec![0u8; outcome.written.len().div_ceil(8)];
+                    for (i, w) in outcome.written.iter().enumerate() {
+                        if *w {
+                            bits[i / 8] |= 1 << (i % 8);
+                            n.written += PAGE;
+                        }
+                    }
+                    send(
+                        out,
+                        &Msg::Rebuilt {
+                            written: bits,
+                            fetched,
+                            error: outcome.error.unwrap_or_default(),
+                        },
+                    )?;
+                }
+                queued = 0;
+            }
             Msg::Finish => {
+                if queued > 0 || gathering.is_some() {
+                    return Err("Finish before RebuildWait".into());
+                }
                 disk.sync()?;
                 send(
                     out,
@@ -276,6 +370,75 @@ fn session(input: &mut impl Read, out: &mut impl Write) -> Result<(), String> {
             m => return Err(format!("unexpected {} from drydock", m.name())),
         }
     }
+}
+
+/// The rebuild thread: each job's package file fetched and its pieces
+/// written (each checked against its hash before, and read back after),
+/// until the jobs' sender goes.
+fn rebuild_jobs(
+    disk: &Disk,
+    jobs: std::sync::mpsc::Receiver<Job>,
+    done: std::sync::mpsc::Sender<JobResult>,
+) {
+    let mut buf = Aligned::new(PAGE as usize);
+    let mut back = Aligned::new(PAGE as usize);
+    for job in jobs.iter() {
+        let res = rebuild_one(disk, &job, &mut buf, &mut back);
+        let stop = res.is_err();
+        if done.send(res).is_err() || stop {
+            return;
+        }
+    }
+}
+
+/// Counts the bytes read through it.
+struct Counted<R> {
+    r: R,
+    n: std::sync::Arc<std::sync::atomic::AtomicU64>,
+}
+
+impl<R: Read> Read for Counted<R> {
+    fn read(&mut self, b: &mut [u8]) -> std::io::Result<usize> {
+        let k = self.r.read(b)?;
+        self.n
+            .fetch_add(k as u64, std::sync::atomic::Ordering::Relaxed);
+        Ok(k)
+    }
+}
+
+fn rebuild_one(disk: &Disk, job: &Job, buf: &mut Aligned, back: &mut Aligned) -> JobResult {
+    use crate::package;
+    let fetched = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let none = |e: String| {
+        Ok((
+            package::Outcome {
+                written: vec![false; job.pieces.len()],
+                error: Some(e),
+            },
+            0,
+        ))
+    };
+    let body = match package::get(&job.src) {
+        Ok(b) => b,
+        Err(e) => return none(e),
+    };
+    let counted = Counted {
+        r: body,
+        n: fetched.clone(),
+    };
+    let mut stream = match package::data_archive(counted) {
+        Ok(s) => s,
+        Err(e) => return none(e),
+    };
+    let outcome = package::extract(&mut stream, &job.pieces, |off, page| {
+        if off.checked_add(PAGE).is_none_or(|e| e > disk.size) || !off.is_multiple_of(PAGE) {
+            return Err(format!("a rebuilt page at byte {off} is outside the disk"));
+        }
+        buf.get(PAGE as usize).copy_from_slice(page);
+        let hash = proto::sha256(page);
+        write_verified(disk, (buf, back), off, PAGE as usize, &hash)
+    })?;
+    Ok((outcome, fetched.load(std::sync::atomic::Ordering::Relaxed)))
 }
 
 /// drydock's Open: the device and whether to write, in this protocol's
@@ -382,12 +545,25 @@ fn write_checked(
             "the data for byte {offset} arrived damaged (its hash does not match); nothing of it was written"
         ));
     }
-    disk.write_at(buf, offset, n_len)?;
+    write_verified(disk, (buf, back), offset, n_len, &hash)?;
     n.written += len as u64;
-    let again = disk.read_at(back, offset, n_len)?;
-    if proto::sha256(again) != hash {
+    Ok(())
+}
+
+/// BUF's first N bytes (whose SHA-256 is HASH) written at OFFSET, read
+/// back into BACK and checked.
+fn write_verified(
+    disk: &Disk,
+    (buf, back): (&mut Aligned, &mut Aligned),
+    offset: u64,
+    n: usize,
+    hash: &Hash,
+) -> Result<(), String> {
+    disk.write_at(buf, offset, n)?;
+    let again = disk.read_at(back, offset, n)?;
+    if proto::sha256(again) != *hash {
         return Err(format!(
-            "reading back the {len} bytes written at byte {offset} gives other data: the disk does not keep what is written"
+            "reading back the {n} bytes written at byte {offset} gives other data: the disk does not keep what is written"
         ));
     }
     Ok(())

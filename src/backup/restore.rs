@@ -347,6 +347,7 @@ async fn restore_with(
         frozen_boot_id: None,
         transfer: opts.transfer,
         base_image: None,
+        packages: None,
     };
     let r = push::push(session, facts, &push_opts, ui).await?;
     Ok((r, relocated, grown, network_files, proof))

@@ -83,6 +83,7 @@ pub(super) async fn rollback_push(dir: &Path, j: &mut Journal, ui: &Ui) -> Resul
             transfer: j.transfer,
             // What the disk may hold besides the base: the upgraded image.
             base_image: Some(upgraded.clone()),
+            packages: None,
         },
         ui,
     )

@@ -348,6 +348,7 @@ async fn push_step(dir: &Path, j: &mut Journal, ui: &Ui) -> Result<()> {
             frozen_boot_id: j.frozen_boot_id.clone(),
             transfer: j.transfer,
             base_image: Some(dir.join("base.raw")),
+            packages: Some(dir.join("downloads")),
         },
         ui,
     )

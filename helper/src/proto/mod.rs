@@ -14,7 +14,7 @@ use std::fmt;
 use std::io::{self, Read, Write};
 
 /// Bumped on any change of frames or their meaning.
-pub const VERSION: u32 = 1;
+pub const VERSION: u32 = 2;
 /// Largest payload accepted: a block of 1 MiB that zstd could not shrink,
 /// plus headers.
 pub const MAX_PAYLOAD: usize = (1 << 20) + (1 << 16);
@@ -85,6 +85,29 @@ pub enum Msg {
     },
     /// Either way: what went wrong; the sender stops.
     Error { message: String },
+    /// drydock → helper: rebuild pages from a package file (see
+    /// `package`): fetch `path` from `host` at `addr`, and write the
+    /// `pieces` (`package::encode_pieces`) whose hashes match. `more`: the
+    /// next Rebuild carries more pieces of the same file. The helper works
+    /// on it beside the Writes that follow and answers at RebuildWait.
+    Rebuild {
+        addr: String,
+        host: String,
+        path: String,
+        pieces: Vec<u8>,
+        more: bool,
+    },
+    /// drydock → helper: wait for every Rebuild and answer each with a
+    /// Rebuilt, in order.
+    RebuildWait,
+    /// Helper → drydock: which pieces of one package file were written (a
+    /// bit each, least significant first), the bytes fetched, and why it
+    /// stopped early (empty if it did not).
+    Rebuilt {
+        written: Vec<u8>,
+        fetched: u64,
+        error: String,
+    },
 }
 
 impl Msg {
@@ -103,6 +126,9 @@ impl Msg {
             Msg::Finish => 11,
             Msg::Done { .. } => 12,
             Msg::Error { .. } => 13,
+            Msg::Rebuild { .. } => 14,
+            Msg::RebuildWait => 15,
+            Msg::Rebuilt { .. } => 16,
         }
     }
 
@@ -121,6 +147,9 @@ impl Msg {
             Msg::Finish => "Finish",
             Msg::Done { .. } => "Done",
             Msg::Error { .. } => "Error",
+            Msg::Rebuild { .. } => "Rebuild",
+            Msg::RebuildWait => "RebuildWait",
+            Msg::Rebuilt { .. } => "Rebuilt",
         }
     }
 
@@ -190,6 +219,29 @@ impl Msg {
                 put_u64(p, *bytes_written);
             }
             Msg::Error { message } => put_bytes(p, message.as_bytes()),
+            Msg::Rebuild {
+                addr,
+                host,
+                path,
+                pieces,
+                more,
+            } => {
+                put_bytes(p, addr.as_bytes());
+                put_bytes(p, host.as_bytes());
+                put_bytes(p, path.as_bytes());
+                put_bytes(p, pieces);
+                p.push(*more as u8);
+            }
+            Msg::RebuildWait => {}
+            Msg::Rebuilt {
+                written,
+                fetched,
+                error,
+            } => {
+                put_bytes(p, written);
+                put_u64(p, *fetched);
+                put_bytes(p, error.as_bytes());
+            }
         }
     }
 
@@ -261,6 +313,19 @@ impl Msg {
             },
             13 => Msg::Error {
                 message: c.string()?,
+            },
+            14 => Msg::Rebuild {
+                addr: c.string()?,
+                host: c.string()?,
+                path: c.string()?,
+                pieces: c.bytes()?,
+                more: c.bool()?,
+            },
+            15 => Msg::RebuildWait,
+            16 => Msg::Rebuilt {
+                written: c.bytes()?,
+                fetched: c.u64()?,
+                error: c.string()?,
             },
             k => return Err(ProtoError::UnknownKind(k)),
         };

@@ -52,6 +52,19 @@ fn all() -> Vec<Msg> {
         Msg::Error {
             message: "no".into(),
         },
+        Msg::Rebuild {
+            addr: "192.0.2.1:80".into(),
+            host: "deb.debian.org".into(),
+            path: "/debian/pool/main/a/a_1_amd64.deb".into(),
+            pieces: vec![1; 52],
+            more: true,
+        },
+        Msg::RebuildWait,
+        Msg::Rebuilt {
+            written: vec![0b101],
+            fetched: 9,
+            error: String::new(),
+        },
     ]
 }
 

@@ -65,6 +65,7 @@ pub(super) async fn push(
         bytes_written: bytes,
         helper_peak_rss_kib: None,
         zstd_levels: Vec::new(),
+        rebuilt: None,
     };
     if rs.is_empty() {
         ui.say(format!(

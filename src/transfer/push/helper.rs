@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 
-use super::{Preflight, PushOptions, PushReport, ranges, save_manifest};
+use super::{Preflight, PushOptions, PushReport, ranges, rebuild, save_manifest};
 use crate::image::manifest::{self, BLOCK_SIZE, block_count, block_len};
 use crate::refused;
 use crate::remote::Facts;
@@ -19,6 +19,7 @@ use crate::remote::device::Device;
 use crate::ssh::Session;
 use crate::transfer::helper::{self, Link, Mode, Patch, Remote};
 use crate::ui::{Ui, human_bytes};
+use drydock_helper::proto::PAGE;
 
 /// Bytes of writes sent but not yet confirmed, at most.
 const WRITE_WINDOW: u64 = 32 << 20;
@@ -72,6 +73,7 @@ pub(super) async fn push(
         bytes_written: counts.bytes_written,
         helper_peak_rss_kib: Some(counts.done.peak_rss_kib),
         zstd_levels: counts.zstd_levels,
+        rebuilt: (counts.rebuilt.package_files > 0).then_some(counts.rebuilt),
     };
     save_manifest(session, facts, opts, pf)?;
     Ok(report)
@@ -93,6 +95,162 @@ struct Counts {
     zstd_levels: Vec<i32>,
     /// Spent at the confirmation question.
     waited: std::time::Duration,
+    /// What the host rebuilt from package files.
+    rebuilt: Rebuilt,
+}
+
+/// Pages the host rebuilt from package files instead of receiving them.
+#[derive(Debug, Default, Clone, serde::Serialize)]
+pub struct Rebuilt {
+    /// Package files the run kept that could rebuild pages, and those
+    /// asked of the host.
+    pub package_files: usize,
+    pub asked: usize,
+    pub pages: u64,
+    /// Bytes the host fetched from its mirror.
+    pub fetched_bytes: u64,
+    /// Why some were not rebuilt (each was sent instead).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub notes: Vec<String>,
+}
+
+/// What a push asks the host to rebuild: package files at addresses the
+/// host resolved, with their pieces.
+#[derive(Debug, Default)]
+struct Rebuild {
+    jobs: Vec<(
+        drydock_helper::package::Source,
+        Vec<drydock_helper::package::Piece>,
+    )>,
+    files: usize,
+    notes: Vec<String>,
+}
+
+impl Rebuild {
+    fn pages(&self) -> u64 {
+        self.jobs.iter().map(|(_, p)| p.len() as u64).sum()
+    }
+}
+
+/// The rebuild from the package files in OPTS.packages: planned here (the
+/// pages of PATCHES their data archives hold), each mirror's name resolved
+/// on the host (its own resolver, as apt there would); none when there are
+/// none, or when the host cannot resolve a mirror (said, and sent instead).
+async fn plan_rebuild(
+    opts: &PushOptions,
+    image: &File,
+    patches: &[Patch],
+    session: &Session,
+    ui: &Ui,
+) -> Result<Rebuild> {
+    let Some(dir) = &opts.packages else {
+        return Ok(Rebuild::default());
+    };
+    let files = rebuild::package_files(dir);
+    if patches.is_empty() {
+        return Ok(Rebuild::default());
+    }
+    if files.is_empty() {
+        ui.say(format!(
+            "{} holds no package file with its URL (NAME beside NAME.url): every page is sent",
+            dir.display()
+        ));
+        return Ok(Rebuild::default());
+    }
+    let t = Instant::now();
+    let image = image.try_clone()?;
+    let patches = patches.to_vec();
+    let n = files.len();
+    let planned =
+        tokio::task::spawn_blocking(move || rebuild::plan(&files, &image, &patches)).await??;
+    let mut out = Rebuild {
+        files: n,
+        notes: planned.unreadable.clone(),
+        ..Default::default()
+    };
+    let mut addrs: std::collections::HashMap<(String, u16), Option<String>> = Default::default();
+    for job in planned.jobs {
+        let Some((host, port, path)) = rebuild::split_url(&job.url) else {
+            continue;
+        };
+        let key = (host.clone(), port);
+        if !addrs.contains_key(&key) {
+            let a = match resolve(session, &host).await {
+                Ok(ip) => Some(ip),
+                Err(e) => {
+                    out.notes.push(e);
+                    None
+                }
+            };
+            addrs.insert(key.clone(), a);
+        }
+        let Some(ip) = addrs[&key].clone() else {
+            continue;
+        };
+        let addr = if ip.contains(':') {
+            format!("[{ip}]:{port}")
+        } else {
+            format!("{ip}:{port}")
+        };
+        let http_host = if port == 80 {
+            host
+        } else {
+            format!("{host}:{port}")
+        };
+        out.jobs.push((
+            drydock_helper::package::Source {
+                addr,
+                host: http_host,
+                path,
+            },
+            job.pieces,
+        ));
+    }
+    ui.say(format!(
+        "{} of the pages to write are in {} of the {} package files the upgrade downloaded: \
+         the host rebuilds them from its mirror (planned in {:.1} s)",
+        human_bytes(out.pages() * PAGE),
+        out.jobs.len(),
+        n,
+        t.elapsed().as_secs_f64()
+    ));
+    for note in &out.notes {
+        ui.say(format!("not rebuilt on the host: {note}"));
+    }
+    Ok(out)
+}
+
+/// HOST's address as the host itself resolves it (its first IPv4
+/// address, else its first address), within 30 s.
+async fn resolve(session: &Session, host: &str) -> std::result::Result<String, String> {
+    if host.parse::<std::net::IpAddr>().is_ok() {
+        return Ok(host.to_string());
+    }
+    let q = crate::ssh::shell_quote(host);
+    let cmd = format!(
+        "getent ahostsv4 {q} 2>/dev/null | head -n 1 || true; getent ahosts {q} | head -n 1"
+    );
+    let out = tokio::time::timeout(Duration::from_secs(30), session.exec(&cmd)).await;
+    let text = match out {
+        Ok(Ok(o)) => o.stdout_str(),
+        Ok(Err(e)) => {
+            return Err(format!(
+                "cannot ask {} for {host}'s address: {e:#}",
+                session.host()
+            ));
+        }
+        Err(_) => {
+            return Err(format!(
+                "{} took more than 30 s to resolve {host}",
+                session.host()
+            ));
+        }
+    };
+    text.split_whitespace()
+        .next()
+        .filter(|a| a.parse::<std::net::IpAddr>().is_ok())
+        .map(str::to_string)
+        .ok_or_else(|| format!("{} cannot resolve {host} (getent ahosts)", session.host()))
 }
 
 async fn push_with(
@@ -122,6 +280,7 @@ async fn push_on(
     let image =
         File::open(&opts.image).with_context(|| format!("cannot open {}", opts.image.display()))?;
     let patches = plan(link, pf, opts, &image, &candidates, session, ui).await?;
+    let rebuild = plan_rebuild(opts, &image, &patches, session, ui).await?;
 
     let total: u64 = patches.iter().map(|p| p.len as u64).sum();
     let asked = std::time::Instant::now();
@@ -132,8 +291,16 @@ async fn push_on(
             session.host()
         ));
     } else {
+        let from_packages = match rebuild.pages() {
+            0 => String::new(),
+            n => format!(
+                "; {} of it rebuilt on the host from {} package files its mirror serves",
+                human_bytes(n * PAGE),
+                rebuild.jobs.len()
+            ),
+        };
         ui.confirm(&format!(
-            "Write {} ({} ranges of 4 KiB pages) of {} to {} on {}?",
+            "Write {} ({} ranges of 4 KiB pages{from_packages}) of {} to {} on {}?",
             human_bytes(total),
             patches.len(),
             opts.image.display(),
@@ -147,8 +314,10 @@ async fn push_on(
     let mut blocks: Vec<u64> = patches.iter().map(|p| p.offset / BLOCK_SIZE).collect();
     blocks.dedup();
     super::record_intent(opts, &pf.new.digest, &dev.path, &blocks)?;
-    let (done, zstd_levels) = send(link, &image, &patches, total, dev, ui).await?;
+    let (done, zstd_levels, rebuilt) =
+        send(link, &image, &patches, total, dev, &rebuild, ui).await?;
     Ok(Counts {
+        rebuilt,
         bytes_on_wire: link.sent,
         bytes_written: done.bytes_written,
         page_bytes: total,
@@ -307,68 +476,127 @@ async fn plan(
 
 /// PATCHES sent (TOTAL bytes), at most WRITE_WINDOW bytes unconfirmed,
 /// each written, read back and checked by the helper; then its Finish.
+/// With a REBUILD, the host rebuilds its pages from package files while
+/// the other pages go; then the pages it did not rebuild are sent.
+#[allow(clippy::too_many_arguments)] // the push's parts, each used once
 async fn send(
     link: &mut Link,
     image: &File,
     patches: &[Patch],
     total: u64,
     dev: &Device,
+    rebuild: &Rebuild,
     ui: &Ui,
-) -> Result<(helper::Done, Vec<i32>)> {
+) -> Result<(helper::Done, Vec<i32>, Rebuilt)> {
+    use drydock_helper::package::{PIECES_PER_FRAME, encode_pieces};
+    use drydock_helper::proto::Msg;
     let bar = ui.bytes_bar(total, "push");
-    let mut levels = helper::level::LevelControl::new(helper::PUSH_LEVEL);
-    let mut z = zstd::bulk::Compressor::new(levels.level())?;
-    let mut in_flight: std::collections::VecDeque<Patch> = Default::default();
-    let mut in_flight_bytes = 0u64;
-    let mut next = 0;
-    let partly = |e: anyhow::Error| {
-        crate::resumable!(
-            "the push stopped with {} partly written: run the same push again to finish it \
-             (ranges already written are recognised): {e:#}",
-            dev.path
-        )
+    let levels = helper::level::LevelControl::new(helper::PUSH_LEVEL);
+    let mut w = Writer {
+        z: zstd::bulk::Compressor::new(levels.level())?,
+        levels,
+        image,
+        dev,
     };
-    while next < patches.len() || !in_flight.is_empty() {
-        if next < patches.len() && in_flight_bytes < WRITE_WINDOW {
-            let p = patches[next];
-            next += 1;
-            let t = Instant::now();
-            let frame = helper::write_frame(image, p, &mut z)?;
-            let busy = t.elapsed();
-            let t = Instant::now();
-            link.send(frame).await.map_err(partly)?;
-            if let Some(l) = levels.record(p.len as u64, busy, t.elapsed()) {
-                z.set_compression_level(l)?;
+    let mut rebuilt = Rebuilt {
+        package_files: rebuild.files,
+        asked: rebuild.jobs.len(),
+        notes: rebuild.notes.clone(),
+        ..Default::default()
+    };
+    if rebuild.jobs.is_empty() {
+        w.write(link, patches, &bar).await?;
+    } else {
+        for (src, pieces) in &rebuild.jobs {
+            let chunks: Vec<_> = pieces.chunks(PIECES_PER_FRAME).collect();
+            for (i, c) in chunks.iter().enumerate() {
+                link.send(
+                    Msg::Rebuild {
+                        addr: src.addr.clone(),
+                        host: src.host.clone(),
+                        path: src.path.clone(),
+                        pieces: encode_pieces(c),
+                        more: i + 1 < chunks.len(),
+                    }
+                    .encode(),
+                )
+                .await
+                .map_err(|e| w.partly(e))?;
             }
-            in_flight.push_back(p);
-            in_flight_bytes += p.len as u64;
-            continue;
         }
-        let t = Instant::now();
-        let answer = link.recv().await.map_err(partly)?;
-        if next < patches.len() {
-            // The window was full: waiting on the helper's writes.
-            levels.record(0, Duration::ZERO, t.elapsed());
-        }
-        match answer {
-            drydock_helper::proto::Msg::Written { offset, len } => {
-                let p = in_flight
-                    .pop_front()
-                    .context("the helper confirmed a write not sent")?;
-                if p.offset != offset || p.len != len {
-                    bail!("the helper confirmed {len} bytes at {offset}, not the range sent");
+        let mut asked: Vec<u64> = rebuild
+            .jobs
+            .iter()
+            .flat_map(|(_, p)| p.iter().map(|p| p.disk_offset))
+            .collect();
+        asked.sort_unstable();
+        // The other pages go while the host fetches.
+        w.write(link, &rebuild::without(patches, &asked), &bar)
+            .await?;
+        link.send(Msg::RebuildWait.encode())
+            .await
+            .map_err(|e| w.partly(e))?;
+        let mut done: Vec<u64> = Vec::new();
+        for (src, pieces) in &rebuild.jobs {
+            match link.recv().await.map_err(|e| w.partly(e))? {
+                Msg::Rebuilt {
+                    written,
+                    fetched,
+                    error,
+                } => {
+                    rebuilt.fetched_bytes += fetched;
+                    let before = done.len();
+                    for (i, p) in pieces.iter().enumerate() {
+                        if written.get(i / 8).is_some_and(|b| b & (1 << (i % 8)) != 0) {
+                            done.push(p.disk_offset);
+                        }
+                    }
+                    let got = (done.len() - before) as u64;
+                    bar.inc(got * PAGE);
+                    if !error.is_empty() {
+                        rebuilt
+                            .notes
+                            .push(format!("http://{}{}: {error}", src.host, src.path));
+                    } else if got < pieces.len() as u64 {
+                        rebuilt.notes.push(format!(
+                            "http://{}{}: {} of {} pages differ from the worker VM's copy",
+                            src.host,
+                            src.path,
+                            pieces.len() as u64 - got,
+                            pieces.len()
+                        ));
+                    }
                 }
-                in_flight_bytes -= len as u64;
-                bar.inc(len as u64);
+                m => bail!("the helper answered RebuildWait with {}", m.name()),
             }
-            m => bail!("the helper sent {} during the writes", m.name()),
         }
+        rebuilt.pages = done.len() as u64;
+        done.sort_unstable();
+        done.dedup();
+        // What was asked and not rebuilt: sent.
+        let left: Vec<u64> = asked
+            .iter()
+            .copied()
+            .filter(|o| done.binary_search(o).is_err())
+            .collect();
+        let mut rest: Vec<Patch> = Vec::new();
+        for o in left {
+            match rest.last_mut() {
+                Some(r) if r.offset + r.len as u64 == o && (o % BLOCK_SIZE) != 0 => {
+                    r.len += PAGE as u32
+                }
+                _ => rest.push(Patch {
+                    offset: o,
+                    len: PAGE as u32,
+                }),
+            }
+        }
+        w.write(link, &rest, &bar).await?;
     }
     bar.finish();
-    link.send(drydock_helper::proto::Msg::Finish.encode())
-        .await?;
-    match link.recv().await.map_err(partly)? {
-        drydock_helper::proto::Msg::Done {
+    link.send(Msg::Finish.encode()).await?;
+    match link.recv().await.map_err(|e| w.partly(e))? {
+        Msg::Done {
             peak_rss_kib,
             bytes_read,
             bytes_written,
@@ -378,9 +606,79 @@ async fn send(
                 bytes_read,
                 bytes_written,
             },
-            levels.used,
+            w.levels.used,
+            rebuilt,
         )),
         m => bail!("the helper answered Finish with {}", m.name()),
+    }
+}
+
+/// The writes of a push: compressed at a level chosen from the measured
+/// throughput.
+struct Writer<'a> {
+    levels: helper::level::LevelControl,
+    z: zstd::bulk::Compressor<'static>,
+    image: &'a File,
+    dev: &'a Device,
+}
+
+impl Writer<'_> {
+    fn partly(&self, e: anyhow::Error) -> anyhow::Error {
+        crate::resumable!(
+            "the push stopped with {} partly written: run the same push again to finish it \
+             (ranges already written are recognised): {e:#}",
+            self.dev.path
+        )
+    }
+
+    /// PATCHES sent, at most WRITE_WINDOW bytes unconfirmed, until every
+    /// one is confirmed.
+    async fn write(
+        &mut self,
+        link: &mut Link,
+        patches: &[Patch],
+        bar: &crate::ui::Bar,
+    ) -> Result<()> {
+        let mut in_flight: std::collections::VecDeque<Patch> = Default::default();
+        let mut in_flight_bytes = 0u64;
+        let mut next = 0;
+        while next < patches.len() || !in_flight.is_empty() {
+            if next < patches.len() && in_flight_bytes < WRITE_WINDOW {
+                let p = patches[next];
+                next += 1;
+                let t = Instant::now();
+                let frame = helper::write_frame(self.image, p, &mut self.z)?;
+                let busy = t.elapsed();
+                let t = Instant::now();
+                link.send(frame).await.map_err(|e| self.partly(e))?;
+                if let Some(l) = self.levels.record(p.len as u64, busy, t.elapsed()) {
+                    self.z.set_compression_level(l)?;
+                }
+                in_flight.push_back(p);
+                in_flight_bytes += p.len as u64;
+                continue;
+            }
+            let t = Instant::now();
+            let answer = link.recv().await.map_err(|e| self.partly(e))?;
+            if next < patches.len() {
+                // The window was full: waiting on the helper's writes.
+                self.levels.record(0, Duration::ZERO, t.elapsed());
+            }
+            match answer {
+                drydock_helper::proto::Msg::Written { offset, len } => {
+                    let p = in_flight
+                        .pop_front()
+                        .context("the helper confirmed a write not sent")?;
+                    if p.offset != offset || p.len != len {
+                        bail!("the helper confirmed {len} bytes at {offset}, not the range sent");
+                    }
+                    in_flight_bytes -= len as u64;
+                    bar.inc(len as u64);
+                }
+                m => bail!("the helper sent {} during the writes", m.name()),
+            }
+        }
+        Ok(())
     }
 }
 

@@ -5,6 +5,9 @@
 
 mod dd;
 mod helper;
+pub mod rebuild;
+
+pub use helper::Rebuilt;
 
 use std::path::PathBuf;
 use std::time::Instant;
@@ -37,6 +40,10 @@ pub struct PushOptions {
     /// base.raw): lets helper mode finish a push that was cut inside a
     /// block, by proving each 4 KiB page holds the old or the new data.
     pub base_image: Option<PathBuf>,
+    /// Package files the upgrade downloaded (a run's `downloads/`, each
+    /// with its URL): helper mode has the host rebuild the pages they hold
+    /// from its own mirror instead of sending them.
+    pub packages: Option<PathBuf>,
 }
 
 #[derive(Debug, Serialize)]
@@ -65,6 +72,10 @@ pub struct PushReport {
     /// from the throughput measured during the push).
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub zstd_levels: Vec<i32>,
+    /// Helper mode with package files at hand: the pages the host rebuilt
+    /// from them.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub rebuilt: Option<Rebuilt>,
 }
 
 impl PushReport {
@@ -89,7 +100,18 @@ impl PushReport {
             self.helper_peak_rss_kib
                 .map(|k| format!(" (helper peak memory {})", human_bytes(k * 1024)))
                 .unwrap_or_default()
-        )
+        ) + &self
+            .rebuilt
+            .as_ref()
+            .map(|r| {
+                format!(
+                    "  {} rebuilt on the host from {} package files ({} fetched from its mirror)\n",
+                    human_bytes(r.pages * 4096),
+                    r.asked,
+                    human_bytes(r.fetched_bytes)
+                )
+            })
+            .unwrap_or_default()
     }
 }
 
@@ -230,6 +252,16 @@ pub async fn push(
         && let Some(remote) = crate::transfer::helper::install(session, opts.transfer, ui).await?
     {
         return helper::push(session, facts, opts, pf, remote, ui).await;
+    }
+    if opts
+        .packages
+        .as_deref()
+        .is_some_and(|d| !rebuild::package_files(d).is_empty())
+    {
+        ui.say(
+            "dd mode: the host cannot rebuild pages from the package files (that needs the \
+             helper); every page is sent",
+        );
     }
     dd::push(session, facts, opts, pf, ui).await
 }

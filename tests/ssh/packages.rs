@@ -1,0 +1,243 @@
+//! A push has the host rebuild the pages that package files hold, from
+//! the host's own mirror (issue 18): a real .deb built with dpkg-deb, a
+//! plain HTTP server standing for the mirror, the real sshd and helper.
+
+use std::io::{Read, Write};
+use std::net::TcpListener;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use super::*;
+
+/// An HTTP server on 127.0.0.1 answering every GET with BODY (or 404 when
+/// NONE); its port and the count of requests.
+fn mirror(body: Option<Vec<u8>>) -> (u16, Arc<AtomicUsize>) {
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = l.local_addr().unwrap().port();
+    let asked = Arc::new(AtomicUsize::new(0));
+    let n = asked.clone();
+    std::thread::spawn(move || {
+        for c in l.incoming() {
+            let Ok(mut c) = c else { continue };
+            let mut req = Vec::new();
+            let mut b = [0u8; 1024];
+            while !req.windows(4).any(|w| w == b"\r\n\r\n") {
+                match c.read(&mut b) {
+                    Ok(0) | Err(_) => break,
+                    Ok(k) => req.extend_from_slice(&b[..k]),
+                }
+            }
+            n.fetch_add(1, Ordering::SeqCst);
+            let _ = match &body {
+                Some(d) => c
+                    .write_all(
+                        format!(
+                            "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+                            d.len()
+                        )
+                        .as_bytes(),
+                    )
+                    .and_then(|_| c.write_all(d)),
+                None => c.write_all(
+                    b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
+                ),
+            };
+        }
+    });
+    (port, asked)
+}
+
+/// A .deb (xz, as dpkg-deb writes by default) holding BLOB as
+/// /usr/share/demo/blob, built in DIR.
+fn deb(dir: &std::path::Path, blob: &[u8]) -> Vec<u8> {
+    let root = dir.join("pkg");
+    std::fs::create_dir_all(root.join("DEBIAN")).unwrap();
+    std::fs::create_dir_all(root.join("usr/share/demo")).unwrap();
+    std::fs::write(
+        root.join("DEBIAN/control"),
+        "Package: demo\nVersion: 1\nArchitecture: all\nMaintainer: t <t@example.org>\n\
+         Description: a test package\n",
+    )
+    .unwrap();
+    std::fs::write(root.join("usr/share/demo/readme"), "hello\n").unwrap();
+    std::fs::write(root.join("usr/share/demo/blob"), blob).unwrap();
+    let out = dir.join("demo_1_all.deb");
+    let o = Command::new("dpkg-deb")
+        .args(["-Zxz", "--root-owner-group", "--build"])
+        .arg(&root)
+        .arg(&out)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    std::fs::read(out).unwrap()
+}
+
+#[test]
+fn a_push_has_the_host_rebuild_package_pages_from_its_mirror_and_sends_the_rest() {
+    let sshd = Sshd::start();
+    let t = tempdir();
+    // 300 KiB and 1000 bytes of data that does not compress: 76 pages, the
+    // last one padded with zeros on the disk as a file system holds it.
+    let blob = pattern(4242, 300 * KIB as usize + 1000);
+    let pages = blob.len().div_ceil(4096) as u64;
+    let package = deb(t.path(), &blob);
+    let (port, asked) = mirror(Some(package.clone()));
+    let downloads = t.path().join("downloads");
+    std::fs::create_dir_all(&downloads).unwrap();
+    std::fs::write(downloads.join("0a1b"), &package).unwrap();
+    std::fs::write(
+        downloads.join("0a1b.url"),
+        format!("http://127.0.0.1:{port}/debian/pool/main/d/demo/demo_1_all.deb"),
+    )
+    .unwrap();
+
+    let dev = t.path().join("disk");
+    let img = t.path().join("image");
+    standard_disk(&dev);
+    assert_exit(&pull(&sshd, &dev, &img), 0);
+    // The upgrade "installed" the blob at 10 MiB and changed 64 KiB at
+    // 30 MiB that no package holds.
+    write_at(&img, &blob, 10 * MIB);
+    write_at(&img, &pattern(77, 64 * KIB as usize), 30 * MIB);
+
+    let o = push(
+        &sshd,
+        &img,
+        &dev,
+        &[
+            "--yes",
+            "--transfer",
+            "helper",
+            "--packages",
+            downloads.to_str().unwrap(),
+        ],
+    );
+    assert_exit(&o, 0);
+    let j = json(&o);
+    assert_eq!(
+        sha256_file(&dev),
+        sha256_file(&img),
+        "the disk is the image"
+    );
+    assert_helper_gone(&j, "writer_dir");
+    assert_eq!(j["rebuilt"]["pages"], pages, "{j}");
+    assert_eq!(j["rebuilt"]["fetched_bytes"], package.len() as u64, "{j}");
+    assert_eq!(asked.load(Ordering::SeqCst), 1);
+    // The blob did not cross the link: the 64 KiB did (it does not
+    // compress either), and frames.
+    let wire = j["bytes_on_wire"].as_u64().unwrap();
+    assert!(
+        (64 * KIB..64 * KIB + 64 * KIB).contains(&wire),
+        "bytes on the wire {wire}: {j}"
+    );
+    assert_eq!(j["bytes_written"], pages * 4096 + 64 * KIB, "{j}");
+    assert!(
+        stderr(&o).contains("the host rebuilds them from its mirror"),
+        "{}",
+        stderr(&o)
+    );
+
+    // The mirror does not have it (404): every page is sent, the push is
+    // exact and says why.
+    let (port, _) = mirror(None);
+    std::fs::write(
+        downloads.join("0a1b.url"),
+        format!("http://127.0.0.1:{port}/debian/pool/main/d/demo/demo_1_all.deb"),
+    )
+    .unwrap();
+    let dev2 = t.path().join("disk2");
+    let img2 = t.path().join("image2");
+    standard_disk(&dev2);
+    assert_exit(&pull(&sshd, &dev2, &img2), 0);
+    write_at(&img2, &blob, 10 * MIB);
+    let o = push(
+        &sshd,
+        &img2,
+        &dev2,
+        &[
+            "--yes",
+            "--transfer",
+            "helper",
+            "--packages",
+            downloads.to_str().unwrap(),
+        ],
+    );
+    assert_exit(&o, 0);
+    let j = json(&o);
+    assert_eq!(
+        sha256_file(&dev2),
+        sha256_file(&img2),
+        "the disk is the image"
+    );
+    assert_eq!(j["rebuilt"]["pages"], 0, "{j}");
+    let notes = j["rebuilt"]["notes"].to_string();
+    assert!(notes.contains("HTTP 404"), "{notes}");
+    assert!(
+        j["bytes_on_wire"].as_u64().unwrap() > blob.len() as u64,
+        "{j}"
+    );
+
+    // A package whose content is not what the worker VM installed (the
+    // mirror serves another build): no page of it is written, all are sent.
+    let mut other = blob.clone();
+    other[5000] ^= 1;
+    let other_deb = deb(&t.path().join("other"), &other);
+    let (port, _) = mirror(Some(other_deb));
+    std::fs::write(
+        downloads.join("0a1b.url"),
+        format!("http://127.0.0.1:{port}/debian/pool/main/d/demo/demo_1_all.deb"),
+    )
+    .unwrap();
+    let dev3 = t.path().join("disk3");
+    let img3 = t.path().join("image3");
+    standard_disk(&dev3);
+    assert_exit(&pull(&sshd, &dev3, &img3), 0);
+    write_at(&img3, &blob, 10 * MIB);
+    let o = push(
+        &sshd,
+        &img3,
+        &dev3,
+        &[
+            "--yes",
+            "--transfer",
+            "helper",
+            "--packages",
+            downloads.to_str().unwrap(),
+        ],
+    );
+    assert_exit(&o, 0);
+    let j = json(&o);
+    assert_eq!(
+        sha256_file(&dev3),
+        sha256_file(&img3),
+        "the disk is the image"
+    );
+    // Only the page with the flipped byte differs from the worker's copy.
+    assert_eq!(j["rebuilt"]["pages"], pages - 1, "{j}");
+    let notes = j["rebuilt"]["notes"].to_string();
+    assert!(notes.contains("1 of 76 pages differ"), "{notes}");
+}
+
+#[test]
+fn packages_must_be_a_folder() {
+    let sshd = Sshd::start();
+    let t = tempdir();
+    let dev = t.path().join("disk");
+    let img = t.path().join("image");
+    standard_disk(&dev);
+    assert_exit(&pull(&sshd, &dev, &img), 0);
+    let before = sha256_file(&dev);
+    let o = push(
+        &sshd,
+        &img,
+        &dev,
+        &[
+            "--yes",
+            "--packages",
+            t.path().join("none").to_str().unwrap(),
+        ],
+    );
+    assert_exit(&o, 2);
+    assert_stderr(&o, "not a folder; give the folder of package files");
+    assert_eq!(sha256_file(&dev), before);
+}
