@@ -218,8 +218,19 @@ fn session(input: &mut impl Read, out: &mut impl Write) -> Result<(), String> {
             direct: disk.is_direct(),
         },
     )?;
-    // Rebuilds run on a thread of their own, beside the Writes.
-    std::thread::scope(|scope| serve_disk(&disk, write, input, out, scope))
+    // Rebuilds run on a thread of their own, beside the Writes; it stops
+    // at its next page once the session ends, however it ends.
+    let stop = std::sync::atomic::AtomicBool::new(false);
+    std::thread::scope(|scope| {
+        struct Stop<'a>(&'a std::sync::atomic::AtomicBool);
+        impl Drop for Stop<'_> {
+            fn drop(&mut self) {
+                self.0.store(true, std::sync::atomic::Ordering::Relaxed);
+            }
+        }
+        let _stop = Stop(&stop);
+        serve_disk((&disk, &stop), write, input, out, scope)
+    })
 }
 
 /// A package file to rebuild pages from, gathered from Rebuild frames.
@@ -233,7 +244,7 @@ struct Job {
 type JobResult = Result<(crate::package::Outcome, u64), String>;
 
 fn serve_disk<'s>(
-    disk: &'s Disk,
+    (disk, stop): (&'s Disk, &'s std::sync::atomic::AtomicBool),
     write: bool,
     input: &mut impl Read,
     out: &mut impl Write,
@@ -315,7 +326,7 @@ fn serve_disk<'s>(
                         // (mlockall), a thread's stack with it.
                         let spawned = std::thread::Builder::new()
                             .stack_size(256 << 10)
-                            .spawn_scoped(scope, move || rebuild_jobs(disk, rx, done));
+                            .spawn_scoped(scope, move || rebuild_jobs((disk, stop), rx, done));
                         if let Err(e) = spawned {
                             eprintln!("drydock-helper: cannot start the rebuild thread: {e}");
                         }
@@ -376,14 +387,14 @@ fn serve_disk<'s>(
 /// written (each checked against its hash before, and read back after),
 /// until the jobs' sender goes.
 fn rebuild_jobs(
-    disk: &Disk,
+    (disk, stop): (&Disk, &std::sync::atomic::AtomicBool),
     jobs: std::sync::mpsc::Receiver<Job>,
     done: std::sync::mpsc::Sender<JobResult>,
 ) {
     let mut buf = Aligned::new(PAGE as usize);
     let mut back = Aligned::new(PAGE as usize);
     for job in jobs.iter() {
-        let res = rebuild_one(disk, &job, &mut buf, &mut back);
+        let res = rebuild_one((disk, stop), &job, &mut buf, &mut back);
         let stop = res.is_err();
         if done.send(res).is_err() || stop {
             return;
@@ -406,7 +417,12 @@ impl<R: Read> Read for Counted<R> {
     }
 }
 
-fn rebuild_one(disk: &Disk, job: &Job, buf: &mut Aligned, back: &mut Aligned) -> JobResult {
+fn rebuild_one(
+    (disk, stop): (&Disk, &std::sync::atomic::AtomicBool),
+    job: &Job,
+    buf: &mut Aligned,
+    back: &mut Aligned,
+) -> JobResult {
     use crate::package;
     let fetched = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
     let none = |e: String| {
@@ -431,6 +447,9 @@ fn rebuild_one(disk: &Disk, job: &Job, buf: &mut Aligned, back: &mut Aligned) ->
         Err(e) => return none(e),
     };
     let outcome = package::extract(&mut stream, &job.pieces, |off, page| {
+        if stop.load(std::sync::atomic::Ordering::Relaxed) {
+            return Err("the session ended".into());
+        }
         if off.checked_add(PAGE).is_none_or(|e| e > disk.size) || !off.is_multiple_of(PAGE) {
             return Err(format!("a rebuilt page at byte {off} is outside the disk"));
         }

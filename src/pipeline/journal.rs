@@ -194,6 +194,9 @@ pub struct Journal {
     pub push_transfer: Option<Mode>,
     #[serde(default)]
     pub helper_peak_rss_kib: Option<u64>,
+    /// The pages the VPS rebuilt from package files during the push.
+    #[serde(default)]
+    pub push_rebuilt: Option<crate::transfer::push::Rebuilt>,
     /// The VPS's firmware, disk bus and network, as probed: the worker VM
     /// is built to match.
     #[serde(default)]

@@ -193,6 +193,7 @@ fn new_journal(req: &Request) -> Journal {
         pull_transfer: None,
         push_transfer: None,
         helper_peak_rss_kib: None,
+        push_rebuilt: None,
         seal: None,
         network_open: req.network_open,
         allowed_hosts: Vec::new(),

@@ -55,6 +55,10 @@ pub struct Report {
     /// The helper's own peak resident memory on the VPS, the larger of the
     /// pull's and the push's.
     pub helper_peak_rss_kib: Option<u64>,
+    /// The pages the VPS rebuilt from package files instead of receiving
+    /// them (not in `bytes_pushed`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub rebuilt: Option<crate::transfer::push::Rebuilt>,
     /// "sealed" or "open" (`--network open`).
     pub network: String,
     /// The hosts the worker VM's network allowed.
@@ -118,6 +122,7 @@ pub(super) fn report(dir: &Path, j: &Journal) -> Report {
         pull_transfer: j.pull_transfer,
         push_transfer: j.push_transfer,
         helper_peak_rss_kib: j.helper_peak_rss_kib,
+        rebuilt: j.push_rebuilt.clone(),
         network: if j.network_open { "open" } else { "sealed" }.into(),
         allowed_hosts: j.allowed_hosts.clone(),
         held_back: j.held_back.clone(),
@@ -209,8 +214,15 @@ impl Report {
             Some(_) => " (dd)",
             None => "",
         };
+        let rebuilt = match &self.rebuilt {
+            Some(r) if r.pages > 0 => format!(
+                " and {} rebuilt on the VPS from package files",
+                human_bytes(r.pages * 4096)
+            ),
+            _ => String::new(),
+        };
         s.push_str(&format!(
-            "pulled {}{}, pushed {}{}{}; run folder {}\n",
+            "pulled {}{}, pushed {}{}{rebuilt}{}; run folder {}\n",
             human_bytes(self.bytes_pulled),
             how(self.pull_transfer),
             human_bytes(self.bytes_pushed),

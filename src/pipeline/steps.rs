@@ -357,6 +357,7 @@ async fn push_step(dir: &Path, j: &mut Journal, ui: &Ui) -> Result<()> {
     j.pushed_blocks = Some(r.blocks_written);
     j.push_transfer = Some(r.transfer);
     j.helper_peak_rss_kib = j.helper_peak_rss_kib.max(r.helper_peak_rss_kib);
+    j.push_rebuilt = r.rebuilt.clone();
     s.close().await;
     Ok(())
 }

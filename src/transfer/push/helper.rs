@@ -100,7 +100,7 @@ struct Counts {
 }
 
 /// Pages the host rebuilt from package files instead of receiving them.
-#[derive(Debug, Default, Clone, serde::Serialize)]
+#[derive(Debug, Default, Clone, serde::Serialize, serde::Deserialize)]
 pub struct Rebuilt {
     /// Package files the run kept that could rebuild pages, and those
     /// asked of the host.
@@ -110,7 +110,7 @@ pub struct Rebuilt {
     /// Bytes the host fetched from its mirror.
     pub fetched_bytes: u64,
     /// Why some were not rebuilt (each was sent instead).
-    #[serde(skip_serializing_if = "Vec::is_empty")]
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub notes: Vec<String>,
 }
 
