@@ -100,30 +100,7 @@ pub fn data_archive<'a, R: Read + 'a>(mut r: R) -> Result<Box<dyn Read + 'a>, St
             .parse()
             .map_err(|_| "the package's ar member size is not a number".to_string())?;
         if let Some(kind) = name.strip_prefix("data.tar") {
-            let body = r.take(size);
-            return Ok(match kind {
-                ".xz" => {
-                    let s = liblzma::stream::Stream::new_stream_decoder(
-                        DECODER_MEMORY,
-                        liblzma::stream::CONCATENATED,
-                    )
-                    .map_err(|e| format!("xz: {e}"))?;
-                    Box::new(liblzma::read::XzDecoder::new_stream(body, s))
-                }
-                ".zst" => {
-                    let mut d =
-                        zstd::stream::read::Decoder::new(body).map_err(|e| format!("zstd: {e}"))?;
-                    d.window_log_max(23).map_err(|e| format!("zstd: {e}"))?;
-                    Box::new(d)
-                }
-                ".gz" => Box::new(flate2::read::GzDecoder::new(body)),
-                "" => Box::new(body),
-                k => {
-                    return Err(format!(
-                        "data.tar{k}: a compression this helper does not read"
-                    ));
-                }
-            });
+            return decoder(kind, r.take(size));
         }
         // Members are padded to an even length.
         let skip = size + (size & 1);
@@ -133,6 +110,85 @@ pub fn data_archive<'a, R: Read + 'a>(mut r: R) -> Result<Box<dyn Read + 'a>, St
             return Err("the package ended inside a member".into());
         }
     }
+}
+
+/// How a file to rebuild pages from is packed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Format {
+    /// A Debian package: the pages are in its data archive.
+    Deb = 0,
+    /// A file compressed whole (apt's index files, fetched by-hash): the
+    /// pages are of the decompressed file.
+    Xz = 1,
+    Gzip = 2,
+    Zstd = 3,
+    Plain = 4,
+}
+
+impl Format {
+    pub fn from_u8(v: u8) -> Option<Format> {
+        [
+            Format::Deb,
+            Format::Xz,
+            Format::Gzip,
+            Format::Zstd,
+            Format::Plain,
+        ]
+        .into_iter()
+        .find(|f| *f as u8 == v)
+    }
+
+    /// A file compressed whole, told by its first bytes.
+    pub fn sniff(head: &[u8]) -> Format {
+        if head.starts_with(b"\xfd7zXZ\0") {
+            Format::Xz
+        } else if head.starts_with(b"\x1f\x8b") {
+            Format::Gzip
+        } else if head.starts_with(b"\x28\xb5\x2f\xfd") {
+            Format::Zstd
+        } else {
+            Format::Plain
+        }
+    }
+}
+
+/// The stream whose pieces are named: a package's data archive, or a
+/// file compressed whole, decompressed.
+pub fn content<'a, R: Read + 'a>(r: R, format: Format) -> Result<Box<dyn Read + 'a>, String> {
+    match format {
+        Format::Deb => data_archive(r),
+        Format::Xz => decoder(".xz", r),
+        Format::Gzip => decoder(".gz", r),
+        Format::Zstd => decoder(".zst", r),
+        Format::Plain => decoder("", r),
+    }
+}
+
+/// BODY decompressed as a file named with the extension KIND says (the
+/// `.deb` names its data archive so).
+fn decoder<'a, R: Read + 'a>(kind: &str, body: R) -> Result<Box<dyn Read + 'a>, String> {
+    Ok(match kind {
+        ".xz" => {
+            let s = liblzma::stream::Stream::new_stream_decoder(
+                DECODER_MEMORY,
+                liblzma::stream::CONCATENATED,
+            )
+            .map_err(|e| format!("xz: {e}"))?;
+            Box::new(liblzma::read::XzDecoder::new_stream(body, s))
+        }
+        ".zst" => {
+            let mut d = zstd::stream::read::Decoder::new(body).map_err(|e| format!("zstd: {e}"))?;
+            d.window_log_max(23).map_err(|e| format!("zstd: {e}"))?;
+            Box::new(d)
+        }
+        ".gz" => Box::new(flate2::read::GzDecoder::new(body)),
+        "" => Box::new(body),
+        k => {
+            return Err(format!(
+                "data.tar{k}: a compression this helper does not read"
+            ));
+        }
+    })
 }
 
 /// What one rebuild did: for each piece whether its page was written, and
@@ -207,6 +263,7 @@ pub struct Source {
     pub addr: String,
     pub host: String,
     pub path: String,
+    pub format: Format,
 }
 
 /// Seconds a connection or a read may take before the fetch gives up.

@@ -301,13 +301,21 @@ fn serve_disk<'s>(
                 addr,
                 host,
                 path,
+                format,
                 pieces,
                 more,
             } => {
                 if !write {
                     return Err("a Rebuild on a disk opened for reading".into());
                 }
-                let src = crate::package::Source { addr, host, path };
+                let format = crate::package::Format::from_u8(format)
+                    .ok_or_else(|| format!("a Rebuild of format {format}, unknown here"))?;
+                let src = crate::package::Source {
+                    addr,
+                    host,
+                    path,
+                    format,
+                };
                 let mut add = crate::package::decode_pieces(&pieces)?;
                 let job = gathering.get_or_insert_with(|| Job {
                     src: src.clone(),
@@ -442,7 +450,7 @@ fn rebuild_one(
         r: body,
         n: fetched.clone(),
     };
-    let mut stream = match package::data_archive(counted) {
+    let mut stream = match package::content(counted, job.src.format) {
         Ok(s) => s,
         Err(e) => return none(e),
     };

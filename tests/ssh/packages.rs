@@ -9,9 +9,9 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 
 use super::*;
 
-/// An HTTP server on 127.0.0.1 answering every GET with BODY (or 404 when
-/// NONE); its port and the count of requests.
-fn mirror(body: Option<Vec<u8>>) -> (u16, Arc<AtomicUsize>) {
+/// An HTTP server on 127.0.0.1 answering a GET of each path of FILES with
+/// its body, 404 otherwise; its port and the count of requests.
+fn mirror(files: Vec<(String, Vec<u8>)>) -> (u16, Arc<AtomicUsize>) {
     let l = TcpListener::bind("127.0.0.1:0").unwrap();
     let port = l.local_addr().unwrap().port();
     let asked = Arc::new(AtomicUsize::new(0));
@@ -28,7 +28,10 @@ fn mirror(body: Option<Vec<u8>>) -> (u16, Arc<AtomicUsize>) {
                 }
             }
             n.fetch_add(1, Ordering::SeqCst);
-            let _ = match &body {
+            let head = String::from_utf8_lossy(&req).to_string();
+            let path = head.split(' ').nth(1).unwrap_or("").to_string();
+            let body = files.iter().find(|(p, _)| *p == path).map(|(_, b)| b);
+            let _ = match body {
                 Some(d) => c
                     .write_all(
                         format!(
@@ -81,13 +84,38 @@ fn a_push_has_the_host_rebuild_package_pages_from_its_mirror_and_sends_the_rest(
     let blob = pattern(4242, 300 * KIB as usize + 1000);
     let pages = blob.len().div_ceil(4096) as u64;
     let package = deb(t.path(), &blob);
-    let (port, asked) = mirror(Some(package.clone()));
+    // An index file apt fetched by-hash (xz), kept decompressed in its
+    // lists: 40 KiB of text.
+    let index: Vec<u8> = (0..2000)
+        .flat_map(|i| format!("Package: p{i}\nVersion: {}\n\n", i * 7919 % 10007).into_bytes())
+        .take(40 * KIB as usize)
+        .collect();
+    std::fs::write(t.path().join("index"), &index).unwrap();
+    let xz = Command::new("xz")
+        .args(["-c", "-k"])
+        .arg(t.path().join("index"))
+        .output()
+        .unwrap();
+    assert!(xz.status.success());
+    let index_xz = xz.stdout;
+    let deb_path = "/debian/pool/main/d/demo/demo_1_all.deb";
+    let index_path = "/debian/dists/x/main/binary-all/by-hash/SHA256/99aa";
+    let (port, asked) = mirror(vec![
+        (deb_path.into(), package.clone()),
+        (index_path.into(), index_xz.clone()),
+    ]);
     let downloads = t.path().join("downloads");
     std::fs::create_dir_all(&downloads).unwrap();
     std::fs::write(downloads.join("0a1b"), &package).unwrap();
     std::fs::write(
         downloads.join("0a1b.url"),
-        format!("http://127.0.0.1:{port}/debian/pool/main/d/demo/demo_1_all.deb"),
+        format!("http://127.0.0.1:{port}{deb_path}"),
+    )
+    .unwrap();
+    std::fs::write(downloads.join("0c2d"), &index_xz).unwrap();
+    std::fs::write(
+        downloads.join("0c2d.url"),
+        format!("http://127.0.0.1:{port}{index_path}"),
     )
     .unwrap();
 
@@ -95,9 +123,10 @@ fn a_push_has_the_host_rebuild_package_pages_from_its_mirror_and_sends_the_rest(
     let img = t.path().join("image");
     standard_disk(&dev);
     assert_exit(&pull(&sshd, &dev, &img), 0);
-    // The upgrade "installed" the blob at 10 MiB and changed 64 KiB at
-    // 30 MiB that no package holds.
+    // The upgrade "installed" the blob at 10 MiB, wrote the index at
+    // 12 MiB and changed 64 KiB at 30 MiB that no package holds.
     write_at(&img, &blob, 10 * MIB);
+    write_at(&img, &index, 12 * MIB);
     write_at(&img, &pattern(77, 64 * KIB as usize), 30 * MIB);
 
     let o = push(
@@ -120,9 +149,13 @@ fn a_push_has_the_host_rebuild_package_pages_from_its_mirror_and_sends_the_rest(
         "the disk is the image"
     );
     assert_helper_gone(&j, "writer_dir");
-    assert_eq!(j["rebuilt"]["pages"], pages, "{j}");
-    assert_eq!(j["rebuilt"]["fetched_bytes"], package.len() as u64, "{j}");
-    assert_eq!(asked.load(Ordering::SeqCst), 1);
+    assert_eq!(j["rebuilt"]["pages"], pages + 10, "{j}");
+    assert_eq!(
+        j["rebuilt"]["fetched_bytes"],
+        (package.len() + index_xz.len()) as u64,
+        "{j}"
+    );
+    assert_eq!(asked.load(Ordering::SeqCst), 2);
     // The blob did not cross the link: the 64 KiB did (it does not
     // compress either), and frames.
     let wire = j["bytes_on_wire"].as_u64().unwrap();
@@ -130,7 +163,7 @@ fn a_push_has_the_host_rebuild_package_pages_from_its_mirror_and_sends_the_rest(
         (64 * KIB..64 * KIB + 64 * KIB).contains(&wire),
         "bytes on the wire {wire}: {j}"
     );
-    assert_eq!(j["bytes_written"], pages * 4096 + 64 * KIB, "{j}");
+    assert_eq!(j["bytes_written"], (pages + 10) * 4096 + 64 * KIB, "{j}");
     assert!(
         stderr(&o).contains("the host rebuilds them from its mirror"),
         "{}",
@@ -139,7 +172,7 @@ fn a_push_has_the_host_rebuild_package_pages_from_its_mirror_and_sends_the_rest(
 
     // The mirror does not have it (404): every page is sent, the push is
     // exact and says why.
-    let (port, _) = mirror(None);
+    let (port, _) = mirror(vec![]);
     std::fs::write(
         downloads.join("0a1b.url"),
         format!("http://127.0.0.1:{port}/debian/pool/main/d/demo/demo_1_all.deb"),
@@ -182,7 +215,7 @@ fn a_push_has_the_host_rebuild_package_pages_from_its_mirror_and_sends_the_rest(
     let mut other = blob.clone();
     other[5000] ^= 1;
     let other_deb = deb(&t.path().join("other"), &other);
-    let (port, _) = mirror(Some(other_deb));
+    let (port, _) = mirror(vec![(deb_path.into(), other_deb)]);
     std::fs::write(
         downloads.join("0a1b.url"),
         format!("http://127.0.0.1:{port}/debian/pool/main/d/demo/demo_1_all.deb"),

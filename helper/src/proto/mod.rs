@@ -94,6 +94,8 @@ pub enum Msg {
         addr: String,
         host: String,
         path: String,
+        /// `package::Format`: a .deb, or a file compressed whole.
+        format: u8,
         pieces: Vec<u8>,
         more: bool,
     },
@@ -223,12 +225,14 @@ impl Msg {
                 addr,
                 host,
                 path,
+                format,
                 pieces,
                 more,
             } => {
                 put_bytes(p, addr.as_bytes());
                 put_bytes(p, host.as_bytes());
                 put_bytes(p, path.as_bytes());
+                p.push(*format);
                 put_bytes(p, pieces);
                 p.push(*more as u8);
             }
@@ -318,6 +322,7 @@ impl Msg {
                 addr: c.string()?,
                 host: c.string()?,
                 path: c.string()?,
+                format: c.take(1)?[0],
                 pieces: c.bytes()?,
                 more: c.bool()?,
             },

@@ -56,6 +56,7 @@ fn all() -> Vec<Msg> {
             addr: "192.0.2.1:80".into(),
             host: "deb.debian.org".into(),
             path: "/debian/pool/main/a/a_1_amd64.deb".into(),
+            format: 0,
             pieces: vec![1; 52],
             more: true,
         },

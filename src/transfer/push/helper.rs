@@ -202,6 +202,7 @@ async fn plan_rebuild(
                 addr,
                 host: http_host,
                 path,
+                format: job.format,
             },
             job.pieces,
         ));
@@ -515,6 +516,7 @@ async fn send(
                         addr: src.addr.clone(),
                         host: src.host.clone(),
                         path: src.path.clone(),
+                        format: src.format as u8,
                         pieces: encode_pieces(c),
                         more: i + 1 < chunks.len(),
                     }

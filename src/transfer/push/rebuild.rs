@@ -18,20 +18,23 @@ use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result};
-use drydock_helper::package::{Piece, data_archive};
+use drydock_helper::package::{Format, Piece, content};
 use drydock_helper::proto::PAGE;
 
 use crate::transfer::helper::Patch;
 
-/// A package file the worker VM downloaded, and its URL.
+/// A package file the worker VM downloaded, its URL and how it is packed.
 #[derive(Debug, Clone)]
 pub struct PackageFile {
     pub file: PathBuf,
     pub url: String,
+    pub format: Format,
 }
 
 /// The package files in DIR (a run's `downloads/`): every `NAME` with a
-/// `NAME.url` naming a plain-HTTP `.deb`. Missing DIR: none.
+/// `NAME.url` naming a plain-HTTP `.deb`, or an index file apt fetched
+/// by-hash (compressed whole: apt keeps it decompressed in its lists).
+/// Missing DIR: none.
 pub fn package_files(dir: &Path) -> Vec<PackageFile> {
     let Ok(rd) = std::fs::read_dir(dir) else {
         return Vec::new();
@@ -42,10 +45,23 @@ pub fn package_files(dir: &Path) -> Vec<PackageFile> {
             let p = e.path();
             let url = std::fs::read_to_string(p.with_extension("url")).ok()?;
             let url = url.trim().to_string();
-            (p.extension().is_none()
-                && url.starts_with("http://")
-                && (url.ends_with(".deb") || url.ends_with(".udeb")))
-            .then_some(PackageFile { file: p, url })
+            if p.extension().is_some() || !url.starts_with("http://") {
+                return None;
+            }
+            let format = if url.ends_with(".deb") || url.ends_with(".udeb") {
+                Format::Deb
+            } else if url.contains("/by-hash/") {
+                let mut head = [0u8; 6];
+                File::open(&p).ok()?.read_exact(&mut head).ok()?;
+                Format::sniff(&head)
+            } else {
+                return None;
+            };
+            Some(PackageFile {
+                file: p,
+                url,
+                format,
+            })
         })
         .collect();
     out.sort_by(|a, b| a.url.cmp(&b.url));
@@ -79,6 +95,7 @@ type Found = Result<Vec<Candidate>, String>;
 #[derive(Debug, Clone)]
 pub struct Job {
     pub url: String,
+    pub format: Format,
     pub pieces: Vec<Piece>,
 }
 
@@ -132,7 +149,7 @@ pub fn plan(files: &[PackageFile], image: &File, patches: &[Patch]) -> Result<Pl
                     loop {
                         let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                         let Some(f) = files.get(i) else { break };
-                        let r = candidates(&f.file, &wanted);
+                        let r = candidates(f, &wanted);
                         *slots[i].lock().expect("slot") = Some(r);
                     }
                 });
@@ -162,6 +179,7 @@ pub fn plan(files: &[PackageFile], image: &File, patches: &[Patch]) -> Result<Pl
                     pieces.sort_by_key(|p| (p.stream_offset, p.disk_offset));
                     out.jobs.push(Job {
                         url: f.url.clone(),
+                        format: f.format,
                         pieces,
                     });
                 }
@@ -172,14 +190,36 @@ pub fn plan(files: &[PackageFile], image: &File, patches: &[Patch]) -> Result<Pl
     Ok(out)
 }
 
-/// The pages of FILE's data archive that WANTED holds: offset in the
-/// decompressed archive, length before padding, hash of the padded page.
-fn candidates(file: &Path, wanted: &HashMap<[u8; 32], Vec<u64>>) -> Found {
+/// The pages of PF's content (a package's data archive, or an index file)
+/// that WANTED holds: offset in the decompressed stream, length before
+/// padding, hash of the padded page.
+fn candidates(pf: &PackageFile, wanted: &HashMap<[u8; 32], Vec<u64>>) -> Found {
+    let file = &pf.file;
     let f = File::open(file).map_err(|e| format!("cannot open {}: {e}", file.display()))?;
-    let stream = data_archive(std::io::BufReader::with_capacity(1 << 16, f))?;
-    let mut ar = tar::Archive::new(stream);
+    let mut stream = content(std::io::BufReader::with_capacity(1 << 16, f), pf.format)?;
     let mut out = Vec::new();
     let mut page = vec![0u8; PAGE as usize];
+    if pf.format != Format::Deb {
+        // One file, from offset 0.
+        let mut at = 0u64;
+        loop {
+            page.fill(0);
+            let n = read_full(&mut stream, &mut page).map_err(|e| e.to_string())?;
+            if n == 0 {
+                break;
+            }
+            let h = drydock_helper::proto::sha256(&page);
+            if wanted.contains_key(&h) {
+                out.push((at, n as u32, h));
+            }
+            at += n as u64;
+            if n < page.len() {
+                break;
+            }
+        }
+        return Ok(out);
+    }
+    let mut ar = tar::Archive::new(stream);
     for entry in ar.entries().map_err(|e| format!("tar: {e}"))? {
         let mut e = entry.map_err(|e| format!("tar: {e}"))?;
         if !e.header().entry_type().is_file() {
@@ -201,6 +241,20 @@ fn candidates(file: &Path, wanted: &HashMap<[u8; 32], Vec<u64>>) -> Found {
         }
     }
     Ok(out)
+}
+
+/// Bytes read into BUF until it is full or R ends.
+fn read_full(r: &mut dyn Read, buf: &mut [u8]) -> std::io::Result<usize> {
+    let mut got = 0;
+    while got < buf.len() {
+        match r.read(&mut buf[got..]) {
+            Ok(0) => break,
+            Ok(n) => got += n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(got)
 }
 
 /// PATCHES less the pages in DONE (sorted page offsets), split where a
