@@ -119,35 +119,16 @@ fn a_push_has_the_host_rebuild_package_pages_from_its_mirror_and_sends_the_rest(
     )
     .unwrap();
 
-    let dev = t.path().join("disk");
-    let img = t.path().join("image");
-    standard_disk(&dev);
-    assert_exit(&pull(&sshd, &dev, &img), 0);
     // The upgrade "installed" the blob at 10 MiB, wrote the index at
     // 12 MiB and changed 64 KiB at 30 MiB that no package holds.
-    write_at(&img, &blob, 10 * MIB);
-    write_at(&img, &index, 12 * MIB);
-    write_at(&img, &pattern(77, 64 * KIB as usize), 30 * MIB);
-
-    let o = push(
-        &sshd,
-        &img,
-        &dev,
-        &[
-            "--yes",
-            "--transfer",
-            "helper",
-            "--packages",
-            downloads.to_str().unwrap(),
-        ],
-    );
+    let other = pattern(77, 64 * KIB as usize);
+    let writes = [
+        (10 * MIB, &blob[..]),
+        (12 * MIB, &index),
+        (30 * MIB, &other),
+    ];
+    let (o, j) = pushed(&sshd, t.path(), "1", &writes, &downloads);
     assert_exit(&o, 0);
-    let j = json(&o);
-    assert_eq!(
-        sha256_file(&dev),
-        sha256_file(&img),
-        "the disk is the image"
-    );
     assert_helper_gone(&j, "writer_dir");
     assert_eq!(j["rebuilt"]["pages"], pages + 10, "{j}");
     assert_eq!(
@@ -178,30 +159,8 @@ fn a_push_has_the_host_rebuild_package_pages_from_its_mirror_and_sends_the_rest(
         format!("http://127.0.0.1:{port}/debian/pool/main/d/demo/demo_1_all.deb"),
     )
     .unwrap();
-    let dev2 = t.path().join("disk2");
-    let img2 = t.path().join("image2");
-    standard_disk(&dev2);
-    assert_exit(&pull(&sshd, &dev2, &img2), 0);
-    write_at(&img2, &blob, 10 * MIB);
-    let o = push(
-        &sshd,
-        &img2,
-        &dev2,
-        &[
-            "--yes",
-            "--transfer",
-            "helper",
-            "--packages",
-            downloads.to_str().unwrap(),
-        ],
-    );
+    let (o, j) = pushed(&sshd, t.path(), "2", &[(10 * MIB, &blob)], &downloads);
     assert_exit(&o, 0);
-    let j = json(&o);
-    assert_eq!(
-        sha256_file(&dev2),
-        sha256_file(&img2),
-        "the disk is the image"
-    );
     assert_eq!(j["rebuilt"]["pages"], 0, "{j}");
     let notes = j["rebuilt"]["notes"].to_string();
     assert!(notes.contains("HTTP 404"), "{notes}");
@@ -221,15 +180,35 @@ fn a_push_has_the_host_rebuild_package_pages_from_its_mirror_and_sends_the_rest(
         format!("http://127.0.0.1:{port}/debian/pool/main/d/demo/demo_1_all.deb"),
     )
     .unwrap();
-    let dev3 = t.path().join("disk3");
-    let img3 = t.path().join("image3");
-    standard_disk(&dev3);
-    assert_exit(&pull(&sshd, &dev3, &img3), 0);
-    write_at(&img3, &blob, 10 * MIB);
+    let (o, j) = pushed(&sshd, t.path(), "3", &[(10 * MIB, &blob)], &downloads);
+    assert_exit(&o, 0);
+    // Only the page with the flipped byte differs from the worker's copy.
+    assert_eq!(j["rebuilt"]["pages"], pages - 1, "{j}");
+    let notes = j["rebuilt"]["notes"].to_string();
+    assert!(notes.contains("1 of 76 pages differ"), "{notes}");
+}
+
+/// A disk pulled, WRITES (offset, data) made to its image, pushed with the
+/// package files of DOWNLOADS; the push's output and JSON, the disk
+/// checked to be the image.
+fn pushed(
+    sshd: &Sshd,
+    dir: &std::path::Path,
+    name: &str,
+    writes: &[(u64, &[u8])],
+    downloads: &std::path::Path,
+) -> (std::process::Output, serde_json::Value) {
+    let dev = dir.join(format!("disk{name}"));
+    let img = dir.join(format!("image{name}"));
+    standard_disk(&dev);
+    assert_exit(&pull(sshd, &dev, &img), 0);
+    for (at, data) in writes {
+        write_at(&img, data, *at);
+    }
     let o = push(
-        &sshd,
-        &img3,
-        &dev3,
+        sshd,
+        &img,
+        &dev,
         &[
             "--yes",
             "--transfer",
@@ -238,17 +217,13 @@ fn a_push_has_the_host_rebuild_package_pages_from_its_mirror_and_sends_the_rest(
             downloads.to_str().unwrap(),
         ],
     );
-    assert_exit(&o, 0);
     let j = json(&o);
     assert_eq!(
-        sha256_file(&dev3),
-        sha256_file(&img3),
+        sha256_file(&dev),
+        sha256_file(&img),
         "the disk is the image"
     );
-    // Only the page with the flipped byte differs from the worker's copy.
-    assert_eq!(j["rebuilt"]["pages"], pages - 1, "{j}");
-    let notes = j["rebuilt"]["notes"].to_string();
-    assert!(notes.contains("1 of 76 pages differ"), "{notes}");
+    (o, j)
 }
 
 #[test]
