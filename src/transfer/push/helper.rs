@@ -132,37 +132,74 @@ impl Rebuild {
     }
 }
 
-/// The rebuild from the package files in OPTS.packages: planned here (the
-/// pages of PATCHES their data archives hold), each mirror's name resolved
-/// on the host (its own resolver, as apt there would); none when there are
-/// none, or when the host cannot resolve a mirror (said, and sent instead).
-async fn plan_rebuild(
+/// A rebuild's planning under way (on a blocking thread).
+struct PlanStarted {
+    /// The plan, and the time it took.
+    task: tokio::task::JoinHandle<Result<(rebuild::Planned, Duration)>>,
+    files: usize,
+}
+
+/// The planning of a rebuild from the package files in OPTS.packages
+/// started, for the pages of PATCHES in IMAGE; none without package files.
+fn start_plan(
     opts: &PushOptions,
     image: &File,
-    patches: &[Patch],
-    session: &Session,
+    patches: Vec<Patch>,
     ui: &Ui,
-) -> Result<Rebuild> {
+) -> Result<Option<PlanStarted>> {
     let Some(dir) = &opts.packages else {
-        return Ok(Rebuild::default());
+        return Ok(None);
     };
     let files = rebuild::package_files(dir);
-    if patches.is_empty() {
-        return Ok(Rebuild::default());
-    }
     if files.is_empty() {
         ui.say(format!(
             "{} holds no package file with its URL (NAME beside NAME.url): every page is sent",
             dir.display()
         ));
+        return Ok(None);
+    }
+    let image = image.try_clone()?;
+    let n = files.len();
+    Ok(Some(PlanStarted {
+        task: tokio::task::spawn_blocking(move || {
+            let t = Instant::now();
+            rebuild::plan(&files, &image, &patches).map(|p| (p, t.elapsed()))
+        }),
+        files: n,
+    }))
+}
+
+/// The rebuild STARTED planned, kept to the pages of PATCHES, each
+/// mirror's name resolved on the host (its own resolver, as apt there
+/// would); none when there is nothing to write, or when the host cannot
+/// resolve a mirror (said, and sent instead).
+async fn plan_rebuild(
+    started: Option<PlanStarted>,
+    patches: &[Patch],
+    session: &Session,
+    ui: &Ui,
+) -> Result<Rebuild> {
+    let Some(started) = started else {
+        return Ok(Rebuild::default());
+    };
+    if patches.is_empty() {
+        // Nothing to write: the planning is left to end on its own.
         return Ok(Rebuild::default());
     }
-    let t = Instant::now();
-    let image = image.try_clone()?;
-    let patches = patches.to_vec();
-    let n = files.len();
-    let planned =
-        tokio::task::spawn_blocking(move || rebuild::plan(&files, &image, &patches)).await??;
+    let n = started.files;
+    let (mut planned, took) = started.task.await??;
+    // Only the pages this push writes (the planning may have started from
+    // every page of the blocks that changed).
+    let mut pages: Vec<u64> = patches
+        .iter()
+        .flat_map(|p| (p.offset..p.offset + p.len as u64).step_by(PAGE as usize))
+        .collect();
+    pages.sort_unstable();
+    for job in &mut planned.jobs {
+        job.pieces
+            .retain(|p| pages.binary_search(&p.disk_offset).is_ok());
+    }
+    planned.jobs.retain(|j| !j.pieces.is_empty());
     let mut out = Rebuild {
         files: n,
         notes: planned.unreadable.clone(),
@@ -213,7 +250,7 @@ async fn plan_rebuild(
         human_bytes(out.pages() * PAGE),
         out.jobs.len(),
         n,
-        t.elapsed().as_secs_f64()
+        took.as_secs_f64()
     ));
     for note in &out.notes {
         ui.say(format!("not rebuilt on the host: {note}"));
@@ -277,11 +314,34 @@ async fn push_on(
 ) -> Result<Counts> {
     let dev = &pf.dev;
     open_device(link, dev).await?;
-    let candidates = candidates(link, pf, opts, session, ui).await?;
     let image =
         File::open(&opts.image).with_context(|| format!("cannot open {}", opts.image.display()))?;
+    // The rebuild's planning reads the package files while the host hashes
+    // its disk: the blocks that changed are known from the manifests.
+    let early = match &pf.base {
+        Some(b) => {
+            let size = pf.new.size;
+            let changed: Vec<Patch> = (0..block_count(size))
+                .filter(|&i| b.blocks[i as usize] != pf.new.blocks[i as usize])
+                .map(|i| Patch {
+                    offset: i * BLOCK_SIZE,
+                    len: block_len(size, i) as u32,
+                })
+                .collect();
+            start_plan(opts, &image, changed, ui)?
+        }
+        None => None,
+    };
+    let candidates = candidates(link, pf, opts, session, ui).await?;
     let patches = plan(link, pf, opts, &image, &candidates, session, ui).await?;
-    let rebuild = plan_rebuild(opts, &image, &patches, session, ui).await?;
+    let started = match early {
+        Some(s) => Some(s),
+        None if pf.base.is_none() && !patches.is_empty() => {
+            start_plan(opts, &image, patches.clone(), ui)?
+        }
+        None => None,
+    };
+    let rebuild = plan_rebuild(started, &patches, session, ui).await?;
 
     let total: u64 = patches.iter().map(|p| p.len as u64).sum();
     let asked = std::time::Instant::now();

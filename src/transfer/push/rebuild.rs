@@ -117,7 +117,8 @@ pub fn plan(files: &[PackageFile], image: &File, patches: &[Patch]) -> Result<Pl
     let mut page = vec![0u8; PAGE as usize];
     for p in patches {
         let mut off = p.offset;
-        while off < p.offset + p.len as u64 {
+        // Whole pages only (a disk's short last page is sent).
+        while off + PAGE <= p.offset + p.len as u64 {
             image
                 .read_exact_at(&mut page, off)
                 .context("cannot read the image")?;
