@@ -399,14 +399,67 @@ fn rebuild_jobs(
     jobs: std::sync::mpsc::Receiver<Job>,
     done: std::sync::mpsc::Sender<JobResult>,
 ) {
-    let mut buf = Aligned::new(PAGE as usize);
-    let mut back = Aligned::new(PAGE as usize);
+    let mut run = Run {
+        disk,
+        buf: Aligned::new(RUN_MAX),
+        back: Aligned::new(RUN_MAX),
+        start: 0,
+        len: 0,
+    };
     for job in jobs.iter() {
-        let res = rebuild_one((disk, stop), &job, &mut buf, &mut back);
+        let res = rebuild_one(stop, &job, &mut run);
         let stop = res.is_err();
         if done.send(res).is_err() || stop {
             return;
         }
+    }
+}
+
+/// Most bytes of rebuilt pages written at once.
+const RUN_MAX: usize = 256 << 10;
+
+/// Rebuilt pages (each already checked against its hash) gathered while
+/// they are contiguous on the disk, then written, read back and checked
+/// as one range: one write per 64 pages rather than one a page.
+struct Run<'a> {
+    disk: &'a Disk,
+    buf: Aligned,
+    back: Aligned,
+    start: u64,
+    len: usize,
+}
+
+impl Run<'_> {
+    fn add(&mut self, off: u64, page: &[u8]) -> Result<(), String> {
+        if off.checked_add(PAGE).is_none_or(|e| e > self.disk.size) || !off.is_multiple_of(PAGE) {
+            return Err(format!("a rebuilt page at byte {off} is outside the disk"));
+        }
+        if self.len > 0 && (off != self.start + self.len as u64 || self.len + page.len() > RUN_MAX)
+        {
+            self.flush()?;
+        }
+        if self.len == 0 {
+            self.start = off;
+        }
+        self.buf.get(RUN_MAX)[self.len..self.len + page.len()].copy_from_slice(page);
+        self.len += page.len();
+        Ok(())
+    }
+
+    fn flush(&mut self) -> Result<(), String> {
+        if self.len == 0 {
+            return Ok(());
+        }
+        let hash = proto::sha256(&self.buf.get(self.len)[..]);
+        let n = self.len;
+        self.len = 0;
+        write_verified(
+            self.disk,
+            (&mut self.buf, &mut self.back),
+            self.start,
+            n,
+            &hash,
+        )
     }
 }
 
@@ -425,12 +478,7 @@ impl<R: Read> Read for Counted<R> {
     }
 }
 
-fn rebuild_one(
-    (disk, stop): (&Disk, &std::sync::atomic::AtomicBool),
-    job: &Job,
-    buf: &mut Aligned,
-    back: &mut Aligned,
-) -> JobResult {
+fn rebuild_one(stop: &std::sync::atomic::AtomicBool, job: &Job, run: &mut Run<'_>) -> JobResult {
     use crate::package;
     let fetched = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
     let none = |e: String| {
@@ -458,13 +506,11 @@ fn rebuild_one(
         if stop.load(std::sync::atomic::Ordering::Relaxed) {
             return Err("the session ended".into());
         }
-        if off.checked_add(PAGE).is_none_or(|e| e > disk.size) || !off.is_multiple_of(PAGE) {
-            return Err(format!("a rebuilt page at byte {off} is outside the disk"));
-        }
-        buf.get(PAGE as usize).copy_from_slice(page);
-        let hash = proto::sha256(page);
-        write_verified(disk, (buf, back), off, PAGE as usize, &hash)
+        run.add(off, page)
     })?;
+    // The pages gathered are written before the job is answered, whether
+    // it ended early or not (each was checked).
+    run.flush()?;
     Ok((outcome, fetched.load(std::sync::atomic::Ordering::Relaxed)))
 }
 
