@@ -63,6 +63,8 @@ PermitRootLogin prohibit-password
 PasswordAuthentication no
 KbdInteractiveAuthentication no
 LogLevel ERROR
+# blocksync (scripts/bench-link) opens files over SFTP.
+Subsystem sftp internal-sftp
 CFG
 }
 

@@ -147,7 +147,9 @@ fn start_plan(
     patches: Vec<Patch>,
     ui: &Ui,
 ) -> Result<Option<PlanStarted>> {
-    let Some(dir) = &opts.packages else {
+    // No folder: the run downloaded nothing (`push --packages` refuses a
+    // path that is not one before connecting).
+    let Some(dir) = opts.packages.as_ref().filter(|d| d.is_dir()) else {
         return Ok(None);
     };
     let files = rebuild::package_files(dir);
