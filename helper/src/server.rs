@@ -349,10 +349,24 @@ fn serve_disk<'s>(
                 if gathering.is_some() {
                     return Err("RebuildWait inside a Rebuild".into());
                 }
+                // A slow mirror does not hold the push: past REBUILD_WAIT the
+                // rebuilds give up (what they wrote stays, checked; the rest
+                // is sent). drydock hears nothing meanwhile and gives up
+                // after 300 s of silence: this ends well before.
+                let deadline = std::time::Instant::now() + REBUILD_WAIT;
                 for _ in 0..queued {
-                    let (outcome, fetched) = done_rx
-                        .recv()
-                        .map_err(|_| "the rebuild thread stopped".to_string())??;
+                    let got = match done_rx
+                        .recv_timeout(deadline.saturating_duration_since(std::time::Instant::now()))
+                    {
+                        Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {
+                            GIVE_UP.store(true, std::sync::atomic::Ordering::Relaxed);
+                            // The reads under way end at once, each job after.
+                            done_rx.recv().ok()
+                        }
+                        r => r.ok(),
+                    };
+                    let (outcome, fetched) =
+                        got.ok_or_else(|| "the rebuild thread stopped".to_string())??;
                     let mut bits = vec![0u8; outcome.written.len().div_ceil(8)];
                     for (i, w) in outcome.written.iter().enumerate() {
                         if *w {
@@ -415,6 +429,16 @@ fn rebuild_jobs(
     }
 }
 
+/// How long drydock's RebuildWait waits for the rebuilds at most, once
+/// everything else is written.
+const REBUILD_WAIT: std::time::Duration = std::time::Duration::from_secs(120);
+
+/// Set when the rebuilds are past REBUILD_WAIT: the package files still
+/// being read stop, and those not started are not fetched.
+static GIVE_UP: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+const GAVE_UP: &str = "the mirror was too slow: gave up after 120 s of waiting, the rest is sent";
+
 /// Most bytes of rebuilt pages written at once.
 const RUN_MAX: usize = 256 << 10;
 
@@ -471,6 +495,9 @@ struct Counted<R> {
 
 impl<R: Read> Read for Counted<R> {
     fn read(&mut self, b: &mut [u8]) -> std::io::Result<usize> {
+        if GIVE_UP.load(std::sync::atomic::Ordering::Relaxed) {
+            return Err(std::io::Error::other(GAVE_UP));
+        }
         let k = self.r.read(b)?;
         self.n
             .fetch_add(k as u64, std::sync::atomic::Ordering::Relaxed);
@@ -490,6 +517,9 @@ fn rebuild_one(stop: &std::sync::atomic::AtomicBool, job: &Job, run: &mut Run<'_
             0,
         ))
     };
+    if GIVE_UP.load(std::sync::atomic::Ordering::Relaxed) {
+        return none(GAVE_UP.to_string());
+    }
     let body = match package::get(&job.src) {
         Ok(b) => b,
         Err(e) => return none(e),
