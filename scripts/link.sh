@@ -115,6 +115,14 @@ link_bytes() {
 }
 
 vps_cpu() {
+  # A session's CPU reaches sshd's cutime only once sshd has reaped it,
+  # which can be a moment after the client is gone: wait (10 s at most)
+  # for sshd to have no child left, else a row's CPU lands in the next.
+  local i
+  for i in $(seq 100); do
+    pgrep -P "$SSHD_PID" >/dev/null || break
+    sleep 0.1
+  done
   # Fields 16 and 17 of /proc/PID/stat: cutime and cstime, in clock ticks.
   awk -v hz="$(getconf CLK_TCK)" '{ sub(/.*\) /, ""); printf "%.2f\n", ($14 + $15) / hz }' "/proc/$SSHD_PID/stat"
 }

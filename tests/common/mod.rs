@@ -55,12 +55,22 @@ impl Sshd {
         Sshd::start_as(&[])
     }
 
+    /// An sshd started with `-o OPTION` for each of OPTIONS (e.g.
+    /// "SetEnv=NAME=VALUE": the sessions' environment).
+    pub fn start_with(options: &[&str]) -> Sshd {
+        Sshd::start_full(&[], options)
+    }
+
     /// An sshd whose sessions see this machine with `files` (absolute
     /// path, content) laid over it: in a mount namespace of its own, /etc
     /// is an overlay and /root an empty tmpfs, the files written there, so
     /// another system's real os-release and configuration are what the
     /// probe reads, and this machine is not changed.
     pub fn start_as(files: &[(&str, &str)]) -> Sshd {
+        Sshd::start_full(files, &[])
+    }
+
+    fn start_full(files: &[(&str, &str)], options: &[&str]) -> Sshd {
         assert!(
             Path::new(SSHD).exists(),
             "{SSHD} is missing: scripts/test installs openssh-server"
@@ -84,6 +94,9 @@ impl Sshd {
         std::fs::write(d.join("sshd_config"), config).unwrap();
         let mut cmd = Command::new(SSHD);
         cmd.args(["-D", "-e", "-f"]).arg(d.join("sshd_config"));
+        for o in options {
+            cmd.args(["-o", o]);
+        }
         if !files.is_empty() {
             // /root is a tmpfs of its own, not an overlay: the lower layer
             // of an overlay must not change while it is mounted, and this

@@ -188,6 +188,78 @@ fn a_push_has_the_host_rebuild_package_pages_from_its_mirror_and_sends_the_rest(
     assert!(notes.contains("1 of 76 pages differ"), "{notes}");
 }
 
+/// An HTTP server on 127.0.0.1 that answers every GET with BODY's length
+/// and then trickles it, a byte a second after the first 1000: never
+/// silent long enough for a read's 30 s limit.
+fn trickling_mirror(body: Vec<u8>) -> u16 {
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = l.local_addr().unwrap().port();
+    std::thread::spawn(move || {
+        for c in l.incoming() {
+            let Ok(mut c) = c else { continue };
+            let body = body.clone();
+            std::thread::spawn(move || {
+                let mut b = [0u8; 1024];
+                let _ = c.read(&mut b);
+                let head = format!(
+                    "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+                    body.len()
+                );
+                if c.write_all(head.as_bytes()).is_err() || c.write_all(&body[..1000]).is_err() {
+                    return;
+                }
+                for byte in &body[1000..] {
+                    std::thread::sleep(Duration::from_secs(1));
+                    if c.write_all(std::slice::from_ref(byte)).is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    port
+}
+
+/// A mirror that trickles (a byte a second, so no read times out) does
+/// not hold the push: once everything else is written the host waits for
+/// the rebuild at most its limit (120 s; 3 s here, through the sshd's
+/// environment), then gives up, and the pages it did not rebuild are sent.
+#[test]
+fn a_mirror_that_trickles_is_given_up_on_and_its_pages_sent() {
+    let sshd = Sshd::start_with(&["SetEnv=DRYDOCK_HELPER_REBUILD_WAIT=3"]);
+    let t = tempdir();
+    let blob = pattern(4243, 200 * KIB as usize);
+    let package = deb(t.path(), &blob);
+    let port = trickling_mirror(package.clone());
+    let downloads = t.path().join("downloads");
+    std::fs::create_dir_all(&downloads).unwrap();
+    std::fs::write(downloads.join("0a1b"), &package).unwrap();
+    std::fs::write(
+        downloads.join("0a1b.url"),
+        format!("http://127.0.0.1:{port}/debian/pool/main/d/demo/demo_1_all.deb"),
+    )
+    .unwrap();
+    let started = Instant::now();
+    let (o, j) = pushed(&sshd, t.path(), "1", &[(10 * MIB, &blob)], &downloads);
+    assert_exit(&o, 0);
+    assert_eq!(j["rebuilt"]["pages"], 0, "{j}");
+    let notes = j["rebuilt"]["notes"].to_string();
+    assert!(
+        notes.contains("the mirror was too slow: gave up after 3 s of waiting"),
+        "{notes}"
+    );
+    assert!(
+        j["bytes_on_wire"].as_u64().unwrap() > blob.len() as u64,
+        "every page was sent: {j}"
+    );
+    // The pull and the push, not the 120 s wait nor the trickle's 3 days.
+    assert!(
+        started.elapsed() < Duration::from_secs(100),
+        "{:?}",
+        started.elapsed()
+    );
+}
+
 /// A disk pulled, WRITES (offset, data) made to its image, pushed with the
 /// package files of DOWNLOADS; the push's output and JSON, the disk
 /// checked to be the image.
