@@ -222,6 +222,42 @@ fn pull_then_push_round_trip_is_bit_exact_and_sparse_dd() {
     round_trip("dd");
 }
 
+/// The helper crosses the link gzip'd; a host where gzip does not run is
+/// sent it as it is, and the pull and the push still run in helper mode
+/// (not dd mode, as `auto` falls back to when the helper cannot start).
+#[test]
+fn a_host_without_gzip_is_sent_the_helper_unpacked() {
+    let sshd = Sshd::start_without(&["/usr/bin/gzip"]);
+    // The setup holds: gzip does not run in the host's sessions.
+    let o = Command::new("ssh")
+        .args([
+            "-i",
+            sshd.client_key.to_str().unwrap(),
+            "-p",
+            &sshd.port.to_string(),
+        ])
+        .args(["-o", "BatchMode=yes", "-o", "StrictHostKeyChecking=no"])
+        .args(["-o", "UserKnownHostsFile=/dev/null", "-o", "LogLevel=ERROR"])
+        .args(["root@127.0.0.1", "printf '' | gzip -c"])
+        .output()
+        .unwrap();
+    assert!(!o.status.success(), "gzip runs on the host: {o:?}");
+    let t = tempdir();
+    let dev = t.path().join("disk");
+    let img = t.path().join("image");
+    standard_disk(&dev);
+    let o = pull(&sshd, &dev, &img);
+    assert_exit(&o, 0);
+    let j = json(&o);
+    assert_helper_gone(&j, "helper_dir");
+    assert_eq!(sha256_file(&img), sha256_file(&dev));
+    write_at(&img, &pattern(5, 64 * KIB as usize), 20 * MIB);
+    let o = push(&sshd, &img, &dev, &["--yes"]);
+    assert_exit(&o, 0);
+    assert_helper_gone(&json(&o), "writer_dir");
+    assert_eq!(sha256_file(&img), sha256_file(&dev));
+}
+
 fn round_trip(mode: &str) {
     let sshd = Sshd::start();
     let t = tempdir();

@@ -252,8 +252,8 @@ fn serve_disk<'s>(
 ) -> Result<(), String> {
     let mut buf = Aligned::new(BLOCK as usize);
     let mut back = Aligned::new(BLOCK as usize);
-    let mut zbuf: Vec<u8> = Vec::with_capacity(zstd::zstd_safe::compress_bound(BLOCK as usize));
-    let mut compressor: Option<(i32, zstd::bulk::Compressor<'static>)> = None;
+    // One compressor per lane, kept from one Read to the next at one level.
+    let mut compressors: Option<(i32, Vec<zstd::bulk::Compressor<'static>>)> = None;
     let mut decompressor = zstd::bulk::Decompressor::new().map_err(|e| format!("zstd: {e}"))?;
     let mut n = Counters {
         read: 0,
@@ -268,13 +268,15 @@ fn serve_disk<'s>(
             .map_err(|e| format!("cannot send to drydock: {e}"))?;
         match recv(input)? {
             Msg::Read { first, end, level } => {
-                if compressor.as_ref().map(|c| c.0) != Some(level) {
-                    let c = zstd::bulk::Compressor::new(level)
+                if compressors.as_ref().map(|c| c.0) != Some(level) {
+                    let c = (0..LANES)
+                        .map(|_| zstd::bulk::Compressor::new(level))
+                        .collect::<Result<Vec<_>, _>>()
                         .map_err(|e| format!("zstd level {level}: {e}"))?;
-                    compressor = Some((level, c));
+                    compressors = Some((level, c));
                 }
-                let (_, c) = compressor.as_mut().expect("set above");
-                read_blocks(disk, first, end, &mut zbuf, c, out, &mut n)?;
+                let (_, c) = compressors.as_mut().expect("set above");
+                read_blocks(disk, (first, end), c, out, &mut n)?;
             }
             Msg::HashBlocks { first, end, pages } => {
                 hash_blocks(disk, (first, end), pages, &mut buf, out, &mut n)?;
@@ -330,10 +332,8 @@ fn serve_disk<'s>(
                     let tx = jobs.get_or_insert_with(|| {
                         let (tx, rx) = std::sync::mpsc::channel::<Job>();
                         let done = done_tx.clone();
-                        // A small stack: the helper's memory is locked
-                        // (mlockall), a thread's stack with it.
                         let spawned = std::thread::Builder::new()
-                            .stack_size(256 << 10)
+                            .stack_size(THREAD_STACK)
                             .spawn_scoped(scope, move || rebuild_jobs((disk, stop), rx, done));
                         if let Err(e) = spawned {
                             eprintln!("drydock-helper: cannot start the rebuild thread: {e}");
@@ -699,51 +699,67 @@ fn check_range(disk: &Disk, first: u64, end: u64) -> Result<(), String> {
 }
 
 /// What the reader thread found at one block.
+/// What a lane made of one block.
 enum Item {
-    Zero(u64),
-    Data(u64, Aligned, usize, Hash),
+    /// A hole, or a block of zeros: not sent.
+    Zero,
+    /// Its SHA-256 as read, its bytes compressed.
+    Data(Hash, Vec<u8>),
 }
 
-/// The reading half of `read_blocks`, on a thread of its own: each block
-/// of [first, end) read (holes and blocks of zeros as `Item::Zero`) into a
-/// buffer from BACK and sent on TX with its hash, until the end, an error
-/// (sent) or the sender's end going away. Gives the bytes it read.
-fn read_ahead(
+/// How many lanes read, hash and compress a Read's blocks side by side:
+/// on a VPS with two cores both compress, and on one with a single core a
+/// lane's disk read still overlaps the other's compression. Each lane
+/// holds a block's buffer, its compressor and an output buffer (the pull's
+/// peak stayed at 11 MiB: each thread has a small stack).
+const LANES: u64 = 2;
+
+/// The stack of each thread the helper starts: its memory is locked
+/// (mlockall), a thread's whole stack with it (2 MiB by default).
+const THREAD_STACK: usize = 256 << 10;
+
+/// One lane of `read_blocks`, on a thread of its own: blocks FIRST + LANE,
+/// FIRST + LANE + LANES, ... below END, each read (holes and blocks of
+/// zeros as `Item::Zero`), hashed and compressed with C into a buffer from
+/// BACK, and sent on TX in order, until the end, an error (sent) or the
+/// receiver going away. Gives the bytes it read.
+fn lane(
     disk: &Disk,
-    (first, end): (u64, u64),
+    (first, end, lane): (u64, u64, u64),
+    c: &mut zstd::bulk::Compressor<'static>,
     tx: std::sync::mpsc::SyncSender<Result<Item, String>>,
-    back: std::sync::mpsc::Receiver<Aligned>,
+    back: std::sync::mpsc::Receiver<Vec<u8>>,
 ) -> u64 {
     let mut read = 0u64;
     let mut hole_until = 0u64;
-    let mut spare: Option<Aligned> = None;
-    for i in first..end {
+    let mut buf = Aligned::new(BLOCK as usize);
+    let mut i = first + lane;
+    while i < end {
         let len = disk.block_len(i);
         let off = i * BLOCK;
         if hole_until <= off {
             hole_until = disk.hole_end(off);
         }
         let item = if hole_until >= off + len as u64 {
-            Ok(Item::Zero(i))
+            Ok(Item::Zero)
         } else {
-            let mut buf = match spare.take() {
-                Some(b) => b,
-                None => match back.recv() {
-                    Ok(b) => b,
-                    Err(_) => return read,
-                },
-            };
             match disk.read_at(&mut buf, off, len) {
                 Err(e) => Err(e),
                 Ok(data) if proto::is_zero(data) => {
                     read += len as u64;
-                    spare = Some(buf);
-                    Ok(Item::Zero(i))
+                    Ok(Item::Zero)
                 }
                 Ok(data) => {
                     read += len as u64;
                     let hash = proto::sha256(data);
-                    Ok(Item::Data(i, buf, len, hash))
+                    let Ok(mut z) = back.recv() else {
+                        return read;
+                    };
+                    z.clear();
+                    match c.compress_to_buffer(data, &mut z) {
+                        Ok(_) => Ok(Item::Data(hash, z)),
+                        Err(e) => Err(format!("zstd: {e}")),
+                    }
                 }
             }
         };
@@ -751,74 +767,87 @@ fn read_ahead(
         if tx.send(item).is_err() || stop {
             return read;
         }
+        i += LANES;
     }
     read
 }
 
-/// Blocks [first, end) to drydock. A reader thread reads (skipping a
-/// file's holes) and hashes ahead while this thread compresses and sends:
-/// disk reads and hashing overlap with compression. Three 1 MiB buffers
-/// go round between the two.
+/// Blocks [first, end) to drydock, in order. LANES threads read (skipping
+/// a file's holes), hash and compress every LANES-th block each, with a
+/// compressor of their own from COMPRESSORS, while this thread sends:
+/// reads, hashing and compression overlap each other and the link.
 fn read_blocks(
     disk: &Disk,
-    first: u64,
-    end: u64,
-    zbuf: &mut Vec<u8>,
-    c: &mut zstd::bulk::Compressor<'static>,
+    (first, end): (u64, u64),
+    compressors: &mut [zstd::bulk::Compressor<'static>],
     out: &mut impl Write,
     n: &mut Counters,
 ) -> Result<(), String> {
     check_range(disk, first, end)?;
-    let (tx, rx) = std::sync::mpsc::sync_channel::<Result<Item, String>>(2);
-    let (back_tx, back_rx) = std::sync::mpsc::channel::<Aligned>();
-    for _ in 0..3 {
-        back_tx.send(Aligned::new(BLOCK as usize)).expect("open");
-    }
     std::thread::scope(|scope| {
-        let reader = scope.spawn(move || read_ahead(disk, (first, end), tx, back_rx));
+        let mut lanes = Vec::new();
+        for (k, c) in compressors.iter_mut().enumerate().take(LANES as usize) {
+            let (tx, rx) = std::sync::mpsc::sync_channel::<Result<Item, String>>(1);
+            let (back_tx, back_rx) = std::sync::mpsc::channel::<Vec<u8>>();
+            back_tx
+                .send(Vec::with_capacity(zstd::zstd_safe::compress_bound(
+                    BLOCK as usize,
+                )))
+                .expect("open");
+            let t = std::thread::Builder::new()
+                .stack_size(THREAD_STACK)
+                .spawn_scoped(scope, move || {
+                    lane(disk, (first, end, k as u64), c, tx, back_rx)
+                })
+                .map_err(|e| format!("cannot start a reading thread: {e}"))?;
+            lanes.push((rx, back_tx, t));
+        }
         let mut zero_from: Option<u64> = None;
         let res = (|| {
-            for item in rx.iter() {
-                match item? {
-                    Item::Zero(i) => {
+            for i in first..end {
+                let (rx, back, _) = &lanes[((i - first) % LANES) as usize];
+                let item = rx
+                    .recv()
+                    .map_err(|_| format!("reading block {i}: the reading thread stopped"))??;
+                match item {
+                    Item::Zero => {
                         if zero_from.is_none() {
                             zero_from = Some(i);
                         }
                     }
-                    Item::Data(i, mut buf, len, hash) => {
-                        if let Some(z) = zero_from.take() {
+                    Item::Data(hash, z) => {
+                        if let Some(f) = zero_from.take() {
                             send(
                                 out,
                                 &Msg::Zero {
-                                    first: z,
-                                    count: i - z,
+                                    first: f,
+                                    count: i - f,
                                 },
                             )?;
                         }
-                        zbuf.clear();
-                        c.compress_to_buffer(&buf.get(len)[..], zbuf)
-                            .map_err(|e| format!("zstd: {e}"))?;
-                        proto::write_block(out, i, &hash, zbuf)
+                        proto::write_block(out, i, &hash, &z)
                             .map_err(|e| format!("cannot send to drydock: {e}"))?;
-                        let _ = back_tx.send(buf);
+                        let _ = back.send(z);
                     }
                 }
             }
-            if let Some(z) = zero_from {
+            if let Some(f) = zero_from {
                 send(
                     out,
                     &Msg::Zero {
-                        first: z,
-                        count: end - z,
+                        first: f,
+                        count: end - f,
                     },
                 )?;
             }
             Ok(())
         })();
-        // On an error here the reader stops at its next send.
-        drop(rx);
-        drop(back_tx);
-        n.read += reader.join().unwrap_or(0);
+        // On an error here the lanes stop at their next send.
+        for (rx, back, t) in lanes {
+            drop(rx);
+            drop(back);
+            n.read += t.join().unwrap_or(0);
+        }
         res
     })
 }

@@ -58,7 +58,15 @@ impl Sshd {
     /// An sshd started with `-o OPTION` for each of OPTIONS (e.g.
     /// "SetEnv=NAME=VALUE": the sessions' environment).
     pub fn start_with(options: &[&str]) -> Sshd {
-        Sshd::start_full(&[], options)
+        Sshd::start_full(&[], options, &[])
+    }
+
+    /// An sshd whose sessions find each program of PROGRAMS (absolute
+    /// paths) not executable: an empty file of mode 0644 is bound over it
+    /// in their mount namespace (as in `start_as`); this machine's own
+    /// stays as it is.
+    pub fn start_without(programs: &[&str]) -> Sshd {
+        Sshd::start_full(&[], &[], programs)
     }
 
     /// An sshd whose sessions see this machine with `files` (absolute
@@ -67,10 +75,10 @@ impl Sshd {
     /// another system's real os-release and configuration are what the
     /// probe reads, and this machine is not changed.
     pub fn start_as(files: &[(&str, &str)]) -> Sshd {
-        Sshd::start_full(files, &[])
+        Sshd::start_full(files, &[], &[])
     }
 
-    fn start_full(files: &[(&str, &str)], options: &[&str]) -> Sshd {
+    fn start_full(files: &[(&str, &str)], options: &[&str], hidden: &[&str]) -> Sshd {
         assert!(
             Path::new(SSHD).exists(),
             "{SSHD} is missing: scripts/test installs openssh-server"
@@ -97,7 +105,7 @@ impl Sshd {
         for o in options {
             cmd.args(["-o", o]);
         }
-        if !files.is_empty() {
+        if !files.is_empty() || !hidden.is_empty() {
             // /root is a tmpfs of its own, not an overlay: the lower layer
             // of an overlay must not change while it is mounted, and this
             // machine's root shell writes under /root (pyenv's rehash lock)
@@ -121,6 +129,13 @@ impl Sshd {
                     "mkdir -p \"$(dirname {path})\"; rm -f {path}; cp {} {path}\n",
                     f.display()
                 ));
+            }
+            if !hidden.is_empty() {
+                let empty = d.join("not-a-program");
+                std::fs::write(&empty, "").unwrap();
+                for path in hidden {
+                    prelude.push_str(&format!("mount --bind {} {path}\n", empty.display()));
+                }
             }
             prelude.push_str("exec \"$@\"\n");
             let argv: Vec<std::ffi::OsString> = std::iter::once(cmd.get_program().to_owned())

@@ -169,6 +169,23 @@ fn a_push_has_the_host_rebuild_package_pages_from_its_mirror_and_sends_the_rest(
         "{j}"
     );
 
+    // A mirror whose name the host cannot resolve: the pages are found in
+    // the package, said to be sent, and sent.
+    std::fs::write(
+        downloads.join("0a1b.url"),
+        "http://no-such-mirror.invalid/debian/pool/main/d/demo/demo_1_all.deb",
+    )
+    .unwrap();
+    let (o, j) = pushed(&sshd, t.path(), "4", &[(10 * MIB, &blob)], &downloads);
+    assert_exit(&o, 0);
+    assert_eq!(j["rebuilt"]["pages"], 0, "{j}");
+    assert_stderr(
+        &o,
+        "304.00 KiB of the pages to write are in 1 of the 2 package files the upgrade downloaded",
+    );
+    assert_stderr(&o, "the host cannot reach their mirror, so they are sent");
+    assert_stderr(&o, "cannot resolve no-such-mirror.invalid");
+
     // A package whose content is not what the worker VM installed (the
     // mirror serves another build): no page of it is written, all are sent.
     let mut other = blob.clone();

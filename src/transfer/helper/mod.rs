@@ -30,6 +30,9 @@ use crate::remote::Facts;
 /// The helper built for x86_64 with a static C library (build.rs).
 pub static BINARY: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/drydock-helper"));
 
+/// BINARY gzip'd (build.rs): what is sent to a host that has gzip.
+pub static BINARY_GZ: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/drydock-helper.gz"));
+
 /// zstd level for pulls (whole disks: speed matters), and the level a
 /// push starts at (a few hundred MiB of changes over a slow uplink: size
 /// matters; `level::LevelControl` moves it with what the link allows).

@@ -202,6 +202,8 @@ async fn plan_rebuild(
             .retain(|p| pages.binary_search(&p.disk_offset).is_ok());
     }
     planned.jobs.retain(|j| !j.pieces.is_empty());
+    let found_pages: u64 = planned.jobs.iter().map(|j| j.pieces.len() as u64).sum();
+    let found_files = planned.jobs.len();
     let mut out = Rebuild {
         files: n,
         notes: planned.unreadable.clone(),
@@ -246,13 +248,26 @@ async fn plan_rebuild(
             job.pieces,
         ));
     }
+    let unreached = found_pages - out.pages();
     ui.say(format!(
-        "{} of the pages to write are in {} of the {} package files the upgrade downloaded: \
-         the host rebuilds them from its mirror (planned in {:.1} s)",
-        human_bytes(out.pages() * PAGE),
-        out.jobs.len(),
+        "{} of the pages to write are in {} of the {} package files the upgrade downloaded \
+         (planned in {:.1} s): {}",
+        human_bytes(found_pages * PAGE),
+        found_files,
         n,
-        took.as_secs_f64()
+        took.as_secs_f64(),
+        if unreached == 0 {
+            "the host rebuilds them from its mirror".to_string()
+        } else if out.jobs.is_empty() {
+            "the host cannot reach their mirror, so they are sent".to_string()
+        } else {
+            format!(
+                "the host rebuilds {} from its mirror; it cannot reach the mirror of the other {}, \
+                 which are sent",
+                human_bytes(out.pages() * PAGE),
+                human_bytes(unreached * PAGE)
+            )
+        }
     ));
     for note in &out.notes {
         ui.say(format!("not rebuilt on the host: {note}"));
