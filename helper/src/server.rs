@@ -211,6 +211,9 @@ fn session(input: &mut impl Read, out: &mut impl Write) -> Result<(), String> {
     out.flush().map_err(|e| e.to_string())?;
     let (device, write) = open_request(input)?;
     let disk = Disk::open(&device, write)?;
+    // A process-wide flag: the sessions of one process (the in-process
+    // tests) must not inherit an earlier one's giving up.
+    GIVE_UP.store(false, std::sync::atomic::Ordering::Relaxed);
     send(
         out,
         &Msg::Opened {
@@ -698,7 +701,6 @@ fn check_range(disk: &Disk, first: u64, end: u64) -> Result<(), String> {
     Ok(())
 }
 
-/// What the reader thread found at one block.
 /// What a lane made of one block.
 enum Item {
     /// A hole, or a block of zeros: not sent.

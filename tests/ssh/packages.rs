@@ -50,6 +50,14 @@ fn mirror(files: Vec<(String, Vec<u8>)>) -> (u16, Arc<AtomicUsize>) {
     (port, asked)
 }
 
+/// A package file the worker VM's proxy kept in DOWNLOADS: NAME with
+/// BODY, beside NAME.url.
+fn keep(downloads: &std::path::Path, name: &str, body: &[u8], url: &str) {
+    std::fs::create_dir_all(downloads).unwrap();
+    std::fs::write(downloads.join(name), body).unwrap();
+    std::fs::write(downloads.join(format!("{name}.url")), url).unwrap();
+}
+
 /// A .deb (xz, as dpkg-deb writes by default) holding BLOB as
 /// /usr/share/demo/blob, built in DIR.
 fn deb(dir: &std::path::Path, blob: &[u8]) -> Vec<u8> {
@@ -105,19 +113,18 @@ fn a_push_has_the_host_rebuild_package_pages_from_its_mirror_and_sends_the_rest(
         (index_path.into(), index_xz.clone()),
     ]);
     let downloads = t.path().join("downloads");
-    std::fs::create_dir_all(&downloads).unwrap();
-    std::fs::write(downloads.join("0a1b"), &package).unwrap();
-    std::fs::write(
-        downloads.join("0a1b.url"),
-        format!("http://127.0.0.1:{port}{deb_path}"),
-    )
-    .unwrap();
-    std::fs::write(downloads.join("0c2d"), &index_xz).unwrap();
-    std::fs::write(
-        downloads.join("0c2d.url"),
-        format!("http://127.0.0.1:{port}{index_path}"),
-    )
-    .unwrap();
+    keep(
+        &downloads,
+        "0a1b",
+        &package,
+        &format!("http://127.0.0.1:{port}{deb_path}"),
+    );
+    keep(
+        &downloads,
+        "0c2d",
+        &index_xz,
+        &format!("http://127.0.0.1:{port}{index_path}"),
+    );
 
     // The upgrade "installed" the blob at 10 MiB, wrote the index at
     // 12 MiB and changed 64 KiB at 30 MiB that no package holds.
@@ -249,13 +256,12 @@ fn a_mirror_that_trickles_is_given_up_on_and_its_pages_sent() {
     let package = deb(t.path(), &blob);
     let port = trickling_mirror(package.clone());
     let downloads = t.path().join("downloads");
-    std::fs::create_dir_all(&downloads).unwrap();
-    std::fs::write(downloads.join("0a1b"), &package).unwrap();
-    std::fs::write(
-        downloads.join("0a1b.url"),
-        format!("http://127.0.0.1:{port}/debian/pool/main/d/demo/demo_1_all.deb"),
-    )
-    .unwrap();
+    keep(
+        &downloads,
+        "0a1b",
+        &package,
+        &format!("http://127.0.0.1:{port}/debian/pool/main/d/demo/demo_1_all.deb"),
+    );
     let started = Instant::now();
     let (o, j) = pushed(&sshd, t.path(), "1", &[(10 * MIB, &blob)], &downloads);
     assert_exit(&o, 0);
