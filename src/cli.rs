@@ -385,6 +385,27 @@ pub struct UpgradeArgs {
     /// result instead, and the upgrade does not run while the VPS is down)
     #[arg(long, conflicts_with = "no_rehearsal")]
     pub no_carry: bool,
+    #[command(flatten)]
+    pub services: ServiceArgs,
+}
+
+/// The service proof's flags, for `upgrade`, `rehearse` and `resume`.
+#[derive(Debug, Args, Clone, Default)]
+pub struct ServiceArgs {
+    /// Do not start the VPS's services on the upgraded copy before the
+    /// freeze (the service proof); the report says they were not proven.
+    #[arg(long)]
+    pub no_service_proof: bool,
+    /// A unit of the VPS (nginx.service, or nginx) whose failure in the
+    /// service proof, or on the VPS after the push, does not stop the run
+    /// (repeatable).
+    #[arg(long = "accept-failed", value_name = "UNIT", value_parser = unit_name)]
+    pub accept_failed: Vec<String>,
+    /// upgrade: when a service the VPS ran does not run after the push and
+    /// the reboot, give the VPS its old disk back at once, as `drydock
+    /// abort RUN` would.
+    #[arg(long)]
+    pub rollback_on_failure: bool,
 }
 
 #[derive(Debug, Args)]
@@ -454,6 +475,10 @@ pub struct VerifyArgs {
     /// --boot: the VM's memory: 2G, 2048M, ...
     #[arg(long, default_value = "2G", value_parser = memory)]
     pub memory: String,
+    /// --boot: a unit of the host (as recorded with the version) that may
+    /// be found not running in the VM (repeatable).
+    #[arg(long = "accept-failed", value_name = "UNIT", value_parser = unit_name)]
+    pub accept_failed: Vec<String>,
 }
 
 #[derive(Debug, Args)]
@@ -492,6 +517,10 @@ pub struct RestoreArgs {
     /// The memory of those VMs: 2G, 2048M, ...
     #[arg(long, default_value = "2G", value_parser = memory)]
     pub memory: String,
+    /// A unit of the host (as recorded with the version) that the boot
+    /// proof may find not running (repeatable).
+    #[arg(long = "accept-failed", value_name = "UNIT", value_parser = unit_name)]
+    pub accept_failed: Vec<String>,
 }
 
 #[derive(Debug, Args)]
@@ -524,6 +553,8 @@ pub struct ResumeArgs {
     /// Do not ask before the freeze and the push.
     #[arg(long, short = 'y')]
     pub yes: bool,
+    #[command(flatten)]
+    pub services: ServiceArgs,
 }
 
 #[derive(Debug, Args)]
@@ -581,6 +612,16 @@ fn memory(s: &str) -> Result<String, String> {
     }
 }
 
+/// `--accept-failed`: a unit's name (systemd's characters), never a
+/// pattern or anything a shell would read.
+fn unit_name(s: &str) -> Result<String, String> {
+    if crate::services::read::valid_name(s) {
+        Ok(s.to_string())
+    } else {
+        Err("expected a unit's name such as nginx.service (letters, digits, :_.@-\\)".to_string())
+    }
+}
+
 /// A usage error of subcommand SUB: flags that contradict each other.
 fn conflict(sub: &str, text: &str) -> clap::Error {
     let mut cmd = command();
@@ -609,6 +650,14 @@ impl Cli {
                 "rehearse",
                 "--no-rehearsal is for `drydock upgrade`; `drydock rehearse` is the rehearsal \
                  alone",
+            ));
+        }
+        if let Command::Rehearse(a) = &self.command
+            && a.services.rollback_on_failure
+        {
+            return Err(conflict(
+                "rehearse",
+                "--rollback-on-failure is for `drydock upgrade`; `drydock rehearse` pushes nothing",
             ));
         }
         if let Command::Upgrade(a) = &self.command

@@ -7,6 +7,9 @@
 //! | 1    | the operation failed (the message says where)                  |
 //! | 2    | bad command line                                               |
 //! | 3    | refused by a safety check or a host key check; nothing changed |
+//! | 4    | the VPS came back after the push, but not as it must: a service |
+//! |      | it ran before does not run, or not the release asked for; the   |
+//! |      | message names `drydock abort RUN`, the way back                 |
 //! | 69   | the host could not be reached or would not let us in           |
 //! | 75   | cut short (a lost connection); the same command resumes it     |
 //! | 130  | interrupted by a signal; the same command resumes it           |
@@ -16,6 +19,7 @@ use std::path::PathBuf;
 pub const EXIT_FAILURE: u8 = 1;
 pub const EXIT_USAGE: u8 = 2;
 pub const EXIT_REFUSED: u8 = 3;
+pub const EXIT_NOT_AS_BEFORE: u8 = 4;
 /// sysexits.h's EX_TEMPFAIL: a temporary failure, to be tried again.
 pub const EXIT_RESUMABLE: u8 = 75;
 pub const EXIT_UNAVAILABLE: u8 = 69;
@@ -88,6 +92,12 @@ pub struct Refused(pub String);
 #[error("{0}")]
 pub struct Usage(pub String);
 
+/// The VPS came back after the push but does not run what it ran before
+/// (or not the release asked for): exit 4, the message names the way back.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct NotAsBefore(pub String);
+
 /// Cut short by a lost connection (or a host that ended the stream): what
 /// was done is kept, and the same command resumes it.
 #[derive(Debug, thiserror::Error)]
@@ -107,6 +117,9 @@ pub fn exit_code(err: &anyhow::Error) -> u8 {
         }
         if cause.downcast_ref::<Refused>().is_some() {
             return EXIT_REFUSED;
+        }
+        if cause.downcast_ref::<NotAsBefore>().is_some() {
+            return EXIT_NOT_AS_BEFORE;
         }
         if cause.downcast_ref::<Interrupted>().is_some() {
             return EXIT_INTERRUPTED;

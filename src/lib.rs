@@ -13,6 +13,7 @@ pub mod pipeline;
 pub mod recipes;
 pub mod releases;
 pub mod remote;
+pub mod services;
 pub mod ssh;
 pub mod transfer;
 pub mod ui;
@@ -114,7 +115,7 @@ async fn command(command: Command, ui: &Ui) -> Result<()> {
         Command::Resume(a) => {
             let ui = ui.with_yes(a.yes);
             let dir = pipeline::journal::find_run(&a.run)?;
-            let r = pipeline::resume(&dir, &ui).await?;
+            let r = pipeline::resume(&dir, &a.services, &ui).await?;
             print_report(&r, &ui)
         }
         Command::Abort(a) => {
@@ -333,6 +334,7 @@ async fn restore(a: cli::RestoreArgs, ui: &Ui) -> Result<()> {
         no_boot_proof: a.no_boot_proof,
         identity: a.conn.identity.clone(),
         memory_mib: vm::cmdline::parse_memory(&a.memory).unwrap_or(2048),
+        accept_failed: a.accept_failed,
     };
     let r = backup::restore::restore(&s, &facts, (&store, &v), &opts, ui).await?;
     ui.result("restore", &r, r.human())?;
@@ -358,8 +360,15 @@ async fn verify(a: cli::VerifyArgs, ui: &Ui) -> Result<()> {
     ui.say(human.trim_end().to_string());
     let memory_mib = vm::cmdline::parse_memory(&a.memory)
         .with_context(|| format!("--memory {}: expected a size such as 2G", a.memory))?;
-    let proof =
-        backup::proof::verify_boot(&store, &v, a.identity.as_deref(), memory_mib, ui).await?;
+    let proof = backup::proof::verify_boot(
+        &store,
+        &v,
+        a.identity.as_deref(),
+        memory_mib,
+        &a.accept_failed,
+        ui,
+    )
+    .await?;
     ui.result(
         "verify",
         &serde_json::json!({ "blocks": r, "boot": proof }),
@@ -484,6 +493,9 @@ async fn upgrade(a: cli::UpgradeArgs, rehearsal: bool, ui: &Ui) -> Result<()> {
         rehearsal,
         no_rehearsal: a.no_rehearsal,
         no_carry: a.no_carry,
+        no_service_proof: a.services.no_service_proof,
+        accept_failed: a.services.accept_failed,
+        rollback_on_failure: a.services.rollback_on_failure,
     };
     if a.dry_run {
         let d = tokio::select! {

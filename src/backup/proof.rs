@@ -30,6 +30,9 @@ pub struct BootProof {
     /// runlevel.
     pub init: String,
     pub failed_units: Vec<String>,
+    /// The host's services as recorded with the version, checked in the
+    /// VM (None: the version has no record of them).
+    pub services: Option<crate::services::Outcome>,
     pub seconds: f64,
     /// The VM's console and files (kept).
     pub dir: PathBuf,
@@ -51,8 +54,21 @@ impl BootProof {
             },
             self.seconds,
             self.dir.join("serial.log").display()
-        )
+        ) + &match &self.services {
+            Some(o) => o.human("of the host, in the VM", &[]),
+            None => "  (the version has no record of its host's services: not checked)\n".into(),
+        }
     }
+}
+
+/// What a boot proof checks of the host's services, and how it logs in.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Services<'a> {
+    /// The host's key (`-i`).
+    pub identity: Option<&'a Path>,
+    pub set: Option<&'a crate::services::ServiceSet>,
+    /// `--accept-failed`.
+    pub accepted: &'a [String],
 }
 
 /// The version as a raw image under `$XDG_STATE_HOME/drydock/backups-boot`
@@ -91,6 +107,7 @@ pub async fn verify_boot(
     v: &Version,
     identity: Option<&Path>,
     memory_mib: u64,
+    accepted: &[String],
     ui: &Ui,
 ) -> Result<BootProof> {
     let image = laid_out(store, v, ui)?;
@@ -100,8 +117,12 @@ pub async fn verify_boot(
         &format!("version {}", v.id),
         &v.id,
         shape,
-        identity,
         memory_mib,
+        Services {
+            identity,
+            set: v.services.as_ref(),
+            accepted,
+        },
         ui,
     )
     .await
@@ -115,8 +136,8 @@ pub async fn prove_image(
     what: &str,
     id: &str,
     shape: crate::vm::shape::Shape,
-    identity: Option<&Path>,
     memory_mib: u64,
+    services: Services<'_>,
     ui: &Ui,
 ) -> Result<BootProof> {
     let started = Instant::now();
@@ -151,7 +172,7 @@ pub async fn prove_image(
         // stuck) must not hold verify forever: 30 minutes in all.
         r = tokio::time::timeout(
             Duration::from_secs(1800),
-            prove(&mut vm, port, identity, &dir, what, id),
+            prove(&mut vm, port, &dir, what, id, services),
         ) => r.unwrap_or_else(|_| Err(anyhow::anyhow!(
             "{what} did not finish its boot checks within 30 minutes; its console: {}",
             dir.join("serial.log").display()
@@ -233,13 +254,13 @@ pub fn sealed_spec(
 async fn prove(
     vm: &mut Vm,
     port: u16,
-    identity: Option<&Path>,
     dir: &Path,
     what: &str,
     id: &str,
+    services: Services<'_>,
 ) -> Result<BootProof> {
     let console = dir.join("serial.log");
-    let s = log_in(vm, port, identity, dir, what).await?;
+    let s = log_in(vm, port, services.identity, dir, what).await?;
     let (_, _, os) = guest::os_release(&s).await?;
     let root = s
         .exec("findmnt -n -o OPTIONS / || awk '$2 == \"/\" {print $4}' /proc/mounts")
@@ -273,10 +294,33 @@ async fn prove(
         .split_whitespace()
         .map(str::to_string)
         .collect();
+    let checked = match services.set.filter(|s| !s.is_empty()) {
+        Some(set) => {
+            let opts = crate::services::check::Options {
+                start_idle: true,
+                ..Default::default()
+            };
+            Some(crate::services::check::check(&s, set, &opts).await)
+        }
+        None => None,
+    };
     s.exec("(sleep 1; systemctl poweroff || poweroff) >/dev/null 2>&1 &")
         .await
         .ok();
     s.close().await;
+    let services_outcome = checked.transpose()?;
+    if let Some(o) = &services_outcome {
+        let failures = o.failures(services.accepted);
+        if !failures.is_empty() {
+            bail!(
+                "{what} booted, but {} unit(s) its host ran do not run in it:\n{}\n(`--accept-failed \
+                 UNIT` goes on without one; its console: {})",
+                failures.len(),
+                o.failure_text(services.accepted).trim_end(),
+                console.display()
+            );
+        }
+    }
     if !matches!(init.as_str(), "running" | "degraded" | "default" | "boot") {
         bail!(
             "{what} booted but its init did not reach its target (`{init}`); failed: {}; \
@@ -295,6 +339,7 @@ async fn prove(
         root,
         init,
         failed_units: failed,
+        services: services_outcome,
         seconds: 0.0,
         dir: dir.to_path_buf(),
     })

@@ -42,6 +42,8 @@ pub struct RestoreOptions {
     pub no_boot_proof: bool,
     pub identity: Option<PathBuf>,
     pub memory_mib: u64,
+    /// `--accept-failed`: units of the host the boot proof may find not running.
+    pub accept_failed: Vec<String>,
 }
 
 #[derive(Debug, Serialize)]
@@ -329,8 +331,12 @@ async fn restore_with(
             &format!("the restored copy of version {}", v.id),
             &v.id,
             plan.new_shape.clone(),
-            opts.identity.as_deref(),
             opts.memory_mib,
+            super::proof::Services {
+                identity: opts.identity.as_deref(),
+                set: v.services.as_ref(),
+                accepted: &opts.accept_failed,
+            },
             ui,
         )
         .await

@@ -75,6 +75,10 @@ pub struct Version {
     /// The host's shape (firmware, disk bus, network), for a VM of it.
     #[serde(default)]
     pub shape: Option<crate::vm::shape::Shape>,
+    /// What the host ran when the version was taken: `verify --boot` and
+    /// `restore` check it runs again (versions from before: not checked).
+    #[serde(default)]
+    pub services: Option<crate::services::ServiceSet>,
     pub manifest: Manifest,
 }
 

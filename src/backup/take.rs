@@ -127,6 +127,18 @@ pub async fn backup(
             session.host()
         ));
     }
+    // What the host runs, before any freeze stops it: best effort too.
+    let services = match crate::services::gather(session).await {
+        Ok(s) => s,
+        Err(e) => {
+            ui.say(format!(
+                "note: the services {} runs were not recorded with the version ({e:#}): a boot \
+                 of it will not check them",
+                session.host()
+            ));
+            None
+        }
+    };
     let frozen_at = if opts.freeze {
         ui.say(format!("freezing {} for a consistent copy", session.host()));
         let r = crate::remote::freeze::freeze(session, facts, opts.device.as_deref()).await?;
@@ -200,6 +212,7 @@ pub async fn backup(
         added_blocks: got.added.len() as u64,
         added_bytes: got.added_bytes,
         shape: Some(crate::pipeline::steps::shape_of(facts, &dev)),
+        services,
         manifest,
     };
     let shared_bytes = version

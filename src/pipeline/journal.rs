@@ -18,6 +18,9 @@ pub enum Step {
     LivePull,
     /// The upgrade run whole in the worker VM on the live copy.
     Rehearse,
+    /// The VPS's services started on the upgraded copy (a throwaway
+    /// overlay, network sealed).
+    Prove,
     Freeze,
     Pull,
     Upgrade,
@@ -31,6 +34,7 @@ pub const STEPS: &[Step] = &[
     Step::Freeze,
     Step::Pull,
     Step::Upgrade,
+    Step::Prove,
     Step::Push,
     Step::Reboot,
     Step::Check,
@@ -38,7 +42,7 @@ pub const STEPS: &[Step] = &[
 
 /// `drydock rehearse`: the pull is live (no freeze) and nothing is
 /// pushed; the upgrade runs whole in the worker VM, verify boot included.
-pub const REHEARSAL_STEPS: &[Step] = &[Step::Probe, Step::LivePull, Step::Rehearse];
+pub const REHEARSAL_STEPS: &[Step] = &[Step::Probe, Step::LivePull, Step::Rehearse, Step::Prove];
 
 /// `drydock upgrade` (without --no-rehearsal): the rehearsal, then the
 /// freeze and the real upgrade, the frozen pull a pre-copy that sends
@@ -47,6 +51,7 @@ pub const REHEARSED_STEPS: &[Step] = &[
     Step::Probe,
     Step::LivePull,
     Step::Rehearse,
+    Step::Prove,
     Step::Freeze,
     Step::Pull,
     Step::Upgrade,
@@ -62,6 +67,7 @@ impl Step {
             Step::Probe => "probe",
             Step::LivePull => "live-pull",
             Step::Rehearse => "rehearse",
+            Step::Prove => "prove",
             Step::Freeze => "freeze",
             Step::Pull => "pull",
             Step::Upgrade => "upgrade",
@@ -77,6 +83,7 @@ impl Step {
             Step::Probe => "probe",
             Step::LivePull => "pull, live (the VPS serving)",
             Step::Rehearse => "rehearse in the local VM (boot, run, reboot, verify, power off)",
+            Step::Prove => "prove the VPS's services on the upgraded copy (sealed, thrown away)",
             Step::Freeze => "freeze",
             Step::Pull => "pull",
             Step::Upgrade => "upgrade in the local VM (boot, run, reboot, verify, power off)",
@@ -223,6 +230,14 @@ pub struct Journal {
     /// What the sealed worker VM tried to reach and was refused.
     #[serde(default)]
     pub refused: Vec<String>,
+    /// The VPS's service set, its proof on the upgraded copy and its check
+    /// on the VPS after the reboot.
+    #[serde(default)]
+    pub services: super::proof::Record,
+    /// The plan the rehearsal ran, for its result to be carried over once
+    /// the proof passed.
+    #[serde(default)]
+    pub rehearsed_plan: Option<crate::recipes::Plan>,
 }
 
 fn auto() -> Mode {

@@ -14,6 +14,7 @@ mod abort;
 pub(crate) mod carry;
 pub mod guest;
 pub mod journal;
+pub mod proof;
 mod report;
 pub(crate) mod steps;
 mod worker;
@@ -62,6 +63,14 @@ pub struct Request {
     /// `upgrade --no-carry`: after the rehearsal, run the upgrade again on
     /// the frozen copy even where the rehearsal's result could be carried.
     pub no_carry: bool,
+    /// `--no-service-proof`: the VPS's services are not started on the
+    /// upgraded copy before the freeze.
+    pub no_service_proof: bool,
+    /// `--accept-failed UNIT`: a unit whose failure does not stop the run.
+    pub accept_failed: Vec<String>,
+    /// `--rollback-on-failure`: a service that does not run on the VPS
+    /// after the push gives it its old disk back.
+    pub rollback_on_failure: bool,
 }
 
 fn plan_of(j: &Journal, host: &recipes::Host) -> Result<Plan> {
@@ -99,6 +108,10 @@ pub async fn dry_run(req: &Request) -> Result<DryRun> {
         dir = parent.to_path_buf();
     }
     let res = probe(&s, &j, &dir, true).await;
+    let set = match &res {
+        Ok(_) => crate::services::gather(&s).await.ok().flatten(),
+        Err(_) => None,
+    };
     s.close().await;
     let Probed {
         facts,
@@ -130,6 +143,8 @@ pub async fn dry_run(req: &Request) -> Result<DryRun> {
         cpus: req.cpus,
         commands: plan.commands,
         after_reboot: plan.after_reboot,
+        services: set.map(|s| s.names()).unwrap_or_default(),
+        service_proof: !req.no_service_proof,
         expect: match (plan.expect_id, plan.expect_version) {
             (Some(id), Some(v)) => Some(format!("{id} {v}")),
             _ => None,
@@ -200,6 +215,13 @@ fn new_journal(req: &Request) -> Journal {
         allow_extra: req.allow_hosts.clone(),
         held_back: Vec::new(),
         refused: Vec::new(),
+        services: proof::Record {
+            no_proof: req.no_service_proof,
+            accept_failed: req.accept_failed.clone(),
+            rollback_on_failure: req.rollback_on_failure,
+            ..Default::default()
+        },
+        rehearsed_plan: None,
     }
 }
 
@@ -235,8 +257,8 @@ pub async fn start(req: &Request, ui: &Ui) -> Result<Report> {
     drive(&dir, j, ui, req.accept_new_host_key).await
 }
 
-pub async fn resume(dir: &Path, ui: &Ui) -> Result<Report> {
-    let j = Journal::load(dir)?;
+pub async fn resume(dir: &Path, svc: &crate::cli::ServiceArgs, ui: &Ui) -> Result<Report> {
+    let mut j = Journal::load(dir)?;
     match j.state {
         State::Done => {
             return Err(refused!(
@@ -252,6 +274,7 @@ pub async fn resume(dir: &Path, ui: &Ui) -> Result<Report> {
         }
         State::Running => {}
     }
+    take_service_args(dir, &mut j, svc, ui)?;
     ui.say(format!(
         "resuming {} at: {}",
         dir.display(),
@@ -259,6 +282,46 @@ pub async fn resume(dir: &Path, ui: &Ui) -> Result<Report> {
     ));
     let accept_new = j.accept_new_host_key;
     drive(dir, j, ui, accept_new).await
+}
+
+/// `resume`'s service flags, added to the run's; and after a failed proof
+/// that they do not accept, the proof again: on a rehearsal, from a new
+/// live copy (the VPS was fixed meanwhile), else on the same copy.
+fn take_service_args(
+    dir: &Path,
+    j: &mut Journal,
+    svc: &crate::cli::ServiceArgs,
+    ui: &Ui,
+) -> Result<()> {
+    let r = &mut j.services;
+    r.no_proof |= svc.no_service_proof;
+    r.rollback_on_failure |= svc.rollback_on_failure;
+    for u in &svc.accept_failed {
+        if !r.accept_failed.contains(u) {
+            r.accept_failed.push(u.clone());
+        }
+    }
+    let failed_proof = j.next_step() == Some(Step::Prove)
+        && !j.services.no_proof
+        && j.services
+            .proof
+            .as_ref()
+            .is_some_and(|p| !p.failures(&j.services.accept_failed).is_empty());
+    if failed_proof {
+        j.services.proof = None;
+        if j.never_frozen() && j.steps().contains(&Step::LivePull) {
+            ui.say(
+                "the service proof failed on the last rehearsal: the live copy is brought up to \
+                 date and the rehearsal and the proof run again (the VPS keeps serving)",
+            );
+            j.done
+                .retain(|r| !matches!(r.step, Step::LivePull | Step::Rehearse));
+            j.live_since = None;
+            j.delta_blocks = None;
+            j.delta_bytes = None;
+        }
+    }
+    j.save(dir)
 }
 
 async fn drive(dir: &Path, mut j: Journal, ui: &Ui, accept_new: bool) -> Result<Report> {
@@ -289,7 +352,10 @@ async fn drive(dir: &Path, mut j: Journal, ui: &Ui, accept_new: bool) -> Result<
         j.save(dir)?;
         res.with_context(|| {
             let run = dir.display();
-            if j.never_frozen() {
+            if step == Step::Prove {
+                // The proof's own error says how to go on.
+                format!("run {run}")
+            } else if j.never_frozen() {
                 let what = if j.is_done(Step::Rehearse) || !j.steps().contains(&Step::Rehearse) {
                     format!("step '{}'", step.name())
                 } else {

@@ -68,6 +68,16 @@ pub struct Report {
     /// What the run's worker VMs (the rehearsal's included) tried to
     /// reach and were refused (also in run.log).
     pub refused_connections: Vec<String>,
+    /// The VPS's service set (what it ran when probed).
+    pub services: Vec<String>,
+    /// The set started on the upgraded copy before the freeze, and what
+    /// came of it; or why it was not.
+    pub service_proof: Option<crate::services::Outcome>,
+    pub service_proof_skipped: Option<String>,
+    /// The set checked on the VPS after its reboot.
+    pub services_after: Option<crate::services::Outcome>,
+    /// `--accept-failed`.
+    pub accepted_failures: Vec<String>,
 }
 
 pub(super) fn report(dir: &Path, j: &Journal) -> Report {
@@ -87,7 +97,12 @@ pub(super) fn report(dir: &Path, j: &Journal) -> Report {
     let before_freeze: Vec<f64> = j
         .done
         .iter()
-        .filter(|r| matches!(r.step, Step::Probe | Step::LivePull | Step::Rehearse))
+        .filter(|r| {
+            matches!(
+                r.step,
+                Step::Probe | Step::LivePull | Step::Rehearse | Step::Prove
+            ) && (j.rehearsal || j.rehearse_first)
+        })
         .map(|r| r.seconds)
         .collect();
     Report {
@@ -127,6 +142,16 @@ pub(super) fn report(dir: &Path, j: &Journal) -> Report {
         allowed_hosts: j.allowed_hosts.clone(),
         held_back: j.held_back.clone(),
         refused_connections: j.refused.clone(),
+        services: j
+            .services
+            .set
+            .as_ref()
+            .map(|s| s.names())
+            .unwrap_or_default(),
+        service_proof: j.services.proof.clone(),
+        service_proof_skipped: j.services.proof_skipped.clone(),
+        services_after: j.services.after.clone(),
+        accepted_failures: j.services.accept_failed.clone(),
     }
 }
 
@@ -158,8 +183,12 @@ impl Report {
         }
         if let Some(l) = self.live_seconds {
             s.push_str(&format!(
-                "live, the VPS serving: {l:.0} s (probe, live pull of {}, rehearsal)\n",
-                human_bytes(self.bytes_pulled_live)
+                "live, the VPS serving: {l:.0} s (probe, live pull of {}, rehearsal{})\n",
+                human_bytes(self.bytes_pulled_live),
+                match &self.service_proof {
+                    Some(p) => format!(", service proof {:.0} s", p.seconds),
+                    None => String::new(),
+                }
             ));
         }
         if let Some(d) = self.downtime_seconds {
@@ -232,6 +261,7 @@ impl Report {
                 .unwrap_or_default(),
             self.run.display()
         ));
+        s.push_str(&self.services_human());
         s.push_str(&format!(
             "held back in the worker VM ({}): {}\n",
             self.held_back.len(),
@@ -253,6 +283,36 @@ impl Report {
                 } else {
                     format!(" ({})", self.refused_connections.join("; "))
                 }
+            ));
+        }
+        s
+    }
+}
+
+impl Report {
+    /// The proof's and the check's lines.
+    fn services_human(&self) -> String {
+        let mut s = String::new();
+        match (&self.service_proof, &self.service_proof_skipped) {
+            (Some(p), _) => s.push_str(&p.human(
+                "proven on the upgraded copy (sealed, thrown away)",
+                &self.accepted_failures,
+            )),
+            (None, Some(why)) => s.push_str(&format!(
+                "services NOT proven on the upgraded copy: {why}\n"
+            )),
+            (None, None) => {}
+        }
+        if let Some(a) = &self.services_after {
+            s.push_str(&a.human(
+                &format!("on {} after its reboot", self.host),
+                &self.accepted_failures,
+            ));
+        }
+        if !self.accepted_failures.is_empty() {
+            s.push_str(&format!(
+                "accepted failing (--accept-failed): {}\n",
+                self.accepted_failures.join(" ")
             ));
         }
         s
@@ -288,6 +348,10 @@ pub struct DryRun {
     /// "sealed" or "open".
     pub network: String,
     pub allowed_hosts: Vec<String>,
+    /// The VPS's service set, proven on the upgraded copy unless
+    /// `--no-service-proof` (then `service_proof` is false).
+    pub services: Vec<String>,
+    pub service_proof: bool,
 }
 
 impl DryRun {
@@ -402,11 +466,33 @@ impl DryRun {
             }
             let _ = writeln!(s, "     and power it off");
         }
+        let units = format!(
+            "{} unit(s): {}",
+            self.services.len(),
+            self.services.join(" ")
+        );
+        if self.service_proof && !self.services.is_empty() {
+            let when = match self.rehearsal.as_str() {
+                "skipped" => "while the VPS is frozen (no rehearsal: it adds to the downtime)",
+                _ => "before the freeze",
+            };
+            let _ = writeln!(
+                s,
+                "  4b. prove the services {when}: boot the upgraded copy once more on a throwaway \
+                 overlay, network sealed, what {host} did not run held back; each of its {units} \
+                 must run, or the run stops"
+            );
+        } else {
+            let _ = writeln!(s, "  4b. no service proof (--no-service-proof)");
+        }
         let _ = writeln!(
             s,
             "  5. push the changed blocks to {dev} ({mode} mode), each read back and checked"
         );
-        let _ = writeln!(s, "  6. reboot {host}{expect}");
+        let _ = writeln!(
+            s,
+            "  6. reboot {host}{expect}, and check it runs its services again"
+        );
         for n in &self.worker_vm.notes {
             let _ = writeln!(s, "note: {n}");
         }

@@ -110,12 +110,13 @@ pub(super) async fn do_step(
         Step::Probe => probe_step(dir, j, ui, accept_new).await,
         Step::LivePull => pull_step(dir, j, ui, true).await,
         Step::Rehearse => rehearse_step(dir, j, ui).await,
+        Step::Prove => super::proof::prove_step(dir, j, ui).await,
         Step::Freeze => freeze_step(dir, j, ui).await,
         Step::Pull => pull_step(dir, j, ui, false).await,
         Step::Upgrade => upgrade_step(dir, j, ui).await,
         Step::Push => push_step(dir, j, ui).await,
         Step::Reboot => reboot_vps(j).await,
-        Step::Check => check_step(j, ui).await,
+        Step::Check => check_step(dir, j, ui).await,
     }
 }
 
@@ -150,6 +151,7 @@ async fn probe_step(dir: &Path, j: &mut Journal, ui: &Ui, accept_new: bool) -> R
     }
     j.seal = Some(seal);
     j.allowed_hosts = allowed;
+    record_services(&s, &facts, j, ui).await?;
     ui.say(format!(
         "{}: {}, disk {} ({}); plan: {}",
         s.host(),
@@ -166,6 +168,43 @@ async fn probe_step(dir: &Path, j: &mut Journal, ui: &Ui, accept_new: bool) -> R
     j.os_before = Some(facts.pretty_name());
     j.device = Some(dev.path);
     s.close().await;
+    Ok(())
+}
+
+/// The VPS's service set, and the memory and CPUs the proof's VM gets.
+async fn record_services(
+    s: &Session,
+    facts: &remote::Facts,
+    j: &mut Journal,
+    ui: &Ui,
+) -> Result<()> {
+    let r = &mut j.services;
+    r.vps_memory_mib = crate::services::vps_memory_mib(facts.mem_total_bytes);
+    r.vps_cpus = (facts.cpus > 0).then_some(facts.cpus);
+    r.vps_enabled = crate::vm::seal::enabled_units(&facts.units);
+    r.set = crate::services::gather(s).await?;
+    match &r.set {
+        Some(set) => {
+            ui.say(format!(
+                "services of {} (proven on the upgraded copy before the freeze, checked after the \
+                 reboot): {}",
+                s.host(),
+                set.describe()
+            ));
+            if !set.not_running.is_empty() {
+                ui.warn(format!(
+                    "not running on {} now, so not required afterwards: {}",
+                    s.host(),
+                    set.not_running.join(" ")
+                ));
+            }
+        }
+        None => ui.warn(format!(
+            "{} did not list its units (neither systemd nor OpenRC answered): its services will \
+             not be proven",
+            s.host()
+        )),
+    }
     Ok(())
 }
 
@@ -233,7 +272,9 @@ async fn pull_step(dir: &Path, j: &mut Journal, ui: &Ui, live: bool) -> Result<(
         transfer: j.transfer,
     };
     let mut r = None;
-    if !live && j.is_done(Step::LivePull) && pull::precopy::can_start_from(&base) {
+    // After the freeze, the live copy brought up to date; live, an earlier
+    // live copy (a rehearsal run again after a failed proof) likewise.
+    if (live || j.is_done(Step::LivePull)) && pull::precopy::can_start_from(&base) {
         r = match pull::precopy::precopy(&s, &facts, &opts, ui).await? {
             Ok(r) => Some(r),
             Err(why) => {
@@ -245,8 +286,8 @@ async fn pull_step(dir: &Path, j: &mut Journal, ui: &Ui, live: bool) -> Result<(
     let r = match r {
         Some(r) => r,
         None => {
-            if !live && j.is_done(Step::LivePull) {
-                // The live copy, replaced whole.
+            if live || j.is_done(Step::LivePull) {
+                // The earlier copy, replaced whole.
                 for p in [Manifest::path_for(&base), pull::precopy::state_path(&base)] {
                     let _ = std::fs::remove_file(p);
                 }
@@ -268,26 +309,14 @@ async fn pull_step(dir: &Path, j: &mut Journal, ui: &Ui, live: bool) -> Result<(
 }
 
 /// The rehearsal: the whole upgrade in the worker VM on the live copy,
-/// then what a push of its result would write. The real upgrade starts
-/// again from the frozen copy.
+/// then what a push of its result would write. The proof step proves its
+/// result and keeps it for the carry; the real upgrade starts again from
+/// the frozen copy.
 async fn rehearse_step(dir: &Path, j: &mut Journal, ui: &Ui) -> Result<()> {
     let plan = upgrade_in_vm(dir, j, ui).await?;
     j.rehearsal_downloads = j.downloads.take();
-    super::measure_delta(dir, j, ui)?;
-    if !j.rehearsal {
-        ui.say(format!(
-            "the rehearsal passed: the worker VM came back running {}; a push would write {}. \
-             Now the real upgrade: the VPS is frozen from here",
-            j.os_in_worker.as_deref().unwrap_or("?"),
-            human_bytes(j.delta_bytes.unwrap_or(0))
-        ));
-        // Kept to be carried over to the frozen copy (`carry`), or
-        // removed: the real upgrade makes its own.
-        super::carry::keep(dir, j, &plan, ui)?;
-        let _ = std::fs::remove_file(dir.join("upgraded.raw"));
-        let _ = std::fs::remove_file(Manifest::path_for(&dir.join("upgraded.raw")));
-    }
-    Ok(())
+    j.rehearsed_plan = Some(plan);
+    super::measure_delta(dir, j, ui)
 }
 
 /// The real upgrade: the rehearsal's result carried over to the frozen
@@ -362,24 +391,93 @@ async fn push_step(dir: &Path, j: &mut Journal, ui: &Ui) -> Result<()> {
     Ok(())
 }
 
-/// The VPS is back, on the release asked for.
-async fn check_step(j: &mut Journal, ui: &Ui) -> Result<()> {
+/// The VPS is back, on the release asked for, and runs what it ran
+/// before; a failure names the way back (`abort`), or takes it with
+/// `--rollback-on-failure`.
+async fn check_step(dir: &Path, j: &mut Journal, ui: &Ui) -> Result<()> {
     let s = connect(j, false).await?;
     let (id, ver, pretty) = guest::os_release(&s).await?;
+    let pretty = crate::services::printable(&pretty);
     if let Some(to) = &j.to {
         let (want_id, want_ver) = recipes::parse_release(to)?;
         if want_id != id || want_ver != ver {
-            bail!(
-                "{} came back running {pretty} ({id} {ver}), not {to}",
-                s.host()
+            s.close().await;
+            let why = format!(
+                "{} came back running {pretty} ({}), not {to}",
+                j.host,
+                crate::services::printable(&format!("{id} {ver}"))
             );
+            return back_failed(dir, j, ui, why).await;
         }
     }
     ui.say(format!("{} is back, running {pretty}", s.host()));
     j.os_after = Some(pretty);
     j.back_at = Some(transfer::now());
-    s.close().await;
+    if let Some(set) = j.services.set.clone().filter(|s| !s.is_empty()) {
+        ui.say(format!(
+            "checking that {} runs what it ran before: {} unit(s)",
+            s.host(),
+            set.units.len()
+        ));
+        let opts = crate::services::check::Options {
+            not_at_boot: j.services.not_at_boot(),
+            ..Default::default()
+        };
+        let checked = crate::services::check::check(&s, &set, &opts).await;
+        s.close().await;
+        let outcome = checked?;
+        let failures = outcome.failures(&j.services.accept_failed);
+        let text = outcome.failure_text(&j.services.accept_failed);
+        ui.say(format!("services on {}: {}", j.host, outcome.summary()));
+        j.services.after = Some(outcome);
+        j.save(dir)?;
+        if !failures.is_empty() {
+            let why = format!(
+                "{} unit(s) that {} ran before do not run after the upgrade:\n{}",
+                failures.len(),
+                j.host,
+                text.trim_end()
+            );
+            return back_failed(dir, j, ui, why).await;
+        }
+    } else {
+        s.close().await;
+    }
     Ok(())
+}
+
+/// The VPS came back, but not as it must (WHY): the way back named, or
+/// taken with `--rollback-on-failure`.
+async fn back_failed(dir: &Path, j: &mut Journal, ui: &Ui, why: String) -> Result<()> {
+    let run = dir.display();
+    if !j.services.rollback_on_failure {
+        return Err(crate::errors::NotAsBefore(format!(
+            "{why}\n`drydock abort {run}` gives {} its old disk back: it freezes it, keeps its \
+             disk as it is now in {}, pushes the base image back and reboots it (what it wrote \
+             since its reboot is then only in that image); `drydock resume {run}` checks again",
+            j.host,
+            dir.join("upgraded.raw").display()
+        ))
+        .into());
+    }
+    ui.warn(format!(
+        "{why}\n--rollback-on-failure: giving {} its old disk back",
+        j.host
+    ));
+    match super::abort::rollback_after_reboot(dir, j, ui).await {
+        Ok(said) => {
+            j.state = super::journal::State::Aborted;
+            j.save(dir)?;
+            Err(crate::errors::NotAsBefore(format!(
+                "{why}\nrolled back (--rollback-on-failure): {said}"
+            ))
+            .into())
+        }
+        Err(e) => Err(e.context(format!(
+            "{why}\n--rollback-on-failure: the rollback did not finish; `drydock abort {run}` \
+             tries it again"
+        ))),
+    }
 }
 
 /// Reboot the VPS with sysrq (never a clean shutdown, which could write

@@ -398,6 +398,7 @@ async fn verify_boot(
     for cmd in &plan.after_reboot {
         guest::run_logged(&s, cmd, &w.log).await?;
     }
+    keep_boot_files(&s, w.dir, ui).await;
     seal_step(
         &s,
         "removing the verify reboot's seal",
@@ -422,6 +423,26 @@ async fn verify_boot(
     let clean = power_off(s, vm).await?;
     w.note_refused("net2.pcap")?;
     Ok((pretty2, trimmed && clean))
+}
+
+/// The upgraded system's kernel, initrd and command line, as its boot
+/// loader started them: the service proof's sealed first boot. Not having
+/// them fails only the proof, which says so.
+async fn keep_boot_files(s: &Session, dir: &Path, ui: &Ui) {
+    let to = dir.join(super::proof::UPGRADED_BOOT);
+    let res = async {
+        let cmdline = s
+            .run("reading the kernel command line", "cat /proc/cmdline")
+            .await?;
+        remote::bootfiles::fetch(s, cmdline.trim(), &to).await
+    }
+    .await;
+    if let Err(e) = res {
+        let _ = std::fs::remove_dir_all(&to);
+        ui.warn(format!(
+            "the upgraded system's kernel files could not be kept for the service proof: {e:#}"
+        ));
+    }
 }
 
 /// One of the seal's scripts in the worker VM, with a deadline: a guest

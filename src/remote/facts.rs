@@ -19,6 +19,7 @@ s uname; uname -r; uname -m
 s id; id -u
 s boot-id; cat /proc/sys/kernel/random/boot_id
 s meminfo; cat /proc/meminfo
+s cpus; grep -c '^processor' /proc/cpuinfo
 s mountinfo; cat /proc/self/mountinfo
 s swaps; cat /proc/swaps
 s block
@@ -101,6 +102,8 @@ pub struct Facts {
     pub uid: u32,
     pub boot_id: String,
     pub mem_total_bytes: u64,
+    /// Online CPUs (/proc/cpuinfo's processors; 0 if not said).
+    pub cpus: u32,
     pub mounts: Vec<Mount>,
     pub swaps: Vec<Swap>,
     pub block: Vec<BlockDev>,
@@ -255,6 +258,10 @@ pub fn parse(text: &str) -> Result<Facts> {
             .context("the host did not say which user we are (id -u)")?,
         boot_id: get("boot-id").first().cloned().unwrap_or_default(),
         mem_total_bytes,
+        cpus: get("cpus")
+            .first()
+            .and_then(|l| l.trim().parse().ok())
+            .unwrap_or(0),
         mounts: parse_mountinfo(&get("mountinfo")),
         swaps,
         block,

@@ -444,16 +444,13 @@ done
 echo end"#;
 
 /// Unit names are [A-Za-z0-9:_.@-\\]; anything else is dropped rather than
-/// given to a shell.
+/// given to a shell. Each is quoted: a backslash (`\\x2d`, systemd's escape)
+/// would otherwise be taken by the shell, and another unit masked.
 fn words(units: &[String]) -> String {
     units
         .iter()
-        .filter(|u| {
-            !u.is_empty()
-                && u.chars()
-                    .all(|c| c.is_ascii_alphanumeric() || ":_.@-\\".contains(c))
-        })
-        .cloned()
+        .filter(|u| crate::services::read::valid_name(u))
+        .map(|u| crate::ssh::shell_quote(u))
         .collect::<Vec<_>>()
         .join(" ")
 }

@@ -276,6 +276,26 @@ fn a_cmdline_over_the_kernels_limit_is_refused() {
 fn shell_words_drop_what_is_not_a_unit_name() {
     assert_eq!(
         words(&["a.service".into(), "x;rm -rf /".into(), "b@c.timer".into()]),
-        "a.service b@c.timer"
+        "a.service 'b@c.timer'"
+    );
+}
+
+/// systemd escapes a '-' in an instance name as `\x2d`; the seal's scripts
+/// must hand that name to systemctl as it is, or another unit is masked and
+/// the held-back one runs in the worker VM.
+#[test]
+fn an_escaped_unit_name_reaches_the_shell_as_it_is() {
+    let names = vec![
+        "app@blue\\x2dgreen.service".to_string(),
+        "plain.timer".to_string(),
+    ];
+    let out = std::process::Command::new("sh")
+        .arg("-c")
+        .arg(format!("for u in {}; do echo \"$u\"; done", words(&names)))
+        .output()
+        .unwrap();
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        "app@blue\\x2dgreen.service\nplain.timer\n"
     );
 }

@@ -1,0 +1,490 @@
+//! The service proof: the VPS's services started on the upgraded copy
+//! before anything is frozen (safety rule 9).
+//!
+//! # How
+//!
+//! The upgraded image is never written: the proof boots a qcow2 overlay of
+//! it (`proof.qcow2`, deleted afterwards), shaped as the VPS (its memory
+//! and CPUs too: a service that needs more RAM than the VPS has fails
+//! here), with the network sealed and no proxy: nothing leaves the VM.
+//!
+//! What the VPS did not run must stay held back, and the boot must still
+//! go through the upgraded system's own boot loader, whose command line
+//! cannot be changed. So the hold is written on the overlay first, in a
+//! short sealed boot of the upgraded kernel (fetched from the rehearsal's
+//! verify boot, booted directly to sysinit.target as the worker's first
+//! boot is): every timer (and timers.target), the schedulers (cron, atd:
+//! they run jobs), and every unit the VPS had enabled but did not run are
+//! masked in /etc/systemd/system.control (OpenRC: their runlevel links
+//! moved aside). Units the upgrade newly enabled are let run: the VPS will
+//! run them after its reboot. Then the overlay boots through the boot
+//! loader to the VPS's own default target, and `services::check` judges
+//! the set: active, not restarting; a unit nothing started at boot is
+//! started by drydock, and said so.
+//!
+//! The overlay is thrown away whatever the result: the hold on it never
+//! reaches the VPS.
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use anyhow::{Result, bail};
+use serde::{Deserialize, Serialize};
+
+use super::journal::{Journal, Step};
+use super::worker::{power_off, seal_step, start_worker};
+use crate::refused;
+use crate::remote::bootfiles::BootFiles;
+use crate::services::{self, Init, Outcome, ServiceSet};
+use crate::ui::{Ui, human_bytes};
+use crate::vm::{self, cmdline, seal};
+
+/// Where the upgraded system's kernel, initrd and command line are kept
+/// (read in the verify boot): the proof's first, sealed boot.
+pub const UPGRADED_BOOT: &str = "boot-upgraded";
+
+/// The services of a run: the set, the proof and the check after the push.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct Record {
+    /// What the VPS ran, as the probe found it (None: not read, as in runs
+    /// from before the proof).
+    pub set: Option<ServiceSet>,
+    /// The VPS's memory (rounded up to 256 MiB) and CPUs: the proof's VM.
+    pub vps_memory_mib: Option<u64>,
+    pub vps_cpus: Option<u32>,
+    /// The units the VPS had enabled ("UNIT TARGET"): those of them it did
+    /// not run stay held back in the proof.
+    #[serde(default)]
+    pub vps_enabled: Vec<(String, String)>,
+    /// `--no-service-proof`.
+    #[serde(default)]
+    pub no_proof: bool,
+    /// `--accept-failed UNIT`: failures that do not stop the run.
+    #[serde(default)]
+    pub accept_failed: Vec<String>,
+    /// `--rollback-on-failure`: a failed check after the push gives the VPS
+    /// its old disk back by itself.
+    #[serde(default)]
+    pub rollback_on_failure: bool,
+    /// The proof on the upgraded copy.
+    pub proof: Option<Outcome>,
+    /// Why there was no proof.
+    pub proof_skipped: Option<String>,
+    /// The check on the VPS after its reboot.
+    pub after: Option<Outcome>,
+    /// The way back after a failed check (`abort` after the reboot).
+    pub rollback: Option<super::abort::Rollback>,
+}
+
+impl Record {
+    /// Units the proof started itself: on the VPS their not running after
+    /// the reboot is said, not a failure.
+    pub fn not_at_boot(&self) -> Vec<String> {
+        self.proof
+            .as_ref()
+            .map(|p| p.started_by_drydock.clone())
+            .unwrap_or_default()
+    }
+}
+
+/// Why the proof does not run, if it does not.
+fn skip_reason(j: &Journal) -> Option<String> {
+    if j.services.no_proof {
+        return Some("--no-service-proof".into());
+    }
+    match &j.services.set {
+        None => Some("the VPS's services were not recorded by this run's probe".into()),
+        Some(s) if s.is_empty() => Some("the VPS runs no service drydock can check".into()),
+        _ => None,
+    }
+}
+
+/// The proof step: the proof (or why not), its verdict, and after a
+/// rehearsal that passed, the rehearsal's result kept for the carry.
+pub(super) async fn prove_step(dir: &Path, j: &mut Journal, ui: &Ui) -> Result<()> {
+    let later = j.steps().iter().skip_while(|s| **s != Step::Prove).skip(1);
+    if later.clone().any(|s| j.is_done(*s)) {
+        // A run started before the proof existed, already past its place.
+        j.services.proof_skipped = Some("this run had passed the proof's place".into());
+        return Ok(());
+    }
+    if let Some(why) = skip_reason(j) {
+        ui.warn(format!(
+            "the VPS's services are not proven on the upgraded copy: {why}"
+        ));
+        j.services.proof_skipped = Some(why);
+    } else if j.services.proof.is_none() {
+        if !j.rehearse_first && !j.rehearsal {
+            ui.warn("no rehearsal: the service proof runs while the VPS is frozen, and adds to the downtime");
+        }
+        let outcome = prove(dir, j, ui).await?;
+        j.services.proof = Some(outcome);
+        j.save(dir)?;
+    }
+    if let Some(p) = &j.services.proof {
+        let failures = p.failures(&j.services.accept_failed);
+        if !failures.is_empty() {
+            return Err(proof_failed(dir, j, p, &failures));
+        }
+        let accepted = p.failures(&[]);
+        ui.say(format!(
+            "the service proof passed on the upgraded copy: {} in {:.0} s{}",
+            p.summary(),
+            p.seconds,
+            if accepted.is_empty() {
+                String::new()
+            } else {
+                format!(
+                    "; not running, accepted (--accept-failed): {}",
+                    accepted.join(" ")
+                )
+            }
+        ));
+        for u in &p.started_by_drydock {
+            ui.warn(format!(
+                "{u} ran on the VPS, but nothing starts it at boot: drydock started it in the proof \
+                 and it came up; after the VPS's reboot it will not run until something starts it"
+            ));
+        }
+    }
+    if j.rehearse_first && !j.rehearsal {
+        ui.say(format!(
+            "the rehearsal passed: the worker VM came back running {}; a push would write {}. \
+             Now the real upgrade: the VPS is frozen from here",
+            services::printable(j.os_in_worker.as_deref().unwrap_or("?")),
+            human_bytes(j.delta_bytes.unwrap_or(0))
+        ));
+        // Kept to be carried over to the frozen copy (`carry`), or removed:
+        // the real upgrade makes its own.
+        if let Some(plan) = j.rehearsed_plan.clone() {
+            super::carry::keep(dir, j, &plan, ui)?;
+        }
+        let upgraded = dir.join("upgraded.raw");
+        let _ = std::fs::remove_file(crate::image::manifest::Manifest::path_for(&upgraded));
+        let _ = std::fs::remove_file(upgraded);
+    }
+    Ok(())
+}
+
+/// The error of a failed proof: each unit with its evidence, and the ways on.
+fn proof_failed(dir: &Path, j: &Journal, p: &Outcome, failures: &[String]) -> anyhow::Error {
+    let run = dir.display();
+    let refused = if p.refused.is_empty() {
+        String::new()
+    } else {
+        format!(
+            "\nthe sealed network refused during the proof: {}; a unit that needs to reach \
+             those fails only here: accept it with --accept-failed UNIT",
+            p.refused.join("; ")
+        )
+    };
+    let accept = failures
+        .iter()
+        .map(|u| format!("--accept-failed {u}"))
+        .collect::<Vec<_>>()
+        .join(" ");
+    let head = format!(
+        "the service proof failed: {} unit(s) the VPS runs did not run on the upgraded copy \
+         (booted through its own boot loader, network sealed, {}):\n{}",
+        failures.len(),
+        p.settled,
+        p.failure_text(&j.services.accept_failed).trim_end()
+    );
+    if j.never_frozen() {
+        refused!(
+            "{head}{refused}\nthe VPS was not frozen and kept serving; nothing on it changed. \
+             How to go on:\n  fix the cause on the VPS, then `drydock resume {run}`: the live copy \
+             is brought up to date and the rehearsal and the proof run again;\n  `drydock resume \
+             {run} {accept}` goes on, those units not running after the upgrade;\n  `drydock \
+             resume {run} --no-service-proof` goes on without the proof;\n  `drydock abort {run}` \
+             ends the run (another --to or --run needs a new run)"
+        )
+    } else {
+        anyhow::anyhow!(
+            "{head}{refused}\nthe VPS is frozen and unchanged (nothing was pushed). \
+             `drydock abort {run}` gives it back as it was; `drydock resume {run} {accept}` \
+             pushes anyway, those units not running after the upgrade"
+        )
+    }
+}
+
+/// What the proof holds back on a systemd disk: every timer and the
+/// timers target, the schedulers, and what the VPS had enabled but did not
+/// run. ENABLED: the upgraded disk's enabled units ("file UNIT TARGET").
+pub fn held_systemd(
+    set: &ServiceSet,
+    vps_enabled: &[(String, String)],
+    enabled: &[(String, String)],
+) -> Vec<String> {
+    let runs =
+        |u: &str| set.units.iter().any(|x| x.name == u) || set.ran_at_boot.iter().any(|x| x == u);
+    let vps_had = |u: &str| vps_enabled.iter().any(|(x, _)| x == u);
+    let mut held: Vec<String> = enabled
+        .iter()
+        .map(|(u, _)| u.clone())
+        .filter(|u| !u.contains("@."))
+        .filter(|u| {
+            u.ends_with(".timer")
+                || u.ends_with(".path")
+                || services::SCHEDULERS.contains(&u.as_str())
+                || (vps_had(u) && !runs(u) && !u.ends_with(".target"))
+        })
+        .collect();
+    held.push("timers.target".into());
+    held.extend(
+        set.units
+            .iter()
+            .filter(|u| services::SCHEDULERS.contains(&u.name.as_str()))
+            .map(|u| u.name.clone()),
+    );
+    held.retain(|u| services::read::valid_name(u));
+    held.sort();
+    held.dedup();
+    held
+}
+
+/// The proof's hold written on the overlay (systemd): masks in
+/// /etc/systemd/system.control, above every other unit folder.
+fn hold_script(held: &[String]) -> String {
+    let words: Vec<String> = held.iter().map(|u| crate::ssh::shell_quote(u)).collect();
+    format!(
+        "set -e\nD=/etc/systemd/system.control\nmkdir -p \"$D\"\nfor u in {}; do ln -sfn /dev/null \"$D/$u\"; done\nsync\n",
+        words.join(" ")
+    )
+}
+
+/// The proof: the hold written in a sealed direct boot of the upgraded
+/// kernel, then the boot through the boot loader and the check; the
+/// overlay removed after, whatever happened.
+async fn prove(dir: &Path, j: &Journal, ui: &Ui) -> Result<Outcome> {
+    let t0 = Instant::now();
+    let Some(set) = j.services.set.clone() else {
+        bail!("no service set recorded");
+    };
+    let overlay = dir.join("proof.qcow2");
+    let _ = std::fs::remove_file(&overlay);
+    vm::image::create_overlay(&dir.join("upgraded.raw"), &overlay).await?;
+    let res = tokio::time::timeout(
+        Duration::from_secs(3600),
+        prove_on(dir, j, ui, &set, &overlay),
+    )
+    .await
+    .unwrap_or_else(|_| {
+        bail!(
+            "the service proof did not finish within an hour; the console of its VM is in {}",
+            dir.join("serial.log").display()
+        )
+    });
+    let _ = std::fs::remove_file(&overlay);
+    let mut outcome = res?;
+    outcome.seconds = t0.elapsed().as_secs_f64();
+    Ok(outcome)
+}
+
+async fn prove_on(
+    dir: &Path,
+    j: &Journal,
+    ui: &Ui,
+    set: &ServiceSet,
+    overlay: &Path,
+) -> Result<Outcome> {
+    let Some(seal) = j.seal.clone() else {
+        bail!("this run has no seal for its worker VM");
+    };
+    let boot = BootFiles::load(&dir.join(UPGRADED_BOOT)).map_err(|e| {
+        anyhow::anyhow!(
+            "the upgraded system's kernel files were not kept from its verify boot ({e:#}), and \
+             the proof boots them to hold back what the VPS did not run; `drydock resume {} \
+             --no-service-proof` goes on without the proof",
+            dir.display()
+        )
+    })?;
+    let shape = j.shape.clone().unwrap_or_default();
+    let memory_mib = j.services.vps_memory_mib.unwrap_or(j.memory_mib);
+    let cpus = j.services.vps_cpus.unwrap_or(j.cpus).max(1);
+    let spec = |direct: Option<cmdline::DirectBoot>, pcap: &str| -> Result<cmdline::VmSpec> {
+        Ok(cmdline::VmSpec {
+            hotplug_ports: Vec::new(),
+            disk: overlay.to_path_buf(),
+            disk_format: "qcow2".into(),
+            memory_mib,
+            cpus,
+            accel: cmdline::detect_accel(),
+            ssh_port: std::net::TcpListener::bind("127.0.0.1:0")?
+                .local_addr()?
+                .port(),
+            qmp_socket: dir.join("qmp.sock"),
+            serial_log: dir.join("serial.log"),
+            shape: shape.clone(),
+            efi: vm::efi_for(&shape, dir)?,
+            direct,
+            sealed: Some(cmdline::NetSeal {
+                proxy: None,
+                pcap: dir.join(pcap),
+            }),
+        })
+    };
+    let parity = format!(
+        "the proof's VM was built as probed on the VPS: {}",
+        shape.describe()
+    );
+    ui.say(format!(
+        "the service proof: the upgraded copy on a throwaway overlay, {memory_mib} MiB and {cpus} \
+         CPU(s) as the VPS, network sealed; first the hold on what the VPS did not run"
+    ));
+    // 1. The hold, written in a sealed direct boot of the upgraded kernel.
+    let direct = cmdline::DirectBoot {
+        kernel: boot.kernel.clone(),
+        initrd: boot.initrd.clone(),
+        append: seal.kernel_cmdline(&boot.cmdline)?,
+    };
+    let (vm1, s) = start_worker(
+        dir,
+        j.identity.as_deref(),
+        spec(Some(direct), "proof1.pcap")?,
+        "the upgraded copy did not come up for the service proof's hold: ",
+        &parity,
+    )
+    .await?;
+    let listed = seal_step(
+        &s,
+        "listing the upgraded disk's units",
+        seal.enabled_script(),
+    )
+    .await?;
+    let lines: Vec<String> = listed.lines().map(str::to_string).collect();
+    if lines.last().map(String::as_str) != Some("end") {
+        bail!("the list of the upgraded disk's units was cut short");
+    }
+    let held = match set.init {
+        Init::Systemd => {
+            let vps_enabled = j.services.vps_enabled.clone();
+            let h = held_systemd(set, &vps_enabled, &seal::enabled_units(&lines));
+            seal_step(
+                &s,
+                "holding back what the VPS did not run",
+                &hold_script(&h),
+            )
+            .await?;
+            h
+        }
+        Init::Openrc => {
+            let mut h = seal::openrc_held_back(&seal::runlevel_services(&lines), &set.names());
+            h.extend(
+                set.units
+                    .iter()
+                    .filter(|u| services::SCHEDULERS.contains(&u.name.as_str()))
+                    .map(|u| u.name.clone()),
+            );
+            h.sort();
+            h.dedup();
+            seal_step(
+                &s,
+                "holding back what the VPS did not run",
+                &seal.disk_seal_script(&h, false),
+            )
+            .await?;
+            h
+        }
+    };
+    power_off(s, vm1).await?;
+    ui.say(format!(
+        "held back in the proof ({}): {}; booting the upgraded copy through its own boot loader",
+        held.len(),
+        held.join(" ")
+    ));
+    // 2. Through the boot loader, to the VPS's own default target.
+    let (vm2, s) = start_worker(
+        dir,
+        j.identity.as_deref(),
+        spec(None, "proof2.pcap")?,
+        "the upgraded copy did not come up for the service proof: ",
+        &parity,
+    )
+    .await?;
+    let opts = services::check::Options {
+        start_idle: true,
+        held: held.clone(),
+        ..Default::default()
+    };
+    let checked = services::check::check(&s, set, &opts).await;
+    power_off(s, vm2).await?;
+    let mut outcome = checked?;
+    let allowed = (cmdline::proxy_addr(&shape), vm::proxy::GUEST_PORT);
+    outcome.refused = vm::pcap::take(&dir.join("proof2.pcap"), allowed)
+        .into_iter()
+        .map(|r| r.what)
+        .collect();
+    let _ = std::fs::remove_file(dir.join("proof1.pcap"));
+    Ok(outcome)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::services::Unit;
+
+    fn pairs(v: &[(&str, &str)]) -> Vec<(String, String)> {
+        v.iter()
+            .map(|(a, b)| (a.to_string(), b.to_string()))
+            .collect()
+    }
+
+    /// What the VPS ran runs; what it had enabled and did not run, every
+    /// timer and the schedulers are held back; what the upgrade newly
+    /// enabled runs (the VPS will run it after its reboot).
+    #[test]
+    fn the_proof_holds_back_what_the_vps_did_not_run() {
+        let set = ServiceSet {
+            init: Init::Systemd,
+            units: ["ssh.service", "nginx.service", "cron.service"]
+                .iter()
+                .map(|n| Unit {
+                    name: n.to_string(),
+                    state: "running".into(),
+                    on_demand: false,
+                })
+                .collect(),
+            ran_at_boot: vec!["app-migrate.service".into()],
+            not_running: vec![],
+        };
+        let vps_enabled = pairs(&[
+            ("ssh.service", "multi-user"),
+            ("nginx.service", "multi-user"),
+            ("cron.service", "multi-user"),
+            ("app-migrate.service", "multi-user"),
+            ("backup-push.service", "multi-user"),
+            ("apt-daily.timer", "timers"),
+            ("remote-fs.target", "multi-user"),
+        ]);
+        let mut upgraded = vps_enabled.clone();
+        upgraded.extend(pairs(&[
+            ("php8.4-fpm.service", "multi-user"),
+            ("certbot.timer", "timers"),
+            ("getty@.service", "getty"),
+        ]));
+        let held = held_systemd(&set, &vps_enabled, &upgraded);
+        assert_eq!(
+            held,
+            [
+                "apt-daily.timer",
+                "backup-push.service",
+                "certbot.timer",
+                "cron.service",
+                "timers.target"
+            ]
+        );
+    }
+
+    #[test]
+    fn the_hold_is_masks_above_every_unit_folder_its_names_quoted() {
+        let s = hold_script(&["a.timer".into(), "fsck@x\\x2dy.service".into()]);
+        assert!(s.contains("D=/etc/systemd/system.control"), "{s}");
+        assert!(
+            s.contains(
+                "for u in a.timer 'fsck@x\\x2dy.service'; do ln -sfn /dev/null \"$D/$u\"; done"
+            ),
+            "{s}"
+        );
+    }
+}
