@@ -576,11 +576,14 @@ fn upgrade_killed_mid_upgrade_resumes_sealed_and_the_vps_comes_back_changed() {
         .collect();
     assert_eq!(
         done,
-        vec!["probe", "live-pull", "rehearse", "freeze", "pull"]
+        vec!["probe", "live-pull", "rehearse", "prove", "freeze", "pull"]
     );
     let err = std::fs::read_to_string(home.path().join("upgrade.stderr")).unwrap();
     assert!(err.contains("the rehearsal passed"), "{err}");
-    assert!(err.contains("changed since the live copy"), "{err}");
+    assert!(
+        err.contains("pre-copy: ") && err.contains(" blocks of "),
+        "{err}"
+    );
     assert_eq!(
         vps.ssh("grep ' / ' /proc/self/mounts | cut -d' ' -f4 | cut -d, -f1")
             .trim(),
@@ -710,6 +713,60 @@ fn upgrade_killed_mid_upgrade_resumes_sealed_and_the_vps_comes_back_changed() {
         "{r}"
     );
     assert_phone_refused(&r, port);
+    // The service proof: the VPS's services ran on the upgraded copy
+    // before the freeze (the phone service too, its network sealed), cron
+    // was held back there, and after the reboot the VPS runs them all.
+    let set = list("services");
+    for u in [
+        "drydock-app.service",
+        "drydock-phone.service",
+        "ssh.service",
+        "cron.service",
+    ] {
+        assert!(set.contains(&u.to_string()), "{u} not in the set: {set:?}");
+    }
+    assert!(
+        !set.contains(&"serving.service".to_string()),
+        "a transient unit is no service of the VPS: {set:?}"
+    );
+    let proof = &r["service_proof"];
+    let up = str_list(proof, "up");
+    for u in [
+        "drydock-app.service",
+        "drydock-phone.service",
+        "ssh.service",
+    ] {
+        assert!(
+            up.contains(&u.to_string()),
+            "{u} not up in the proof: {proof}"
+        );
+    }
+    assert_eq!(proof["failed"], serde_json::json!([]), "{proof}");
+    assert!(
+        proof["not_proven"].to_string().contains("cron.service"),
+        "cron ran in the proof: {proof}"
+    );
+    assert!(
+        str_list(proof, "refused")
+            .iter()
+            .any(|x| x == &format!("tcp 10.0.2.2:{port}")),
+        "the phone service's attempt in the proof: {proof}"
+    );
+    let after = &r["services_after"];
+    let up = str_list(after, "up");
+    for u in [
+        "drydock-app.service",
+        "drydock-phone.service",
+        "cron.service",
+        "ssh.service",
+    ] {
+        assert!(
+            up.contains(&u.to_string()),
+            "{u} not up on the VPS after the push: {after}"
+        );
+    }
+    assert_eq!(after["failed"], serde_json::json!([]), "{after}");
+    assert_eq!(after["missing"], serde_json::json!([]), "{after}");
     let run = r["run"].as_str().unwrap();
     // Every file of the run (images, overlay, logs, journal) is its
     // owner's only.
@@ -851,6 +908,7 @@ impl<'a> Serving<'a> {
 /// has nothing to give back. (One that passes, the freeze and the
 /// pre-copy after it: `upgrade_killed_mid_upgrade_resumes_sealed_...`.)
 #[test]
+#[ignore = "long tier: scripts/test-zoo runs it (the default suite stops a rehearsal at its service proof)"]
 fn upgrade_rehearses_live_and_stops_before_the_freeze_on_failure() {
     let vps = Vps::start(12);
     let home = tempdir();
@@ -898,6 +956,273 @@ fn upgrade_rehearses_live_and_stops_before_the_freeze_on_failure() {
     assert_exit(&o, 0);
     assert_stderr(&o, "the VPS was never frozen: nothing to give back");
     std::fs::remove_dir_all(&run).unwrap();
+}
+
+/// The service proof (issue 31): a `--run` that leaves one of the VPS's
+/// services unable to start passes the rehearsal's verify boot (the VPS's
+/// services are held back there), and is stopped by the proof, before the
+/// freeze: the unit named with what its journal said, the ways on given,
+/// the VPS serving throughout. The proof held back what the VPS did not
+/// run (its timer, cron), and `resume --accept-failed` of that unit goes on
+/// from the recorded proof without booting again.
+#[test]
+fn a_service_the_upgrade_breaks_stops_the_run_before_the_freeze() {
+    let vps = Vps::start(12);
+    let home = tempdir();
+    let serving = Serving::start(&vps);
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    assert!(vps.ssh(&seal_setup(port)).trim().parse::<u32>().unwrap() > 0);
+    let before = serving.lines();
+    let broken = format!(
+        "{CHANGE}; sed -i 's|^ExecStart=/bin/sh|ExecStart=/usr/bin/no-such-shell|' \
+         /etc/systemd/system/drydock-app.service"
+    );
+    let o = vps
+        .upgrade_as_users_run_it(home.path(), &broken, &[])
+        .output()
+        .unwrap();
+    eprintln!("{}", stderr(&o));
+    assert_exit(&o, 3);
+    assert_stderr(
+        &o,
+        "the service proof failed: 1 unit(s) the VPS runs did not run on the upgraded copy",
+    );
+    assert_stderr(&o, "  drydock-app.service: failed (exit-code)");
+    assert_stderr(&o, "no-such-shell");
+    assert_stderr(
+        &o,
+        "the VPS was not frozen and kept serving; nothing on it changed",
+    );
+    assert_stderr(&o, "--accept-failed drydock-app.service");
+    let ev = events(&o);
+    assert!(
+        !ev.iter()
+            .any(|e| e["type"] == "step" && e["step"] == "freeze"),
+        "the run went on to the freeze"
+    );
+    assert!(
+        ev.iter()
+            .any(|e| e["type"] == "step" && e["step"] == "prove" && e["state"] == "started"),
+        "no proof step"
+    );
+    serving.still_serving("a failed service proof", before);
+    let run = std::fs::read_dir(home.path().join("state/drydock/runs"))
+        .unwrap()
+        .next()
+        .unwrap()
+        .unwrap()
+        .path();
+    let j: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(run.join("journal.json")).unwrap()).unwrap();
+    let proof = &j["services"]["proof"];
+    let up = str_list(proof, "up");
+    for u in ["drydock-phone.service", "ssh.service"] {
+        assert!(
+            up.contains(&u.to_string()),
+            "{u} not up in the proof: {proof}"
+        );
+    }
+    assert!(
+        proof["not_proven"].to_string().contains("cron.service"),
+        "{proof}"
+    );
+    // The throwaway overlay is gone; the upgraded copy is what was proven.
+    assert!(!run.join("proof.qcow2").exists());
+    assert!(run.join("upgraded.raw").exists());
+
+    // Accepted: the recorded proof passes, no VM boots again (the run then
+    // goes on to the freeze; it is stopped at its question instead).
+    let o = vps
+        .drydock(
+            home.path(),
+            &[
+                "resume",
+                run.to_str().unwrap(),
+                "--accept-failed",
+                "drydock-app.service",
+            ],
+        )
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    assert_stderr(&o, "the service proof passed on the upgraded copy: ");
+    assert_stderr(
+        &o,
+        "not running, accepted (--accept-failed): drydock-app.service",
+    );
+    assert_stderr(&o, "Freeze ");
+    serving.still_serving("a freeze that was not confirmed", before);
+    let o = vps
+        .drydock(home.path(), &["abort", run.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert_exit(&o, 0);
+    assert_stderr(&o, "the VPS was never frozen: nothing to give back");
+    std::fs::remove_dir_all(&run).unwrap();
+}
+
+/// An app whose new version (the `--run`: /etc/app-v2) refuses an option
+/// of its configuration (/etc/app.conf: "legacy").
+const V2APP_SETUP: &str = r#"set -e
+cat > /etc/systemd/system/drydock-v2app.service <<'U'
+[Service]
+ExecStart=/bin/sh -c 'if [ -e /etc/app-v2 ] && grep -q legacy /etc/app.conf; then echo "app v2: the legacy option was removed" >&2; exit 1; fi; while :; do echo "$(cat /proc/sys/kernel/random/boot_id)" >> /var/lib/drydock-v2app.log; sleep 1; done'
+[Install]
+WantedBy=multi-user.target
+U
+echo mode=normal > /etc/app.conf
+systemctl daemon-reload
+systemctl enable --now drydock-v2app.service >/dev/null 2>&1
+systemctl is-active drydock-v2app.service"#;
+
+/// `upgrade --run 'touch /etc/app-v2'` (and EXTRA) to its end, the VPS
+/// writing "legacy" into the app's configuration once the live copy is
+/// taken (while the rehearsal runs): the run folder and the output.
+fn upgrade_with_a_late_change(
+    vps: &Vps,
+    home: &std::path::Path,
+    extra: &[&str],
+) -> (PathBuf, std::process::Output) {
+    let runs = home.join("state/drydock/runs");
+    let before: Vec<PathBuf> = std::fs::read_dir(&runs)
+        .map(|d| d.flatten().map(|e| e.path()).collect())
+        .unwrap_or_default();
+    let child = vps
+        .upgrade_as_users_run_it(home, "touch /etc/app-v2", extra)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let t0 = Instant::now();
+    let run = loop {
+        let found = std::fs::read_dir(&runs)
+            .ok()
+            .into_iter()
+            .flatten()
+            .flatten()
+            .map(|e| e.path())
+            .find(|p| !before.contains(p));
+        if let Some(d) = found
+            && std::fs::read_to_string(d.join("journal.json"))
+                .unwrap_or_default()
+                .contains("\"step\": \"live-pull\"")
+        {
+            vps.ssh("echo legacy=1 >> /etc/app.conf");
+            break d;
+        }
+        assert!(t0.elapsed() < Duration::from_secs(1800), "no live pull");
+        std::thread::sleep(Duration::from_millis(500));
+    };
+    (run, child.wait_with_output().unwrap())
+}
+
+/// After the push (issue 31): a change the proof cannot see. The proof
+/// runs on the rehearsal's result, taken live; the VPS then changes its
+/// app's configuration, the carry takes that into the upgraded copy, and
+/// the upgraded app refuses it. The proof passes, the push and the reboot
+/// happen, and the check finds the app not running: exit 4, the unit named
+/// with its journal, the way back given. `drydock abort RUN` takes it: the
+/// VPS is back on its old disk, serving (what it wrote since its reboot
+/// kept in the run's upgraded.raw). Then the same run with
+/// --rollback-on-failure, which gives the VPS back by itself.
+#[test]
+#[ignore = "long tier: scripts/test-zoo runs it"]
+fn zoo_a_change_the_proof_cannot_see_fails_after_the_push_and_is_rolled_back() {
+    let vps = Vps::start(12);
+    let home = tempdir();
+    assert_eq!(vps.ssh(V2APP_SETUP).trim(), "active");
+    let boot_before = vps.boot_id();
+    let (run, o) = upgrade_with_a_late_change(&vps, home.path(), &[]);
+    eprintln!("{}", stderr(&o));
+    assert_exit(&o, 4);
+    assert_stderr(&o, "the service proof passed on the upgraded copy");
+    assert_stderr(
+        &o,
+        format!(
+            "1 unit(s) that {} ran before do not run after the upgrade:",
+            vps.host()
+        ),
+    );
+    assert_stderr(&o, "  drydock-v2app.service: ");
+    assert_stderr(&o, "app v2: the legacy option was removed");
+    assert_stderr(
+        &o,
+        format!(
+            "`drydock abort {}` gives {} its old disk back",
+            run.display(),
+            vps.host()
+        ),
+    );
+    // The VPS runs the upgraded disk, without its app.
+    assert_ne!(vps.boot_id(), boot_before);
+    assert_eq!(vps.ssh("ls /etc/app-v2").trim(), "/etc/app-v2");
+    assert_ne!(
+        vps.ssh("systemctl is-active drydock-v2app.service; true")
+            .trim(),
+        "active"
+    );
+    let upgraded_boot = vps.boot_id();
+
+    let o = vps
+        .drydock(home.path(), &["abort", run.to_str().unwrap(), "--yes"])
+        .output()
+        .unwrap();
+    eprintln!("{}", stderr(&o));
+    assert_exit(&o, 0);
+    assert_stderr(&o, "is kept in");
+    assert_stderr(&o, "pushing the base image back");
+    assert_stderr(
+        &o,
+        format!(
+            "{} is back on its old disk, running Debian GNU/Linux 12",
+            vps.host()
+        ),
+    );
+    assert_stderr(&o, "its services: ");
+    assert!(!stderr(&o).contains("NOT running"), "{}", stderr(&o));
+    // Back as at the freeze: the old app and its configuration, serving.
+    assert_ne!(vps.boot_id(), upgraded_boot);
+    assert_eq!(
+        vps.ssh("test -e /etc/app-v2 && echo yes || echo no").trim(),
+        "no"
+    );
+    assert!(vps.ssh("cat /etc/app.conf").contains("legacy=1"));
+    assert_eq!(
+        vps.ssh("systemctl is-active drydock-v2app.service").trim(),
+        "active"
+    );
+    assert_eq!(
+        vps.ssh("grep ' / ' /proc/self/mounts | cut -d' ' -f4 | cut -d, -f1")
+            .trim(),
+        "rw"
+    );
+    // What the VPS wrote on the upgraded disk is kept in the run.
+    assert!(run.join("upgraded.raw").exists());
+    let o = vps.drydock(home.path(), &["runs"]).output().unwrap();
+    assert!(stdout(&o).contains("aborted"), "{}", stdout(&o));
+
+    // --rollback-on-failure: the same, by itself (the configuration as
+    // before, so that the proof passes again).
+    vps.ssh("echo mode=normal > /etc/app.conf");
+    let (run, o) = upgrade_with_a_late_change(&vps, home.path(), &["--rollback-on-failure"]);
+    eprintln!("{}", stderr(&o));
+    assert_exit(&o, 4);
+    assert_stderr(&o, "--rollback-on-failure: giving");
+    assert_stderr(&o, "rolled back (--rollback-on-failure): ");
+    assert_stderr(&o, "is back on its old disk, running Debian GNU/Linux 12");
+    assert_eq!(
+        vps.ssh("test -e /etc/app-v2 && echo yes || echo no").trim(),
+        "no"
+    );
+    assert_eq!(
+        vps.ssh("systemctl is-active drydock-v2app.service").trim(),
+        "active"
+    );
+    let j: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(run.join("journal.json")).unwrap()).unwrap();
+    assert_eq!(j["state"], "aborted");
+    assert_eq!(j["services"]["rollback"]["pushed"], true);
 }
 
 /// What the rehearsal downloaded is served again to the real upgrade's
@@ -964,7 +1289,7 @@ fn zoo_rehearse_alone_predicts_the_push_and_leaves_the_vps_serving() {
         .output()
         .unwrap();
     assert_exit(&o, 0);
-    assert_steps(&o, &["probe", "live-pull", "rehearse"]);
+    assert_steps(&o, &["probe", "live-pull", "rehearse", "prove"]);
     let r = json(&o);
     assert_eq!(r["rehearsal"], true);
     assert_eq!(r["os_after"], "Debian GNU/Linux 12 (bookworm)");
@@ -1072,7 +1397,9 @@ fn zoo_kill_9_at_every_step_of_an_upgrade_then_resume_and_abort() {
     );
     assert_eq!(status.code(), None, "{err}");
     let run = only_run();
-    for step in ["freeze", "pull", "upgrade", "push", "reboot", "check"] {
+    for step in [
+        "freeze", "pull", "upgrade", "prove", "push", "reboot", "check",
+    ] {
         let t0 = Instant::now();
         let resume = vps.drydock(
             home.path(),
@@ -1466,6 +1793,8 @@ fn abort_after_the_push_on(variant: Option<&str>) {
                 vps.key.to_str().unwrap(),
                 "--accept-new-host-key",
                 "--no-rehearsal",
+                // The proof has its own tests; this one is about the push.
+                "--no-service-proof",
                 "--run",
                 CHANGE,
                 "--yes",
@@ -1640,11 +1969,12 @@ fn zoo_row(fixture: &str, r: &serde_json::Value, checks: Duration) {
             .map_or("-".to_string(), |v| format!("{v:.0}"))
     };
     println!(
-        "zoo-row {fixture} {} {} {} {} {} {} {:.0} {:.0}",
+        "zoo-row {fixture} {} {} {} {} {} {} {} {:.0} {:.0}",
         secs("probe"),
         secs("freeze"),
         secs("pull"),
         secs("upgrade"),
+        secs("prove"),
         secs("push"),
         secs("reboot"),
         checks.as_secs_f64(),
@@ -1681,11 +2011,22 @@ fn zoo_upgrade_vps(vps: &Vps, fixture: &str, before: &str, check: &str) {
     assert_steps(
         &o,
         &[
-            "probe", "freeze", "pull", "upgrade", "push", "reboot", "check",
+            "probe", "freeze", "pull", "upgrade", "prove", "push", "reboot", "check",
         ],
     );
     let r = json(&o);
     let t = Instant::now();
+    // The zoo's services ran on the upgraded copy, and run on the VPS after.
+    for key in ["service_proof", "services_after"] {
+        let up = str_list(&r[key], "up");
+        assert!(
+            up.contains(&"drydock-zoo-app.service".to_string()),
+            "{fixture}: the zoo app is not up in {key}: {}",
+            r[key]
+        );
+        assert_eq!(r[key]["failed"], serde_json::json!([]), "{fixture}: {key}");
+        assert_eq!(r[key]["missing"], serde_json::json!([]), "{fixture}: {key}");
+    }
     assert_eq!(
         vps.ssh("cat /etc/drydock-was-here").trim(),
         "upgraded offline by drydock"

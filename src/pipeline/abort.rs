@@ -127,7 +127,42 @@ pub(super) async fn rollback_push(dir: &Path, j: &mut Journal, ui: &Ui) -> Resul
 /// and check its release and services. Each part is recorded: a cut
 /// rollback runs again from where it was. Says what it did.
 pub(super) async fn rollback_after_reboot(dir: &Path, j: &mut Journal, ui: &Ui) -> Result<String> {
-    let (s, facts) = connect_gathered(j).await?;
+    let e = match rollback_steps(dir, j, ui).await {
+        Ok(said) => return Ok(said),
+        Err(e) => e,
+    };
+    let rb = j.services.rollback.clone().unwrap_or_default();
+    if rb.frozen_boot_id.is_none() || rb.pushed {
+        // Nothing changed yet, or the old disk is back (its reboot or check
+        // failed): the error says all.
+        return Err(e);
+    }
+    let run = dir.display();
+    let how = if rb.pushing {
+        format!(
+            "the push of the base image had begun: {}'s disk is part the upgraded one, part the \
+             old one, and it stays frozen; `drydock abort {run}` continues the rollback",
+            j.host
+        )
+    } else {
+        format!(
+            "{} is frozen (its services stopped, its disk read-only and unchanged); `drydock \
+             abort {run}` continues the rollback, `drydock thaw {}` instead gives it back \
+             running the upgraded disk",
+            j.host, j.host
+        )
+    };
+    let msg = format!("the rollback stopped: {how}");
+    // Something changed: never "refused, nothing changed" (exit 3).
+    if crate::errors::exit_code(&e) == crate::errors::EXIT_REFUSED {
+        Err(anyhow::anyhow!("{e:#}").context(msg))
+    } else {
+        Err(e.context(msg))
+    }
+}
+
+async fn rollback_steps(dir: &Path, j: &mut Journal, ui: &Ui) -> Result<String> {
+    let (s, mut facts) = connect_gathered(j).await?;
     let mut rb = j.services.rollback.clone().unwrap_or_default();
     let same_boot = rb.frozen_boot_id.as_deref() == Some(facts.boot_id.as_str());
     if rb.pushing && !rb.pushed && !same_boot {
@@ -158,12 +193,25 @@ pub(super) async fn rollback_after_reboot(dir: &Path, j: &mut Journal, ui: &Ui) 
             rb.frozen_boot_id = Some(facts.boot_id.clone());
             j.services.rollback = Some(rb.clone());
             j.save(dir)?;
-            let r = freeze::freeze(&s, &facts, Some(&dev.path)).await?;
+            let r = match freeze::freeze(&s, &facts, Some(&dev.path)).await {
+                Ok(r) => r,
+                Err(e) => {
+                    // Refused: the freeze undid itself, nothing is changed.
+                    if crate::errors::exit_code(&e) == crate::errors::EXIT_REFUSED {
+                        rb.frozen_boot_id = None;
+                        j.services.rollback = Some(rb);
+                        j.save(dir)?;
+                    }
+                    return Err(e);
+                }
+            };
             ui.say(format!(
                 "frozen: {} read-only, {} service(s) stopped",
                 r.read_only.join(", "),
                 r.stopped.len()
             ));
+            // What the copy and the push check: the mounts as they are now.
+            facts = remote::gather(&s).await?;
         }
         if !rb.saved {
             save_disk(&s, &facts, j, &upgraded, ui).await?;

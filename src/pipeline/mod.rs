@@ -350,10 +350,15 @@ async fn drive(dir: &Path, mut j: Journal, ui: &Ui, accept_new: bool) -> Result<
         }
         // Whatever the step learnt before failing is kept.
         j.save(dir)?;
+        // The proof's and the check's own errors say how to go on.
+        let own_words = step == Step::Prove
+            || res.as_ref().err().is_some_and(|e| {
+                e.chain()
+                    .any(|c| c.downcast_ref::<crate::errors::NotAsBefore>().is_some())
+            });
         res.with_context(|| {
             let run = dir.display();
-            if step == Step::Prove {
-                // The proof's own error says how to go on.
+            if own_words {
                 format!("run {run}")
             } else if j.never_frozen() {
                 let what = if j.is_done(Step::Rehearse) || !j.steps().contains(&Step::Rehearse) {

@@ -339,7 +339,13 @@ async fn upgrade_step(dir: &Path, j: &mut Journal, ui: &Ui) -> Result<()> {
             }
         };
         ui.say(format!(
-            "the rehearsal cannot be carried over: {why}. The upgrade runs again on the frozen copy"
+            "the rehearsal cannot be carried over: {why}. The upgrade runs again on the frozen copy{}",
+            if j.services.proof.is_some() {
+                " (the service proof ran on the rehearsal's result, not on this one: the VPS's \
+                 services are checked after the push)"
+            } else {
+                ""
+            }
         ));
         super::carry::discard(dir);
         j.carry = None;

@@ -181,10 +181,11 @@ async fn with_helper(
     let touched_blocks: Vec<u64> = dirty.into_iter().collect();
     let fetch_bytes: u64 = fetch.iter().map(|&i| block_len(size, i)).sum();
     ui.say(format!(
-        "pre-copy: {} of {n} blocks of {}:{} changed since the live copy ({})",
+        "pre-copy: {} of {n} blocks of {}:{} differ from {} ({})",
         fetch.len(),
         session.host(),
         dev.path,
+        image.display(),
         human_bytes(fetch_bytes)
     ));
 
