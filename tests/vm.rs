@@ -2427,6 +2427,13 @@ fn zoo_backups_of_a_live_vps_are_incremental_and_boot() {
         eprintln!("{}", stderr(&o));
         json(&o)
     };
+    // A service of the VPS: recorded with each version, and checked in its
+    // boot proof.
+    vps.ssh(
+        "printf '[Service]\\nExecStart=/bin/sleep infinity\\n[Install]\\nWantedBy=multi-user.target\\n' \
+         > /etc/systemd/system/drydock-backed.service && systemctl daemon-reload \
+         && systemctl enable --now drydock-backed.service",
+    );
     let t0 = Instant::now();
     let first = backup();
     eprintln!("first backup ({:?}): {first}", t0.elapsed());
@@ -2489,6 +2496,12 @@ fn zoo_backups_of_a_live_vps_are_incremental_and_boot() {
                 .split(',')
                 .any(|o| o == "rw")
         );
+        let services = &r["boot"]["services"];
+        let up = str_list(services, "up");
+        for u in ["drydock-backed.service", "ssh.service"] {
+            assert!(up.contains(&u.to_string()), "{u} not up in the boot of {id}: {r}");
+        }
+        assert_eq!(services["failed"], serde_json::json!([]), "{r}");
     }
     // The versions as laid out for their boots: the marker only in the
     // second.

@@ -128,13 +128,18 @@ pub async fn os_release(s: &Session) -> Result<(String, String, String)> {
             "cat /etc/os-release 2>/dev/null || cat /usr/lib/os-release",
         )
         .await?;
+    Ok(parse_os_release(&text))
+}
+
+/// (ID, VERSION_ID, PRETTY_NAME) of an os-release file's text.
+pub fn parse_os_release(text: &str) -> (String, String, String) {
     let get = |k: &str| {
         text.lines()
             .find_map(|l| l.strip_prefix(&format!("{k}=")))
             .map(|v| v.trim_matches('"').to_string())
             .unwrap_or_default()
     };
-    Ok((get("ID"), get("VERSION_ID"), get("PRETTY_NAME")))
+    (get("ID"), get("VERSION_ID"), get("PRETTY_NAME"))
 }
 
 /// Reboot through the guest's own init and wait until it is back with a

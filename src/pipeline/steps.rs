@@ -406,7 +406,7 @@ async fn check_step(dir: &Path, j: &mut Journal, ui: &Ui) -> Result<()> {
     let pretty = crate::services::printable(&pretty);
     if let Some(to) = &j.to {
         let (want_id, want_ver) = recipes::parse_release(to)?;
-        if want_id != id || want_ver != ver {
+        if want_id != id || crate::releases::release_of(&id, &ver) != want_ver {
             s.close().await;
             let why = format!(
                 "{} came back running {pretty} ({}), not {to}",

@@ -166,7 +166,16 @@ pub(super) async fn in_worker(
     let _ = std::fs::remove_file(dir.join("upgraded.raw"));
     let _ = std::fs::remove_file(dir.join("efivars.fd"));
     vm::image::create_overlay(&base, &overlay).await?;
-    let boot = remote::bootfiles::BootFiles::load(&dir.join("boot"))?;
+    // The carry boots the rehearsal's result: its own kernel, initrd and
+    // command line (kept from the rehearsal's verify boot), not the VPS's,
+    // whose modules (Alpine) or init= (NixOS after --gc) may be gone from it.
+    let upgraded_boot = dir.join(super::proof::UPGRADED_BOOT);
+    let boot = match carry {
+        Some(_) if upgraded_boot.join("boot.json").exists() => {
+            remote::bootfiles::BootFiles::load(&upgraded_boot)?
+        }
+        _ => remote::bootfiles::BootFiles::load(&dir.join("boot"))?,
+    };
     // Runs from before boot parity have no shape: QEMU's defaults, as then.
     let shape = j.shape.clone().unwrap_or_default();
     let efi = vm::efi_for(&shape, dir)?;
@@ -381,11 +390,12 @@ async fn verify_boot(
     )
     .await?;
     let (id2, ver2, pretty2) = guest::os_release(&s).await?;
-    if let (Some(want_id), Some(want_ver)) = (&plan.expect_id, &plan.expect_version)
-        && (want_id != &id2 || want_ver != &ver2)
-    {
+    if plan.reached(&id2, &ver2) == Some(false) {
         bail!(
-            "the worker VM came back running {pretty2} ({id2} {ver2}), not {want_id} {want_ver}; nothing was pushed"
+            "the worker VM came back running {} ({}), not {}; nothing was pushed",
+            crate::services::printable(&pretty2),
+            crate::services::printable(&format!("{id2} {ver2}")),
+            plan.description
         );
     }
     let running = s.exec(&seal.running_script(held)).await?.stdout_str();

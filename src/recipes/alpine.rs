@@ -36,6 +36,22 @@ pub fn plan(current: &str, target: &str) -> Result<Plan> {
 mod tests {
     use super::*;
 
+    /// /etc/os-release of Alpine 3.20 (alpine-release 3.20.3-r0), as it is:
+    /// VERSION_ID carries the patch level.
+    const OS_RELEASE_3_20: &str = "NAME=\"Alpine Linux\"\nID=alpine\nVERSION_ID=3.20.3\nPRETTY_NAME=\"Alpine Linux v3.20\"\nHOME_URL=\"https://alpinelinux.org/\"\nBUG_REPORT_URL=\"https://gitlab.alpinelinux.org/alpine/aports/-/issues\"\n";
+
+    #[test]
+    fn a_host_on_3_20_3_has_reached_3_20() {
+        let (id, version, pretty) = crate::pipeline::guest::parse_os_release(OS_RELEASE_3_20);
+        assert_eq!((id.as_str(), version.as_str()), ("alpine", "3.20.3"));
+        assert_eq!(pretty, "Alpine Linux v3.20");
+        let p = plan("3.19.1", "3.20").unwrap();
+        assert_eq!(p.reached(&id, &version), Some(true));
+        assert_eq!(p.reached("alpine", "3.19.4"), Some(false));
+        assert_eq!(p.reached("alpine", "3.2"), Some(false));
+        assert_eq!(p.reached("alpine", "3.200.1"), Some(false));
+    }
+
     #[test]
     fn the_rewrite_on_a_real_repositories_file() {
         // /etc/apk/repositories as setup-apkrepos writes it on Alpine 3.19.

@@ -57,6 +57,16 @@ pub struct Plan {
     pub after_reboot: Vec<String>,
 }
 
+impl Plan {
+    /// Whether a system reporting os-release ID and VERSION_ID runs the
+    /// release this plan promises (None: it promises none). Releases are
+    /// compared as releases: Alpine's 3.20.3 is 3.20.
+    pub fn reached(&self, id: &str, version: &str) -> Option<bool> {
+        let (want_id, want) = (self.expect_id.as_deref()?, self.expect_version.as_deref()?);
+        Some(id == want_id && crate::releases::release_of(id, version) == want)
+    }
+}
+
 /// A target such as `debian-13` or `trixie`, as (id, version).
 pub fn parse_release(s: &str) -> Result<(String, String)> {
     let lower = s.to_ascii_lowercase();
