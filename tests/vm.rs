@@ -2499,7 +2499,10 @@ fn zoo_backups_of_a_live_vps_are_incremental_and_boot() {
         let services = &r["boot"]["services"];
         let up = str_list(services, "up");
         for u in ["drydock-backed.service", "ssh.service"] {
-            assert!(up.contains(&u.to_string()), "{u} not up in the boot of {id}: {r}");
+            assert!(
+                up.contains(&u.to_string()),
+                "{u} not up in the boot of {id}: {r}"
+            );
         }
         assert_eq!(services["failed"], serde_json::json!([]), "{r}");
     }
