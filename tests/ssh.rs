@@ -2677,14 +2677,17 @@ BUG_REPORT_URL="https://gitlab.alpinelinux.org/alpine/aports/-/issues"
             vec![("/etc/os-release", NIXOS), ("/etc/nixos/flake.nix", flake)],
             "NixOS 23.05 (stoat) -> 23.11 (tapir), flake /etc/nixos/flake.nix",
             vec![
-                "nix --extra-experimental-features 'nix-command flakes' flake lock /etc/nixos",
-                "nixos-rebuild boot --flake /etc/nixos",
+                // The config guard first, then the flake followed to where
+                // its link points, as nixos-rebuild does.
+                "nixosConfigurations.\\\"$h\\\".config.system.build.toplevel.outPath",
+                "nix --extra-experimental-features 'nix-command flakes' flake lock \"$(dirname \"$(readlink -f /etc/nixos/flake.nix)\")\"",
+                "nixos-rebuild boot --flake \"$(dirname \"$(readlink -f /etc/nixos/flake.nix)\")\"",
             ],
         ),
         (
             "ubuntu-24.04",
             vec![("/etc/os-release", UBUNTU)],
-            "Ubuntu 22.04 (jammy) -> 24.04 (noble)",
+            "Ubuntu 22.04 (jammy) -> 24.04 (noble), PPAs disabled as do-release-upgrade does",
             vec!["full-upgrade"],
         ),
         (

@@ -402,9 +402,14 @@ pub fn allow_list(sources: &[String], os_id: &str, extra: &[String]) -> Vec<Stri
                 "channels.nixos.org",
                 "releases.nixos.org",
                 "nixos.org",
+                // Sources that fixed-output derivations fetch, mirrored.
+                "tarballs.nixos.org",
                 "github.com",
                 "api.github.com",
                 "codeload.github.com",
+                // Where github.com redirects release assets.
+                "objects.githubusercontent.com",
+                "release-assets.githubusercontent.com",
             ]
             .map(String::from),
         ),

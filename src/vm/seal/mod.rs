@@ -434,8 +434,11 @@ impl Seal {
 /// The guest's enabled units, as the facts script lists them: symlinks in
 /// the .wants/.requires folders (no question to PID 1, whose
 /// list-unit-files takes over 25 s under emulation), then "end", so a cut
-/// answer is not taken for "nothing enabled".
-pub const ENABLED_UNITS_SCRIPT: &str = r#"for d in /etc/systemd/system /run/systemd/generator /run/systemd/generator.late; do
+/// answer is not taken for "nothing enabled". On NixOS the new generation's
+/// too: after `nixos-rebuild boot`, /etc is still the old generation's
+/// until the next boot activates the new one, whose units the verify boot
+/// must hold back.
+pub const ENABLED_UNITS_SCRIPT: &str = r#"for d in /etc/systemd/system /nix/var/nix/profiles/system/etc/systemd/system /run/systemd/generator /run/systemd/generator.late; do
   for w in "$d"/*.wants "$d"/*.requires; do
     [ -d "$w" ] || continue; t=${w##*/}; t=${t%.*}
     for u in "$w"/*; do [ -e "$u" ] || [ -L "$u" ] || continue; echo "file ${u##*/} $t"; done
