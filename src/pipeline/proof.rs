@@ -387,6 +387,14 @@ async fn prove_on(
             h
         }
     };
+    if let Some(id) = shape.disk_id.as_ref().filter(|i| !i.links.is_empty()) {
+        seal_step(
+            &s,
+            "writing the VPS's disk names for the proof's boot",
+            &crate::vm::diskid::disk_script(id),
+        )
+        .await?;
+    }
     power_off(s, vm1).await?;
     ui.say(format!(
         "held back in the proof ({}): {}; booting the upgraded copy through its own boot loader",

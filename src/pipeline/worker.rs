@@ -298,6 +298,7 @@ async fn first_boot(
     )
     .await?;
     let installed_policy = said.lines().any(|l| l == "policy-rc.d installed");
+    disk_names(&s, &w.shape).await?;
     for l in said.lines().filter_map(|l| l.strip_prefix("running ")) {
         ui.warn(format!(
             "{l} had started in the worker VM although held back; stopped"
@@ -360,6 +361,14 @@ async fn first_boot(
     )
     .await?;
     let made_dir = said.lines().any(|l| l.starts_with("made "));
+    if let Some(id) = w.shape.disk_id.as_ref().filter(|i| !i.links.is_empty()) {
+        seal_step(
+            &s,
+            "writing the VPS's disk names for the verify reboot",
+            &crate::vm::diskid::disk_script(id),
+        )
+        .await?;
+    }
     ui.say("powering the worker VM off, to boot it again through the VPS's own boot loader");
     power_off(s, vm).await?;
     w.note_refused("net1.pcap")?;
@@ -415,6 +424,12 @@ async fn verify_boot(
         &seal.disk_unseal_script(held, made_dir),
     )
     .await?;
+    seal_step(
+        &s,
+        "removing the VPS's disk names written for the verify reboot",
+        crate::vm::diskid::DISK_UNSCRIPT,
+    )
+    .await?;
     ui.say(format!(
         "the worker VM came back through its own boot loader running {pretty2}, {} unit(s) held back; powering it off",
         held.len()
@@ -433,6 +448,55 @@ async fn verify_boot(
     let clean = power_off(s, vm).await?;
     w.note_refused("net2.pcap")?;
     Ok((pretty2, trimmed && clean))
+}
+
+/// The worker's disk given the names the VPS's has that QEMU could not
+/// reproduce (a udev rule in /run), then every stable name the system
+/// relies on (grub's install devices, fstab, crypttab) checked: one that
+/// does not exist here would fail the upgrade (grub-pc's postinst) or the
+/// verify boot, so the run stops now, before the freeze when rehearsing.
+pub(super) async fn disk_names(s: &Session, shape: &Shape) -> Result<()> {
+    if let Some(id) = shape.disk_id.as_ref().filter(|i| !i.links.is_empty()) {
+        seal_step(
+            s,
+            "giving the worker's disk the VPS's names",
+            &crate::vm::diskid::runtime_script(id),
+        )
+        .await?;
+    }
+    let said = seal_step(
+        s,
+        "checking the disk names the system relies on",
+        crate::vm::diskid::CHECK_SCRIPT,
+    )
+    .await?;
+    let missing: Vec<String> = said
+        .lines()
+        .filter_map(|l| l.strip_prefix("missing "))
+        .map(crate::services::printable)
+        .collect();
+    if !missing.is_empty() {
+        bail!(
+            "names of disks that the system relies on do not exist in the worker VM: {}. The \
+             worker's disk was given every /dev/disk name the VPS has for the disk drydock \
+             copied ({}); a name of another disk of the VPS (a volume that is not copied) would \
+             stop the upgrade or its boot: mark that fstab line `nofail`, or record the copied \
+             disk's name (grub-pc: `dpkg-reconfigure grub-pc` on the VPS), then run drydock again",
+            missing.join("; "),
+            shape
+                .disk_id
+                .as_ref()
+                .map(|i| i
+                    .links
+                    .iter()
+                    .map(|(n, _)| n.as_str())
+                    .collect::<Vec<_>>()
+                    .join(" "))
+                .filter(|l| !l.is_empty())
+                .unwrap_or_else(|| "none".into())
+        );
+    }
+    Ok(())
 }
 
 /// The upgraded system's kernel, initrd and command line, as its boot

@@ -11,7 +11,12 @@ use anyhow::{Context, Result};
 use serde::Serialize;
 
 /// The script; each section starts with a line `@@ name`.
-pub const FACTS_SCRIPT: &str = r#"
+pub fn facts_script() -> String {
+    FACTS_SCRIPT.replace("@DISKID@", crate::vm::diskid::FACTS_SECTION)
+}
+
+/// `facts_script`'s text, the disk identity's section left to fill in.
+const FACTS_SCRIPT: &str = r#"
 export LC_ALL=C PATH="$PATH:/usr/sbin:/sbin:/usr/bin:/bin:/run/current-system/sw/bin"
 s() { printf '\n@@ %s\n' "$1"; }
 s os-release; cat /etc/os-release 2>/dev/null || cat /usr/lib/os-release 2>/dev/null
@@ -65,7 +70,7 @@ grep -hsi '^[[:space:]]*URIs:' /etc/apt/sources.list.d/*.sources | sed 's/^/apt 
 grep -hs '^[[:space:]]*[^#[:space:]]' /etc/apk/repositories | sed 's/^/apk /'
 grep -hsE '^[[:space:]]*(extra-)?substituters[[:space:]]*=' /etc/nix/nix.conf | sed 's/^/nix /'
 s tools; for t in dd sha256sum openssl split ldd mount systemctl sync; do command -v "$t" >/dev/null 2>&1 && echo "$t"; done
-s end
+@DISKID@s end
 "#;
 
 #[derive(Debug, Clone, Serialize)]
@@ -128,6 +133,9 @@ pub struct Facts {
     pub units: Vec<String>,
     /// Package sources: "apt LINE", "apk LINE", "nix LINE".
     pub sources: Vec<String>,
+    /// The disks' names and identities (`vm::diskid`): "link by-id/NAME
+    /// KERNEL", "prop KERNEL KEY=VALUE".
+    pub disk_ids: Vec<String>,
 }
 
 fn sections(text: &str) -> BTreeMap<String, Vec<String>> {
@@ -290,6 +298,7 @@ pub fn parse(text: &str) -> Result<Facts> {
         cmdline: get("cmdline").first().cloned().unwrap_or_default(),
         units: get("units"),
         sources: get("sources"),
+        disk_ids: get("diskid"),
     })
 }
 

@@ -17,7 +17,7 @@ pub async fn gather(session: &Session) -> Result<Facts> {
     let out = session
         .run(
             "gathering facts (/proc, /sys, os-release)",
-            facts::FACTS_SCRIPT,
+            &facts::facts_script(),
         )
         .await?;
     facts::parse(&out).with_context(|| format!("cannot make sense of what {} said", session.host()))

@@ -148,27 +148,46 @@ fn qemu_path(p: &Path) -> String {
     p.to_string_lossy().replace(',', ",,")
 }
 
-/// The disk on the VPS's bus, so the guest sees it under the same name.
-pub fn drive_args(disk: &Path, format: &str, bus: DiskBus) -> Vec<OsString> {
+/// The disk on the VPS's bus, so the guest sees it under the same name,
+/// saying of itself what the VPS's disk says (ID: serial, SCSI identity,
+/// WWN), so that it has the same /dev/disk/by-id names.
+pub fn drive_args(
+    disk: &Path,
+    format: &str,
+    bus: DiskBus,
+    id: Option<&super::diskid::DiskId>,
+) -> Vec<OsString> {
     let file = format!(
         "file={},format={format},cache=writeback,discard=unmap",
         qemu_path(disk)
     );
-    let devices: &[&str] = match bus {
+    let props = id.map(|i| i.qemu_props(bus)).unwrap_or_default();
+    let devices: Vec<String> = match bus {
         DiskBus::VirtioBlk => {
-            return vec![os("-drive"), os(format!("{file},if=virtio"))];
+            if props.is_empty() {
+                return vec![os("-drive"), os(format!("{file},if=virtio"))];
+            }
+            vec![format!("virtio-blk-pci,drive=disk0{props}")]
         }
-        DiskBus::VirtioScsi => &[
-            "virtio-scsi-pci,id=scsi0",
-            "scsi-hd,drive=disk0,bus=scsi0.0",
+        DiskBus::VirtioScsi => vec![
+            "virtio-scsi-pci,id=scsi0".into(),
+            format!("scsi-hd,drive=disk0,bus=scsi0.0{props}"),
         ],
         // q35's own AHCI controller is called "ide".
-        DiskBus::Sata => &["ide-hd,drive=disk0,bus=ide.0"],
-        DiskBus::Nvme => &["nvme,drive=disk0,serial=drydock0"],
+        DiskBus::Sata => vec![format!("ide-hd,drive=disk0,bus=ide.0{props}")],
+        DiskBus::Nvme => {
+            // QEMU's NVMe needs a serial.
+            let serial = if props.is_empty() {
+                ",serial=drydock0"
+            } else {
+                ""
+            };
+            vec![format!("nvme,drive=disk0{serial}{props}")]
+        }
     };
     let mut a = vec![os("-drive"), os(format!("{file},if=none,id=disk0"))];
     for d in devices {
-        a.extend([os("-device"), os(*d)]);
+        a.extend([os("-device"), os(d)]);
     }
     a
 }
@@ -274,6 +293,7 @@ pub fn qemu_args(spec: &VmSpec) -> Vec<OsString> {
         &spec.disk,
         &spec.disk_format,
         spec.shape.disk_bus,
+        spec.shape.disk_id.as_ref(),
     ));
     a.extend(control_args(&spec.qmp_socket, &spec.serial_log));
     // A write of zeros reaches the image as data, never as a zero cluster:
@@ -391,11 +411,17 @@ mod tests {
                 gateway: Some("192.0.2.1".parse().unwrap()),
                 dns: Some("192.0.2.53".parse().unwrap()),
             }),
+            disk_id: None,
             notes: vec![],
         };
         let a: Vec<String> = net_args(2222, &shape, None)
             .into_iter()
-            .chain(drive_args(Path::new("/d/o.qcow2"), "qcow2", shape.disk_bus))
+            .chain(drive_args(
+                Path::new("/d/o.qcow2"),
+                "qcow2",
+                shape.disk_bus,
+                None,
+            ))
             .chain(firmware_args(Some(&(
                 PathBuf::from("/usr/share/OVMF/OVMF_CODE_4M.fd"),
                 PathBuf::from("/runs/x/efivars.fd"),
@@ -424,7 +450,7 @@ mod tests {
     #[test]
     fn each_disk_bus() {
         let line = |bus| {
-            drive_args(Path::new("/d/i.raw"), "raw", bus)
+            drive_args(Path::new("/d/i.raw"), "raw", bus, None)
                 .into_iter()
                 .map(|s| s.into_string().unwrap())
                 .collect::<Vec<_>>()

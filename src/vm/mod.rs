@@ -4,6 +4,7 @@
 
 pub mod boot;
 pub mod cmdline;
+pub mod diskid;
 pub mod image;
 pub mod pcap;
 pub mod proxy;

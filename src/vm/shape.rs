@@ -63,6 +63,10 @@ pub struct Shape {
     pub disk_bus: DiskBus,
     /// The disk's name on the VPS (vda, sda, nvme0n1).
     pub disk_name: Option<String>,
+    /// What the disk says of itself, so that it keeps its /dev/disk/by-id
+    /// names (runs from before: none).
+    #[serde(default)]
+    pub disk_id: Option<super::diskid::DiskId>,
     pub nic: Option<Nic>,
     /// What the worker VM cannot reproduce, said once to the user.
     #[serde(default)]
@@ -274,10 +278,12 @@ impl Shape {
                 }
             },
         };
+        let disk_id = super::diskid::DiskId::from_lines(&f.disk_ids, disk_name, disk_bus);
         let mut s = Shape {
             firmware,
             disk_bus,
             disk_name: Some(disk_name.to_string()),
+            disk_id,
             nic,
             notes,
         };
