@@ -909,7 +909,7 @@ impl<'a> Serving<'a> {
 /// pre-copy after it: `upgrade_killed_mid_upgrade_resumes_sealed_...`.)
 #[test]
 #[ignore = "long tier: scripts/test-zoo runs it (the default suite stops a rehearsal at its service proof)"]
-fn upgrade_rehearses_live_and_stops_before_the_freeze_on_failure() {
+fn zoo_a_failing_rehearsal_stops_before_the_freeze() {
     let vps = Vps::start(12);
     let home = tempdir();
     let serving = Serving::start(&vps);
@@ -1223,6 +1223,73 @@ fn zoo_a_change_the_proof_cannot_see_fails_after_the_push_and_is_rolled_back() {
         serde_json::from_str(&std::fs::read_to_string(run.join("journal.json")).unwrap()).unwrap();
     assert_eq!(j["state"], "aborted");
     assert_eq!(j["services"]["rollback"]["pushed"], true);
+}
+
+/// Hetzner Cloud's layout (issue 32): the disk on virtio-scsi, grub-pc's
+/// install device its by-id name, a static IPv6 /64 with an fe80::1
+/// gateway. The default path (rehearsal, proof, carry): in the worker VM
+/// the disk has the VPS's by-id names, so grub-pc's own reconfiguration
+/// (which runs grub-install on that name, as its postinst does in a
+/// release upgrade) succeeds; the VPS comes back with its IPv6.
+#[test]
+#[ignore = "zoo tier (long): scripts/test-zoo runs it"]
+fn zoo_hetzner_like_virtio_scsi_grub_by_id_and_ipv6() {
+    let vps = Vps::start_variant("hetzner");
+    let home = tempdir();
+    let name = "scsi-0QEMU_QEMU_HARDDISK_drive-scsi0-0-0-0";
+    let on_vps = vps.ssh("ls -l /dev/disk/by-id/");
+    eprintln!("on the VPS:\n{on_vps}");
+    assert!(on_vps.contains(&format!("{name} -> ../../sda")), "{on_vps}");
+    let ipv6 = "ip -6 addr show dev eth0 | grep -c 'inet6 2001:db8:4f8:1234::1/64'; ip -6 route show default | grep -c 'via fe80::1'";
+    assert_eq!(
+        vps.ssh(ipv6).split_whitespace().collect::<Vec<_>>(),
+        ["1", "1"]
+    );
+    let cmd = format!(
+        "{CHANGE}; ls -l /dev/disk/by-id/; debconf-show grub-pc | grep install_devices; \
+         DEBIAN_FRONTEND=noninteractive dpkg-reconfigure grub-pc"
+    );
+    let o = vps
+        .upgrade_as_users_run_it(home.path(), &cmd, &[])
+        .output()
+        .unwrap();
+    eprintln!("{}", stderr(&o));
+    assert_exit(&o, 0);
+    let r = json(&o);
+    let t = Instant::now();
+    let log =
+        std::fs::read_to_string(std::path::Path::new(r["run"].as_str().unwrap()).join("run.log"))
+            .unwrap();
+    eprintln!("in the worker VM:\n{log}");
+    assert!(log.contains(&format!("{name} -> ../../sda")), "{log}");
+    assert!(
+        log.contains("Installation finished. No error reported."),
+        "{log}"
+    );
+    assert!(
+        !log.contains("does not exist, so cannot grub-install"),
+        "{log}"
+    );
+    assert_eq!(
+        vps.ssh("cat /etc/drydock-was-here").trim(),
+        "upgraded offline by drydock"
+    );
+    assert_eq!(
+        vps.ssh(ipv6).split_whitespace().collect::<Vec<_>>(),
+        ["1", "1"]
+    );
+    assert!(
+        vps.ssh("debconf-show grub-pc")
+            .contains(&format!("/dev/disk/by-id/{name}"))
+    );
+    // Nothing drydock wrote for the worker's disk names is on the VPS.
+    assert_eq!(
+        vps.ssh("ls /etc/udev/rules.d/99-drydock-disk-identity.rules 2>/dev/null | wc -l")
+            .trim(),
+        "0"
+    );
+    vps.zoo_app_intact();
+    zoo_row("debian-12-hetzner", &r, t.elapsed());
 }
 
 /// What the rehearsal downloaded is served again to the real upgrade's

@@ -251,6 +251,22 @@ pub fn sealed_spec(
     })
 }
 
+/// The host's services, as recorded with the version, in the booted VM
+/// (None: the version has no record of them).
+async fn check_services(
+    s: &crate::ssh::Session,
+    services: Services<'_>,
+) -> Result<Option<crate::services::Outcome>> {
+    let Some(set) = services.set.filter(|s| !s.is_empty()) else {
+        return Ok(None);
+    };
+    let opts = crate::services::check::Options {
+        start_idle: true,
+        ..Default::default()
+    };
+    crate::services::check::check(s, set, &opts).await.map(Some)
+}
+
 async fn prove(
     vm: &mut Vm,
     port: u16,
@@ -294,21 +310,12 @@ async fn prove(
         .split_whitespace()
         .map(str::to_string)
         .collect();
-    let checked = match services.set.filter(|s| !s.is_empty()) {
-        Some(set) => {
-            let opts = crate::services::check::Options {
-                start_idle: true,
-                ..Default::default()
-            };
-            Some(crate::services::check::check(&s, set, &opts).await)
-        }
-        None => None,
-    };
+    let checked = check_services(&s, services).await;
     s.exec("(sleep 1; systemctl poweroff || poweroff) >/dev/null 2>&1 &")
         .await
         .ok();
     s.close().await;
-    let services_outcome = checked.transpose()?;
+    let services_outcome = checked?;
     if let Some(o) = &services_outcome {
         let failures = o.failures(services.accepted);
         if !failures.is_empty() {

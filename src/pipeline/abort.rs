@@ -183,33 +183,7 @@ async fn rollback_steps(dir: &Path, j: &mut Journal, ui: &Ui) -> Result<String> 
         }
         let dev = device::inspect(&s, &facts, j.device.as_deref()).await?;
         if !(same_boot && dev.rw_mounts().is_empty()) {
-            ui.confirm(&format!(
-                "Give {} its old disk back: stop its services, keep its disk as it is now in {}, \
-                 push the base image and reboot it?",
-                s.host(),
-                upgraded.display()
-            ))
-            .await?;
-            rb.frozen_boot_id = Some(facts.boot_id.clone());
-            j.services.rollback = Some(rb.clone());
-            j.save(dir)?;
-            let r = match freeze::freeze(&s, &facts, Some(&dev.path)).await {
-                Ok(r) => r,
-                Err(e) => {
-                    // Refused: the freeze undid itself, nothing is changed.
-                    if crate::errors::exit_code(&e) == crate::errors::EXIT_REFUSED {
-                        rb.frozen_boot_id = None;
-                        j.services.rollback = Some(rb);
-                        j.save(dir)?;
-                    }
-                    return Err(e);
-                }
-            };
-            ui.say(format!(
-                "frozen: {} read-only, {} service(s) stopped",
-                r.read_only.join(", "),
-                r.stopped.len()
-            ));
+            freeze_for_rollback(dir, j, &mut rb, (&s, &facts, &dev.path), ui).await?;
             // What the copy and the push check: the mounts as they are now.
             facts = remote::gather(&s).await?;
         }
@@ -250,10 +224,17 @@ async fn rollback_steps(dir: &Path, j: &mut Journal, ui: &Ui) -> Result<String> 
         j.services.rollback = Some(rb.clone());
         j.save(dir)?;
     }
-    let frozen = rb.frozen_boot_id.clone();
     s.close().await;
-    j.frozen_boot_id = frozen;
+    j.frozen_boot_id = rb.frozen_boot_id.clone();
     reboot_vps(j).await?;
+    let said = back_on_the_old_disk(j, &mut rb).await?;
+    j.services.rollback = Some(rb);
+    j.save(dir)?;
+    Ok(said)
+}
+
+/// After the rollback's reboot: what the VPS runs, and its services.
+async fn back_on_the_old_disk(j: &Journal, rb: &mut Rollback) -> Result<String> {
     let s = connect(j, false).await?;
     let os = remote::gather(&s).await?.pretty_name();
     let mut said = format!(
@@ -286,9 +267,46 @@ async fn rollback_steps(dir: &Path, j: &mut Journal, ui: &Ui) -> Result<String> 
     }
     s.close().await;
     rb.os = Some(os);
-    j.services.rollback = Some(rb);
-    j.save(dir)?;
     Ok(said)
+}
+
+/// The rollback's freeze, asked first and recorded before anything stops
+/// (a freeze that refused, and undid itself, is unrecorded again).
+async fn freeze_for_rollback(
+    dir: &Path,
+    j: &mut Journal,
+    rb: &mut Rollback,
+    (s, facts, dev): (&crate::ssh::Session, &remote::Facts, &str),
+    ui: &Ui,
+) -> Result<()> {
+    ui.confirm(&format!(
+        "Give {} its old disk back: stop its services, keep its disk as it is now in {}, push \
+         the base image and reboot it?",
+        s.host(),
+        dir.join("upgraded.raw").display()
+    ))
+    .await?;
+    rb.frozen_boot_id = Some(facts.boot_id.clone());
+    j.services.rollback = Some(rb.clone());
+    j.save(dir)?;
+    match freeze::freeze(s, facts, Some(dev)).await {
+        Ok(r) => {
+            ui.say(format!(
+                "frozen: {} read-only, {} service(s) stopped",
+                r.read_only.join(", "),
+                r.stopped.len()
+            ));
+            Ok(())
+        }
+        Err(e) => {
+            if crate::errors::exit_code(&e) == crate::errors::EXIT_REFUSED {
+                rb.frozen_boot_id = None;
+                j.services.rollback = Some(rb.clone());
+                j.save(dir)?;
+            }
+            Err(e)
+        }
+    }
 }
 
 /// The frozen VPS's disk into UPGRADED: a pre-copy where the helper runs

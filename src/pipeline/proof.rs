@@ -281,6 +281,143 @@ async fn prove(dir: &Path, j: &Journal, ui: &Ui) -> Result<Outcome> {
     Ok(outcome)
 }
 
+/// The proof's VM: the overlay, shaped and sized as the VPS, sealed.
+struct ProofVm<'a> {
+    dir: &'a Path,
+    j: &'a Journal,
+    overlay: &'a Path,
+    shape: crate::vm::shape::Shape,
+    memory_mib: u64,
+    cpus: u32,
+    /// The boot parity report, ending every "did not come up" error.
+    parity: String,
+}
+
+impl ProofVm<'_> {
+    /// A boot of the overlay (DIRECT: the upgraded kernel, else its boot
+    /// loader), with no way out of its network; its packets in PCAP.
+    fn spec(&self, direct: Option<cmdline::DirectBoot>, pcap: &str) -> Result<cmdline::VmSpec> {
+        Ok(cmdline::VmSpec {
+            hotplug_ports: Vec::new(),
+            disk: self.overlay.to_path_buf(),
+            disk_format: "qcow2".into(),
+            memory_mib: self.memory_mib,
+            cpus: self.cpus,
+            accel: cmdline::detect_accel(),
+            ssh_port: std::net::TcpListener::bind("127.0.0.1:0")?
+                .local_addr()?
+                .port(),
+            qmp_socket: self.dir.join("qmp.sock"),
+            serial_log: self.dir.join("serial.log"),
+            shape: self.shape.clone(),
+            efi: vm::efi_for(&self.shape, self.dir)?,
+            direct,
+            sealed: Some(cmdline::NetSeal {
+                proxy: None,
+                pcap: self.dir.join(pcap),
+            }),
+        })
+    }
+
+    /// First, the hold: written on the overlay in a sealed direct boot of
+    /// the upgraded kernel (and the VPS's disk names for the boot after).
+    /// Returns what is held back.
+    async fn hold(
+        &self,
+        set: &ServiceSet,
+        seal: &seal::Seal,
+        boot: &BootFiles,
+    ) -> Result<Vec<String>> {
+        let direct = cmdline::DirectBoot {
+            kernel: boot.kernel.clone(),
+            initrd: boot.initrd.clone(),
+            append: seal.kernel_cmdline(&boot.cmdline)?,
+        };
+        let (vm, s) = start_worker(
+            self.dir,
+            self.j.identity.as_deref(),
+            self.spec(Some(direct), "proof1.pcap")?,
+            "the upgraded copy did not come up for the service proof's hold: ",
+            &self.parity,
+        )
+        .await?;
+        let listed = seal_step(
+            &s,
+            "listing the upgraded disk's units",
+            seal.enabled_script(),
+        )
+        .await?;
+        let lines: Vec<String> = listed.lines().map(str::to_string).collect();
+        if lines.last().map(String::as_str) != Some("end") {
+            bail!("the list of the upgraded disk's units was cut short");
+        }
+        let (held, script) = match set.init {
+            Init::Systemd => {
+                let h = held_systemd(
+                    set,
+                    &self.j.services.vps_enabled,
+                    &seal::enabled_units(&lines),
+                );
+                let script = hold_script(&h);
+                (h, script)
+            }
+            Init::Openrc => {
+                let mut h = seal::openrc_held_back(&seal::runlevel_services(&lines), &set.names());
+                h.extend(
+                    set.units
+                        .iter()
+                        .filter(|u| services::SCHEDULERS.contains(&u.name.as_str()))
+                        .map(|u| u.name.clone()),
+                );
+                h.sort();
+                h.dedup();
+                let script = seal.disk_seal_script(&h, false);
+                (h, script)
+            }
+        };
+        seal_step(&s, "holding back what the VPS did not run", &script).await?;
+        if let Some(id) = self.shape.disk_id.as_ref().filter(|i| !i.links.is_empty()) {
+            seal_step(
+                &s,
+                "writing the VPS's disk names for the proof's boot",
+                &crate::vm::diskid::disk_script(id),
+            )
+            .await?;
+        }
+        power_off(s, vm).await?;
+        Ok(held)
+    }
+
+    /// Then the boot through the boot loader to the VPS's own default
+    /// target, and the set checked (HELD not judged); the network's
+    /// refusals with it.
+    async fn boot_and_check(&self, set: &ServiceSet, held: Vec<String>) -> Result<Outcome> {
+        let (vm, s) = start_worker(
+            self.dir,
+            self.j.identity.as_deref(),
+            self.spec(None, "proof2.pcap")?,
+            "the upgraded copy did not come up for the service proof: ",
+            &self.parity,
+        )
+        .await?;
+        let opts = services::check::Options {
+            start_idle: true,
+            held,
+            ..Default::default()
+        };
+        let checked = services::check::check(&s, set, &opts).await;
+        power_off(s, vm).await?;
+        let mut outcome = checked?;
+        let allowed = (cmdline::proxy_addr(&self.shape), vm::proxy::GUEST_PORT);
+        outcome.refused = vm::pcap::take(&self.dir.join("proof2.pcap"), allowed)
+            .into_iter()
+            .map(|r| r.what)
+            .collect();
+        let _ = std::fs::remove_file(self.dir.join("proof1.pcap"));
+        Ok(outcome)
+    }
+}
+
 async fn prove_on(
     dir: &Path,
     j: &Journal,
@@ -300,131 +437,30 @@ async fn prove_on(
         )
     })?;
     let shape = j.shape.clone().unwrap_or_default();
-    let memory_mib = j.services.vps_memory_mib.unwrap_or(j.memory_mib);
-    let cpus = j.services.vps_cpus.unwrap_or(j.cpus).max(1);
-    let spec = |direct: Option<cmdline::DirectBoot>, pcap: &str| -> Result<cmdline::VmSpec> {
-        Ok(cmdline::VmSpec {
-            hotplug_ports: Vec::new(),
-            disk: overlay.to_path_buf(),
-            disk_format: "qcow2".into(),
-            memory_mib,
-            cpus,
-            accel: cmdline::detect_accel(),
-            ssh_port: std::net::TcpListener::bind("127.0.0.1:0")?
-                .local_addr()?
-                .port(),
-            qmp_socket: dir.join("qmp.sock"),
-            serial_log: dir.join("serial.log"),
-            shape: shape.clone(),
-            efi: vm::efi_for(&shape, dir)?,
-            direct,
-            sealed: Some(cmdline::NetSeal {
-                proxy: None,
-                pcap: dir.join(pcap),
-            }),
-        })
-    };
-    let parity = format!(
-        "the proof's VM was built as probed on the VPS: {}",
-        shape.describe()
-    );
-    ui.say(format!(
-        "the service proof: the upgraded copy on a throwaway overlay, {memory_mib} MiB and {cpus} \
-         CPU(s) as the VPS, network sealed; first the hold on what the VPS did not run"
-    ));
-    // 1. The hold, written in a sealed direct boot of the upgraded kernel.
-    let direct = cmdline::DirectBoot {
-        kernel: boot.kernel.clone(),
-        initrd: boot.initrd.clone(),
-        append: seal.kernel_cmdline(&boot.cmdline)?,
-    };
-    let (vm1, s) = start_worker(
+    let vm = ProofVm {
         dir,
-        j.identity.as_deref(),
-        spec(Some(direct), "proof1.pcap")?,
-        "the upgraded copy did not come up for the service proof's hold: ",
-        &parity,
-    )
-    .await?;
-    let listed = seal_step(
-        &s,
-        "listing the upgraded disk's units",
-        seal.enabled_script(),
-    )
-    .await?;
-    let lines: Vec<String> = listed.lines().map(str::to_string).collect();
-    if lines.last().map(String::as_str) != Some("end") {
-        bail!("the list of the upgraded disk's units was cut short");
-    }
-    let held = match set.init {
-        Init::Systemd => {
-            let vps_enabled = j.services.vps_enabled.clone();
-            let h = held_systemd(set, &vps_enabled, &seal::enabled_units(&lines));
-            seal_step(
-                &s,
-                "holding back what the VPS did not run",
-                &hold_script(&h),
-            )
-            .await?;
-            h
-        }
-        Init::Openrc => {
-            let mut h = seal::openrc_held_back(&seal::runlevel_services(&lines), &set.names());
-            h.extend(
-                set.units
-                    .iter()
-                    .filter(|u| services::SCHEDULERS.contains(&u.name.as_str()))
-                    .map(|u| u.name.clone()),
-            );
-            h.sort();
-            h.dedup();
-            seal_step(
-                &s,
-                "holding back what the VPS did not run",
-                &seal.disk_seal_script(&h, false),
-            )
-            .await?;
-            h
-        }
+        j,
+        overlay,
+        parity: format!(
+            "the proof's VM was built as probed on the VPS: {}",
+            shape.describe()
+        ),
+        shape,
+        memory_mib: j.services.vps_memory_mib.unwrap_or(j.memory_mib),
+        cpus: j.services.vps_cpus.unwrap_or(j.cpus).max(1),
     };
-    if let Some(id) = shape.disk_id.as_ref().filter(|i| !i.links.is_empty()) {
-        seal_step(
-            &s,
-            "writing the VPS's disk names for the proof's boot",
-            &crate::vm::diskid::disk_script(id),
-        )
-        .await?;
-    }
-    power_off(s, vm1).await?;
+    ui.say(format!(
+        "the service proof: the upgraded copy on a throwaway overlay, {} MiB and {} CPU(s) as \
+         the VPS, network sealed; first the hold on what the VPS did not run",
+        vm.memory_mib, vm.cpus
+    ));
+    let held = vm.hold(set, &seal, &boot).await?;
     ui.say(format!(
         "held back in the proof ({}): {}; booting the upgraded copy through its own boot loader",
         held.len(),
         held.join(" ")
     ));
-    // 2. Through the boot loader, to the VPS's own default target.
-    let (vm2, s) = start_worker(
-        dir,
-        j.identity.as_deref(),
-        spec(None, "proof2.pcap")?,
-        "the upgraded copy did not come up for the service proof: ",
-        &parity,
-    )
-    .await?;
-    let opts = services::check::Options {
-        start_idle: true,
-        held: held.clone(),
-        ..Default::default()
-    };
-    let checked = services::check::check(&s, set, &opts).await;
-    power_off(s, vm2).await?;
-    let mut outcome = checked?;
-    let allowed = (cmdline::proxy_addr(&shape), vm::proxy::GUEST_PORT);
-    outcome.refused = vm::pcap::take(&dir.join("proof2.pcap"), allowed)
-        .into_iter()
-        .map(|r| r.what)
-        .collect();
-    let _ = std::fs::remove_file(dir.join("proof1.pcap"));
-    Ok(outcome)
+    vm.boot_and_check(set, held).await
 }
 
 #[cfg(test)]

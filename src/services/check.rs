@@ -164,6 +164,20 @@ pub async fn check(s: &Session, set: &ServiceSet, opts: &Options) -> Result<Outc
     if opts.start_idle {
         start_not_started(s, set.init, &mut verdicts).await?;
     }
+    record(s, set.init, verdicts, opts, &mut out).await;
+    out.seconds = t0.elapsed().as_secs_f64();
+    Ok(out)
+}
+
+/// Each verdict into OUT, with the evidence of what failed (its status and
+/// journal lines) and, for a unit that is gone, those of a similar name.
+async fn record(
+    s: &Session,
+    init: Init,
+    verdicts: Vec<(&super::Unit, Verdict)>,
+    opts: &Options,
+    out: &mut Outcome,
+) {
     let mut known: Option<Vec<String>> = None;
     for (u, v) in verdicts {
         match v {
@@ -181,17 +195,17 @@ pub async fn check(s: &Session, set: &ServiceSet, opts: &Options) -> Result<Outc
             Verdict::NotStarted => out.failed.push(Failure {
                 unit: u.name.clone(),
                 why: "not running: nothing started it at boot".into(),
-                lines: evidence(s, set.init, &u.name).await,
+                lines: evidence(s, init, &u.name).await,
             }),
             Verdict::Failed(why) => out.failed.push(Failure {
                 unit: u.name.clone(),
                 why,
-                lines: evidence(s, set.init, &u.name).await,
+                lines: evidence(s, init, &u.name).await,
             }),
             Verdict::Missing => {
                 if known.is_none() {
                     let names = s
-                        .exec(read::names_script(set.init))
+                        .exec(read::names_script(init))
                         .await
                         .map(|o| o.stdout_str())
                         .unwrap_or_default();
@@ -211,8 +225,6 @@ pub async fn check(s: &Session, set: &ServiceSet, opts: &Options) -> Result<Outc
             }
         }
     }
-    out.seconds = t0.elapsed().as_secs_f64();
-    Ok(out)
 }
 
 /// The proof's second chance: each unit nothing started at boot is
