@@ -1292,6 +1292,47 @@ fn zoo_hetzner_like_virtio_scsi_grub_by_id_and_ipv6() {
     zoo_row("debian-12-hetzner", &r, t.elapsed());
 }
 
+/// A DigitalOcean-like layout (issue 32): a public NIC with a static
+/// address and an anchor address, and a private network on a second NIC,
+/// both matched by MAC. The worker VM has both NICs (MACs, slots), so both
+/// configurations come up there (the --run's `ip` shows the private
+/// address) and the service proof passes; the VPS comes back with all
+/// three addresses.
+#[test]
+#[ignore = "zoo tier (long): scripts/test-zoo runs it"]
+fn zoo_do_like_two_nics_anchor_and_private_network() {
+    let vps = Vps::start_variant("do");
+    let home = tempdir();
+    let addrs = "ip -4 -o addr show | awk '{print $4}' | sort | tr '\\n' ' '";
+    let want = "10.110.0.2/20 10.17.0.5/16 127.0.0.1/8 203.0.113.45/24 ";
+    assert_eq!(vps.ssh(addrs), want);
+    let cmd = format!("{CHANGE}; ip -4 -o addr show");
+    let o = vps
+        .upgrade_as_users_run_it(home.path(), &cmd, &[])
+        .output()
+        .unwrap();
+    eprintln!("{}", stderr(&o));
+    assert_exit(&o, 0);
+    let r = json(&o);
+    let t = Instant::now();
+    let log =
+        std::fs::read_to_string(std::path::Path::new(r["run"].as_str().unwrap()).join("run.log"))
+            .unwrap();
+    assert!(
+        log.contains("inet 10.110.0.2/20"),
+        "the private NIC in the worker VM:\n{log}"
+    );
+    assert!(
+        log.contains("inet 10.17.0.5/16"),
+        "the anchor address in the worker VM:\n{log}"
+    );
+    assert_eq!(r["service_proof"]["failed"], serde_json::json!([]), "{r}");
+    assert_eq!(r["services_after"]["failed"], serde_json::json!([]), "{r}");
+    assert_eq!(vps.ssh(addrs), want);
+    vps.zoo_app_intact();
+    zoo_row("debian-12-do", &r, t.elapsed());
+}
+
 /// What the rehearsal downloaded is served again to the real upgrade's
 /// worker VM from the run's downloads (the sealed proxy's cache on the
 /// workstation), not fetched again; none of it is on the VPS afterwards.

@@ -212,13 +212,21 @@ pub fn firmware_args(efi: Option<&(PathBuf, PathBuf)>) -> Vec<OsString> {
     ]
 }
 
+/// "52:54:00:12:34:56": what may reach QEMU's command line as a MAC.
+fn is_mac(m: &str) -> bool {
+    m.len() == 17
+        && m.split(':')
+            .all(|b| b.len() == 2 && b.chars().all(|c| c.is_ascii_hexdigit()))
+}
+
 /// The NIC with the VPS's MAC and PCI slot, on a user network shaped as
 /// the VPS's (subnet, gateway, DNS, the VPS's address as the first DHCP
 /// lease); SSH forwarded from 127.0.0.1 to the guest's address.
 pub fn net_args(ssh_port: u16, shape: &Shape, sealed: Option<&NetSeal>) -> Vec<OsString> {
     let mut dev = "virtio-net-pci,netdev=n0".to_string();
     if let Some(nic) = &shape.nic {
-        if let Some(m) = &nic.mac {
+        // From the VPS: only a MAC reaches QEMU's command line as one.
+        if let Some(m) = nic.mac.as_deref().filter(|m| is_mac(m)) {
             dev.push_str(&format!(",mac={m}"));
         }
         if let Some(slot) = &nic.pci_slot {
@@ -260,6 +268,24 @@ pub fn net_args(ssh_port: u16, shape: &Shape, sealed: Option<&NetSeal>) -> Vec<O
     }
     let mut a = vec![os("-netdev"), os(user), os("-device"), os(dev)];
     a.extend(extra);
+    // The VPS's other NICs: each on a user network of its own that reaches
+    // nothing (restrict=on: no forward, no way out, sealed or not).
+    for (i, n) in shape.more_nics.iter().enumerate() {
+        let id = format!("n{}", i + 1);
+        let mut dev = format!("virtio-net-pci,netdev={id}");
+        if let Some(m) = n.mac.as_deref().filter(|m| is_mac(m)) {
+            dev.push_str(&format!(",mac={m}"));
+        }
+        if let Some(slot) = &n.pci_slot {
+            dev.push_str(&format!(",addr={slot}"));
+        }
+        a.extend([
+            os("-netdev"),
+            os(format!("user,id={id},restrict=on,ipv6=off")),
+            os("-device"),
+            os(dev),
+        ]);
+    }
     a
 }
 
@@ -412,6 +438,7 @@ mod tests {
                 dns: Some("192.0.2.53".parse().unwrap()),
             }),
             disk_id: None,
+            more_nics: vec![],
             notes: vec![],
         };
         let a: Vec<String> = net_args(2222, &shape, None)

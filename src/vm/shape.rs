@@ -68,6 +68,11 @@ pub struct Shape {
     #[serde(default)]
     pub disk_id: Option<super::diskid::DiskId>,
     pub nic: Option<Nic>,
+    /// The VPS's other NICs (a private network, a second uplink): the same
+    /// MACs and PCI slots, so that their configuration comes up in the
+    /// worker VM, on networks of their own that reach nothing.
+    #[serde(default)]
+    pub more_nics: Vec<Nic>,
     /// What the worker VM cannot reproduce, said once to the user.
     #[serde(default)]
     pub notes: Vec<String>,
@@ -142,7 +147,11 @@ fn bus0_slot(sysfs_path: &str) -> Option<String> {
     let dev = parts.next()?;
     let rest = dev.strip_prefix("0000:00:")?;
     let (slot, func) = rest.split_once('.')?;
-    (slot.len() == 2 && func == "0" && slot != "00" && slot != "1f")
+    (slot.len() == 2
+        && slot.chars().all(|c| c.is_ascii_hexdigit())
+        && func == "0"
+        && slot != "00"
+        && slot != "1f")
         .then(|| format!("{slot}.{func}"))
 }
 
@@ -209,6 +218,33 @@ fn nic_of(f: &Facts, dev: String, gateway: Option<Ipv4Addr>) -> Nic {
         dns,
         name: dev,
     }
+}
+
+/// The VPS's physical NICs other than PRIMARY (not under
+/// /sys/devices/virtual), by name, with their MACs and slots; at most 7
+/// (QEMU's q35 has room, a VPS rarely has more).
+fn other_nics(f: &Facts, primary: Option<&str>) -> Vec<Nic> {
+    let mut v: Vec<Nic> = f
+        .sysfs
+        .iter()
+        .filter(|(k, n, p)| k == "net" && !p.contains("/virtual/") && Some(n.as_str()) != primary)
+        .filter_map(|(_, n, p)| {
+            let mac = f
+                .interfaces()
+                .into_iter()
+                .find(|(x, _)| x == n)
+                .and_then(|(_, m)| m)?;
+            Some(Nic {
+                name: n.clone(),
+                mac: Some(mac),
+                pci_slot: bus0_slot(p),
+                ..Nic::default()
+            })
+        })
+        .collect();
+    v.sort_by(|a, b| a.name.cmp(&b.name));
+    v.truncate(7);
+    v
 }
 
 /// The NIC of a VPS with no IPv4 default route: the device of its IPv6
@@ -279,12 +315,29 @@ impl Shape {
             },
         };
         let disk_id = super::diskid::DiskId::from_lines(&f.disk_ids, disk_name, disk_bus);
+        // Without a NIC of the VPS's own first, QEMU's default one stands
+        // alone (the note above says why).
+        let more_nics = match &nic {
+            Some(n) => other_nics(f, Some(n.name.as_str())),
+            None => Vec::new(),
+        };
+        if !more_nics.is_empty() {
+            notes.push(format!(
+                "the VPS's other NIC(s) {} are in the worker VM with their MACs and slots, each on a network of its own that reaches nothing (their peers are not there)",
+                more_nics
+                    .iter()
+                    .map(|n| n.name.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ));
+        }
         let mut s = Shape {
             firmware,
             disk_bus,
             disk_name: Some(disk_name.to_string()),
             disk_id,
             nic,
+            more_nics,
             notes,
         };
         let (_, more) = s.user_net();
@@ -375,6 +428,18 @@ impl Shape {
                     None => s.push_str(", QEMU's default network"),
                 }
             }
+        }
+        for n in &self.more_nics {
+            let _ = write!(
+                s,
+                ", NIC {} {}{} (a network of its own)",
+                n.name,
+                n.mac.as_deref().unwrap_or("?"),
+                n.pci_slot
+                    .as_deref()
+                    .map(|p| format!(" at PCI slot {p}"))
+                    .unwrap_or_default()
+            );
         }
         s
     }
@@ -580,6 +645,54 @@ block sda /sys/devices/pci0000:00/0000:00:02.5/0000:06:00.0/virtio5/host0/target
             s.notes[0].starts_with("the VPS's nameserver 198.51.100.1 is its gateway"),
             "{:?}",
             s.notes
+        );
+    }
+
+    /// A DigitalOcean-like VPS: the public NIC (and its anchor address) by
+    /// the default route, a private network on a second NIC. Both NICs are
+    /// in the worker VM with their MACs and slots; the second on a network
+    /// of its own that reaches nothing.
+    #[test]
+    fn a_second_nic_is_kept_on_a_network_of_its_own() {
+        let two = STATIC
+            .replace(
+                "@@ addrs",
+                "3: enp0s5: <BROADCAST,MULTICAST,UP,LOWER_UP> mtu 1500 qdisc fq_codel state UP mode DEFAULT group default qlen 1000\\    link/ether 52:54:00:d0:00:02 brd ff:ff:ff:ff:ff:ff\n4: docker0: <NO-CARRIER,BROADCAST,MULTICAST,UP> mtu 1500 qdisc noqueue state DOWN mode DEFAULT group default \\    link/ether 02:42:ac:11:00:01 brd ff:ff:ff:ff:ff:ff\n@@ addrs",
+            )
+            .replace(
+                "net lo /sys/devices/virtual/net/lo",
+                "net lo /sys/devices/virtual/net/lo\nnet enp0s5 /sys/devices/pci0000:00/0000:00:05.0/virtio3/net/enp0s5\nnet docker0 /sys/devices/virtual/net/docker0",
+            );
+        let s = Shape::from_facts(&facts(&two), "vda");
+        assert_eq!(s.nic.as_ref().unwrap().name, "enp0s1");
+        assert_eq!(
+            s.more_nics,
+            [Nic {
+                name: "enp0s5".into(),
+                mac: Some("52:54:00:d0:00:02".into()),
+                pci_slot: Some("05.0".into()),
+                ..Nic::default()
+            }]
+        );
+        assert!(
+            s.describe().ends_with(
+                ", NIC enp0s5 52:54:00:d0:00:02 at PCI slot 05.0 (a network of its own)"
+            ),
+            "{}",
+            s.describe()
+        );
+        let a: Vec<String> = crate::vm::cmdline::net_args(2222, &s, None)
+            .into_iter()
+            .map(|x| x.into_string().unwrap())
+            .collect();
+        assert_eq!(
+            a[a.len() - 4..],
+            [
+                "-netdev",
+                "user,id=n1,restrict=on,ipv6=off",
+                "-device",
+                "virtio-net-pci,netdev=n1,mac=52:54:00:d0:00:02,addr=05.0"
+            ]
         );
     }
 }
