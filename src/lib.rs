@@ -581,7 +581,9 @@ fn runs_rm(name: &str, force: bool, ui: &Ui) -> Result<()> {
              the run anyway. Nothing was removed",
             dir.display(),
             j.host,
-            if j.push_started {
+            if j.is_done(pipeline::journal::Step::Reboot) {
+                "running the upgraded disk and did not pass its check"
+            } else if j.push_started {
                 "frozen and partly pushed"
             } else {
                 "still frozen"

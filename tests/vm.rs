@@ -1163,6 +1163,13 @@ fn zoo_a_change_the_proof_cannot_see_fails_after_the_push_and_is_rolled_back() {
         "active"
     );
     let upgraded_boot = vps.boot_id();
+    // The run is the way back: not removed without --force.
+    let o = vps
+        .drydock(home.path(), &["runs", "rm", run.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert_exit(&o, 3);
+    assert_stderr(&o, "running the upgraded disk and did not pass its check");
 
     let o = vps
         .drydock(home.path(), &["abort", run.to_str().unwrap(), "--yes"])

@@ -297,9 +297,10 @@ impl Journal {
     }
 
     /// The run froze its VPS and has not given it back (no reboot on the
-    /// new disk, no abort): removing the run would lose the way back.
+    /// new disk, no abort), or the VPS came back on the new disk and did not
+    /// pass its check: removing the run would lose the way back.
     pub fn holds_the_vps(&self) -> bool {
-        self.state == State::Running && self.is_done(Step::Freeze) && !self.is_done(Step::Reboot)
+        self.state == State::Running && self.is_done(Step::Freeze) && !self.is_done(Step::Check)
     }
 
     pub fn where_it_stands(&self) -> String {
