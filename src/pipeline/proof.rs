@@ -266,7 +266,7 @@ async fn prove(dir: &Path, j: &Journal, ui: &Ui) -> Result<Outcome> {
     vm::image::create_overlay(&dir.join("upgraded.raw"), &overlay).await?;
     let res = tokio::time::timeout(
         Duration::from_secs(3600),
-        prove_on(dir, j, ui, &set, &overlay),
+        prove_on(dir, j, ui, &set, &overlay, UPGRADED_BOOT),
     )
     .await
     .unwrap_or_else(|_| {
@@ -277,8 +277,88 @@ async fn prove(dir: &Path, j: &Journal, ui: &Ui) -> Result<Outcome> {
     });
     let _ = std::fs::remove_file(&overlay);
     let mut outcome = res?;
+    control(dir, j, ui, &set, &mut outcome).await;
     outcome.seconds = t0.elapsed().as_secs_f64();
     Ok(outcome)
+}
+
+/// The control: a unit that failed on the upgraded copy is started the
+/// same way on the copy without the upgrade (the base image, the VPS's own
+/// kernel). One that fails there too does not fail because of the upgrade:
+/// a rehearsal's copy is read while the VPS writes to it, and a file an
+/// app was appending to may end torn (the app's own crash recovery is not
+/// what is proven). It is then not proven, said so, and checked on the VPS
+/// after its push; a control that cannot run leaves the failures as they
+/// are.
+async fn control(dir: &Path, j: &Journal, ui: &Ui, set: &ServiceSet, outcome: &mut Outcome) {
+    let failing: Vec<String> = outcome
+        .failed
+        .iter()
+        .map(|f| f.unit.clone())
+        .filter(|u| !services::judge::is_accepted(u, &j.services.accept_failed))
+        .collect();
+    if failing.is_empty() {
+        return;
+    }
+    ui.say(format!(
+        "{} failed on the upgraded copy; the control: the same boot of the copy without the upgrade",
+        failing.join(" ")
+    ));
+    let subset = ServiceSet {
+        units: set
+            .units
+            .iter()
+            .filter(|u| failing.contains(&u.name))
+            .cloned()
+            .collect(),
+        ..set.clone()
+    };
+    let overlay = dir.join("control.qcow2");
+    let _ = std::fs::remove_file(&overlay);
+    let res = async {
+        vm::image::create_overlay(&dir.join("base.raw"), &overlay).await?;
+        tokio::time::timeout(
+            Duration::from_secs(3600),
+            prove_on(dir, j, ui, &subset, &overlay, "boot"),
+        )
+        .await
+        .map_err(|_| anyhow::anyhow!("it did not finish within an hour"))?
+    }
+    .await;
+    let _ = std::fs::remove_file(&overlay);
+    let c = match res {
+        Ok(c) => c,
+        Err(e) => {
+            ui.warn(format!(
+                "the control boot of the copy without the upgrade did not finish ({e:#}): the failures stand"
+            ));
+            return;
+        }
+    };
+    let also: Vec<String> = c.failed.iter().map(|f| f.unit.clone()).collect();
+    outcome.failed.retain(|f| !also.contains(&f.unit));
+    for u in &also {
+        outcome.not_proven.push((
+            u.clone(),
+            format!(
+                "failed on the upgraded copy and the same way on the copy without the upgrade \
+                 (taken while the VPS wrote to it: the failure is the copy's, not the upgrade's); \
+                 checked on the VPS after its push ({})",
+                c.failed
+                    .iter()
+                    .find(|f| &f.unit == u)
+                    .map(|f| f.why.as_str())
+                    .unwrap_or("?")
+            ),
+        ));
+    }
+    if !also.is_empty() {
+        ui.say(format!(
+            "the control failed the same way for {}: not the upgrade's doing, not proven, checked \
+             after the push",
+            also.join(" ")
+        ));
+    }
 }
 
 /// The proof's VM: the overlay, shaped and sized as the VPS, sealed.
@@ -418,17 +498,20 @@ impl ProofVm<'_> {
     }
 }
 
+/// The proof of SET on OVERLAY, its sealed first boot from the kernel
+/// files in BOOT (the upgraded system's, or the VPS's for the control).
 async fn prove_on(
     dir: &Path,
     j: &Journal,
     ui: &Ui,
     set: &ServiceSet,
     overlay: &Path,
+    boot: &str,
 ) -> Result<Outcome> {
     let Some(seal) = j.seal.clone() else {
         bail!("this run has no seal for its worker VM");
     };
-    let boot = BootFiles::load(&dir.join(UPGRADED_BOOT)).map_err(|e| {
+    let boot = BootFiles::load(&dir.join(boot)).map_err(|e| {
         anyhow::anyhow!(
             "the upgraded system's kernel files were not kept from its verify boot ({e:#}), and \
              the proof boots them to hold back what the VPS did not run; `drydock resume {} \
