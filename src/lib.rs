@@ -151,6 +151,8 @@ struct Probe {
     #[serde(flatten)]
     report: remote::probe::ProbeReport,
     worker_vm: Option<vm::shape::Shape>,
+    /// What the host runs: what `upgrade` proves on the upgraded copy.
+    services: Option<services::ServiceSet>,
 }
 
 async fn probe(a: cli::ProbeArgs, ui: &Ui) -> Result<()> {
@@ -164,15 +166,34 @@ async fn probe(a: cli::ProbeArgs, ui: &Ui) -> Result<()> {
         .root_disk()
         .ok()
         .map(|d| vm::shape::Shape::from_facts(&facts, d.trim_start_matches("/dev/")));
-    let lines: Vec<String> = worker_vm
+    let set = services::gather(&s).await?;
+    let mut lines: Vec<String> = worker_vm
         .iter()
         .flat_map(|w| {
             std::iter::once(format!("worker VM  {}", w.describe()))
+                .chain(
+                    w.disk_id
+                        .iter()
+                        .flat_map(|i| i.links.iter())
+                        .filter(|(n, _)| n.starts_with("by-id/"))
+                        .map(|(n, t)| format!("  disk id  {n} -> {t}")),
+                )
                 .chain(w.notes.iter().map(|n| format!("  note     {n}")))
         })
         .collect();
+    if let Some(set) = &set {
+        lines.push(format!("services   {}", set.describe()));
+    }
     let human = report.human(&lines);
-    ui.result("probe", &Probe { report, worker_vm }, human)?;
+    ui.result(
+        "probe",
+        &Probe {
+            report,
+            worker_vm,
+            services: set,
+        },
+        human,
+    )?;
     s.close().await;
     Ok(())
 }
