@@ -266,7 +266,7 @@ async fn prove(dir: &Path, j: &Journal, ui: &Ui) -> Result<Outcome> {
     vm::image::create_overlay(&dir.join("upgraded.raw"), &overlay).await?;
     let res = tokio::time::timeout(
         Duration::from_secs(3600),
-        prove_on(dir, j, ui, &set, &overlay, UPGRADED_BOOT),
+        prove_on(dir, j, ui, (&set, &set), &overlay, UPGRADED_BOOT),
     )
     .await
     .unwrap_or_else(|_| {
@@ -319,7 +319,7 @@ async fn control(dir: &Path, j: &Journal, ui: &Ui, set: &ServiceSet, outcome: &m
         vm::image::create_overlay(&dir.join("base.raw"), &overlay).await?;
         tokio::time::timeout(
             Duration::from_secs(3600),
-            prove_on(dir, j, ui, &subset, &overlay, "boot"),
+            prove_on(dir, j, ui, (set, &subset), &overlay, "boot"),
         )
         .await
         .map_err(|_| anyhow::anyhow!("it did not finish within an hour"))?
@@ -498,13 +498,15 @@ impl ProofVm<'_> {
     }
 }
 
-/// The proof of SET on OVERLAY, its sealed first boot from the kernel
-/// files in BOOT (the upgraded system's, or the VPS's for the control).
+/// The proof on OVERLAY, its sealed first boot from the kernel files in
+/// BOOT (the upgraded system's, or the VPS's for the control): what the
+/// VPS did not run held back (SET decides it), and the units of CHECKED
+/// judged (the whole set, or the control's few).
 async fn prove_on(
     dir: &Path,
     j: &Journal,
     ui: &Ui,
-    set: &ServiceSet,
+    (set, checked): (&ServiceSet, &ServiceSet),
     overlay: &Path,
     boot: &str,
 ) -> Result<Outcome> {
@@ -543,7 +545,7 @@ async fn prove_on(
         held.len(),
         held.join(" ")
     ));
-    vm.boot_and_check(set, held).await
+    vm.boot_and_check(checked, held).await
 }
 
 #[cfg(test)]
