@@ -746,10 +746,16 @@ fn upgrade_killed_mid_upgrade_resumes_sealed_and_the_vps_comes_back_changed() {
         proof["not_proven"].to_string().contains("cron.service"),
         "cron ran in the proof: {proof}"
     );
+    // The proof's window is short (the init settles, two readings 10 s
+    // apart): the phone's first tries may come before its network is up
+    // (no packet) and its name lookup waits out its timeouts, so one of
+    // its two ways is what the proof can be sure to see (CI saw only the
+    // DNS query once).
     assert!(
-        str_list(proof, "refused")
-            .iter()
-            .any(|x| x == &format!("tcp 10.0.2.2:{port}")),
+        str_list(proof, "refused").iter().any(|x| {
+            x == &format!("tcp 10.0.2.2:{port}")
+                || x.starts_with("DNS query for phone-home.example")
+        }),
         "the phone service's attempt in the proof: {proof}"
     );
     let after = &r["services_after"];
