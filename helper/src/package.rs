@@ -269,11 +269,25 @@ pub struct Source {
 /// Seconds a connection or a read may take before the fetch gives up.
 const TIMEOUT: Duration = Duration::from_secs(30);
 
+/// Where the host's own apt put package files it fetched over HTTPS for
+/// a push (drydock's `push::https`): a source whose address is a file in
+/// it is read from there.
+pub const FETCHED_DIR: &str = "/run/drydock-packages/";
+
 /// The body of an HTTP/1.1 GET of SRC: a plain HTTP mirror, as apt's
 /// `http://` sources are (the package is checked page by page, as apt
 /// checks it against its signed index). A redirect, a status other than
-/// 200 or a connection that stalls for 30 s is an error.
+/// 200 or a connection that stalls for 30 s is an error. An address in
+/// FETCHED_DIR is that file (a plain name in it, nothing else).
 pub fn get(src: &Source) -> Result<Box<dyn Read + Send>, String> {
+    if let Some(name) = src.addr.strip_prefix(FETCHED_DIR) {
+        if name.is_empty() || name.contains('/') || name.starts_with('.') {
+            return Err(format!("{}: not a file drydock fetched", src.addr));
+        }
+        let f = std::fs::File::open(&src.addr)
+            .map_err(|e| format!("cannot open {} ({}{}): {e}", src.addr, src.host, src.path))?;
+        return Ok(Box::new(BufReader::with_capacity(1 << 16, f)));
+    }
     let addr: SocketAddr = src
         .addr
         .parse()
@@ -375,6 +389,33 @@ impl<R: BufRead> Read for Chunked<R> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A source in FETCHED_DIR is read from there, and only a plain name
+    /// in it: the workstation cannot make the helper read another file.
+    #[test]
+    fn a_fetched_source_is_a_plain_file_in_its_folder() {
+        let src = |addr: &str| Source {
+            addr: addr.into(),
+            host: "m".into(),
+            path: "/a.deb".into(),
+            format: Format::Deb,
+        };
+        for bad in [
+            "/run/drydock-packages/",
+            "/run/drydock-packages/../../etc/shadow",
+            "/run/drydock-packages/.x",
+        ] {
+            let e = get(&src(bad)).err().expect(bad);
+            assert!(e.contains("not a file drydock fetched"), "{e}");
+        }
+        let e = get(&src("/run/drydock-packages/no-such-file-here"))
+            .err()
+            .unwrap();
+        assert!(
+            e.starts_with("cannot open /run/drydock-packages/no-such-file-here (m/a.deb)"),
+            "{e}"
+        );
+    }
 
     #[test]
     fn pieces_round_trip() {

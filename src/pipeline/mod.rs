@@ -13,6 +13,7 @@
 mod abort;
 pub(crate) mod carry;
 pub mod guest;
+mod https_debs;
 pub mod journal;
 pub mod proof;
 mod report;

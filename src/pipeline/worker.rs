@@ -330,8 +330,18 @@ async fn first_boot(
             } else {
                 String::new()
             };
-            for cmd in &plan.commands {
+            let hook = plan.https_debs;
+            for (i, cmd) in plan.commands.iter().enumerate() {
+                if hook.is_some_and(|(_, keep)| keep == i) {
+                    super::https_debs::run(&s, super::https_debs::KEEP_SCRIPT, &w.log, ui).await;
+                }
                 guest::run_logged_as(&s, &format!("{env}{cmd}"), cmd, &w.log).await?;
+                if hook.is_some_and(|(list, _)| list == i) {
+                    super::https_debs::run(&s, super::https_debs::LIST_SCRIPT, &w.log, ui).await;
+                }
+            }
+            if hook.is_some() {
+                super::https_debs::collect(&s, &w.dir.join("downloads"), ui).await?;
             }
             plan
         }

@@ -29,6 +29,7 @@ pub fn plan(current: &str, target: &str) -> Result<Plan> {
             "grep -q '^[^#]*/v{from}/' /etc/apk/repositories && exit 0; echo \"/etc/apk/repositories names no v{cur} repository (it has: $(grep -v '^#' /etc/apk/repositories | tr '\\n' ' ')); drydock rewrites v{cur} to v{to} only: name the release there (e.g. https://dl-cdn.alpinelinux.org/alpine/v{cur}/main), then run drydock again\"; exit 3"
         )),
         after_reboot: Vec::new(),
+        https_debs: None,
     })
 }
 

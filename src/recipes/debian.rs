@@ -48,6 +48,9 @@ pub fn apt_release_upgrade(from: &str, to: &str) -> Vec<String> {
     ]
 }
 
+/// In `apt_release_upgrade`'s commands: the index update, and the clean.
+pub const HTTPS_DEBS: (usize, usize) = (1, 5);
+
 pub fn plan(current: &str, target: &str) -> Result<Plan> {
     let (_, from, to) = releases::one_step("debian", "Debian", current, target)?;
     let commands = apt_release_upgrade(from, to);
@@ -58,6 +61,7 @@ pub fn plan(current: &str, target: &str) -> Result<Plan> {
         expect_id: Some("debian".into()),
         preflight: Some(GRUB_PC_CHECK.to_string()),
         after_reboot: Vec::new(),
+        https_debs: Some(HTTPS_DEBS),
     })
 }
 
@@ -159,6 +163,27 @@ mod tests {
             String::from_utf8_lossy(&o.stdout).contains("Err:1 http://127.0.0.1:9/debian trixie"),
             "{o:?}"
         );
+    }
+
+    /// The HTTPS hook's indices name the index update and the clean.
+    #[test]
+    fn the_https_hook_names_the_update_and_the_clean() {
+        let p = plan("12", "13").unwrap();
+        let (list, keep) = p.https_debs.unwrap();
+        assert!(
+            p.commands[list].ends_with(" update"),
+            "{}",
+            p.commands[list]
+        );
+        assert!(p.commands[keep].ends_with(" clean"), "{}", p.commands[keep]);
+        let u = crate::recipes::ubuntu::plan("22.04", "24.04").unwrap();
+        let (list, keep) = u.https_debs.unwrap();
+        assert!(
+            u.commands[list].ends_with(" update"),
+            "{}",
+            u.commands[list]
+        );
+        assert!(u.commands[keep].ends_with(" clean"), "{}", u.commands[keep]);
     }
 
     #[test]

@@ -55,6 +55,12 @@ pub struct Plan {
     /// Run in the worker VM after its reboot into the result, each must
     /// succeed (NixOS: `nixos-version` names the new release).
     pub after_reboot: Vec<String>,
+    /// apt's package files fetched over HTTPS (`pipeline::https_debs`):
+    /// listed after command `.0` (the index update on the new release) and
+    /// kept out of apt's cache before command `.1` (the clean), so that the
+    /// VPS can fetch them itself at the push. None: no such hook.
+    #[serde(default)]
+    pub https_debs: Option<(usize, usize)>,
 }
 
 impl Plan {
@@ -120,6 +126,7 @@ pub fn run_plan(command: &str) -> Plan {
         expect_id: None,
         preflight: None,
         after_reboot: Vec::new(),
+        https_debs: None,
     }
 }
 

@@ -200,6 +200,7 @@ pub fn plan(current: &str, target: &str, nix: &NixSetup, opts: &Options) -> Resu
         expect_id: Some("nixos".into()),
         preflight,
         after_reboot,
+        https_debs: None,
     })
 }
 

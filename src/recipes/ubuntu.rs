@@ -9,7 +9,7 @@
 use anyhow::Result;
 
 use super::Plan;
-use super::debian::{GRUB_PC_CHECK, apt_release_upgrade};
+use super::debian::{GRUB_PC_CHECK, HTTPS_DEBS, apt_release_upgrade};
 use crate::releases;
 
 /// PPAs disabled before the rewrite, as do-release-upgrade disables
@@ -33,6 +33,7 @@ done; true"#
 pub fn plan(current: &str, target: &str) -> Result<Plan> {
     let (cur, from, to) = releases::one_step("ubuntu", "Ubuntu LTS", current, target)?;
     let mut commands = vec![disable_ppas(to)];
+    let first = commands.len();
     commands.extend(apt_release_upgrade(from, to));
     Ok(Plan {
         description: format!(
@@ -43,6 +44,7 @@ pub fn plan(current: &str, target: &str) -> Result<Plan> {
         expect_id: Some("ubuntu".into()),
         preflight: Some(GRUB_PC_CHECK.to_string()),
         after_reboot: Vec::new(),
+        https_debs: Some((first + HTTPS_DEBS.0, first + HTTPS_DEBS.1)),
     })
 }
 

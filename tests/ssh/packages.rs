@@ -344,3 +344,166 @@ fn packages_must_be_a_folder() {
     assert_stderr(&o, "not a folder; give the folder of package files");
     assert_eq!(sha256_file(&dev), before);
 }
+
+/// An HTTPS server on 127.0.0.1 serving DIR, with a certificate for
+/// 127.0.0.1 signed by a CA of its own (openssl); its port, the CA's
+/// file, and the file where it logs each path asked. Python's http.server
+/// with ssl: a real TLS server that apt's https method speaks to.
+struct HttpsMirror {
+    child: std::process::Child,
+    port: u16,
+    ca: std::path::PathBuf,
+    log: std::path::PathBuf,
+}
+
+impl Drop for HttpsMirror {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn https_mirror(dir: &std::path::Path, tls: &std::path::Path) -> HttpsMirror {
+    std::fs::create_dir_all(tls).unwrap();
+    let sh = |cmd: &str| {
+        let o = Command::new("sh")
+            .arg("-c")
+            .arg(cmd)
+            .current_dir(tls)
+            .output()
+            .unwrap();
+        assert!(
+            o.status.success(),
+            "{cmd}: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+    };
+    sh(
+        "openssl req -x509 -newkey rsa:2048 -nodes -keyout ca.key -out ca.pem -days 2 \
+        -subj /CN=drydock-test-ca -addext basicConstraints=critical,CA:TRUE \
+        -addext keyUsage=critical,keyCertSign,cRLSign",
+    );
+    sh("openssl req -newkey rsa:2048 -nodes -keyout srv.key -out srv.csr -subj /CN=127.0.0.1");
+    sh(
+        "printf 'subjectAltName=IP:127.0.0.1\\n' > ext && openssl x509 -req -in srv.csr -CA ca.pem \
+        -CAkey ca.key -CAcreateserial -out srv.pem -days 2 -extfile ext",
+    );
+    let log = tls.join("asked");
+    let server = r#"
+import http.server, ssl, sys, os
+root, cert, key, log = sys.argv[1:5]
+class H(http.server.SimpleHTTPRequestHandler):
+    def __init__(self, *a, **k):
+        super().__init__(*a, directory=root, **k)
+    def log_message(self, fmt, *a):
+        with open(log, "a") as f:
+            f.write(self.path + "\n")
+s = http.server.ThreadingHTTPServer(("127.0.0.1", 0), H)
+ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+ctx.load_cert_chain(cert, key)
+s.socket = ctx.wrap_socket(s.socket, server_side=True)
+print(s.server_address[1], flush=True)
+s.serve_forever()
+"#;
+    let mut child = Command::new("python3")
+        .arg("-c")
+        .arg(server)
+        .arg(dir)
+        .arg(tls.join("srv.pem"))
+        .arg(tls.join("srv.key"))
+        .arg(&log)
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    std::io::BufRead::read_line(
+        &mut std::io::BufReader::new(child.stdout.take().unwrap()),
+        &mut line,
+    )
+    .unwrap();
+    HttpsMirror {
+        child,
+        port: line.trim().parse().expect("the server's port"),
+        ca: tls.join("ca.pem"),
+        log,
+    }
+}
+
+/// A package the upgrade fetched over HTTPS (issue 32): kept with its URL
+/// and hash, the host's own apt (`apt-helper download-file`, its own TLS
+/// configuration: here a CA of its own in its APT_CONFIG) fetches it from
+/// its mirror before the helper writes, and the pages it holds are rebuilt
+/// from it, not sent. The host's apt refusing the mirror's certificate,
+/// and a host without apt-helper: the pages are sent and the push says
+/// why. The folder it fetched into is gone afterwards.
+#[test]
+fn a_push_has_the_hosts_apt_fetch_https_package_files_and_rebuild_their_pages() {
+    let t = tempdir();
+    let blob = pattern(4343, 200 * KIB as usize + 100);
+    let pages = blob.len().div_ceil(4096) as u64;
+    let package = deb(t.path(), &blob);
+    let deb_path = "debian/pool/main/d/demo/demo_1_all.deb";
+    let root = t.path().join("mirror");
+    std::fs::create_dir_all(root.join("debian/pool/main/d/demo")).unwrap();
+    std::fs::write(root.join(deb_path), &package).unwrap();
+    let m = https_mirror(&root, &t.path().join("tls"));
+    let downloads = t.path().join("downloads");
+    keep(
+        &downloads,
+        "0e3f",
+        &package,
+        &format!("https://127.0.0.1:{}/{deb_path}", m.port),
+    );
+    let hash = sha256_file(&downloads.join("0e3f"));
+    std::fs::write(downloads.join("0e3f.sha256"), &hash).unwrap();
+    let apt_conf = t.path().join("apt.conf");
+    std::fs::write(
+        &apt_conf,
+        format!("Acquire::https::CaInfo \"{}\";\n", m.ca.display()),
+    )
+    .unwrap();
+
+    let env = format!("SetEnv=APT_CONFIG={}", apt_conf.display());
+    let sshd = Sshd::start_with(&[&env]);
+    let other = pattern(78, 32 * KIB as usize);
+    let (o, j) = pushed(
+        &sshd,
+        t.path(),
+        "1",
+        &[(10 * MIB, &blob[..]), (30 * MIB, &other)],
+        &downloads,
+    );
+    assert_exit(&o, 0);
+    assert_eq!(j["rebuilt"]["pages"], pages, "{j}\n{}", stderr(&o));
+    assert_eq!(
+        std::fs::read_to_string(&m.log).unwrap(),
+        format!("/{deb_path}\n"),
+        "the host's apt fetched the package once"
+    );
+    let wire = j["bytes_on_wire"].as_u64().unwrap();
+    assert!(wire < 32 * KIB + 64 * KIB, "bytes on the wire {wire}: {j}");
+    assert_stderr(&o, "the host rebuilds them from its mirror");
+    assert!(
+        !std::path::Path::new("/run/drydock-packages").exists(),
+        "the folder the host's apt fetched into is removed"
+    );
+
+    // Its apt does not trust the mirror's certificate: sent, and said.
+    let sshd = Sshd::start();
+    let (o, j) = pushed(&sshd, t.path(), "2", &[(10 * MIB, &blob[..])], &downloads);
+    assert_exit(&o, 0);
+    assert_eq!(j["rebuilt"]["pages"], 0, "{j}");
+    assert_stderr(&o, "could not fetch https://127.0.0.1:");
+    assert!(wire < j["bytes_on_wire"].as_u64().unwrap(), "{j}");
+
+    // No apt-helper on the host.
+    let sshd = Sshd::start_without(&["/usr/lib/apt/apt-helper"]);
+    let (o, j) = pushed(&sshd, t.path(), "3", &[(10 * MIB, &blob[..])], &downloads);
+    assert_exit(&o, 0);
+    assert_eq!(j["rebuilt"]["pages"], 0, "{j}");
+    assert_stderr(
+        &o,
+        "has no /usr/lib/apt/apt-helper to fetch the 1 package file(s)",
+    );
+    assert!(!std::path::Path::new("/run/drydock-packages").exists());
+}

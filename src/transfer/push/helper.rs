@@ -11,6 +11,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 
+use super::mirror::{Rebuild, plan_rebuild, start_plan};
 use super::{Preflight, PushOptions, PushReport, ranges, rebuild, save_manifest};
 use crate::image::manifest::{self, BLOCK_SIZE, block_count, block_len};
 use crate::refused;
@@ -114,200 +115,6 @@ pub struct Rebuilt {
     pub notes: Vec<String>,
 }
 
-/// What a push asks the host to rebuild: package files at addresses the
-/// host resolved, with their pieces.
-#[derive(Debug, Default)]
-struct Rebuild {
-    jobs: Vec<(
-        drydock_helper::package::Source,
-        Vec<drydock_helper::package::Piece>,
-    )>,
-    files: usize,
-    notes: Vec<String>,
-}
-
-impl Rebuild {
-    fn pages(&self) -> u64 {
-        self.jobs.iter().map(|(_, p)| p.len() as u64).sum()
-    }
-}
-
-/// A rebuild's planning under way (on a blocking thread).
-struct PlanStarted {
-    /// The plan, and the time it took.
-    task: tokio::task::JoinHandle<Result<(rebuild::Planned, Duration)>>,
-    files: usize,
-}
-
-/// The planning of a rebuild from the package files in OPTS.packages
-/// started, for the pages of PATCHES in IMAGE; none without package files.
-fn start_plan(
-    opts: &PushOptions,
-    image: &File,
-    patches: Vec<Patch>,
-    ui: &Ui,
-) -> Result<Option<PlanStarted>> {
-    // No folder: the run downloaded nothing (`push --packages` refuses a
-    // path that is not one before connecting).
-    let Some(dir) = opts.packages.as_ref().filter(|d| d.is_dir()) else {
-        return Ok(None);
-    };
-    let files = rebuild::package_files(dir);
-    if files.is_empty() {
-        ui.say(format!(
-            "{} holds no package file with its URL (NAME beside NAME.url): every page is sent",
-            dir.display()
-        ));
-        return Ok(None);
-    }
-    let image = image.try_clone()?;
-    let n = files.len();
-    Ok(Some(PlanStarted {
-        task: tokio::task::spawn_blocking(move || {
-            let t = Instant::now();
-            rebuild::plan(&files, &image, &patches).map(|p| (p, t.elapsed()))
-        }),
-        files: n,
-    }))
-}
-
-/// The rebuild STARTED planned, kept to the pages of PATCHES, each
-/// mirror's name resolved on the host (its own resolver, as apt there
-/// would); none when there is nothing to write, or when the host cannot
-/// resolve a mirror (said, and sent instead).
-async fn plan_rebuild(
-    started: Option<PlanStarted>,
-    patches: &[Patch],
-    session: &Session,
-    ui: &Ui,
-) -> Result<Rebuild> {
-    let Some(started) = started else {
-        return Ok(Rebuild::default());
-    };
-    if patches.is_empty() {
-        // Nothing to write: the planning is left to end on its own.
-        return Ok(Rebuild::default());
-    }
-    let n = started.files;
-    let (mut planned, took) = started.task.await??;
-    // Only the pages this push writes (the planning may have started from
-    // every page of the blocks that changed).
-    let mut pages: Vec<u64> = patches
-        .iter()
-        .flat_map(|p| (p.offset..p.offset + p.len as u64).step_by(PAGE as usize))
-        .collect();
-    pages.sort_unstable();
-    for job in &mut planned.jobs {
-        job.pieces
-            .retain(|p| pages.binary_search(&p.disk_offset).is_ok());
-    }
-    planned.jobs.retain(|j| !j.pieces.is_empty());
-    let found_pages: u64 = planned.jobs.iter().map(|j| j.pieces.len() as u64).sum();
-    let found_files = planned.jobs.len();
-    let mut out = Rebuild {
-        files: n,
-        notes: planned.unreadable.clone(),
-        ..Default::default()
-    };
-    let mut addrs: std::collections::HashMap<(String, u16), Option<String>> = Default::default();
-    for job in planned.jobs {
-        let Some((host, port, path)) = rebuild::split_url(&job.url) else {
-            continue;
-        };
-        let key = (host.clone(), port);
-        if !addrs.contains_key(&key) {
-            let a = match resolve(session, &host).await {
-                Ok(ip) => Some(ip),
-                Err(e) => {
-                    out.notes.push(e);
-                    None
-                }
-            };
-            addrs.insert(key.clone(), a);
-        }
-        let Some(ip) = addrs[&key].clone() else {
-            continue;
-        };
-        let addr = if ip.contains(':') {
-            format!("[{ip}]:{port}")
-        } else {
-            format!("{ip}:{port}")
-        };
-        let http_host = if port == 80 {
-            host
-        } else {
-            format!("{host}:{port}")
-        };
-        out.jobs.push((
-            drydock_helper::package::Source {
-                addr,
-                host: http_host,
-                path,
-                format: job.format,
-            },
-            job.pieces,
-        ));
-    }
-    let unreached = found_pages - out.pages();
-    ui.say(format!(
-        "{} of the pages to write are in {} of the {} package files the upgrade downloaded \
-         (planned in {:.1} s): {}",
-        human_bytes(found_pages * PAGE),
-        found_files,
-        n,
-        took.as_secs_f64(),
-        if unreached == 0 {
-            "the host rebuilds them from its mirror".to_string()
-        } else if out.jobs.is_empty() {
-            "the host cannot reach their mirror, so they are sent".to_string()
-        } else {
-            format!(
-                "the host rebuilds {} from its mirror; it cannot reach the mirror of the other {}, \
-                 which are sent",
-                human_bytes(out.pages() * PAGE),
-                human_bytes(unreached * PAGE)
-            )
-        }
-    ));
-    for note in &out.notes {
-        ui.say(format!("not rebuilt on the host: {note}"));
-    }
-    Ok(out)
-}
-
-/// HOST's address as the host itself resolves it (its first IPv4
-/// address, else its first address), within 30 s.
-async fn resolve(session: &Session, host: &str) -> std::result::Result<String, String> {
-    if host.parse::<std::net::IpAddr>().is_ok() {
-        return Ok(host.to_string());
-    }
-    let q = crate::ssh::shell_quote(host);
-    let cmd = format!(
-        "getent ahostsv4 {q} 2>/dev/null | head -n 1 || true; getent ahosts {q} | head -n 1"
-    );
-    let out = tokio::time::timeout(Duration::from_secs(30), session.exec(&cmd)).await;
-    let text = match out {
-        Ok(Ok(o)) => o.stdout_str(),
-        Ok(Err(e)) => {
-            return Err(format!(
-                "cannot ask {} for {host}'s address: {e:#}",
-                session.host()
-            ));
-        }
-        Err(_) => {
-            return Err(format!(
-                "{} took more than 30 s to resolve {host}",
-                session.host()
-            ));
-        }
-    };
-    text.split_whitespace()
-        .next()
-        .filter(|a| a.parse::<std::net::IpAddr>().is_ok())
-        .map(str::to_string)
-        .ok_or_else(|| format!("{} cannot resolve {host} (getent ahosts)", session.host()))
-}
-
 async fn push_with(
     session: &Session,
     pf: &Preflight,
@@ -316,9 +123,13 @@ async fn push_with(
     ui: &Ui,
 ) -> Result<Counts> {
     let mut link = Link::start(session, remote).await?;
-    let res = push_on(&mut link, session, pf, opts, ui).await;
+    let mut fetched_https = false;
+    let res = push_on(&mut link, session, pf, opts, ui, &mut fetched_https).await;
     // Refused, failed or done: the helper has exited when drydock returns.
     link.close().await;
+    if fetched_https {
+        super::https::clean(session).await;
+    }
     res
 }
 
@@ -328,6 +139,7 @@ async fn push_on(
     pf: &Preflight,
     opts: &PushOptions,
     ui: &Ui,
+    fetched_https: &mut bool,
 ) -> Result<Counts> {
     let dev = &pf.dev;
     open_device(link, dev).await?;
@@ -359,6 +171,7 @@ async fn push_on(
         None => None,
     };
     let rebuild = plan_rebuild(started, &patches, session, ui).await?;
+    *fetched_https = rebuild.fetched_https;
 
     let total: u64 = patches.iter().map(|p| p.len as u64).sum();
     let asked = std::time::Instant::now();

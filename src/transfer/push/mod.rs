@@ -5,6 +5,8 @@
 
 mod dd;
 mod helper;
+mod https;
+mod mirror;
 pub mod rebuild;
 
 pub use helper::Rebuilt;

@@ -29,11 +29,15 @@ pub struct PackageFile {
     pub file: PathBuf,
     pub url: String,
     pub format: Format,
+    /// An `https://` one's SHA-256 (`NAME.sha256`, hex): the VPS's apt
+    /// fetches it and checks it against this (`push::https`).
+    pub sha256: Option<String>,
 }
 
 /// The package files in DIR (a run's `downloads/`): every `NAME` with a
 /// `NAME.url` naming a plain-HTTP `.deb`, or an index file apt fetched
-/// by-hash (compressed whole: apt keeps it decompressed in its lists).
+/// by-hash (compressed whole: apt keeps it decompressed in its lists), or
+/// an `https://` `.deb` with its `NAME.sha256` (`pipeline::https_debs`).
 /// Missing DIR: none.
 pub fn package_files(dir: &Path) -> Vec<PackageFile> {
     let Ok(rd) = std::fs::read_dir(dir) else {
@@ -45,7 +49,16 @@ pub fn package_files(dir: &Path) -> Vec<PackageFile> {
             let p = e.path();
             let url = std::fs::read_to_string(p.with_extension("url")).ok()?;
             let url = url.trim().to_string();
-            if p.extension().is_some() || !url.starts_with("http://") {
+            // An https:// one only with its hash (the worker's apt kept it).
+            let sha256 = std::fs::read_to_string(p.with_extension("sha256"))
+                .ok()
+                .map(|h| h.trim().to_string())
+                .filter(|h| h.len() == 64 && h.bytes().all(|b| b.is_ascii_hexdigit()));
+            let https = url.starts_with("https://") && sha256.is_some();
+            if p.extension().is_some() || !(url.starts_with("http://") || https) {
+                return None;
+            }
+            if https && !url.ends_with(".deb") {
                 return None;
             }
             let format = if url.ends_with(".deb") || url.ends_with(".udeb") {
@@ -61,6 +74,7 @@ pub fn package_files(dir: &Path) -> Vec<PackageFile> {
                 file: p,
                 url,
                 format,
+                sha256: if https { sha256 } else { None },
             })
         })
         .collect();
@@ -97,6 +111,9 @@ pub struct Job {
     pub url: String,
     pub format: Format,
     pub pieces: Vec<Piece>,
+    /// An `https://` one's SHA-256 and size (`push::https`).
+    pub sha256: Option<String>,
+    pub size: u64,
 }
 
 /// What the planning found.
@@ -182,6 +199,8 @@ pub fn plan(files: &[PackageFile], image: &File, patches: &[Patch]) -> Result<Pl
                         url: f.url.clone(),
                         format: f.format,
                         pieces,
+                        sha256: f.sha256.clone(),
+                        size: std::fs::metadata(&f.file).map(|m| m.len()).unwrap_or(0),
                     });
                 }
             }

@@ -1,0 +1,271 @@
+//! Package files the upgrade fetched over HTTPS, fetched again by the VPS
+//! itself (issue 32): the helper speaks plain HTTP only, and TLS is the
+//! VPS's business (its CAs, its client keys, its proxy, `auth.conf`), so
+//! its own apt does it: `/usr/lib/apt/apt-helper download-file URL FILE
+//! SHA256:…`, which checks the file against the hash the worker's apt
+//! accepted. The files go to a folder in the VPS's RAM (`/run`), all of
+//! them before the helper writes a page: apt runs from the disk the push
+//! rewrites, so it must be done with it first. They take at most half of
+//! the memory the VPS has available (the most pages per byte first); the
+//! helper then reads them as it reads a mirror's answer, and the folder is
+//! removed after the push. A VPS without apt-helper, or whose fetch fails,
+//! is sent those pages, and the push says so.
+
+use std::time::Duration;
+
+use drydock_helper::package::{Piece, Source};
+
+use super::rebuild::Job;
+use crate::ssh::{Session, shell_quote};
+
+/// The VPS's folder for the files (tmpfs on systemd and OpenRC hosts),
+/// the one the helper reads such sources from.
+pub const DIR: &str = "/run/drydock-packages";
+
+/// What the VPS says of itself: whether it has apt-helper, and the memory
+/// it has available, in KiB.
+const ASK: &str = r#"[ -x /usr/lib/apt/apt-helper ] && echo apt-helper
+awk '/^MemAvailable:/ { print "available", $2 }' /proc/meminfo"#;
+
+/// Lines `NAME SHA256 URL` on its input; for each, `ok NAME` or
+/// `failed NAME WHY`. Each fetch is bounded by `timeout`; the folder is
+/// left only with files in it (removed after the push).
+const FETCH: &str = r#"d=/run/drydock-packages; mkdir -p -m 700 "$d" || exit 1
+while read -r n hash url; do
+  if timeout 300 /usr/lib/apt/apt-helper -o APT::Sandbox::User=root download-file "$url" "$d/$n" "SHA256:$hash" >/dev/null 2>"$d/err"; then
+    echo "ok $n"
+  else
+    rm -f "$d/$n" "$d/$n.FAILED"; echo "failed $n $(grep -m 1 '^E:' "$d/err" | tr -cd '[:print:]' | cut -c 1-200)"
+  fi
+done
+rm -f "$d/err"; rmdir "$d" 2>/dev/null; true"#;
+
+/// The https jobs chosen to fit BUDGET bytes, the most pages per byte
+/// first; the rest are returned apart (their pages are sent).
+pub fn choose(mut jobs: Vec<Job>, budget: u64) -> (Vec<Job>, Vec<Job>) {
+    jobs.sort_by(|a, b| {
+        let (x, y) = (
+            a.pieces.len() as u128 * b.size.max(1) as u128,
+            b.pieces.len() as u128 * a.size.max(1) as u128,
+        );
+        y.cmp(&x).then(a.url.cmp(&b.url))
+    });
+    let (mut take, mut leave, mut used) = (Vec::new(), Vec::new(), 0u64);
+    for j in jobs {
+        if used + j.size <= budget {
+            used += j.size;
+            take.push(j);
+        } else {
+            leave.push(j);
+        }
+    }
+    (take, leave)
+}
+
+/// Have the VPS fetch JOBS (https, each with its hash) into DIR; the ones
+/// fetched, as the helper's sources (a local file: its path as the
+/// address). What could not be fetched goes to NOTES.
+pub async fn prefetch(
+    session: &Session,
+    jobs: Vec<Job>,
+    notes: &mut Vec<String>,
+) -> Vec<(Source, Vec<Piece>)> {
+    if jobs.is_empty() {
+        return Vec::new();
+    }
+    let n = jobs.len();
+    let host = session.host();
+    let said = match tokio::time::timeout(Duration::from_secs(30), session.exec(ASK)).await {
+        Ok(Ok(o)) => o.stdout_str(),
+        _ => String::new(),
+    };
+    if !said.lines().any(|l| l == "apt-helper") {
+        notes.push(format!(
+            "{host} has no /usr/lib/apt/apt-helper to fetch the {n} package file(s) the upgrade \
+             fetched over HTTPS: their pages are sent"
+        ));
+        return Vec::new();
+    }
+    let available: u64 = said
+        .lines()
+        .find_map(|l| l.strip_prefix("available ")?.trim().parse::<u64>().ok())
+        .unwrap_or(0)
+        .saturating_mul(1024);
+    let (take, leave) = choose(jobs, available / 2);
+    if !leave.is_empty() {
+        notes.push(format!(
+            "{} package file(s) fetched over HTTPS do not fit in half of {host}'s available memory \
+             ({} MiB) beside the others: their pages are sent",
+            leave.len(),
+            available >> 20
+        ));
+    }
+    if take.is_empty() {
+        return Vec::new();
+    }
+    let mut input = String::new();
+    for (i, j) in take.iter().enumerate() {
+        let hash = j.sha256.as_deref().unwrap_or_default();
+        input.push_str(&format!("{i} {hash} {}\n", j.url));
+    }
+    let bytes: u64 = take.iter().map(|j| j.size).sum();
+    // 300 s a file at most, and no more than 60 s and 1 s for each 256 KiB
+    // in all (a mirror slower than that costs more downtime than it saves).
+    let bound = Duration::from_secs(60 + bytes / (256 << 10));
+    let cmd = format!("sh -c {}", shell_quote(FETCH));
+    let out =
+        match tokio::time::timeout(bound, session.exec_input(&cmd, Some(input.as_bytes()))).await {
+            Ok(Ok(o)) => o.stdout_str(),
+            Ok(Err(e)) => {
+                notes.push(format!(
+                    "{host} could not fetch the package files fetched over HTTPS: {e:#}"
+                ));
+                return Vec::new();
+            }
+            Err(_) => {
+                notes.push(format!(
+                "{host} took more than {} s to fetch the package files fetched over HTTPS: their \
+                 pages are sent",
+                bound.as_secs()
+            ));
+                return Vec::new();
+            }
+        };
+    let mut ok = vec![false; take.len()];
+    for l in out.lines() {
+        let mut w = l.splitn(3, ' ');
+        let (what, i) = (w.next(), w.next().and_then(|i| i.parse::<usize>().ok()));
+        match (what, i) {
+            (Some("ok"), Some(i)) if i < ok.len() => ok[i] = true,
+            (Some("failed"), Some(i)) if i < take.len() => notes.push(format!(
+                "{host} could not fetch {} with its apt: {}",
+                take[i].url,
+                crate::services::printable(w.next().unwrap_or("no reason given"))
+            )),
+            _ => {}
+        }
+    }
+    take.into_iter()
+        .zip(ok)
+        .enumerate()
+        .filter(|(_, (_, ok))| *ok)
+        .map(|(i, (j, _))| {
+            let (host, path) = j
+                .url
+                .strip_prefix("https://")
+                .and_then(|r| r.split_once('/'))
+                .map(|(h, p)| (h.to_string(), format!("/{p}")))
+                .unwrap_or_default();
+            (
+                Source {
+                    addr: format!("{DIR}/{i}"),
+                    host,
+                    path,
+                    format: j.format,
+                },
+                j.pieces,
+            )
+        })
+        .collect()
+}
+
+/// The folder removed from the VPS (after the push, whatever its end).
+pub async fn clean(session: &Session) {
+    let _ = tokio::time::timeout(
+        Duration::from_secs(30),
+        session.exec(&format!("rm -rf {DIR}")),
+    )
+    .await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use drydock_helper::package::Format;
+
+    fn job(url: &str, pieces: usize, size: u64) -> Job {
+        Job {
+            url: url.into(),
+            format: Format::Deb,
+            pieces: (0..pieces)
+                .map(|i| Piece {
+                    stream_offset: i as u64 * 4096,
+                    len: 4096,
+                    hash: [0; 32],
+                    disk_offset: i as u64 * 4096,
+                })
+                .collect(),
+            sha256: Some("00".repeat(32)),
+            size,
+        }
+    }
+
+    #[test]
+    fn the_helper_reads_from_this_folder() {
+        assert_eq!(drydock_helper::package::FETCHED_DIR, format!("{DIR}/"));
+    }
+
+    #[test]
+    fn the_most_pages_per_byte_are_fetched_first_within_the_budget() {
+        let (take, leave) = choose(
+            vec![
+                job("https://m/big.deb", 10, 1000),
+                job("https://m/dense.deb", 10, 100),
+                job("https://m/sparse.deb", 1, 500),
+            ],
+            700,
+        );
+        let urls = |v: &[Job]| v.iter().map(|j| j.url.clone()).collect::<Vec<_>>();
+        assert_eq!(urls(&take), ["https://m/dense.deb", "https://m/sparse.deb"]);
+        assert_eq!(urls(&leave), ["https://m/big.deb"]);
+        let (take, leave) = choose(vec![job("https://m/a.deb", 1, 10)], 0);
+        assert!(take.is_empty() && leave.len() == 1);
+    }
+
+    /// FETCH, with a stand-in apt-helper that "fetches" by copying a local
+    /// file when the hash matches, as the real one refuses a mismatch: the
+    /// answers name each line's outcome, and a failed fetch leaves no file.
+    #[test]
+    fn the_fetch_script_says_what_it_fetched() {
+        let d = tempfile::tempdir().unwrap();
+        let dir = d.path().join("pkgs");
+        let helper = d.path().join("apt-helper");
+        std::fs::write(
+            &helper,
+            "#!/bin/sh\n# -o X download-file URL FILE HASH\n\
+             [ \"$4\" = https://m/good.deb ] && [ \"$6\" = SHA256:aa ] && { echo data > \"$5\"; exit 0; }\n\
+             echo 'E: Failed to fetch https://m/bad.deb  Hash Sum mismatch' >&2; : > \"$5.FAILED\"; exit 100\n",
+        )
+        .unwrap();
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&helper, std::fs::Permissions::from_mode(0o755)).unwrap();
+        let script = FETCH
+            .replace("/run/drydock-packages", dir.to_str().unwrap())
+            .replace("/usr/lib/apt/apt-helper", helper.to_str().unwrap());
+        let mut c = std::process::Command::new("sh")
+            .arg("-c")
+            .arg(&script)
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        use std::io::Write;
+        c.stdin
+            .take()
+            .unwrap()
+            .write_all(b"0 aa https://m/good.deb\n1 bb https://m/bad.deb\n")
+            .unwrap();
+        let out = c.wait_with_output().unwrap();
+        assert_eq!(
+            String::from_utf8_lossy(&out.stdout),
+            "ok 0\nfailed 1 E: Failed to fetch https://m/bad.deb  Hash Sum mismatch\n"
+        );
+        assert_eq!(std::fs::read(dir.join("0")).unwrap(), b"data\n");
+        let mut left: Vec<_> = std::fs::read_dir(&dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .collect();
+        left.sort();
+        assert_eq!(left, ["0"]);
+    }
+}
