@@ -184,7 +184,10 @@ pub struct Adapted {
 /// with the version's recorded kernel, shaped as OLD; rewrite its network
 /// for NET and grow the filesystem GROW names (its kind and the
 /// partition's start sector); power it off.
-#[allow(clippy::too_many_arguments)]
+#[expect(
+    clippy::too_many_arguments,
+    reason = "the adaptation's parts, each used once"
+)]
 pub async fn adapt(
     store: &Store,
     v: &Version,

@@ -401,7 +401,10 @@ impl Session {
     /// `data` waits for window space, and on a connection cut while the
     /// window is shut that wait has no end (a push cut inside the helper's
     /// install hung so).
-    #[allow(clippy::disallowed_methods)] // the one place: raced against the end
+    #[expect(
+        clippy::disallowed_methods,
+        reason = "the one place: raced against the end"
+    )]
     pub async fn send(&self, channel: &Channel<client::Msg>, data: &[u8]) -> Result<()> {
         tokio::select! {
             r = channel.data(data) => r.map_err(|e| anyhow::anyhow!("{e}")),

@@ -2,7 +2,10 @@
 //! own host key and authorized key, a HOME of its own for drydock, and
 //! disk files to pull and push.
 
-#![allow(dead_code)]
+#![allow(
+    dead_code,
+    reason = "each test binary uses a part of the common helpers"
+)]
 
 use std::net::{TcpListener, TcpStream};
 use std::os::unix::fs::MetadataExt;

@@ -116,7 +116,6 @@ fn through_relay(
 /// happened and the last rerun has finished. RESET puts things back as
 /// they were before the operation (after a finished run, for the next);
 /// EXACT checks a finished run's result.
-#[allow(clippy::too_many_arguments)] // the chain's parts, each used once
 fn cut_chain(
     sshd: &Sshd,
     rng: &mut Rng,

@@ -89,7 +89,7 @@ impl Link {
         .await;
     }
 
-    #[allow(clippy::disallowed_methods)] // raced against `ended`
+    #[expect(clippy::disallowed_methods, reason = "raced against `ended`")]
     pub async fn send(&mut self, frame: Vec<u8>) -> Result<()> {
         self.sent += frame.len() as u64;
         let mut ended = self.ended.clone();

@@ -220,7 +220,10 @@ async fn pull_with(
 /// The disk's blocks from START_BLOCK on, streamed into FILES (the image
 /// and its state file), verified and made durable; GOT says what came
 /// besides. An error says how much was kept and how to resume.
-#[allow(clippy::too_many_arguments)] // the pull's parts, each used once
+#[expect(
+    clippy::too_many_arguments,
+    reason = "the pull's parts, each used once"
+)]
 async fn stream_rest(
     session: &Session,
     ui: &Ui,

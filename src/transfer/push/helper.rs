@@ -306,7 +306,6 @@ async fn candidates(
 /// The pages of CANDIDATES to write: the host's page hashes of each block
 /// compared with IMAGE's (and the base image's, when the push is of a
 /// worker VM's overlay).
-#[allow(clippy::too_many_arguments)] // the push's parts, each used once
 async fn plan(
     link: &mut Link,
     pf: &Preflight,
@@ -369,7 +368,6 @@ async fn plan(
 /// each written, read back and checked by the helper; then its Finish.
 /// With a REBUILD, the host rebuilds its pages from package files while
 /// the other pages go; then the pages it did not rebuild are sent.
-#[allow(clippy::too_many_arguments)] // the push's parts, each used once
 async fn send(
     link: &mut Link,
     image: &File,
