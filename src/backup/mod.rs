@@ -15,6 +15,7 @@ use anyhow::Result;
 use serde::Serialize;
 
 pub mod adapt;
+mod grow;
 pub mod proof;
 pub mod restore;
 pub mod store;
