@@ -4,6 +4,7 @@
 use std::path::PathBuf;
 
 use crate::transfer::helper::Mode;
+use crate::vm::cmdline::Memory;
 
 use clap::{Args, Parser, Subcommand};
 
@@ -307,7 +308,7 @@ pub struct BootArgs {
     pub image: PathBuf,
     /// Guest memory: 8G, 2048M, ...
     #[arg(long, default_value = "8G", value_parser = memory, env = "DRYDOCK_MEMORY")]
-    pub memory: String,
+    pub memory: Memory,
     /// Guest CPUs (default: this machine's).
     #[arg(long, value_parser = clap::value_parser!(u32).range(1..=1024), env = "DRYDOCK_CPUS")]
     pub cpus: Option<u32>,
@@ -348,7 +349,7 @@ pub struct UpgradeArgs {
     pub device: Option<String>,
     /// Worker VM memory.
     #[arg(long, default_value = "4G", value_parser = memory, env = "DRYDOCK_MEMORY")]
-    pub memory: String,
+    pub memory: Memory,
     /// Worker VM CPUs (default: this machine's).
     #[arg(long, value_parser = clap::value_parser!(u32).range(1..=1024), env = "DRYDOCK_CPUS")]
     pub cpus: Option<u32>,
@@ -474,7 +475,7 @@ pub struct VerifyArgs {
     pub identity: Option<PathBuf>,
     /// --boot: the VM's memory: 2G, 2048M, ...
     #[arg(long, default_value = "2G", value_parser = memory)]
-    pub memory: String,
+    pub memory: Memory,
     /// --boot: a unit of the host (as recorded with the version) that may
     /// be found not running in the VM (repeatable).
     #[arg(long = "accept-failed", value_name = "UNIT", value_parser = unit_name)]
@@ -516,7 +517,7 @@ pub struct RestoreArgs {
     pub no_boot_proof: bool,
     /// The memory of those VMs: 2G, 2048M, ...
     #[arg(long, default_value = "2G", value_parser = memory)]
-    pub memory: String,
+    pub memory: Memory,
     /// A unit of the host (as recorded with the version) that the boot
     /// proof may find not running (repeatable).
     #[arg(long = "accept-failed", value_name = "UNIT", value_parser = unit_name)]
@@ -605,11 +606,8 @@ pub fn command() -> clap::Command {
 
 /// `--memory`: a size such as 4G or 2048M, at least 128M (a usage error
 /// otherwise, before anything runs).
-fn memory(s: &str) -> Result<String, String> {
-    match crate::vm::cmdline::parse_memory(s) {
-        Some(_) => Ok(s.to_string()),
-        None => Err("expected a size such as 4G or 2048M, at least 128M".to_string()),
-    }
+fn memory(s: &str) -> Result<Memory, String> {
+    Memory::parse(s).ok_or_else(|| "expected a size such as 4G or 2048M, at least 128M".to_string())
 }
 
 /// `--accept-failed`: a unit's name (systemd's characters), never a

@@ -354,7 +354,7 @@ async fn restore(a: cli::RestoreArgs, ui: &Ui) -> Result<()> {
         keep_network: a.keep_network,
         no_boot_proof: a.no_boot_proof,
         identity: a.conn.identity.clone(),
-        memory_mib: vm::cmdline::parse_memory(&a.memory).unwrap_or(2048),
+        memory_mib: a.memory.mib(),
         accept_failed: a.accept_failed,
     };
     let r = backup::restore::restore(&s, &facts, (&store, &v), &opts, ui).await?;
@@ -379,8 +379,7 @@ async fn verify(a: cli::VerifyArgs, ui: &Ui) -> Result<()> {
         return ui.result("verify", &r, human);
     }
     ui.say(human.trim_end().to_string());
-    let memory_mib = vm::cmdline::parse_memory(&a.memory)
-        .with_context(|| format!("--memory {}: expected a size such as 2G", a.memory))?;
+    let memory_mib = a.memory.mib();
     let proof = backup::proof::verify_boot(
         &store,
         &v,
@@ -494,8 +493,7 @@ async fn boot(a: cli::BootArgs, ui: &Ui) -> Result<()> {
 /// `upgrade`, or with REHEARSAL `rehearse` (the same run, live and not
 /// pushed).
 async fn upgrade(a: cli::UpgradeArgs, rehearsal: bool, ui: &Ui) -> Result<()> {
-    let memory_mib = vm::cmdline::parse_memory(&a.memory)
-        .with_context(|| format!("--memory {}: expected a size such as 4G or 2048M", a.memory))?;
+    let memory_mib = a.memory.mib();
     let (ssh, accept_new_host_key) = a.conn.ssh_args()?;
     let req = pipeline::Request {
         host: a.conn.host,

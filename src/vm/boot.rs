@@ -15,7 +15,7 @@ use crate::ui::Ui;
 #[derive(Debug, Clone)]
 pub struct BootOptions {
     pub image: PathBuf,
-    pub memory: String,
+    pub memory: cmdline::Memory,
     pub cpus: Option<u32>,
     /// Where the overlay, QMP socket and serial log go.
     pub dir: PathBuf,
@@ -136,12 +136,7 @@ fn free_port() -> Result<u16> {
 /// `drydock boot`. Over 80 lines for its `VmSpec` literal (20) and the
 /// `ready` report; each decision is a function below.
 pub async fn boot(opts: &BootOptions, ui: &Ui) -> Result<()> {
-    let memory_mib = cmdline::parse_memory(&opts.memory).with_context(|| {
-        format!(
-            "--memory {}: expected a size such as 4G or 2048M (at least 128M)",
-            opts.memory
-        )
-    })?;
+    let memory_mib = opts.memory.mib();
     if !opts.image.is_file() {
         return Err(crate::usage!(
             "{} is neither an image file nor the id of a backup version (`drydock backups` \

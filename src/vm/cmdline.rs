@@ -337,6 +337,22 @@ pub fn qemu_args(spec: &VmSpec) -> Vec<OsString> {
     a
 }
 
+/// A VM's memory in MiB, parsed once, where the command line is read
+/// (`cli.rs`): at least 128 MiB.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Memory(u64);
+
+impl Memory {
+    /// "8G", "512M", "2048" (MiB); None below 128 MiB or unreadable.
+    pub fn parse(s: &str) -> Option<Memory> {
+        parse_memory(s).map(Memory)
+    }
+
+    pub fn mib(self) -> u64 {
+        self.0
+    }
+}
+
 /// "8G", "512M", "2048" (MiB) → MiB.
 pub fn parse_memory(s: &str) -> Option<u64> {
     let s = s.trim();
