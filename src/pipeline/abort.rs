@@ -43,7 +43,7 @@ pub async fn abort(dir: &Path, ui: &Ui) -> Result<()> {
             return Err(refused!(
                 "the run {} is done: the VPS runs the pushed image; to go back, push {} with `drydock push --full`",
                 dir.display(),
-                dir.join("base.raw").display()
+                super::rundir::base(dir).display()
             ));
         }
         State::Aborted => return Err(refused!("the run {} is already aborted", dir.display())),
@@ -58,7 +58,7 @@ pub async fn abort(dir: &Path, ui: &Ui) -> Result<()> {
     if j.is_done(Step::Reboot) {
         return Err(refused!(
             "the VPS already rebooted on the pushed image; to go back, push {} with `drydock push --full`",
-            dir.join("base.raw").display()
+            super::rundir::base(dir).display()
         ));
     }
     if j.frozen_boot_id.is_none() {
@@ -86,11 +86,11 @@ pub async fn abort(dir: &Path, ui: &Ui) -> Result<()> {
 /// After a partial push: push the base image back (the disk holds, block
 /// by block, either the base or the upgraded image), then reboot.
 pub(super) async fn rollback_push(dir: &Path, j: &mut Journal, ui: &Ui) -> Result<()> {
-    let upgraded = dir.join("upgraded.raw");
-    let rollback = dir.join("rollback.raw");
+    let upgraded = super::rundir::upgraded(dir);
+    let rollback = super::rundir::rollback(dir);
     if !rollback.exists() {
         // Same content as the base, read-only use: a hard link, no copy.
-        std::fs::hard_link(dir.join("base.raw"), &rollback)?;
+        std::fs::hard_link(super::rundir::base(dir), &rollback)?;
     }
     let m = Manifest::path_for(&rollback);
     if !m.exists() {
@@ -171,11 +171,11 @@ async fn rollback_steps(dir: &Path, j: &mut Journal, ui: &Ui) -> Result<String> 
              upgraded one, part the old one; drydock will not write to it while it runs from \
              it. Boot it into a rescue system and push {} whole (`drydock push --full`)",
             s.host(),
-            dir.join("base.raw").display()
+            super::rundir::base(dir).display()
         ));
     }
-    let upgraded = dir.join("upgraded.raw");
-    let rollback = dir.join("rollback.raw");
+    let upgraded = super::rundir::upgraded(dir);
+    let rollback = super::rundir::rollback(dir);
     if !rb.pushing {
         if !same_boot {
             // A new boot wrote more since any earlier attempt's copy.
@@ -195,7 +195,7 @@ async fn rollback_steps(dir: &Path, j: &mut Journal, ui: &Ui) -> Result<String> 
         }
         // The disk holds what `upgraded.raw` holds: its manifest is the disk's.
         if !rollback.exists() {
-            std::fs::hard_link(dir.join("base.raw"), &rollback)?;
+            std::fs::hard_link(super::rundir::base(dir), &rollback)?;
         }
         std::fs::copy(Manifest::path_for(&upgraded), Manifest::path_for(&rollback))?;
         rb.pushing = true;
@@ -283,7 +283,7 @@ async fn freeze_for_rollback(
         "Give {} its old disk back: stop its services, keep its disk as it is now in {}, push \
          the base image and reboot it?",
         s.host(),
-        dir.join("upgraded.raw").display()
+        super::rundir::upgraded(dir).display()
     ))
     .await?;
     rb.frozen_boot_id = Some(facts.boot_id.clone());

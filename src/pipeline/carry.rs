@@ -87,9 +87,9 @@ pub struct Job {
 
 fn files(dir: &Path) -> [PathBuf; 3] {
     [
-        dir.join("rehearsed.raw"),
-        dir.join("live.raw"),
-        Manifest::path_for(&dir.join("live.raw")),
+        super::rundir::rehearsed(dir),
+        super::rundir::live(dir),
+        Manifest::path_for(&super::rundir::live(dir)),
     ]
 }
 
@@ -97,7 +97,7 @@ fn files(dir: &Path) -> [PathBuf; 3] {
 pub fn discard(dir: &Path) {
     for p in files(dir)
         .into_iter()
-        .chain([dir.join("carry-live.qcow2"), dir.join("carry-frozen.qcow2")])
+        .chain(<[_; 2]>::from(super::rundir::carry_overlays(dir)))
     {
         let _ = std::fs::remove_file(p);
     }
@@ -132,12 +132,12 @@ pub(super) fn keep(dir: &Path, j: &mut Journal, plan: &Plan, ui: &Ui) -> Result<
 /// `upgraded.raw` kept as `rehearsed.raw`, `base.raw` and its manifest
 /// copied as the live copy's.
 fn copy_kept(dir: &Path) -> Result<()> {
-    let base = dir.join("base.raw");
+    let base = super::rundir::base(dir);
     let [rehearsed, live, live_manifest] = files(dir);
     let size = std::fs::metadata(&base)?.len();
     crate::transfer::check_local_space(&live, size.saturating_mul(2))?;
-    std::fs::rename(dir.join("upgraded.raw"), &rehearsed)?;
-    let _ = std::fs::remove_file(Manifest::path_for(&dir.join("upgraded.raw")));
+    std::fs::rename(super::rundir::upgraded(dir), &rehearsed)?;
+    let _ = std::fs::remove_file(Manifest::path_for(&super::rundir::upgraded(dir)));
     let out = std::process::Command::new("cp")
         .arg("--sparse=always")
         .arg(&base)
@@ -189,7 +189,7 @@ pub(super) async fn carry(dir: &Path, j: &mut Journal, ui: &Ui) -> Result<Option
             "the rehearsal's files are not in the run folder".into(),
         ));
     }
-    let base = dir.join("base.raw");
+    let base = super::rundir::base(dir);
     let a = Manifest::load(&live_manifest)?;
     let b = Manifest::load(&Manifest::path_for(&base))?;
     if a.size != b.size {
@@ -209,7 +209,7 @@ pub(super) async fn carry(dir: &Path, j: &mut Journal, ui: &Ui) -> Result<Option
         ui.say(
             "nothing changed on the VPS since the live copy: the rehearsal's result is the upgrade",
         );
-        std::fs::rename(&rehearsed, dir.join("upgraded.raw"))?;
+        std::fs::rename(&rehearsed, super::rundir::upgraded(dir))?;
         j.carried = Some(Outcome {
             carried: true,
             ..Outcome::default()
@@ -222,7 +222,7 @@ pub(super) async fn carry(dir: &Path, j: &mut Journal, ui: &Ui) -> Result<Option
          the worker VM boots the rehearsal's result and takes the VPS's changes into it",
         human_bytes(changed.iter().map(|(s, e)| e - s).sum())
     ));
-    let (lo, fo) = (dir.join("carry-live.qcow2"), dir.join("carry-frozen.qcow2"));
+    let (lo, fo) = super::rundir::carry_overlays(dir);
     for (img, o) in [(&live, &lo), (&base, &fo)] {
         let _ = std::fs::remove_file(o);
         crate::vm::image::create_overlay(img, o).await?;

@@ -248,7 +248,7 @@ pub const FORMAT: &str = "drydock-run/1";
 
 impl Journal {
     pub fn path(dir: &Path) -> PathBuf {
-        dir.join("journal.json")
+        super::rundir::journal(dir)
     }
 
     pub fn load(dir: &Path) -> Result<Journal> {

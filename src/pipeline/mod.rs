@@ -17,6 +17,7 @@ mod https_debs;
 pub mod journal;
 pub mod proof;
 mod report;
+mod rundir;
 pub(crate) mod steps;
 mod worker;
 
@@ -396,8 +397,8 @@ async fn drive(dir: &Path, mut j: Journal, ui: &Ui, accept_new: bool) -> Result<
 /// write, the upgraded image hashed against the pulled one's manifest.
 pub(super) fn measure_delta(dir: &Path, j: &mut Journal, ui: &Ui) -> Result<()> {
     use crate::image::manifest::{Manifest, block_len, hash_image};
-    let base = Manifest::load(&Manifest::path_for(&dir.join("base.raw")))?;
-    let upgraded = dir.join("upgraded.raw");
+    let base = Manifest::load(&Manifest::path_for(&rundir::base(dir)))?;
+    let upgraded = rundir::upgraded(dir);
     let bar = ui.bytes_bar(base.size, "delta");
     let new = hash_image(&upgraded, |n| bar.inc(n))?;
     bar.finish();

@@ -39,10 +39,6 @@ use crate::services::{self, Init, Outcome, ServiceSet};
 use crate::ui::{Ui, human_bytes};
 use crate::vm::{self, cmdline, seal};
 
-/// Where the upgraded system's kernel, initrd and command line are kept
-/// (read in the verify boot): the proof's first, sealed boot.
-pub const UPGRADED_BOOT: &str = "boot-upgraded";
-
 /// The services of a run: the set, the proof and the check after the push.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct Record {
@@ -159,7 +155,7 @@ pub(super) async fn prove_step(dir: &Path, j: &mut Journal, ui: &Ui) -> Result<(
         if let Some(plan) = j.rehearsed_plan.clone() {
             super::carry::keep(dir, j, &plan, ui)?;
         }
-        let upgraded = dir.join("upgraded.raw");
+        let upgraded = super::rundir::upgraded(dir);
         let _ = std::fs::remove_file(crate::image::manifest::Manifest::path_for(&upgraded));
         let _ = std::fs::remove_file(upgraded);
     }
@@ -261,18 +257,25 @@ async fn prove(dir: &Path, j: &Journal, ui: &Ui) -> Result<Outcome> {
     let Some(set) = j.services.set.clone() else {
         bail!("no service set recorded");
     };
-    let overlay = dir.join("proof.qcow2");
+    let overlay = super::rundir::proof_overlay(dir);
     let _ = std::fs::remove_file(&overlay);
-    vm::image::create_overlay(&dir.join("upgraded.raw"), &overlay).await?;
+    vm::image::create_overlay(&super::rundir::upgraded(dir), &overlay).await?;
     let res = tokio::time::timeout(
         Duration::from_secs(3600),
-        prove_on(dir, j, ui, (&set, &set), &overlay, UPGRADED_BOOT),
+        prove_on(
+            dir,
+            j,
+            ui,
+            (&set, &set),
+            &overlay,
+            &super::rundir::upgraded_boot_files(dir),
+        ),
     )
     .await
     .unwrap_or_else(|_| {
         bail!(
             "the service proof did not finish within an hour; the console of its VM is in {}",
-            dir.join("serial.log").display()
+            super::rundir::serial_log(dir).display()
         )
     });
     let _ = std::fs::remove_file(&overlay);
@@ -313,13 +316,20 @@ async fn control(dir: &Path, j: &Journal, ui: &Ui, set: &ServiceSet, outcome: &m
             .collect(),
         ..set.clone()
     };
-    let overlay = dir.join("control.qcow2");
+    let overlay = super::rundir::control_overlay(dir);
     let _ = std::fs::remove_file(&overlay);
     let res = async {
-        vm::image::create_overlay(&dir.join("base.raw"), &overlay).await?;
+        vm::image::create_overlay(&super::rundir::base(dir), &overlay).await?;
         tokio::time::timeout(
             Duration::from_secs(3600),
-            prove_on(dir, j, ui, (set, &subset), &overlay, "boot"),
+            prove_on(
+                dir,
+                j,
+                ui,
+                (set, &subset),
+                &overlay,
+                &super::rundir::boot_files(dir),
+            ),
         )
         .await
         .map_err(|_| anyhow::anyhow!("it did not finish within an hour"))?
@@ -387,8 +397,8 @@ impl ProofVm<'_> {
             ssh_port: std::net::TcpListener::bind("127.0.0.1:0")?
                 .local_addr()?
                 .port(),
-            qmp_socket: self.dir.join("qmp.sock"),
-            serial_log: self.dir.join("serial.log"),
+            qmp_socket: super::rundir::qmp_socket(self.dir),
+            serial_log: super::rundir::serial_log(self.dir),
             shape: self.shape.clone(),
             efi: vm::efi_for(&self.shape, self.dir)?,
             direct,
@@ -489,11 +499,11 @@ impl ProofVm<'_> {
         power_off(s, vm).await?;
         let mut outcome = checked?;
         let allowed = (cmdline::proxy_addr(&self.shape), vm::proxy::GUEST_PORT);
-        outcome.refused = vm::pcap::take(&self.dir.join("proof2.pcap"), allowed)
+        outcome.refused = vm::pcap::take(&super::rundir::pcap(self.dir, "proof2.pcap"), allowed)
             .into_iter()
             .map(|r| r.what)
             .collect();
-        let _ = std::fs::remove_file(self.dir.join("proof1.pcap"));
+        let _ = std::fs::remove_file(super::rundir::pcap(self.dir, "proof1.pcap"));
         Ok(outcome)
     }
 }
@@ -508,12 +518,12 @@ async fn prove_on(
     ui: &Ui,
     (set, checked): (&ServiceSet, &ServiceSet),
     overlay: &Path,
-    boot: &str,
+    boot: &Path,
 ) -> Result<Outcome> {
     let Some(seal) = j.seal.clone() else {
         bail!("this run has no seal for its worker VM");
     };
-    let boot = BootFiles::load(&dir.join(boot)).map_err(|e| {
+    let boot = BootFiles::load(boot).map_err(|e| {
         anyhow::anyhow!(
             "the upgraded system's kernel files were not kept from its verify boot ({e:#}), and \
              the proof boots them to hold back what the VPS did not run; `drydock resume {} \

@@ -59,7 +59,7 @@ pub(super) async fn probe(s: &Session, j: &Journal, dir: &Path, dry: bool) -> Re
         }
     }
     // The base image and, worst case, a full upgraded copy of it.
-    transfer::check_local_space(&dir.join("base.raw"), dev.size.saturating_mul(2))?;
+    transfer::check_local_space(&super::rundir::base(dir), dev.size.saturating_mul(2))?;
     let seal = match (&dev.kind, dry) {
         (device::Kind::Block { .. }, _) => Seal::from_facts(&facts, &j.host)?,
         (device::Kind::File { .. }, true) => Seal::default(),
@@ -132,7 +132,8 @@ async fn probe_step(dir: &Path, j: &mut Journal, ui: &Ui, accept_new: bool) -> R
         seal,
         allowed,
     } = probe(&s, j, dir, false).await?;
-    let boot = remote::bootfiles::fetch(&s, &facts.cmdline, &dir.join("boot")).await?;
+    let boot =
+        remote::bootfiles::fetch(&s, &facts.cmdline, &super::rundir::boot_files(dir)).await?;
     ui.say(format!(
         "worker VM sealed: boots {}'s kernel {} directly with only {} started; holds back {} unit(s): {}",
         s.host(),
@@ -264,7 +265,7 @@ async fn pull_step(dir: &Path, j: &mut Journal, ui: &Ui, live: bool) -> Result<(
         j.live_since = out.stdout_str().trim().parse().ok();
         j.save(dir)?;
     }
-    let base = dir.join("base.raw");
+    let base = super::rundir::base(dir);
     let opts = pull::PullOptions {
         output: base.clone(),
         device: j.device.clone(),
@@ -366,10 +367,10 @@ async fn push_step(dir: &Path, j: &mut Journal, ui: &Ui) -> Result<()> {
             dir.display()
         ));
     }
-    let upgraded = dir.join("upgraded.raw");
+    let upgraded = super::rundir::upgraded(dir);
     let m = Manifest::path_for(&upgraded);
     if !m.exists() {
-        std::fs::copy(Manifest::path_for(&dir.join("base.raw")), &m)?;
+        std::fs::copy(Manifest::path_for(&super::rundir::base(dir)), &m)?;
     }
     j.push_started = true;
     j.save(dir)?;
@@ -382,8 +383,8 @@ async fn push_step(dir: &Path, j: &mut Journal, ui: &Ui) -> Result<()> {
             full: false,
             frozen_boot_id: j.frozen_boot_id.clone(),
             transfer: j.transfer,
-            base_image: Some(dir.join("base.raw")),
-            packages: Some(dir.join("downloads")),
+            base_image: Some(super::rundir::base(dir)),
+            packages: Some(super::rundir::downloads(dir)),
         },
         ui,
     )
@@ -462,7 +463,7 @@ async fn back_failed(dir: &Path, j: &mut Journal, ui: &Ui, why: String) -> Resul
              disk as it is now in {}, pushes the base image back and reboots it (what it wrote \
              since its reboot is then only in that image); `drydock resume {run}` checks again",
             j.host,
-            dir.join("upgraded.raw").display()
+            super::rundir::upgraded(dir).display()
         ))
         .into());
     }

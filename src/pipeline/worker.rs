@@ -29,14 +29,14 @@ pub(super) async fn start_worker(
     parity: &str,
 ) -> Result<(Vm, crate::ssh::Session)> {
     let port = spec.ssh_port;
-    let mut vm = Vm::start(spec, dir.join("qemu.stderr")).await?;
+    let mut vm = Vm::start(spec, super::rundir::qemu_stderr(dir)).await?;
     vm.wait_for_ssh(Duration::from_secs(900))
         .await
         .map_err(|e| anyhow::anyhow!("{failed}{e:#}\n{parity}"))?;
     let (t, o) = guest::guest_target(
         port,
         identity,
-        dir.join("guest_known_hosts"),
+        super::rundir::guest_known_hosts(dir),
         "the worker VM",
     );
     let s = guest::connect_retry(&t, &o, Duration::from_secs(120)).await?;
@@ -101,8 +101,8 @@ impl Worker<'_> {
             ssh_port: std::net::TcpListener::bind("127.0.0.1:0")?
                 .local_addr()?
                 .port(),
-            qmp_socket: self.dir.join("qmp.sock"),
-            serial_log: self.dir.join("serial.log"),
+            qmp_socket: super::rundir::qmp_socket(self.dir),
+            serial_log: super::rundir::serial_log(self.dir),
             shape: self.shape.clone(),
             efi: self.efi.clone(),
             direct,
@@ -158,23 +158,23 @@ pub(super) async fn in_worker(
     };
     let base = match carry {
         Some(c) => c.rehearsed.clone(),
-        None => dir.join("base.raw"),
+        None => super::rundir::base(dir),
     };
-    let overlay = dir.join("overlay.qcow2");
+    let overlay = super::rundir::overlay(dir);
     // Idempotent: a resumed upgrade starts again from the untouched base.
     let _ = std::fs::remove_file(&overlay);
-    let _ = std::fs::remove_file(dir.join("upgraded.raw"));
-    let _ = std::fs::remove_file(dir.join("efivars.fd"));
+    let _ = std::fs::remove_file(super::rundir::upgraded(dir));
+    let _ = std::fs::remove_file(super::rundir::efivars(dir));
     vm::image::create_overlay(&base, &overlay).await?;
     // The carry boots the rehearsal's result: its own kernel, initrd and
     // command line (kept from the rehearsal's verify boot), not the VPS's,
     // whose modules (Alpine) or init= (NixOS after --gc) may be gone from it.
-    let upgraded_boot = dir.join(super::proof::UPGRADED_BOOT);
+    let upgraded_boot = super::rundir::upgraded_boot_files(dir);
     let boot = match carry {
         Some(_) if upgraded_boot.join("boot.json").exists() => {
             remote::bootfiles::BootFiles::load(&upgraded_boot)?
         }
-        _ => remote::bootfiles::BootFiles::load(&dir.join("boot"))?,
+        _ => remote::bootfiles::BootFiles::load(&super::rundir::boot_files(dir))?,
     };
     // Runs from before boot parity have no shape: QEMU's defaults, as then.
     let shape = j.shape.clone().unwrap_or_default();
@@ -192,16 +192,16 @@ pub(super) async fn in_worker(
     if accel == Accel::Tcg {
         ui.warn("no usable KVM: the worker VM runs under software emulation (TCG), several times slower");
     }
-    let log = dir.join("run.log");
+    let log = super::rundir::run_log(dir);
     let proxy_ip = cmdline::proxy_addr(&shape);
     let proxy = if j.network_open {
         None
     } else {
         Some(vm::proxy::Proxy::start(
-            &dir.join("proxy.sock"),
+            &super::rundir::proxy_socket(dir),
             &j.allowed_hosts,
             &log,
-            Some(&dir.join("downloads")),
+            Some(&super::rundir::downloads(dir)),
         )?)
     };
     let exe = vm::proxy::relay_program();
@@ -251,8 +251,8 @@ pub(super) async fn in_worker(
     // What the guest wrote, as the overlay's allocated clusters (kept for
     // scripts/bench, which compares it with the blocks that differ).
     let map = vm::image::map_json(&w.overlay).await?;
-    let _ = crate::image::manifest::write_atomic(&dir.join("overlay.json"), &map);
-    let upgraded = dir.join("upgraded.raw");
+    let _ = crate::image::manifest::write_atomic(&super::rundir::overlay_map(dir), &map);
+    let upgraded = super::rundir::upgraded(dir);
     vm::image::convert_to_raw(&w.overlay, &upgraded).await?;
     j.freed_kept_bytes = None;
     if trimmed && w.shape.disk_bus == vm::shape::DiskBus::VirtioBlk {
@@ -260,7 +260,7 @@ pub(super) async fn in_worker(
         // are the ones the push need not send.
         let ranges = vm::image::discarded_ranges(&map)?;
         j.freed_kept_bytes = Some(vm::image::copy_ranges(
-            &dir.join("base.raw"),
+            &super::rundir::base(dir),
             &upgraded,
             &ranges,
         )?);
@@ -341,7 +341,7 @@ async fn first_boot(
                 }
             }
             if hook.is_some() {
-                super::https_debs::collect(&s, &w.dir.join("downloads"), ui).await?;
+                super::https_debs::collect(&s, &super::rundir::downloads(w.dir), ui).await?;
             }
             plan
         }
@@ -513,7 +513,7 @@ pub(super) async fn disk_names(s: &Session, shape: &Shape) -> Result<()> {
 /// loader started them: the service proof's sealed first boot. Not having
 /// them fails only the proof, which says so.
 async fn keep_boot_files(s: &Session, dir: &Path, ui: &Ui) {
-    let to = dir.join(super::proof::UPGRADED_BOOT);
+    let to = super::rundir::upgraded_boot_files(dir);
     let res = async {
         let cmdline = s
             .run("reading the kernel command line", "cat /proc/cmdline")

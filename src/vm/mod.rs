@@ -284,7 +284,7 @@ pub fn efi_for(shape: &shape::Shape, dir: &Path) -> Result<Option<(PathBuf, Path
         return Ok(None);
     }
     let (code, template) = find_ovmf(OVMF)?;
-    let vars = dir.join("efivars.fd");
+    let vars = dir.join("efivars.fd"); // crate::pipeline::rundir::efivars: the same name
     if !vars.exists() {
         std::fs::copy(template, &vars)
             .with_context(|| format!("cannot copy {template} to {}", vars.display()))?;
