@@ -7,6 +7,8 @@
     reason = "each test binary uses a part of the common helpers"
 )]
 
+pub mod vps;
+
 use std::net::{TcpListener, TcpStream};
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
