@@ -18,6 +18,7 @@ pub mod services;
 pub mod ssh;
 pub mod transfer;
 pub mod ui;
+pub mod util;
 pub mod vm;
 
 use anyhow::Result;

@@ -141,7 +141,7 @@ pub async fn prove_image(
     ui: &Ui,
 ) -> Result<BootProof> {
     let started = Instant::now();
-    let stamp = crate::transfer::now().replace([':', '-'], "");
+    let stamp = crate::util::now().replace([':', '-'], "");
     let dir = crate::paths::boots_dir()?.join(format!(
         "{}-verify-{}",
         image

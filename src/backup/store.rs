@@ -36,8 +36,9 @@ use serde::{Deserialize, Serialize};
 
 use crate::image::manifest::{
     BLOCK_SIZE, Manifest, SEGMENT_BLOCKS, SegmentHasher, block_count, block_len, from_hex, sha256,
-    to_hex, write_atomic, zero_hash,
+    to_hex, zero_hash,
 };
+use crate::util::write_atomic;
 use crate::{refused, usage};
 
 pub const FORMAT: &str = "drydock-backups/1";
@@ -316,7 +317,7 @@ impl Store {
 
     /// A new version's id: the time, unique in the store.
     pub fn new_id(&self) -> String {
-        let base = crate::transfer::now()
+        let base = crate::util::now()
             .replace([':', '-'], "")
             .chars()
             .take(15)

@@ -16,13 +16,13 @@ use crate::image::manifest::{
     BLOCK_SIZE, Hash, Manifest, SEGMENT_BLOCKS, SegmentHasher, Source, block_count, block_len,
     from_hex, to_hex, zero_hash,
 };
+use crate::refused;
 use crate::remote::Facts;
 use crate::remote::device::{self, Device};
 use crate::ssh::Session;
 use crate::transfer::helper::{self, Mode};
 use crate::transfer::pull::precopy::{BlockSink, fetch_blocks, open_and_hash};
 use crate::ui::{Ui, human_bytes};
-use crate::{refused, transfer};
 
 pub struct BackupOptions {
     pub store: PathBuf,
@@ -207,7 +207,7 @@ pub async fn backup(
     let version = Version {
         format: String::new(),
         id: store.new_id(),
-        created: transfer::now(),
+        created: crate::util::now(),
         consistency,
         added_blocks: got.added.len() as u64,
         added_bytes: got.added_bytes,

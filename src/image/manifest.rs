@@ -16,8 +16,8 @@
 //! the SHA-256 of the segment hashes in order, so the VPS's and the local
 //! side's digests of the whole disk can be compared.
 
+use crate::util::write_atomic;
 use std::fs::File;
-use std::io::Write;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
@@ -67,7 +67,7 @@ impl Source {
             host,
             device: device.to_string(),
             boot_id: boot_id.to_string(),
-            pulled_at: crate::transfer::now(),
+            pulled_at: crate::util::now(),
         }
     }
 }
@@ -183,24 +183,6 @@ impl Manifest {
         let text = serde_json::to_string_pretty(self)?;
         write_atomic(path, text.as_bytes())
     }
-}
-
-pub fn write_atomic(path: &Path, data: &[u8]) -> Result<()> {
-    use std::os::unix::fs::OpenOptionsExt;
-    let mut tmp = path.as_os_str().to_owned();
-    tmp.push(".tmp");
-    let tmp = PathBuf::from(tmp);
-    let mut f = std::fs::OpenOptions::new()
-        .create(true)
-        .write(true)
-        .truncate(true)
-        .mode(0o600)
-        .open(&tmp)
-        .with_context(|| format!("cannot write {}", tmp.display()))?;
-    f.write_all(data)?;
-    f.sync_all()?;
-    std::fs::rename(&tmp, path).with_context(|| format!("cannot write {}", path.display()))?;
-    Ok(())
 }
 
 /// SHA-256 of `len` zero bytes, computed once per length (a disk is mostly

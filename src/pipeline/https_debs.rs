@@ -156,9 +156,9 @@ pub async fn collect(s: &Session, downloads: &Path, ui: &Ui) -> Result<Collected
         let path = downloads.join(&name);
         std::fs::create_dir_all(downloads)?;
         let hash = hex::encode(crate::image::manifest::sha256(&got));
-        crate::image::manifest::write_atomic(&path.with_extension("url"), l.url.as_bytes())?;
-        crate::image::manifest::write_atomic(&path.with_extension("sha256"), hash.as_bytes())?;
-        crate::image::manifest::write_atomic(&path, &got)?;
+        crate::util::write_atomic(&path.with_extension("url"), l.url.as_bytes())?;
+        crate::util::write_atomic(&path.with_extension("sha256"), hash.as_bytes())?;
+        crate::util::write_atomic(&path, &got)?;
         out.files += 1;
         out.bytes += l.size;
     }

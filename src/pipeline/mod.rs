@@ -34,7 +34,6 @@ use crate::errors::Interrupted;
 use crate::recipes::{self, Plan};
 use crate::refused;
 use crate::ssh::{HostSpec, Session};
-use crate::transfer;
 use crate::ui::Ui;
 use journal::{Journal, State, Step, StepRecord};
 
@@ -193,7 +192,7 @@ fn new_journal(req: &Request) -> Journal {
         run: req.run.clone(),
         memory_mib: req.memory_mib,
         cpus: req.cpus,
-        created_at: transfer::now(),
+        created_at: crate::util::now(),
         state: State::Running,
         done: Vec::new(),
         os_before: None,
@@ -234,7 +233,7 @@ pub async fn start(req: &Request, ui: &Ui) -> Result<Report> {
     let name = format!(
         "{}-{}",
         spec.host.replace(['/', ':'], "_"),
-        transfer::now()
+        crate::util::now()
             .replace(':', "")
             .chars()
             .take(17)
@@ -384,7 +383,7 @@ async fn drive(dir: &Path, mut j: Journal, ui: &Ui, accept_new: bool) -> Result<
         j.done.push(StepRecord {
             step,
             seconds,
-            finished_at: transfer::now(),
+            finished_at: crate::util::now(),
         });
         j.save(dir)?;
     }

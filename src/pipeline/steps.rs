@@ -226,7 +226,7 @@ async fn freeze_step(dir: &Path, j: &mut Journal, ui: &Ui) -> Result<()> {
         // Recorded before anything is stopped: a freeze that fails
         // half-way (services stopped, some mounts read-only) must
         // still be undone by `abort`, which keys on this boot id.
-        j.frozen_at = Some(transfer::now());
+        j.frozen_at = Some(crate::util::now());
         j.frozen_boot_id = Some(facts.boot_id.clone());
         j.save(dir)?;
         let r = match freeze::freeze(&s, &facts, Some(&dev.path)).await {
@@ -419,7 +419,7 @@ async fn check_step(dir: &Path, j: &mut Journal, ui: &Ui) -> Result<()> {
     }
     ui.say(format!("{} is back, running {pretty}", s.host()));
     j.os_after = Some(pretty);
-    j.back_at = Some(transfer::now());
+    j.back_at = Some(crate::util::now());
     if let Some(set) = j.services.set.clone().filter(|s| !s.is_empty()) {
         ui.say(format!(
             "checking that {} runs what it ran before: {} unit(s)",

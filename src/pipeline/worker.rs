@@ -251,7 +251,7 @@ pub(super) async fn in_worker(
     // What the guest wrote, as the overlay's allocated clusters (kept for
     // scripts/bench, which compares it with the blocks that differ).
     let map = vm::image::map_json(&w.overlay).await?;
-    let _ = crate::image::manifest::write_atomic(&super::rundir::overlay_map(dir), &map);
+    let _ = crate::util::write_atomic(&super::rundir::overlay_map(dir), &map);
     let upgraded = super::rundir::upgraded(dir);
     vm::image::convert_to_raw(&w.overlay, &upgraded).await?;
     j.freed_kept_bytes = None;

@@ -10,9 +10,9 @@ use anyhow::{Context, Result, bail};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
-use crate::image::manifest::write_atomic;
 use crate::refused;
 use crate::ssh::{Session, shell_quote};
+use crate::util::write_atomic;
 
 /// Where the running kernel's files are, on Debian/Ubuntu, Fedora-like,
 /// NixOS (the booted generation) and Alpine (by flavour) systems.

@@ -29,13 +29,6 @@ fi
 Q=; dd if=/dev/null of=/dev/null status=none 2>/dev/null && Q=status=none
 "#;
 
-/// Now, as RFC 3339 UTC.
-pub fn now() -> String {
-    time::OffsetDateTime::now_utc()
-        .format(&time::format_description::well_known::Rfc3339)
-        .unwrap_or_default()
-}
-
 /// The folder an image goes in (the current one for a bare name).
 fn folder_of(image: &Path) -> Result<std::path::PathBuf> {
     Ok(match image.parent() {

@@ -123,7 +123,7 @@ pub fn default_dir(image: &Path) -> Result<PathBuf> {
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())
         .unwrap_or_else(|| "image".into());
-    let stamp = crate::transfer::now().replace(':', "");
+    let stamp = crate::util::now().replace(':', "");
     Ok(crate::paths::boots_dir()?.join(format!("{stem}-{}", &stamp[..15.min(stamp.len())])))
 }
 

@@ -242,8 +242,8 @@ async fn keep(resp: Response<Incoming>, dir: &Path, url: &str, st: &State) -> Re
         // NAME.url beside it: a push has the VPS fetch the package from the
         // same URL (its own mirror) to rebuild the pages it holds.
         let stored = std::fs::create_dir_all(dir).and_then(|_| {
-            crate::image::manifest::write_atomic(&path.with_extension("url"), url.as_bytes())
-                .and_then(|_| crate::image::manifest::write_atomic(&path, &data))
+            crate::util::write_atomic(&path.with_extension("url"), url.as_bytes())
+                .and_then(|_| crate::util::write_atomic(&path, &data))
                 .map_err(std::io::Error::other)
         });
         if stored.is_ok() {

@@ -160,7 +160,7 @@ async fn pull_with(
         device: dev.path.clone(),
         size: dev.size,
         boot_id: facts.boot_id.clone(),
-        started_at: transfer::now(),
+        started_at: crate::util::now(),
     };
     let (header, done) = state::resume_or_start(header, image, ui)?;
     let start_block: u64 = done.iter().map(|v| v.blocks.len() as u64).sum();

@@ -21,7 +21,7 @@ use drydock_helper::proto::{Msg, VERSION};
 use super::{PullOptions, PullReport};
 use crate::image::manifest::{
     BLOCK_SIZE, Hash, Manifest, SEGMENT_BLOCKS, SegmentHasher, Source, block_count, block_len,
-    from_hex, is_zero, sha256, to_hex, write_atomic, zero_hash,
+    from_hex, is_zero, sha256, to_hex, zero_hash,
 };
 use crate::refused;
 use crate::remote::Facts;
@@ -29,6 +29,7 @@ use crate::remote::device::{self, Device};
 use crate::ssh::Session;
 use crate::transfer::helper::{self, Link, Mode, PULL_LEVEL, Remote};
 use crate::ui::{Ui, human_bytes};
+use crate::util::write_atomic;
 
 /// Blocks asked for and not yet received, at most: 32 MiB of data in
 /// flight, whatever the link.

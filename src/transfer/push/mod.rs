@@ -310,7 +310,7 @@ fn record_intent(opts: &PushOptions, digest: &str, device: &str, blocks: &[u64])
         device: device.to_string(),
         blocks: blocks.to_vec(),
     };
-    crate::image::manifest::write_atomic(&intent_path(&opts.image), &serde_json::to_vec(&i)?)
+    crate::util::write_atomic(&intent_path(&opts.image), &serde_json::to_vec(&i)?)
 }
 
 /// The blocks an interrupted push of this same image to this same device
