@@ -18,6 +18,9 @@
 #                                   # the URLs' host names resolve to it on
 #                                   # the VPS side (LINK_HOSTS before
 #                                   # start_link: "127.0.0.1 NAME..." lines)
+#   start_mirror_https DOWNLOADS MBIT DIR   # the same on port 443 with TLS: a CA
+#                                   # of its own made in DIR (DIR/ca.pem) and a
+#                                   # certificate for every LINK_HOSTS name
 #   stop_link
 
 LINK_NS=
@@ -53,6 +56,9 @@ start_link() {
     { cat /etc/hosts; echo "$LINK_HOSTS"; } > "/etc/netns/$LINK_NS/hosts"
   fi
   sshd_setup "$dir" 22 10.213.0.2
+  # LINK_SSHD_ENV: NAME=VALUE for the VPS side's sessions (its apt's
+  # configuration, for an HTTPS mirror's CA).
+  [ -n "${LINK_SSHD_ENV:-}" ] && echo "SetEnv $LINK_SSHD_ENV" >> "$dir/sshd_config"
   # `ip netns exec` runs sshd as itself: SSHD_PID is sshd's own.
   ip netns exec "$LINK_NS" /usr/sbin/sshd -D -e -f "$dir/sshd_config" 2>"$dir/sshd.log" &
   SSHD_PID=$!
@@ -128,13 +134,32 @@ vps_cpu() {
 }
 
 LINK_MIRROR_PID=
+LINK_MIRROR_HTTPS_PID=
+start_mirror_https() {
+  local downloads=$1 mbit=$2 tls=$3
+  mkdir -p "$tls"
+  local names san=
+  names=$(echo "$LINK_HOSTS" | tr ' ' '\n' | grep -v '^127\.0\.0\.1$' | grep . || true)
+  for n in $names; do san="${san:+$san,}DNS:$n"; done
+  ( cd "$tls" &&
+    openssl req -x509 -newkey rsa:2048 -nodes -keyout ca.key -out ca.pem -days 2 -subj /CN=drydock-bench-ca \
+      -addext basicConstraints=critical,CA:TRUE -addext keyUsage=critical,keyCertSign,cRLSign 2>/dev/null &&
+    openssl req -newkey rsa:2048 -nodes -keyout srv.key -out srv.csr -subj /CN=mirror 2>/dev/null &&
+    printf 'subjectAltName=%s\n' "$san" > ext &&
+    openssl x509 -req -in srv.csr -CA ca.pem -CAkey ca.key -CAcreateserial -out srv.pem -days 2 -extfile ext 2>/dev/null )
+  MIRROR_PORT=443 MIRROR_CERT=$tls/srv.pem MIRROR_KEY=$tls/srv.key start_mirror "$downloads" "$mbit"
+  LINK_MIRROR_HTTPS_PID=$LINK_MIRROR_PID
+  LINK_MIRROR_PID=
+}
+
 start_mirror() {
-  local downloads=$1 mbit=$2
-  ip netns exec "$LINK_NS" python3 - "$downloads" "$mbit" > "$downloads.mirror.log" 2>&1 <<'PY' &
+  local downloads=$1 mbit=$2 port=${MIRROR_PORT:-80}
+  ip netns exec "$LINK_NS" python3 - "$downloads" "$mbit" "$port" "${MIRROR_CERT:-}" "${MIRROR_KEY:-}" \
+    > "$downloads.mirror.log" 2>&1 <<'PY' &
 # Serves each file NAME of DOWNLOADS under the path of NAME.url, at most
-# MBIT Mbit/s per connection.
-import http.server, os, sys, time, urllib.parse
-d, mbit = sys.argv[1], float(sys.argv[2])
+# MBIT Mbit/s per connection, on PORT (with TLS when CERT and KEY).
+import http.server, os, ssl, sys, time, urllib.parse
+d, mbit, port, cert, key = sys.argv[1], float(sys.argv[2]), int(sys.argv[3]), sys.argv[4], sys.argv[5]
 paths = {}
 for n in os.listdir(d):
     if n.endswith(".url"):
@@ -160,12 +185,17 @@ class H(http.server.BaseHTTPRequestHandler):
                     time.sleep(ahead)
     def log_message(self, *a):
         pass
-http.server.ThreadingHTTPServer(("127.0.0.1", 80), H).serve_forever()
+s = http.server.ThreadingHTTPServer(("127.0.0.1", port), H)
+if cert:
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.load_cert_chain(cert, key)
+    s.socket = ctx.wrap_socket(s.socket, server_side=True)
+s.serve_forever()
 PY
   LINK_MIRROR_PID=$!
   local i
   for i in $(seq 50); do
-    ip netns exec "$LINK_NS" bash -c 'exec 3<>/dev/tcp/127.0.0.1/80' 2>/dev/null && return 0
+    ip netns exec "$LINK_NS" bash -c "exec 3<>/dev/tcp/127.0.0.1/$port" 2>/dev/null && return 0
     sleep 0.2
   done
   echo "the mirror in the namespace did not start: $(cat "$downloads.mirror.log")" >&2
@@ -174,7 +204,8 @@ PY
 
 stop_link() {
   [ -n "$LINK_MIRROR_PID" ] && kill "$LINK_MIRROR_PID" 2>/dev/null || true
-  LINK_MIRROR_PID=
+  [ -n "$LINK_MIRROR_HTTPS_PID" ] && kill "$LINK_MIRROR_HTTPS_PID" 2>/dev/null || true
+  LINK_MIRROR_PID=; LINK_MIRROR_HTTPS_PID=
   [ -n "$LINK_NS" ] && rm -rf "/etc/netns/$LINK_NS"
   [ -n "$LINK_RELAY_PID" ] && kill "$LINK_RELAY_PID" 2>/dev/null || true
   LINK_RELAY_PID=
