@@ -75,22 +75,13 @@ pub async fn prefetch(
     }
     let n = jobs.len();
     let host = session.host();
-    let said = match tokio::time::timeout(Duration::from_secs(30), session.exec(ASK)).await {
-        Ok(Ok(o)) => o.stdout_str(),
-        _ => String::new(),
-    };
-    if !said.lines().any(|l| l == "apt-helper") {
+    let Some(available) = ask(session).await else {
         notes.push(format!(
             "{host} has no /usr/lib/apt/apt-helper to fetch the {n} package file(s) the upgrade \
              fetched over HTTPS: their pages are sent"
         ));
         return Vec::new();
-    }
-    let available: u64 = said
-        .lines()
-        .find_map(|l| l.strip_prefix("available ")?.trim().parse::<u64>().ok())
-        .unwrap_or(0)
-        .saturating_mul(1024);
+    };
     let (take, leave) = choose(jobs, available / 2);
     if !leave.is_empty() {
         notes.push(format!(
@@ -103,6 +94,40 @@ pub async fn prefetch(
     if take.is_empty() {
         return Vec::new();
     }
+    let out = match fetch(session, &take).await {
+        Ok(out) => out,
+        Err(e) => {
+            notes.push(format!("{host}: {e}"));
+            return Vec::new();
+        }
+    };
+    let ok = outcomes(&out, &take, &host, notes);
+    take.into_iter()
+        .zip(ok)
+        .enumerate()
+        .filter(|(_, (_, ok))| *ok)
+        .map(|(i, (j, _))| (source(&j, i), j.pieces))
+        .collect()
+}
+
+/// Whether the VPS has apt-helper: then the memory it has available, in
+/// bytes.
+async fn ask(session: &Session) -> Option<u64> {
+    let said = match tokio::time::timeout(Duration::from_secs(30), session.exec(ASK)).await {
+        Ok(Ok(o)) => o.stdout_str(),
+        _ => String::new(),
+    };
+    said.lines().any(|l| l == "apt-helper").then(|| {
+        said.lines()
+            .find_map(|l| l.strip_prefix("available ")?.trim().parse::<u64>().ok())
+            .unwrap_or(0)
+            .saturating_mul(1024)
+    })
+}
+
+/// FETCH run on the VPS for TAKE (the i-th as file i): what it printed,
+/// or why it did not end.
+async fn fetch(session: &Session, take: &[Job]) -> Result<String, String> {
     let mut input = String::new();
     for (i, j) in take.iter().enumerate() {
         let hash = j.sha256.as_deref().unwrap_or_default();
@@ -113,24 +138,22 @@ pub async fn prefetch(
     // in all (a mirror slower than that costs more downtime than it saves).
     let bound = Duration::from_secs(60 + bytes / (256 << 10));
     let cmd = format!("sh -c {}", shell_quote(FETCH));
-    let out =
-        match tokio::time::timeout(bound, session.exec_input(&cmd, Some(input.as_bytes()))).await {
-            Ok(Ok(o)) => o.stdout_str(),
-            Ok(Err(e)) => {
-                notes.push(format!(
-                    "{host} could not fetch the package files fetched over HTTPS: {e:#}"
-                ));
-                return Vec::new();
-            }
-            Err(_) => {
-                notes.push(format!(
-                "{host} took more than {} s to fetch the package files fetched over HTTPS: their \
-                 pages are sent",
-                bound.as_secs()
-            ));
-                return Vec::new();
-            }
-        };
+    match tokio::time::timeout(bound, session.exec_input(&cmd, Some(input.as_bytes()))).await {
+        Ok(Ok(o)) => Ok(o.stdout_str()),
+        Ok(Err(e)) => Err(format!(
+            "could not fetch the package files fetched over HTTPS: {e:#}"
+        )),
+        Err(_) => Err(format!(
+            "took more than {} s to fetch the package files fetched over HTTPS: their pages are \
+             sent",
+            bound.as_secs()
+        )),
+    }
+}
+
+/// Which of TAKE FETCH said it fetched (`ok I`); each `failed I WHY`
+/// goes to NOTES with the file's URL.
+fn outcomes(out: &str, take: &[Job], host: &str, notes: &mut Vec<String>) -> Vec<bool> {
     let mut ok = vec![false; take.len()];
     for l in out.lines() {
         let mut w = l.splitn(3, ' ');
@@ -145,28 +168,23 @@ pub async fn prefetch(
             _ => {}
         }
     }
-    take.into_iter()
-        .zip(ok)
-        .enumerate()
-        .filter(|(_, (_, ok))| *ok)
-        .map(|(i, (j, _))| {
-            let (host, path) = j
-                .url
-                .strip_prefix("https://")
-                .and_then(|r| r.split_once('/'))
-                .map(|(h, p)| (h.to_string(), format!("/{p}")))
-                .unwrap_or_default();
-            (
-                Source {
-                    addr: format!("{DIR}/{i}"),
-                    host,
-                    path,
-                    format: j.format,
-                },
-                j.pieces,
-            )
-        })
-        .collect()
+    ok
+}
+
+/// The helper's source for job J fetched as file I of DIR.
+fn source(j: &Job, i: usize) -> Source {
+    let (host, path) = j
+        .url
+        .strip_prefix("https://")
+        .and_then(|r| r.split_once('/'))
+        .map(|(h, p)| (h.to_string(), format!("/{p}")))
+        .unwrap_or_default();
+    Source {
+        addr: format!("{DIR}/{i}"),
+        host,
+        path,
+        format: j.format,
+    }
 }
 
 /// The folder removed from the VPS (after the push, whatever its end).
@@ -198,6 +216,30 @@ mod tests {
             sha256: Some("00".repeat(32)),
             size,
         }
+    }
+
+    /// FETCH's answers are data from the VPS: an index out of range is
+    /// nothing, and a reason is shown escaped.
+    #[test]
+    fn the_fetchs_answers_are_read_as_data() {
+        let take = vec![job("https://m/a.deb", 1, 10), job("https://m/b.deb", 1, 10)];
+        let mut notes = Vec::new();
+        let ok = outcomes(
+            "ok 0\nok 7\nfailed 1 E: \x1b[2J bad\nfailed 9 x\nnonsense\n",
+            &take,
+            "vps",
+            &mut notes,
+        );
+        assert_eq!(ok, [true, false]);
+        assert_eq!(
+            notes,
+            ["vps could not fetch https://m/b.deb with its apt: E: \\x1b[2J bad"]
+        );
+        let s = source(&take[1], 1);
+        assert_eq!(
+            (s.addr.as_str(), s.host.as_str(), s.path.as_str()),
+            ("/run/drydock-packages/1", "m", "/b.deb")
+        );
     }
 
     #[test]
