@@ -112,50 +112,11 @@ pub(super) async fn plan_rebuild(
         notes: planned.unreadable.clone(),
         ..Default::default()
     };
-    let mut addrs: std::collections::HashMap<(String, u16), Option<String>> = Default::default();
-    let mut https_jobs = Vec::new();
-    for job in planned.jobs {
-        if job.sha256.is_some() && job.url.starts_with("https://") {
-            https_jobs.push(job);
-            continue;
-        }
-        let Some((host, port, path)) = rebuild::split_url(&job.url) else {
-            continue;
-        };
-        let key = (host.clone(), port);
-        if !addrs.contains_key(&key) {
-            let a = match resolve(session, &host).await {
-                Ok(ip) => Some(ip),
-                Err(e) => {
-                    out.notes.push(e);
-                    None
-                }
-            };
-            addrs.insert(key.clone(), a);
-        }
-        let Some(ip) = addrs[&key].clone() else {
-            continue;
-        };
-        let addr = if ip.contains(':') {
-            format!("[{ip}]:{port}")
-        } else {
-            format!("{ip}:{port}")
-        };
-        let http_host = if port == 80 {
-            host
-        } else {
-            format!("{host}:{port}")
-        };
-        out.jobs.push((
-            drydock_helper::package::Source {
-                addr,
-                host: http_host,
-                path,
-                format: job.format,
-            },
-            job.pieces,
-        ));
-    }
+    let (https_jobs, http_jobs): (Vec<_>, Vec<_>) = planned
+        .jobs
+        .into_iter()
+        .partition(|j| j.sha256.is_some() && j.url.starts_with("https://"));
+    out.jobs = resolved(session, http_jobs, &mut out.notes).await;
     if !https_jobs.is_empty() {
         let fetched = https::prefetch(session, https_jobs, &mut out.notes).await;
         out.fetched_https = !fetched.is_empty();
@@ -186,6 +147,60 @@ pub(super) async fn plan_rebuild(
         ui.say(format!("not rebuilt on the host: {note}"));
     }
     Ok(out)
+}
+
+/// Plain-HTTP JOBS as the helper's sources, each mirror's name resolved
+/// on the host (once per host and port); a name it cannot resolve goes to
+/// NOTES and its jobs are left out (their pages are sent).
+async fn resolved(
+    session: &Session,
+    jobs: Vec<rebuild::Job>,
+    notes: &mut Vec<String>,
+) -> Vec<(
+    drydock_helper::package::Source,
+    Vec<drydock_helper::package::Piece>,
+)> {
+    let mut addrs: std::collections::HashMap<(String, u16), Option<String>> = Default::default();
+    let mut out = Vec::new();
+    for job in jobs {
+        let Some((host, port, path)) = rebuild::split_url(&job.url) else {
+            continue;
+        };
+        let key = (host.clone(), port);
+        if !addrs.contains_key(&key) {
+            let a = match resolve(session, &host).await {
+                Ok(ip) => Some(ip),
+                Err(e) => {
+                    notes.push(e);
+                    None
+                }
+            };
+            addrs.insert(key.clone(), a);
+        }
+        let Some(ip) = addrs[&key].clone() else {
+            continue;
+        };
+        let addr = if ip.contains(':') {
+            format!("[{ip}]:{port}")
+        } else {
+            format!("{ip}:{port}")
+        };
+        let http_host = if port == 80 {
+            host
+        } else {
+            format!("{host}:{port}")
+        };
+        out.push((
+            drydock_helper::package::Source {
+                addr,
+                host: http_host,
+                path,
+                format: job.format,
+            },
+            job.pieces,
+        ));
+    }
+    out
 }
 
 /// HOST's address as the host itself resolves it (its first IPv4
