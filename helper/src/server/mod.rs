@@ -90,6 +90,29 @@ fn session(input: &mut impl Read, out: &mut impl Write) -> Result<(), String> {
     })
 }
 
+type Sender<T> = std::sync::mpsc::Sender<T>;
+
+/// One open disk's session: what the messages share.
+struct Serving<'s> {
+    disk: &'s Disk,
+    stop: &'s std::sync::atomic::AtomicBool,
+    write: bool,
+    buf: Aligned,
+    back: Aligned,
+    /// One compressor per lane, kept from one Read to the next at one level.
+    compressors: Option<(i32, Vec<zstd::bulk::Compressor<'static>>)>,
+    decompressor: zstd::bulk::Decompressor<'static>,
+    n: Counters,
+    /// The Rebuild frames of one package file, until the last.
+    gathering: Option<Job>,
+    /// The rebuild thread's queue, once started; its answers.
+    jobs: Option<Sender<Job>>,
+    done: (Sender<JobResult>, std::sync::mpsc::Receiver<JobResult>),
+    queued: usize,
+}
+
+/// The session's loop: one message, one method, until Finish (Ok) or an
+/// error.
 fn serve_disk<'s>(
     (disk, stop): (&'s Disk, &'s std::sync::atomic::AtomicBool),
     write: bool,
@@ -97,55 +120,45 @@ fn serve_disk<'s>(
     out: &mut impl Write,
     scope: &'s std::thread::Scope<'s, '_>,
 ) -> Result<(), String> {
-    let mut buf = Aligned::new(BLOCK as usize);
-    let mut back = Aligned::new(BLOCK as usize);
-    // One compressor per lane, kept from one Read to the next at one level.
-    let mut compressors: Option<(i32, Vec<zstd::bulk::Compressor<'static>>)> = None;
-    let mut decompressor = zstd::bulk::Decompressor::new().map_err(|e| format!("zstd: {e}"))?;
-    let mut n = Counters {
-        read: 0,
-        written: 0,
+    let mut s = Serving {
+        disk,
+        stop,
+        write,
+        buf: Aligned::new(BLOCK as usize),
+        back: Aligned::new(BLOCK as usize),
+        compressors: None,
+        decompressor: zstd::bulk::Decompressor::new().map_err(|e| format!("zstd: {e}"))?,
+        n: Counters {
+            read: 0,
+            written: 0,
+        },
+        gathering: None,
+        jobs: None,
+        done: std::sync::mpsc::channel::<JobResult>(),
+        queued: 0,
     };
-    let mut gathering: Option<Job> = None;
-    let mut jobs: Option<std::sync::mpsc::Sender<Job>> = None;
-    let (done_tx, done_rx) = std::sync::mpsc::channel::<JobResult>();
-    let mut queued = 0usize;
     loop {
         out.flush()
             .map_err(|e| format!("cannot send to drydock: {e}"))?;
         match recv(input)? {
-            Msg::Read { first, end, level } => {
-                if compressors.as_ref().map(|c| c.0) != Some(level) {
-                    let c = (0..LANES)
-                        .map(|_| zstd::bulk::Compressor::new(level))
-                        .collect::<Result<Vec<_>, _>>()
-                        .map_err(|e| format!("zstd level {level}: {e}"))?;
-                    compressors = Some((level, c));
-                }
-                let (_, c) = compressors.as_mut().expect("set above");
-                read_blocks(disk, (first, end), c, out, &mut n)?;
-            }
+            Msg::Read { first, end, level } => s.read(first, end, level, out)?,
             Msg::HashBlocks { first, end, pages } => {
-                hash_blocks(disk, (first, end), pages, &mut buf, out, &mut n)?;
+                hash_blocks(disk, (first, end), pages, &mut s.buf, out, &mut s.n)?;
             }
             Msg::Write {
                 offset,
                 len,
                 hash,
                 data,
-            } => {
-                if !write {
-                    return Err("a Write on a disk opened for reading".into());
-                }
-                let w = Patch {
+            } => s.write(
+                Patch {
                     offset,
                     len,
                     hash,
                     data: &data,
-                };
-                write_checked(disk, w, (&mut buf, &mut back), &mut decompressor, &mut n)?;
-                send(out, &Msg::Written { offset, len })?;
-            }
+                },
+                out,
+            )?,
             Msg::Rebuild {
                 addr,
                 host,
@@ -154,7 +167,7 @@ fn serve_disk<'s>(
                 pieces,
                 more,
             } => {
-                if !write {
+                if !s.write {
                     return Err("a Rebuild on a disk opened for reading".into());
                 }
                 let format = crate::package::Format::from_u8(format)
@@ -165,90 +178,153 @@ fn serve_disk<'s>(
                     path,
                     format,
                 };
-                let mut add = crate::package::decode_pieces(&pieces)?;
-                let job = gathering.get_or_insert_with(|| Job {
-                    src: src.clone(),
-                    pieces: Vec::new(),
-                });
-                if job.src != src {
-                    return Err("a Rebuild continued with another package file".into());
-                }
-                job.pieces.append(&mut add);
-                if !more {
-                    let job = gathering.take().expect("set above");
-                    let tx = jobs.get_or_insert_with(|| {
-                        let (tx, rx) = std::sync::mpsc::channel::<Job>();
-                        let done = done_tx.clone();
-                        let spawned = std::thread::Builder::new()
-                            .stack_size(THREAD_STACK)
-                            .spawn_scoped(scope, move || rebuild_jobs((disk, stop), rx, done));
-                        if let Err(e) = spawned {
-                            eprintln!("drydock-helper: cannot start the rebuild thread: {e}");
-                        }
-                        tx
-                    });
-                    tx.send(job)
-                        .map_err(|_| "the rebuild thread stopped".to_string())?;
-                    queued += 1;
-                }
+                s.rebuild(src, &pieces, more, scope)?;
             }
-            Msg::RebuildWait => {
-                if gathering.is_some() {
-                    return Err("RebuildWait inside a Rebuild".into());
-                }
-                // A slow mirror does not hold the push: past REBUILD_WAIT the
-                // rebuilds give up (what they wrote stays, checked; the rest
-                // is sent). drydock hears nothing meanwhile and gives up
-                // after 300 s of silence: this ends well before.
-                let deadline = std::time::Instant::now() + rebuild_wait();
-                for _ in 0..queued {
-                    let got = match done_rx
-                        .recv_timeout(deadline.saturating_duration_since(std::time::Instant::now()))
-                    {
-                        Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {
-                            GIVE_UP.store(true, std::sync::atomic::Ordering::Relaxed);
-                            // The reads under way end at once, each job after.
-                            done_rx.recv().ok()
-                        }
-                        r => r.ok(),
-                    };
-                    let (outcome, fetched) =
-                        got.ok_or_else(|| "the rebuild thread stopped".to_string())??;
-                    let mut bits = vec![0u8; outcome.written.len().div_ceil(8)];
-                    for (i, w) in outcome.written.iter().enumerate() {
-                        if *w {
-                            bits[i / 8] |= 1 << (i % 8);
-                            n.written += PAGE;
-                        }
-                    }
-                    send(
-                        out,
-                        &Msg::Rebuilt {
-                            written: bits,
-                            fetched,
-                            error: outcome.error.unwrap_or_default(),
-                        },
-                    )?;
-                }
-                queued = 0;
-            }
-            Msg::Finish => {
-                if queued > 0 || gathering.is_some() {
-                    return Err("Finish before RebuildWait".into());
-                }
-                disk.sync()?;
-                send(
-                    out,
-                    &Msg::Done {
-                        peak_rss_kib: peak_rss_kib(),
-                        bytes_read: n.read,
-                        bytes_written: n.written,
-                    },
-                )?;
-                return Ok(());
-            }
+            Msg::RebuildWait => s.rebuild_wait(out)?,
+            Msg::Finish => return s.finish(out),
             m => return Err(format!("unexpected {} from drydock", m.name())),
         }
+    }
+}
+
+impl<'s> Serving<'s> {
+    /// Blocks [FIRST, END) read, hashed and compressed at LEVEL.
+    fn read(
+        &mut self,
+        first: u64,
+        end: u64,
+        level: i32,
+        out: &mut impl Write,
+    ) -> Result<(), String> {
+        if self.compressors.as_ref().map(|c| c.0) != Some(level) {
+            let c = (0..LANES)
+                .map(|_| zstd::bulk::Compressor::new(level))
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(|e| format!("zstd level {level}: {e}"))?;
+            self.compressors = Some((level, c));
+        }
+        let (_, c) = self.compressors.as_mut().expect("set above");
+        read_blocks(self.disk, (first, end), c, out, &mut self.n)
+    }
+
+    /// One range written, checked before and read back after; Written.
+    fn write(&mut self, w: Patch<'_>, out: &mut impl Write) -> Result<(), String> {
+        if !self.write {
+            return Err("a Write on a disk opened for reading".into());
+        }
+        let (offset, len) = (w.offset, w.len);
+        write_checked(
+            self.disk,
+            w,
+            (&mut self.buf, &mut self.back),
+            &mut self.decompressor,
+            &mut self.n,
+        )?;
+        send(out, &Msg::Written { offset, len })
+    }
+
+    /// A Rebuild frame: its pieces gathered; the last (not MORE) queues
+    /// the package file for the rebuild thread, started on the first.
+    fn rebuild(
+        &mut self,
+        src: crate::package::Source,
+        pieces: &[u8],
+        more: bool,
+        scope: &'s std::thread::Scope<'s, '_>,
+    ) -> Result<(), String> {
+        if !self.write {
+            return Err("a Rebuild on a disk opened for reading".into());
+        }
+        let mut add = crate::package::decode_pieces(pieces)?;
+        let job = self.gathering.get_or_insert_with(|| Job {
+            src: src.clone(),
+            pieces: Vec::new(),
+        });
+        if job.src != src {
+            return Err("a Rebuild continued with another package file".into());
+        }
+        job.pieces.append(&mut add);
+        if more {
+            return Ok(());
+        }
+        let job = self.gathering.take().expect("set above");
+        let (disk, stop) = (self.disk, self.stop);
+        let done = &self.done.0;
+        let tx = self.jobs.get_or_insert_with(|| {
+            let (tx, rx) = std::sync::mpsc::channel::<Job>();
+            let done = done.clone();
+            let spawned = std::thread::Builder::new()
+                .stack_size(THREAD_STACK)
+                .spawn_scoped(scope, move || rebuild_jobs((disk, stop), rx, done));
+            if let Err(e) = spawned {
+                eprintln!("drydock-helper: cannot start the rebuild thread: {e}");
+            }
+            tx
+        });
+        tx.send(job)
+            .map_err(|_| "the rebuild thread stopped".to_string())?;
+        self.queued += 1;
+        Ok(())
+    }
+
+    /// Each queued rebuild's answer, Rebuilt, in order.
+    fn rebuild_wait(&mut self, out: &mut impl Write) -> Result<(), String> {
+        if self.gathering.is_some() {
+            return Err("RebuildWait inside a Rebuild".into());
+        }
+        // A slow mirror does not hold the push: past REBUILD_WAIT the
+        // rebuilds give up (what they wrote stays, checked; the rest is
+        // sent). drydock hears nothing meanwhile and gives up after 300 s
+        // of silence: this ends well before.
+        let deadline = std::time::Instant::now() + rebuild_wait();
+        let done_rx = &self.done.1;
+        for _ in 0..self.queued {
+            let got = match done_rx
+                .recv_timeout(deadline.saturating_duration_since(std::time::Instant::now()))
+            {
+                Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {
+                    GIVE_UP.store(true, std::sync::atomic::Ordering::Relaxed);
+                    // The reads under way end at once, each job after.
+                    done_rx.recv().ok()
+                }
+                r => r.ok(),
+            };
+            let (outcome, fetched) =
+                got.ok_or_else(|| "the rebuild thread stopped".to_string())??;
+            let mut bits = vec![0u8; outcome.written.len().div_ceil(8)];
+            for (i, w) in outcome.written.iter().enumerate() {
+                if *w {
+                    bits[i / 8] |= 1 << (i % 8);
+                    self.n.written += PAGE;
+                }
+            }
+            send(
+                out,
+                &Msg::Rebuilt {
+                    written: bits,
+                    fetched,
+                    error: outcome.error.unwrap_or_default(),
+                },
+            )?;
+        }
+        self.queued = 0;
+        Ok(())
+    }
+
+    /// The disk synced; Done with what this session read and wrote.
+    fn finish(&mut self, out: &mut impl Write) -> Result<(), String> {
+        if self.queued > 0 || self.gathering.is_some() {
+            return Err("Finish before RebuildWait".into());
+        }
+        self.disk.sync()?;
+        send(
+            out,
+            &Msg::Done {
+                peak_rss_kib: peak_rss_kib(),
+                bytes_read: self.n.read,
+                bytes_written: self.n.written,
+            },
+        )
     }
 }
 
