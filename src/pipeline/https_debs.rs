@@ -33,7 +33,7 @@ const DIR: &str = "/run/drydock-https";
 pub const LIST_SCRIPT: &str = r#"d=/run/drydock-https; rm -rf "$d"; mkdir -p -m 700 "$d/debs"
 apt-get -qq --print-uris -o Dpkg::Options::=--force-confdef -o Dpkg::Options::=--force-confold full-upgrade 2>/dev/null \
   | sed -n "s/^'\(https:\/\/[^' ]*\)' \([^ /']*\.deb\) \([0-9][0-9]*\) .*/\1 \2 \3/p" > "$d/uris" || true
-echo "apt fetches $(wc -l < "$d/uris") package file(s) of the upgrade over HTTPS"
+n=$(wc -l < "$d/uris"); [ "$n" -eq 0 ] || echo "apt fetches $n package file(s) of the upgrade over HTTPS"
 "#;
 
 /// Before the recipe's clean: those files copied out of apt's cache into
