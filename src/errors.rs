@@ -134,6 +134,10 @@ pub fn exit_code(err: &anyhow::Error) -> u8 {
     EXIT_FAILURE
 }
 
+// The macros below are exported at the crate's root (macro_export); they
+// are named from here, where the errors they make live.
+pub use crate::{refused, resumable, usage};
+
 /// `return Err(usage!("..."))`: exit 2.
 #[macro_export]
 macro_rules! usage {

@@ -76,25 +76,25 @@ pub fn one_step(
     let cur = release_of(id, current);
     let list = || rels.iter().map(|(v, _)| *v).collect::<Vec<_>>().join(", ");
     let Some(ci) = rels.iter().position(|(v, _)| *v == cur) else {
-        return Err(crate::refused!(
+        return Err(crate::errors::refused!(
             "drydock knows {name} {} only; the host runs {current}",
             list()
         ));
     };
     let Some(ti) = rels.iter().position(|(v, _)| *v == target) else {
-        return Err(crate::refused!(
+        return Err(crate::errors::refused!(
             "drydock knows {name} {} only; {target} is not among them",
             list()
         ));
     };
     if ti <= ci {
-        return Err(crate::refused!(
+        return Err(crate::errors::refused!(
             "the host already runs {name} {current}; {target} is not newer"
         ));
     }
     if ti != ci + 1 {
         let next = rels[ci + 1].0;
-        return Err(crate::refused!(
+        return Err(crate::errors::refused!(
             "{name} upgrades one release at a time: {cur} -> {target} must go through {next}; run --to {id}-{next} first"
         ));
     }

@@ -23,8 +23,8 @@ pub mod take;
 
 use store::{Store, Version};
 
+use crate::errors::usage;
 use crate::ui::human_bytes;
-use crate::usage;
 
 /// The default store of a host (as drydock names it, `user@host:port`):
 /// `$XDG_DATA_HOME/drydock/backups/HOST[_PORT]`.

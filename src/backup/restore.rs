@@ -21,7 +21,7 @@ use super::adapt::NetChange;
 use super::grow::{self, Grown};
 use super::proof::BootProof;
 use super::store::{Store, Version};
-use crate::refused;
+use crate::errors::refused;
 use crate::remote::Facts;
 use crate::remote::device;
 use crate::ssh::Session;

@@ -34,12 +34,12 @@ use std::path::{Path, PathBuf};
 use anyhow::{Context, Result, anyhow, bail};
 use serde::{Deserialize, Serialize};
 
+use crate::errors::{refused, usage};
 use crate::image::manifest::{
     BLOCK_SIZE, Manifest, SEGMENT_BLOCKS, SegmentHasher, block_count, block_len, from_hex, sha256,
     to_hex, zero_hash,
 };
 use crate::util::write_atomic;
-use crate::{refused, usage};
 
 pub const FORMAT: &str = "drydock-backups/1";
 const VERSION_FORMAT: &str = "drydock-backup-version/1";

@@ -12,11 +12,11 @@ use drydock_helper::proto::Msg;
 use serde::Serialize;
 
 use super::store::{Consistency, Store, Version};
+use crate::errors::refused;
 use crate::image::manifest::{
     BLOCK_SIZE, Hash, Manifest, SEGMENT_BLOCKS, SegmentHasher, Source, block_count, block_len,
     from_hex, to_hex, zero_hash,
 };
-use crate::refused;
 use crate::remote::Facts;
 use crate::remote::device::{self, Device};
 use crate::ssh::Session;
@@ -301,7 +301,7 @@ async fn take(
         if e.downcast_ref::<crate::errors::Refused>().is_some() {
             return e;
         }
-        crate::resumable!(
+        crate::errors::resumable!(
             "{e:#}: the backup stopped before its version was listed (the store lists what \
              it did before); run the same command again: the blocks it already kept are not \
              sent again"

@@ -4,8 +4,8 @@ use anyhow::Result;
 
 use super::connect;
 use crate::cli;
+use crate::errors::usage;
 use crate::ui::Ui;
-use crate::usage;
 use crate::{backup, paths, remote, ui};
 
 pub(crate) async fn backup_cmd(a: cli::BackupArgs, ui: &Ui) -> Result<()> {

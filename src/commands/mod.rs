@@ -33,7 +33,7 @@ pub(crate) fn host_is_not_a_file(host: &str) -> Result<()> {
         .iter()
         .any(|e| host.ends_with(e));
     if p.exists() && (host.contains('/') || image_like) {
-        return Err(crate::usage!(
+        return Err(crate::errors::usage!(
             "'{host}' is a file here, not a host: HOST is [user@]host[:port], \
              ssh://[user@]host[:port] or an ssh config alias"
         ));

@@ -4,7 +4,7 @@ use anyhow::Result;
 
 use super::{connect, record_boot};
 use crate::cli;
-use crate::refused;
+use crate::errors::refused;
 use crate::ui::Ui;
 use crate::{remote, transfer};
 
@@ -12,14 +12,14 @@ pub(crate) async fn pull(a: cli::PullArgs, ui: &Ui) -> Result<()> {
     let update = a.update;
     if update {
         if !transfer::pull::precopy::can_start_from(&a.output) {
-            return Err(crate::usage!(
+            return Err(crate::errors::usage!(
                 "--update: {} is not a finished pull (no image with its manifest beside it); \
                  pull without --update first",
                 a.output.display()
             ));
         }
         if a.transfer == cli::Transfer::Dd {
-            return Err(crate::usage!(
+            return Err(crate::errors::usage!(
                 "--update needs drydock's helper on the host, and --transfer dd was asked for: \
                  drop one of the two"
             ));

@@ -9,7 +9,7 @@ use crate::{remote, transfer};
 
 pub(crate) async fn push(a: cli::PushArgs, ui: &Ui) -> Result<()> {
     if !a.image.exists() && std::path::Path::new(&a.conn.host).is_file() {
-        return Err(crate::usage!(
+        return Err(crate::errors::usage!(
             "IMAGE and HOST are the other way round: {} is not a file and '{}' is; \
              `drydock push IMAGE HOST`",
             a.image.display(),
@@ -19,7 +19,7 @@ pub(crate) async fn push(a: cli::PushArgs, ui: &Ui) -> Result<()> {
     if let Some(dir) = &a.packages
         && !dir.is_dir()
     {
-        return Err(crate::usage!(
+        return Err(crate::errors::usage!(
             "--packages {}: not a folder; give the folder of package files an upgrade \
              downloaded (a run's downloads/)",
             dir.display()

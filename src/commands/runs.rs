@@ -2,7 +2,7 @@
 
 use anyhow::{Context, Result};
 
-use crate::refused;
+use crate::errors::refused;
 use crate::ui::Ui;
 use crate::{paths, pipeline, ui};
 

@@ -144,7 +144,7 @@ impl Manifest {
         let text = std::fs::read_to_string(path)
             .with_context(|| format!("cannot read the manifest {}", path.display()))?;
         let m: Manifest = serde_json::from_str(&text).map_err(|e| {
-            crate::refused!(
+            crate::errors::refused!(
                 "{} is not a drydock manifest ({e}); pull the disk again, or push with --full \
                  to write every block without the check",
                 path.display()
@@ -169,7 +169,7 @@ impl Manifest {
         // Checked whole before anything trusts it: a segment hash changed
         // (damage, an edit) shows here, not as a block left unwritten.
         if digest_of(&m.segments).ok().as_deref() != Some(m.digest.as_str()) {
-            return Err(crate::refused!(
+            return Err(crate::errors::refused!(
                 "{} is damaged: its segment hashes do not give its digest; pull the disk again, \
                  or push with --full to write every block without the check",
                 path.display()

@@ -254,7 +254,7 @@ impl Journal {
     pub fn load(dir: &Path) -> Result<Journal> {
         let p = Self::path(dir);
         let text = std::fs::read_to_string(&p).map_err(|e| {
-            crate::usage!(
+            crate::errors::usage!(
                 "{} is not a drydock run (no readable journal.json: {e}); `drydock runs` lists \
                  the runs",
                 dir.display()
@@ -324,7 +324,7 @@ pub fn find_run(name: &str) -> Result<PathBuf> {
     if Journal::path(&under).exists() {
         return Ok(under);
     }
-    Err(crate::usage!(
+    Err(crate::errors::usage!(
         "no run named '{name}' (neither a folder with a journal.json nor one under {}); `drydock runs` lists them",
         crate::paths::runs_dir()?.display()
     ))

@@ -31,8 +31,8 @@ use std::time::Instant;
 use anyhow::{Context, Result, bail};
 
 use crate::errors::Interrupted;
+use crate::errors::refused;
 use crate::recipes::{self, Plan};
-use crate::refused;
 use crate::ssh::{HostSpec, Session};
 use crate::ui::Ui;
 use journal::{Journal, State, Step, StepRecord};
@@ -85,7 +85,7 @@ fn plan_of(j: &Journal, host: &recipes::Host) -> Result<Plan> {
 /// What both `upgrade` and `upgrade --dry-run` refuse before connecting.
 fn check_request(req: &Request) -> Result<()> {
     if req.to.is_none() && req.run.is_none() {
-        return Err(crate::usage!(
+        return Err(crate::errors::usage!(
             "nothing to do: name a release with --to (e.g. debian-13), or a command with --run"
         ));
     }

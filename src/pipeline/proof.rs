@@ -33,7 +33,7 @@ use serde::{Deserialize, Serialize};
 
 use super::journal::{Journal, Step};
 use super::worker::{power_off, seal_step, start_worker};
-use crate::refused;
+use crate::errors::refused;
 use crate::remote::bootfiles::BootFiles;
 use crate::services::{self, Init, Outcome, ServiceSet};
 use crate::ui::{Ui, human_bytes};

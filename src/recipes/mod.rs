@@ -9,7 +9,7 @@ pub mod ubuntu;
 
 use anyhow::Result;
 
-use crate::refused;
+use crate::errors::refused;
 use crate::remote::facts::Facts;
 
 /// What a recipe needs to know of the host (or of the worker VM: the same
@@ -89,7 +89,7 @@ pub fn parse_release(s: &str) -> Result<(String, String)> {
     {
         return Ok((id.to_string(), v.to_string()));
     }
-    Err(crate::usage!(
+    Err(crate::errors::usage!(
         "unknown release '{s}': name it as debian-13 (or trixie), nixos-23.11, alpine-3.19, ubuntu-24.04"
     ))
 }

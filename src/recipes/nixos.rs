@@ -16,7 +16,8 @@
 use anyhow::Result;
 
 use super::{Options, Plan};
-use crate::{refused, releases};
+use crate::errors::refused;
+use crate::releases;
 
 /// What the probe found of Nix on the host (root's channels, the flake).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]

@@ -10,7 +10,7 @@ use anyhow::{Context, Result, bail};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
-use crate::refused;
+use crate::errors::refused;
 use crate::ssh::{Session, shell_quote};
 use crate::util::write_atomic;
 

@@ -4,7 +4,7 @@
 use anyhow::{Context, Result};
 
 use super::facts::{Facts, Mount};
-use crate::refused;
+use crate::errors::refused;
 use crate::ssh::{Session, shell_quote};
 
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -540,20 +540,20 @@ fn is_rsa(key: &PublicKey) -> bool {
 
 fn load_key(path: &Path) -> Result<russh::keys::PrivateKey> {
     if !path.exists() {
-        return Err(crate::refused!(
+        return Err(crate::errors::refused!(
             "the key {} given with -i does not exist; check the path. Nothing was changed",
             path.display()
         ));
     }
     match russh::keys::load_secret_key(path, None) {
         Ok(k) => Ok(k),
-        Err(russh::keys::Error::KeyIsEncrypted) => Err(crate::refused!(
+        Err(russh::keys::Error::KeyIsEncrypted) => Err(crate::errors::refused!(
             "the key {} is protected by a passphrase: add it to ssh-agent (`ssh-add {}`) and \
              run again without -i. Nothing was changed",
             path.display(),
             path.display()
         )),
-        Err(e) => Err(crate::refused!(
+        Err(e) => Err(crate::errors::refused!(
             "cannot read the key {} ({e}); give -i an OpenSSH private key. Nothing was changed",
             path.display()
         )),

@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result};
 
-use crate::usage;
+use crate::errors::usage;
 
 /// The host as the user typed it.
 #[derive(Debug, Clone, PartialEq, Eq)]

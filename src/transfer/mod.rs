@@ -9,7 +9,7 @@ use std::path::Path;
 
 use anyhow::{Context, Result};
 
-use crate::refused;
+use crate::errors::refused;
 use crate::ui::human_bytes;
 
 /// Shell lines that set $H to the faster SHA-256 tool on the host, by

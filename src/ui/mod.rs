@@ -26,7 +26,7 @@ use serde_json::json;
 pub use log::LogWriter;
 use reporter::Event;
 
-use crate::refused;
+use crate::errors::refused;
 
 /// The version of the `--json` event stream, in every line as `"v"`.
 pub const SCHEMA_VERSION: u32 = 1;

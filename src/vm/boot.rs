@@ -138,7 +138,7 @@ fn free_port() -> Result<u16> {
 pub async fn boot(opts: &BootOptions, ui: &Ui) -> Result<()> {
     let memory_mib = opts.memory.mib();
     if !opts.image.is_file() {
-        return Err(crate::usage!(
+        return Err(crate::errors::usage!(
             "{} is neither an image file nor the id of a backup version (`drydock backups` \
              lists them)",
             opts.image.display()
@@ -251,7 +251,7 @@ fn direct_boot(
         return Ok(None);
     }
     let Some((b, r)) = recorded else {
-        return Err(crate::refused!(
+        return Err(crate::errors::refused!(
             "{} has no recorded kernel ({} is written by `drydock pull`): drydock boot holds an image's services back by booting the kernel its VPS runs, with only SSH and the network started. Pull the disk with drydock, or boot with --services to let the image's own services run (its network stays sealed unless --network open)",
             opts.image.display(),
             boot_dir(&opts.image).display()

@@ -237,7 +237,7 @@ fn find_ovmf<'a>(candidates: &[(&'a str, &'a str)]) -> Result<(&'a str, &'a str)
         .find(|(c, v)| Path::new(c).is_file() && Path::new(v).is_file())
         .copied()
         .ok_or_else(|| {
-            crate::refused!(
+            crate::errors::refused!(
                 "the VPS boots with UEFI and this machine has no OVMF firmware for QEMU ({} not found); install Debian's package: apt-get install ovmf",
                 candidates[0].0
             )

@@ -119,7 +119,7 @@ use serde::Serialize;
 
 use super::device::{Device, inspect, require_root};
 use super::{Facts, gather, openrc};
-use crate::refused;
+use crate::errors::refused;
 use crate::ssh::{Session, shell_quote};
 
 mod scripts;

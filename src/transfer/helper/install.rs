@@ -47,7 +47,7 @@ pub async fn install(session: &Session, asked: Mode, ui: &crate::ui::Ui) -> Resu
 /// back to dd mode, nor to call the host unable).
 fn cut_short(session: &Session, out: &crate::ssh::Output) -> Result<()> {
     if out.status.is_none() && out.signal.is_none() {
-        return Err(crate::resumable!(
+        return Err(crate::errors::resumable!(
             "the connection to {} was lost while drydock's helper was being installed; nothing \
              was written to the disk, and the host removes what was copied when its shell \
              ends. Run the same command again",

@@ -82,7 +82,7 @@ pub fn choose(asked: Mode, facts: &Facts) -> Result<Mode> {
         (Mode::Dd, _) => Ok(Mode::Dd),
         (Mode::Auto, None) | (Mode::Helper, None) => Ok(Mode::Helper),
         (Mode::Auto, Some(_)) => Ok(Mode::Dd),
-        (Mode::Helper, Some(why)) => Err(crate::refused!("{why}; use --transfer dd")),
+        (Mode::Helper, Some(why)) => Err(crate::errors::refused!("{why}; use --transfer dd")),
     }
 }
 

@@ -17,13 +17,14 @@ use russh::ChannelMsg;
 use serde::Serialize;
 
 use crate::errors::Interrupted;
+use crate::errors::refused;
 use crate::image::manifest::{BLOCK_SIZE, Manifest, SEGMENT_BLOCKS, block_count, zero_hash};
 use crate::remote::Facts;
 use crate::remote::device::{self, Device};
 use crate::ssh::Session;
+use crate::transfer;
 use crate::transfer::helper::{self, Mode};
 use crate::ui::{Ui, human_bytes};
-use crate::{refused, transfer};
 
 pub mod precopy;
 mod sink;
@@ -440,7 +441,7 @@ impl Received {
         // A lost connection is cut short (exit 75); a host that failed is
         // a failure, even if the same command resumes too.
         if self.status.is_none() {
-            return Err(crate::resumable!("{text}"));
+            return Err(crate::errors::resumable!("{text}"));
         }
         bail!("{text}");
     }

@@ -19,11 +19,11 @@ use anyhow::{Context, Result, anyhow, bail};
 use drydock_helper::proto::{Msg, VERSION};
 
 use super::{PullOptions, PullReport};
+use crate::errors::refused;
 use crate::image::manifest::{
     BLOCK_SIZE, Hash, Manifest, SEGMENT_BLOCKS, SegmentHasher, Source, block_count, block_len,
     from_hex, is_zero, sha256, to_hex, zero_hash,
 };
-use crate::refused;
 use crate::remote::Facts;
 use crate::remote::device::{self, Device};
 use crate::ssh::Session;
@@ -431,7 +431,7 @@ fn stopped(e: anyhow::Error, image: &Path) -> anyhow::Error {
     {
         return e;
     }
-    crate::resumable!(
+    crate::errors::resumable!(
         "{e:#}: {} is partly brought up to date (the blocks being rewritten are listed in {}); \
          run the same command again to finish it",
         image.display(),

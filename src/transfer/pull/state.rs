@@ -13,8 +13,8 @@ use std::os::unix::fs::OpenOptionsExt;
 use anyhow::{Context, Result};
 use serde::{Deserialize, Serialize};
 
+use crate::errors::refused;
 use crate::image::manifest::{Manifest, Source};
-use crate::refused;
 use crate::ui::Ui;
 
 /// The first line of `IMAGE.pull`: what is being pulled.

@@ -10,8 +10,8 @@ use anyhow::{Context, Result, bail};
 use sha2::{Digest, Sha256};
 
 use super::{Preflight, PushOptions, PushReport, Range, range_bytes, ranges, save_manifest};
+use crate::errors::refused;
 use crate::image::manifest::{BLOCK_SIZE, Manifest, SEGMENT_BLOCKS, block_count, block_len};
-use crate::refused;
 use crate::remote::Facts;
 use crate::remote::device::Device;
 use crate::ssh::{Session, shell_quote};
@@ -385,7 +385,7 @@ async fn write_ranges(
             session
                 .send(&channel, &buf[..len])
                 .await
-                .map_err(|e| crate::resumable!("{}: {e:#}", broke()))?;
+                .map_err(|e| crate::errors::resumable!("{}: {e:#}", broke()))?;
             bar.inc(len as u64);
         }
         expected.push((r.first, hex::encode(h.finalize())));

@@ -13,8 +13,8 @@ use anyhow::{Context, Result, bail};
 
 use super::mirror::{Rebuild, plan_rebuild, start_plan};
 use super::{Preflight, PushOptions, PushReport, ranges, rebuild, save_manifest};
+use crate::errors::refused;
 use crate::image::manifest::{self, BLOCK_SIZE, block_count, block_len};
-use crate::refused;
 use crate::remote::Facts;
 use crate::remote::device::Device;
 use crate::ssh::Session;
@@ -514,7 +514,7 @@ struct Writer<'a> {
 
 impl Writer<'_> {
     fn partly(&self, e: anyhow::Error) -> anyhow::Error {
-        crate::resumable!(
+        crate::errors::resumable!(
             "the push stopped with {} partly written: run the same push again to finish it \
              (ranges already written are recognised): {e:#}",
             self.dev.path

@@ -17,8 +17,8 @@ use std::time::Instant;
 use anyhow::{Context, Result};
 use serde::Serialize;
 
+use crate::errors::refused;
 use crate::image::manifest::{Manifest, Source, block_len, hash_image};
-use crate::refused;
 use crate::remote::Facts;
 use crate::remote::device::{self, Device};
 use crate::ssh::Session;

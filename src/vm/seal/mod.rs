@@ -76,7 +76,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::refused;
+use crate::errors::refused;
 use crate::remote::facts::Facts;
 
 mod openrc;
