@@ -15,8 +15,8 @@ use anyhow::{Context, Result, bail};
 use serde::Serialize;
 
 use super::store::{Store, Version};
-use crate::pipeline::guest;
 use crate::ui::Ui;
+use crate::vm::guest;
 use crate::vm::{self, Vm, cmdline};
 
 #[derive(Debug, Serialize)]

@@ -153,7 +153,7 @@ pub async fn restore(
     // The new host's shape, and what of the version's network differs.
     let new_shape = match &opts.like {
         Some(p) => crate::vm::boot::load_shape(p)?,
-        None => crate::pipeline::steps::shape_of(facts, &dev),
+        None => crate::vm::shape::Shape::of(facts, &dev),
     };
     let old_shape = v.shape.clone().unwrap_or_default();
     let network = if opts.keep_network {

@@ -211,7 +211,7 @@ pub async fn backup(
         consistency,
         added_blocks: got.added.len() as u64,
         added_bytes: got.added_bytes,
-        shape: Some(crate::pipeline::steps::shape_of(facts, &dev)),
+        shape: Some(crate::vm::shape::Shape::of(facts, &dev)),
         services,
         manifest,
     };

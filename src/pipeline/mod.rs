@@ -12,7 +12,6 @@
 
 mod abort;
 pub(crate) mod carry;
-pub mod guest;
 mod https_debs;
 pub mod journal;
 pub mod proof;

@@ -9,7 +9,7 @@ use anyhow::{Result, bail};
 
 use super::journal::{Journal, Step};
 use super::worker::upgrade_in_vm;
-use super::{connect, connect_gathered, guest, plan_of};
+use super::{connect, connect_gathered, plan_of};
 use crate::errors::refused;
 use crate::image::manifest::Manifest;
 use crate::recipes::{self, Plan};
@@ -18,6 +18,7 @@ use crate::ssh::Session;
 use crate::transfer::{self, pull, push};
 use crate::ui::{Ui, human_bytes};
 use crate::vm;
+use crate::vm::guest;
 use crate::vm::seal::Seal;
 use crate::vm::shape::Shape;
 
@@ -39,7 +40,7 @@ pub(super) async fn probe(s: &Session, j: &Journal, dir: &Path, dry: bool) -> Re
     let facts = remote::gather(s).await?;
     device::require_root(&facts, s)?;
     let dev = device::inspect(s, &facts, j.device.as_deref()).await?;
-    let shape = shape_of(&facts, &dev);
+    let shape = Shape::of(&facts, &dev);
     vm::check_firmware(&shape)?;
     let plan = plan_of(j, &recipes::Host::from_facts(&facts))?;
     let allowed = if j.network_open {
@@ -79,24 +80,6 @@ pub(super) async fn probe(s: &Session, j: &Journal, dir: &Path, dry: bool) -> Re
         seal,
         allowed,
     })
-}
-
-/// The worker VM's shape for the VPS's disk.
-pub(crate) fn shape_of(facts: &remote::Facts, dev: &device::Device) -> Shape {
-    match &dev.kind {
-        device::Kind::Block { name } => Shape::from_facts(facts, name),
-        device::Kind::File { .. } => {
-            let mut s = Shape::from_facts(facts, "vda");
-            s.notes.insert(
-                0,
-                format!(
-                    "{} is a file on the host, not its disk: the worker VM puts it on virtio-blk (vda)",
-                    dev.path
-                ),
-            );
-            s
-        }
-    }
 }
 
 pub(super) async fn do_step(

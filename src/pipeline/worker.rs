@@ -9,11 +9,12 @@ use std::time::Duration;
 use anyhow::{Result, bail};
 
 use super::journal::Journal;
-use super::{guest, plan_of};
+use super::plan_of;
 use crate::recipes::{self, Plan};
 use crate::remote;
 use crate::ssh::Session;
 use crate::ui::Ui;
+use crate::vm::guest;
 use crate::vm::seal::Seal;
 use crate::vm::shape::Shape;
 use crate::vm::{self, Accel, Vm, VmSpec, cmdline};

@@ -43,7 +43,7 @@ mod tests {
 
     #[test]
     fn a_host_on_3_20_3_has_reached_3_20() {
-        let (id, version, pretty) = crate::pipeline::guest::parse_os_release(OS_RELEASE_3_20);
+        let (id, version, pretty) = crate::vm::guest::parse_os_release(OS_RELEASE_3_20);
         assert_eq!((id.as_str(), version.as_str()), ("alpine", "3.20.3"));
         assert_eq!(pretty, "Alpine Linux v3.20");
         let p = plan("3.19.1", "3.20").unwrap();

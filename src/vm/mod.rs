@@ -5,6 +5,7 @@
 pub mod boot;
 pub mod cmdline;
 pub mod diskid;
+pub mod guest;
 pub mod image;
 pub mod pcap;
 pub mod proxy;

@@ -284,6 +284,24 @@ fn nic_without_ipv4_route(f: &Facts) -> Result<String, String> {
 }
 
 impl Shape {
+    /// The worker VM's shape for the VPS's disk.
+    pub fn of(facts: &Facts, dev: &crate::remote::device::Device) -> Shape {
+        match &dev.kind {
+            crate::remote::device::Kind::Block { name } => Shape::from_facts(facts, name),
+            crate::remote::device::Kind::File { .. } => {
+                let mut s = Shape::from_facts(facts, "vda");
+                s.notes.insert(
+                    0,
+                    format!(
+                        "{} is a file on the host, not its disk: the worker VM puts it on virtio-blk (vda)",
+                        dev.path
+                    ),
+                );
+                s
+            }
+        }
+    }
+
     /// The shape of the VPS whose disk is /dev/`disk_name`.
     pub fn from_facts(f: &Facts, disk_name: &str) -> Shape {
         let mut notes = Vec::new();
