@@ -30,9 +30,8 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
-use serde::{Deserialize, Serialize};
 
-use super::journal::Journal;
+use super::journal::{CarryOutcome as Outcome, Journal, Kept};
 use crate::image::manifest::{BLOCK_SIZE, Manifest};
 use crate::recipes::Plan;
 use crate::ssh::{Session, shell_quote};
@@ -46,32 +45,6 @@ pub const CLOCK_MARGIN: i64 = 300;
 /// The worker VM's empty PCI Express root ports that the live and frozen
 /// copies are attached to.
 pub const PORTS: [&str; 2] = ["carry-port-live", "carry-port-frozen"];
-
-/// The rehearsal's result kept in the run (`rehearsed.raw`, and the live
-/// copy as `live.raw` with its manifest), and what its verify boot found.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct Kept {
-    pub plan: Plan,
-}
-
-/// How the real upgrade went after a rehearsal.
-#[derive(Debug, Clone, Default, Serialize, Deserialize)]
-pub struct Outcome {
-    pub carried: bool,
-    /// Why the upgrade ran again instead.
-    pub why_not: Option<String>,
-    /// Blocks of 1 MiB that changed on the VPS between the live copy and
-    /// the freeze.
-    pub changed_blocks: u64,
-    /// Entries carried (made as on the VPS, or removed).
-    pub entries: u64,
-    /// Entries both changed, kept as the VPS had them (its logs, ...).
-    pub vps_wins: Vec<String>,
-    /// Entries the VPS changed that keep the upgrade's version (the
-    /// package manager's caches and locks: apt-daily's refresh).
-    #[serde(default)]
-    pub upgrade_wins: Vec<String>,
-}
 
 /// What the carry boot needs.
 pub struct Job {
@@ -368,6 +341,27 @@ for p in /sys/block/$d/$d*; do
   echo "part $n $(cat "$p/start") $(cat "$p/size") ${t:--} ${m:--}"
 done
 "#;
+
+impl super::worker::FirstBoot for Job {
+    fn disk(&self) -> &Path {
+        &self.rehearsed
+    }
+    fn ports(&self) -> &[&str] {
+        &PORTS
+    }
+    fn plan(&self) -> &Plan {
+        &self.plan
+    }
+    fn run<'a>(
+        &'a self,
+        s: &'a Session,
+        vm: &'a mut Vm,
+        log: &'a Path,
+        ui: &'a Ui,
+    ) -> super::worker::Refusable<'a> {
+        Box::pin(in_guest(s, vm, self, log, ui))
+    }
+}
 
 /// In the carry boot, once sealed: attach LIVE and FROZEN, list the
 /// partitions, and carry each changed one. `Ok(Err(why))`: refused.

@@ -165,14 +165,14 @@ pub struct Journal {
     /// The rehearsal's result kept to be carried over to the frozen copy
     /// (`pipeline::carry`), and what its verify boot must find.
     #[serde(default)]
-    pub carry: Option<super::carry::Kept>,
+    pub carry: Option<Kept>,
     /// `--no-carry`: the upgrade runs again on the frozen copy.
     #[serde(default)]
     pub no_carry: bool,
     /// How the real upgrade was done after a rehearsal: carried over, or
     /// run again and why.
     #[serde(default)]
-    pub carried: Option<super::carry::Outcome>,
+    pub carried: Option<CarryOutcome>,
     pub device: Option<String>,
     pub to: Option<String>,
     pub run: Option<String>,
@@ -328,4 +328,30 @@ pub fn find_run(name: &str) -> Result<PathBuf> {
         "no run named '{name}' (neither a folder with a journal.json nor one under {}); `drydock runs` lists them",
         crate::paths::runs_dir()?.display()
     ))
+}
+
+/// The rehearsal's result kept in the run (`rehearsed.raw`, and the live
+/// copy as `live.raw` with its manifest), and what its verify boot found.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Kept {
+    pub plan: crate::recipes::Plan,
+}
+
+/// How the real upgrade went after a rehearsal.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct CarryOutcome {
+    pub carried: bool,
+    /// Why the upgrade ran again instead.
+    pub why_not: Option<String>,
+    /// Blocks of 1 MiB that changed on the VPS between the live copy and
+    /// the freeze.
+    pub changed_blocks: u64,
+    /// Entries carried (made as on the VPS, or removed).
+    pub entries: u64,
+    /// Entries both changed, kept as the VPS had them (its logs, ...).
+    pub vps_wins: Vec<String>,
+    /// Entries the VPS changed that keep the upgrade's version (the
+    /// package manager's caches and locks: apt-daily's refresh).
+    #[serde(default)]
+    pub upgrade_wins: Vec<String>,
 }

@@ -33,7 +33,7 @@ pub struct Report {
     pub upgrade_seconds: Option<f64>,
     /// After a rehearsal: whether its result was carried over to the
     /// frozen copy (the upgrade not run again), or why not.
-    pub carried: Option<super::carry::Outcome>,
+    pub carried: Option<super::journal::CarryOutcome>,
     /// Bytes free in the upgraded filesystems given the base's content
     /// back (not pushed).
     pub freed_kept_bytes: Option<u64>,

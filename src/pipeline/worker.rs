@@ -140,6 +140,31 @@ pub(super) async fn upgrade_in_vm(dir: &Path, j: &mut Journal, ui: &Ui) -> Resul
     }
 }
 
+/// A hook's work under way: `Ok(Err(why))` when it refuses.
+pub(super) type Refusable<'a> = std::pin::Pin<
+    Box<dyn std::future::Future<Output = Result<std::result::Result<(), String>>> + Send + 'a>,
+>;
+
+/// What a first boot does in place of running the plan: the carry
+/// (`carry.rs`), given to the worker as a hook so that the worker does not
+/// import it. It boots its own disk, with QEMU ports of its own.
+pub(super) trait FirstBoot: Sync {
+    /// The disk the worker's overlay is made over (in place of the base).
+    fn disk(&self) -> &Path;
+    /// The empty PCI Express root ports it attaches disks to.
+    fn ports(&self) -> &[&str];
+    /// The plan whose result it boots.
+    fn plan(&self) -> &Plan;
+    /// Its work in the sealed guest; `Ok(Err(why))`: refused.
+    fn run<'a>(
+        &'a self,
+        s: &'a Session,
+        vm: &'a mut Vm,
+        log: &'a Path,
+        ui: &'a Ui,
+    ) -> Refusable<'a>;
+}
+
 /// The worker VM's two boots, on a fresh overlay of the base image (the
 /// plan run in the first), or with CARRY on one of the rehearsal's result
 /// (the VPS's changes since the live copy carried into it in the first:
@@ -149,7 +174,7 @@ pub(super) async fn in_worker(
     dir: &Path,
     j: &mut Journal,
     ui: &Ui,
-    carry: Option<&super::carry::Job>,
+    carry: Option<&dyn FirstBoot>,
 ) -> Result<std::result::Result<Plan, String>> {
     let Some(seal) = j.seal.clone() else {
         bail!(
@@ -158,7 +183,7 @@ pub(super) async fn in_worker(
         );
     };
     let base = match carry {
-        Some(c) => c.rehearsed.clone(),
+        Some(c) => c.disk().to_path_buf(),
         None => super::rundir::base(dir),
     };
     let overlay = super::rundir::overlay(dir);
@@ -280,7 +305,7 @@ async fn first_boot(
     boot: &remote::bootfiles::BootFiles,
     j: &Journal,
     ui: &Ui,
-    carry: Option<&super::carry::Job>,
+    carry: Option<&dyn FirstBoot>,
 ) -> Result<std::result::Result<(Plan, Vec<String>, bool), String>> {
     let direct = cmdline::DirectBoot {
         kernel: boot.kernel.clone(),
@@ -288,8 +313,8 @@ async fn first_boot(
         append: seal.kernel_cmdline(&boot.cmdline)?,
     };
     let mut spec = w.spec(Some(direct), w.net_seal("net1.pcap", carry.is_none()))?;
-    if carry.is_some() {
-        spec.hotplug_ports = super::carry::PORTS.iter().map(|p| p.to_string()).collect();
+    if let Some(c) = carry {
+        spec.hotplug_ports = c.ports().iter().map(|p| p.to_string()).collect();
     }
     let (mut vm, s) = start_worker(w.dir, w.identity.as_deref(), spec, "", &w.parity).await?;
     let said = seal_step(
@@ -307,11 +332,11 @@ async fn first_boot(
     }
     let plan = match carry {
         Some(c) => {
-            if let Err(why) = super::carry::in_guest(&s, &mut vm, c, &w.log, ui).await? {
+            if let Err(why) = c.run(&s, &mut vm, &w.log, ui).await? {
                 power_off(s, vm).await?;
                 return Ok(Err(why));
             }
-            c.plan.clone()
+            c.plan().clone()
         }
         None => {
             // The same facts as the probe's, read from the same disk in the VM.
