@@ -249,6 +249,37 @@ mod tests {
         );
     }
 
+    /// An upgrade from plain-HTTP sources only: LIST_SCRIPT says nothing
+    /// and KEEP_SCRIPT does nothing.
+    #[test]
+    fn nothing_is_said_or_kept_without_https_sources() {
+        let d = tempfile::tempdir().unwrap();
+        std::fs::write(
+            d.path().join("apt-get"),
+            "#!/bin/sh\necho \"'http://deb.debian.org/a_1_amd64.deb' a_1_amd64.deb 10 SHA256:00\"\n",
+        )
+        .unwrap();
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(
+            d.path().join("apt-get"),
+            std::fs::Permissions::from_mode(0o755),
+        )
+        .unwrap();
+        let run = d.path().join("run");
+        let sh = |script: &str| {
+            std::process::Command::new("sh")
+                .arg("-c")
+                .arg(script.replace("/run/drydock-https", run.to_str().unwrap()))
+                .env("PATH", format!("{}:/usr/bin:/bin", d.path().display()))
+                .output()
+                .unwrap()
+        };
+        let o = sh(LIST_SCRIPT);
+        assert!(o.status.success() && o.stdout.is_empty(), "{o:?}");
+        let o = sh(KEEP_SCRIPT);
+        assert!(o.status.success() && o.stdout.is_empty(), "{o:?}");
+    }
+
     /// KEEP_SCRIPT copies what the cache holds, within half the memory
     /// available, and leaves the rest.
     #[test]
