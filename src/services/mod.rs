@@ -40,6 +40,11 @@ pub struct Unit {
     /// boot until something asks for it; its trigger is what must run.
     #[serde(default)]
     pub on_demand: bool,
+    /// A socket's or path unit's Triggers=: what it starts on demand (a
+    /// service that need not run at boot, and that the proof must not hold
+    /// back).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub triggers: Vec<String>,
 }
 
 /// What the VPS runs, as the probe found it.
@@ -82,6 +87,7 @@ impl ServiceSet {
                     name: u.id.clone(),
                     state: u.sub.clone(),
                     on_demand: !u.triggered_by.is_empty(),
+                    triggers: u.triggers.clone(),
                 }),
                 "failed" => set.not_running.push(u.id.clone()),
                 "activating" if u.sub == "auto-restart" => set.not_running.push(u.id.clone()),

@@ -9,7 +9,7 @@ use super::Init;
 use crate::ssh::shell_quote;
 
 /// The properties read of every unit.
-const PROPS: &str = "Id,Type,LoadState,ActiveState,SubState,Result,Transient,TriggeredBy,\
+const PROPS: &str = "Id,Type,LoadState,ActiveState,SubState,Result,Transient,TriggeredBy,Triggers,\
                      ExecMainStartTimestampMonotonic,NRestarts,ConditionResult";
 
 /// Units kept from one answer, at most (a host that lists more is cut).
@@ -32,6 +32,8 @@ pub struct UnitState {
     pub type_: String,
     pub transient: bool,
     pub triggered_by: Vec<String>,
+    /// What a socket, path or timer unit starts.
+    pub triggers: Vec<String>,
     /// It ran in this boot (its main process was started).
     pub ran: bool,
     pub restarts: Option<u64>,
@@ -160,6 +162,11 @@ fn state_of(name: &str, b: &BTreeMap<String, String>) -> UnitState {
         type_: get("Type"),
         transient: get("Transient") == "yes",
         triggered_by: get("TriggeredBy")
+            .split_whitespace()
+            .filter(|t| valid_name(t))
+            .map(str::to_string)
+            .collect(),
+        triggers: get("Triggers")
             .split_whitespace()
             .filter(|t| valid_name(t))
             .map(str::to_string)

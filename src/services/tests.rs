@@ -24,6 +24,7 @@ Transient=no
 Result=success
 Id=dbus.socket
 TriggeredBy=
+Triggers=dbus.service
 LoadState=loaded
 ActiveState=active
 SubState=running
@@ -151,6 +152,8 @@ fn the_set_is_what_runs_less_what_a_reboot_does_not_bring_back() {
     );
     let dbus = set.units.iter().find(|u| u.name == "dbus.service").unwrap();
     assert!(dbus.on_demand, "started by its socket");
+    let sock = set.units.iter().find(|u| u.name == "dbus.socket").unwrap();
+    assert_eq!(sock.triggers, ["dbus.service"], "what the socket starts");
     assert_eq!(
         set.units
             .iter()
@@ -210,6 +213,7 @@ fn unit(name: &str) -> Unit {
         name: name.into(),
         state: "running".into(),
         on_demand: false,
+        triggers: vec![],
     }
 }
 
