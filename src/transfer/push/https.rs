@@ -35,7 +35,9 @@ while read -r n hash url; do
   if timeout 300 /usr/lib/apt/apt-helper -o APT::Sandbox::User=root download-file "$url" "$d/$n" "SHA256:$hash" >/dev/null 2>"$d/err"; then
     echo "ok $n"
   else
-    rm -f "$d/$n" "$d/$n.FAILED"; echo "failed $n $(grep -m 1 '^E:' "$d/err" | tr -cd '[:print:]' | cut -c 1-200)"
+    rc=$?; rm -f "$d/$n" "$d/$n.FAILED"
+    why=$(grep -m 1 '^E:' "$d/err" || grep . "$d/err" | tail -n 1)
+    echo "failed $n $(printf '%s' "${why:-apt-helper exited with $rc, saying nothing}" | tr -cd '[:print:]' | cut -c 1-200)"
   fi
 done
 rm -f "$d/err"; rmdir "$d" 2>/dev/null; true"#;
