@@ -22,10 +22,29 @@ use crate::ssh::{Session, shell_quote};
 /// the one the helper reads such sources from.
 pub const DIR: &str = "/run/drydock-packages";
 
-/// What the VPS says of itself: whether it has apt-helper, and the memory
-/// it has available, in KiB.
+/// What the VPS says of itself: whether it has apt-helper, the memory it
+/// has available and what /run has free, in KiB.
 const ASK: &str = r#"[ -x /usr/lib/apt/apt-helper ] && echo apt-helper
-awk '/^MemAvailable:/ { print "available", $2 }' /proc/meminfo"#;
+awk '/^MemAvailable:/ { print "available", $2 }' /proc/meminfo
+df -Pk /run 2>/dev/null | awk 'NR == 2 { print "run_available", $4 }'; true"#;
+
+/// What /run keeps free for the host itself (the freeze's record is there).
+const RUN_MARGIN: u64 = 32 << 20;
+
+/// Bytes the files may take, from ASK's answer: the smaller of half the
+/// memory available and /run's free space less RUN_MARGIN (0 when /run's
+/// space is not said); None without apt-helper.
+fn budget(said: &str) -> Option<u64> {
+    let kib = |key: &str| {
+        said.lines()
+            .find_map(|l| l.strip_prefix(key)?.trim().parse::<u64>().ok())
+            .unwrap_or(0)
+            .saturating_mul(1024)
+    };
+    said.lines()
+        .any(|l| l == "apt-helper")
+        .then(|| (kib("available ") / 2).min(kib("run_available ").saturating_sub(RUN_MARGIN)))
+}
 
 /// Lines `NAME SHA256 URL` on its input; for each, `ok NAME` or
 /// `failed NAME WHY`. Each fetch is bounded by `timeout`; the folder is
@@ -77,20 +96,38 @@ pub async fn prefetch(
     }
     let n = jobs.len();
     let host = session.host();
-    let Some(available) = ask(session).await else {
+    let said = match tokio::time::timeout(Duration::from_secs(30), session.exec(ASK)).await {
+        Ok(Ok(o)) => o.stdout_str(),
+        Ok(Err(e)) => {
+            notes.push(format!(
+                "cannot ask {host} whether its apt can fetch the {n} package file(s) the upgrade \
+                 fetched over HTTPS ({e:#}): their pages are sent"
+            ));
+            return Vec::new();
+        }
+        Err(_) => {
+            notes.push(format!(
+                "{host} did not say within 30 s whether its apt can fetch the {n} package file(s) \
+                 the upgrade fetched over HTTPS: their pages are sent"
+            ));
+            return Vec::new();
+        }
+    };
+    let Some(room) = budget(&said) else {
         notes.push(format!(
             "{host} has no /usr/lib/apt/apt-helper to fetch the {n} package file(s) the upgrade \
              fetched over HTTPS: their pages are sent"
         ));
         return Vec::new();
     };
-    let (take, leave) = choose(jobs, available / 2);
+    let (take, leave) = choose(jobs, room);
     if !leave.is_empty() {
         notes.push(format!(
-            "{} package file(s) fetched over HTTPS do not fit in half of {host}'s available memory \
-             ({} MiB) beside the others: their pages are sent",
+            "{} package file(s) fetched over HTTPS do not fit in the {} MiB {host} can hold in \
+             /run (half its available memory, /run's free space less 32 MiB) beside the others: \
+             their pages are sent",
             leave.len(),
-            available >> 20
+            room >> 20
         ));
     }
     if take.is_empty() {
@@ -112,21 +149,6 @@ pub async fn prefetch(
         .collect()
 }
 
-/// Whether the VPS has apt-helper: then the memory it has available, in
-/// bytes.
-async fn ask(session: &Session) -> Option<u64> {
-    let said = match tokio::time::timeout(Duration::from_secs(30), session.exec(ASK)).await {
-        Ok(Ok(o)) => o.stdout_str(),
-        _ => String::new(),
-    };
-    said.lines().any(|l| l == "apt-helper").then(|| {
-        said.lines()
-            .find_map(|l| l.strip_prefix("available ")?.trim().parse::<u64>().ok())
-            .unwrap_or(0)
-            .saturating_mul(1024)
-    })
-}
-
 /// FETCH run on the VPS for TAKE (the i-th as file i): what it printed,
 /// or why it did not end.
 async fn fetch(session: &Session, take: &[Job]) -> Result<String, String> {
@@ -138,9 +160,21 @@ async fn fetch(session: &Session, take: &[Job]) -> Result<String, String> {
     let bytes: u64 = take.iter().map(|j| j.size).sum();
     // 300 s a file at most, and no more than 60 s and 1 s for each 256 KiB
     // in all (a mirror slower than that costs more downtime than it saves).
+    // The host ends the fetch itself at the bound (apt runs from the disk
+    // the push rewrites: it must not outlive this step), and drydock waits
+    // 30 s longer for the answer.
     let bound = Duration::from_secs(60 + bytes / (256 << 10));
-    let cmd = format!("sh -c {}", shell_quote(FETCH));
-    match tokio::time::timeout(bound, session.exec_input(&cmd, Some(input.as_bytes()))).await {
+    let cmd = format!(
+        "timeout -k 5 {} sh -c {}",
+        bound.as_secs(),
+        shell_quote(FETCH)
+    );
+    match tokio::time::timeout(
+        bound + Duration::from_secs(30),
+        session.exec_input(&cmd, Some(input.as_bytes())),
+    )
+    .await
+    {
         Ok(Ok(o)) => Ok(o.stdout_str()),
         Ok(Err(e)) => Err(format!(
             "could not fetch the package files fetched over HTTPS: {e:#}"
@@ -247,6 +281,30 @@ mod tests {
     #[test]
     fn the_helper_reads_from_this_folder() {
         assert_eq!(drydock_helper::package::FETCHED_DIR, format!("{DIR}/"));
+    }
+
+    /// The files go to /run, a tmpfs of a fifth of the RAM on systemd
+    /// hosts: the budget is the smaller of half the memory available and
+    /// what /run has free less 32 MiB for the host's own use (a 1 GB VPS's
+    /// /run of 200 MiB must not be filled, while frozen). No apt-helper, or
+    /// an answer without /run's space: nothing is fetched.
+    #[test]
+    fn the_budget_is_half_the_memory_and_what_run_can_hold() {
+        let b = |s: &str| budget(s);
+        assert_eq!(
+            b("apt-helper\navailable 700000\nrun_available 204800\n"),
+            Some(204800 * 1024 - (32 << 20))
+        );
+        assert_eq!(
+            b("apt-helper\navailable 100000\nrun_available 2048000\n"),
+            Some(100000 * 1024 / 2)
+        );
+        assert_eq!(
+            b("apt-helper\navailable 100000\nrun_available 20000\n"),
+            Some(0)
+        );
+        assert_eq!(b("apt-helper\navailable 100000\n"), Some(0));
+        assert_eq!(b("available 100000\nrun_available 2048000\n"), None);
     }
 
     #[test]

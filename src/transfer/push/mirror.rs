@@ -24,8 +24,8 @@ pub(super) struct Rebuild {
     )>,
     pub(super) files: usize,
     pub(super) notes: Vec<String>,
-    /// Some were fetched by the host's apt into `https::DIR` (removed
-    /// after the push).
+    /// The host's apt was asked to fetch into `https::DIR` (removed after
+    /// the push, however it ended).
     pub(super) fetched_https: bool,
 }
 
@@ -119,7 +119,9 @@ pub(super) async fn plan_rebuild(
     out.jobs = resolved(session, http_jobs, &mut out.notes).await;
     if !https_jobs.is_empty() {
         let fetched = https::prefetch(session, https_jobs, &mut out.notes).await;
-        out.fetched_https = !fetched.is_empty();
+        // Removed after the push whatever came of it (a fetch cut short
+        // leaves part of a file there).
+        out.fetched_https = true;
         out.jobs.extend(fetched);
     }
     let unreached = found_pages - out.pages();
