@@ -37,10 +37,14 @@ n=$(wc -l < "$d/uris"); [ "$n" -eq 0 ] || echo "apt fetches $n package file(s) o
 "#;
 
 /// Before the recipe's clean: those files copied out of apt's cache into
-/// the worker's RAM, within half of what it has available (counted in the
-/// shell: mawk prints a product over 2^31 in exponent form).
+/// the worker's RAM, within half of what it has available and what /run (a
+/// tmpfs of a fifth of the RAM) has free less 32 MiB, so that the worker's
+/// init keeps its room there (counted in the shell: mawk prints a product
+/// over 2^31 in exponent form).
 pub const KEEP_SCRIPT: &str = r#"d=/run/drydock-https; [ -s "$d/uris" ] || exit 0
-kib=$(awk '/^MemAvailable:/ { print $2 }' /proc/meminfo); budget=$(( ${kib:-0} * 512 )); used=0; n=0; left=0
+kib=$(awk '/^MemAvailable:/ { print $2 }' /proc/meminfo); budget=$(( ${kib:-0} * 512 ))
+room=$(df -Pk "$d" 2>/dev/null | awk 'NR == 2 { print $4 }'); room=$(( ${room:-0} * 1024 - 33554432 ))
+[ "$room" -lt "$budget" ] && budget=$room; used=0; n=0; left=0
 while read -r url file size; do
   f=/var/cache/apt/archives/$file
   [ -f "$f" ] || continue
@@ -71,6 +75,19 @@ pub async fn run(s: &Session, script: &str, log: &Path, ui: &Ui) {
     }
     if !said.is_empty() {
         ui.say(format!("worker VM: {said}"));
+    }
+}
+
+/// A short command's output in the worker, within 60 s (the worker VM
+/// that stops answering ends the upgrade with this error; nothing was
+/// pushed).
+async fn read(s: &Session, cmd: &str) -> Result<String> {
+    match tokio::time::timeout(Duration::from_secs(60), s.exec(cmd)).await {
+        Ok(r) => Ok(r?.stdout_str()),
+        Err(_) => anyhow::bail!(
+            "the worker VM did not answer within 60 s while its package files fetched over \
+             HTTPS were read; nothing was pushed"
+        ),
     }
 }
 
@@ -122,16 +139,14 @@ pub struct Collected {
 /// `.sha256` beside it. A file that does not arrive whole is left out (its
 /// pages are then sent, as for any file not kept); each read is bounded.
 pub async fn collect(s: &Session, downloads: &Path, ui: &Ui) -> Result<Collected> {
-    let list = s
-        .exec(&format!("cat {DIR}/uris 2>/dev/null; true"))
-        .await?
-        .stdout_str();
-    let kept = s
-        .exec(&format!(
+    let list = read(s, &format!("cat {DIR}/uris 2>/dev/null; true")).await?;
+    let kept = read(
+        s,
+        &format!(
             "cd {DIR}/debs 2>/dev/null && for f in *; do [ -f \"$f\" ] && echo \"$f\"; done; true"
-        ))
-        .await?
-        .stdout_str();
+        ),
+    )
+    .await?;
     let kept: Vec<&str> = kept.lines().collect();
     let mut out = Collected::default();
     for l in parse_list(&list) {
@@ -162,7 +177,7 @@ pub async fn collect(s: &Session, downloads: &Path, ui: &Ui) -> Result<Collected
         out.files += 1;
         out.bytes += l.size;
     }
-    let _ = s.exec(&format!("rm -rf {DIR}")).await;
+    let _ = read(s, &format!("rm -rf {DIR}")).await;
     if out.files > 0 {
         ui.say(format!(
             "{} package file(s) the upgrade fetched over HTTPS ({}) kept for the push: the VPS \
@@ -177,6 +192,29 @@ pub async fn collect(s: &Session, downloads: &Path, ui: &Ui) -> Result<Collected
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// An executable stand-in for PROGRAM in DIR (put first in PATH).
+    fn stand_in(dir: &Path, program: &str, body: &str) {
+        use std::os::unix::fs::PermissionsExt;
+        let p = dir.join(program);
+        std::fs::write(&p, format!("#!/bin/sh\n{body}")).unwrap();
+        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o755)).unwrap();
+    }
+
+    /// SCRIPT run by sh with its folder at RUN, apt's cache at CACHE and
+    /// BIN first in PATH.
+    fn sh(script: &str, run: &Path, cache: &Path, bin: &Path) -> std::process::Output {
+        std::process::Command::new("sh")
+            .arg("-c")
+            .arg(
+                script
+                    .replace("/run/drydock-https", run.to_str().unwrap())
+                    .replace("/var/cache/apt/archives", cache.to_str().unwrap()),
+            )
+            .env("PATH", format!("{}:/usr/bin:/bin", bin.display()))
+            .output()
+            .unwrap()
+    }
 
     #[test]
     fn the_list_keeps_only_what_it_promises() {
@@ -203,29 +241,17 @@ mod tests {
     #[test]
     fn the_list_script_reads_apts_print_uris() {
         let d = tempfile::tempdir().unwrap();
-        std::fs::write(
-            d.path().join("apt-get"),
-            "#!/bin/sh\ncat <<'E'\n\
+        stand_in(
+            d.path(),
+            "apt-get",
+            "cat <<'E'\n\
              'https://deb.debian.org/debian/pool/main/h/hello/hello_2.10-3_amd64.deb' hello_2.10-3_amd64.deb 53080 MD5Sum:d04c2e9639dee67aa836d8232b1ca658\n\
              'http://deb.debian.org/debian/pool/main/a/a/a_1_amd64.deb' a_1_amd64.deb 10 SHA256:00\n\
              'https://security.debian.org/pool/updates/main/o/openssl/libssl3t64_3.5.1-1%2bdeb13u1_amd64.deb' libssl3t64_3.5.1-1+deb13u1_amd64.deb 2345678 SHA256:abcd\n\
              E\n",
-        )
-        .unwrap();
-        use std::os::unix::fs::PermissionsExt;
-        std::fs::set_permissions(
-            d.path().join("apt-get"),
-            std::fs::Permissions::from_mode(0o755),
-        )
-        .unwrap();
+        );
         let run = d.path().join("run");
-        let script = LIST_SCRIPT.replace("/run/drydock-https", run.to_str().unwrap());
-        let out = std::process::Command::new("sh")
-            .arg("-c")
-            .arg(&script)
-            .env("PATH", format!("{}:/usr/bin:/bin", d.path().display()))
-            .output()
-            .unwrap();
+        let out = sh(LIST_SCRIPT, &run, d.path(), d.path());
         assert_eq!(
             String::from_utf8_lossy(&out.stdout),
             "apt fetches 2 package file(s) of the upgrade over HTTPS\n"
@@ -254,66 +280,69 @@ mod tests {
     #[test]
     fn nothing_is_said_or_kept_without_https_sources() {
         let d = tempfile::tempdir().unwrap();
-        std::fs::write(
-            d.path().join("apt-get"),
-            "#!/bin/sh\necho \"'http://deb.debian.org/a_1_amd64.deb' a_1_amd64.deb 10 SHA256:00\"\n",
-        )
-        .unwrap();
-        use std::os::unix::fs::PermissionsExt;
-        std::fs::set_permissions(
-            d.path().join("apt-get"),
-            std::fs::Permissions::from_mode(0o755),
-        )
-        .unwrap();
+        stand_in(
+            d.path(),
+            "apt-get",
+            "echo \"'http://deb.debian.org/a_1_amd64.deb' a_1_amd64.deb 10 SHA256:00\"\n",
+        );
         let run = d.path().join("run");
-        let sh = |script: &str| {
-            std::process::Command::new("sh")
-                .arg("-c")
-                .arg(script.replace("/run/drydock-https", run.to_str().unwrap()))
-                .env("PATH", format!("{}:/usr/bin:/bin", d.path().display()))
-                .output()
-                .unwrap()
-        };
-        let o = sh(LIST_SCRIPT);
+        let o = sh(LIST_SCRIPT, &run, d.path(), d.path());
         assert!(o.status.success() && o.stdout.is_empty(), "{o:?}");
-        let o = sh(KEEP_SCRIPT);
+        let o = sh(KEEP_SCRIPT, &run, d.path(), d.path());
         assert!(o.status.success() && o.stdout.is_empty(), "{o:?}");
     }
 
     /// KEEP_SCRIPT copies what the cache holds, within half the memory
-    /// available, and leaves the rest.
+    /// available and what the folder's filesystem (the worker's /run, a
+    /// tmpfs of a fifth of its RAM) has free less 32 MiB, and leaves the
+    /// rest.
     #[test]
     fn the_keep_script_copies_what_fits() {
         let d = tempfile::tempdir().unwrap();
-        let run = d.path().join("run");
-        let cache = d.path().join("archives");
-        std::fs::create_dir_all(run.join("debs")).unwrap();
-        std::fs::create_dir_all(&cache).unwrap();
+        let (run, cache, bin) = (
+            d.path().join("run"),
+            d.path().join("archives"),
+            d.path().join("bin"),
+        );
+        for p in [&run.join("debs"), &cache, &bin] {
+            std::fs::create_dir_all(p).unwrap();
+        }
         std::fs::write(cache.join("a_1_amd64.deb"), b"aaaa").unwrap();
+        std::fs::write(cache.join("b_1_amd64.deb"), vec![b'b'; 9000]).unwrap();
         std::fs::write(cache.join("huge_1_amd64.deb"), b"h").unwrap();
         std::fs::write(
             run.join("uris"),
             "https://x/a_1_amd64.deb a_1_amd64.deb 4\n\
              https://x/gone_1_amd64.deb gone_1_amd64.deb 4\n\
+             https://x/b_1_amd64.deb b_1_amd64.deb 9000\n\
              https://x/huge_1_amd64.deb huge_1_amd64.deb 99999999999999\n",
         )
         .unwrap();
-        let script = KEEP_SCRIPT
-            .replace("/run/drydock-https", run.to_str().unwrap())
-            .replace("/var/cache/apt/archives", cache.to_str().unwrap());
-        let out = std::process::Command::new("sh")
-            .arg("-c")
-            .arg(&script)
-            .output()
-            .unwrap();
+        let out = sh(KEEP_SCRIPT, &run, &cache, &bin);
         assert_eq!(
             String::from_utf8_lossy(&out.stdout),
-            "kept 1 package file(s) fetched over HTTPS for the push (4 bytes); 1 left out for want of memory\n"
+            "kept 2 package file(s) fetched over HTTPS for the push (9004 bytes); 1 left out for want of memory\n"
         );
         assert_eq!(
             std::fs::read(run.join("debs/a_1_amd64.deb")).unwrap(),
             b"aaaa"
         );
         assert!(!run.join("debs/huge_1_amd64.deb").exists());
+
+        // A /run with 32 MiB and 8 KiB free: the 9000 bytes do not fit.
+        std::fs::remove_dir_all(run.join("debs")).unwrap();
+        std::fs::create_dir_all(run.join("debs")).unwrap();
+        stand_in(
+            &bin,
+            "df",
+            "echo 'Filesystem 1024-blocks Used Available Capacity Mounted on'\n\
+             echo 'tmpfs 819200 786424 32776 97% /run'\n",
+        );
+        let out = sh(KEEP_SCRIPT, &run, &cache, &bin);
+        assert_eq!(
+            String::from_utf8_lossy(&out.stdout),
+            "kept 1 package file(s) fetched over HTTPS for the push (4 bytes); 2 left out for want of memory\n"
+        );
+        assert!(!run.join("debs/b_1_amd64.deb").exists());
     }
 }
