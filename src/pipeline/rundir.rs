@@ -70,7 +70,7 @@ pub fn qemu_stderr(dir: &Path) -> PathBuf {
     dir.join("qemu.stderr")
 }
 pub fn efivars(dir: &Path) -> PathBuf {
-    dir.join("efivars.fd")
+    dir.join(crate::vm::EFIVARS)
 }
 pub fn guest_known_hosts(dir: &Path) -> PathBuf {
     dir.join("guest_known_hosts")

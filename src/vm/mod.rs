@@ -280,12 +280,15 @@ pub fn socket_path(want: &Path) -> PathBuf {
     ))
 }
 
+/// The UEFI variables of a VM, in its folder (a copy of OVMF's template).
+pub const EFIVARS: &str = "efivars.fd";
+
 pub fn efi_for(shape: &shape::Shape, dir: &Path) -> Result<Option<(PathBuf, PathBuf)>> {
     if shape.firmware == shape::Firmware::Bios {
         return Ok(None);
     }
     let (code, template) = find_ovmf(OVMF)?;
-    let vars = dir.join("efivars.fd"); // crate::pipeline::rundir::efivars: the same name
+    let vars = dir.join(EFIVARS);
     if !vars.exists() {
         std::fs::copy(template, &vars)
             .with_context(|| format!("cannot copy {template} to {}", vars.display()))?;
