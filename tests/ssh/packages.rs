@@ -465,6 +465,32 @@ fn a_push_has_the_hosts_apt_fetch_https_package_files_and_rebuild_their_pages() 
 
     let env = format!("SetEnv=APT_CONFIG={}", apt_conf.display());
     let sshd = Sshd::start_with(&[&env]);
+
+    // Not confirmed (no --yes, no terminal): refused, and the host's apt
+    // fetched nothing (the question comes before anything changes there).
+    let (dev, img) = (t.path().join("disk0"), t.path().join("image0"));
+    standard_disk(&dev);
+    assert_exit(&pull(&sshd, &dev, &img), 0);
+    write_at(&img, &blob, 10 * MIB);
+    let o = push(
+        &sshd,
+        &img,
+        &dev,
+        &[
+            "--transfer",
+            "helper",
+            "--packages",
+            downloads.to_str().unwrap(),
+        ],
+    );
+    assert_exit(&o, 3);
+    assert_stderr(&o, "this needs confirmation");
+    assert!(
+        !m.log.exists(),
+        "the host's apt fetched before the push was confirmed: {}",
+        std::fs::read_to_string(&m.log).unwrap_or_default()
+    );
+    assert!(!std::path::Path::new("/run/drydock-packages").exists());
     let other = pattern(78, 32 * KIB as usize);
     let (o, j) = pushed(
         &sshd,

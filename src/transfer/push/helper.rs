@@ -170,8 +170,7 @@ async fn push_on(
         }
         None => None,
     };
-    let rebuild = plan_rebuild(started, &patches, session, ui).await?;
-    *fetched_https = rebuild.fetched_https;
+    let mut rebuild = plan_rebuild(started, &patches, session, ui).await?;
 
     let total: u64 = patches.iter().map(|p| p.len as u64).sum();
     let asked = std::time::Instant::now();
@@ -187,7 +186,7 @@ async fn push_on(
             n => format!(
                 "; {} of it rebuilt on the host from {} package files its mirror serves",
                 human_bytes(n * PAGE),
-                rebuild.jobs.len()
+                rebuild.files()
             ),
         };
         ui.confirm(&format!(
@@ -202,6 +201,8 @@ async fn push_on(
     }
     // The push's time is the host's: not the seconds spent at the question.
     let waited = asked.elapsed();
+    *fetched_https = !rebuild.https.is_empty();
+    super::mirror::fetch_https(&mut rebuild, session, ui).await;
     let mut blocks: Vec<u64> = patches.iter().map(|p| p.offset / BLOCK_SIZE).collect();
     blocks.dedup();
     super::record_intent(opts, &pf.new.digest, &dev.path, &blocks)?;

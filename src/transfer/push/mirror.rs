@@ -24,15 +24,53 @@ pub(super) struct Rebuild {
     )>,
     pub(super) files: usize,
     pub(super) notes: Vec<String>,
+    /// Package files of HTTPS sources, for the host's apt to fetch once the
+    /// push is confirmed (`fetch_https`): nothing changes on the host
+    /// before.
+    pub(super) https: Vec<rebuild::Job>,
     /// The host's apt was asked to fetch into `https::DIR` (removed after
     /// the push, however it ended).
     pub(super) fetched_https: bool,
 }
 
 impl Rebuild {
+    /// The pages it rebuilds, those of HTTPS sources still to fetch
+    /// counted.
     pub(super) fn pages(&self) -> u64 {
-        self.jobs.iter().map(|(_, p)| p.len() as u64).sum()
+        let https: usize = self.https.iter().map(|j| j.pieces.len()).sum();
+        self.jobs.iter().map(|(_, p)| p.len() as u64).sum::<u64>() + https as u64
     }
+
+    /// The package files it rebuilds from.
+    pub(super) fn files(&self) -> usize {
+        self.jobs.len() + self.https.len()
+    }
+}
+
+/// The package files of HTTPS sources fetched by the host's apt, after the
+/// push's confirmation and before its first write; what it could not fetch
+/// is said, kept in the notes, and sent.
+pub(super) async fn fetch_https(rebuild: &mut Rebuild, session: &Session, ui: &Ui) {
+    if rebuild.https.is_empty() {
+        return;
+    }
+    // Removed after the push whatever came of it (a fetch cut short leaves
+    // part of a file there).
+    rebuild.fetched_https = true;
+    let jobs = std::mem::take(&mut rebuild.https);
+    let n = jobs.len();
+    let mut notes = Vec::new();
+    let fetched = https::prefetch(session, jobs, &mut notes).await;
+    ui.say(format!(
+        "{} fetched {} of the {n} package file(s) of HTTPS sources with its own apt",
+        session.host(),
+        fetched.len()
+    ));
+    for note in &notes {
+        ui.say(format!("not rebuilt on the host: {note}"));
+    }
+    rebuild.jobs.extend(fetched);
+    rebuild.notes.extend(notes);
 }
 
 /// A rebuild's planning under way (on a blocking thread).
@@ -117,13 +155,7 @@ pub(super) async fn plan_rebuild(
         .into_iter()
         .partition(|j| j.sha256.is_some() && j.url.starts_with("https://"));
     out.jobs = resolved(session, http_jobs, &mut out.notes).await;
-    if !https_jobs.is_empty() {
-        let fetched = https::prefetch(session, https_jobs, &mut out.notes).await;
-        // Removed after the push whatever came of it (a fetch cut short
-        // leaves part of a file there).
-        out.fetched_https = true;
-        out.jobs.extend(fetched);
-    }
+    out.https = https_jobs;
     let unreached = found_pages - out.pages();
     ui.say(format!(
         "{} of the pages to write are in {} of the {} package files the upgrade downloaded \
@@ -134,7 +166,7 @@ pub(super) async fn plan_rebuild(
         took.as_secs_f64(),
         if unreached == 0 {
             "the host rebuilds them from its mirror".to_string()
-        } else if out.jobs.is_empty() {
+        } else if out.files() == 0 {
             "the host cannot reach their mirror, so they are sent".to_string()
         } else {
             format!(
@@ -147,6 +179,14 @@ pub(super) async fn plan_rebuild(
     ));
     for note in &out.notes {
         ui.say(format!("not rebuilt on the host: {note}"));
+    }
+    if !out.https.is_empty() {
+        ui.say(format!(
+            "{} of those package files come from HTTPS sources: once the push is confirmed, the \
+             host's own apt fetches them into {} before the first write",
+            out.https.len(),
+            https::DIR
+        ));
     }
     Ok(out)
 }
