@@ -198,7 +198,7 @@ impl Store {
     /// copied again: `bootfiles::fetch_reusing`).
     pub fn keep_boot(&self, id: &str) -> Result<Option<PathBuf>> {
         let tmp = self.boot_tmp();
-        if !tmp.join("boot.json").exists() {
+        if !crate::remote::bootfiles::BootFiles::recorded_in(&tmp) {
             return Ok(None);
         }
         let dir = self.boot_dir(id);

@@ -197,7 +197,7 @@ pub(super) async fn in_worker(
     // whose modules (Alpine) or init= (NixOS after --gc) may be gone from it.
     let upgraded_boot = super::rundir::upgraded_boot_files(dir);
     let boot = match carry {
-        Some(_) if upgraded_boot.join("boot.json").exists() => {
+        Some(_) if remote::bootfiles::BootFiles::recorded_in(&upgraded_boot) => {
             remote::bootfiles::BootFiles::load(&upgraded_boot)?
         }
         _ => remote::bootfiles::BootFiles::load(&super::rundir::boot_files(dir))?,

@@ -38,9 +38,18 @@ pub struct BootFiles {
     pub source: Vec<String>,
 }
 
+/// The record in a folder of boot files.
+const RECORD: &str = "boot.json";
+
 impl BootFiles {
+    /// Whether DIR holds a record of boot files (`load` may still find it
+    /// damaged).
+    pub fn recorded_in(dir: &Path) -> bool {
+        dir.join(RECORD).exists()
+    }
+
     pub fn load(dir: &Path) -> Result<BootFiles> {
-        let p = dir.join("boot.json");
+        let p = dir.join(RECORD);
         let text =
             std::fs::read_to_string(&p).with_context(|| format!("cannot read {}", p.display()))?;
         let mut b: BootFiles =
@@ -153,7 +162,7 @@ pub async fn fetch_reusing(
         source,
     };
     write_atomic(
-        &dir.join("boot.json"),
+        &dir.join(RECORD),
         serde_json::to_string_pretty(&b)?.as_bytes(),
     )?;
     Ok(b)
