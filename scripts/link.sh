@@ -146,7 +146,8 @@ start_mirror_https() {
       -addext basicConstraints=critical,CA:TRUE -addext keyUsage=critical,keyCertSign,cRLSign 2>/dev/null &&
     openssl req -newkey rsa:2048 -nodes -keyout srv.key -out srv.csr -subj /CN=mirror 2>/dev/null &&
     printf 'subjectAltName=%s\n' "$san" > ext &&
-    openssl x509 -req -in srv.csr -CA ca.pem -CAkey ca.key -CAcreateserial -out srv.pem -days 2 -extfile ext 2>/dev/null )
+    openssl x509 -req -in srv.csr -CA ca.pem -CAkey ca.key -CAcreateserial -out srv.pem -days 2 -extfile ext 2>/dev/null ) \
+    || { echo "cannot make the HTTPS mirror's CA and certificate in $tls (openssl)" >&2; return 1; }
   MIRROR_PORT=443 MIRROR_CERT=$tls/srv.pem MIRROR_KEY=$tls/srv.key start_mirror "$downloads" "$mbit"
   LINK_MIRROR_HTTPS_PID=$LINK_MIRROR_PID
   LINK_MIRROR_PID=
