@@ -16,6 +16,7 @@ use serde::Serialize;
 
 pub mod adapt;
 mod grow;
+mod pages;
 pub mod proof;
 pub mod restore;
 pub mod store;

@@ -10,11 +10,18 @@
 //! answers `Open` with its own. Either end refuses a version it does not
 //! speak, before any read or write of the disk.
 
-use std::fmt;
 use std::io::{self, Read, Write};
 
+mod error;
+mod pages;
+
+pub use error::ProtoError;
+pub use pages::{
+    SHORT_HASH, apply_pages, changed_pages, is_zero, page_hashes, sha256, short_page_hashes,
+};
+
 /// Bumped on any change of frames or their meaning.
-pub const VERSION: u32 = 2;
+pub const VERSION: u32 = 3;
 /// Largest payload accepted: a block of 1 MiB that zstd could not shrink,
 /// plus headers.
 pub const MAX_PAYLOAD: usize = (1 << 20) + (1 << 16);
@@ -110,6 +117,23 @@ pub enum Msg {
         fetched: u64,
         error: String,
     },
+    /// drydock → helper: block `index`, sending only its pages whose hash
+    /// differs from `old` (`short_page_hashes` of the block it had before,
+    /// `SHORT_HASH` bytes a page), compressed at `level`. Answered with
+    /// Pages, or with Zero if the block holds only zeros.
+    ReadPages {
+        index: u64,
+        level: i32,
+        old: Vec<u8>,
+    },
+    /// Helper → drydock: block `index`, its SHA-256 as read, which pages
+    /// differ (`changed_pages`'s mask) and their bytes, compressed.
+    Pages {
+        index: u64,
+        hash: Hash,
+        mask: Vec<u8>,
+        data: Vec<u8>,
+    },
 }
 
 impl Msg {
@@ -131,6 +155,8 @@ impl Msg {
             Msg::Rebuild { .. } => 14,
             Msg::RebuildWait => 15,
             Msg::Rebuilt { .. } => 16,
+            Msg::ReadPages { .. } => 17,
+            Msg::Pages { .. } => 18,
         }
     }
 
@@ -152,6 +178,8 @@ impl Msg {
             Msg::Rebuild { .. } => "Rebuild",
             Msg::RebuildWait => "RebuildWait",
             Msg::Rebuilt { .. } => "Rebuilt",
+            Msg::ReadPages { .. } => "ReadPages",
+            Msg::Pages { .. } => "Pages",
         }
     }
 
@@ -246,6 +274,22 @@ impl Msg {
                 put_u64(p, *fetched);
                 put_bytes(p, error.as_bytes());
             }
+            Msg::ReadPages { index, level, old } => {
+                put_u64(p, *index);
+                put_u32(p, *level as u32);
+                put_bytes(p, old);
+            }
+            Msg::Pages {
+                index,
+                hash,
+                mask,
+                data,
+            } => {
+                put_u64(p, *index);
+                p.extend_from_slice(hash);
+                put_bytes(p, mask);
+                put_bytes(p, data);
+            }
         }
     }
 
@@ -332,6 +376,17 @@ impl Msg {
                 fetched: c.u64()?,
                 error: c.string()?,
             },
+            17 => Msg::ReadPages {
+                index: c.u64()?,
+                level: c.u32()? as i32,
+                old: c.bytes()?,
+            },
+            18 => Msg::Pages {
+                index: c.u64()?,
+                hash: c.hash()?,
+                mask: c.bytes()?,
+                data: c.bytes()?,
+            },
             k => return Err(ProtoError::UnknownKind(k)),
         };
         if !c.b.is_empty() {
@@ -390,53 +445,6 @@ impl Cursor<'_> {
     }
     fn string(&mut self) -> Result<String, ProtoError> {
         String::from_utf8(self.bytes()?).map_err(|_| ProtoError::Malformed(self.kind, "not UTF-8"))
-    }
-}
-
-#[derive(Debug)]
-pub enum ProtoError {
-    Io(io::Error),
-    /// The stream ended inside a frame (`got` of `want` bytes).
-    Truncated {
-        got: usize,
-        want: usize,
-    },
-    Checksum {
-        kind: u8,
-        len: usize,
-    },
-    TooLarge(usize),
-    UnknownKind(u8),
-    Malformed(u8, &'static str),
-}
-
-impl fmt::Display for ProtoError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            ProtoError::Io(e) => write!(f, "{e}"),
-            ProtoError::Truncated { got, want } => write!(
-                f,
-                "the stream ended inside a frame ({got} of {want} bytes): the other end stopped or the connection broke"
-            ),
-            ProtoError::Checksum { kind, len } => write!(
-                f,
-                "a frame arrived damaged (kind {kind}, {len} bytes, checksum mismatch)"
-            ),
-            ProtoError::TooLarge(n) => write!(
-                f,
-                "a frame claims {n} bytes, more than the protocol allows: the stream is not drydock's or is damaged"
-            ),
-            ProtoError::UnknownKind(k) => write!(f, "a frame of unknown kind {k}"),
-            ProtoError::Malformed(k, why) => write!(f, "a malformed frame of kind {k}: {why}"),
-        }
-    }
-}
-
-impl std::error::Error for ProtoError {}
-
-impl From<io::Error> for ProtoError {
-    fn from(e: io::Error) -> Self {
-        ProtoError::Io(e)
     }
 }
 
@@ -565,26 +573,6 @@ impl Decoder {
             self.pos = 0;
         }
     }
-}
-
-/// SHA-256 of a 4 KiB page, cut to `PAGE_HASH` bytes.
-pub fn page_hashes(block: &[u8]) -> Vec<u8> {
-    use sha2::{Digest, Sha256};
-    let mut out = Vec::with_capacity(block.len().div_ceil(PAGE as usize) * PAGE_HASH);
-    for page in block.chunks(PAGE as usize) {
-        out.extend_from_slice(&Sha256::digest(page)[..PAGE_HASH]);
-    }
-    out
-}
-
-pub fn sha256(data: &[u8]) -> Hash {
-    use sha2::{Digest, Sha256};
-    Sha256::digest(data).into()
-}
-
-pub fn is_zero(data: &[u8]) -> bool {
-    let (chunks, rest) = data.as_chunks::<16>();
-    chunks.iter().all(|c| u128::from_ne_bytes(*c) == 0) && rest.iter().all(|&b| b == 0)
 }
 
 #[cfg(test)]

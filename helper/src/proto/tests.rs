@@ -66,6 +66,17 @@ fn all() -> Vec<Msg> {
             fetched: 9,
             error: String::new(),
         },
+        Msg::ReadPages {
+            index: 7,
+            level: 3,
+            old: vec![4; 1024],
+        },
+        Msg::Pages {
+            index: 7,
+            hash: [2; 32],
+            mask: vec![0b10; 32],
+            data: vec![8; 11],
+        },
     ]
 }
 
@@ -136,4 +147,61 @@ fn an_absurd_length_is_refused_before_allocating() {
         read_msg(&mut &f[..]).unwrap_err(),
         ProtoError::TooLarge(_)
     ));
+}
+
+/// A block of LEN bytes of a seeded pseudo-random pattern.
+fn pattern(len: usize, seed: u64) -> Vec<u8> {
+    let mut x = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect()
+}
+
+#[test]
+fn only_the_changed_pages_are_sent_and_they_rebuild_the_block() {
+    let old = pattern(BLOCK as usize, 1);
+    let mut new = old.clone();
+    // A database page of 8 KiB across two pages, a byte in another, and
+    // the last page.
+    new[40960..49152].copy_from_slice(&pattern(8192, 2));
+    new[200 * 4096 + 17] ^= 1;
+    let last = new.len() - 1;
+    new[last] ^= 0xff;
+    let (mask, pages) = changed_pages(&new, &short_page_hashes(&old));
+    let sent: Vec<usize> = (0..PAGES_PER_BLOCK)
+        .filter(|p| mask[p / 8] & (1 << (p % 8)) != 0)
+        .collect();
+    assert_eq!(sent, vec![10, 11, 200, 255]);
+    assert_eq!(pages.len(), 4 * 4096);
+    assert_eq!(apply_pages(&old, &mask, &pages).unwrap(), new);
+}
+
+#[test]
+fn a_short_last_block_and_a_foreign_old_block_send_what_they_must() {
+    // The disk's last block: 10 000 bytes, three pages, the third short.
+    let old = pattern(10_000, 3);
+    let mut new = old.clone();
+    new[9_000] ^= 1;
+    let (mask, pages) = changed_pages(&new, &short_page_hashes(&old));
+    assert_eq!(mask, vec![0b100]);
+    assert_eq!(pages.len(), 10_000 - 8192);
+    assert_eq!(apply_pages(&old, &mask, &pages).unwrap(), new);
+    // Hashes of another shape (a block of another length): every page.
+    let (mask, pages) = changed_pages(&new, &short_page_hashes(&old[..4096]));
+    assert_eq!(mask, vec![0b111]);
+    assert_eq!(pages, new);
+}
+
+#[test]
+fn pages_that_do_not_fit_the_mask_are_refused() {
+    let old = pattern(3 * 4096, 4);
+    assert!(apply_pages(&old, &[0b1], &[0; 4095]).is_err());
+    assert!(apply_pages(&old, &[0b1], &[0; 4097]).is_err());
+    assert!(apply_pages(&old, &[0b1, 0], &[0; 4096]).is_err());
+    assert_eq!(apply_pages(&old, &[0], &[]).unwrap(), old);
 }

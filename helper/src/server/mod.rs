@@ -12,7 +12,7 @@ mod rebuild;
 mod write;
 
 pub use disk::{Aligned, Disk};
-use read::{LANES, THREAD_STACK, hash_blocks, read_blocks};
+use read::{LANES, THREAD_STACK, hash_blocks, read_blocks, read_pages};
 use rebuild::{GIVE_UP, Job, JobResult, rebuild_jobs, rebuild_wait};
 use write::{Patch, check_range, write_checked};
 
@@ -111,6 +111,22 @@ struct Serving<'s> {
     queued: usize,
 }
 
+/// The lanes' compressors at LEVEL, kept in KEPT and made again when the
+/// level changes.
+fn compressors_at<'a>(
+    kept: &'a mut Option<(i32, Vec<zstd::bulk::Compressor<'static>>)>,
+    level: i32,
+) -> Result<&'a mut [zstd::bulk::Compressor<'static>], String> {
+    if kept.as_ref().map(|c| c.0) != Some(level) {
+        let c = (0..LANES)
+            .map(|_| zstd::bulk::Compressor::new(level))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| format!("zstd level {level}: {e}"))?;
+        *kept = Some((level, c));
+    }
+    Ok(&mut kept.as_mut().expect("set above").1)
+}
+
 /// The session's loop: one message, one method, until Finish (Ok) or an
 /// error.
 fn serve_disk<'s>(
@@ -142,6 +158,7 @@ fn serve_disk<'s>(
             .map_err(|e| format!("cannot send to drydock: {e}"))?;
         match recv(input)? {
             Msg::Read { first, end, level } => s.read(first, end, level, out)?,
+            Msg::ReadPages { index, level, old } => s.read_pages(index, level, &old, out)?,
             Msg::HashBlocks { first, end, pages } => {
                 hash_blocks(disk, (first, end), pages, &mut s.buf, out, &mut s.n)?;
             }
@@ -196,15 +213,20 @@ impl<'s> Serving<'s> {
         level: i32,
         out: &mut impl Write,
     ) -> Result<(), String> {
-        if self.compressors.as_ref().map(|c| c.0) != Some(level) {
-            let c = (0..LANES)
-                .map(|_| zstd::bulk::Compressor::new(level))
-                .collect::<Result<Vec<_>, _>>()
-                .map_err(|e| format!("zstd level {level}: {e}"))?;
-            self.compressors = Some((level, c));
-        }
-        let (_, c) = self.compressors.as_mut().expect("set above");
+        let c = compressors_at(&mut self.compressors, level)?;
         read_blocks(self.disk, (first, end), c, out, &mut self.n)
+    }
+
+    /// One block's changed pages, compressed at LEVEL.
+    fn read_pages(
+        &mut self,
+        index: u64,
+        level: i32,
+        old: &[u8],
+        out: &mut impl Write,
+    ) -> Result<(), String> {
+        let c = &mut compressors_at(&mut self.compressors, level)?[0];
+        read_pages(self.disk, (index, old), c, &mut self.buf, out, &mut self.n)
     }
 
     /// One range written, checked before and read back after; Written.

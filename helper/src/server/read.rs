@@ -50,6 +50,49 @@ pub(super) fn hash_blocks(
     Ok(())
 }
 
+/// Block INDEX, against the short page hashes OLD of the block drydock
+/// had before: Pages with the pages that differ, compressed with C (or a
+/// Zero, for a hole or a block of zeros).
+pub(super) fn read_pages(
+    disk: &Disk,
+    (index, old): (u64, &[u8]),
+    c: &mut zstd::bulk::Compressor<'static>,
+    buf: &mut Aligned,
+    out: &mut impl Write,
+    n: &mut Counters,
+) -> Result<(), String> {
+    check_range(disk, index, index + 1)?;
+    let len = disk.block_len(index);
+    let off = index * BLOCK;
+    let data: &[u8] = if disk.hole_end(off) >= off + len as u64 {
+        &[]
+    } else {
+        n.read += len as u64;
+        disk.read_at(buf, off, len)?
+    };
+    if proto::is_zero(data) {
+        return send(
+            out,
+            &Msg::Zero {
+                first: index,
+                count: 1,
+            },
+        );
+    }
+    let hash = proto::sha256(data);
+    let (mask, pages) = proto::changed_pages(data, old);
+    let data = c.compress(&pages).map_err(|e| format!("zstd: {e}"))?;
+    send(
+        out,
+        &Msg::Pages {
+            index,
+            hash,
+            mask,
+            data,
+        },
+    )
+}
+
 /// What a lane made of one block.
 pub(super) enum Item {
     /// A hole, or a block of zeros: not sent.

@@ -441,7 +441,7 @@ fn stopped(e: anyhow::Error, image: &Path) -> anyhow::Error {
 
 /// A block that changed between the host's hashing and its read: the
 /// disk is not frozen.
-fn changed(i: u64) -> anyhow::Error {
+pub(crate) fn changed(i: u64) -> anyhow::Error {
     refused!(
         "block {i} of the disk changed while drydock read it: the disk is being written to, \
          so it is not frozen; freeze it and run the same command again (or pass --live for a \
