@@ -125,10 +125,12 @@ async fn command(command: Command, ui: &Ui) -> Result<()> {
         }
         Command::Backup(a) => commands::backup::backup_cmd(a, ui).await,
         Command::Backups(a) => match a.action {
-            None => commands::backup::backups_list(a.store.as_deref(), ui),
-            Some(cli::BackupsAction::Prune { keep }) => {
-                commands::backup::backups_prune(a.store.as_deref(), keep, ui)
-            }
+            None => commands::backup::backups_list(a.store.as_deref(), a.key_file.as_deref(), ui),
+            Some(cli::BackupsAction::Prune { keep }) => commands::backup::backups_prune(
+                (a.store.as_deref(), a.key_file.as_deref()),
+                keep,
+                ui,
+            ),
         },
         Command::Verify(a) => commands::verify::verify(a, ui).await,
         Command::Restore(a) => {

@@ -199,7 +199,9 @@ pub async fn adapt(
     ui: &crate::ui::Ui,
 ) -> Result<Adapted> {
     let started = std::time::Instant::now();
-    let bootdir = store.boot_dir(&v.id);
+    let bootdir = store
+        .boot_files(&v.id)?
+        .unwrap_or_else(|| store.boot_dir(&v.id));
     let (boot, rec) = vm::boot::load_recorded_in(&bootdir).with_context(|| {
         format!(
             "version {} has no recorded kernel ({} is written by `drydock backup` since this \

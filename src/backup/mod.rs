@@ -15,9 +15,11 @@ use anyhow::Result;
 use serde::Serialize;
 
 pub mod adapt;
+pub mod crypt;
 mod grow;
 mod pages;
 pub mod proof;
+mod readback;
 pub mod restore;
 pub mod store;
 pub mod take;
@@ -50,9 +52,9 @@ pub fn store_name(host: &str) -> String {
 }
 
 /// The stores to look in: DIR, or every store under the default folder.
-pub fn stores(dir: Option<&Path>) -> Result<Vec<Store>> {
+pub fn stores(dir: Option<&Path>, key: Option<&Path>) -> Result<Vec<Store>> {
     if let Some(d) = dir {
-        return Ok(vec![Store::open(d)?]);
+        return Ok(vec![Store::open(d, key)?]);
     }
     let root = crate::paths::backups_dir()?;
     let mut out = Vec::new();
@@ -61,7 +63,7 @@ pub fn stores(dir: Option<&Path>) -> Result<Vec<Store>> {
         dirs.sort();
         for d in dirs {
             if d.join("store.json").exists() {
-                out.push(Store::open(&d)?);
+                out.push(Store::open(&d, key)?);
             }
         }
     }
@@ -69,17 +71,16 @@ pub fn stores(dir: Option<&Path>) -> Result<Vec<Store>> {
 }
 
 /// Version ID, in DIR or in the one default store that has it.
-pub fn find(id: &str, dir: Option<&Path>) -> Result<(Store, Version)> {
-    let all = stores(dir)?;
-    if let [one] = &all[..]
-        && dir.is_some()
-    {
+pub fn find(id: &str, dir: Option<&Path>, key: Option<&Path>) -> Result<(Store, Version)> {
+    let mut all = stores(dir, key)?;
+    if all.len() == 1 && dir.is_some() {
+        let one = all.pop().expect("one");
         let v = one.version(id)?;
-        return Ok((Store::open(&one.dir)?, v));
+        return Ok((one, v));
     }
     let mut hits = Vec::new();
     for s in all {
-        if s.dir.join("versions").join(format!("{id}.json")).exists() {
+        if s.version_path(id).exists() {
             hits.push(s);
         }
     }
@@ -128,7 +129,7 @@ pub struct Listed {
 pub fn list(store: &Store) -> Result<(Vec<Listed>, StoreFigures)> {
     let versions = store.versions()?;
     let sizes = store.block_sizes()?;
-    let sets: Vec<_> = versions.iter().map(|v| v.block_hashes()).collect();
+    let sets: Vec<_> = versions.iter().map(|v| store.block_names(v)).collect();
     let mut out = Vec::new();
     for (k, v) in versions.iter().enumerate() {
         let shared = sets[k]
@@ -158,6 +159,7 @@ pub fn list(store: &Store) -> Result<(Vec<Listed>, StoreFigures)> {
     let used: std::collections::BTreeSet<&String> = sets.iter().flatten().collect();
     let figures = StoreFigures {
         store: store.dir.clone(),
+        encrypted: store.encrypted(),
         versions: versions.len() as u64,
         bytes: sizes.values().sum(),
         unlisted_blocks: sizes.keys().filter(|h| !used.contains(h)).count() as u64,
@@ -173,6 +175,8 @@ pub fn list(store: &Store) -> Result<(Vec<Listed>, StoreFigures)> {
 #[derive(Debug, Serialize)]
 pub struct StoreFigures {
     pub store: PathBuf,
+    /// Encrypted (age); a store made before drydock encrypted them is not.
+    pub encrypted: bool,
     pub versions: u64,
     /// The blocks' bytes in the store.
     pub bytes: u64,
@@ -183,7 +187,15 @@ pub struct StoreFigures {
 }
 
 pub fn human_list(rows: &[Listed], f: &StoreFigures) -> String {
-    let mut s = format!("{}\n", f.store.display());
+    let mut s = format!(
+        "{} ({})\n",
+        f.store.display(),
+        if f.encrypted {
+            "encrypted"
+        } else {
+            "unencrypted: made before drydock encrypted its stores"
+        }
+    );
     if rows.is_empty() {
         s.push_str("  no versions yet\n");
     } else {

@@ -94,8 +94,7 @@ pub fn laid_out(store: &Store, v: &Version, ui: &Ui) -> Result<PathBuf> {
 pub fn link_boot(store: &Store, v: &Version, image: &Path) -> Result<()> {
     let link = crate::vm::boot::boot_dir(image);
     let _ = std::fs::remove_file(&link);
-    let target = store.boot_dir(&v.id);
-    if target.is_dir() {
+    if let Some(target) = store.boot_files(&v.id)? {
         std::os::unix::fs::symlink(&target, &link)
             .with_context(|| format!("cannot link {} to {}", link.display(), target.display()))?;
     }

@@ -179,9 +179,7 @@ pub async fn restore(
         ));
     }
     // Before the version is laid out: nothing to undo.
-    if network.is_some()
-        && !crate::remote::bootfiles::BootFiles::recorded_in(&store.boot_dir(&v.id))
-    {
+    if network.is_some() && !store.has_boot(&v.id) {
         return Err(refused!(
             "the new host's network differs from version {}'s ({}), and the version has no \
              recorded kernel to boot it sealed and rewrite its configuration (it was taken by an \
@@ -285,7 +283,7 @@ async fn restore_with(
         .filter(|g| matches!(g.filesystem.as_deref(), Some("xfs" | "btrfs")))
         .and_then(|g| Some((g.filesystem.clone()?, g.start?)));
     let mut network_files = Vec::new();
-    let recorded = crate::remote::bootfiles::BootFiles::recorded_in(&store.boot_dir(&v.id));
+    let recorded = store.has_boot(&v.id);
     if plan.network.is_some() || (online.is_some() && recorded) {
         let a = super::adapt::adapt(
             store,

@@ -1,13 +1,20 @@
 //! The backup store: a folder of versions that share their blocks.
 //!
 //! ```text
-//! STORE/store.json                  {"format": "drydock-backups/1"}
-//! STORE/blocks/ab/abcd…(64 hex).zst  one 1 MiB block, zstd, named by the
-//!                                   SHA-256 of its content
-//! STORE/versions/ID.json            one version: when, from where, how
+//! STORE/store.json                  {"format": "drydock-backups/2",
+//!                                    "encryption": "age"}
+//! STORE/keys/FP.age                 the store's key, for one user key
+//! STORE/blocks/ab/abcd…(64 hex).age  one 1 MiB block, zstd, encrypted,
+//!                                   named by a keyed hash of its SHA-256
+//! STORE/versions/ID.json.age        one version: when, from where, how
 //!                                   consistent, and its manifest (the
 //!                                   hash of every block of the disk)
+//! STORE/versions/ID.boot/FILE.age   the kernel, initrd and seal it ran
 //! ```
+//!
+//! Encryption: `crypt.rs`. A store made before it (format 1) has no keys/
+//! and keeps `blocks/ab/SHA256.zst`, `versions/ID.json` and plain boot
+//! files: it is read and written as it is, and said to be unencrypted.
 //!
 //! Why a block store and not a chain of qcow2 overlays: every version is
 //! a list of block hashes, so every version restores at the same speed
@@ -35,13 +42,14 @@ use anyhow::{Context, Result, anyhow, bail};
 use serde::{Deserialize, Serialize};
 
 use crate::errors::{refused, usage};
-use crate::image::manifest::{
-    BLOCK_SIZE, Manifest, SEGMENT_BLOCKS, SegmentHasher, block_count, block_len, from_hex, sha256,
-    to_hex, zero_hash,
-};
+use crate::image::manifest::{Manifest, block_len, sha256, to_hex, zero_hash};
 use crate::util::write_atomic;
 
-pub const FORMAT: &str = "drydock-backups/1";
+use super::crypt::{self, Keys};
+
+/// A store made before encryption: read and written as it is.
+pub const FORMAT_PLAIN: &str = "drydock-backups/1";
+pub const FORMAT: &str = "drydock-backups/2";
 const VERSION_FORMAT: &str = "drydock-backup-version/1";
 
 /// How consistent a version is.
@@ -99,33 +107,59 @@ impl Version {
 
 pub struct Store {
     pub dir: PathBuf,
+    keys: Keys,
 }
 
 impl Store {
-    /// The store at DIR, made (0700) if it does not exist.
-    pub fn create(dir: &Path) -> Result<Store> {
-        if !dir.join("store.json").exists() {
-            if dir.exists() && std::fs::read_dir(dir)?.next().is_some() {
-                return Err(refused!(
-                    "{} is not empty and is not a drydock backup store; give another --store",
-                    dir.display()
-                ));
-            }
-            for d in [dir.to_path_buf(), dir.join("blocks"), dir.join("versions")] {
-                std::fs::create_dir_all(&d)
-                    .with_context(|| format!("cannot make {}", d.display()))?;
-                set_mode(&d, 0o700)?;
-            }
-            write_atomic(
-                &dir.join("store.json"),
-                serde_json::to_string(&serde_json::json!({ "format": FORMAT }))?.as_bytes(),
-            )?;
+    /// The store at DIR, made (0700) if it does not exist: encrypted to
+    /// the user's KEY file (made too if it does not exist; said on
+    /// stderr by the caller from `made_key`).
+    pub fn create(dir: &Path, key: Option<&Path>) -> Result<(Store, bool)> {
+        if dir.join("store.json").exists() {
+            return Ok((Store::open(dir, key)?, false));
         }
-        Store::open(dir)
+        if dir.exists() && std::fs::read_dir(dir)?.next().is_some() {
+            return Err(refused!(
+                "{} is not empty and is not a drydock backup store; give another --store",
+                dir.display()
+            ));
+        }
+        let Some(key) = key else {
+            return Err(usage!(
+                "{} would be a new store, and a new store is encrypted: give --key-file FILE \
+                 (or DRYDOCK_KEY_FILE=FILE), an age key file; drydock makes FILE if it does \
+                 not exist. Keep a copy of it away from the store: without it nothing in the \
+                 store can be read. Nothing was made",
+                dir.display()
+            ));
+        };
+        let (user, made) = if key.exists() {
+            (crypt::read_key_file(key)?, false)
+        } else {
+            (crypt::new_key_file(key)?, true)
+        };
+        for d in [dir.to_path_buf(), dir.join("blocks"), dir.join("versions")] {
+            std::fs::create_dir_all(&d).with_context(|| format!("cannot make {}", d.display()))?;
+            set_mode(&d, 0o700)?;
+        }
+        let keys = crypt::init(dir, &user)?;
+        write_atomic(
+            &dir.join("store.json"),
+            serde_json::to_string(&serde_json::json!({ "format": FORMAT, "encryption": "age" }))?
+                .as_bytes(),
+        )?;
+        Ok((
+            Store {
+                dir: dir.to_path_buf(),
+                keys,
+            },
+            made,
+        ))
     }
 
-    /// The store at DIR, which must exist.
-    pub fn open(dir: &Path) -> Result<Store> {
+    /// The store at DIR, which must exist, unlocked with the user's KEY
+    /// file (a store made before encryption needs none).
+    pub fn open(dir: &Path, key: Option<&Path>) -> Result<Store> {
         let meta = dir.join("store.json");
         let text = std::fs::read_to_string(&meta).map_err(|e| {
             if e.kind() == std::io::ErrorKind::NotFound {
@@ -140,16 +174,35 @@ impl Store {
         })?;
         let v: serde_json::Value = serde_json::from_str(&text)
             .with_context(|| format!("{} is damaged", meta.display()))?;
-        if v["format"] != FORMAT {
+        let keys = if v["format"] == FORMAT_PLAIN {
+            Keys::Plain
+        } else if v["format"] == FORMAT && v["encryption"] == "age" {
+            let Some(key) = key else {
+                return Err(usage!(
+                    "{} is encrypted: give its key file with --key-file FILE (or \
+                     DRYDOCK_KEY_FILE=FILE). Nothing was read or changed",
+                    dir.display()
+                ));
+            };
+            crypt::unlock(dir, &crypt::read_key_file(key)?, key)?
+        } else {
             bail!(
-                "{} is a store of format {}; this drydock reads {FORMAT}",
+                "{} is a store of format {} ({}); this drydock reads {FORMAT_PLAIN} and {FORMAT} \
+                 (age)",
                 dir.display(),
-                v["format"]
+                v["format"],
+                v["encryption"]
             );
-        }
+        };
         Ok(Store {
             dir: dir.to_path_buf(),
+            keys,
         })
+    }
+
+    /// Whether its blocks, versions and boot files are encrypted.
+    pub fn encrypted(&self) -> bool {
+        self.keys.encrypted()
     }
 
     /// Take the store for a change (a backup, a prune): one at a time.
@@ -171,14 +224,9 @@ impl Store {
     /// Where version V is laid out as a raw image for a job (a folder of
     /// the state folder: `restores`, `backups-boot`), made 0700.
     pub fn layout_path(&self, v: &Version, job: &str) -> Result<PathBuf> {
-        let dir = crate::paths::state_dir()?.join(job);
-        crate::paths::private_dir(&dir)?;
-        let name = self
-            .dir
-            .file_name()
-            .map(|n| n.to_string_lossy().to_string())
-            .unwrap_or_default();
-        Ok(dir.join(format!("{name}-{}.raw", v.id)))
+        Ok(self
+            .layout_dir(job)?
+            .join(format!("{}-{}.raw", self.name(), v.id)))
     }
 
     /// `versions/ID.boot`: the kernel, initrd and command line the host
@@ -188,29 +236,106 @@ impl Store {
         self.dir.join("versions").join(format!("{id}.boot"))
     }
 
-    /// Where a backup records the boot files before its version has an id.
-    pub fn boot_tmp(&self) -> PathBuf {
-        self.dir.join("versions").join(".boot.tmp")
+    /// Where a backup records the boot files before its version has an
+    /// id: in the store, or for an encrypted store in the state folder
+    /// (0700), never in the clear beside its encrypted files.
+    pub fn boot_tmp(&self) -> Result<PathBuf> {
+        if !self.encrypted() {
+            return Ok(self.dir.join("versions").join(".boot.tmp"));
+        }
+        Ok(self
+            .layout_dir("backups-boot")?
+            .join(format!("{}.boot.tmp", self.name())))
     }
 
     /// Move the boot files recorded in `boot_tmp` to version ID's folder
     /// (a kernel or initrd an older version held was linked there, not
-    /// copied again: `bootfiles::fetch_reusing`).
+    /// copied again: `bootfiles::fetch_reusing`), each file encrypted in
+    /// an encrypted store.
     pub fn keep_boot(&self, id: &str) -> Result<Option<PathBuf>> {
-        let tmp = self.boot_tmp();
+        let tmp = self.boot_tmp()?;
         if !crate::remote::bootfiles::BootFiles::recorded_in(&tmp) {
             return Ok(None);
         }
         let dir = self.boot_dir(id);
-        std::fs::rename(&tmp, &dir)?;
+        if !self.encrypted() {
+            std::fs::rename(&tmp, &dir)?;
+            return Ok(Some(dir));
+        }
+        let part = dir.with_extension("boot.tmp");
+        let _ = std::fs::remove_dir_all(&part);
+        std::fs::create_dir_all(&part)?;
+        for f in std::fs::read_dir(&tmp)?.flatten() {
+            let plain = std::fs::read(f.path())?;
+            let name = format!("{}.age", f.file_name().to_string_lossy());
+            write_atomic(&part.join(name), &self.keys.seal(&plain)?)?;
+        }
+        std::fs::rename(&part, &dir)?;
+        std::fs::remove_dir_all(&tmp)?;
         Ok(Some(dir))
     }
 
+    /// Whether version ID has its boot files.
+    pub fn has_boot(&self, id: &str) -> bool {
+        crate::remote::bootfiles::BootFiles::recorded_as(&self.boot_dir(id), self.keys.suffix())
+    }
+
+    /// Version ID's boot files in the clear, or None if it has none: its
+    /// folder in a plain store; in an encrypted one, a copy decrypted into
+    /// the state folder (0700), made again on each call.
+    pub fn boot_files(&self, id: &str) -> Result<Option<PathBuf>> {
+        let dir = self.boot_dir(id);
+        if !dir.is_dir() {
+            return Ok(None);
+        }
+        if !self.encrypted() {
+            return Ok(Some(dir));
+        }
+        let out = self
+            .layout_dir("backups-boot")?
+            .join(format!("{}-{id}.boot", self.name()));
+        let _ = std::fs::remove_dir_all(&out);
+        crate::paths::private_dir(&out)?;
+        for f in std::fs::read_dir(&dir)?.flatten() {
+            let name = f.file_name().to_string_lossy().to_string();
+            let Some(plain_name) = name.strip_suffix(".age") else {
+                continue;
+            };
+            let plain = self.keys.open(&std::fs::read(f.path())?, &f.path())?;
+            write_atomic(&out.join(plain_name), &plain)?;
+        }
+        Ok(Some(out))
+    }
+
+    fn name(&self) -> String {
+        self.dir
+            .file_name()
+            .map(|n| n.to_string_lossy().to_string())
+            .unwrap_or_default()
+    }
+
+    fn layout_dir(&self, job: &str) -> Result<PathBuf> {
+        let dir = crate::paths::state_dir()?.join(job);
+        crate::paths::private_dir(&dir)?;
+        Ok(dir)
+    }
+
+    /// The name the block of content HASH is kept under (HASH itself in a
+    /// plain store).
+    pub fn block_name(&self, hash: &str) -> String {
+        self.keys.block_name(hash)
+    }
+
     pub fn block_path(&self, hash: &str) -> PathBuf {
+        self.name_path(&self.block_name(hash))
+    }
+
+    fn name_path(&self, name: &str) -> PathBuf {
+        let ext = if self.encrypted() { "age" } else { "zst" };
         self.dir
             .join("blocks")
-            .join(&hash[..2])
-            .join(format!("{hash}.zst"))
+            .join(name.get(..2).unwrap_or("__"))
+            .join(format!("{name}.{ext}"))
     }
 
     pub fn has(&self, hash: &str) -> bool {
@@ -228,20 +353,22 @@ impl Store {
         if !dir.exists() {
             std::fs::create_dir_all(dir)?;
         }
-        let tmp = dir.join(format!(".{hash}.tmp"));
+        let tmp = dir.join(format!(".{}.tmp", self.block_name(hash)));
+        let sealed = self.keys.seal(frame)?;
         let mut f =
             File::create(&tmp).with_context(|| format!("cannot write {}", tmp.display()))?;
-        f.write_all(frame)?;
+        f.write_all(&sealed)?;
         f.sync_all()?;
         std::fs::rename(&tmp, &p)?;
-        Ok(frame.len() as u64)
+        Ok(sealed.len() as u64)
     }
 
     /// Block HASH's content into BUF (its length: the block's), checked
     /// against its name.
     pub fn get(&self, hash: &str, buf: &mut [u8]) -> Result<()> {
         let p = self.block_path(hash);
-        let frame = std::fs::read(&p).with_context(|| format!("cannot read {}", p.display()))?;
+        let stored = std::fs::read(&p).with_context(|| format!("cannot read {}", p.display()))?;
+        let frame = self.keys.open(&stored, &p)?;
         let n = zstd::bulk::decompress_to_buffer(&frame, buf)
             .map_err(|e| anyhow!("{} does not decompress: {e}", p.display()))?;
         if n != buf.len() || to_hex(&sha256(buf)) != hash {
@@ -255,7 +382,7 @@ impl Store {
 
     /// Temporary files left by a backup that was cut.
     pub fn clean_temporaries(&self) -> Result<()> {
-        let _ = std::fs::remove_dir_all(self.boot_tmp());
+        let _ = std::fs::remove_dir_all(self.boot_tmp()?);
         for sub in std::fs::read_dir(self.dir.join("blocks"))?.flatten() {
             if let Ok(rd) = std::fs::read_dir(sub.path()) {
                 for f in rd.flatten() {
@@ -273,7 +400,7 @@ impl Store {
         let mut out = Vec::new();
         for e in std::fs::read_dir(self.dir.join("versions"))?.flatten() {
             let name = e.file_name().to_string_lossy().to_string();
-            if !name.ends_with(".json") || name.starts_with('.') {
+            if !name.ends_with(&format!(".json{}", self.keys.suffix())) || name.starts_with('.') {
                 continue;
             }
             out.push(self.load(&e.path())?);
@@ -283,9 +410,9 @@ impl Store {
     }
 
     fn load(&self, p: &Path) -> Result<Version> {
-        let text =
-            std::fs::read_to_string(p).with_context(|| format!("cannot read {}", p.display()))?;
-        let v: Version = serde_json::from_str(&text)
+        let stored = std::fs::read(p).with_context(|| format!("cannot read {}", p.display()))?;
+        let text = self.keys.open(&stored, p)?;
+        let v: Version = serde_json::from_slice(&text)
             .with_context(|| format!("{} is damaged (not a version)", p.display()))?;
         if v.format != VERSION_FORMAT {
             bail!(
@@ -299,7 +426,7 @@ impl Store {
 
     /// Version ID.
     pub fn version(&self, id: &str) -> Result<Version> {
-        let p = self.dir.join("versions").join(format!("{id}.json"));
+        let p = self.version_path(id);
         if !p.exists() {
             let ids: Vec<String> = self.versions()?.into_iter().map(|v| v.id).collect();
             return Err(usage!(
@@ -315,6 +442,13 @@ impl Store {
         self.load(&p)
     }
 
+    /// Version ID's file (which may not exist).
+    pub fn version_path(&self, id: &str) -> PathBuf {
+        self.dir
+            .join("versions")
+            .join(format!("{id}.json{}", self.keys.suffix()))
+    }
+
     /// A new version's id: the time, unique in the store.
     pub fn new_id(&self) -> String {
         let base = crate::util::now()
@@ -324,12 +458,7 @@ impl Store {
             .collect::<String>();
         let mut id = base.clone();
         let mut n = 2;
-        while self
-            .dir
-            .join("versions")
-            .join(format!("{id}.json"))
-            .exists()
-        {
+        while self.version_path(&id).exists() {
             id = format!("{base}-{n}");
             n += 1;
         }
@@ -347,20 +476,27 @@ impl Store {
                 );
             }
         }
-        let p = self.dir.join("versions").join(format!("{}.json", v.id));
-        write_atomic(&p, serde_json::to_string_pretty(&v)?.as_bytes())?;
+        let p = self.version_path(&v.id);
+        write_atomic(
+            &p,
+            &self
+                .keys
+                .seal(serde_json::to_string_pretty(&v)?.as_bytes())?,
+        )?;
         File::open(self.dir.join("versions"))?.sync_all()?;
         Ok(v)
     }
 
-    /// The store's bytes for each block hash of the store.
+    /// The store's bytes for each block of the store, by the name it is
+    /// kept under ([`Store::block_name`]).
     pub fn block_sizes(&self) -> Result<BTreeMap<String, u64>> {
         let mut out = BTreeMap::new();
         for sub in std::fs::read_dir(self.dir.join("blocks"))?.flatten() {
             if let Ok(rd) = std::fs::read_dir(sub.path()) {
                 for f in rd.flatten() {
                     let name = f.file_name().to_string_lossy().to_string();
-                    if let Some(h) = name.strip_suffix(".zst")
+                    let ext = if self.encrypted() { ".age" } else { ".zst" };
+                    if let Some(h) = name.strip_suffix(ext)
                         && h.len() == 64
                     {
                         out.insert(h.to_string(), f.metadata()?.len());
@@ -371,6 +507,14 @@ impl Store {
         Ok(out)
     }
 
+    /// The names version V's blocks are kept under.
+    pub fn block_names(&self, v: &Version) -> BTreeSet<String> {
+        v.block_hashes()
+            .iter()
+            .map(|h| self.block_name(h))
+            .collect()
+    }
+
     /// Remove all but the newest KEEP versions, then every block that no
     /// kept version names. Returns the ids removed and the bytes freed.
     pub fn prune(&self, keep: usize) -> Result<(Vec<String>, u64)> {
@@ -378,144 +522,20 @@ impl Store {
         let cut = versions.len().saturating_sub(keep);
         let (gone, kept) = versions.split_at(cut);
         for v in gone {
-            std::fs::remove_file(self.dir.join("versions").join(format!("{}.json", v.id)))?;
+            std::fs::remove_file(self.version_path(&v.id))?;
             let _ = std::fs::remove_dir_all(self.boot_dir(&v.id));
         }
         File::open(self.dir.join("versions"))?.sync_all()?;
-        let wanted: BTreeSet<String> = kept.iter().flat_map(|v| v.block_hashes()).collect();
+        let wanted: BTreeSet<String> = kept.iter().flat_map(|v| self.block_names(v)).collect();
         let mut freed = 0;
-        for (h, len) in self.block_sizes()? {
-            if !wanted.contains(&h) {
-                std::fs::remove_file(self.block_path(&h))?;
+        for (name, len) in self.block_sizes()? {
+            if !wanted.contains(&name) {
+                std::fs::remove_file(self.name_path(&name))?;
                 freed += len;
             }
         }
         Ok((gone.iter().map(|v| v.id.clone()).collect(), freed))
     }
-
-    /// Read every block of version V back, each checked against its name
-    /// and the manifest, and the manifest's segments and digest computed
-    /// again. A damaged block is moved aside (`….zst.damaged`), so that the
-    /// next backup sends it again; the error names it and the versions it
-    /// breaks.
-    pub fn verify(&self, v: &Version, mut progress: impl FnMut(u64)) -> Result<VerifyReport> {
-        let m = &v.manifest;
-        let n = block_count(m.size);
-        if m.blocks.len() as u64 != n || m.digest != crate::image::manifest::digest_of(&m.segments)?
-        {
-            bail!(
-                "version {}'s manifest is damaged (its digest does not match)",
-                v.id
-            );
-        }
-        let mut buf = vec![0u8; BLOCK_SIZE as usize];
-        let mut damaged: BTreeMap<String, String> = BTreeMap::new();
-        let mut checked = BTreeSet::new();
-        let mut bad_segments = Vec::new();
-        for s in 0..m.segments.len() as u64 {
-            let mut h = SegmentHasher::default();
-            let mut whole = true;
-            for i in s * SEGMENT_BLOCKS..((s + 1) * SEGMENT_BLOCKS).min(n) {
-                let len = block_len(m.size, i);
-                let name = &m.blocks[i as usize];
-                if *name == to_hex(&zero_hash(len)) {
-                    h.add_zero_block(len);
-                } else {
-                    let b = &mut buf[..len as usize];
-                    match self.get(name, b) {
-                        Ok(()) => h.add_block_hashed(b, from_hex(name)?),
-                        Err(e) => {
-                            damaged.entry(name.clone()).or_insert(format!("{e:#}"));
-                            whole = false;
-                        }
-                    }
-                    checked.insert(name.clone());
-                }
-                progress(len);
-            }
-            if whole && h.finish().0 != m.segments[s as usize] {
-                bad_segments.push(s);
-            }
-        }
-        if !damaged.is_empty() {
-            for h in damaged.keys() {
-                let p = self.block_path(h);
-                if p.exists() {
-                    let mut aside = p.clone().into_os_string();
-                    aside.push(".damaged");
-                    std::fs::rename(&p, &aside).ok();
-                }
-            }
-            let users: Vec<String> = self
-                .versions()?
-                .into_iter()
-                .filter(|o| o.block_hashes().iter().any(|h| damaged.contains_key(h)))
-                .map(|o| o.id)
-                .collect();
-            let first: Vec<String> = damaged.values().take(3).cloned().collect();
-            return Err(anyhow!(
-                "version {} is damaged: {} of its {} blocks do not read back as stored ({}{}). \
-                 Versions that use them: {}. The damaged files were renamed to ….zst.damaged; \
-                 the next `drydock backup` of the host sends those blocks again if its disk \
-                 still holds them",
-                v.id,
-                damaged.len(),
-                checked.len(),
-                first.join("; "),
-                if damaged.len() > 3 { "; …" } else { "" },
-                users.join(", ")
-            ));
-        }
-        if !bad_segments.is_empty() {
-            bail!(
-                "version {}'s manifest does not match its blocks (segments {bad_segments:?}): \
-                 the version file is damaged",
-                v.id
-            );
-        }
-        Ok(VerifyReport {
-            id: v.id.clone(),
-            blocks: checked.len() as u64,
-            size: m.size,
-            digest: m.digest.clone(),
-        })
-    }
-
-    /// Lay version V out as a sparse raw image at PATH, with its manifest
-    /// beside it (every block checked against its name as it is read).
-    pub fn materialize(
-        &self,
-        v: &Version,
-        path: &Path,
-        mut progress: impl FnMut(u64),
-    ) -> Result<()> {
-        use std::os::unix::fs::FileExt;
-        let m = &v.manifest;
-        let f = File::create(path).with_context(|| format!("cannot write {}", path.display()))?;
-        f.set_len(m.size)?;
-        let mut buf = vec![0u8; BLOCK_SIZE as usize];
-        for (i, name) in m.blocks.iter().enumerate() {
-            let i = i as u64;
-            let len = block_len(m.size, i);
-            if *name != to_hex(&zero_hash(len)) {
-                let b = &mut buf[..len as usize];
-                self.get(name, b)?;
-                f.write_all_at(b, i * BLOCK_SIZE)?;
-            }
-            progress(len);
-        }
-        f.sync_all()?;
-        m.save(&Manifest::path_for(path))?;
-        Ok(())
-    }
-}
-
-#[derive(Debug, Serialize)]
-pub struct VerifyReport {
-    pub id: String,
-    pub blocks: u64,
-    pub size: u64,
-    pub digest: String,
 }
 
 fn set_mode(p: &Path, mode: u32) -> Result<()> {

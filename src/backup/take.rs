@@ -29,6 +29,8 @@ use crate::ui::{Ui, human_bytes};
 
 pub struct BackupOptions {
     pub store: PathBuf,
+    /// The user's key file (`--key-file`).
+    pub key: Option<PathBuf>,
     pub device: Option<String>,
     pub freeze: bool,
     pub transfer: Mode,
@@ -38,6 +40,9 @@ pub struct BackupOptions {
 pub struct BackupReport {
     pub id: String,
     pub store: PathBuf,
+    /// Whether the store is encrypted (a store made before encryption is
+    /// not, and stays so).
+    pub encrypted: bool,
     pub host: String,
     pub device: String,
     pub size: u64,
@@ -71,13 +76,18 @@ pub struct BackupReport {
 impl BackupReport {
     pub fn human(&self) -> String {
         format!(
-            "backed up {}:{} as version {}\n  in {}\n  {}\n  {} of data in {} blocks; {} \
+            "backed up {}:{} as version {}\n  in {}{}\n  {}\n  {} of data in {} blocks; {} \
              blocks sent{} ({} on the wire) in {:.1} s{}\n  the store grew by {}; {} shared with \
              older versions\n  digest {}\n{}",
             self.host,
             self.device,
             self.id,
             self.store.display(),
+            if self.encrypted {
+                " (encrypted)"
+            } else {
+                " (unencrypted: a store made before drydock encrypted them)"
+            },
             self.consistency.describe(),
             human_bytes(self.data_blocks * BLOCK_SIZE),
             self.data_blocks,
@@ -122,7 +132,15 @@ pub async fn backup(
             helper::cannot_run(facts).unwrap_or_else(|| "--transfer dd".to_string())
         ));
     }
-    let store = Store::create(&opts.store)?;
+    let (store, made_key) = Store::create(&opts.store, opts.key.as_deref())?;
+    if made_key && let Some(k) = &opts.key {
+        ui.say(format!(
+            "made the key file {} for the new store {}: keep a copy of it away from the store; \
+             without it nothing in the store can be read",
+            k.display(),
+            opts.store.display()
+        ));
+    }
     let _lock = store.lock()?;
     store.clean_temporaries()?;
     let dev = device::inspect(session, facts, opts.device.as_deref()).await?;
@@ -132,17 +150,25 @@ pub async fn backup(
     let older_boot = store
         .versions()?
         .last()
-        .map(|v| store.boot_dir(&v.id))
-        .filter(|d| d.is_dir());
+        .map(|v| store.boot_files(&v.id))
+        .transpose()?
+        .flatten();
     if let Err(e) =
-        crate::vm::boot::record_in(session, facts, &store.boot_tmp(), older_boot.as_deref()).await
+        crate::vm::boot::record_in(session, facts, &store.boot_tmp()?, older_boot.as_deref()).await
     {
-        let _ = std::fs::remove_dir_all(store.boot_tmp());
+        let _ = std::fs::remove_dir_all(store.boot_tmp()?);
         ui.say(format!(
             "note: the kernel {} runs was not kept with the version ({e:#}): a boot of it \
              needs --services, and a restore cannot adapt it to a new host's network",
             session.host()
         ));
+    }
+    // The older version's boot files decrypted for the comparison: not
+    // left in the clear.
+    if store.encrypted()
+        && let Some(d) = &older_boot
+    {
+        let _ = std::fs::remove_dir_all(d);
     }
     // What the host runs, before any freeze stops it: best effort too.
     let services = match crate::services::gather(session).await {
@@ -236,7 +262,7 @@ pub async fn backup(
         .block_hashes()
         .iter()
         .filter(|h| !got.added.contains(*h))
-        .map(|h| sizes.get(h).copied().unwrap_or(0))
+        .map(|h| sizes.get(&store.block_name(h)).copied().unwrap_or(0))
         .sum();
     let data_blocks = got
         .blocks
@@ -249,6 +275,7 @@ pub async fn backup(
     Ok(BackupReport {
         id: version.id,
         store: store.dir.clone(),
+        encrypted: store.encrypted(),
         host: session.host(),
         device: dev.path,
         size: dev.size,

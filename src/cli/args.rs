@@ -203,6 +203,10 @@ pub struct BackupArgs {
     /// $XDG_DATA_HOME/drydock/backups/HOST).
     #[arg(long, value_name = "DIR", env = "DRYDOCK_STORE")]
     pub store: Option<PathBuf>,
+    /// The store's key file (an age identity file; for a new store, made
+    /// if it does not exist). Keep a copy away from the store.
+    #[arg(long, value_name = "FILE", env = "DRYDOCK_KEY_FILE")]
+    pub key_file: Option<PathBuf>,
     /// The disk (default: the disk that holds /).
     #[arg(long, value_name = "DEV")]
     pub device: Option<String>,
@@ -224,6 +228,10 @@ pub struct BackupsArgs {
     /// One store (default: every store under $XDG_DATA_HOME/drydock/backups).
     #[arg(long, value_name = "DIR", global = true, env = "DRYDOCK_STORE")]
     pub store: Option<PathBuf>,
+    /// The store's key file (an age identity file; for a new store, made
+    /// if it does not exist). Keep a copy away from the store.
+    #[arg(long, value_name = "FILE", global = true, env = "DRYDOCK_KEY_FILE")]
+    pub key_file: Option<PathBuf>,
 }
 
 #[derive(Debug, Subcommand)]
@@ -245,6 +253,10 @@ pub struct VerifyArgs {
     /// $XDG_DATA_HOME/drydock/backups that has it).
     #[arg(long, value_name = "DIR", env = "DRYDOCK_STORE")]
     pub store: Option<PathBuf>,
+    /// The store's key file (an age identity file; for a new store, made
+    /// if it does not exist). Keep a copy away from the store.
+    #[arg(long, value_name = "FILE", env = "DRYDOCK_KEY_FILE")]
+    pub key_file: Option<PathBuf>,
     /// Also boot it through its own boot loader in a sealed VM (shaped
     /// like its host; nothing leaves the VM but SSH) and check that it
     /// comes up: sshd answers, / is read-write, init reached its target.
@@ -278,6 +290,10 @@ pub struct RestoreArgs {
     /// $XDG_DATA_HOME/drydock/backups that has it).
     #[arg(long, value_name = "DIR", env = "DRYDOCK_STORE")]
     pub store: Option<PathBuf>,
+    /// The store's key file (an age identity file; for a new store, made
+    /// if it does not exist). Keep a copy away from the store.
+    #[arg(long, value_name = "FILE", env = "DRYDOCK_KEY_FILE")]
+    pub key_file: Option<PathBuf>,
     /// The disk to write (default: the disk that holds /).
     #[arg(long, value_name = "DEV")]
     pub device: Option<String>,

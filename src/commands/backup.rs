@@ -17,6 +17,7 @@ pub(crate) async fn backup_cmd(a: cli::BackupArgs, ui: &Ui) -> Result<()> {
     };
     let opts = backup::take::BackupOptions {
         store,
+        key: a.key_file,
         device: a.device,
         freeze: a.freeze,
         transfer: a.transfer.into(),
@@ -27,8 +28,12 @@ pub(crate) async fn backup_cmd(a: cli::BackupArgs, ui: &Ui) -> Result<()> {
     Ok(())
 }
 
-pub(crate) fn backups_list(dir: Option<&std::path::Path>, ui: &Ui) -> Result<()> {
-    let stores = backup::stores(dir)?;
+pub(crate) fn backups_list(
+    dir: Option<&std::path::Path>,
+    key: Option<&std::path::Path>,
+    ui: &Ui,
+) -> Result<()> {
+    let stores = backup::stores(dir, key)?;
     if stores.is_empty() {
         let root = paths::backups_dir()?;
         ui.result(
@@ -52,8 +57,12 @@ pub(crate) fn backups_list(dir: Option<&std::path::Path>, ui: &Ui) -> Result<()>
     ui.result("backups", &serde_json::json!({ "stores": all }), human)
 }
 
-pub(crate) fn backups_prune(dir: Option<&std::path::Path>, keep: u64, ui: &Ui) -> Result<()> {
-    let stores = backup::stores(dir)?;
+pub(crate) fn backups_prune(
+    (dir, key): (Option<&std::path::Path>, Option<&std::path::Path>),
+    keep: u64,
+    ui: &Ui,
+) -> Result<()> {
+    let stores = backup::stores(dir, key)?;
     let [store] = &stores[..] else {
         return Err(usage!(
             "prune works on one store: say which with --store DIR ({} stores under {})",

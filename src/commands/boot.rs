@@ -8,11 +8,17 @@ use crate::{backup, vm};
 
 pub(crate) async fn boot(a: cli::BootArgs, ui: &Ui) -> Result<()> {
     // A backup version's id: laid out as an image, booted with its host's
-    // shape (unless --like says otherwise).
+    // shape (unless --like says otherwise); an encrypted store's key from
+    // DRYDOCK_KEY_FILE.
     let (image, like) = if !a.image.exists()
         && let Some(id) = a.image.to_str().filter(|s| !s.contains('/'))
-        && let Ok((store, v)) = backup::find(id, None)
-    {
+        && let Ok((store, v)) = backup::find(
+            id,
+            None,
+            std::env::var_os("DRYDOCK_KEY_FILE")
+                .as_deref()
+                .map(std::path::Path::new),
+        ) {
         let image = backup::proof::laid_out(&store, &v, ui)?;
         let like = match (a.like, &v.shape) {
             (Some(l), _) => Some(l),

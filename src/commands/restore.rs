@@ -8,7 +8,7 @@ use crate::ui::Ui;
 use crate::{backup, remote};
 
 pub(crate) async fn restore(a: cli::RestoreArgs, ui: &Ui) -> Result<()> {
-    let (store, v) = backup::find(&a.id, a.store.as_deref())?;
+    let (store, v) = backup::find(&a.id, a.store.as_deref(), a.key_file.as_deref())?;
     let s = connect(&a.conn).await?;
     let facts = remote::gather(&s).await?;
     let opts = backup::restore::RestoreOptions {

@@ -7,7 +7,7 @@ use crate::cli;
 use crate::ui::Ui;
 
 pub(crate) async fn verify(a: cli::VerifyArgs, ui: &Ui) -> Result<()> {
-    let (store, v) = backup::find(&a.id, a.store.as_deref())?;
+    let (store, v) = backup::find(&a.id, a.store.as_deref(), a.key_file.as_deref())?;
     let bar = ui.bytes_bar(v.manifest.size, "verify");
     let r = store.verify(&v, |n| bar.inc(n))?;
     bar.finish();

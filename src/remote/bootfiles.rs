@@ -45,7 +45,12 @@ impl BootFiles {
     /// Whether DIR holds a record of boot files (`load` may still find it
     /// damaged).
     pub fn recorded_in(dir: &Path) -> bool {
-        dir.join(RECORD).exists()
+        Self::recorded_as(dir, "")
+    }
+
+    /// The same, of files kept with SUFFIX (".age": encrypted).
+    pub fn recorded_as(dir: &Path, suffix: &str) -> bool {
+        dir.join(format!("{RECORD}{suffix}")).exists()
     }
 
     pub fn load(dir: &Path) -> Result<BootFiles> {

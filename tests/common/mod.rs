@@ -223,6 +223,9 @@ impl Sshd {
         let mut c = Command::new(env!("CARGO_BIN_EXE_drydock"));
         c.args(args)
             .env("HOME", &self.home)
+            // Backup stores are encrypted: the tests' key (made by the
+            // first backup into a new store).
+            .env("DRYDOCK_KEY_FILE", self.home.join("backup.key"))
             .env_remove("SSH_AUTH_SOCK")
             .env_remove("DRYDOCK_LOG")
             .stdin(Stdio::null());

@@ -270,6 +270,7 @@ impl Vps {
         c.args(args)
             .env("HOME", home)
             .env("XDG_STATE_HOME", home.join("state"))
+            .env("DRYDOCK_KEY_FILE", home.join("backup.key"))
             .env_remove("SSH_AUTH_SOCK")
             .stdin(Stdio::null());
         c

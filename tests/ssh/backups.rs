@@ -25,11 +25,14 @@ fn cmd(sshd: &Sshd, args: &[&str]) -> std::process::Output {
     c.output().unwrap()
 }
 
-fn block_file(store: &std::path::Path, hash: &str) -> std::path::PathBuf {
-    store
-        .join("blocks")
-        .join(&hash[..2])
-        .join(format!("{hash}.zst"))
+/// The store at STORE, opened with the tests' key (what drydock reads).
+fn open_store(sshd: &Sshd, store: &std::path::Path) -> drydock::backup::store::Store {
+    drydock::backup::store::Store::open(store, Some(&sshd.home.join("backup.key"))).unwrap()
+}
+
+/// The file the block of content HASH is kept in.
+fn block_file(sshd: &Sshd, store: &std::path::Path, hash: &str) -> std::path::PathBuf {
+    open_store(sshd, store).block_path(hash)
 }
 
 /// 200 MiB of data on a 256 MiB disk; 2 of its blocks (1 %) changed
@@ -111,7 +114,7 @@ fn backups_share_blocks_send_only_what_changed_and_verify_finds_damage() {
 
     // A flipped byte in block 3's old content: only the first uses it.
     let h = hex::encode(Sha256::digest(&old3));
-    let f = block_file(&store, &h);
+    let f = block_file(&sshd, &store, &h);
     let mut bytes = std::fs::read(&f).unwrap();
     let mid = bytes.len() / 2;
     bytes[mid] ^= 0x40;
@@ -152,7 +155,7 @@ fn backups_share_blocks_send_only_what_changed_and_verify_finds_damage() {
             std::fs::read_dir(d.path())
                 .unwrap()
                 .flatten()
-                .filter(|f| f.file_name().to_string_lossy().ends_with(".zst"))
+                .filter(|f| f.file_name().to_string_lossy().ends_with(".age"))
                 .count()
         })
         .sum();
@@ -204,6 +207,7 @@ fn a_backup_sends_only_the_changed_pages_of_a_changed_block() {
     // Block 0's version before, damaged in the store: it cannot be the
     // base of its pages.
     let f = block_file(
+        &sshd,
         &store,
         &hex::encode(Sha256::digest(&before[..MIB as usize])),
     );
@@ -549,10 +553,7 @@ fn restore_onto_another_network_is_refused_when_it_cannot_be_adapted() {
     let o = backup(&sshd, &dev, &store).output().unwrap();
     assert_exit(&o, 0);
     let id = json(&o)["id"].as_str().unwrap().to_string();
-    let version: serde_json::Value = serde_json::from_str(
-        &std::fs::read_to_string(store.join("versions").join(format!("{id}.json"))).unwrap(),
-    )
-    .unwrap();
+    let version = serde_json::to_value(open_store(&sshd, &store).version(&id).unwrap()).unwrap();
     let nic = &version["shape"]["nic"];
     if nic["address"].is_null() || nic["gateway"].is_null() {
         eprintln!("this machine has no IPv4 default route: nothing to compare with; skipped");
@@ -606,4 +607,227 @@ fn restore_onto_another_network_is_refused_when_it_cannot_be_adapted() {
     );
     assert_stderr(&o, "nothing was written. Restore with --keep-network");
     assert_eq!(sha256_file(&big), before);
+}
+
+/// Every file under DIR, with its bytes.
+fn tree(dir: &std::path::Path) -> std::collections::BTreeMap<std::path::PathBuf, Vec<u8>> {
+    let mut out = std::collections::BTreeMap::new();
+    let mut todo = vec![dir.to_path_buf()];
+    while let Some(d) = todo.pop() {
+        for e in std::fs::read_dir(&d).unwrap().flatten() {
+            let p = e.path();
+            if p.is_dir() {
+                todo.push(p);
+            } else {
+                out.insert(p.clone(), std::fs::read(&p).unwrap());
+            }
+        }
+    }
+    out
+}
+
+/// `age -d -i KEY FILE`, Debian's age command: what a user without
+/// drydock has.
+fn age_decrypt(key: &std::path::Path, file: &std::path::Path) -> Vec<u8> {
+    let o = Command::new("age")
+        .args(["-d", "-i"])
+        .arg(key)
+        .arg(file)
+        .output()
+        .expect("the age command (Debian package age; scripts/test installs it)");
+    assert!(
+        o.status.success(),
+        "age -d {}: {}",
+        file.display(),
+        stderr(&o)
+    );
+    o.stdout
+}
+
+/// A new store is encrypted: no file of it holds a string of the disk, no
+/// block is named by its content's SHA-256, and Debian's `age` with the
+/// user's key file opens the store's key, a version and a block. A
+/// missing key (exit 2) and another key (exit 3) are refused for backup,
+/// backups, verify and restore, and change nothing; a new store without a
+/// key is not made.
+#[test]
+fn a_store_is_encrypted_and_opens_only_with_its_key() {
+    let sshd = Sshd::start();
+    let t = tempdir();
+    let dev = t.path().join("disk");
+    let store = t.path().join("store");
+    make_disk(&dev, 16 * MIB, &[(0, 12 * MIB as usize)], &[]);
+    let secret = b"-----BEGIN OPENSSH PRIVATE KEY----- drydock-test-secret";
+    for k in 0..8u64 {
+        write_at(&dev, secret, k * MIB + 1000);
+    }
+    let o = backup(&sshd, &dev, &store).output().unwrap();
+    assert_exit(&o, 0);
+    let first = json(&o);
+    assert_eq!(first["encrypted"], true, "{first}");
+    let user_key = sshd.home.join("backup.key");
+    assert!(stderr(&o).contains("made the key file"), "{}", stderr(&o));
+
+    let files = tree(&store);
+    let disk = std::fs::read(&dev).unwrap();
+    let hashes: Vec<String> = disk
+        .chunks(MIB as usize)
+        .map(|b| hex::encode(Sha256::digest(b)))
+        .collect();
+    for (p, bytes) in &files {
+        assert!(
+            !bytes.windows(secret.len()).any(|w| w == secret),
+            "{} holds the disk's text",
+            p.display()
+        );
+        let name = p.file_name().unwrap().to_string_lossy().to_string();
+        assert!(
+            !hashes.iter().any(|h| name.contains(h.as_str())),
+            "{name} is named by a block's SHA-256"
+        );
+    }
+
+    // With drydock gone: the user's key opens the store's key, which
+    // opens the version and its blocks.
+    let slot = std::fs::read_dir(store.join("keys"))
+        .unwrap()
+        .flatten()
+        .next()
+        .unwrap()
+        .path();
+    let store_key = t.path().join("store.key");
+    std::fs::write(&store_key, age_decrypt(&user_key, &slot)).unwrap();
+    let id = first["id"].as_str().unwrap();
+    let version: serde_json::Value = serde_json::from_slice(&age_decrypt(
+        &store_key,
+        &store.join("versions").join(format!("{id}.json.age")),
+    ))
+    .unwrap();
+    assert_eq!(version["manifest"]["blocks"][3], hashes[3].as_str());
+    let block = files
+        .keys()
+        .find(|p| p.starts_with(store.join("blocks")) && p.extension().is_some_and(|e| e == "age"))
+        .unwrap();
+    let plain = zstd::decode_all(&age_decrypt(&store_key, block)[..]).unwrap();
+    assert!(hashes.contains(&hex::encode(Sha256::digest(&plain))));
+
+    // No key, another key: refused, nothing changed.
+    let other = t.path().join("other.key");
+    let o = Command::new("age-keygen")
+        .arg("-o")
+        .arg(&other)
+        .output()
+        .unwrap();
+    assert!(o.status.success());
+    let id = id.to_string();
+    let storearg = store.to_str().unwrap().to_string();
+    let restored = t.path().join("restored");
+    std::fs::write(&restored, vec![0u8; 16 * MIB as usize]).unwrap();
+    let cases: Vec<(Command, &str)> = vec![
+        (backup(&sshd, &dev, &store), "backup"),
+        (
+            sshd.drydock_bare(&["backups", "--store", &storearg]),
+            "backups",
+        ),
+        (
+            sshd.drydock_bare(&["verify", &id, "--store", &storearg]),
+            "verify",
+        ),
+        (restore(&sshd, &id, &restored, &store), "restore"),
+    ];
+    for (mut c, what) in cases {
+        c.env_remove("DRYDOCK_KEY_FILE");
+        let o = c.output().unwrap();
+        assert_exit(&o, 2);
+        assert_stderr(&o, "is encrypted: give its key file with --key-file FILE");
+        c.env("DRYDOCK_KEY_FILE", &other);
+        let o = c.output().unwrap();
+        assert_exit(&o, 3);
+        assert_stderr(&o, "is not a key of the store");
+        assert_eq!(tree(&store), files, "{what} changed the store");
+    }
+    assert!(
+        std::fs::read(&restored).unwrap().iter().all(|&b| b == 0),
+        "a refused restore wrote nothing"
+    );
+    // A new store with no key is not made.
+    let fresh = t.path().join("fresh");
+    let mut c = backup(&sshd, &dev, &fresh);
+    c.env_remove("DRYDOCK_KEY_FILE");
+    let o = c.output().unwrap();
+    assert_exit(&o, 2);
+    assert_stderr(&o, "a new store is encrypted: give --key-file FILE");
+    assert!(!fresh.exists());
+    // The right key: the version verifies.
+    let o = cmd(&sshd, &["verify", &id, "--store", &storearg]);
+    assert_exit(&o, 0);
+}
+
+/// A store made before encryption (format 1: `blocks/ab/SHA256.zst`,
+/// `versions/ID.json`, no keys/), here rebuilt from an encrypted one the
+/// way the older drydock wrote it: listed, verified and backed up into
+/// with no key, each saying it is unencrypted, and it stays so.
+#[test]
+fn a_store_made_before_encryption_is_read_as_it_is_and_said_unencrypted() {
+    let sshd = Sshd::start();
+    let t = tempdir();
+    let dev = t.path().join("disk");
+    let store = t.path().join("store");
+    make_disk(&dev, 16 * MIB, &[(0, 6 * MIB as usize)], &[]);
+    let o = backup(&sshd, &dev, &store).output().unwrap();
+    assert_exit(&o, 0);
+    let id = json(&o)["id"].as_str().unwrap().to_string();
+    let enc = open_store(&sshd, &store);
+    let v = enc.version(&id).unwrap();
+    let old = t.path().join("old");
+    std::fs::create_dir_all(old.join("versions")).unwrap();
+    std::fs::write(old.join("store.json"), r#"{"format":"drydock-backups/1"}"#).unwrap();
+    let mut buf = vec![0u8; MIB as usize];
+    for h in v.block_hashes() {
+        enc.get(&h, &mut buf).unwrap();
+        let dir = old.join("blocks").join(&h[..2]);
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(
+            dir.join(format!("{h}.zst")),
+            zstd::bulk::compress(&buf, 3).unwrap(),
+        )
+        .unwrap();
+    }
+    std::fs::write(
+        old.join("versions").join(format!("{id}.json")),
+        serde_json::to_string(&v).unwrap(),
+    )
+    .unwrap();
+    let oldarg = old.to_str().unwrap();
+    let no_key = |args: &[&str]| {
+        let mut c = sshd.drydock_bare(args);
+        c.env_remove("DRYDOCK_KEY_FILE").env_remove("XDG_DATA_HOME");
+        c.output().unwrap()
+    };
+    let o = no_key(&["backups", "--store", oldarg]);
+    assert_exit(&o, 0);
+    assert!(stdout(&o).contains("(unencrypted"), "{}", stdout(&o));
+    assert!(stdout(&o).contains(&id), "{}", stdout(&o));
+    let o = no_key(&["verify", &id, "--store", oldarg]);
+    assert_exit(&o, 0);
+    write_at(&dev, &pattern(77, 4096), 2 * MIB);
+    let mut c = backup(&sshd, &dev, &old);
+    c.env_remove("DRYDOCK_KEY_FILE");
+    let o = c.output().unwrap();
+    assert_exit(&o, 0);
+    let second = json(&o);
+    assert_eq!(second["encrypted"], false, "{second}");
+    assert_eq!(second["sent_as_pages"], 1, "{second}");
+    let h = hex::encode(Sha256::digest(
+        &std::fs::read(&dev).unwrap()[2 * MIB as usize..3 * MIB as usize],
+    ));
+    assert!(
+        old.join("blocks")
+            .join(&h[..2])
+            .join(format!("{h}.zst"))
+            .exists()
+    );
+    assert!(!old.join("keys").exists());
+    let o = no_key(&["verify", second["id"].as_str().unwrap(), "--store", oldarg]);
+    assert_exit(&o, 0);
 }

@@ -706,6 +706,7 @@ fn restore_onto_a_second_vps(variant: &str, files: &[&str], fs: &str, said: &str
         c.env("HOME", home.path())
             .env("XDG_STATE_HOME", home.path().join("state"))
             .env("XDG_DATA_HOME", home.path().join("data"))
+            .env("DRYDOCK_KEY_FILE", home.path().join("backup.key"))
             .env_remove("SSH_AUTH_SOCK")
             .stdin(Stdio::null());
     };
