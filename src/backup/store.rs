@@ -115,6 +115,7 @@ impl Store {
     /// the user's KEY file (made too if it does not exist; said on
     /// stderr by the caller from `made_key`).
     pub fn create(dir: &Path, key: Option<&Path>) -> Result<(Store, bool)> {
+        not_a_url(dir)?;
         if dir.join("store.json").exists() {
             return Ok((Store::open(dir, key)?, false));
         }
@@ -160,6 +161,7 @@ impl Store {
     /// The store at DIR, which must exist, unlocked with the user's KEY
     /// file (a store made before encryption needs none).
     pub fn open(dir: &Path, key: Option<&Path>) -> Result<Store> {
+        not_a_url(dir)?;
         let meta = dir.join("store.json");
         let text = std::fs::read_to_string(&meta).map_err(|e| {
             if e.kind() == std::io::ErrorKind::NotFound {
@@ -536,6 +538,24 @@ impl Store {
         }
         Ok((gone.iter().map(|v| v.id.clone()).collect(), freed))
     }
+}
+
+/// A store on another machine (`ssh://user@host/path`, `sftp://…`) is not
+/// built yet: said, rather than taken as a local folder named `ssh:`.
+fn not_a_url(dir: &Path) -> Result<()> {
+    let s = dir.to_string_lossy();
+    if let Some((scheme, _)) = s.split_once("://")
+        && !scheme.is_empty()
+        && scheme
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "+.-".contains(c))
+    {
+        return Err(usage!(
+            "--store {s}: a store on another machine ({scheme}://) is not built yet; give a \
+             local folder (a mounted network filesystem works). Nothing was made"
+        ));
+    }
+    Ok(())
 }
 
 fn set_mode(p: &Path, mode: u32) -> Result<()> {
