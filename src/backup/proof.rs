@@ -204,15 +204,20 @@ pub async fn log_in(
             )
         })?;
     let (t, o) = guest::guest_target(port, identity, dir.join("known_hosts"), what);
-    guest::connect_retry(&t, &o, Duration::from_secs(300))
-        .await
-        .with_context(|| {
-            format!(
-                "{what} booted but drydock could not log in over SSH (with the host's \
+    guest::connect_retry_refusing(
+        &t,
+        &o,
+        Duration::from_secs(300),
+        Some(Duration::from_secs(30)),
+    )
+    .await
+    .with_context(|| {
+        format!(
+            "{what} booted but drydock could not log in over SSH (with the host's \
                  credentials: -i KEY names the key); its console: {}",
-                console.display()
-            )
-        })
+            console.display()
+        )
+    })
 }
 
 /// A local VM of DISK with nothing out of its network but its SSH

@@ -45,22 +45,59 @@ pub fn guest_target(
 
 /// Connect, retrying until `deadline` (a guest still booting refuses or resets).
 pub async fn connect_retry(t: &Target, o: &ConnectOptions, deadline: Duration) -> Result<Session> {
+    connect_retry_refusing(t, o, deadline, None).await
+}
+
+/// [`connect_retry`], except that keys refused for REFUSED_FOR in a row
+/// end it at once: a guest whose sshd answers and refuses every key will
+/// not let drydock in later (the grace covers a home folder mounted
+/// after sshd starts).
+pub async fn connect_retry_refusing(
+    t: &Target,
+    o: &ConnectOptions,
+    deadline: Duration,
+    refused_for: Option<Duration>,
+) -> Result<Session> {
     let until = Instant::now() + deadline;
+    let mut refused_since: Option<Instant> = None;
     loop {
         match Session::connect(t, o).await {
             Ok(s) => return Ok(s),
-            Err(e) if Instant::now() < until => {
-                tracing::debug!("{}: not yet ({e:#})", t.display());
-                tokio::time::sleep(Duration::from_secs(3)).await;
-            }
             Err(e) => {
-                return Err(e).with_context(|| {
-                    format!(
-                        "{} did not let drydock in within {}s",
-                        t.display(),
-                        deadline.as_secs()
+                let auth = e.chain().any(|c| {
+                    matches!(
+                        c.downcast_ref::<crate::errors::SshError>(),
+                        Some(crate::errors::SshError::AuthFailed { .. })
                     )
                 });
+                let since = if auth {
+                    *refused_since.get_or_insert_with(Instant::now)
+                } else {
+                    refused_since = None;
+                    Instant::now()
+                };
+                if let Some(grace) = refused_for
+                    && auth
+                    && since.elapsed() >= grace
+                {
+                    return Err(e.context(format!(
+                        "{} refused every key for {}s: its sshd answers, so waiting longer \
+                         will not help",
+                        t.display(),
+                        since.elapsed().as_secs()
+                    )));
+                }
+                if Instant::now() >= until {
+                    return Err(e).with_context(|| {
+                        format!(
+                            "{} did not let drydock in within {}s",
+                            t.display(),
+                            deadline.as_secs()
+                        )
+                    });
+                }
+                tracing::debug!("{}: not yet ({e:#})", t.display());
+                tokio::time::sleep(Duration::from_secs(3)).await;
             }
         }
     }

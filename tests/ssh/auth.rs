@@ -379,3 +379,38 @@ fn host_slips_are_usage_errors_that_say_what_was_meant() {
         assert_stderr(&o, &said);
     }
 }
+
+/// A booted copy whose sshd answers and refuses every key (`verify --boot`
+/// without the host's -i): said within the grace, not after the 5 minutes
+/// a copy still booting gets, with why waiting will not help.
+#[test]
+fn a_guest_that_refuses_every_key_is_given_up_at_once() {
+    let sshd = Sshd::start();
+    let t = tempdir();
+    let wrong = t.path().join("wrong");
+    let o = Command::new("ssh-keygen")
+        .args(["-q", "-t", "ed25519", "-N", "", "-f"])
+        .arg(&wrong)
+        .output()
+        .unwrap();
+    assert!(o.status.success());
+    let (target, opts) = drydock::vm::guest::guest_target(
+        sshd.port,
+        Some(&wrong),
+        t.path().join("known_hosts"),
+        "the test's sshd",
+    );
+    let started = Instant::now();
+    let res = tokio::runtime::Runtime::new().unwrap().block_on(
+        drydock::vm::guest::connect_retry_refusing(
+            &target,
+            &opts,
+            Duration::from_secs(300),
+            Some(Duration::from_secs(6)),
+        ),
+    );
+    let e = format!("{:#}", res.err().expect("refused"));
+    assert!(started.elapsed() < Duration::from_secs(60), "{e}");
+    assert!(e.contains("refused every key"), "{e}");
+    assert!(e.contains("waiting longer will not help"), "{e}");
+}
