@@ -64,6 +64,9 @@ pub struct RestoreReport {
     pub network_files: Vec<String>,
     /// The restored copy booted, shaped as the new host, before the push.
     pub boot_proof: Option<BootProof>,
+    /// The version has nothing a firmware could start (a data disk): no
+    /// boot proof was tried.
+    pub nothing_to_boot: bool,
     pub push: PushReport,
 }
 
@@ -93,6 +96,9 @@ impl RestoreReport {
                     self.network_files.join(" ")
                 }
             ));
+        }
+        if self.nothing_to_boot {
+            s.push_str("  no boot proof: the version has nothing to boot (a data disk)\n");
         }
         if let Some(p) = &self.boot_proof {
             s.push_str(&format!(
@@ -211,7 +217,7 @@ pub async fn restore(
     ] {
         std::fs::remove_file(p).ok();
     }
-    let (push, gpt_relocated, grown, network_files, boot_proof) = res?;
+    let (push, gpt_relocated, grown, network_files, (boot_proof, nothing_to_boot)) = res?;
     Ok(RestoreReport {
         id: v.id.clone(),
         store: store.dir.clone(),
@@ -227,6 +233,7 @@ pub async fn restore(
         network,
         network_files,
         boot_proof,
+        nothing_to_boot,
         push,
     })
 }
@@ -246,7 +253,7 @@ type Restored = (
     bool,
     Option<Grown>,
     Vec<String>,
-    Option<BootProof>,
+    (Option<BootProof>, bool),
 );
 
 async fn restore_with(
@@ -306,7 +313,17 @@ async fn restore_with(
         }
         network_files = a.network_files;
     }
-    let proof = if plan.prove {
+    // A data disk: nothing for a firmware to start, so no proof to wait
+    // out (it would wait on "No bootable device" to its limit).
+    let nothing_to_boot = plan.prove && crate::image::bootable::boot_loader(work)?.is_none();
+    if nothing_to_boot {
+        ui.say(format!(
+            "version {} has nothing to boot (no boot code in an MBR, no EFI system or BIOS boot \
+             partition: a data disk): no boot proof; it is written as it is",
+            v.id
+        ));
+    }
+    let proof = if plan.prove && !nothing_to_boot {
         for note in plan.new_shape.user_net().1 {
             ui.warn(format!("the boot proof's VM: {note}"));
         }
@@ -340,5 +357,5 @@ async fn restore_with(
         packages: None,
     };
     let r = push::push(session, facts, &push_opts, ui).await?;
-    Ok((r, relocated, grown, network_files, proof))
+    Ok((r, relocated, grown, network_files, (proof, nothing_to_boot)))
 }

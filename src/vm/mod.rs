@@ -173,6 +173,15 @@ impl Vm {
             if ssh_banner(self.spec.ssh_port).await {
                 return Ok(());
             }
+            // A firmware with nothing to boot, a boot loader at its rescue
+            // prompt, a kernel panic: nothing comes of waiting longer.
+            let tail = serial_tail(&self.spec.serial_log, 40);
+            if let Some(said) = crate::image::bootable::console_gave_up(&tail) {
+                bail!(
+                    "the guest will not come up: {said}; serial console (last lines):\n  {}",
+                    serial_tail(&self.spec.serial_log, 25)
+                );
+            }
             if Instant::now() > until {
                 bail!(
                     "the guest's SSH server did not answer within {}s; serial console (last lines):\n  {}",

@@ -419,6 +419,52 @@ fn restore_onto_the_same_disk_writes_only_what_differs() {
     assert_eq!(sha256_file(&small), before);
 }
 
+/// A data disk (ext4 on the whole disk: no partition table, nothing a
+/// firmware could start) restored onto a larger disk: no boot proof is
+/// tried (one waited out its 15 minutes on "No bootable device"), the
+/// output says so, and the disk holds the version.
+#[test]
+fn a_data_disk_restores_onto_a_larger_disk_without_a_boot_proof() {
+    let sshd = Sshd::start();
+    let t = tempdir();
+    let dev = t.path().join("data");
+    let store = t.path().join("store");
+    std::fs::File::create(&dev)
+        .unwrap()
+        .set_len(32 * MIB)
+        .unwrap();
+    let o = Command::new("mkfs.ext4")
+        .args(["-q", "-F"])
+        .arg(&dev)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", stderr(&o));
+    write_at(&dev, &pattern(5, 3 * MIB as usize), 8 * MIB);
+    let o = backup(&sshd, &dev, &store).output().unwrap();
+    assert_exit(&o, 0);
+    let id = json(&o)["id"].as_str().unwrap().to_string();
+    let big = t.path().join("big");
+    std::fs::File::create(&big)
+        .unwrap()
+        .set_len(64 * MIB)
+        .unwrap();
+    let started = Instant::now();
+    let o = output_within(
+        restore(&sshd, &id, &big, &store),
+        300,
+        "the data disk's restore",
+    );
+    assert_exit(&o, 0);
+    let r = json(&o);
+    eprintln!("restore: {r}\n{}", stderr(&o));
+    assert_eq!(r["nothing_to_boot"], true, "{r}");
+    assert!(r["boot_proof"].is_null(), "{r}");
+    assert_stderr(&o, "has nothing to boot");
+    assert!(started.elapsed() < Duration::from_secs(120));
+    let (a, b) = (std::fs::read(&dev).unwrap(), std::fs::read(&big).unwrap());
+    assert!(a[..] == b[..a.len()], "the disk holds the version");
+}
+
 /// Restore of a GPT disk onto a larger disk: the GPT's backup header
 /// moved to the new end (sfdisk --verify finds nothing wrong), the last
 /// partition grown to it, and the ext4 filesystem in it grown to fill it,
