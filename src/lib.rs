@@ -126,9 +126,26 @@ async fn command(command: Command, ui: &Ui) -> Result<()> {
         Command::Backup(a) => commands::backup::backup_cmd(a, ui).await,
         Command::Backups(a) => match a.action {
             None => commands::backup::backups_list(a.store.as_deref(), a.key_file.as_deref(), ui),
-            Some(cli::BackupsAction::Prune { keep }) => commands::backup::backups_prune(
+            Some(cli::BackupsAction::Prune { keep, dry_run }) => commands::backup::backups_forget(
                 (a.store.as_deref(), a.key_file.as_deref()),
-                keep,
+                backup::forget::Keep {
+                    last: keep,
+                    ..Default::default()
+                },
+                dry_run,
+                ui,
+            ),
+            Some(cli::BackupsAction::Forget { keep, dry_run }) => commands::backup::backups_forget(
+                (a.store.as_deref(), a.key_file.as_deref()),
+                backup::forget::Keep {
+                    last: keep.keep_last,
+                    hourly: keep.keep_hourly,
+                    daily: keep.keep_daily,
+                    weekly: keep.keep_weekly,
+                    monthly: keep.keep_monthly,
+                    yearly: keep.keep_yearly,
+                },
+                dry_run,
                 ui,
             ),
         },

@@ -16,6 +16,7 @@ use serde::Serialize;
 
 pub mod adapt;
 pub mod crypt;
+pub mod forget;
 mod grow;
 mod pages;
 pub mod proof;

@@ -517,26 +517,33 @@ impl Store {
             .collect()
     }
 
-    /// Remove all but the newest KEEP versions, then every block that no
-    /// kept version names. Returns the ids removed and the bytes freed.
-    pub fn prune(&self, keep: usize) -> Result<(Vec<String>, u64)> {
+    /// Remove the versions GONE, then every block that no version left
+    /// names; with DRY_RUN nothing is removed. Returns the bytes freed
+    /// (that would be).
+    pub fn forget(&self, gone: &BTreeSet<String>, dry_run: bool) -> Result<u64> {
         let versions = self.versions()?;
-        let cut = versions.len().saturating_sub(keep);
-        let (gone, kept) = versions.split_at(cut);
-        for v in gone {
-            std::fs::remove_file(self.version_path(&v.id))?;
-            let _ = std::fs::remove_dir_all(self.boot_dir(&v.id));
+        let wanted: BTreeSet<String> = versions
+            .iter()
+            .filter(|v| !gone.contains(&v.id))
+            .flat_map(|v| self.block_names(v))
+            .collect();
+        if !dry_run {
+            for v in versions.iter().filter(|v| gone.contains(&v.id)) {
+                std::fs::remove_file(self.version_path(&v.id))?;
+                let _ = std::fs::remove_dir_all(self.boot_dir(&v.id));
+            }
+            File::open(self.dir.join("versions"))?.sync_all()?;
         }
-        File::open(self.dir.join("versions"))?.sync_all()?;
-        let wanted: BTreeSet<String> = kept.iter().flat_map(|v| self.block_names(v)).collect();
         let mut freed = 0;
         for (name, len) in self.block_sizes()? {
             if !wanted.contains(&name) {
-                std::fs::remove_file(self.name_path(&name))?;
+                if !dry_run {
+                    std::fs::remove_file(self.name_path(&name))?;
+                }
                 freed += len;
             }
         }
-        Ok((gone.iter().map(|v| v.id.clone()).collect(), freed))
+        Ok(freed)
     }
 }
 

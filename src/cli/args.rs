@@ -236,13 +236,54 @@ pub struct BackupsArgs {
 
 #[derive(Debug, Subcommand)]
 pub enum BackupsAction {
-    /// Remove all but the newest N versions, and the blocks only they used.
+    /// Remove the versions no --keep-* rule keeps (as restic's forget: each
+    /// rule keeps the newest version of each of its last N hours, days,
+    /// ISO weeks, months or years that have one, counted in UTC), then
+    /// the blocks only they used.
+    #[command(
+        after_help = "Example:\n  drydock backups forget --keep-daily 7 --keep-weekly 4 \
+                            --keep-monthly 12 --dry-run"
+    )]
+    Forget {
+        #[command(flatten)]
+        keep: KeepArgs,
+        /// Say what would be removed and freed, and remove nothing.
+        #[arg(long, short = 'n')]
+        dry_run: bool,
+    },
+    /// Remove all but the newest N versions, and the blocks only they used
+    /// (`forget --keep-last N`).
     #[command(after_help = "Example:\n  drydock backups prune --keep 7 --store /srv/backups/vps")]
     Prune {
         /// How many versions to keep, newest first (at least 1).
         #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..))]
         keep: u64,
+        /// Say what would be removed and freed, and remove nothing.
+        #[arg(long, short = 'n')]
+        dry_run: bool,
     },
+}
+
+#[derive(Debug, Args, Clone, Copy)]
+pub struct KeepArgs {
+    /// Keep the newest N versions.
+    #[arg(long, value_name = "N", default_value_t = 0)]
+    pub keep_last: u64,
+    /// Keep the newest version of each of the last N hours that have one.
+    #[arg(long, value_name = "N", default_value_t = 0)]
+    pub keep_hourly: u64,
+    /// ... of the last N days.
+    #[arg(long, value_name = "N", default_value_t = 0)]
+    pub keep_daily: u64,
+    /// ... of the last N ISO weeks.
+    #[arg(long, value_name = "N", default_value_t = 0)]
+    pub keep_weekly: u64,
+    /// ... of the last N months.
+    #[arg(long, value_name = "N", default_value_t = 0)]
+    pub keep_monthly: u64,
+    /// ... of the last N years.
+    #[arg(long, value_name = "N", default_value_t = 0)]
+    pub keep_yearly: u64,
 }
 
 #[derive(Debug, Args)]

@@ -1,4 +1,4 @@
-//! `drydock backup` and `drydock backups` (list, prune).
+//! `drydock backup` and `drydock backups` (list, forget, prune).
 
 use anyhow::Result;
 
@@ -57,37 +57,92 @@ pub(crate) fn backups_list(
     ui.result("backups", &serde_json::json!({ "stores": all }), human)
 }
 
-pub(crate) fn backups_prune(
+/// `backups forget` (and `prune --keep N`, its --keep-last): the versions
+/// kept and why, the ones removed, the bytes freed (that would be, with
+/// DRY_RUN).
+pub(crate) fn backups_forget(
     (dir, key): (Option<&std::path::Path>, Option<&std::path::Path>),
-    keep: u64,
+    keep: backup::forget::Keep,
+    dry_run: bool,
     ui: &Ui,
 ) -> Result<()> {
+    if keep.is_empty() {
+        return Err(usage!(
+            "forget needs at least one --keep-* rule (--keep-last, --keep-hourly, --keep-daily, \
+             --keep-weekly, --keep-monthly, --keep-yearly): with none it would remove every \
+             version. Nothing was removed"
+        ));
+    }
     let stores = backup::stores(dir, key)?;
     let [store] = &stores[..] else {
         return Err(usage!(
-            "prune works on one store: say which with --store DIR ({} stores under {})",
+            "forget works on one store: say which with --store DIR ({} stores under {})",
             stores.len(),
             paths::backups_dir()?.display()
         ));
     };
     let _lock = store.lock()?;
-    let (gone, freed) = store.prune(keep as usize)?;
-    let kept: Vec<String> = store.versions()?.into_iter().map(|v| v.id).collect();
-    let human = format!(
-        "{}: removed {} version(s){}, freed {}; kept {}\n",
+    let versions: Vec<(String, String)> = store
+        .versions()?
+        .into_iter()
+        .map(|v| (v.id, v.created))
+        .collect();
+    let decisions = backup::forget::decide(&versions, &keep)?;
+    let gone: std::collections::BTreeSet<String> = decisions
+        .iter()
+        .filter(|d| !d.keep)
+        .map(|d| d.id.clone())
+        .collect();
+    let freed = store.forget(&gone, dry_run)?;
+    let mut human = format!(
+        "{}{}\n",
         store.dir.display(),
-        gone.len(),
-        if gone.is_empty() {
-            String::new()
+        if dry_run {
+            " (dry run: nothing removed)"
         } else {
-            format!(" ({})", gone.join(", "))
+            ""
+        }
+    );
+    for d in &decisions {
+        human.push_str(&format!(
+            "  {:<6} {:<17} {:<20} {}\n",
+            match (d.keep, dry_run) {
+                (true, _) => "keep",
+                (false, true) => "would remove",
+                (false, false) => "remove",
+            },
+            d.id,
+            d.created
+                .chars()
+                .take(19)
+                .collect::<String>()
+                .replace('T', " "),
+            d.reasons.join(", ")
+        ));
+    }
+    human.push_str(&format!(
+        "  {} version(s) kept, {} {}; {} {}\n",
+        decisions.len() - gone.len(),
+        gone.len(),
+        if dry_run {
+            "would be removed"
+        } else {
+            "removed"
         },
         ui::human_bytes(freed),
-        kept.join(", ")
-    );
+        if dry_run { "would be freed" } else { "freed" },
+    ));
+    let kept: Vec<&String> = decisions.iter().filter(|d| d.keep).map(|d| &d.id).collect();
     ui.result(
-        "backups-prune",
-        &serde_json::json!({ "store": store.dir, "removed": gone, "kept": kept, "freed_bytes": freed }),
+        "backups-forget",
+        &serde_json::json!({
+            "store": store.dir,
+            "dry_run": dry_run,
+            "decisions": decisions,
+            "removed": gone,
+            "kept": kept,
+            "freed_bytes": freed,
+        }),
         human,
     )
 }

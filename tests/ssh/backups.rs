@@ -893,3 +893,118 @@ fn a_store_made_before_encryption_is_read_as_it_is_and_said_unencrypted() {
     let o = no_key(&["verify", second["id"].as_str().unwrap(), "--store", oldarg]);
     assert_exit(&o, 0);
 }
+
+/// `backups forget` on a store of six versions taken over a year (their
+/// times set as if they had been): `--dry-run` says which it keeps and
+/// why and what it would free, and changes nothing; the same without it
+/// removes those and frees that, and the kept versions verify. No rule at
+/// all is refused.
+#[test]
+fn forget_keeps_what_its_rules_say_and_a_dry_run_changes_nothing() {
+    let sshd = Sshd::start();
+    let t = tempdir();
+    let dev = t.path().join("disk");
+    let store = t.path().join("store");
+    make_disk(&dev, 16 * MIB, &[(0, 4 * MIB as usize)], &[]);
+    let times = [
+        "2025-12-01T04:00:00Z",
+        "2026-11-01T04:00:00Z",
+        "2026-11-30T04:00:00Z",
+        "2026-12-06T01:00:00Z",
+        "2026-12-06T23:00:00Z",
+        "2026-12-07T04:00:00Z",
+    ];
+    let mut ids = Vec::new();
+    for (k, when) in times.iter().enumerate() {
+        write_at(&dev, &pattern(301 + 2 * k as u64, MIB as usize), 8 * MIB);
+        let o = backup(&sshd, &dev, &store).output().unwrap();
+        assert_exit(&o, 0);
+        let id = json(&o)["id"].as_str().unwrap().to_string();
+        let s = open_store(&sshd, &store);
+        let mut v = s.version(&id).unwrap();
+        v.created = when.to_string();
+        s.commit(v).unwrap();
+        ids.push(id);
+    }
+    let storearg = store.to_str().unwrap();
+    let o = cmd(&sshd, &["backups", "forget", "--store", storearg]);
+    assert_exit(&o, 2);
+    assert_stderr(&o, "forget needs at least one --keep-* rule");
+
+    let before = tree(&store);
+    let rules = ["--keep-daily", "2", "--keep-monthly", "3"];
+    let mut args = vec![
+        "backups",
+        "forget",
+        "--store",
+        storearg,
+        "--json",
+        "--dry-run",
+    ];
+    args.extend(rules);
+    let o = cmd(&sshd, &args);
+    assert_exit(&o, 0);
+    let dry = json(&o);
+    eprintln!("{dry}");
+    // Days: 12-07, then 12-06's newest; months: December's newest (12-07),
+    // November's (11-30), 2025-12. 11-01 and 12-06 01:00 go.
+    let kept: Vec<&str> = dry["kept"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_str().unwrap())
+        .collect();
+    assert_eq!(kept, vec![&ids[5], &ids[4], &ids[2], &ids[0]], "{dry}");
+    assert_eq!(
+        dry["decisions"][0]["reasons"],
+        serde_json::json!(["daily", "monthly"])
+    );
+    assert_eq!(dry["decisions"][2]["keep"], false);
+    assert_eq!(
+        dry["decisions"][3]["reasons"],
+        serde_json::json!(["monthly"])
+    );
+    let would = dry["freed_bytes"].as_u64().unwrap();
+    assert!(would >= 2 * MIB, "{dry}");
+    assert_eq!(tree(&store), before, "a dry run changed the store");
+    let o = cmd(
+        &sshd,
+        &[
+            "backups",
+            "forget",
+            "--store",
+            storearg,
+            "--dry-run",
+            "--keep-last",
+            "1",
+        ],
+    );
+    assert!(stdout(&o).contains("would remove"), "{}", stdout(&o));
+
+    let mut args = vec!["backups", "forget", "--store", storearg, "--json"];
+    args.extend(rules);
+    let o = cmd(&sshd, &args);
+    assert_exit(&o, 0);
+    let done = json(&o);
+    assert_eq!(done["freed_bytes"].as_u64().unwrap(), would, "{done}");
+    assert_eq!(done["removed"], serde_json::json!([&ids[1], &ids[3]]));
+    let left: Vec<String> = open_store(&sshd, &store)
+        .versions()
+        .unwrap()
+        .into_iter()
+        .map(|v| v.id)
+        .collect();
+    assert_eq!(
+        left,
+        vec![
+            ids[0].clone(),
+            ids[2].clone(),
+            ids[4].clone(),
+            ids[5].clone()
+        ]
+    );
+    for id in &left {
+        let o = cmd(&sshd, &["verify", id, "--store", storearg]);
+        assert_exit(&o, 0);
+    }
+}
