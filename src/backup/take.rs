@@ -51,6 +51,9 @@ pub struct BackupReport {
     pub data_blocks: u64,
     /// Blocks that crossed the link (the store did not hold them).
     pub sent_blocks: u64,
+    /// With --freeze: of those, the blocks sent while the host was frozen
+    /// (the others crossed in the live pass before it).
+    pub sent_while_frozen: Option<u64>,
     /// Of those, the blocks of which only the 4 KiB pages that differ from
     /// the version before crossed it, and those pages.
     pub sent_as_pages: u64,
@@ -102,9 +105,11 @@ impl BackupReport {
             },
             human_bytes(self.bytes_on_wire),
             self.seconds,
-            self.frozen_seconds
-                .map(|s| format!(", {s:.1} s frozen"))
-                .unwrap_or_default(),
+            match (self.frozen_seconds, self.sent_while_frozen) {
+                (Some(s), Some(n)) => format!(", {s:.1} s frozen ({n} block(s) sent while frozen)"),
+                (Some(s), None) => format!(", {s:.1} s frozen"),
+                _ => String::new(),
+            },
             human_bytes(self.added_bytes),
             human_bytes(self.shared_bytes),
             self.digest,
@@ -182,6 +187,37 @@ pub async fn backup(
             None
         }
     };
+    // With --freeze, a live pass first: the blocks the store lacks cross
+    // while the host serves, and the frozen pass only hashes the disk and
+    // sends what changed since (as the upgrade's pre-copy). A live pass
+    // the disk outran is no loss: the frozen pass catches up.
+    let live = if opts.freeze {
+        ui.say(format!(
+            "a live pass first, while {} serves: the freeze then waits only for what changes \
+             meanwhile",
+            session.host()
+        ));
+        let r = tokio::select! {
+            biased;
+            sig = ui.interrupted() => Err(crate::errors::Interrupted(format!(
+                "{}: the backup stopped in its live pass, before any freeze; run the same \
+                 command again: the blocks it already kept are not sent again",
+                Ui::interrupted_text(sig)
+            ))
+            .into()),
+            r = take(session, &store, &dev, false, ui) => r,
+        };
+        match r {
+            Ok(g) => Some(g),
+            Err(e) if format!("{e:#}").contains("changed under drydock faster") => {
+                ui.say(format!("note: the live pass did not finish ({e:#})"));
+                None
+            }
+            Err(e) => return Err(e),
+        }
+    } else {
+        None
+    };
     let frozen_at = if opts.freeze {
         ui.say(format!("freezing {} for a consistent copy", session.host()));
         let r = crate::remote::freeze::freeze(session, facts, opts.device.as_deref()).await?;
@@ -231,7 +267,15 @@ pub async fn backup(
             }
         }
     }
-    let got = res?;
+    let mut got = res?;
+    if let Some(l) = live {
+        got.sent_live = l.sent;
+        got.bytes_on_wire += l.bytes_on_wire;
+        got.added_bytes += l.added_bytes;
+        got.added.extend(l.added);
+        got.by_pages.rebuilt += l.by_pages.rebuilt;
+        got.by_pages.pages += l.by_pages.pages;
+    }
     let previous = store.versions()?.pop();
     let segments = segments_of(&store, &dev, &got.blocks, previous.as_ref())?;
     let blocks: Vec<String> = got.blocks.iter().map(to_hex).collect();
@@ -281,7 +325,8 @@ pub async fn backup(
         size: dev.size,
         consistency,
         data_blocks,
-        sent_blocks: got.sent,
+        sent_blocks: got.sent + got.sent_live,
+        sent_while_frozen: opts.freeze.then_some(got.sent),
         sent_as_pages: got.by_pages.rebuilt,
         pages_sent: got.by_pages.pages,
         bytes_on_wire: got.bytes_on_wire,
@@ -303,6 +348,8 @@ struct Got {
     added_bytes: u64,
     bytes_on_wire: u64,
     by_pages: PagesDone,
+    /// With --freeze: the blocks its live pass sent before the freeze.
+    sent_live: u64,
 }
 
 /// Blocks into the store.
@@ -484,6 +531,7 @@ async fn with_helper(
         added_bytes: sink.added_bytes,
         bytes_on_wire,
         by_pages,
+        sent_live: 0,
     })
 }
 

@@ -16,23 +16,19 @@ fn zoo_backups_of_a_live_vps_are_incremental_and_boot() {
     let store = home.path().join("store");
     let host = vps.host();
     let key = vps.key.to_str().unwrap().to_string();
-    let backup = || {
-        let o = vps
-            .drydock(
-                home.path(),
-                &[
-                    "backup",
-                    &host,
-                    "-i",
-                    &key,
-                    "--accept-new-host-key",
-                    "--store",
-                    store.to_str().unwrap(),
-                    "--json",
-                ],
-            )
-            .output()
-            .unwrap();
+    let backup = |extra: &[&str]| {
+        let mut args = vec![
+            "backup",
+            &host,
+            "-i",
+            &key,
+            "--accept-new-host-key",
+            "--store",
+            store.to_str().unwrap(),
+            "--json",
+        ];
+        args.extend_from_slice(extra);
+        let o = vps.drydock(home.path(), &args).output().unwrap();
         assert_exit(&o, 0);
         eprintln!("{}", stderr(&o));
         json(&o)
@@ -45,7 +41,7 @@ fn zoo_backups_of_a_live_vps_are_incremental_and_boot() {
          && systemctl enable --now drydock-backed.service",
     );
     let t0 = Instant::now();
-    let first = backup();
+    let first = backup(&[]);
     eprintln!("first backup ({:?}): {first}", t0.elapsed());
     assert_eq!(first["consistency"], "crash-consistent");
     let data = first["data_blocks"].as_u64().unwrap();
@@ -60,7 +56,7 @@ fn zoo_backups_of_a_live_vps_are_incremental_and_boot() {
          && sync && fsfreeze -f / && fsfreeze -u /",
     );
     let t0 = Instant::now();
-    let second = backup();
+    let second = backup(&[]);
     eprintln!("second backup ({:?}): {second}", t0.elapsed());
     let sent = second["sent_blocks"].as_u64().unwrap();
     assert!(
@@ -132,6 +128,28 @@ fn zoo_backups_of_a_live_vps_are_incremental_and_boot() {
     };
     assert_eq!(mark(&first), "");
     assert_eq!(mark(&second), "second");
+
+    // --freeze: a live pass sends the change while the VPS serves; frozen,
+    // only what changed since crosses.
+    vps.ssh("head -c 16M /dev/urandom > /root/backup-test-3 && sync");
+    let t0 = Instant::now();
+    let third = backup(&["--freeze"]);
+    eprintln!("--freeze backup ({:?}): {third}", t0.elapsed());
+    assert_eq!(third["consistency"], "frozen");
+    let frozen = third["sent_while_frozen"].as_u64().unwrap();
+    let sent = third["sent_blocks"].as_u64().unwrap();
+    assert!(sent >= 16 && frozen < sent / 2, "{third}");
+    assert!(third["frozen_seconds"].as_f64().unwrap() > 0.0, "{third}");
+    // The store was encrypted, boot files too.
+    let boot = store
+        .join("versions")
+        .join(format!("{}.boot", third["id"].as_str().unwrap()));
+    assert!(
+        boot.join("vmlinuz.age").exists(),
+        "{:?}",
+        std::fs::read_dir(&boot)
+    );
+    assert!(!boot.join("vmlinuz").exists());
 }
 
 /// Disaster recovery onto a new VPS: the static-network VPS (198.51.100.45)
