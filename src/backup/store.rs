@@ -207,16 +207,50 @@ impl Store {
         self.keys.encrypted()
     }
 
-    /// Take the store for a change (a backup, a prune): one at a time.
+    /// Take the store for a change (a backup, a forget): one at a time.
+    /// The lock is the kernel's (flock), so a run that crashed or was
+    /// killed holds nothing; the file says who holds it, for the refusal.
     pub fn lock(&self) -> Result<File> {
+        use std::io::{Read, Seek};
         let p = self.dir.join("lock");
-        let f = File::create(&p).with_context(|| format!("cannot open {}", p.display()))?;
+        let mut f = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(&p)
+            .with_context(|| format!("cannot open {}", p.display()))?;
         match f.try_lock() {
-            Ok(()) => Ok(f),
-            Err(std::fs::TryLockError::WouldBlock) => Err(refused!(
-                "{} is in use by another drydock (a backup or a prune); wait for it to end",
-                self.dir.display()
-            )),
+            Ok(()) => {
+                let holder = format!(
+                    "drydock (pid {}) on {}, `{}`, since {}\n",
+                    std::process::id(),
+                    std::fs::read_to_string("/proc/sys/kernel/hostname")
+                        .unwrap_or_default()
+                        .trim(),
+                    std::env::args().skip(1).collect::<Vec<_>>().join(" "),
+                    crate::util::now()
+                );
+                f.set_len(0)?;
+                f.rewind()?;
+                f.write_all(holder.as_bytes())?;
+                Ok(f)
+            }
+            Err(std::fs::TryLockError::WouldBlock) => {
+                let mut holder = String::new();
+                let _ = f.read_to_string(&mut holder);
+                let holder: String = holder.trim().chars().filter(|c| !c.is_control()).collect();
+                Err(refused!(
+                    "{} is in use by {}; wait for it to end (the lock goes with the process \
+                     that holds it). Nothing was changed",
+                    self.dir.display(),
+                    if holder.is_empty() {
+                        "another drydock (a backup or a forget)".to_string()
+                    } else {
+                        holder
+                    }
+                ))
+            }
             Err(std::fs::TryLockError::Error(e)) => {
                 Err(anyhow!("cannot lock {}: {e}", p.display()))
             }

@@ -1008,3 +1008,53 @@ fn forget_keeps_what_its_rules_say_and_a_dry_run_changes_nothing() {
         assert_exit(&o, 0);
     }
 }
+
+/// A store another run holds: a backup and a forget into it are refused
+/// (exit 3) naming the holder, and change nothing; once the holder is gone
+/// (its lock goes with it, as when a run is killed) the backup runs.
+#[test]
+fn a_store_in_use_is_refused_naming_its_holder_and_freed_by_its_end() {
+    let sshd = Sshd::start();
+    let t = tempdir();
+    let dev = t.path().join("disk");
+    let store = t.path().join("store");
+    make_disk(&dev, 8 * MIB, &[(0, 2 * MIB as usize)], &[]);
+    let o = backup(&sshd, &dev, &store).output().unwrap();
+    assert_exit(&o, 0);
+    let before = tree(&store);
+    let held = open_store(&sshd, &store).lock().unwrap();
+    assert!(
+        std::fs::read_to_string(store.join("lock"))
+            .unwrap()
+            .contains("drydock (pid")
+    );
+    write_at(&dev, &pattern(9, 4096), 0);
+    let o = backup(&sshd, &dev, &store).output().unwrap();
+    assert_exit(&o, 3);
+    assert_stderr(
+        &o,
+        format!("is in use by drydock (pid {})", std::process::id()),
+    );
+    let o = cmd(
+        &sshd,
+        &[
+            "backups",
+            "forget",
+            "--keep-last",
+            "1",
+            "--store",
+            store.to_str().unwrap(),
+        ],
+    );
+    assert_exit(&o, 3);
+    assert_stderr(&o, "is in use by drydock");
+    // Nothing but the lock's holder line changed (the test wrote it).
+    let without_lock = |mut m: std::collections::BTreeMap<std::path::PathBuf, Vec<u8>>| {
+        m.remove(&store.join("lock"));
+        m
+    };
+    assert_eq!(without_lock(tree(&store)), without_lock(before));
+    drop(held);
+    let o = backup(&sshd, &dev, &store).output().unwrap();
+    assert_exit(&o, 0);
+}
