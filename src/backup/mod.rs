@@ -18,6 +18,7 @@ pub mod adapt;
 pub mod crypt;
 pub mod forget;
 mod grow;
+mod keptboot;
 mod pages;
 pub mod proof;
 mod readback;

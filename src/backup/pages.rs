@@ -36,6 +36,10 @@ pub(super) struct PagesDone {
 /// the helper on LINK as their changed pages, into SINK. HOST holds the
 /// hashes the disk was hashed with; a block read with another is refused
 /// unless MOVING (a live disk), which takes the new hash.
+///
+/// Over 80 lines: one loop of asks kept ahead within the window and
+/// answers taken in order, and the three answers a block can get; split,
+/// the window's bookkeeping would cross function boundaries.
 pub(super) async fn fetch_pages(
     link: &mut Link,
     (store, sink): (&Store, &mut impl BlockSink),

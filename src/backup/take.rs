@@ -121,6 +121,10 @@ impl BackupReport {
     }
 }
 
+/// Over 80 lines: the backup's steps in the order they must happen (the
+/// store, the boot files, the live pass, the freeze and its thaw on every
+/// path, the version written last); each step is a function, what is left
+/// is the order and the report.
 pub async fn backup(
     session: &Session,
     facts: &Facts,
@@ -150,71 +154,9 @@ pub async fn backup(
     store.clean_temporaries()?;
     let dev = device::inspect(session, facts, opts.device.as_deref()).await?;
     let started = Instant::now();
-    // The running kernel and the seal, before any freeze: best effort, the
-    // version is whole without them.
-    let older_boot = store
-        .versions()?
-        .last()
-        .map(|v| store.boot_files(&v.id))
-        .transpose()?
-        .flatten();
-    if let Err(e) =
-        crate::vm::boot::record_in(session, facts, &store.boot_tmp()?, older_boot.as_deref()).await
-    {
-        let _ = std::fs::remove_dir_all(store.boot_tmp()?);
-        ui.say(format!(
-            "note: the kernel {} runs was not kept with the version ({e:#}): a boot of it \
-             needs --services, and a restore cannot adapt it to a new host's network",
-            session.host()
-        ));
-    }
-    // The older version's boot files decrypted for the comparison: not
-    // left in the clear.
-    if store.encrypted()
-        && let Some(d) = &older_boot
-    {
-        let _ = std::fs::remove_dir_all(d);
-    }
-    // What the host runs, before any freeze stops it: best effort too.
-    let services = match crate::services::gather(session).await {
-        Ok(s) => s,
-        Err(e) => {
-            ui.say(format!(
-                "note: the services {} runs were not recorded with the version ({e:#}): a boot \
-                 of it will not check them",
-                session.host()
-            ));
-            None
-        }
-    };
-    // With --freeze, a live pass first: the blocks the store lacks cross
-    // while the host serves, and the frozen pass only hashes the disk and
-    // sends what changed since (as the upgrade's pre-copy). A live pass
-    // the disk outran is no loss: the frozen pass catches up.
+    let services = record_boot_and_services(session, facts, &store, ui).await?;
     let live = if opts.freeze {
-        ui.say(format!(
-            "a live pass first, while {} serves: the freeze then waits only for what changes \
-             meanwhile",
-            session.host()
-        ));
-        let r = tokio::select! {
-            biased;
-            sig = ui.interrupted() => Err(crate::errors::Interrupted(format!(
-                "{}: the backup stopped in its live pass, before any freeze; run the same \
-                 command again: the blocks it already kept are not sent again",
-                Ui::interrupted_text(sig)
-            ))
-            .into()),
-            r = take(session, &store, &dev, false, ui) => r,
-        };
-        match r {
-            Ok(g) => Some(g),
-            Err(e) if format!("{e:#}").contains("changed under drydock faster") => {
-                ui.say(format!("note: the live pass did not finish ({e:#})"));
-                None
-            }
-            Err(e) => return Err(e),
-        }
+        live_pass(session, &store, &dev, ui).await?
     } else {
         None
     };
@@ -339,6 +281,84 @@ pub async fn backup(
     })
 }
 
+/// The running kernel and the seal (into the store's `boot_tmp`) and what
+/// the host runs, before any freeze stops it: best effort, each said as a
+/// note when it cannot be read (the version is whole without them).
+async fn record_boot_and_services(
+    session: &Session,
+    facts: &Facts,
+    store: &Store,
+    ui: &Ui,
+) -> Result<Option<crate::services::ServiceSet>> {
+    // The running kernel and the seal, before any freeze: best effort, the
+    // version is whole without them.
+    let older_boot = store
+        .versions()?
+        .last()
+        .map(|v| store.boot_files(&v.id))
+        .transpose()?
+        .flatten();
+    if let Err(e) =
+        crate::vm::boot::record_in(session, facts, &store.boot_tmp()?, older_boot.as_deref()).await
+    {
+        let _ = std::fs::remove_dir_all(store.boot_tmp()?);
+        ui.say(format!(
+            "note: the kernel {} runs was not kept with the version ({e:#}): a boot of it \
+             needs --services, and a restore cannot adapt it to a new host's network",
+            session.host()
+        ));
+    }
+    // The older version's boot files decrypted for the comparison: not
+    // left in the clear.
+    if store.encrypted()
+        && let Some(d) = &older_boot
+    {
+        let _ = std::fs::remove_dir_all(d);
+    }
+    let services = match crate::services::gather(session).await {
+        Ok(s) => s,
+        Err(e) => {
+            ui.say(format!(
+                "note: the services {} runs were not recorded with the version ({e:#}): a boot \
+                 of it will not check them",
+                session.host()
+            ));
+            None
+        }
+    };
+    Ok(services)
+}
+
+/// With --freeze, a live pass first: the blocks the store lacks cross
+/// while the host serves, and the frozen pass only hashes the disk and
+/// sends what changed since (as the upgrade's pre-copy). A live pass the
+/// disk outran is no loss (None): the frozen pass catches up.
+async fn live_pass(session: &Session, store: &Store, dev: &Device, ui: &Ui) -> Result<Option<Got>> {
+    ui.say(format!(
+        "a live pass first, while {} serves: the freeze then waits only for what changes \
+         meanwhile",
+        session.host()
+    ));
+    let r = tokio::select! {
+        biased;
+        sig = ui.interrupted() => Err(crate::errors::Interrupted(format!(
+            "{}: the backup stopped in its live pass, before any freeze; run the same \
+             command again: the blocks it already kept are not sent again",
+            Ui::interrupted_text(sig)
+        ))
+        .into()),
+        r = take(session, store, dev, false, ui) => r,
+    };
+    match r {
+        Ok(g) => Ok(Some(g)),
+        Err(e) if format!("{e:#}").contains("changed under drydock faster") => {
+            ui.say(format!("note: the live pass did not finish ({e:#})"));
+            Ok(None)
+        }
+        Err(e) => Err(e),
+    }
+}
+
 struct Got {
     /// The disk's block hashes, as read.
     blocks: Vec<Hash>,
@@ -405,6 +425,9 @@ async fn take(
     Ok(got)
 }
 
+/// The disk hashed by the helper, then up to three rounds of the blocks
+/// the store lacks (pages or whole), then the helper's end. Over 80 lines:
+/// the rounds share the hashes, the sink and the counts.
 async fn with_helper(
     session: &Session,
     remote: &helper::Remote,

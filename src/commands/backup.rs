@@ -59,7 +59,8 @@ pub(crate) fn backups_list(
 
 /// `backups forget` (and `prune --keep N`, its --keep-last): the versions
 /// kept and why, the ones removed, the bytes freed (that would be, with
-/// DRY_RUN).
+/// DRY_RUN). Over 80 lines: its refusals, then one table both as text and
+/// as JSON.
 pub(crate) fn backups_forget(
     (dir, key): (Option<&std::path::Path>, Option<&std::path::Path>),
     keep: backup::forget::Keep,
