@@ -1,4 +1,3 @@
-use std::io::IsTerminal;
 use std::process::ExitCode;
 
 use clap::FromArgMatches;
@@ -32,11 +31,10 @@ fn main() -> ExitCode {
                 .unwrap_or_else(|_| filter.into()),
         )
         .with_writer(drydock::ui::LogWriter)
-        // Colour only for a person's terminal: with --json the line is also
-        // an event's text, which must be plain.
-        .with_ansi(
-            !cli.json && std::io::stderr().is_terminal() && std::env::var_os("NO_COLOR").is_none(),
-        )
+        // No colour: a log line can quote a VPS's bytes, and the reporter
+        // shows every control character escaped (ui/text.rs), so tracing's
+        // own colour codes would be shown escaped too.
+        .with_ansi(false)
         .without_time()
         .with_target(false)
         .init();

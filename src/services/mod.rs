@@ -175,25 +175,7 @@ pub const SCHEDULERS: &[&str] = &[
 /// (escape sequences, OSC 52, carriage returns that rewrite a line) shown
 /// as `\xNN` / `\u{NNNN}`; tabs and newlines kept.
 pub fn printable(s: &str) -> String {
-    let mut out = String::with_capacity(s.len());
-    for c in s.chars() {
-        match c {
-            '\n' | '\t' => out.push(c),
-            c if (c as u32) < 0x20 || c as u32 == 0x7f => {
-                out.push_str(&format!("\\x{:02x}", c as u32))
-            }
-            // C1 controls (a lone 0x9b is a CSI on some terminals) and the
-            // bidirectional overrides that reorder what is shown.
-            c if (0x80..0xa0).contains(&(c as u32))
-                || ('\u{202a}'..='\u{202e}').contains(&c)
-                || ('\u{2066}'..='\u{2069}').contains(&c) =>
-            {
-                out.push_str(&format!("\\u{{{:04x}}}", c as u32))
-            }
-            c => out.push(c),
-        }
-    }
-    out
+    crate::ui::text::shown(s).into_owned()
 }
 
 #[cfg(test)]

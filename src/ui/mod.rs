@@ -13,6 +13,7 @@
 mod log;
 mod reporter;
 mod signals;
+pub mod text;
 
 use std::io::IsTerminal;
 use std::sync::Arc;

@@ -126,6 +126,7 @@ impl<O: Write, E: Write> Out<O, E> {
     /// A line on stderr, above the bars.
     fn line(&mut self, text: &str) {
         let err = &mut self.stderr;
+        let text = super::text::shown(text);
         self.multi.suspend(|| {
             let _ = writeln!(err, "{text}");
             let _ = err.flush();
@@ -192,6 +193,7 @@ impl<O: Write, E: Write> Out<O, E> {
                     self.emit(json);
                 } else if let Some(h) = human {
                     let out = &mut self.stdout;
+                    let h = super::text::shown(&h);
                     self.multi.suspend(|| {
                         let _ = write!(out, "{h}");
                         let _ = out.flush();
@@ -200,6 +202,7 @@ impl<O: Write, E: Write> Out<O, E> {
             }
             Event::Ask { question, reply } => {
                 let err = &mut self.stderr;
+                let question = super::text::shown(&question);
                 self.multi.suspend(|| {
                     let _ = write!(err, "{question}");
                     let _ = err.flush();
@@ -388,6 +391,55 @@ mod tests {
             String::from_utf8_lossy(&o.stderr),
             "hello\nwarning: careful\n INFO recorded the host key\ndrydock: no\n"
         );
+    }
+
+    /// A string from the VPS (a PRETTY_NAME, a unit's journal line, an
+    /// error quoting its output) reaches the terminal with its control
+    /// characters shown escaped, whatever path it takes; the event stream
+    /// keeps the true bytes, JSON-escaped.
+    #[test]
+    fn control_characters_never_reach_the_terminal_but_stay_in_the_json() {
+        let evil = "Debian\u{1b}]52;c;aGk=\u{7}\u{1b}[2J\r\u{9b}31m\u{202e}x";
+        let mut o = out(true);
+        let t = Instant::now();
+        o.handle(Event::Say(format!("is back, running {evil}")), t);
+        o.handle(Event::Warn(evil.into()), t);
+        o.handle(
+            Event::Log {
+                level: "WARN".into(),
+                text: format!(" WARN {evil}"),
+            },
+            t,
+        );
+        o.handle(
+            Event::Failed {
+                message: evil.into(),
+                exit_code: 1,
+            },
+            t,
+        );
+        let err = String::from_utf8(o.stderr.clone()).unwrap();
+        for bad in ['\u{1b}', '\u{7}', '\r', '\u{9b}', '\u{202e}'] {
+            assert!(!err.contains(bad), "{bad:?} reached the terminal: {err:?}");
+        }
+        assert!(
+            err.contains("Debian\\x1b]52;c;aGk=\\x07\\x1b[2J\\x0d\\u{009b}31m"),
+            "{err}"
+        );
+        let l = lines(&o);
+        assert_eq!(l[0]["text"], format!("is back, running {evil}"));
+        assert_eq!(l[3]["message"], evil);
+        // Without --json, a result's text on stdout too.
+        let mut o = out(false);
+        o.handle(
+            Event::Data {
+                json: json!({}),
+                human: Some(format!("{evil}\n")),
+            },
+            t,
+        );
+        let text = String::from_utf8(o.stdout.clone()).unwrap();
+        assert!(!text.contains('\u{1b}'), "{text:?}");
     }
 
     #[test]
