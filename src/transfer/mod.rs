@@ -50,6 +50,13 @@ pub fn check_output(image: &Path) -> Result<()> {
         ));
     }
     let dir = folder_of(image)?;
+    if dir.exists() && !dir.is_dir() {
+        return Err(refused!(
+            "--output: {} is a file, not a folder; choose another path with --output. Nothing \
+             was changed",
+            dir.display()
+        ));
+    }
     if !dir.is_dir() {
         return Err(refused!(
             "the folder {} for the image does not exist; create it, or choose another path \

@@ -362,6 +362,19 @@ fn bad_input_is_refused_with_what_to_do_and_nothing_changes() {
         ),
     );
     assert!(!folder.exists());
+    // A "folder" that is a file: said as such, not as missing.
+    let file = t.path().join("a file");
+    std::fs::write(&file, "mine").unwrap();
+    let o = pull(&sshd, &dev, &file.join("x.img"));
+    assert_exit(&o, 3);
+    assert_stderr(
+        &o,
+        format!(
+            "--output: {} is a file, not a folder; choose another path with --output. Nothing was changed",
+            file.display()
+        ),
+    );
+    assert_eq!(std::fs::read_to_string(&file).unwrap(), "mine");
 
     // A pull of DEV to t/i with `-i KEY` (and no other key).
     let pull_with_key = |key: &std::path::Path| {
