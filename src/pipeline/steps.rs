@@ -41,7 +41,7 @@ pub(super) async fn probe(s: &Session, j: &Journal, dir: &Path, dry: bool) -> Re
     device::require_root(&facts, s)?;
     let dev = device::inspect(s, &facts, j.device.as_deref()).await?;
     let shape = Shape::of(&facts, &dev);
-    vm::check_firmware(&shape)?;
+    vm::check_workstation(&shape)?;
     let plan = plan_of(j, &recipes::Host::from_facts(&facts))?;
     let allowed = if j.network_open {
         Vec::new()

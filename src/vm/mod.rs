@@ -263,6 +263,32 @@ pub fn check_firmware(shape: &shape::Shape) -> Result<()> {
     }
 }
 
+/// What this workstation needs to run a VM of SHAPE (QEMU, qemu-img,
+/// OVMF for UEFI), checked with the probe, before anything moves: a
+/// missing tool found at the rehearsal came after a whole live pull.
+pub fn check_workstation(shape: &shape::Shape) -> Result<()> {
+    for (program, package) in [(QEMU, "qemu-system-x86"), ("qemu-img", "qemu-utils")] {
+        if !in_path(program) {
+            return Err(crate::errors::refused!(
+                "{program} is not installed on this machine, and the worker VM needs it; \
+                 install Debian's package: apt-get install {package}. Nothing was changed"
+            ));
+        }
+    }
+    check_firmware(shape)
+}
+
+/// Whether PROGRAM is an executable file in a folder of $PATH.
+fn in_path(program: &str) -> bool {
+    use std::os::unix::fs::PermissionsExt;
+    std::env::var_os("PATH").is_some_and(|p| {
+        std::env::split_paths(&p).any(|d| {
+            std::fs::metadata(d.join(program))
+                .is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+        })
+    })
+}
+
 /// The spec's firmware files, when its shape says UEFI: OVMF's code and a
 /// variables store of the VM's own in `dir` (made from the template once,
 /// then kept: the boot entries the guest writes survive its reboots, as on

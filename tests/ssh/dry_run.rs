@@ -66,6 +66,35 @@ fn upgrade_dry_run_prints_the_plan_and_changes_nothing() {
     assert!(commands.iter().any(|c| c.ends_with(" full-upgrade")));
     assert!(commands.iter().any(|c| c.ends_with(" autoremove --purge")));
 
+    // A workstation without qemu-img (a PATH of QEMU alone): said with the
+    // probe, before anything moves, with what to install.
+    let only_qemu = t.path().join("only-qemu");
+    std::fs::create_dir(&only_qemu).unwrap();
+    std::os::unix::fs::symlink(
+        "/usr/bin/qemu-system-x86_64",
+        only_qemu.join("qemu-system-x86_64"),
+    )
+    .unwrap();
+    let o = sshd
+        .drydock(&[
+            "upgrade",
+            &sshd.host(),
+            "--to",
+            "debian-13",
+            "--dry-run",
+            "--device",
+            dev.to_str().unwrap(),
+        ])
+        .env("XDG_STATE_HOME", &state)
+        .env("PATH", &only_qemu)
+        .output()
+        .unwrap();
+    assert_exit(&o, 3);
+    assert_stderr(
+        &o,
+        "qemu-img is not installed on this machine, and the worker VM needs it; install Debian's package: apt-get install qemu-utils",
+    );
+
     let o = upgrade("trixie", &[]);
     assert_exit(&o, 0);
     let out = String::from_utf8_lossy(&o.stdout);
