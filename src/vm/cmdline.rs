@@ -289,17 +289,30 @@ pub fn net_args(ssh_port: u16, shape: &Shape, sealed: Option<&NetSeal>) -> Vec<O
     a
 }
 
+/// Where the firmware's debug port writes, beside the serial console.
+pub fn firmware_log(serial_log: &Path) -> PathBuf {
+    serial_log.with_file_name("firmware.log")
+}
+
 pub fn control_args(qmp_socket: &Path, serial_log: &Path) -> Vec<OsString> {
     let mut qmp = OsString::from("unix:");
     qmp.push(qmp_socket);
     qmp.push(",server=on,wait=off");
     let mut serial = OsString::from("file:");
     serial.push(serial_log);
+    // The firmware's own messages (SeaBIOS's "No bootable device.", which
+    // it prints on the screen, not the serial port) on QEMU's debug port.
+    let mut firmware = OsString::from("file,id=firmware,path=");
+    firmware.push(firmware_log(serial_log));
     vec![
         os("-qmp"),
         qmp,
         os("-serial"),
         serial,
+        os("-chardev"),
+        firmware,
+        os("-device"),
+        os("isa-debugcon,iobase=0x402,chardev=firmware"),
         os("-display"),
         os("none"),
         os("-nodefaults"),

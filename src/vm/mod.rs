@@ -175,11 +175,18 @@ impl Vm {
             }
             // A firmware with nothing to boot, a boot loader at its rescue
             // prompt, a kernel panic: nothing comes of waiting longer.
+            let firmware = cmdline::firmware_log(&self.spec.serial_log);
             let tail = serial_tail(&self.spec.serial_log, 40);
-            if let Some(said) = crate::image::bootable::console_gave_up(&tail) {
+            let said = crate::image::bootable::console_gave_up(&tail).or_else(|| {
+                crate::image::bootable::console_gave_up(&serial_tail(&firmware, 10))
+            });
+            if let Some(said) = said {
                 bail!(
-                    "the guest will not come up: {said}; serial console (last lines):\n  {}",
-                    serial_tail(&self.spec.serial_log, 25)
+                    "the guest will not come up: {said}; serial console (last lines):\n  {}\n  \
+                     firmware ({}, last lines):\n  {}",
+                    serial_tail(&self.spec.serial_log, 25),
+                    firmware.display(),
+                    serial_tail(&firmware, 6)
                 );
             }
             if Instant::now() > until {
