@@ -177,9 +177,8 @@ impl Vm {
             // prompt, a kernel panic: nothing comes of waiting longer.
             let firmware = cmdline::firmware_log(&self.spec.serial_log);
             let tail = serial_tail(&self.spec.serial_log, 40);
-            let said = crate::image::bootable::console_gave_up(&tail).or_else(|| {
-                crate::image::bootable::console_gave_up(&serial_tail(&firmware, 10))
-            });
+            let said = crate::image::bootable::console_gave_up(&tail)
+                .or_else(|| crate::image::bootable::console_gave_up(&serial_tail(&firmware, 10)));
             if let Some(said) = said {
                 bail!(
                     "the guest will not come up: {said}; serial console (last lines):\n  {}\n  \

@@ -243,7 +243,7 @@ fn version_names_the_commit_and_the_helper_protocol() {
     let v = stdout(&o);
     let want = format!("drydock {} (commit ", env!("CARGO_PKG_VERSION"));
     assert!(v.starts_with(&want), "{v}");
-    assert!(v.trim_end().ends_with(", helper protocol 2)"), "{v}");
+    assert!(v.trim_end().ends_with(", helper protocol 3)"), "{v}");
 }
 
 /// Output people read: `-q` leaves stderr empty on success and the result
