@@ -25,6 +25,29 @@ fn cmd(sshd: &Sshd, args: &[&str]) -> std::process::Output {
     c.output().unwrap()
 }
 
+/// A fresh sshd, a disk of SIZE bytes whose first DATA bytes are data, and
+/// its first backup into a new store: the sshd, the test's folder, the
+/// disk, the store and the backup's output (exit 0).
+fn backed_up(
+    size: u64,
+    data: u64,
+) -> (
+    Sshd,
+    tempfile::TempDir,
+    std::path::PathBuf,
+    std::path::PathBuf,
+    std::process::Output,
+) {
+    let sshd = Sshd::start();
+    let t = tempdir();
+    let dev = t.path().join("disk");
+    let store = t.path().join("store");
+    make_disk(&dev, size, &[(0, data as usize)], &[]);
+    let o = backup(&sshd, &dev, &store).output().unwrap();
+    assert_exit(&o, 0);
+    (sshd, t, dev, store, o)
+}
+
 /// The store at STORE, opened with the tests' key (what drydock reads).
 fn open_store(sshd: &Sshd, store: &std::path::Path) -> drydock::backup::store::Store {
     drydock::backup::store::Store::open(store, Some(&sshd.home.join("backup.key"))).unwrap()
@@ -176,13 +199,7 @@ fn backups_share_blocks_send_only_what_changed_and_verify_finds_damage() {
 /// version is still the disk exactly (the digest a pull gives; verify).
 #[test]
 fn a_backup_sends_only_the_changed_pages_of_a_changed_block() {
-    let sshd = Sshd::start();
-    let t = tempdir();
-    let dev = t.path().join("disk");
-    let store = t.path().join("store");
-    make_disk(&dev, 64 * MIB, &[(0, 48 * MIB as usize)], &[]);
-    let o = backup(&sshd, &dev, &store).output().unwrap();
-    assert_exit(&o, 0);
+    let (sshd, t, dev, store, _) = backed_up(64 * MIB, 48 * MIB);
     let before = std::fs::read(&dev).unwrap();
 
     const KIB: u64 = 1024;
@@ -607,13 +624,7 @@ fn restore_onto_a_larger_disk_grows_the_last_partition_and_its_ext4() {
 /// machine has no /boot to record). Each says what to do instead.
 #[test]
 fn restore_onto_another_network_is_refused_when_it_cannot_be_adapted() {
-    let sshd = Sshd::start();
-    let t = tempdir();
-    let dev = t.path().join("disk");
-    let store = t.path().join("store");
-    make_disk(&dev, 16 * MIB, &[(0, 4 * MIB as usize)], &[]);
-    let o = backup(&sshd, &dev, &store).output().unwrap();
-    assert_exit(&o, 0);
+    let (sshd, t, _dev, store, o) = backed_up(16 * MIB, 4 * MIB);
     let id = json(&o)["id"].as_str().unwrap().to_string();
     let version = serde_json::to_value(open_store(&sshd, &store).version(&id).unwrap()).unwrap();
     let nic = &version["shape"]["nic"];
@@ -832,13 +843,7 @@ fn a_store_is_encrypted_and_opens_only_with_its_key() {
 /// with no key, each saying it is unencrypted, and it stays so.
 #[test]
 fn a_store_made_before_encryption_is_read_as_it_is_and_said_unencrypted() {
-    let sshd = Sshd::start();
-    let t = tempdir();
-    let dev = t.path().join("disk");
-    let store = t.path().join("store");
-    make_disk(&dev, 16 * MIB, &[(0, 6 * MIB as usize)], &[]);
-    let o = backup(&sshd, &dev, &store).output().unwrap();
-    assert_exit(&o, 0);
+    let (sshd, t, dev, store, o) = backed_up(16 * MIB, 6 * MIB);
     let id = json(&o)["id"].as_str().unwrap().to_string();
     let enc = open_store(&sshd, &store);
     let v = enc.version(&id).unwrap();
@@ -1015,13 +1020,7 @@ fn forget_keeps_what_its_rules_say_and_a_dry_run_changes_nothing() {
 /// (its lock goes with it, as when a run is killed) the backup runs.
 #[test]
 fn a_store_in_use_is_refused_naming_its_holder_and_freed_by_its_end() {
-    let sshd = Sshd::start();
-    let t = tempdir();
-    let dev = t.path().join("disk");
-    let store = t.path().join("store");
-    make_disk(&dev, 8 * MIB, &[(0, 2 * MIB as usize)], &[]);
-    let o = backup(&sshd, &dev, &store).output().unwrap();
-    assert_exit(&o, 0);
+    let (sshd, _t, dev, store, _) = backed_up(8 * MIB, 2 * MIB);
     let before = tree(&store);
     let held = open_store(&sshd, &store).lock().unwrap();
     assert!(
