@@ -64,15 +64,13 @@ pub fn boot_loader_in(head: &[u8]) -> Option<&'static str> {
     mbr_code.then_some("boot code in its MBR")
 }
 
-/// What a VM's serial console (its last lines, TEXT) says when nothing
-/// will come of waiting: the firmware found nothing to boot, the boot
-/// loader fell to its rescue prompt, or the kernel panicked.
+/// What a VM's serial console or firmware log (its last lines, TEXT)
+/// says when nothing will come of waiting: the firmware tried every
+/// device and found nothing to boot, the boot loader fell to its rescue
+/// prompt, or the kernel panicked. One device that fails ("Boot failed:
+/// not a bootable disk") is not the end: the firmware goes on to the next.
 pub fn console_gave_up(text: &str) -> Option<&'static str> {
-    const SIGNS: [(&str, &str); 6] = [
-        (
-            "Boot failed: not a bootable disk",
-            "the firmware found no bootable disk",
-        ),
+    const SIGNS: [(&str, &str); 5] = [
         (
             "No bootable device",
             "the firmware found no bootable device",
@@ -149,7 +147,14 @@ mod tests {
             console_gave_up(
                 "Booting from Hard Disk...\nBoot failed: not a bootable disk\n\nNo bootable device."
             ),
-            Some("the firmware found no bootable disk")
+            Some("the firmware found no bootable device")
+        );
+        // One device failed, the next may boot: not the end.
+        assert_eq!(
+            console_gave_up(
+                "Booting from Hard Disk...\nBoot failed: not a bootable disk\n\nBooting from Hard Disk..."
+            ),
+            None
         );
         assert!(console_gave_up("[  OK  ] Reached target multi-user.target").is_none());
         assert_eq!(
