@@ -154,14 +154,22 @@ pub fn new_key_file(path: &Path) -> Result<Identity> {
         .mode(0o600)
         .open(path)
         .with_context(|| format!("cannot make the key file {}", path.display()))?;
-    write!(
+    let written = write!(
         f,
         "# drydock backup store key, made {}\n# public key: {}\n{}\n",
         crate::util::now(),
         id.to_public(),
         id.to_string().expose_secret()
-    )?;
-    f.sync_all()?;
+    )
+    .and_then(|()| f.sync_all());
+    if let Err(e) = written {
+        // A key file cut short would be taken for a key next time.
+        let _ = std::fs::remove_file(path);
+        return Err(anyhow!(
+            "cannot write the key file {} ({e}); it was removed",
+            path.display()
+        ));
+    }
     Ok(id)
 }
 

@@ -139,16 +139,31 @@ impl Store {
         } else {
             (crypt::new_key_file(key)?, true)
         };
-        for d in [dir.to_path_buf(), dir.join("blocks"), dir.join("versions")] {
-            std::fs::create_dir_all(&d).with_context(|| format!("cannot make {}", d.display()))?;
-            set_mode(&d, 0o700)?;
-        }
-        let keys = crypt::init(dir, &user)?;
-        write_atomic(
-            &dir.join("store.json"),
-            serde_json::to_string(&serde_json::json!({ "format": FORMAT, "encryption": "age" }))?
-                .as_bytes(),
-        )?;
+        let existed = dir.exists();
+        let keys = Store::lay_out(dir, &user).map_err(|e| {
+            // A store half made would be refused next time as a folder
+            // that is not a store: what was made goes again.
+            if existed {
+                for p in ["store.json", "keys", "blocks", "versions"] {
+                    let p = dir.join(p);
+                    let _ = std::fs::remove_dir_all(&p).or_else(|_| std::fs::remove_file(&p));
+                }
+            } else {
+                let _ = std::fs::remove_dir_all(dir);
+            }
+            if made {
+                let _ = std::fs::remove_file(key);
+            }
+            e.context(format!(
+                "the new store {} could not be made; nothing of it was kept{}",
+                dir.display(),
+                if made {
+                    ", nor the key file made for it"
+                } else {
+                    ""
+                }
+            ))
+        })?;
         Ok((
             Store {
                 dir: dir.to_path_buf(),
@@ -156,6 +171,21 @@ impl Store {
             },
             made,
         ))
+    }
+
+    /// A new store's folders, its key for USER and its store.json, last.
+    fn lay_out(dir: &Path, user: &age::x25519::Identity) -> Result<Keys> {
+        for d in [dir.to_path_buf(), dir.join("blocks"), dir.join("versions")] {
+            std::fs::create_dir_all(&d).with_context(|| format!("cannot make {}", d.display()))?;
+            set_mode(&d, 0o700)?;
+        }
+        let keys = crypt::init(dir, user)?;
+        write_atomic(
+            &dir.join("store.json"),
+            serde_json::to_string(&serde_json::json!({ "format": FORMAT, "encryption": "age" }))?
+                .as_bytes(),
+        )?;
+        Ok(keys)
     }
 
     /// The store at DIR, which must exist, unlocked with the user's KEY
@@ -525,4 +555,29 @@ fn set_mode(p: &Path, mode: u32) -> Result<()> {
     use std::os::unix::fs::PermissionsExt;
     std::fs::set_permissions(p, std::fs::Permissions::from_mode(mode))
         .with_context(|| format!("cannot set the mode of {}", p.display()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A new store that cannot be made leaves nothing: not the key file
+    /// made for it (a key of no store, taken for the store's key later).
+    #[test]
+    fn a_store_that_cannot_be_made_keeps_no_key_made_for_it() {
+        let t = tempfile::tempdir().unwrap();
+        let file = t.path().join("a file");
+        std::fs::write(&file, "mine").unwrap();
+        let key = t.path().join("new.key");
+        let e = Store::create(&file.join("store"), Some(&key))
+            .err()
+            .expect("refused");
+        assert!(
+            format!("{e:#}")
+                .contains("could not be made; nothing of it was kept, nor the key file"),
+            "{e:#}"
+        );
+        assert!(!key.exists());
+        assert_eq!(std::fs::read_to_string(&file).unwrap(), "mine");
+    }
 }
