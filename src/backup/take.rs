@@ -351,13 +351,18 @@ async fn live_pass(session: &Session, store: &Store, dev: &Device, ui: &Ui) -> R
     };
     match r {
         Ok(g) => Ok(Some(g)),
-        Err(e) if format!("{e:#}").contains("changed under drydock faster") => {
+        Err(e) if format!("{e:#}").contains(OUTRAN) => {
             ui.say(format!("note: the live pass did not finish ({e:#})"));
             Ok(None)
         }
         Err(e) => Err(e),
     }
 }
+
+/// What a live disk that moved faster than it was read is said to have
+/// done; the live pass before a freeze knows that failure by it (the
+/// error reaches it as the resumable error's text).
+const OUTRAN: &str = "changed under drydock faster than it could be read";
 
 struct Got {
     /// The disk's block hashes, as read.
@@ -487,8 +492,8 @@ async fn with_helper(
         }
         if round == 2 {
             bail!(
-                "{} changed under drydock faster than it could be read ({} blocks still \
-                 missing after two rounds); back it up with --freeze",
+                "{} {OUTRAN} ({} blocks still missing after two rounds); back it up with \
+                 --freeze",
                 dev.path,
                 fetch.len()
             );
