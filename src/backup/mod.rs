@@ -188,6 +188,16 @@ pub struct StoreFigures {
     pub unlisted_bytes: u64,
 }
 
+/// A version's time (RFC 3339, UTC) as the tables show it:
+/// `2026-12-07 04:00:00`.
+pub fn shown_time(created: &str) -> String {
+    created
+        .chars()
+        .take(19)
+        .collect::<String>()
+        .replace('T', " ")
+}
+
 pub fn human_list(rows: &[Listed], f: &StoreFigures) -> String {
     let mut s = format!(
         "{} ({})\n",
@@ -210,11 +220,7 @@ pub fn human_list(rows: &[Listed], f: &StoreFigures) -> String {
         s.push_str(&format!(
             "  {:<17} {:<20} {:<10} {:>10} {:>10} {:>10}\n",
             r.id,
-            r.created
-                .chars()
-                .take(19)
-                .collect::<String>()
-                .replace('T', " "),
+            shown_time(&r.created),
             match r.consistency {
                 store::Consistency::Frozen => "frozen",
                 store::Consistency::CrashConsistent => "live",

@@ -113,11 +113,7 @@ pub(crate) fn backups_forget(
                 (false, false) => "remove",
             },
             d.id,
-            d.created
-                .chars()
-                .take(19)
-                .collect::<String>()
-                .replace('T', " "),
+            backup::shown_time(&d.created),
             d.reasons.join(", ")
         ));
     }
