@@ -25,6 +25,25 @@ fn cmd(sshd: &Sshd, args: &[&str]) -> std::process::Output {
     c.output().unwrap()
 }
 
+/// A fresh sshd, the test's folder, a disk in it of SIZE bytes whose first
+/// DATA bytes are data, and where its store goes (not made).
+fn disk_and_store(
+    size: u64,
+    data: u64,
+) -> (
+    Sshd,
+    tempfile::TempDir,
+    std::path::PathBuf,
+    std::path::PathBuf,
+) {
+    let sshd = Sshd::start();
+    let t = tempdir();
+    let dev = t.path().join("disk");
+    let store = t.path().join("store");
+    make_disk(&dev, size, &[(0, data as usize)], &[]);
+    (sshd, t, dev, store)
+}
+
 /// A fresh sshd, a disk of SIZE bytes whose first DATA bytes are data, and
 /// its first backup into a new store: the sshd, the test's folder, the
 /// disk, the store and the backup's output (exit 0).
@@ -38,11 +57,7 @@ fn backed_up(
     std::path::PathBuf,
     std::process::Output,
 ) {
-    let sshd = Sshd::start();
-    let t = tempdir();
-    let dev = t.path().join("disk");
-    let store = t.path().join("store");
-    make_disk(&dev, size, &[(0, data as usize)], &[]);
+    let (sshd, t, dev, store) = disk_and_store(size, data);
     let o = backup(&sshd, &dev, &store).output().unwrap();
     assert_exit(&o, 0);
     (sshd, t, dev, store, o)
@@ -68,11 +83,7 @@ fn block_file(sshd: &Sshd, store: &std::path::Path, hash: &str) -> std::path::Pa
 /// blocks, and the one kept still verifies.
 #[test]
 fn backups_share_blocks_send_only_what_changed_and_verify_finds_damage() {
-    let sshd = Sshd::start();
-    let t = tempdir();
-    let dev = t.path().join("disk");
-    let store = t.path().join("store");
-    make_disk(&dev, 256 * MIB, &[(0, 200 * MIB as usize)], &[]);
+    let (sshd, t, dev, store) = disk_and_store(256 * MIB, 200 * MIB);
 
     let o = backup(&sshd, &dev, &store).output().unwrap();
     assert_exit(&o, 0);
@@ -272,11 +283,7 @@ fn a_backup_sends_only_the_changed_pages_of_a_changed_block() {
 /// without sending them again, and verifies.
 #[test]
 fn a_cut_backup_lists_nothing_and_the_same_backup_finishes_it() {
-    let sshd = Sshd::start();
-    let t = tempdir();
-    let dev = t.path().join("disk");
-    let store = t.path().join("store");
-    make_disk(&dev, 96 * MIB, &[(0, 64 * MIB as usize)], &[]);
+    let (sshd, _t, dev, store) = disk_and_store(96 * MIB, 64 * MIB);
     // After the helper's install, part way into the blocks.
     let relay = Relay::start_down(sshd.port, 24 * MIB);
     let mut c = sshd.drydock(&[
@@ -402,11 +409,7 @@ fn restore(sshd: &Sshd, id: &str, dev: &std::path::Path, store: &std::path::Path
 /// does not fit is refused, unchanged.
 #[test]
 fn restore_onto_the_same_disk_writes_only_what_differs() {
-    let sshd = Sshd::start();
-    let t = tempdir();
-    let dev = t.path().join("disk");
-    let store = t.path().join("store");
-    make_disk(&dev, 64 * MIB, &[(0, 40 * MIB as usize)], &[]);
+    let (sshd, t, dev, store) = disk_and_store(64 * MIB, 40 * MIB);
     let then = sha256_file(&dev);
     let o = backup(&sshd, &dev, &store).output().unwrap();
     assert_exit(&o, 0);
@@ -726,11 +729,7 @@ fn age_decrypt(key: &std::path::Path, file: &std::path::Path) -> Vec<u8> {
 /// key is not made.
 #[test]
 fn a_store_is_encrypted_and_opens_only_with_its_key() {
-    let sshd = Sshd::start();
-    let t = tempdir();
-    let dev = t.path().join("disk");
-    let store = t.path().join("store");
-    make_disk(&dev, 16 * MIB, &[(0, 12 * MIB as usize)], &[]);
+    let (sshd, t, dev, store) = disk_and_store(16 * MIB, 12 * MIB);
     let secret = b"-----BEGIN OPENSSH PRIVATE KEY----- drydock-test-secret";
     for k in 0..8u64 {
         write_at(&dev, secret, k * MIB + 1000);
@@ -907,11 +906,7 @@ fn a_store_made_before_encryption_is_read_as_it_is_and_said_unencrypted() {
 /// all is refused.
 #[test]
 fn forget_keeps_what_its_rules_say_and_a_dry_run_changes_nothing() {
-    let sshd = Sshd::start();
-    let t = tempdir();
-    let dev = t.path().join("disk");
-    let store = t.path().join("store");
-    make_disk(&dev, 16 * MIB, &[(0, 4 * MIB as usize)], &[]);
+    let (sshd, _t, dev, store) = disk_and_store(16 * MIB, 4 * MIB);
     let times = [
         "2025-12-01T04:00:00Z",
         "2026-11-01T04:00:00Z",
