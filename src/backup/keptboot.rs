@@ -25,9 +25,15 @@ impl Store {
         if !self.encrypted() {
             return Ok(self.dir.join("versions").join(".boot.tmp"));
         }
-        Ok(self
-            .layout_dir("backups-boot")?
-            .join(format!("{}.boot.tmp", self.name())))
+        Ok(self.layout_dir("backups-boot")?.join(format!(
+            "{}-{}.boot.tmp",
+            self.name(),
+            // Two stores of one folder name (--store /a/vps, /b/vps)
+            // back up at once without sharing it.
+            &crate::image::manifest::to_hex(&crate::image::manifest::sha256(
+                self.dir.as_os_str().as_encoded_bytes()
+            ))[..12]
+        )))
     }
 
     /// Move the boot files recorded in `boot_tmp` to version ID's folder
