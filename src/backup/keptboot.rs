@@ -31,7 +31,9 @@ impl Store {
             // Two stores of one folder name (--store /a/vps, /b/vps)
             // back up at once without sharing it.
             &crate::image::manifest::to_hex(&crate::image::manifest::sha256(
-                self.dir.as_os_str().as_encoded_bytes()
+                std::path::absolute(&self.dir)?
+                    .as_os_str()
+                    .as_encoded_bytes()
             ))[..12]
         )))
     }
