@@ -70,7 +70,7 @@ pub fn boot_loader_in(head: &[u8]) -> Option<&'static str> {
 /// prompt, or the kernel panicked. One device that fails ("Boot failed:
 /// not a bootable disk") is not the end: the firmware goes on to the next.
 pub fn console_gave_up(text: &str) -> Option<&'static str> {
-    const SIGNS: [(&str, &str); 5] = [
+    const SIGNS: [(&str, &str); 6] = [
         (
             "No bootable device",
             "the firmware found no bootable device",
@@ -83,6 +83,12 @@ pub fn console_gave_up(text: &str) -> Option<&'static str> {
         ("Kernel panic - not syncing", "the kernel panicked"),
         (
             "Give root password for maintenance",
+            "init fell to its emergency shell",
+        ),
+        // systemd's own words, also where root is locked (cloud images),
+        // where sulogin asks for no password.
+        (
+            "You are in emergency mode",
             "init fell to its emergency shell",
         ),
     ];
@@ -157,6 +163,13 @@ mod tests {
             None
         );
         assert!(console_gave_up("[  OK  ] Reached target multi-user.target").is_none());
+        assert_eq!(
+            console_gave_up(
+                "You are in emergency mode. After logging in, type \"journalctl -xb\" to view\n\
+                 Cannot open access to console, the root account is locked."
+            ),
+            Some("init fell to its emergency shell")
+        );
         assert_eq!(
             console_gave_up("error: no such partition.\nEntering rescue mode...\ngrub rescue> "),
             Some("GRUB fell to its rescue prompt")
