@@ -47,6 +47,7 @@ use anyhow::{Context, Result, anyhow};
 use hmac::{Hmac, KeyInit, Mac};
 use sha2::{Digest, Sha256};
 
+use super::backend::Backend;
 use crate::errors::{refused, usage};
 
 /// What a store's files are written with.
@@ -195,7 +196,7 @@ fn keys_of(identity: Identity) -> Keys {
 
 /// A new store's key, made at random and kept in DIR/keys encrypted to
 /// USER.
-pub fn init(dir: &Path, user: &Identity) -> Result<Keys> {
+pub fn init(fs: &dyn Backend, dir: &Path, user: &Identity) -> Result<Keys> {
     let store_key = Identity::generate();
     let text = format!(
         "# drydock backup store key (the blocks and versions are encrypted to it)\n# public \
@@ -205,31 +206,29 @@ pub fn init(dir: &Path, user: &Identity) -> Result<Keys> {
     );
     let sealed = age::encrypt(&user.to_public(), text.as_bytes())
         .map_err(|e| anyhow!("cannot encrypt the store's key: {e}"))?;
-    let keys = dir.join("keys");
-    std::fs::create_dir_all(&keys)?;
-    crate::util::write_atomic(&slot(dir, user), &sealed)?;
+    fs.make_dir(&dir.join("keys"))?;
+    fs.write_atomic(&slot(dir, user), &sealed)?;
     Ok(keys_of(store_key))
 }
 
 /// DIR's key, unlocked with USER (read from KEY_FILE, for the messages).
-pub fn unlock(dir: &Path, user: &Identity, key_file: &Path) -> Result<Keys> {
+pub fn unlock(fs: &dyn Backend, dir: &Path, user: &Identity, key_file: &Path) -> Result<Keys> {
     let p = slot(dir, user);
-    let sealed = match std::fs::read(&p) {
+    let sealed = match fs.read(&p) {
         Ok(b) => b,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
             return Err(refused!(
                 "{} is not a key of the store {} (it has {} key(s) in {}, none for this one); \
                  give the key file the store was made with. Nothing was read or changed",
                 key_file.display(),
-                dir.display(),
-                std::fs::read_dir(dir.join("keys"))
-                    .map(|r| r.count())
-                    .unwrap_or(0),
-                dir.join("keys").display()
+                fs.show(dir),
+                fs.list(&dir.join("keys")).map(|r| r.len()).unwrap_or(0),
+                fs.show(&dir.join("keys"))
             ));
         }
-        Err(e) => return Err(anyhow!("cannot read {}: {e}", p.display())),
+        Err(e) => return Err(anyhow!("cannot read {}: {e}", fs.show(&p))),
     };
+    let p = PathBuf::from(fs.show(&p));
     let text = age::decrypt(user, &sealed).map_err(|e| {
         anyhow!(
             "{} does not decrypt with {} ({e}): it is damaged",
@@ -249,6 +248,7 @@ pub fn unlock(dir: &Path, user: &Identity, key_file: &Path) -> Result<Keys> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::backup::backend::Local;
 
     #[test]
     fn a_store_key_round_trips_and_names_hide_the_hash() {
@@ -259,8 +259,8 @@ mod tests {
             read_key_file(&user_file).unwrap().to_public().to_string(),
             user.to_public().to_string()
         );
-        let keys = init(t.path(), &user).unwrap();
-        let again = unlock(t.path(), &user, &user_file).unwrap();
+        let keys = init(&Local, t.path(), &user).unwrap();
+        let again = unlock(&Local, t.path(), &user, &user_file).unwrap();
         let h = hex::encode(Sha256::digest(b"block"));
         let name = keys.block_name(&h);
         assert_ne!(name, h);
@@ -271,7 +271,7 @@ mod tests {
         // Another user's key is no key of this store, and changes nothing.
         let other_file = t.path().join("other.key");
         let other = new_key_file(&other_file).unwrap();
-        let e = unlock(t.path(), &other, &other_file).err().unwrap();
+        let e = unlock(&Local, t.path(), &other, &other_file).err().unwrap();
         assert!(
             format!("{e:#}").contains("is not a key of the store"),
             "{e:#}"

@@ -19,66 +19,82 @@ impl Store {
     }
 
     /// Where a backup records the boot files before its version has an
-    /// id: in the store, or for an encrypted store in the state folder
-    /// (0700), never in the clear beside its encrypted files.
+    /// id: always on this machine; in a plain local store, in the store;
+    /// for an encrypted or a remote one in the state folder (0700), never
+    /// in the clear beside its encrypted files.
     pub fn boot_tmp(&self) -> Result<PathBuf> {
-        if !self.encrypted() {
+        if !self.encrypted() && !self.remote() {
             return Ok(self.dir.join("versions").join(".boot.tmp"));
         }
+        let place = if self.remote() {
+            self.location()
+        } else {
+            std::path::absolute(&self.dir)?.display().to_string()
+        };
         Ok(self.layout_dir("backups-boot")?.join(format!(
             "{}-{}.boot.tmp",
             self.name(),
             // Two stores of one folder name (--store /a/vps, /b/vps)
             // back up at once without sharing it.
-            &crate::image::manifest::to_hex(&crate::image::manifest::sha256(
-                std::path::absolute(&self.dir)?
-                    .as_os_str()
-                    .as_encoded_bytes()
-            ))[..12]
+            &crate::image::manifest::to_hex(&crate::image::manifest::sha256(place.as_bytes()))
+                [..12]
         )))
+    }
+
+    /// The boot files recorded for a version not taken.
+    pub fn forget_boot_tmp(&self) {
+        if let Ok(t) = self.boot_tmp() {
+            let _ = std::fs::remove_dir_all(t);
+        }
     }
 
     /// Move the boot files recorded in `boot_tmp` to version ID's folder
     /// (a kernel or initrd an older version held was linked there, not
     /// copied again: `bootfiles::fetch_reusing`), each file encrypted in
-    /// an encrypted store.
+    /// an encrypted store, sent in a remote one.
     pub fn keep_boot(&self, id: &str) -> Result<Option<PathBuf>> {
         let tmp = self.boot_tmp()?;
         if !crate::remote::bootfiles::BootFiles::recorded_in(&tmp) {
             return Ok(None);
         }
         let dir = self.boot_dir(id);
-        if !self.encrypted() {
+        if !self.encrypted() && !self.remote() {
             std::fs::rename(&tmp, &dir)?;
             return Ok(Some(dir));
         }
         let part = dir.with_extension("boot.tmp");
-        let _ = std::fs::remove_dir_all(&part);
-        std::fs::create_dir_all(&part)?;
+        self.fs.remove_dir_all(&part)?;
+        self.fs.make_dir(&part)?;
         for f in std::fs::read_dir(&tmp)?.flatten() {
             let plain = std::fs::read(f.path())?;
-            let name = format!("{}.age", f.file_name().to_string_lossy());
-            write_atomic(&part.join(name), &self.keys.seal(&plain)?)?;
+            let name = format!("{}{}", f.file_name().to_string_lossy(), self.keys.suffix());
+            self.fs
+                .write_atomic(&part.join(name), &self.keys.seal(&plain)?)?;
         }
-        std::fs::rename(&part, &dir)?;
+        self.fs.rename(&part, &dir)?;
         std::fs::remove_dir_all(&tmp)?;
         Ok(Some(dir))
     }
 
     /// Whether version ID has its boot files.
     pub fn has_boot(&self, id: &str) -> bool {
-        crate::remote::bootfiles::BootFiles::recorded_as(&self.boot_dir(id), self.keys.suffix())
+        let record = crate::remote::bootfiles::RECORD;
+        self.fs.exists(
+            &self
+                .boot_dir(id)
+                .join(format!("{record}{}", self.keys.suffix())),
+        )
     }
 
     /// Version ID's boot files in the clear, or None if it has none: its
-    /// folder in a plain store; in an encrypted one, a copy decrypted into
-    /// the state folder (0700), made again on each call.
+    /// folder in a plain local store; in an encrypted or a remote one, a
+    /// copy (decrypted) in the state folder (0700), made again on each call.
     pub fn boot_files(&self, id: &str) -> Result<Option<PathBuf>> {
         let dir = self.boot_dir(id);
-        if !dir.is_dir() {
+        if !self.fs.is_dir(&dir) {
             return Ok(None);
         }
-        if !self.encrypted() {
+        if !self.encrypted() && !self.remote() {
             return Ok(Some(dir));
         }
         let out = self
@@ -86,12 +102,18 @@ impl Store {
             .join(format!("{}-{id}.boot", self.name()));
         let _ = std::fs::remove_dir_all(&out);
         crate::paths::private_dir(&out)?;
-        for f in std::fs::read_dir(&dir)?.flatten() {
-            let name = f.file_name().to_string_lossy().to_string();
-            let Some(plain_name) = name.strip_suffix(".age") else {
+        for f in self.fs.list(&dir)? {
+            let Some(plain_name) = f.name.strip_suffix(self.keys.suffix()) else {
                 continue;
             };
-            let plain = self.keys.open(&std::fs::read(f.path())?, &f.path())?;
+            let p = dir.join(&f.name);
+            let stored = self
+                .fs
+                .read(&p)
+                .map_err(|e| anyhow::anyhow!("cannot read {}: {e}", self.show(&p)))?;
+            let plain = self
+                .keys
+                .open(&stored, std::path::Path::new(&self.show(&p)))?;
             write_atomic(&out.join(plain_name), &plain)?;
         }
         Ok(Some(out))

@@ -15,6 +15,7 @@ use anyhow::Result;
 use serde::Serialize;
 
 pub mod adapt;
+pub mod backend;
 pub mod crypt;
 pub mod forget;
 mod grow;
@@ -23,7 +24,9 @@ mod pages;
 pub mod proof;
 mod readback;
 pub mod restore;
+mod sftp;
 pub mod store;
+mod storeurl;
 pub mod take;
 
 use store::{Store, Version};
@@ -82,7 +85,7 @@ pub fn find(id: &str, dir: Option<&Path>, key: Option<&Path>) -> Result<(Store, 
     }
     let mut hits = Vec::new();
     for s in all {
-        if s.version_path(id).exists() {
+        if s.has_version(id) {
             hits.push(s);
         }
     }
@@ -101,7 +104,7 @@ pub fn find(id: &str, dir: Option<&Path>, key: Option<&Path>) -> Result<(Store, 
             "version {id} is in {} stores ({}); say which with --store DIR",
             hits.len(),
             hits.iter()
-                .map(|s| s.dir.display().to_string())
+                .map(|s| s.location())
                 .collect::<Vec<_>>()
                 .join(", ")
         )),
@@ -145,7 +148,7 @@ pub fn list(store: &Store) -> Result<(Vec<Listed>, StoreFigures)> {
             .sum();
         let m = &v.manifest;
         out.push(Listed {
-            store: store.dir.clone(),
+            store: store.location().into(),
             id: v.id.clone(),
             created: v.created.clone(),
             host: m.source.as_ref().map(|s| s.host.clone()),
@@ -160,7 +163,7 @@ pub fn list(store: &Store) -> Result<(Vec<Listed>, StoreFigures)> {
     }
     let used: std::collections::BTreeSet<&String> = sets.iter().flatten().collect();
     let figures = StoreFigures {
-        store: store.dir.clone(),
+        store: store.location().into(),
         encrypted: store.encrypted(),
         versions: versions.len() as u64,
         bytes: sizes.values().sum(),

@@ -62,10 +62,10 @@ impl Store {
         if !damaged.is_empty() {
             for h in damaged.keys() {
                 let p = self.block_path(h);
-                if p.exists() {
+                if self.fs.exists(&p) {
                     let mut aside = p.clone().into_os_string();
                     aside.push(".damaged");
-                    std::fs::rename(&p, &aside).ok();
+                    self.fs.rename(&p, Path::new(&aside)).ok();
                 }
             }
             let users: Vec<String> = self

@@ -220,7 +220,7 @@ pub async fn restore(
     let (push, gpt_relocated, grown, network_files, (boot_proof, nothing_to_boot)) = res?;
     Ok(RestoreReport {
         id: v.id.clone(),
-        store: store.dir.clone(),
+        store: store.location().into(),
         version_size: size,
         disk_size: dev.size,
         gpt_relocated,

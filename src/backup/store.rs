@@ -34,8 +34,6 @@
 //! reused by the next backup (or removed by `backups prune`).
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::fs::File;
-use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result, anyhow, bail};
@@ -43,9 +41,10 @@ use serde::{Deserialize, Serialize};
 
 use crate::errors::{refused, usage};
 use crate::image::manifest::{Manifest, block_len, sha256, to_hex, zero_hash};
-use crate::util::write_atomic;
 
+use super::backend::{self, Backend, Local};
 use super::crypt::{self, Keys};
+use super::sftp::{Remote, StoreUrl};
 
 /// A store made before encryption: read and written as it is.
 pub const FORMAT_PLAIN: &str = "drydock-backups/1";
@@ -106,23 +105,51 @@ impl Version {
 }
 
 pub struct Store {
+    /// The store's folder: here, or on the store host (`fs`).
     pub dir: PathBuf,
     pub(super) keys: Keys,
+    pub(super) fs: Box<dyn Backend>,
+}
+
+/// The command line's ssh config file (-F) and --accept-new-host-key,
+/// which a store over SSH is reached with too (the other ssh options and
+/// -i are the VPS's: the store host's go in the ssh config).
+static STORE_SSH: std::sync::OnceLock<(Option<PathBuf>, bool)> = std::sync::OnceLock::new();
+
+/// Set once, by a command that connects to a VPS, before it opens a store.
+pub fn reach_store_with(config: Option<PathBuf>, accept_new_host_key: bool) {
+    let _ = STORE_SSH.set((config, accept_new_host_key));
+}
+
+/// The folder a --store names, and where its files are: a local path, or
+/// `ssh://[user@]host[:port]/PATH` (connected to here).
+fn reach(dir: &Path) -> Result<(PathBuf, Box<dyn Backend>)> {
+    match StoreUrl::parse(&dir.to_string_lossy()) {
+        None => Ok((dir.to_path_buf(), Box::new(Local))),
+        Some(url) => {
+            let url = url?;
+            let (config, accept_new) = STORE_SSH.get().cloned().unwrap_or_default();
+            let (args, _) = crate::ssh::SshArgs::checked(config, Vec::new())?;
+            let remote = Remote::connect(&url, &args, accept_new)?;
+            Ok((url.path.clone(), Box::new(remote)))
+        }
+    }
 }
 
 impl Store {
     /// The store at DIR, made (0700) if it does not exist: encrypted to
     /// the user's KEY file (made too if it does not exist; said on
     /// stderr by the caller from `made_key`).
-    pub fn create(dir: &Path, key: Option<&Path>) -> Result<(Store, bool)> {
-        not_a_url(dir)?;
-        if dir.join("store.json").exists() {
-            return Ok((Store::open(dir, key)?, false));
+    pub fn create(given: &Path, key: Option<&Path>) -> Result<(Store, bool)> {
+        let (dir, fs) = reach(given)?;
+        let dir = dir.as_path();
+        if fs.exists(&dir.join("store.json")) {
+            return Store::opened(dir, fs, key).map(|s| (s, false));
         }
-        if dir.exists() && std::fs::read_dir(dir)?.next().is_some() {
+        if fs.list(dir).is_ok_and(|l| !l.is_empty()) {
             return Err(refused!(
                 "{} is not empty and is not a drydock backup store; give another --store",
-                dir.display()
+                fs.show(dir)
             ));
         }
         let Some(key) = key else {
@@ -131,7 +158,7 @@ impl Store {
                  (or DRYDOCK_KEY_FILE=FILE), an age key file; drydock makes FILE if it does \
                  not exist. Keep a copy of it away from the store: without it nothing in the \
                  store can be read. Nothing was made",
-                dir.display()
+                fs.show(dir)
             ));
         };
         let (user, made) = if key.exists() {
@@ -139,24 +166,24 @@ impl Store {
         } else {
             (crypt::new_key_file(key)?, true)
         };
-        let existed = dir.exists();
-        let keys = Store::lay_out(dir, &user).map_err(|e| {
+        let existed = fs.is_dir(dir);
+        let keys = Store::lay_out(&*fs, dir, &user).map_err(|e| {
             // A store half made would be refused next time as a folder
             // that is not a store: what was made goes again.
             if existed {
                 for p in ["store.json", "keys", "blocks", "versions"] {
                     let p = dir.join(p);
-                    let _ = std::fs::remove_dir_all(&p).or_else(|_| std::fs::remove_file(&p));
+                    let _ = fs.remove_dir_all(&p).or_else(|_| fs.remove_file(&p));
                 }
             } else {
-                let _ = std::fs::remove_dir_all(dir);
+                let _ = fs.remove_dir_all(dir);
             }
             if made {
                 let _ = std::fs::remove_file(key);
             }
             e.context(format!(
                 "the new store {} could not be made; nothing of it was kept{}",
-                dir.display(),
+                fs.show(dir),
                 if made {
                     ", nor the key file made for it"
                 } else {
@@ -168,19 +195,22 @@ impl Store {
             Store {
                 dir: dir.to_path_buf(),
                 keys,
+                fs,
             },
             made,
         ))
     }
 
     /// A new store's folders, its key for USER and its store.json, last.
-    fn lay_out(dir: &Path, user: &age::x25519::Identity) -> Result<Keys> {
+    fn lay_out(fs: &dyn Backend, dir: &Path, user: &age::x25519::Identity) -> Result<Keys> {
         for d in [dir.to_path_buf(), dir.join("blocks"), dir.join("versions")] {
-            std::fs::create_dir_all(&d).with_context(|| format!("cannot make {}", d.display()))?;
-            set_mode(&d, 0o700)?;
+            fs.make_dir(&d)?;
         }
-        let keys = crypt::init(dir, user)?;
-        write_atomic(
+        if fs.show(dir) == dir.display().to_string() {
+            set_mode(dir, 0o700)?;
+        }
+        let keys = crypt::init(fs, dir, user)?;
+        fs.write_atomic(
             &dir.join("store.json"),
             serde_json::to_string(&serde_json::json!({ "format": FORMAT, "encryption": "age" }))?
                 .as_bytes(),
@@ -190,22 +220,26 @@ impl Store {
 
     /// The store at DIR, which must exist, unlocked with the user's KEY
     /// file (a store made before encryption needs none).
-    pub fn open(dir: &Path, key: Option<&Path>) -> Result<Store> {
-        not_a_url(dir)?;
+    pub fn open(given: &Path, key: Option<&Path>) -> Result<Store> {
+        let (dir, fs) = reach(given)?;
+        Store::opened(&dir, fs, key)
+    }
+
+    fn opened(dir: &Path, fs: Box<dyn Backend>, key: Option<&Path>) -> Result<Store> {
         let meta = dir.join("store.json");
-        let text = std::fs::read_to_string(&meta).map_err(|e| {
+        let text = fs.read(&meta).map_err(|e| {
             if e.kind() == std::io::ErrorKind::NotFound {
                 usage!(
                     "{} is not a drydock backup store (no store.json); `drydock backup HOST \
                      --store DIR` makes one",
-                    dir.display()
+                    fs.show(dir)
                 )
             } else {
-                anyhow!("cannot read {}: {e}", meta.display())
+                anyhow!("cannot read {}: {e}", fs.show(&meta))
             }
         })?;
-        let v: serde_json::Value = serde_json::from_str(&text)
-            .with_context(|| format!("{} is damaged", meta.display()))?;
+        let v: serde_json::Value = serde_json::from_slice(&text)
+            .with_context(|| format!("{} is damaged", fs.show(&meta)))?;
         let keys = if v["format"] == FORMAT_PLAIN {
             Keys::Plain
         } else if v["format"] == FORMAT && v["encryption"] == "age" {
@@ -213,15 +247,15 @@ impl Store {
                 return Err(usage!(
                     "{} is encrypted: give its key file with --key-file FILE (or \
                      DRYDOCK_KEY_FILE=FILE). Nothing was read or changed",
-                    dir.display()
+                    fs.show(dir)
                 ));
             };
-            crypt::unlock(dir, &crypt::read_key_file(key)?, key)?
+            crypt::unlock(&*fs, dir, &crypt::read_key_file(key)?, key)?
         } else {
             bail!(
                 "{} is a store of format {} ({}); this drydock reads {FORMAT_PLAIN} and {FORMAT} \
                  (age)",
-                dir.display(),
+                fs.show(dir),
                 v["format"],
                 v["encryption"]
             );
@@ -229,7 +263,24 @@ impl Store {
         Ok(Store {
             dir: dir.to_path_buf(),
             keys,
+            fs,
         })
+    }
+
+    /// The store as the user would type it (a local path, or its
+    /// `ssh://` address).
+    pub fn location(&self) -> String {
+        self.fs.show(&self.dir)
+    }
+
+    /// P, a file of the store, as the user would type it.
+    pub fn show(&self, p: &Path) -> String {
+        self.fs.show(p)
+    }
+
+    /// Whether the store is on another machine.
+    pub fn remote(&self) -> bool {
+        self.location() != self.dir.display().to_string()
     }
 
     /// Whether its blocks, versions and boot files are encrypted.
@@ -238,53 +289,9 @@ impl Store {
     }
 
     /// Take the store for a change (a backup, a forget): one at a time.
-    /// The lock is the kernel's (flock), so a run that crashed or was
-    /// killed holds nothing; the file says who holds it, for the refusal.
-    pub fn lock(&self) -> Result<File> {
-        use std::io::{Read, Seek};
-        let p = self.dir.join("lock");
-        let mut f = std::fs::OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(false)
-            .open(&p)
-            .with_context(|| format!("cannot open {}", p.display()))?;
-        match f.try_lock() {
-            Ok(()) => {
-                let holder = format!(
-                    "drydock (pid {}) on {}, `{}`, since {}\n",
-                    std::process::id(),
-                    std::fs::read_to_string("/proc/sys/kernel/hostname")
-                        .unwrap_or_default()
-                        .trim(),
-                    std::env::args().skip(1).collect::<Vec<_>>().join(" "),
-                    crate::util::now()
-                );
-                f.set_len(0)?;
-                f.rewind()?;
-                f.write_all(holder.as_bytes())?;
-                Ok(f)
-            }
-            Err(std::fs::TryLockError::WouldBlock) => {
-                let mut holder = String::new();
-                let _ = f.read_to_string(&mut holder);
-                let holder: String = holder.trim().chars().filter(|c| !c.is_control()).collect();
-                Err(refused!(
-                    "{} is in use by {}; wait for it to end (the lock goes with the process \
-                     that holds it). Nothing was changed",
-                    self.dir.display(),
-                    if holder.is_empty() {
-                        "another drydock (a backup or a forget)".to_string()
-                    } else {
-                        holder
-                    }
-                ))
-            }
-            Err(std::fs::TryLockError::Error(e)) => {
-                Err(anyhow!("cannot lock {}: {e}", p.display()))
-            }
-        }
+    /// Held until the guard is dropped (`backend::Backend::lock`).
+    pub fn lock(&self) -> Result<Box<dyn Send>> {
+        self.fs.lock(&self.dir, &backend::holder())
     }
 
     /// Where version V is laid out as a raw image for a job (a folder of
@@ -327,27 +334,23 @@ impl Store {
     }
 
     pub fn has(&self, hash: &str) -> bool {
-        self.block_path(hash).exists()
+        self.fs.exists(&self.block_path(hash))
     }
 
     /// Keep a block: FRAME is its zstd frame, already checked to give
     /// content of this HASH. Returns the bytes the store grew by.
     pub fn put(&self, hash: &str, frame: &[u8]) -> Result<u64> {
         let p = self.block_path(hash);
-        if p.exists() {
+        if self.fs.exists(&p) {
             return Ok(0);
         }
         let dir = p.parent().expect("in blocks/xx");
-        if !dir.exists() {
-            std::fs::create_dir_all(dir)?;
+        // From the listing of blocks/ (kept, for a remote store).
+        if !self.fs.exists(dir) {
+            self.fs.make_dir(dir)?;
         }
-        let tmp = dir.join(format!(".{}.tmp", self.block_name(hash)));
         let sealed = self.keys.seal(frame)?;
-        let mut f =
-            File::create(&tmp).with_context(|| format!("cannot write {}", tmp.display()))?;
-        f.write_all(&sealed)?;
-        f.sync_all()?;
-        std::fs::rename(&tmp, &p)?;
+        self.fs.write_atomic(&p, &sealed)?;
         Ok(sealed.len() as u64)
     }
 
@@ -355,14 +358,17 @@ impl Store {
     /// against its name.
     pub fn get(&self, hash: &str, buf: &mut [u8]) -> Result<()> {
         let p = self.block_path(hash);
-        let stored = std::fs::read(&p).with_context(|| format!("cannot read {}", p.display()))?;
-        let frame = self.keys.open(&stored, &p)?;
+        let stored = self
+            .fs
+            .read(&p)
+            .with_context(|| format!("cannot read {}", self.show(&p)))?;
+        let frame = self.keys.open(&stored, Path::new(&self.show(&p)))?;
         let n = zstd::bulk::decompress_to_buffer(&frame, buf)
-            .map_err(|e| anyhow!("{} does not decompress: {e}", p.display()))?;
+            .map_err(|e| anyhow!("{} does not decompress: {e}", self.show(&p)))?;
         if n != buf.len() || to_hex(&sha256(buf)) != hash {
             bail!(
                 "{} does not hold the block it is named for (damaged)",
-                p.display()
+                self.show(&p)
             );
         }
         Ok(())
@@ -370,13 +376,13 @@ impl Store {
 
     /// Temporary files left by a backup that was cut.
     pub fn clean_temporaries(&self) -> Result<()> {
-        let _ = std::fs::remove_dir_all(self.boot_tmp()?);
-        for sub in std::fs::read_dir(self.dir.join("blocks"))?.flatten() {
-            if let Ok(rd) = std::fs::read_dir(sub.path()) {
-                for f in rd.flatten() {
-                    if f.file_name().to_string_lossy().ends_with(".tmp") {
-                        std::fs::remove_file(f.path()).ok();
-                    }
+        self.forget_boot_tmp();
+        let blocks = self.dir.join("blocks");
+        for sub in self.fs.list(&blocks)?.into_iter().filter(|e| e.is_dir) {
+            let sub = blocks.join(&sub.name);
+            if let Ok(files) = self.fs.list(&sub) {
+                for f in files.into_iter().filter(|f| f.name.ends_with(".tmp")) {
+                    self.fs.remove_file(&sub.join(&f.name)).ok();
                 }
             }
         }
@@ -386,26 +392,30 @@ impl Store {
     /// Every version, oldest first.
     pub fn versions(&self) -> Result<Vec<Version>> {
         let mut out = Vec::new();
-        for e in std::fs::read_dir(self.dir.join("versions"))?.flatten() {
-            let name = e.file_name().to_string_lossy().to_string();
+        let dir = self.dir.join("versions");
+        for e in self.fs.list(&dir)? {
+            let name = e.name;
             if !name.ends_with(&format!(".json{}", self.keys.suffix())) || name.starts_with('.') {
                 continue;
             }
-            out.push(self.load(&e.path())?);
+            out.push(self.load(&dir.join(name))?);
         }
         out.sort_by(|a, b| a.id.cmp(&b.id));
         Ok(out)
     }
 
     fn load(&self, p: &Path) -> Result<Version> {
-        let stored = std::fs::read(p).with_context(|| format!("cannot read {}", p.display()))?;
-        let text = self.keys.open(&stored, p)?;
+        let shown = self.show(p);
+        let stored = self
+            .fs
+            .read(p)
+            .with_context(|| format!("cannot read {shown}"))?;
+        let text = self.keys.open(&stored, Path::new(&shown))?;
         let v: Version = serde_json::from_slice(&text)
-            .with_context(|| format!("{} is damaged (not a version)", p.display()))?;
+            .with_context(|| format!("{shown} is damaged (not a version)"))?;
         if v.format != VERSION_FORMAT {
             bail!(
-                "{} is of format {}; this drydock reads {VERSION_FORMAT}",
-                p.display(),
+                "{shown} is of format {}; this drydock reads {VERSION_FORMAT}",
                 v.format
             );
         }
@@ -415,11 +425,11 @@ impl Store {
     /// Version ID.
     pub fn version(&self, id: &str) -> Result<Version> {
         let p = self.version_path(id);
-        if !p.exists() {
+        if !self.has_version(id) {
             let ids: Vec<String> = self.versions()?.into_iter().map(|v| v.id).collect();
             return Err(usage!(
                 "no version {id} in {}; its versions: {}",
-                self.dir.display(),
+                self.location(),
                 if ids.is_empty() {
                     "none".to_string()
                 } else {
@@ -428,6 +438,11 @@ impl Store {
             ));
         }
         self.load(&p)
+    }
+
+    /// Whether version ID is listed.
+    pub fn has_version(&self, id: &str) -> bool {
+        self.fs.exists(&self.version_path(id))
     }
 
     /// Version ID's file (which may not exist).
@@ -446,7 +461,7 @@ impl Store {
             .collect::<String>();
         let mut id = base.clone();
         let mut n = 2;
-        while self.version_path(&id).exists() {
+        while self.has_version(&id) {
             id = format!("{base}-{n}");
             n += 1;
         }
@@ -465,13 +480,13 @@ impl Store {
             }
         }
         let p = self.version_path(&v.id);
-        write_atomic(
+        self.fs.write_atomic(
             &p,
             &self
                 .keys
                 .seal(serde_json::to_string_pretty(&v)?.as_bytes())?,
         )?;
-        File::open(self.dir.join("versions"))?.sync_all()?;
+        self.fs.sync_dir(&self.dir.join("versions"))?;
         Ok(v)
     }
 
@@ -479,15 +494,15 @@ impl Store {
     /// kept under ([`Store::block_name`]).
     pub fn block_sizes(&self) -> Result<BTreeMap<String, u64>> {
         let mut out = BTreeMap::new();
-        for sub in std::fs::read_dir(self.dir.join("blocks"))?.flatten() {
-            if let Ok(rd) = std::fs::read_dir(sub.path()) {
-                for f in rd.flatten() {
-                    let name = f.file_name().to_string_lossy().to_string();
-                    let ext = if self.encrypted() { ".age" } else { ".zst" };
-                    if let Some(h) = name.strip_suffix(ext)
+        let blocks = self.dir.join("blocks");
+        let ext = if self.encrypted() { ".age" } else { ".zst" };
+        for sub in self.fs.list(&blocks)?.into_iter().filter(|e| e.is_dir) {
+            if let Ok(files) = self.fs.list(&blocks.join(&sub.name)) {
+                for f in files {
+                    if let Some(h) = f.name.strip_suffix(ext)
                         && h.len() == 64
                     {
-                        out.insert(h.to_string(), f.metadata()?.len());
+                        out.insert(h.to_string(), f.len);
                     }
                 }
             }
@@ -515,40 +530,22 @@ impl Store {
             .collect();
         if !dry_run {
             for v in versions.iter().filter(|v| gone.contains(&v.id)) {
-                std::fs::remove_file(self.version_path(&v.id))?;
-                let _ = std::fs::remove_dir_all(self.boot_dir(&v.id));
+                self.fs.remove_file(&self.version_path(&v.id))?;
+                let _ = self.fs.remove_dir_all(&self.boot_dir(&v.id));
             }
-            File::open(self.dir.join("versions"))?.sync_all()?;
+            self.fs.sync_dir(&self.dir.join("versions"))?;
         }
         let mut freed = 0;
         for (name, len) in self.block_sizes()? {
             if !wanted.contains(&name) {
                 if !dry_run {
-                    std::fs::remove_file(self.name_path(&name))?;
+                    self.fs.remove_file(&self.name_path(&name))?;
                 }
                 freed += len;
             }
         }
         Ok(freed)
     }
-}
-
-/// A store on another machine (`ssh://user@host/path`, `sftp://…`) is not
-/// built yet: said, rather than taken as a local folder named `ssh:`.
-fn not_a_url(dir: &Path) -> Result<()> {
-    let s = dir.to_string_lossy();
-    if let Some((scheme, _)) = s.split_once("://")
-        && !scheme.is_empty()
-        && scheme
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || "+.-".contains(c))
-    {
-        return Err(usage!(
-            "--store {s}: a store on another machine ({scheme}://) is not built yet; give a \
-             local folder (a mounted network filesystem works). Nothing was made"
-        ));
-    }
-    Ok(())
 }
 
 fn set_mode(p: &Path, mode: u32) -> Result<()> {

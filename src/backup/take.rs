@@ -260,7 +260,7 @@ pub async fn backup(
     let version = store.commit(version)?;
     Ok(BackupReport {
         id: version.id,
-        store: store.dir.clone(),
+        store: store.location().into(),
         encrypted: store.encrypted(),
         host: session.host(),
         device: dev.path,
@@ -301,7 +301,7 @@ async fn record_boot_and_services(
     if let Err(e) =
         crate::vm::boot::record_in(session, facts, &store.boot_tmp()?, older_boot.as_deref()).await
     {
-        let _ = std::fs::remove_dir_all(store.boot_tmp()?);
+        store.forget_boot_tmp();
         ui.say(format!(
             "note: the kernel {} runs was not kept with the version ({e:#}): a boot of it \
              needs --services, and a restore cannot adapt it to a new host's network",
@@ -310,7 +310,7 @@ async fn record_boot_and_services(
     }
     // The older version's boot files decrypted for the comparison: not
     // left in the clear.
-    if store.encrypted()
+    if (store.encrypted() || store.remote())
         && let Some(d) = &older_boot
     {
         let _ = std::fs::remove_dir_all(d);

@@ -200,7 +200,8 @@ pub struct BackupArgs {
     #[command(flatten)]
     pub conn: Conn,
     /// The store (made if it does not exist; default:
-    /// $XDG_DATA_HOME/drydock/backups/HOST).
+    /// $XDG_DATA_HOME/drydock/backups/HOST): a folder, or
+    /// ssh://[user@]host[:port]/PATH on a backup host (over SFTP).
     #[arg(long, value_name = "DIR", env = "DRYDOCK_STORE")]
     pub store: Option<PathBuf>,
     /// The store's key file (an age identity file; for a new store, made
@@ -225,7 +226,8 @@ pub struct BackupArgs {
 pub struct BackupsArgs {
     #[command(subcommand)]
     pub action: Option<BackupsAction>,
-    /// One store (default: every store under $XDG_DATA_HOME/drydock/backups).
+    /// One store, a folder or ssh://[user@]host[:port]/PATH (default: every
+    /// store under $XDG_DATA_HOME/drydock/backups).
     #[arg(long, value_name = "DIR", global = true, env = "DRYDOCK_STORE")]
     pub store: Option<PathBuf>,
     /// The store's key file (an age identity file; for a new store, made
@@ -290,8 +292,8 @@ pub struct KeepArgs {
 pub struct VerifyArgs {
     /// The version's id, from `drydock backups`.
     pub id: String,
-    /// The store that holds it (default: the one under
-    /// $XDG_DATA_HOME/drydock/backups that has it).
+    /// The store that holds it, a folder or ssh://[user@]host[:port]/PATH
+    /// (default: the one under $XDG_DATA_HOME/drydock/backups that has it).
     #[arg(long, value_name = "DIR", env = "DRYDOCK_STORE")]
     pub store: Option<PathBuf>,
     /// The store's key file (an age identity file; for a new store, made
@@ -327,8 +329,8 @@ pub struct RestoreArgs {
     pub id: String,
     #[command(flatten)]
     pub conn: Conn,
-    /// The store that holds it (default: the one under
-    /// $XDG_DATA_HOME/drydock/backups that has it).
+    /// The store that holds it, a folder or ssh://[user@]host[:port]/PATH
+    /// (default: the one under $XDG_DATA_HOME/drydock/backups that has it).
     #[arg(long, value_name = "DIR", env = "DRYDOCK_STORE")]
     pub store: Option<PathBuf>,
     /// The store's key file (an age identity file; for a new store, made

@@ -9,6 +9,8 @@ use crate::ui::Ui;
 use crate::{backup, paths, remote, ui};
 
 pub(crate) async fn backup_cmd(a: cli::BackupArgs, ui: &Ui) -> Result<()> {
+    let (_, accept_new) = a.conn.ssh_args()?;
+    backup::store::reach_store_with(a.conn.ssh_config.clone(), accept_new);
     let s = connect(&a.conn).await?;
     let facts = remote::gather(&s).await?;
     let store = match a.store {
@@ -97,7 +99,7 @@ pub(crate) fn backups_forget(
     let freed = store.forget(&gone, dry_run)?;
     let mut human = format!(
         "{}{}\n",
-        store.dir.display(),
+        store.location(),
         if dry_run {
             " (dry run: nothing removed)"
         } else {
@@ -133,7 +135,7 @@ pub(crate) fn backups_forget(
     ui.result(
         "backups-forget",
         &serde_json::json!({
-            "store": store.dir,
+            "store": store.location(),
             "dry_run": dry_run,
             "decisions": decisions,
             "removed": gone,

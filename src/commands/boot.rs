@@ -31,7 +31,7 @@ pub(crate) async fn boot(a: cli::BootArgs, ui: &Ui) -> Result<()> {
         };
         ui.say(format!(
             "version {id} of {} laid out as {}",
-            store.dir.display(),
+            store.location(),
             image.display()
         ));
         (image, like)

@@ -8,6 +8,8 @@ use crate::ui::Ui;
 use crate::{backup, remote};
 
 pub(crate) async fn restore(a: cli::RestoreArgs, ui: &Ui) -> Result<()> {
+    let (_, accept_new) = a.conn.ssh_args()?;
+    backup::store::reach_store_with(a.conn.ssh_config.clone(), accept_new);
     let (store, v) = backup::find(&a.id, a.store.as_deref(), a.key_file.as_deref())?;
     let s = connect(&a.conn).await?;
     let facts = remote::gather(&s).await?;

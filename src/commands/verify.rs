@@ -14,7 +14,7 @@ pub(crate) async fn verify(a: cli::VerifyArgs, ui: &Ui) -> Result<()> {
     let human = format!(
         "version {} in {}: all {} blocks read back and match their hashes; digest {}\n",
         r.id,
-        store.dir.display(),
+        store.location(),
         r.blocks,
         r.digest
     );

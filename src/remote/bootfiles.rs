@@ -39,7 +39,7 @@ pub struct BootFiles {
 }
 
 /// The record in a folder of boot files.
-const RECORD: &str = "boot.json";
+pub const RECORD: &str = "boot.json";
 
 impl BootFiles {
     /// Whether DIR holds a record of boot files (`load` may still find it

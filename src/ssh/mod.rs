@@ -431,6 +431,45 @@ impl Session {
         Ok(channel)
     }
 
+    /// Start a subsystem (`sftp`) and hand its channel to the caller.
+    pub async fn open_subsystem(&self, name: &str) -> Result<Channel<client::Msg>> {
+        let channel = self
+            .handle
+            .channel_open_session()
+            .await
+            .with_context(|| format!("cannot open an SSH channel to {}", self.host()))?;
+        let mut channel = channel;
+        channel
+            .request_subsystem(true, name)
+            .await
+            .with_context(|| format!("cannot ask {} for its {name} subsystem", self.host()))?;
+        // The answer comes before any data: sshd says no at once when it
+        // has no such subsystem.
+        let answer = tokio::time::timeout(CONNECT_TIMEOUT, async {
+            loop {
+                match channel.wait().await {
+                    Some(ChannelMsg::Success) => return Ok(()),
+                    Some(ChannelMsg::Failure) => {
+                        bail!("{} has no {name} subsystem", self.host())
+                    }
+                    Some(ChannelMsg::WindowAdjusted { .. }) => continue,
+                    other => bail!(
+                        "{} did not start its {name} subsystem ({other:?})",
+                        self.host()
+                    ),
+                }
+            }
+        });
+        match answer.await {
+            Ok(r) => r.map(|()| channel),
+            Err(_) => bail!(
+                "{} did not answer for its {name} subsystem in {} s",
+                self.host(),
+                CONNECT_TIMEOUT.as_secs()
+            ),
+        }
+    }
+
     /// Run a command, feed it `input`, collect everything it prints.
     pub async fn exec_input(&self, command: &str, input: Option<&[u8]>) -> Result<Output> {
         let mut channel = self.open_exec(command).await?;

@@ -338,21 +338,29 @@ fn backup_bad_input_is_refused_with_what_to_do() {
     );
     assert_eq!(std::fs::read_dir(&other).unwrap().count(), 1);
 
-    // A store on another machine is not built: said, and no folder named
-    // "ssh:" made where the command ran.
-    let mut c = sshd.drydock(&[
-        "backup",
-        &sshd.host(),
-        "--device",
-        dev.to_str().unwrap(),
-        "--store",
-        "ssh://backup@example.org/srv/drydock",
-    ]);
-    c.current_dir(t.path());
-    let o = c.output().unwrap();
-    assert_exit(&o, 2);
-    assert_stderr(&o, "a store on another machine (ssh://) is not built yet");
-    assert!(!t.path().join("ssh:").exists());
+    // A store URL drydock does not take, or one that names no folder:
+    // said, and no folder named "s3:" or "ssh:" made where it ran.
+    for (url, said) in [
+        ("s3://backup@example.org/srv/drydock", "not s3://"),
+        (
+            "ssh://backup@example.org",
+            "give the host and the store's folder on it",
+        ),
+    ] {
+        let mut c = sshd.drydock(&[
+            "backup",
+            &sshd.host(),
+            "--device",
+            dev.to_str().unwrap(),
+            "--store",
+            url,
+        ]);
+        c.current_dir(t.path());
+        let o = c.output().unwrap();
+        assert_exit(&o, 2);
+        assert_stderr(&o, said);
+        assert_eq!(std::fs::read_dir(t.path()).unwrap().count(), 2, "{url}");
+    }
 
     let store = t.path().join("store");
     let mut c = backup(&sshd, &dev, &store);

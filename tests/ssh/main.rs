@@ -12,6 +12,7 @@ mod freeze;
 mod packages;
 mod pull_push;
 mod refusals;
+mod remote_store;
 mod resume;
 
 use std::os::unix::fs::FileExt;
