@@ -200,6 +200,11 @@ fn scopeguard(path: &Path) -> impl Drop + '_ {
 
 /// Grow the last partition of IMAGE (already the disk's size) to its end,
 /// and the ext2/3/4 filesystem in it; what was done, in words.
+/// Over 80 lines: read the table, decline what has no table or an MBR
+/// extended or logical last partition (each in its own words), grow it with
+/// `sfdisk -N`, read its new size, then one arm per filesystem saying what
+/// was done or what to run on the host; most of it is those messages, and
+/// split they would no longer sit beside their cases.
 pub fn grow_last(image: &Path) -> Result<Grown> {
     let img = image.to_string_lossy().to_string();
     let out = tool("sfdisk", &["--json", &img], "fdisk")?;

@@ -271,6 +271,12 @@ async fn check_services(
     crate::services::check::check(s, set, &opts).await.map(Some)
 }
 
+/// Log into the booted VM and prove it would serve: / read-write, its init
+/// at its target, the host's recorded services running; then power it off.
+/// Over 80 lines: the checks' shell commands and refusals, with the VM told
+/// to power off after everything is read and before the services and init
+/// are judged; split, that poweroff would move away from the reads it must
+/// follow.
 async fn prove(
     vm: &mut Vm,
     port: u16,

@@ -20,6 +20,11 @@ impl Store {
     /// again. A damaged block is moved aside (`….zst.damaged`), so that the
     /// next backup sends it again; the error names it and the versions it
     /// breaks.
+    /// Over 80 lines: one pass over the blocks segment by segment (each read,
+    /// checked and hashed into its segment), then the damaged blocks moved
+    /// aside and the versions using them named in one error, then the segments
+    /// judged; split, the damaged map and the bad segments would be passed
+    /// between functions.
     pub fn verify(&self, v: &Version, mut progress: impl FnMut(u64)) -> Result<VerifyReport> {
         let m = &v.manifest;
         let n = block_count(m.size);

@@ -123,6 +123,13 @@ impl RestoreReport {
     }
 }
 
+/// Restore version V of STORE onto the host's disk: the refusals, the plan,
+/// then `restore_with`, its laid-out copy removed whatever happened.
+/// Over 80 lines: the refusals made before anything is written (disk too
+/// small, mounted read-write, a new host without a gateway, a network
+/// change without a recorded kernel), each a long message saying what to do
+/// instead, then the plan and the report; the logic is a few lines, the
+/// rest those messages in the order they are checked.
 pub async fn restore(
     session: &Session,
     facts: &Facts,
@@ -256,6 +263,13 @@ type Restored = (
     (Option<BootProof>, bool),
 );
 
+/// Lay version V out in the plan's work file, adapt it, prove it and push it.
+/// Over 80 lines: the steps in the order they must run on the copy (lay
+/// out, grow to the disk with the GPT moved, the sealed boot that grows XFS
+/// or btrfs and rewrites the network, the boot proof unless there is
+/// nothing to boot, the push); each is already one call, and the length is
+/// their arguments and messages, so splitting further would only pass the
+/// growth state between functions.
 async fn restore_with(
     session: &Session,
     facts: &Facts,

@@ -365,6 +365,12 @@ impl super::worker::FirstBoot for Job {
 
 /// In the carry boot, once sealed: attach LIVE and FROZEN, list the
 /// partitions, and carry each changed one. `Ok(Err(why))`: refused.
+/// Over 80 lines: the carry's steps in the order the guest needs them
+/// (hot-plug both copies, name their disks, copy the helper into a tmpfs,
+/// move journald off /var, then per partition one mount-carry-unmount
+/// script whose refusals, failure and counts are read back from its output);
+/// split, that script would sit away from the disk names and helper path it
+/// is written against.
 pub(super) async fn in_guest(
     s: &Session,
     vm: &mut Vm,

@@ -156,6 +156,12 @@ pub(super) fn report(dir: &Path, j: &Journal) -> Report {
 }
 
 impl Report {
+    /// The upgrade's report as text for the terminal, a line per fact.
+    /// Over 80 lines: flat, one short block per line of the report (header,
+    /// rehearsal's delta, live and downtime seconds, the prediction against the
+    /// upgrade, the carry, steps, package files, transfer, services, held back
+    /// units, network) in the order they are printed, each a format behind its
+    /// own condition; split, the printed order would be spread over functions.
     pub fn human(&self) -> String {
         let mut s = if self.rehearsal {
             format!(
@@ -355,8 +361,9 @@ pub struct DryRun {
 }
 
 impl DryRun {
-    /// Long but flat: the plan's paragraphs in the order a user reads
-    /// them, each a few lines of text with no logic between.
+    /// Over 80 lines, but flat: steps 0 to 6 and 4b, each in the variant the options pick
+    /// (rehearsal first, only or skipped; helper or dd; sealed or open; service
+    /// proof or not), so that the numbered steps are written in one place.
     pub fn human(&self) -> String {
         use std::fmt::Write;
         let (host, dev) = (&self.host, &self.device);

@@ -170,6 +170,12 @@ pub(super) trait FirstBoot: Sync {
 /// (the VPS's changes since the live copy carried into it in the first:
 /// `carry`). Returns the plan run, or why the rehearsal could not be
 /// carried over (nothing is kept then).
+/// Over 80 lines: the boots' setup and aftermath in order (refuse an
+/// unsealed run, make the overlay, pick the boot files, build the `Worker`
+/// with its EFI, accelerator and proxy, run the two boots, then move the
+/// proxy's refusals and downloads into the journal, convert the overlay and
+/// copy the freed ranges back); each step is a call or a few lines, and
+/// split, the order the journal's fields are filled in would be scattered.
 pub(super) async fn in_worker(
     dir: &Path,
     j: &mut Journal,
@@ -299,6 +305,12 @@ pub(super) async fn in_worker(
 /// Returns the plan, the units held back (those the upgrade enabled
 /// included), and whether the seal made /etc/systemd/system.control; or,
 /// with CARRY, why it could not be carried over (the VM powered off).
+/// Over 80 lines: the first boot in the order the guest goes through it
+/// (start sealed, hold units back, name disks, run the plan or the carry,
+/// list the enabled units, write the verify reboot's seal and disk names,
+/// power off); the plan's proxy environment and https_debs hooks sit
+/// between the commands they wrap; split, what the seal does before and
+/// after the plan would be in different functions.
 async fn first_boot(
     w: &mut Worker<'_>,
     seal: &Seal,

@@ -178,6 +178,12 @@ impl Session {
     }
 
     /// Connect to TARGET directly, or through VIA's direct-tcpip channel.
+    /// Over 80 lines: known hosts loaded and the handler built, the TCP
+    /// connection opened directly or through the jump host (each with its own
+    /// unreachable messages), then the handshake's failures told apart (the
+    /// handler's host-key problem, a @cert-authority host, the rest) and the
+    /// authentication; split, the handler's `problem` would be filled in one
+    /// function and read in another.
     async fn connect_via(
         target: &Target,
         opts: &ConnectOptions,
@@ -290,6 +296,11 @@ impl Session {
         Ok(session)
     }
 
+    /// Log in as the target's user: with -i only that key, else the agent's
+    /// keys, then the configured and default ~/.ssh/id_* files.
+    /// Over 80 lines: the three sources in the order they are tried, each
+    /// adding what it tried (encrypted and unreadable keys too) to `tried`, the
+    /// list the one error shows; split, that list would be passed between them.
     async fn authenticate(&mut self, opts: &ConnectOptions) -> Result<()> {
         let user = self.target.user.clone();
         let rsa_hash = self.handle.best_supported_rsa_hash().await?.flatten();

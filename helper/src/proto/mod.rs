@@ -183,6 +183,9 @@ impl Msg {
         }
     }
 
+    /// Append this message's fields to P, in the order `decode` reads them.
+    /// Over 80 lines: one arm per message kind (18 of them), each a few puts;
+    /// split, the arms would no longer read side by side with `decode`'s.
     fn payload(&self, p: &mut Vec<u8>) {
         match self {
             Msg::Hello { version } => put_u32(p, *version),
@@ -306,6 +309,11 @@ impl Msg {
         f
     }
 
+    /// The message of KIND from PAYLOAD, every byte of it used; an unknown kind
+    /// or bytes left over are errors.
+    /// Over 80 lines: one arm per message kind (18 of them), its fields in the
+    /// order `payload` writes them; split, the kind numbers and field orders
+    /// would no longer read side by side with `kind` and `payload`.
     fn decode(kind: u8, payload: &[u8]) -> Result<Msg, ProtoError> {
         let mut c = Cursor { b: payload, kind };
         let m = match kind {

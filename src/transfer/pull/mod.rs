@@ -136,6 +136,12 @@ pub async fn pull(
     res
 }
 
+/// Pull DEV into the image, resuming a pull that stopped, through the helper
+/// when STAGED, else with dd; the report.
+/// Over 80 lines: the header written or resumed, the local space checked,
+/// the rest streamed, the state turned into the manifest; the header's and
+/// the report's literals make most of it, and the streaming is already in
+/// `stream_rest`.
 async fn pull_with(
     session: &Session,
     facts: &Facts,

@@ -52,6 +52,10 @@ pub fn can_start_from(image: &Path) -> bool {
 /// the disk as it is now (frozen). When it cannot be updated (no helper
 /// on the host, a disk of another size), the inner error says why and
 /// nothing was changed: the caller pulls the whole disk, or refuses.
+/// Over 80 lines: the refusal (another host or disk) and the reasons to fall
+/// back to a whole pull (another size, no helper), each in its own words,
+/// then the manifest and the report's fields; the update itself is in
+/// `with_helper`.
 pub async fn precopy(
     session: &Session,
     facts: &Facts,
@@ -143,6 +147,15 @@ struct Got {
     peak_rss_kib: u64,
 }
 
+/// With the helper running: hash the host's disk, fetch the blocks that
+/// differ from IMAGE (or that an interrupted update was rewriting), and
+/// give the new manifest's segments and block hashes.
+/// Over 80 lines: the update in order, each step using the last's state
+/// (the host's hashes; the dirty set saved before any write; the blocks to
+/// fetch, after checking those an earlier run may have written; the fetch
+/// and the helper's Finish; the touched segments hashed again, each block
+/// checked against the host); split, the dirty set and host hashes would
+/// be passed through every piece.
 async fn with_helper(
     session: &Session,
     remote: &Remote,
@@ -330,6 +343,10 @@ impl BlockSink for FileSink<'_> {
 /// hashing gave (HOST); at most READ_WINDOW blocks asked and unanswered.
 /// A block that changed since its hashing is refused, unless MOVING (a
 /// live copy): then HOST takes the hash it was read with.
+/// Over 80 lines: one loop that keeps the read window full and takes each
+/// answer in the order asked (a block decompressed and checked against both
+/// hashes, or a run of zero blocks); split, the window's counters and the
+/// expected-block iterator would be shared across functions.
 pub(crate) async fn fetch_blocks(
     link: &mut Link,
     sink: &mut impl BlockSink,

@@ -21,6 +21,9 @@ use crate::ui::{Ui, human_bytes};
 
 /// Write the blocks that differ with dd, from a tmpfs on the host; each
 /// range read back and hashed.
+/// Over 80 lines: the blocks to write chosen (proven, planned or all), the
+/// report filled in (a 20-line literal), nothing to write or the question,
+/// then the writer staged, run and removed, in the order the host sees it.
 pub(super) async fn push(
     session: &Session,
     facts: &Facts,
@@ -349,6 +352,12 @@ fn writer_script(st: &Staged, dev: &Device, size: u64, rs: &[Range]) -> String {
     s
 }
 
+/// Upload the writer script, stream the ranges RS of IMAGE into it, and
+/// check the hash it read back of each range against the one sent.
+/// Over 80 lines: the stream and its check in one place (the hashes are
+/// computed while sending and compared with the writer's `V` lines once it
+/// exits); most of the length is the messages telling the user the disk is
+/// partly written and to push again.
 async fn write_ranges(
     session: &Session,
     st: &Staged,

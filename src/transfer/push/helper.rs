@@ -133,6 +133,12 @@ async fn push_with(
     res
 }
 
+/// The push over the helper's LINK: open the disk, plan the patches and the
+/// rebuild from package files, ask, record the intent, send; the counts.
+/// Over 80 lines: the steps in the order the host must see them, with the
+/// rebuild's planning started early from the manifests so that it runs
+/// while the host hashes its disk (else after the plan); split, that
+/// early-or-late choice would sit apart from the hashing it overlaps.
 async fn push_on(
     link: &mut Link,
     session: &Session,
@@ -369,6 +375,12 @@ async fn plan(
 /// each written, read back and checked by the helper; then its Finish.
 /// With a REBUILD, the host rebuilds its pages from package files while
 /// the other pages go; then the pages it did not rebuild are sent.
+/// Over 80 lines: the one exchange with the helper from the first Write to
+/// Finish; with a rebuild it sends the Rebuild frames, writes the other
+/// pages while the host fetches, reads one Rebuilt answer per job into
+/// `rebuilt`, then sends what was not rebuilt as page runs; split, the
+/// frames' order on the link would be spread over functions sharing the
+/// writer, the bar and the link.
 async fn send(
     link: &mut Link,
     image: &File,

@@ -161,6 +161,9 @@ pub(super) struct Preflight {
 /// the image fits, a manifest (unless `--full`) of the image's size; then
 /// the image hashed, and whether the disk is proven untouched since the
 /// pull. Nothing on the host is changed.
+/// Over 80 lines: the refusals in the order they are checked, each with its
+/// own message naming the way out (freeze, --full), then the hash and the
+/// proof; each check is a few lines and most of it is those messages.
 async fn preflight(
     session: &Session,
     facts: &Facts,
