@@ -1,6 +1,7 @@
 //! The SSH connection to the VPS: connect (host key checked, then agent and
 //! key files), run commands with their exit status and stderr, stream data.
 
+mod hostkey;
 pub mod known_hosts;
 pub mod target;
 
@@ -11,11 +12,12 @@ use std::time::Duration;
 
 use anyhow::{Context, Result, anyhow, bail};
 use russh::client::{self, Handle};
-use russh::keys::{Algorithm, PrivateKeyWithHashAlg, PublicKey, PublicKeyOrCertificate};
+use russh::keys::{Algorithm, PrivateKeyWithHashAlg, PublicKey};
 use russh::{Channel, ChannelMsg, Disconnect, Preferred, cipher};
 
 use crate::errors::SshError;
-use known_hosts::{KnownHosts, Verdict, host_key_name};
+use hostkey::Client;
+use known_hosts::{KnownHosts, host_key_name};
 pub use target::{HostSpec, SshArgs, Target};
 
 /// How to authenticate and what to do with an unknown host key.
@@ -38,67 +40,6 @@ pub struct ConnectOptions {
 const WINDOW_SIZE: u32 = 8 << 20;
 const MAX_PACKET: u32 = 255 << 10;
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(20);
-
-struct Client {
-    name: String,
-    known: Arc<KnownHosts>,
-    accept_new: bool,
-    record_to: PathBuf,
-    problem: Arc<Mutex<Option<SshError>>>,
-}
-
-impl client::Handler for Client {
-    type Error = russh::Error;
-
-    async fn check_server_key(
-        &mut self,
-        key: &PublicKeyOrCertificate,
-    ) -> Result<bool, Self::Error> {
-        let PublicKeyOrCertificate::PublicKey { key, .. } = key else {
-            // drydock does not negotiate certificate host keys.
-            return Ok(false);
-        };
-        let fingerprint = known_hosts::fingerprint(key);
-        let problem = match self.known.check(&self.name, key) {
-            Verdict::Known => return Ok(true),
-            Verdict::Unknown if self.accept_new => {
-                match known_hosts::record(&self.record_to, &self.name, key) {
-                    Ok(()) => {
-                        tracing::info!(
-                            "recorded the host key of {} ({fingerprint}) in {}",
-                            self.name,
-                            self.record_to.display()
-                        );
-                        return Ok(true);
-                    }
-                    Err(e) => {
-                        tracing::error!("{e:#}");
-                        return Ok(false);
-                    }
-                }
-            }
-            Verdict::Unknown => SshError::UnknownHostKey {
-                name: self.name.clone(),
-                fingerprint,
-                record: self.record_to.clone(),
-            },
-            Verdict::Changed { path, line } => SshError::ChangedHostKey {
-                name: self.name.clone(),
-                fingerprint,
-                path,
-                line,
-            },
-            Verdict::Revoked { path, line } => SshError::RevokedHostKey {
-                name: self.name.clone(),
-                fingerprint,
-                path,
-                line,
-            },
-        };
-        *self.problem.lock().expect("not poisoned") = Some(problem);
-        Ok(false)
-    }
-}
 
 /// What a remote command did.
 #[derive(Debug)]
