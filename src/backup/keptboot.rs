@@ -1,13 +1,16 @@
 //! The boot files kept with each version (`versions/ID.boot`): the
 //! kernel, initrd and command line the host ran and its seal, encrypted
 //! file by file in an encrypted store and decrypted into the state folder
-//! when a boot needs them.
+//! when a boot needs them; and their recording at a backup's start.
 
 use std::path::PathBuf;
 
 use anyhow::Result;
 
 use super::store::Store;
+use crate::remote::Facts;
+use crate::ssh::Session;
+use crate::ui::Ui;
 use crate::util::write_atomic;
 
 impl Store {
@@ -118,4 +121,52 @@ impl Store {
         }
         Ok(Some(out))
     }
+}
+
+/// The running kernel and the seal (into the store's `boot_tmp`) and what
+/// the host runs, before any freeze stops it: best effort, each said as a
+/// note when it cannot be read (the version is whole without them).
+pub(super) async fn record_boot_and_services(
+    session: &Session,
+    facts: &Facts,
+    store: &Store,
+    ui: &Ui,
+) -> Result<Option<crate::services::ServiceSet>> {
+    // The running kernel and the seal, before any freeze: best effort, the
+    // version is whole without them.
+    let older_boot = store
+        .versions()?
+        .last()
+        .map(|v| store.boot_files(&v.id))
+        .transpose()?
+        .flatten();
+    if let Err(e) =
+        crate::vm::boot::record_in(session, facts, &store.boot_tmp()?, older_boot.as_deref()).await
+    {
+        store.forget_boot_tmp();
+        ui.say(format!(
+            "note: the kernel {} runs was not kept with the version ({e:#}): a boot of it \
+             needs --services, and a restore cannot adapt it to a new host's network",
+            session.host()
+        ));
+    }
+    // The older version's boot files decrypted for the comparison: not
+    // left in the clear.
+    if (store.encrypted() || store.remote())
+        && let Some(d) = &older_boot
+    {
+        let _ = std::fs::remove_dir_all(d);
+    }
+    let services = match crate::services::gather(session).await {
+        Ok(s) => s,
+        Err(e) => {
+            ui.say(format!(
+                "note: the services {} runs were not recorded with the version ({e:#}): a boot \
+                 of it will not check them",
+                session.host()
+            ));
+            None
+        }
+    };
+    Ok(services)
 }
