@@ -7,11 +7,10 @@
 use std::fs::File;
 use std::os::unix::fs::FileExt;
 
-use std::time::{Duration, Instant};
-
 use anyhow::{Context, Result, bail};
 
 use super::mirror::{Rebuild, plan_rebuild, start_plan};
+use super::writes::Writer;
 use super::{Preflight, PushOptions, PushReport, ranges, rebuild, save_manifest};
 use crate::errors::refused;
 use crate::image::manifest::{self, BLOCK_SIZE, block_count, block_len};
@@ -21,9 +20,6 @@ use crate::ssh::Session;
 use crate::transfer::helper::{self, Link, Mode, Patch, Remote};
 use crate::ui::{Ui, human_bytes};
 use drydock_helper::proto::PAGE;
-
-/// Bytes of writes sent but not yet confirmed, at most.
-const WRITE_WINDOW: u64 = 32 << 20;
 
 /// Push in helper mode with a helper installed on the host (removed
 /// afterwards, whatever happens).
@@ -371,7 +367,7 @@ async fn plan(
     Ok(patches)
 }
 
-/// PATCHES sent (TOTAL bytes), at most WRITE_WINDOW bytes unconfirmed,
+/// PATCHES sent (TOTAL bytes), at most `writes::WRITE_WINDOW` bytes unconfirmed,
 /// each written, read back and checked by the helper; then its Finish.
 /// With a REBUILD, the host rebuilds its pages from package files while
 /// the other pages go; then the pages it did not rebuild are sent.
@@ -513,75 +509,6 @@ async fn send(
             rebuilt,
         )),
         m => bail!("the helper answered Finish with {}", m.name()),
-    }
-}
-
-/// The writes of a push: compressed at a level chosen from the measured
-/// throughput.
-struct Writer<'a> {
-    levels: helper::level::LevelControl,
-    z: zstd::bulk::Compressor<'static>,
-    image: &'a File,
-    dev: &'a Device,
-}
-
-impl Writer<'_> {
-    fn partly(&self, e: anyhow::Error) -> anyhow::Error {
-        crate::errors::resumable!(
-            "the push stopped with {} partly written: run the same push again to finish it \
-             (ranges already written are recognised): {e:#}",
-            self.dev.path
-        )
-    }
-
-    /// PATCHES sent, at most WRITE_WINDOW bytes unconfirmed, until every
-    /// one is confirmed.
-    async fn write(
-        &mut self,
-        link: &mut Link,
-        patches: &[Patch],
-        bar: &crate::ui::Bar,
-    ) -> Result<()> {
-        let mut in_flight: std::collections::VecDeque<Patch> = Default::default();
-        let mut in_flight_bytes = 0u64;
-        let mut next = 0;
-        while next < patches.len() || !in_flight.is_empty() {
-            if next < patches.len() && in_flight_bytes < WRITE_WINDOW {
-                let p = patches[next];
-                next += 1;
-                let t = Instant::now();
-                let frame = helper::write_frame(self.image, p, &mut self.z)?;
-                let busy = t.elapsed();
-                let t = Instant::now();
-                link.send(frame).await.map_err(|e| self.partly(e))?;
-                if let Some(l) = self.levels.record(p.len as u64, busy, t.elapsed()) {
-                    self.z.set_compression_level(l)?;
-                }
-                in_flight.push_back(p);
-                in_flight_bytes += p.len as u64;
-                continue;
-            }
-            let t = Instant::now();
-            let answer = link.recv().await.map_err(|e| self.partly(e))?;
-            if next < patches.len() {
-                // The window was full: waiting on the helper's writes.
-                self.levels.record(0, Duration::ZERO, t.elapsed());
-            }
-            match answer {
-                drydock_helper::proto::Msg::Written { offset, len } => {
-                    let p = in_flight
-                        .pop_front()
-                        .context("the helper confirmed a write not sent")?;
-                    if p.offset != offset || p.len != len {
-                        bail!("the helper confirmed {len} bytes at {offset}, not the range sent");
-                    }
-                    in_flight_bytes -= len as u64;
-                    bar.inc(len as u64);
-                }
-                m => bail!("the helper sent {} during the writes", m.name()),
-            }
-        }
-        Ok(())
     }
 }
 

@@ -8,6 +8,7 @@ mod helper;
 mod https;
 mod mirror;
 pub mod rebuild;
+mod writes;
 
 pub use helper::Rebuilt;
 
