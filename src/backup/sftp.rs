@@ -433,11 +433,17 @@ impl Backend for Remote {
                 .op(|s| async move { s.read(path).await })
                 .map(|b| String::from_utf8_lossy(&b).to_string())
                 .unwrap_or_default();
-            let path = Self::s(&d);
-            let beat = self.op(|s| async move { s.metadata(path + "/holder").await });
+            // The holder's last beat; a lock.d with no holder (a run cut
+            // between its mkdir and its first write) ages from its mkdir.
+            let (f, dd) = (Self::s(&file), Self::s(&d));
+            let beat = self.op(|s| async move {
+                match s.metadata(f).await {
+                    Ok(m) => Ok(m),
+                    Err(_) => s.metadata(dd).await,
+                }
+            });
             let age = match beat.ok().and_then(|m| m.mtime) {
                 Some(t) => self.host_now(root)?.saturating_sub(t) as u64,
-                // A lock.d with no holder yet: just made by a run starting.
                 None => 0,
             };
             let gone = gone_from_here(&line);
