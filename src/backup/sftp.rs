@@ -237,10 +237,15 @@ impl Backend for Remote {
         let tmp = p.with_file_name(format!(".{}.tmp", name.unwrap_or_default()));
         self.write_file(&tmp, data)?;
         let (from, to) = (Self::s(&tmp), Self::s(p));
-        // SFTP's rename does not replace: a file there goes first.
+        // SFTP's rename does not replace: a file there goes first (only
+        // when one is there: a rename refused for another reason, a cut
+        // link, removes nothing).
         self.op(|s| async move {
-            if s.rename(from.clone(), to.clone()).await.is_err() {
-                let _ = s.remove_file(to.clone()).await;
+            if let Err(e) = s.rename(from.clone(), to.clone()).await {
+                if !s.try_exists(to.clone()).await? {
+                    return Err(e);
+                }
+                s.remove_file(to.clone()).await?;
                 s.rename(from, to).await?;
             }
             Ok(())
